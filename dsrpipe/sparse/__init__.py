@@ -1,0 +1,30 @@
+"""Sparse-training methods behind one optimizer-like interface, selected by name."""
+
+from __future__ import annotations
+
+import inspect
+
+from ..errors import UserError
+from .base import Dense, RewireSchedule, Sparsifier, proportional_split, sample_free_positions
+from .dsr import DSR
+
+METHODS: dict[str, type[Sparsifier]] = {"dense": Dense, "static": Sparsifier, "dsr": DSR}
+
+
+def create_sparsifier(method: str, model, optimizer=None, **options) -> Sparsifier:
+    """Build a method by name; options a method does not take (e.g. `prune_target` for static)
+    are ignored, so one pipeline config can switch methods freely."""
+    try:
+        cls = METHODS[method]
+    except KeyError:
+        raise UserError(f"unknown method '{method}' (known: {', '.join(METHODS)})") from None
+    accepted = {
+        name for klass in cls.__mro__ if klass is not object for name in inspect.signature(klass.__init__).parameters
+    }
+    return cls(model, optimizer, **{k: v for k, v in options.items() if k in accepted})
+
+
+__all__ = [
+    "DSR", "Dense", "METHODS", "RewireSchedule", "Sparsifier", "create_sparsifier",
+    "proportional_split", "sample_free_positions",
+]

@@ -1,0 +1,90 @@
+"""Dynamic Sparse Reparameterization (Mostafa & Wang, ICML 2019), Algorithm 1.
+
+Every few hundred iterations: prune, in every sparse tensor, the active weights whose magnitude
+is below one global threshold H; adapt H so that the next step prunes about N_p weights; regrow
+exactly as many connections as were pruned, giving each tensor a share proportional to the
+weights it kept, at random free positions, starting from zero. The total number of non-zero
+parameters never changes, but layers trade budget with each other.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import Sparsifier, proportional_split, sample_free_positions
+
+
+class DSR(Sparsifier):
+    method = "dsr"
+
+    def __init__(
+        self,
+        model,
+        optimizer=None,
+        *,
+        prune_target: int = 20_000,
+        init_threshold: float = 0.001,
+        tolerance: float = 0.1,
+        **kwargs,
+    ):
+        super().__init__(model, optimizer, **kwargs)
+        self.prune_target = prune_target  # N_p
+        self.threshold = init_threshold  # H
+        self.tolerance = tolerance  # δ
+
+    @torch.no_grad()
+    def reallocate(self) -> dict[str, Any]:
+        names = list(self.masks)
+        weights = [self.weights[n] for n in names]
+        masks = [self.masks[n] for n in names]
+
+        # 1. Prune active weights below H in every tensor.
+        pruned = [m & (w.abs() < self.threshold) for w, m in zip(weights, masks)]
+        counts = torch.stack([torch.stack([p.sum(), m.sum()]) for p, m in zip(pruned, masks)])
+        num_pruned, num_active = map(list, zip(*counts.tolist()))  # the one host sync
+        for i, (w, m, p) in enumerate(zip(weights, masks, pruned)):
+            if num_pruned[i] == num_active[i] > 0:  # never empty a tensor: spare its largest weight
+                p.view(-1)[(w.abs() * m).argmax()] = False
+                num_pruned[i] -= 1
+        for w, m, p in zip(weights, masks, pruned):
+            m.logical_and_(~p)
+            w.masked_fill_(p, 0.0)
+        kept = [a - k for a, k in zip(num_active, num_pruned)]
+        total_pruned = sum(num_pruned)
+
+        # 2. Adapt the threshold so that the next step prunes about N_p weights.
+        threshold_used = self.threshold
+        if total_pruned < (1 - self.tolerance) * self.prune_target:
+            self.threshold *= 2
+        elif total_pruned > (1 + self.tolerance) * self.prune_target:
+            self.threshold /= 2
+
+        # 3. Regrow as many as were pruned, in proportion to what each tensor kept, at random
+        #    free positions other than those just pruned (unless nothing else is free).
+        free = [w.numel() - a for w, a in zip(weights, num_active)]
+        reuse_pruned = sum(free) < total_pruned
+        if reuse_pruned:
+            free = [f + k for f, k in zip(free, num_pruned)]
+        grown = proportional_split(total_pruned, kept, free)
+        for m, p, g, f in zip(masks, pruned, grown, free):
+            slots = ~m if reuse_pruned else ~(m | p)
+            m.view(-1)[sample_free_positions(slots.view(-1), g, f, self.generator)] = True
+        # Grown weights are already exactly 0 (masked weights always are); their momentum too:
+        self.clear_optimizer_state()
+
+        return {
+            "iteration": self.iteration,
+            "threshold": threshold_used,
+            "next_threshold": self.threshold,
+            "pruned": total_pruned,
+            "grown": dict(zip(names, grown)),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "threshold": self.threshold}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.threshold = state["threshold"]

@@ -1,0 +1,244 @@
+"""Invariants of the sparse-training engine (Algorithm 1 of the DSR paper and its companions)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsrpipe.errors import UserError
+from dsrpipe.sparse import DSR, RewireSchedule, Sparsifier, create_sparsifier, proportional_split
+from dsrpipe.sparse.base import sample_free_positions, select_sparse_weights
+
+
+def small_net():
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+        nn.Linear(128, 64), nn.ReLU(),
+        nn.Linear(64, 10),
+    )
+
+
+def train_steps(model, optimizer, sparsifier, steps, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(16, 1, 8, 8, generator=gen)
+        y = torch.randint(10, (16,), generator=gen)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        sparsifier.step()
+
+
+def masked_weights_are_zero(sparsifier):
+    return all(bool((sparsifier.weights[n][~m] == 0).all()) for n, m in sparsifier.masks.items())
+
+
+def test_selects_conv_and_linear_weights_except_first_and_last():
+    net = small_net()
+    assert list(select_sparse_weights(net)) == ["2", "4", "8"]
+    assert list(select_sparse_weights(net, dense_first=False, dense_last=False)) == ["0", "2", "4", "8", "10"]
+    assert list(select_sparse_weights(net, exclude=["8"])) == ["2", "4"]
+
+
+def test_initial_masks_have_the_requested_sparsity_per_tensor():
+    torch.manual_seed(0)
+    s = Sparsifier(small_net(), sparsity=0.9)
+    for name, mask in s.masks.items():
+        assert int(mask.sum()) == round(0.1 * mask.numel())
+    assert masked_weights_are_zero(s)
+
+
+def test_sparsity_out_of_range_is_a_user_error():
+    with pytest.raises(UserError, match="sparsity"):
+        Sparsifier(small_net(), sparsity=1.0)
+
+
+@pytest.mark.parametrize("optimizer_name", ["sgd", "nesterov", "adamw"])
+def test_masked_weights_stay_zero_through_optimizer_steps(optimizer_name):
+    torch.manual_seed(0)
+    net = small_net()
+    opt = {
+        "sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=5e-4),
+        "nesterov": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4),
+        "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=1e-2),
+    }[optimizer_name](net.parameters())
+    s = DSR(net, opt, sparsity=0.8, prune_target=200, schedule=RewireSchedule({0: 7}))
+    for _ in range(6):
+        train_steps(net, opt, s, 5)
+        assert masked_weights_are_zero(s)
+    assert s.iteration == 30
+
+
+def test_nonzero_budget_is_constant_across_many_reallocations():
+    torch.manual_seed(0)
+    net = small_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    s = DSR(net, opt, sparsity=0.9, prune_target=100, init_threshold=0.01, schedule=RewireSchedule({0: 3}))
+    budget = s.active_count()
+    moved = 0
+    for _ in range(40):
+        train_steps(net, opt, s, 2)
+        stats = s.reallocate()
+        moved += stats["pruned"]
+        assert s.active_count() == budget
+        assert masked_weights_are_zero(s)
+    assert moved > 0  # the budget really was moved around, not just left alone
+
+
+def test_threshold_doubles_when_too_few_pruned_and_halves_when_too_many():
+    torch.manual_seed(0)
+    net = small_net()
+    s = DSR(net, sparsity=0.5, prune_target=100, init_threshold=1e-6, tolerance=0.1)
+    with torch.no_grad():
+        for w in s.weights.values():
+            w.copy_(torch.where(w != 0, 1.0, 0.0))  # every active weight has |w| = 1
+    stats = s.reallocate()  # prunes nothing (K = 0 < 0.9 N_p)
+    assert stats["pruned"] == 0 and s.threshold == 2e-6
+
+    name = next(iter(s.masks))
+    with torch.no_grad():  # make exactly 500 active weights tiny: K = 500 > 1.1 N_p
+        active = s.masks[name].view(-1).nonzero().squeeze(1)[:500]
+        s.weights[name].view(-1)[active] = 1e-7
+    stats = s.reallocate()
+    assert stats["pruned"] == 500 and s.threshold == 1e-6
+
+    with torch.no_grad():  # exactly N_p below the threshold: within tolerance, unchanged
+        active = s.masks[name].view(-1) & (s.weights[name].view(-1) == 1.0)
+        s.weights[name].view(-1)[active.nonzero().squeeze(1)[:100]] = 1e-7
+    # the 500 weights grown last step are 0 and get pruned too: 600 in all, so set N_p to match
+    s.prune_target = 600
+    stats = s.reallocate()
+    assert stats["pruned"] == 600 and s.threshold == 1e-6
+
+
+def test_growth_is_proportional_to_survivors_and_exact():
+    torch.manual_seed(0)
+    net = small_net()
+    s = DSR(net, sparsity=0.9, prune_target=100, init_threshold=0.05)
+    active_before = {n: int(m.sum()) for n, m in s.masks.items()}
+    pruned_now = {n: int((m & (s.weights[n].abs() < 0.05)).sum()) for n, m in s.masks.items()}
+    stats = s.reallocate()
+    kept = [active_before[n] - pruned_now[n] for n in s.masks]
+    free = [m.numel() - active_before[n] for n, m in s.masks.items()]
+    assert sum(stats["grown"].values()) == stats["pruned"] == sum(pruned_now.values())
+    assert list(stats["grown"].values()) == proportional_split(stats["pruned"], kept, free)
+    for grown, survivors in zip(stats["grown"].values(), kept):
+        assert abs(grown - stats["pruned"] * survivors / sum(kept)) < 1
+
+
+def test_proportional_split_respects_capacity_and_total():
+    assert proportional_split(10, [1, 1, 2], [100, 100, 100]) == [3, 2, 5]  # 2.5, 2.5, 5 rounded
+    share = proportional_split(1000, [5, 3, 2], [10, 10_000, 10_000])
+    assert share[0] == 10 and sum(share) == 1000
+    assert abs(share[1] / share[2] - 1.5) < 0.01
+    assert proportional_split(7, [0, 0], [3, 4]) == [3, 4]
+    with pytest.raises(ValueError):
+        proportional_split(8, [1, 1], [3, 4])
+
+
+def test_grown_weights_and_their_momentum_start_at_zero():
+    torch.manual_seed(0)
+    net = small_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    s = DSR(net, opt, sparsity=0.9, prune_target=100, init_threshold=0.02, schedule=RewireSchedule({0: 10**9}))
+    train_steps(net, opt, s, 5)
+    before = {n: m.clone() for n, m in s.masks.items()}
+    stats = s.reallocate()
+    assert stats["pruned"] > 0
+    for name, mask in s.masks.items():
+        grown = mask & ~before[name]
+        assert grown.any() or stats["grown"][name] == 0
+        # every grown connection is new: none re-activates a position pruned in this step
+        assert int(grown.sum()) == stats["grown"][name]
+        assert bool((s.weights[name][grown] == 0).all())
+        assert bool((opt.state[s.weights[name]]["momentum_buffer"][grown] == 0).all())
+
+
+def test_never_prunes_a_tensor_to_zero():
+    net = small_net()
+    s = DSR(net, sparsity=0.9, prune_target=10, init_threshold=10.0)  # every weight is below H
+    total = s.active_count()
+    s.reallocate()
+    assert s.active_count() == total
+    assert all(int(m.sum()) >= 1 for m in s.masks.values())
+
+
+def test_sample_free_positions_is_exact_distinct_and_inside_free_slots():
+    gen = torch.Generator().manual_seed(0)
+    free = torch.rand(50_000, generator=gen) < 0.7
+    for count in (0, 1, 1000, 9000, 30_000):  # both the rejection path and the permutation path
+        picked = sample_free_positions(free, count, int(free.sum()), gen)
+        assert picked.numel() == count
+        assert picked.unique().numel() == count
+        assert bool(free[picked].all())
+
+
+def test_sample_free_positions_is_uniform():
+    gen = torch.Generator().manual_seed(1)
+    free = torch.ones(100, dtype=torch.bool)
+    free[::4] = False  # 75 free slots
+    hits = torch.zeros(100)
+    for _ in range(2000):
+        hits[sample_free_positions(free, 5, 75, gen)] += 1
+    expected = 2000 * 5 / 75
+    assert bool((hits[~free] == 0).all())
+    chi2 = float(((hits[free] - expected) ** 2 / expected).sum())
+    assert chi2 < 130  # 74 degrees of freedom: p < 1e-4 above this
+
+
+def test_schedule_follows_epoch_milestones_and_stop_epoch():
+    sched = RewireSchedule({0: 2, 2: 4}, stop_epoch=3, steps_per_epoch=8)
+    due = [i for i in range(1, 41) if sched.due(i)]
+    assert due == [2, 4, 6, 8, 10, 12, 14, 16, 20, 24]
+    with pytest.raises(ValueError):
+        RewireSchedule({0: 2, 5: 4})  # milestones without steps_per_epoch
+
+
+def test_state_dict_round_trip_continues_identically():
+    def run(split):
+        torch.manual_seed(0)
+        net = small_net()
+        opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+        s = DSR(net, opt, sparsity=0.9, prune_target=50, init_threshold=0.01, schedule=RewireSchedule({0: 3}))
+        train_steps(net, opt, s, 12, seed=1)
+        if split:
+            state = (net.state_dict(), opt.state_dict(), s.state_dict())
+            torch.manual_seed(123)
+            net = small_net()
+            opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+            s = DSR(net, opt, sparsity=0.9, prune_target=50, init_threshold=0.5, schedule=RewireSchedule({0: 3}))
+            net.load_state_dict(state[0])
+            opt.load_state_dict(state[1])
+            s.load_state_dict(state[2])
+        train_steps(net, opt, s, 12, seed=2)
+        return net.state_dict(), s.state_dict()
+
+    (w1, s1), (w2, s2) = run(False), run(True)
+    assert s1["threshold"] == s2["threshold"] and s1["iteration"] == s2["iteration"] == 24
+    for name in s1["masks"]:
+        assert torch.equal(s1["masks"][name], s2["masks"][name])
+    for key in w1:
+        assert torch.equal(w1[key], w2[key])
+
+
+def test_create_sparsifier_by_name():
+    net = small_net()
+    assert create_sparsifier("dense", net, sparsity=0.9, prune_target=5).masks == {}
+    assert create_sparsifier("static", small_net(), sparsity=0.5, prune_target=5).method == "static"
+    assert isinstance(create_sparsifier("dsr", small_net(), sparsity=0.5, prune_target=5), DSR)
+    with pytest.raises(UserError, match="unknown method"):
+        create_sparsifier("magic", net)
+
+
+def test_static_never_moves_its_mask():
+    torch.manual_seed(0)
+    net = small_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    s = create_sparsifier("static", net, opt, sparsity=0.9, schedule=RewireSchedule({0: 1}))
+    before = {n: m.clone() for n, m in s.masks.items()}
+    train_steps(net, opt, s, 10)
+    assert all(torch.equal(before[n], m) for n, m in s.masks.items())
+    assert masked_weights_are_zero(s)
