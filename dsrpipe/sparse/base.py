@@ -209,12 +209,16 @@ class Sparsifier:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["method"] != self.method:
             raise UserError(f"checkpoint was trained with method '{state['method']}', not '{self.method}'")
-        if set(state["masks"]) != set(self.masks):
-            raise UserError("checkpoint masks do not match this model's sparse layers")
         self.iteration = state["iteration"]
-        for name, mask in state["masks"].items():
-            self.masks[name].copy_(mask)  # in place: the gradient hooks hold these tensors
         self.generator.set_state(state["generator"])
+        self.load_masks(state["masks"])
+
+    def load_masks(self, masks: dict[str, torch.Tensor]) -> None:
+        """Adopt masks found elsewhere (a checkpoint, another run) and zero what they mask."""
+        if set(masks) != set(self.masks):
+            raise UserError("the masks do not match this model's sparse layers")
+        for name, mask in masks.items():
+            self.masks[name].copy_(mask)  # in place: the gradient hooks hold these tensors
         self.apply_masks()
 
     def remove(self) -> None:

@@ -1,0 +1,124 @@
+"""The `dsrpipe` command: a thin shell over the Python API."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+import typer
+
+from .errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train compact CNNs with Dynamic Sparse Reparameterization; ship sparse ONNX.")
+
+PipelineArg = typer.Argument(..., help="Pipeline YAML file.", show_default=False)
+OutOption = typer.Option(Path("export"), "--out", "-o", help="Where <name>/model.onnx and report.json go.")
+ForceOption = typer.Option(False, "--force", help="Redo the stage even if its outputs exist.")
+ResumeOption = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint.")
+ProgressOption = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
+
+
+def _user_errors(command: Callable) -> Callable:
+    """Bad input ends in one line on stderr and a non-zero exit, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except UserError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(exc.exit_code)
+        except KeyboardInterrupt:
+            typer.echo("interrupted: completed epochs are checkpointed; rerun to resume", err=True)
+            raise typer.Exit(130)
+        except Exception as exc:  # a bug, not bad input: one line unless asked for the traceback
+            if os.environ.get("DSRPIPE_DEBUG"):
+                raise
+            typer.echo(f"internal error: {type(exc).__name__}: {exc} (set DSRPIPE_DEBUG=1 for a traceback)",
+                       err=True)
+            raise typer.Exit(1)
+
+    return wrapper
+
+
+def _load(pipeline: Path):
+    from .config import load_pipeline
+
+    return load_pipeline(pipeline)
+
+
+@app.command()
+@_user_errors
+def run(pipeline: Path = PipelineArg, out: Path = OutOption, force: bool = ForceOption,
+        progress: bool = ProgressOption):
+    """Run every stage: train-sparse, finetune, export, validate."""
+    from .pipeline import outputs, run_pipeline
+
+    cfg = _load(pipeline)
+    run_pipeline(cfg, out, force=force, progress=progress)
+    typer.echo(str(outputs(out, cfg)["onnx"]))
+
+
+@app.command("train-sparse")
+@_user_errors
+def train_sparse(pipeline: Path = PipelineArg, out: Path = OutOption, resume: bool = ResumeOption,
+                 force: bool = ForceOption, progress: bool = ProgressOption):
+    """Train from scratch with the configured sparse method (DSR by default)."""
+    from .train import train_sparse as stage
+
+    typer.echo(str(stage(_load(pipeline), out, resume=resume, force=force, progress=progress)))
+
+
+@app.command()
+@_user_errors
+def finetune(pipeline: Path = PipelineArg, out: Path = OutOption, resume: bool = ResumeOption,
+             force: bool = ForceOption, progress: bool = ProgressOption):
+    """Fine-tune the trained model with its masks frozen."""
+    from .train import finetune as stage
+
+    typer.echo(str(stage(_load(pipeline), out, resume=resume, force=force, progress=progress)))
+
+
+@app.command()
+@_user_errors
+def export(pipeline: Path = PipelineArg, out: Path = OutOption, force: bool = ForceOption):
+    """Export the trained model to a sparse ONNX file."""
+    from .pipeline import export_stage
+
+    typer.echo(str(export_stage(_load(pipeline), out, force=force)))
+
+
+@app.command()
+@_user_errors
+def validate(pipeline: Path = PipelineArg, out: Path = OutOption, force: bool = ForceOption):
+    """Measure the exported model with onnxruntime and write report.json."""
+    from .pipeline import outputs, validate_stage
+
+    cfg = _load(pipeline)
+    validate_stage(cfg, out, force=force)
+    typer.echo(str(outputs(out, cfg)["report"]))
+
+
+@app.command()
+@_user_errors
+def check(pipeline: Path = PipelineArg):
+    """Validate a pipeline YAML without running it."""
+    cfg = _load(pipeline)
+    typer.echo(f"{pipeline}: ok ({cfg.name}: {cfg.model.name} on {cfg.data.dataset}, "
+               f"{cfg.sparsity.method} at sparsity {cfg.sparsity.sparsity})")
+
+
+@app.command()
+def models():
+    """List the model names dsrpipe knows."""
+    from .models import list_models
+
+    typer.echo("\n".join(list_models()))
+
+
+def main() -> None:  # pragma: no cover - `python -m dsrpipe`
+    sys.exit(app())

@@ -1,0 +1,173 @@
+"""The pipeline YAML, validated once at the edge: everything past `load_pipeline` is typed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import UserError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class DataConfig(Section):
+    dataset: str = "digits"
+    root: Path | None = None  # folder (or archive, for imagefolder); relative to the working directory
+    download: bool = False
+    image_size: int | None = Field(None, ge=4)
+    augment: bool = True
+    num_workers: int | None = Field(None, ge=0)
+    cache_dir: Path | None = None
+
+    @model_validator(mode="after")
+    def _known_dataset_with_its_files(self):
+        from .data import KNOWN_DATASETS, dataset_needs_root
+
+        if self.dataset not in KNOWN_DATASETS:
+            raise ValueError(f"unknown dataset '{self.dataset}' (known: {', '.join(KNOWN_DATASETS)})")
+        if dataset_needs_root(self.dataset):
+            if self.root is None:
+                raise ValueError(f"dataset '{self.dataset}' needs root: (where its files are)")
+            if not self.root.exists() and not (self.download and self.dataset != "imagefolder"):
+                raise ValueError(f"root does not exist: {self.root}")
+        return self
+
+
+class ModelConfig(Section):
+    name: str = "small-cnn"
+    options: dict[str, Any] = {}  # passed to the model factory, e.g. {dropout: 0.3}
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        from .models import is_known_model
+
+        if not is_known_model(name):
+            raise ValueError(f"unknown model '{name}' (see `dsrpipe models`)")
+        return name
+
+
+class SparsityConfig(Section):
+    method: str = "dsr"
+    sparsity: float = Field(0.9, ge=0.0, lt=1.0)
+    dense_first: bool = True  # keep the first conv dense
+    dense_last: bool = True  # keep the final classifier dense
+    exclude: list[str] = []  # more dense layers, as fnmatch patterns on module names
+    prune_target: int = Field(20_000, gt=0)  # N_p
+    init_threshold: float = Field(0.001, gt=0)  # initial H
+    tolerance: float = Field(0.1, ge=0, lt=1)  # δ
+    rewire_periods: dict[int, int] = {0: 100}  # start epoch -> reallocation period (iterations)
+    stop_rewire_epoch: int | None = Field(None, ge=0)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, method: str) -> str:
+        from .sparse import METHODS
+
+        if method not in METHODS:
+            raise ValueError(f"unknown method '{method}' (known: {', '.join(METHODS)})")
+        return method
+
+    @field_validator("rewire_periods")
+    @classmethod
+    def _periods_from_epoch_zero(cls, periods: dict[int, int]) -> dict[int, int]:
+        if 0 not in periods:
+            raise ValueError("needs an entry for epoch 0")
+        if any(e < 0 or p < 1 for e, p in periods.items()):
+            raise ValueError("epochs must be >= 0 and periods >= 1")
+        return dict(sorted(periods.items()))
+
+
+class OptimConfig(Section):
+    epochs: int = Field(30, ge=0)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0)
+    milestones: list[int] = []  # epochs at which the LR is multiplied by gamma
+    gamma: float = Field(0.1, gt=0)
+
+
+class FinetuneConfig(OptimConfig):
+    epochs: int = Field(0, ge=0)  # 0 skips the stage
+    lr: float = Field(0.001, gt=0)
+
+
+class ExportConfig(Section):
+    opset: int = Field(18, ge=13)
+    sparse_initializers: bool = True  # store pruned weights as ONNX sparse tensors: smaller files
+
+
+class ValidateConfig(Section):
+    min_top1: float | None = Field(None, ge=0, le=1)
+    max_abs_diff: float | None = Field(None, gt=0)
+    latency_runs: int = Field(200, ge=1)
+    batch_size: int = Field(256, ge=1)
+
+
+class Pipeline(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # a safe folder name
+    seed: int = 0
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    bf16: bool = False  # bf16 autocast, on CUDA only
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    sparsity: SparsityConfig = SparsityConfig()
+    train: OptimConfig = OptimConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    export: ExportConfig = ExportConfig()
+    validate: ValidateConfig = ValidateConfig()
+
+    def fingerprint(self, *sections: str) -> str:
+        """A hash of the settings a stage's outputs depend on, to tell stale outputs apart."""
+        chosen = {s: getattr(self, s) for s in sections}
+        text = json.dumps({s: v.model_dump(mode="json") if isinstance(v, BaseModel) else v
+                           for s, v in chosen.items()}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# Which settings each stage's outputs depend on (its own and everything upstream).
+TRAIN_SETTINGS = ("seed", "bf16", "data", "model", "sparsity", "train")
+FINETUNE_SETTINGS = TRAIN_SETTINGS + ("finetune",)
+EXPORT_SETTINGS = FINETUNE_SETTINGS + ("export",)
+VALIDATE_SETTINGS = EXPORT_SETTINGS + ("validate",)
+
+
+def parse_pipeline(raw: Any, source: str = "pipeline") -> Pipeline:
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: expected a mapping of settings at the top level")
+    try:
+        return Pipeline.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        message = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            message = "unknown setting"
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise UserError(f"{source}: {where}: {message}{more}") from None
+
+
+def load_pipeline(path: str | Path) -> Pipeline:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UserError(f"cannot read pipeline {path}: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}:{where} not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+    if isinstance(raw, dict):
+        raw.setdefault("name", path.stem)  # a pipeline is named after its file unless it says
+    return parse_pipeline(raw, str(path))
