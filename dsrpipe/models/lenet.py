@@ -1,0 +1,36 @@
+"""The LeNet variants of the pruning literature (Han et al. 2015; Mostafa & Wang 2019), as in Caffe's MNIST example."""
+
+from torch import nn
+
+from dsrpipe.errors import UserError
+from dsrpipe.models import register_model
+
+
+@register_model("lenet5")
+def lenet5(*, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    # Caffe's LeNet-5: no ReLU after the convolutions; 431,080 parameters on 28x28 MNIST.
+    feature_size = ((image_size - 4) // 2 - 4) // 2  # two unpadded 5x5 convs, each followed by a 2x2 max pool
+    if feature_size < 1:
+        raise UserError(f"model 'lenet5' needs image_size >= 16, got {image_size}")
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 20, 5),
+        nn.MaxPool2d(2),
+        nn.Conv2d(20, 50, 5),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(50 * feature_size**2, 500),
+        nn.ReLU(inplace=True),
+        nn.Linear(500, num_classes),
+    )
+
+
+@register_model("lenet-300-100")
+def lenet_300_100(*, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(in_channels * image_size**2, 300),
+        nn.ReLU(inplace=True),
+        nn.Linear(300, 100),
+        nn.ReLU(inplace=True),
+        nn.Linear(100, num_classes),
+    )
