@@ -20,6 +20,7 @@ OutOption = typer.Option(Path("export"), "--out", "-o", help="Where <name>/model
 ForceOption = typer.Option(False, "--force", help="Redo the stage even if its outputs exist.")
 ResumeOption = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint.")
 ProgressOption = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
+SetOption = typer.Option([], "--set", help="Override a setting: --set train.epochs=5 (repeatable).")
 
 
 def _user_errors(command: Callable) -> Callable:
@@ -45,69 +46,69 @@ def _user_errors(command: Callable) -> Callable:
     return wrapper
 
 
-def _load(pipeline: Path):
+def _load(pipeline: Path, overrides: list[str]):
     from .config import load_pipeline
 
-    return load_pipeline(pipeline)
+    return load_pipeline(pipeline, overrides)
 
 
 @app.command()
 @_user_errors
-def run(pipeline: Path = PipelineArg, out: Path = OutOption, force: bool = ForceOption,
+def run(pipeline: Path = PipelineArg, out: Path = OutOption, overrides: list[str] = SetOption, force: bool = ForceOption,
         progress: bool = ProgressOption):
     """Run every stage: train-sparse, finetune, export, validate."""
     from .pipeline import outputs, run_pipeline
 
-    cfg = _load(pipeline)
+    cfg = _load(pipeline, overrides)
     run_pipeline(cfg, out, force=force, progress=progress)
     typer.echo(str(outputs(out, cfg)["onnx"]))
 
 
 @app.command("train-sparse")
 @_user_errors
-def train_sparse(pipeline: Path = PipelineArg, out: Path = OutOption, resume: bool = ResumeOption,
+def train_sparse(pipeline: Path = PipelineArg, out: Path = OutOption, overrides: list[str] = SetOption, resume: bool = ResumeOption,
                  force: bool = ForceOption, progress: bool = ProgressOption):
     """Train from scratch with the configured sparse method (DSR by default)."""
     from .train import train_sparse as stage
 
-    typer.echo(str(stage(_load(pipeline), out, resume=resume, force=force, progress=progress)))
+    typer.echo(str(stage(_load(pipeline, overrides), out, resume=resume, force=force, progress=progress)))
 
 
 @app.command()
 @_user_errors
-def finetune(pipeline: Path = PipelineArg, out: Path = OutOption, resume: bool = ResumeOption,
+def finetune(pipeline: Path = PipelineArg, out: Path = OutOption, overrides: list[str] = SetOption, resume: bool = ResumeOption,
              force: bool = ForceOption, progress: bool = ProgressOption):
     """Fine-tune the trained model with its masks frozen."""
     from .train import finetune as stage
 
-    typer.echo(str(stage(_load(pipeline), out, resume=resume, force=force, progress=progress)))
+    typer.echo(str(stage(_load(pipeline, overrides), out, resume=resume, force=force, progress=progress)))
 
 
 @app.command()
 @_user_errors
-def export(pipeline: Path = PipelineArg, out: Path = OutOption, force: bool = ForceOption):
+def export(pipeline: Path = PipelineArg, out: Path = OutOption, overrides: list[str] = SetOption, force: bool = ForceOption):
     """Export the trained model to a sparse ONNX file."""
     from .pipeline import export_stage
 
-    typer.echo(str(export_stage(_load(pipeline), out, force=force)))
+    typer.echo(str(export_stage(_load(pipeline, overrides), out, force=force)))
 
 
 @app.command()
 @_user_errors
-def validate(pipeline: Path = PipelineArg, out: Path = OutOption, force: bool = ForceOption):
+def validate(pipeline: Path = PipelineArg, out: Path = OutOption, overrides: list[str] = SetOption, force: bool = ForceOption):
     """Measure the exported model with onnxruntime and write report.json."""
     from .pipeline import outputs, validate_stage
 
-    cfg = _load(pipeline)
+    cfg = _load(pipeline, overrides)
     validate_stage(cfg, out, force=force)
     typer.echo(str(outputs(out, cfg)["report"]))
 
 
 @app.command()
 @_user_errors
-def check(pipeline: Path = PipelineArg):
+def check(pipeline: Path = PipelineArg, overrides: list[str] = SetOption):
     """Validate a pipeline YAML without running it."""
-    cfg = _load(pipeline)
+    cfg = _load(pipeline, overrides)
     typer.echo(f"{pipeline}: ok ({cfg.name}: {cfg.model.name} on {cfg.data.dataset}, "
                f"{cfg.sparsity.method} at sparsity {cfg.sparsity.sparsity})")
 

@@ -114,6 +114,8 @@ class ValidateConfig(Section):
 
 
 class Pipeline(Section):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), populate_by_name=True)
+
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # a safe folder name
     seed: int = 0
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
@@ -124,7 +126,8 @@ class Pipeline(Section):
     train: OptimConfig = OptimConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     export: ExportConfig = ExportConfig()
-    validate: ValidateConfig = ValidateConfig()
+    # `validate` would shadow a pydantic method, hence the alias.
+    validation: ValidateConfig = Field(ValidateConfig(), alias="validate")
 
     def fingerprint(self, *sections: str) -> str:
         """A hash of the settings a stage's outputs depend on, to tell stale outputs apart."""
@@ -138,7 +141,7 @@ class Pipeline(Section):
 TRAIN_SETTINGS = ("seed", "bf16", "data", "model", "sparsity", "train")
 FINETUNE_SETTINGS = TRAIN_SETTINGS + ("finetune",)
 EXPORT_SETTINGS = FINETUNE_SETTINGS + ("export",)
-VALIDATE_SETTINGS = EXPORT_SETTINGS + ("validate",)
+VALIDATE_SETTINGS = EXPORT_SETTINGS + ("validation",)
 
 
 def parse_pipeline(raw: Any, source: str = "pipeline") -> Pipeline:
@@ -156,7 +159,26 @@ def parse_pipeline(raw: Any, source: str = "pipeline") -> Pipeline:
         raise UserError(f"{source}: {where}: {message}{more}") from None
 
 
-def load_pipeline(path: str | Path) -> Pipeline:
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """`section.key=value` settings from the command line; values are read as YAML."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set expects KEY=VALUE (e.g. data.root=/data), got '{item}'")
+        *parents, leaf = key.strip().split(".")
+        node = raw
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set {key}: '{part}' is not a section")
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UserError(f"--set {key}: cannot read value '{value}'") from None
+    return raw
+
+
+def load_pipeline(path: str | Path, overrides: list[str] = ()) -> Pipeline:
     path = Path(path)
     try:
         text = path.read_text()
@@ -170,4 +192,5 @@ def load_pipeline(path: str | Path) -> Pipeline:
         raise UserError(f"{path}:{where} not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
     if isinstance(raw, dict):
         raw.setdefault("name", path.stem)  # a pipeline is named after its file unless it says
+        apply_overrides(raw, list(overrides))
     return parse_pipeline(raw, str(path))

@@ -21,7 +21,7 @@ from .data import load_data
 from .errors import UserError, ValidationFailed
 from .export import export_onnx
 from .sparse.base import select_sparse_weights
-from .train import build_model, console, finetune, load_checkpoint, stage_paths, train_sparse
+from .train import build_model, finetune, log, load_checkpoint, stage_paths, train_sparse
 from .validate import validate_onnx
 
 
@@ -66,7 +66,7 @@ def export_stage(cfg: Pipeline, out: Path, *, force: bool = False) -> Path:
     checkpoint, model = _load_trained(out, cfg)
     fingerprint = f"{cfg.fingerprint(*EXPORT_SETTINGS)}-{checkpoint['run_id']}"
     if paths["onnx"].exists() and not force and _onnx_fingerprint(paths["onnx"]) == fingerprint:
-        console.print(f"[{cfg.name}] export: already complete ({paths['onnx']})")
+        log(cfg, f"export: already complete ({paths['onnx']})")
         return paths["onnx"]
     info = checkpoint["data_info"]
     summary = sparsity_summary(model, cfg)
@@ -82,7 +82,7 @@ def export_stage(cfg: Pipeline, out: Path, *, force: bool = False) -> Path:
     result = export_onnx(model, paths["onnx"], in_channels=info["in_channels"], image_size=info["image_size"],
                          mean=info["mean"], std=info["std"], metadata=metadata, opset=cfg.export.opset,
                          sparse_initializers=cfg.export.sparse_initializers)
-    console.print(f"[{cfg.name}] export: {paths['onnx']} ({result['onnx_bytes']:,} bytes, "
+    log(cfg, f"export: {paths['onnx']} ({result['onnx_bytes']:,} bytes, "
                   f"{summary['sparsity']:.1%} sparse)")
     return paths["onnx"]
 
@@ -106,7 +106,7 @@ def validate_stage(cfg: Pipeline, out: Path, *, force: bool = False) -> dict[str
     if paths["report"].exists() and not force:
         report = json.loads(paths["report"].read_text())
         if report.get("fingerprint") == fingerprint:
-            console.print(f"[{cfg.name}] validate: already complete ({paths['report']})")
+            log(cfg, f"validate: already complete ({paths['report']})")
             _raise_if_failed(report)
             return report
     checkpoint, model = _load_trained(out, cfg)
@@ -114,9 +114,9 @@ def validate_stage(cfg: Pipeline, out: Path, *, force: bool = False) -> dict[str
                             image_size=cfg.data.image_size, cache_dir=cfg.data.cache_dir,
                             num_workers=cfg.data.num_workers)
     try:
-        metrics = validate_onnx(paths["onnx"], model, test_set, batch_size=cfg.validate.batch_size,
-                                latency_runs=cfg.validate.latency_runs, min_top1=cfg.validate.min_top1,
-                                max_abs_diff=cfg.validate.max_abs_diff)
+        metrics = validate_onnx(paths["onnx"], model, test_set, batch_size=cfg.validation.batch_size,
+                                latency_runs=cfg.validation.latency_runs, min_top1=cfg.validation.min_top1,
+                                max_abs_diff=cfg.validation.max_abs_diff)
         failure = None
     except ValidationFailed as exc:
         metrics, failure = exc.report, str(exc)
@@ -127,13 +127,13 @@ def validate_stage(cfg: Pipeline, out: Path, *, force: bool = False) -> dict[str
         **sparsity_summary(model, cfg), **metrics,
         "train_epochs": cfg.train.epochs, "finetune_epochs": cfg.finetune.epochs,
         "final_test_top1_torch_training": history[-1]["test_top1"] if history else None,
-        "thresholds": {"min_top1": cfg.validate.min_top1, "max_abs_diff": cfg.validate.max_abs_diff},
+        "thresholds": {"min_top1": cfg.validation.min_top1, "max_abs_diff": cfg.validation.max_abs_diff},
         "passed": failure is None, "failure": failure,
         "dsrpipe_version": __version__, "fingerprint": fingerprint,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     files.write_json(paths["report"], report)
-    console.print(f"[{cfg.name}] validate: onnx top-1 {report['onnx_top1']:.4f}, torch top-1 "
+    log(cfg, f"validate: onnx top-1 {report['onnx_top1']:.4f}, torch top-1 "
                   f"{report['torch_top1']:.4f}, agreement {report['top1_agreement']:.4f}, max |Δlogit| "
                   f"{report['max_abs_logit_diff']:.2e}, p50 {report['latency_ms']['p50']:.3f} ms → {paths['report']}")
     _raise_if_failed(report)

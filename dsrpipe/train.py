@@ -31,7 +31,11 @@ from .errors import UserError
 from .models import create_model
 from .sparse import RewireSchedule, Sparsifier, create_sparsifier
 
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def log(cfg: Pipeline, message: str) -> None:
+    console.print(f"{cfg.name} | {message}", markup=False)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -106,7 +110,7 @@ def _fit(cfg: Pipeline, stage: str, opt_cfg: OptimConfig, out: Path,
     paths = stage_paths(out, cfg, stage)
     if paths["final"].exists() and not force:
         if load_checkpoint(paths["final"])["fingerprint"] == fingerprint:
-            console.print(f"[{cfg.name}] {stage}: already complete ({paths['final']})")
+            log(cfg, f"{stage}: already complete ({paths['final']})")
             return paths["final"]
         raise UserError(f"{paths['dir']} holds a {stage} run with other settings: use --force to redo it")
     checkpoint = None
@@ -148,11 +152,11 @@ def _fit(cfg: Pipeline, stage: str, opt_cfg: OptimConfig, out: Path,
         sparsifier.load_state_dict(checkpoint["sparsifier"])
         _set_rng_state(checkpoint["rng"])
         history = checkpoint["history"]
-        console.print(f"[{cfg.name}] {stage}: resuming after epoch {len(history)}")
+        log(cfg, f"{stage}: resuming after epoch {len(history)}")
 
     use_bf16 = cfg.bf16 and device.type == "cuda"
     if cfg.bf16 and not use_bf16:
-        console.print(f"[{cfg.name}] bf16 autocast applies on CUDA only; training in float32")
+        log(cfg, "bf16 autocast applies on CUDA only; training in float32")
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
     batches_seed = cfg.seed + (1000 if stage == "finetune" else 0)  # a fresh data order per stage
 
@@ -172,7 +176,7 @@ def _fit(cfg: Pipeline, stage: str, opt_cfg: OptimConfig, out: Path,
                    console=console, disable=not progress, transient=True)
     with bar:
         for epoch in range(len(history), opt_cfg.epochs):
-            task = bar.add_task(f"[{cfg.name}] {stage} {epoch + 1}/{opt_cfg.epochs}",
+            task = bar.add_task(f"{cfg.name} | {stage} {epoch + 1}/{opt_cfg.epochs}",
                                 total=steps_per_epoch, status="")
             started = time.perf_counter()
             model.train()
@@ -211,7 +215,7 @@ def _fit(cfg: Pipeline, stage: str, opt_cfg: OptimConfig, out: Path,
             })
             save(paths["last"], complete=False)
             bar.remove_task(task)
-            console.print(f"[{cfg.name}] {stage} epoch {epoch + 1}/{opt_cfg.epochs}  "
+            log(cfg, f"{stage} epoch {epoch + 1}/{opt_cfg.epochs}  "
                           f"loss {history[-1]['train_loss']:.4f}  test top-1 {test_top1:.4f}  "
                           f"{seen / train_seconds:,.0f} img/s"
                           + (f"  H {sparsifier.threshold:.3g}  pruned {pruned}" if reallocations else ""))

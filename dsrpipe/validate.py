@@ -41,8 +41,8 @@ def validate_onnx(
     try:
         # Same order twice (no shuffle): raw pixels for ONNX, the training normalisation for torch,
         # so a mismatch between the in-graph and the dataset normalisation shows up as a diff.
-        raw_batches = test_set.batches(batch_size, shuffle=False, augment=False, normalize=False)
-        normalized_batches = test_set.batches(batch_size, shuffle=False, augment=False, normalize=True)
+        raw_batches = test_set.batches(batch_size, shuffle=False, augment=False, seed=0, epoch=0, normalize=False)
+        normalized_batches = test_set.batches(batch_size, shuffle=False, augment=False, seed=0, epoch=0, normalize=True)
         for (raw, labels), (normalized, _) in zip(raw_batches, normalized_batches):
             onnx_logits = session.run(None, {input_name: raw.cpu().numpy().astype(np.float32)})[0]
             with torch.no_grad():

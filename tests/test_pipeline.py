@@ -1,0 +1,235 @@
+"""End to end: the stages, `dsrpipe run`, resume, and bad input, on real data."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from dsrpipe import train as train_module
+from dsrpipe.cli import app
+from dsrpipe.config import load_pipeline, parse_pipeline
+from dsrpipe.data import load_data
+from dsrpipe.pipeline import run_pipeline
+from dsrpipe.train import train_sparse
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "datasets"
+REPORT_KEYS = {"name", "dataset", "model", "method", "sparsity", "layer_density", "nonzero_params",
+               "total_params", "torch_top1", "onnx_top1", "top1_agreement", "max_abs_logit_diff",
+               "latency_ms", "onnx_bytes"}
+
+
+def tiny(name="tiny", **sections):
+    """A fast digits pipeline: a few epochs, frequent reallocation."""
+    raw = {
+        "name": name,
+        "data": {"dataset": "digits"},
+        "model": {"name": "small-cnn", "options": {"width": 16}},
+        "sparsity": {"method": "dsr", "sparsity": 0.9, "prune_target": 150, "rewire_periods": {0: 5}},
+        "train": {"epochs": 4, "batch_size": 64, "lr": 0.1, "milestones": [3]},
+        "finetune": {"epochs": 1, "lr": 0.005},
+        "validate": {"latency_runs": 20},
+    }
+    for section, values in sections.items():
+        raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
+    return raw
+
+
+def write_pipeline(tmp_path, raw, filename="pipeline.yaml"):
+    path = tmp_path / filename
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_quickstart_command_end_to_end(tmp_path):
+    """The README's first command, as a real process: train, fine-tune, export, validate."""
+    out = tmp_path / "export"
+    result = subprocess.run(
+        [sys.executable, "-m", "dsrpipe", "run", str(ROOT / "pipelines" / "quickstart.yaml"), "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((out / "quickstart" / "report.json").read_text())
+    assert REPORT_KEYS <= report.keys()
+    assert report["passed"] and report["onnx_top1"] >= 0.9
+    assert report["top1_agreement"] >= 0.99 and report["max_abs_logit_diff"] < 1e-3
+    assert 0.89 <= report["sparsity"] <= 0.91
+    assert report["nonzero_params"] < report["total_params"]
+    assert report["latency_ms"]["p50"] > 0 and report["latency_ms"]["p95"] >= report["latency_ms"]["p50"]
+
+    # The model runs with onnxruntime and nothing else: raw [0, 1] pixels in, logits out.
+    session = ort.InferenceSession(str(out / "quickstart" / "model.onnx"), providers=["CPUExecutionProvider"])
+    _, test = load_data("digits")
+    x, y = next(test.batches(100, shuffle=False, augment=False, seed=0, epoch=0, normalize=False))
+    logits = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert (logits.argmax(1) == y.numpy()).mean() >= 0.9
+    meta = {p.key: p.value for p in onnx.load(str(out / "quickstart" / "model.onnx")).metadata_props}
+    assert meta["method"] == "dsr" and meta["dataset"] == "digits"
+    assert json.loads(meta["class_names"]) == [str(i) for i in range(10)]
+    assert set(json.loads(meta["layer_density"])) == set(report["layer_density"])
+
+    # Running again skips every completed stage and leaves the outputs untouched.
+    before = {p: p.stat().st_mtime_ns for p in (out / "quickstart").rglob("*") if p.is_file()}
+    again = subprocess.run([sys.executable, "-m", "dsrpipe", "run", str(ROOT / "pipelines" / "quickstart.yaml"),
+                            "--out", str(out), "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stderr.count("already complete") == 4
+    assert before == {p: p.stat().st_mtime_ns for p in (out / "quickstart").rglob("*") if p.is_file()}
+
+
+def test_dsr_reallocates_and_keeps_the_budget_during_training(tmp_path):
+    cfg = parse_pipeline(tiny())
+    final = torch.load(train_sparse(cfg, tmp_path, progress=False), weights_only=False)
+    history = final["history"]
+    assert sum(h["reallocations"] for h in history) == 4 * (1437 // 64) // 5
+    assert sum(h["pruned"] for h in history) > 0
+    assert len({h["active_params"] for h in history}) == 1  # constant non-zero budget
+    densities = history[-1]["layer_density"]
+    assert max(densities.values()) - min(densities.values()) > 0.01  # budget moved between layers
+    lines = (tmp_path / "tiny" / "train" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3, 4]
+    assert {"train_loss", "test_top1", "threshold", "pruned", "layer_density", "lr"} <= json.loads(lines[0]).keys()
+
+
+def test_resume_after_interruption_is_bit_identical(tmp_path, monkeypatch):
+    cfg = parse_pipeline(tiny(train={"epochs": 5}))
+    reference = torch.load(train_sparse(cfg, tmp_path / "a", progress=False), weights_only=False)
+
+    real_evaluate = train_module.evaluate
+    calls = {"n": 0}
+
+    def interrupt_in_epoch_four(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # epoch 4 has trained but is not checkpointed: it must be redone
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate", interrupt_in_epoch_four)
+    with pytest.raises(KeyboardInterrupt):
+        train_sparse(cfg, tmp_path / "b", progress=False)
+    monkeypatch.setattr(train_module, "evaluate", real_evaluate)
+    last = torch.load(tmp_path / "b" / "tiny" / "train" / "last.pt", weights_only=False)
+    assert last["epoch"] == 3
+    with pytest.raises(Exception, match="--resume"):
+        train_sparse(cfg, tmp_path / "b", progress=False)
+    resumed = torch.load(train_sparse(cfg, tmp_path / "b", resume=True, progress=False), weights_only=False)
+
+    for key, value in reference["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    for name, mask in reference["sparsifier"]["masks"].items():
+        assert torch.equal(mask, resumed["sparsifier"]["masks"][name])
+    assert reference["sparsifier"]["threshold"] == resumed["sparsifier"]["threshold"]
+    drop_timing = lambda h: {k: v for k, v in h.items() if k not in ("seconds", "images_per_second")}
+    assert [drop_timing(h) for h in reference["history"]] == [drop_timing(h) for h in resumed["history"]]
+
+
+@pytest.mark.parametrize("method", ["static", "dense"])
+def test_other_methods_run_end_to_end(tmp_path, method):
+    cfg = parse_pipeline(tiny(name=method, sparsity={"method": method}, train={"epochs": 2}))
+    report = run_pipeline(cfg, tmp_path, progress=False)
+    assert report["method"] == method
+    if method == "dense":
+        assert report["sparsity"] < 0.01
+    else:
+        assert 0.89 <= report["sparsity"] <= 0.91
+        assert all(abs(d - 0.1) < 0.01 for d in report["layer_density"].values())  # static: uniform
+
+
+def test_validation_threshold_fails_with_exit_code_and_report(tmp_path):
+    path = write_pipeline(tmp_path, tiny(validate={"min_top1": 0.999, "latency_runs": 5},
+                                         train={"epochs": 1}, finetune={"epochs": 0}))
+    result = CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path / "out"), "--no-progress"])
+    assert result.exit_code == 3
+    assert "min_top1" in result.output
+    report = json.loads((tmp_path / "out" / "tiny" / "report.json").read_text())
+    assert report["passed"] is False and "min_top1" in report["failure"]
+
+
+def test_stages_run_one_by_one_from_the_cli(tmp_path):
+    path = write_pipeline(tmp_path, tiny(train={"epochs": 1}))
+    out = tmp_path / "out"
+    runner = CliRunner()
+    assert runner.invoke(app, ["export", str(path), "--out", str(out)]).exit_code == 2  # nothing trained yet
+    for stage in ("train-sparse", "finetune", "export", "validate"):
+        result = runner.invoke(app, [stage, str(path), "--out", str(out), "--no-progress"]
+                               if stage in ("train-sparse", "finetune") else [stage, str(path), "--out", str(out)])
+        assert result.exit_code == 0, (stage, result.output)
+    assert (out / "tiny" / "model.onnx").exists() and (out / "tiny" / "report.json").exists()
+    # Changing a training setting makes the trained model stale: refuse rather than mix them.
+    changed = write_pipeline(tmp_path, tiny(train={"epochs": 1, "lr": 0.05}))
+    result = runner.invoke(app, ["train-sparse", str(changed), "--out", str(out)])
+    assert result.exit_code == 2 and "--force" in result.output
+
+
+BAD_INPUTS = {
+    "unknown key": ({"trian": {"epochs": 1}}, "trian: unknown setting"),
+    "wrong type": ({"train": {"epochs": "many"}}, "train.epochs"),
+    "sparsity of 1": ({"sparsity": {"sparsity": 1.0}}, "sparsity.sparsity"),
+    "negative sparsity": ({"sparsity": {"sparsity": -0.1}}, "sparsity.sparsity"),
+    "unknown model": ({"model": {"name": "resnet-9000"}}, "model.name: unknown model"),
+    "unknown dataset": ({"data": {"dataset": "svhn"}}, "unknown dataset 'svhn'"),
+    "missing root": ({"data": {"dataset": "mnist", "root": "/nonexistent/mnist"}}, "root does not exist"),
+    "no root": ({"data": {"dataset": "imagefolder"}}, "needs root"),
+    "unknown method": ({"sparsity": {"method": "magic"}}, "unknown method 'magic'"),
+    "unsafe name": ({"name": "../evil"}, "name"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_pipeline_is_one_line_exit_2_and_writes_nothing(tmp_path, case):
+    override, expected = BAD_INPUTS[case]
+    raw = tiny()
+    for key, value in override.items():
+        raw[key] = {**raw[key], **value} if isinstance(value, dict) and key in raw else value
+    path = write_pipeline(tmp_path, raw)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["run", str(path), "--out", str(out)])
+    assert result.exit_code == 2
+    assert expected in result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_unreadable_yaml_and_missing_file_are_one_line_errors(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: x\ntrain: [epochs: 1\n")
+    for path, expected in ((broken, "not valid YAML"), (tmp_path / "missing.yaml", "cannot read pipeline")):
+        result = subprocess.run([sys.executable, "-m", "dsrpipe", "run", str(path)], capture_output=True,
+                                text=True, cwd=tmp_path, timeout=120)
+        assert result.returncode == 2
+        assert expected in result.stderr and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_set_overrides_settings_from_the_command_line(tmp_path):
+    path = write_pipeline(tmp_path, tiny())
+    cfg = load_pipeline(path, ["train.epochs=7", "sparsity.exclude=['2']", "name=other"])
+    assert cfg.train.epochs == 7 and cfg.sparsity.exclude == ["2"] and cfg.name == "other"
+    result = CliRunner().invoke(app, ["check", str(path), "--set", "train.epochs"])
+    assert result.exit_code == 2 and "KEY=VALUE" in result.output
+
+
+def test_shipped_pipelines_are_valid():
+    for path in sorted((ROOT / "pipelines").glob("*.yaml")):
+        cfg = load_pipeline(path, ["data.root=."] if "imagenet" in path.name else [])
+        assert cfg.name == path.stem
+
+
+@pytest.mark.skipif(not (SHARED / "mnist10k").exists(), reason="needs ../shared/datasets/mnist10k (CI has it)")
+def test_lenet5_on_real_mnist10k(tmp_path):
+    cfg = load_pipeline(ROOT / "pipelines" / "mnist-lenet5-dsr.yaml", [
+        f"data.root={SHARED / 'mnist10k'}", "data.download=false", "train.epochs=2", "train.milestones=[1]",
+        "finetune.epochs=0", "validate.latency_runs=20", "validate.min_top1=0.9"])
+    report = run_pipeline(cfg, tmp_path, progress=False)
+    assert report["onnx_top1"] >= 0.9 and report["top1_agreement"] >= 0.99
+    assert 0.94 <= report["sparsity"] <= 0.96
+    assert report["total_params"] == 431_080
