@@ -1,0 +1,374 @@
+"""The data layer: datasets, reproducible batches, augmentation, image folders, safe archives."""
+
+import io
+import stat
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dsrpipe import data
+from dsrpipe.data import KNOWN_DATASETS, Dataset, StreamingDataset, dataset_needs_root, load_data
+from dsrpipe.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = next((p for p in (Path("/work/shared/datasets"), REPO.parent / "shared" / "datasets")
+               if p.is_dir()), None)
+needs_shared = pytest.mark.skipif(
+    SHARED is None, reason="real datasets absent: neither /work/shared/datasets nor ../shared/datasets")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_data("digits")
+
+
+def all_batches(split, **kwargs):
+    batch_size = kwargs.pop("batch_size", 256)
+    options = dict(shuffle=False, augment=False, seed=0, epoch=0) | kwargs
+    xs, ys = zip(*split.batches(batch_size, **options))
+    return torch.cat(xs), torch.cat(ys)
+
+
+# --- in-memory datasets ------------------------------------------------------------------------
+
+
+def test_digits_shapes_labels_and_values(digits):
+    train, test = digits
+    assert (len(train), len(test)) == (1437, 360)
+    info = train.info
+    assert (info.name, info.num_classes, info.in_channels, info.image_size) == ("digits", 10, 1, 8)
+    assert info.class_names == [str(i) for i in range(10)] and test.info == info
+    x, y = all_batches(train, normalize=False)
+    assert x.shape == (1437, 1, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert x.min() == 0 and x.max() == 1
+    assert torch.equal(x * 16, (x * 16).round())  # the raw values 0..16, scaled by exactly 1/16
+    assert sorted(y.unique().tolist()) == list(range(10))
+    # Stratified: every class is ~20% in test.
+    assert torch.bincount(all_batches(test)[1]).min() >= 35
+
+
+def test_batches_cover_every_sample_once(digits):
+    train, _ = digits
+    assert train.num_batches(100) == 15 and train.num_batches(100, drop_last=True) == 14
+    batches = list(train.batches(100, shuffle=True, augment=False, seed=3, epoch=1))
+    assert [len(y) for _, y in batches] == [100] * 14 + [37]
+    assert len(list(train.batches(100, shuffle=True, augment=False, seed=3, epoch=1, drop_last=True))) == 14
+    shuffled = torch.cat([x for x, _ in batches])
+    in_order = all_batches(train)[0]
+    assert not torch.equal(shuffled, in_order)
+    assert torch.equal(shuffled.flatten(1).sum(1).sort().values, in_order.flatten(1).sum(1).sort().values)
+
+
+def test_batches_reproducible_from_seed_and_epoch_only(digits):
+    train, _ = digits
+    global_rng = torch.get_rng_state()
+    run = lambda seed, epoch: all_batches(train, shuffle=True, augment=True, seed=seed, epoch=epoch)
+    x0, y0 = run(0, 5)
+    torch.manual_seed(1234)  # the global RNG must not matter
+    x1, y1 = run(0, 5)
+    assert torch.equal(x0, x1) and torch.equal(y0, y1)
+    assert not torch.equal(y0, run(0, 6)[1]) and not torch.equal(y0, run(1, 5)[1])
+    torch.set_rng_state(global_rng)
+    all_batches(train, shuffle=True, augment=True)
+    assert torch.equal(torch.get_rng_state(), global_rng)  # nor be consumed
+
+
+def test_normalisation_gives_zero_mean_unit_std(digits):
+    train, _ = digits
+    x, _ = all_batches(train)
+    assert abs(x.mean()) < 1e-4 and abs(x.std() - 1) < 1e-3
+    raw, _ = all_batches(train, normalize=False)
+    assert torch.allclose(x, (raw - train.info.mean[0]) / train.info.std[0])
+
+
+def shifted(image: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """image moved by (dy, dx) pixels with zeros filling in: the reference for random_crop."""
+    out = torch.zeros_like(image)
+    h, w = image.shape[-2:]
+    out[..., max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+        image[..., max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)]
+    return out
+
+
+def test_grey_augmentation_shifts_without_flips(digits):
+    train, _ = digits
+    x, _ = all_batches(train, batch_size=64, normalize=False)
+    xa, _ = all_batches(train, batch_size=64, normalize=False, augment=True)
+    assert xa.shape == x.shape and torch.equal(xa, all_batches(train, normalize=False, augment=True)[0])
+    assert (xa != x).flatten(1).any(1).float().mean() > 0.5
+    shifts = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    for original, augmented in zip(x[:50], xa[:50]):
+        assert any(torch.equal(augmented, shifted(original, dy, dx)) for dy, dx in shifts)
+
+
+def test_colour_random_crop_is_a_padded_crop_or_its_mirror():
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    out = data.random_crop(images, 4, True, torch.Generator().manual_seed(0))
+    again = data.random_crop(images, 4, True, torch.Generator().manual_seed(0))
+    assert out.shape == images.shape and torch.equal(out, again)
+    mirrored = 0
+    for original, crop in zip(images, out):
+        candidates = [(shifted(original, dy, dx), flip) for dy in range(-4, 5) for dx in range(-4, 5)
+                      for flip in (False, True)]
+        matches = [flip for image, flip in candidates if torch.equal(crop, image.flip(2) if flip else image)]
+        assert matches
+        mirrored += matches[0]
+    assert 10 < mirrored < 54
+
+
+def test_resize_to_image_size():
+    train, _ = load_data("digits", image_size=16)
+    x, _ = next(train.batches(8, shuffle=False, augment=True, seed=0, epoch=0))
+    assert train.info.image_size == 16 and x.shape == (8, 1, 16, 16)
+
+
+def test_unknown_dataset_and_roots():
+    with pytest.raises(UserError, match="unknown dataset 'imagenet'.*digits.*cifar10"):
+        load_data("imagenet")
+    assert not dataset_needs_root("digits")
+    assert all(dataset_needs_root(name) for name in KNOWN_DATASETS if name != "digits")
+    with pytest.raises(UserError, match="unknown dataset"):
+        dataset_needs_root("svhn")
+
+
+def test_missing_torchvision_files(tmp_path):
+    with pytest.raises(UserError, match=f"dataset 'mnist': no MNIST files under {tmp_path}"):
+        load_data("mnist", root=str(tmp_path))
+    with pytest.raises(UserError, match="'cifar10'.*data.root"):
+        load_data("cifar10")
+
+
+@needs_shared
+def test_mnist10k_from_shared_folder():
+    train, test = load_data("mnist", root=str(SHARED / "mnist10k"))
+    assert (len(train), len(test)) == (8000, 2000)
+    info = train.info
+    assert (info.in_channels, info.image_size, info.num_classes) == (1, 28, 10)
+    assert abs(info.mean[0] - 0.1307) < 0.01 and abs(info.std[0] - 0.3081) < 0.01
+    x, y = next(test.batches(500, shuffle=True, augment=True, seed=0, epoch=0, normalize=False))
+    assert x.shape == (500, 1, 28, 28) and 0 <= x.min() and x.max() <= 1 and y.max() == 9
+
+
+# --- image folders -------------------------------------------------------------------------------
+
+
+def png(size=(12, 12), mode="RGB", seed=0) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], len(mode)), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.squeeze(2) if mode == "L" else pixels, mode).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def image_tree(classes=("cat", "dog", "frog"), per_split=None, mode="RGB", top=""):
+    """{relative path: bytes} of a small train/test image tree, optionally under a top folder."""
+    per_split = per_split or {"train": 4, "test": 2}
+    names = [f"{top}{split}/{name}/{i}.png"
+             for split, count in per_split.items() for name in classes for i in range(count)]
+    return {name: png(mode=mode, seed=seed) for seed, name in enumerate(names)}
+
+
+def write_tree(root: Path, tree: dict) -> Path:
+    for name, content in tree.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(content)
+    return root
+
+
+def write_tar(path: Path, members: list[tarfile.TarInfo | tuple[str, bytes]]) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for member in members:
+            if isinstance(member, tarfile.TarInfo):
+                tar.addfile(member)
+            else:
+                info = tarfile.TarInfo(member[0])
+                info.size = len(member[1])
+                tar.addfile(info, io.BytesIO(member[1]))
+    return path
+
+
+def load_folder(root, tmp_path, **kwargs):
+    return load_data("imagefolder", root=str(root), cache_dir=str(tmp_path / "cache"), **kwargs)
+
+
+def test_imagefolder_from_directory(tmp_path):
+    root = write_tree(tmp_path / "pets", image_tree())
+    train, test = load_folder(root, tmp_path, num_workers=1)
+    info = train.info
+    assert (len(train), len(test)) == (12, 6)
+    assert info.class_names == ["cat", "dog", "frog"] and (info.in_channels, info.image_size) == (3, 12)
+    x, y = all_batches(train, normalize=False)
+    expected = torch.from_numpy(np.array(Image.open(root / "train/dog/0.png"))).permute(2, 0, 1)
+    assert torch.equal((x[4] * 255).round().to(torch.uint8), expected)
+    assert y.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    x, _ = next(train.batches(5, shuffle=True, augment=True, seed=0, epoch=0))
+    assert x.shape == (5, 3, 12, 12)
+
+
+def test_parallel_decoding_matches_serial(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "DECODE_CHUNK", 4)  # several chunks: the worker pool runs
+    root = write_tree(tmp_path / "pets", image_tree())
+    paths = sorted(root.rglob("*.png"))
+    assert torch.equal(data._decode_images(paths, 12, 2), data._decode_images(paths, 12, 1))
+    (root / "test/dog/1.png").write_bytes(b"\x89PNG truncated")
+    with pytest.raises(UserError, match="cannot decode .*test/dog/1.png"):  # raised in a worker
+        data._decode_images(sorted(root.rglob("*.png")), 12, 2)
+
+
+def test_imagefolder_grey_mixed_sizes_and_val_split(tmp_path):
+    tree = image_tree(mode="L", per_split={"train": 2, "val": 1})
+    tree["train/cat/big.png"] = png(size=(30, 20), mode="L")  # other size: scaled + centre-cropped
+    root = write_tree(tmp_path / "grey", tree)
+    train, test = load_folder(root, tmp_path, image_size=10)
+    assert (train.info.in_channels, train.info.image_size, len(train), len(test)) == (1, 10, 7, 3)
+    assert next(test.batches(8, shuffle=False, augment=False, seed=0, epoch=0))[0].shape == (3, 1, 10, 10)
+
+
+def test_imagefolder_second_load_uses_cache(tmp_path, monkeypatch):
+    root = write_tree(tmp_path / "pets", image_tree())
+    first, _ = load_folder(root, tmp_path)
+    (cache_file,) = (tmp_path / "cache" / "decoded").iterdir()
+    mtime = cache_file.stat().st_mtime_ns
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded again despite the cache")
+
+    monkeypatch.setattr(data, "_decode_images", no_decoding)
+    second, _ = load_folder(root, tmp_path)
+    assert torch.equal(first.images, second.images) and cache_file.stat().st_mtime_ns == mtime
+    (root / "train/cat/0.png").write_bytes(png(seed=99))  # a changed file invalidates the cache
+    with pytest.raises(AssertionError, match="decoded again"):
+        load_folder(root, tmp_path)
+
+
+@pytest.fixture(scope="session")
+def cifar_jpegs():
+    """{member name: bytes} of 4 real CIFAR-10 JPEGs from each of 3 classes of the shared archive."""
+    if SHARED is None:
+        pytest.skip("real datasets absent: neither /work/shared/datasets nor ../shared/datasets")
+    picked = {}
+    with tarfile.open(SHARED / "cifar10-jpg.tar.gz") as tar:
+        for member in tar:  # the test split comes first; stop after 3 classes
+            parts = member.name.split("/")
+            if member.isfile() and parts[1] == "test" and int(parts[3].split(".")[0]) < 4:
+                if len({p.split("/")[2] for p in picked} | {parts[2]}) > 3:
+                    break
+                picked[member.name] = tar.extractfile(member).read()
+    return picked
+
+
+def test_imagefolder_from_targz_with_top_folder(cifar_jpegs, tmp_path):
+    # Like the real archive: cifar10/{train,test}/<class>/*.jpg
+    members = [(name.replace("/test/", f"/{split}/"), content)
+               for split in ("train", "test") for name, content in cifar_jpegs.items()]
+    archive = write_tar(tmp_path / "cifar-mini.tar.gz", members)
+    train, test = load_folder(archive, tmp_path)
+    assert (len(train), len(test)) == (12, 12)
+    assert train.info.class_names == ["airplane", "automobile", "bird"]
+    assert (train.info.in_channels, train.info.image_size) == (3, 32)
+    x, _ = next(train.batches(12, shuffle=True, augment=True, seed=0, epoch=0))
+    assert x.shape == (12, 3, 32, 32)
+    (extracted,) = [p for p in (tmp_path / "cache" / "archives").iterdir()]
+    assert extracted.name.startswith("cifar-mini-")  # unpacked once, in place, nothing left over
+
+
+def test_imagefolder_from_zip(tmp_path):
+    archive = tmp_path / "pets.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for name, content in image_tree(top="pets/").items():
+            zf.writestr(name, content)
+    train, test = load_folder(archive, tmp_path)
+    assert (len(train), len(test), train.info.num_classes) == (12, 6, 3)
+
+
+def test_streaming_fallback_for_big_folders(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "MAX_IN_MEMORY_BYTES", 0)
+    root = write_tree(tmp_path / "pets", image_tree())
+    train, test = load_folder(root, tmp_path, image_size=8, num_workers=1)
+    assert isinstance(train, StreamingDataset) and isinstance(train, Dataset) and len(test) == 6
+    run = lambda: all_batches(train, batch_size=5, shuffle=True, augment=True, seed=0, epoch=2)
+    x, y = run()
+    assert x.shape == (12, 3, 8, 8) and sorted(y.tolist()) == [0] * 4 + [1] * 4 + [2] * 4
+    assert torch.equal(x, run()[0]) and train.num_batches(5) == 3
+
+
+# --- rejected inputs -----------------------------------------------------------------------------
+
+
+def tar_member(name, kind=tarfile.REGTYPE, target=""):
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    return info
+
+
+@pytest.mark.parametrize("member, why", [
+    (("../evil.png", b"x"), "outside the archive"),
+    (("data/../../evil.png", b"x"), "outside the archive"),
+    (("/tmp/evil.png", b"x"), "outside the archive"),
+    (tar_member("data/train/link", tarfile.SYMTYPE, "/etc/passwd"), "link or special file"),
+    (tar_member("data/train/hard", tarfile.LNKTYPE, "/etc/passwd"), "link or special file"),
+    (tar_member("data/train/null", tarfile.CHRTYPE), "link or special file"),
+])
+def test_unsafe_tar_members_rejected(tmp_path, member, why):
+    archive = write_tar(tmp_path / "bad.tar.gz", [("data/train/a/0.png", png()), member])
+    name = member[0] if isinstance(member, tuple) else member.name
+    with pytest.raises(UserError, match=f"{archive}.*'{name}'.*{why}"):
+        load_folder(archive, tmp_path)
+    leftovers = list((tmp_path / "cache" / "archives").iterdir())
+    assert leftovers == []  # an aborted extraction leaves nothing that looks unpacked
+    assert not (tmp_path / "evil.png").exists() and not Path("/tmp/evil.png").exists()
+
+
+def test_unsafe_zip_members_rejected(tmp_path):
+    archive = tmp_path / "bad.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("../evil.png", b"x")
+    with pytest.raises(UserError, match="'../evil.png'.*outside"):
+        data.extract_archive(archive, tmp_path / "out")
+    with zipfile.ZipFile(archive, "w") as zf:
+        link = zipfile.ZipInfo("train/a/link.png")
+        link.external_attr = (stat.S_IFLNK | 0o777) << 16
+        zf.writestr(link, "/etc/passwd")
+    with pytest.raises(UserError, match="'train/a/link.png'.*link"):
+        data.extract_archive(archive, tmp_path / "out")
+
+
+def test_archive_bombs_rejected(tmp_path, monkeypatch):
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("train/a/zeros.png", bytes(10 * 2**20))  # 10 MiB of zeros, ~10 KiB packed
+    assert bomb.stat().st_size < 100_000
+    monkeypatch.setattr(data, "MAX_ARCHIVE_BYTES", 2**20)
+    with pytest.raises(UserError, match="bomb.zip.*'train/a/zeros.png'.*more than 1048576 bytes"):
+        load_folder(bomb, tmp_path)
+    many = write_tar(tmp_path / "many.tar.gz", [(f"train/a/{i}.png", b"") for i in range(20)])
+    with pytest.raises(UserError, match="'train/a/10.png'.*more than 10 members"):
+        data.extract_archive(many, tmp_path / "out", max_files=10)
+
+
+def test_bad_folders_rejected(tmp_path):
+    with pytest.raises(UserError, match=f"{tmp_path / 'nowhere'} does not exist"):
+        load_folder(tmp_path / "nowhere", tmp_path)
+    with pytest.raises(UserError, match="set data.root"):
+        load_data("imagefolder")
+    with pytest.raises(UserError, match="no train/ and test/"):
+        load_folder(write_tree(tmp_path / "flat", {"a/0.png": png()}), tmp_path)
+
+    corrupt = write_tree(tmp_path / "corrupt", image_tree() | {"train/dog/9.png": b"not a png"})
+    with pytest.raises(UserError, match="cannot decode .*train/dog/9.png"):
+        load_folder(corrupt, tmp_path, num_workers=1)
+
+    empty = write_tree(tmp_path / "empty", image_tree())
+    (empty / "test/dog").mkdir(exist_ok=True)
+    for image in (empty / "test/dog").iterdir():
+        image.unlink()
+    with pytest.raises(UserError, match="class folder .*test/dog holds no images"):
+        load_folder(empty, tmp_path)
+
+    mismatch = write_tree(tmp_path / "mismatch", image_tree() | {"test/bird/0.png": png()})
+    with pytest.raises(UserError, match="classes"):
+        load_folder(mismatch, tmp_path)
