@@ -57,9 +57,9 @@ def _load(pipeline: Path, overrides: list[str]):
 def run(pipeline: Path = PipelineArg, out: Path = OutOption, overrides: list[str] = SetOption, force: bool = ForceOption,
         progress: bool = ProgressOption):
     """Run every stage: train-sparse, finetune, export, validate."""
+    cfg = _load(pipeline, overrides)  # first: a bad file fails fast, before torch is imported
     from .pipeline import outputs, run_pipeline
 
-    cfg = _load(pipeline, overrides)
     run_pipeline(cfg, out, force=force, progress=progress)
     typer.echo(str(outputs(out, cfg)["onnx"]))
 
@@ -69,9 +69,10 @@ def run(pipeline: Path = PipelineArg, out: Path = OutOption, overrides: list[str
 def train_sparse(pipeline: Path = PipelineArg, out: Path = OutOption, overrides: list[str] = SetOption, resume: bool = ResumeOption,
                  force: bool = ForceOption, progress: bool = ProgressOption):
     """Train from scratch with the configured sparse method (DSR by default)."""
+    cfg = _load(pipeline, overrides)
     from .train import train_sparse as stage
 
-    typer.echo(str(stage(_load(pipeline, overrides), out, resume=resume, force=force, progress=progress)))
+    typer.echo(str(stage(cfg, out, resume=resume, force=force, progress=progress)))
 
 
 @app.command()
@@ -79,27 +80,29 @@ def train_sparse(pipeline: Path = PipelineArg, out: Path = OutOption, overrides:
 def finetune(pipeline: Path = PipelineArg, out: Path = OutOption, overrides: list[str] = SetOption, resume: bool = ResumeOption,
              force: bool = ForceOption, progress: bool = ProgressOption):
     """Fine-tune the trained model with its masks frozen."""
+    cfg = _load(pipeline, overrides)
     from .train import finetune as stage
 
-    typer.echo(str(stage(_load(pipeline, overrides), out, resume=resume, force=force, progress=progress)))
+    typer.echo(str(stage(cfg, out, resume=resume, force=force, progress=progress)))
 
 
 @app.command()
 @_user_errors
 def export(pipeline: Path = PipelineArg, out: Path = OutOption, overrides: list[str] = SetOption, force: bool = ForceOption):
     """Export the trained model to a sparse ONNX file."""
+    cfg = _load(pipeline, overrides)
     from .pipeline import export_stage
 
-    typer.echo(str(export_stage(_load(pipeline, overrides), out, force=force)))
+    typer.echo(str(export_stage(cfg, out, force=force)))
 
 
 @app.command()
 @_user_errors
 def validate(pipeline: Path = PipelineArg, out: Path = OutOption, overrides: list[str] = SetOption, force: bool = ForceOption):
     """Measure the exported model with onnxruntime and write report.json."""
+    cfg = _load(pipeline, overrides)
     from .pipeline import outputs, validate_stage
 
-    cfg = _load(pipeline, overrides)
     validate_stage(cfg, out, force=force)
     typer.echo(str(outputs(out, cfg)["report"]))
 

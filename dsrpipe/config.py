@@ -120,14 +120,14 @@ class Pipeline(Section):
     seed: int = 0
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     bf16: bool = False  # bf16 autocast, on CUDA only
-    data: DataConfig = DataConfig()
-    model: ModelConfig = ModelConfig()
-    sparsity: SparsityConfig = SparsityConfig()
-    train: OptimConfig = OptimConfig()
-    finetune: FinetuneConfig = FinetuneConfig()
-    export: ExportConfig = ExportConfig()
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    sparsity: SparsityConfig = Field(default_factory=SparsityConfig)
+    train: OptimConfig = Field(default_factory=OptimConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
     # `validate` would shadow a pydantic method, hence the alias.
-    validation: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    validation: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
 
     def fingerprint(self, *sections: str) -> str:
         """A hash of the settings a stage's outputs depend on, to tell stale outputs apart."""
