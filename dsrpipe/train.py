@@ -171,13 +171,12 @@ def _fit(cfg: Pipeline, stage: str, opt_cfg: OptimConfig, out: Path,
         })
         files.write_text(paths["metrics"], "".join(json.dumps(h) + "\n" for h in history))
 
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                    console=console, disable=not progress, transient=True)
     with bar:
         for epoch in range(len(history), opt_cfg.epochs):
             task = bar.add_task(f"{cfg.name} | {stage} {epoch + 1}/{opt_cfg.epochs}",
-                                total=steps_per_epoch, status="")
+                                total=steps_per_epoch)
             started = time.perf_counter()
             model.train()
             loss_sum = torch.zeros((), device=device)
