@@ -65,6 +65,13 @@ class SparsityConfig(Section):
     tolerance: float = Field(0.1, ge=0, lt=1)  # δ
     rewire_periods: dict[int, int] = {0: 100}  # start epoch -> reallocation period (iterations)
     stop_rewire_epoch: int | None = Field(None, ge=0)
+    zeta: float = Field(0.3, ge=0, le=1)  # set: fraction of each layer's active weights replaced per period
+    rigl_alpha: float = Field(0.3, ge=0, le=1)  # rigl: initial drop fraction, cosine-decayed to 0 by the stop epoch (else the end)
+    deepr_temperature: float = Field(1e-8, ge=0)  # deepr: noise temperature T (noise std sqrt(2·lr·T) per step)
+    deepr_l1: float = Field(1e-5, ge=0)  # deepr: L1 strength α (each step moves weights lr·α toward 0)
+    prune_begin_epoch: int = Field(0, ge=0)  # prune: epoch at which gradual pruning starts from dense
+    prune_end_epoch: int | None = Field(None, ge=1)  # prune: epoch by which it reaches `sparsity`; None: 75% of training
+    masks_from: Path | None = None  # frozen: a run's train/final.pt (relative to the working directory) whose masks are retrained from scratch
 
     @field_validator("method")
     @classmethod
@@ -74,6 +81,14 @@ class SparsityConfig(Section):
         if method not in METHODS:
             raise ValueError(f"unknown method '{method}' (known: {', '.join(METHODS)})")
         return method
+
+    @model_validator(mode="after")
+    def _method_options(self):
+        if self.method == "frozen" and self.masks_from is None:
+            raise ValueError("method 'frozen' needs masks_from: the train/final.pt of the run whose masks to retrain")
+        if self.prune_end_epoch is not None and self.prune_begin_epoch >= self.prune_end_epoch:
+            raise ValueError("prune_begin_epoch must be before prune_end_epoch")
+        return self
 
     @field_validator("rewire_periods")
     @classmethod

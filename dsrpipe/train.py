@@ -30,6 +30,8 @@ from .data import Dataset, load_data
 from .errors import UserError
 from .models import create_model
 from .sparse import RewireSchedule, Sparsifier, create_sparsifier
+from .sparse.frozen import load_source
+from .sparse.thin import thin_model_options
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -68,16 +70,35 @@ def train_sparse(cfg: Pipeline, out: Path, *, resume: bool = False, force: bool 
                  progress: bool = True) -> Path:
     """Train from scratch with the configured sparse method (DSR by default); returns final.pt."""
 
+    s = cfg.sparsity
+
     def make_sparsifier(model, optimizer, steps_per_epoch):
-        s = cfg.sparsity
         schedule = RewireSchedule(s.rewire_periods, s.stop_rewire_epoch, steps_per_epoch)
+        prune_end = s.prune_end_epoch * steps_per_epoch if s.prune_end_epoch is not None else None
+        # Each method takes the options it knows and ignores the rest.
         return create_sparsifier(
             s.method, model, optimizer, sparsity=s.sparsity, dense_first=s.dense_first,
             dense_last=s.dense_last, exclude=s.exclude, prune_target=s.prune_target,
-            init_threshold=s.init_threshold, tolerance=s.tolerance, schedule=schedule, seed=cfg.seed)
+            init_threshold=s.init_threshold, tolerance=s.tolerance, schedule=schedule, seed=cfg.seed,
+            total_steps=cfg.train.epochs * steps_per_epoch, zeta=s.zeta, alpha=s.rigl_alpha,
+            temperature=s.deepr_temperature, l1=s.deepr_l1, begin_iteration=s.prune_begin_epoch * steps_per_epoch,
+            end_iteration=prune_end, masks_from=s.masks_from)
 
-    return _fit(cfg, "train", cfg.train, out, make_sparsifier, cfg.fingerprint(*TRAIN_SETTINGS),
-                start_from=None, resume=resume, force=force, progress=progress)
+    def thin_spec(spec):  # thin-dense: a narrower dense model with the sparse model's parameter count
+        options, params, budget = thin_model_options(
+            spec["name"], spec["options"], num_classes=spec["num_classes"], in_channels=spec["in_channels"],
+            image_size=spec["image_size"], sparsity=s.sparsity, dense_first=s.dense_first,
+            dense_last=s.dense_last, exclude=s.exclude)
+        log(cfg, f"thin-dense: {options} gives {params:,} parameters for a budget of {budget:,} "
+                 f"({params / budget - 1:+.1%})")
+        return {**spec, "options": options, "thin_dense": {"params": params, "budget": budget}}
+
+    fingerprint = cfg.fingerprint(*TRAIN_SETTINGS)
+    if s.method == "frozen":  # tied to the very run whose masks it retrains, as finetune is
+        fingerprint += f"-{load_source(s.masks_from)[1]}"
+    return _fit(cfg, "train", cfg.train, out, make_sparsifier, fingerprint, start_from=None,
+                adapt_spec=thin_spec if s.method == "thin-dense" else None,
+                resume=resume, force=force, progress=progress)
 
 
 def finetune(cfg: Pipeline, out: Path, *, resume: bool = False, force: bool = False,
@@ -101,12 +122,13 @@ def finetune(cfg: Pipeline, out: Path, *, resume: bool = False, force: bool = Fa
     # Tied to this very trained model too, so retraining makes the old fine-tuned one stale.
     fingerprint = f"{cfg.fingerprint(*FINETUNE_SETTINGS)}-{trained['run_id']}"
     return _fit(cfg, "finetune", cfg.finetune, out, make_sparsifier, fingerprint,
-                start_from=trained, resume=resume, force=force, progress=progress)
+                start_from=trained, adapt_spec=lambda spec: trained["model_spec"],  # the model as trained
+                resume=resume, force=force, progress=progress)
 
 
 def _fit(cfg: Pipeline, stage: str, opt_cfg: OptimConfig, out: Path,
          make_sparsifier: Callable[..., Sparsifier], fingerprint: str, *, start_from: dict | None,
-         resume: bool, force: bool, progress: bool) -> Path:
+         resume: bool, force: bool, progress: bool, adapt_spec: Callable[[dict], dict] | None = None) -> Path:
     paths = stage_paths(out, cfg, stage)
     if paths["final"].exists() and not force:
         if load_checkpoint(paths["final"])["fingerprint"] == fingerprint:
@@ -134,14 +156,16 @@ def _fit(cfg: Pipeline, stage: str, opt_cfg: OptimConfig, out: Path,
     torch.manual_seed(cfg.seed)
     spec = {"name": cfg.model.name, "options": cfg.model.options, "num_classes": info.num_classes,
             "in_channels": info.in_channels, "image_size": info.image_size}
+    if adapt_spec is not None:  # a model other than the configured one (thin-dense; finetune's trained one)
+        spec = adapt_spec(spec)
     model = build_model(spec, device)
-    if start_from is not None:
-        model.load_state_dict(start_from["model"])
     optimizer = torch.optim.SGD(model.parameters(), lr=opt_cfg.lr, momentum=opt_cfg.momentum,
                                 nesterov=opt_cfg.nesterov and opt_cfg.momentum > 0,
                                 weight_decay=opt_cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, opt_cfg.milestones, opt_cfg.gamma)
     sparsifier = make_sparsifier(model, optimizer, steps_per_epoch)
+    if start_from is not None:  # after the sparsifier: its initial random mask would zero trained weights
+        model.load_state_dict(start_from["model"])
     history: list[dict[str, Any]] = []
     run_id = uuid.uuid4().hex
     if checkpoint is not None:
@@ -217,7 +241,8 @@ def _fit(cfg: Pipeline, stage: str, opt_cfg: OptimConfig, out: Path,
             log(cfg, f"{stage} epoch {epoch + 1}/{opt_cfg.epochs}  "
                           f"loss {history[-1]['train_loss']:.4f}  test top-1 {test_top1:.4f}  "
                           f"{seen / train_seconds:,.0f} img/s"
-                          + (f"  H {sparsifier.threshold:.3g}  pruned {pruned}" if reallocations else ""))
+                          + (f"  H {sparsifier.threshold:.3g}" if reallocations and hasattr(sparsifier, "threshold") else "")
+                          + (f"  pruned {pruned}" if reallocations else ""))
     save(paths["final"], complete=True)
     paths["last"].unlink(missing_ok=True)
     return paths["final"]

@@ -7,20 +7,24 @@ from dsrpipe.models import register_model
 
 
 @register_model("lenet5")
-def lenet5(*, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+def lenet5(*, num_classes: int, in_channels: int, image_size: int, scale: float = 1.0) -> nn.Module:
     # Caffe's LeNet-5: no ReLU after the convolutions; 431,080 parameters on 28x28 MNIST.
+    # `scale` multiplies the 20/50/500 channels (thin-dense baselines).
     feature_size = ((image_size - 4) // 2 - 4) // 2  # two unpadded 5x5 convs, each followed by a 2x2 max pool
     if feature_size < 1:
         raise UserError(f"model 'lenet5' needs image_size >= 16, got {image_size}")
+    if scale <= 0:
+        raise UserError(f"model option scale must be > 0, got {scale}")
+    c1, c2, hidden = (max(1, round(c * scale)) for c in (20, 50, 500))
     return nn.Sequential(
-        nn.Conv2d(in_channels, 20, 5),
+        nn.Conv2d(in_channels, c1, 5),
         nn.MaxPool2d(2),
-        nn.Conv2d(20, 50, 5),
+        nn.Conv2d(c1, c2, 5),
         nn.MaxPool2d(2),
         nn.Flatten(),
-        nn.Linear(50 * feature_size**2, 500),
+        nn.Linear(c2 * feature_size**2, hidden),
         nn.ReLU(inplace=True),
-        nn.Linear(500, num_classes),
+        nn.Linear(hidden, num_classes),
     )
 
 

@@ -5,19 +5,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsrpipe.errors import UserError
 from dsrpipe.models import register_model
 
 
 class SmallCNN(nn.Module):
-    def __init__(self, num_classes: int, in_channels: int, width: int):
+    def __init__(self, num_classes: int, in_channels: int, width: float):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)  # BN supplies the bias
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(2 * width)
-        self.conv3 = nn.Conv2d(2 * width, 4 * width, 3, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(4 * width)
-        self.fc = nn.Linear(4 * width, num_classes)
+        # A real-valued width rounds per layer, so thin-dense can match a parameter budget closely.
+        c1, c2, c3 = (max(1, round(k * width)) for k in (1, 2, 4))
+        self.conv1 = nn.Conv2d(in_channels, c1, 3, padding=1, bias=False)  # BN supplies the bias
+        self.bn1 = nn.BatchNorm2d(c1)
+        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c2)
+        self.conv3 = nn.Conv2d(c2, c3, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c3)
+        self.fc = nn.Linear(c3, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x)))
@@ -28,5 +31,7 @@ class SmallCNN(nn.Module):
 
 
 @register_model("small-cnn")
-def small_cnn(*, num_classes: int, in_channels: int, image_size: int, width: int = 32) -> nn.Module:
+def small_cnn(*, num_classes: int, in_channels: int, image_size: int, width: float = 32) -> nn.Module:
+    if width <= 0:
+        raise UserError(f"model option width must be > 0, got {width}")
     return SmallCNN(num_classes, in_channels, width)

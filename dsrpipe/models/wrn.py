@@ -39,16 +39,17 @@ def _group(in_channels: int, out_channels: int, num_blocks: int, stride: int, dr
 
 
 class WideResNet(nn.Module):
-    def __init__(self, depth: int, width: int, num_classes: int, in_channels: int, dropout: float = 0.0):
+    def __init__(self, depth: int, width: float, num_classes: int, in_channels: int, dropout: float = 0.0):
         super().__init__()
         blocks_per_group = (depth - 4) // 6
+        c1, c2, c3 = (max(1, round(c * width)) for c in (16, 32, 64))  # width may be fractional (thin-dense)
         self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
-        self.group1 = _group(16, 16 * width, blocks_per_group, 1, dropout)
-        self.group2 = _group(16 * width, 32 * width, blocks_per_group, 2, dropout)
-        self.group3 = _group(32 * width, 64 * width, blocks_per_group, 2, dropout)
-        self.bn = nn.BatchNorm2d(64 * width)
+        self.group1 = _group(16, c1, blocks_per_group, 1, dropout)
+        self.group2 = _group(c1, c2, blocks_per_group, 2, dropout)
+        self.group3 = _group(c2, c3, blocks_per_group, 2, dropout)
+        self.bn = nn.BatchNorm2d(c3)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(64 * width, num_classes)
+        self.fc = nn.Linear(c3, num_classes)
 
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
@@ -81,6 +82,10 @@ def parse_wrn_name(name: str) -> dict | None:
 
 @register_model("wrn-<depth>-<width>", parse_name=parse_wrn_name)
 def wide_resnet(
-    *, num_classes: int, in_channels: int, image_size: int, depth: int, width: int, dropout: float = 0.0
+    *, num_classes: int, in_channels: int, image_size: int, depth: int, width: int, dropout: float = 0.0,
+    widen_factor: float | None = None,
 ) -> nn.Module:
-    return WideResNet(depth, width, num_classes, in_channels, dropout)
+    # widen_factor: a real-valued width overriding the name's (group channels round(16k), round(32k), round(64k))
+    if widen_factor is not None and widen_factor <= 0:
+        raise UserError(f"model option widen_factor must be > 0, got {widen_factor}")
+    return WideResNet(depth, width if widen_factor is None else widen_factor, num_classes, in_channels, dropout)

@@ -6,9 +6,18 @@ import inspect
 
 from ..errors import UserError
 from .base import Dense, RewireSchedule, Sparsifier, proportional_split, sample_free_positions
+from .deepr import DeepR
 from .dsr import DSR
+from .frozen import Frozen
+from .prune import GradualPrune
+from .rigl import RigL
+from .set import SET
 
-METHODS: dict[str, type[Sparsifier]] = {"dense": Dense, "static": Sparsifier, "dsr": DSR}
+# "thin-dense" trains densely like "dense", on a narrower model with the sparse budget (see thin.py).
+METHODS: dict[str, type[Sparsifier]] = {
+    "dense": Dense, "static": Sparsifier, "dsr": DSR, "set": SET, "deepr": DeepR, "rigl": RigL,
+    "prune": GradualPrune, "frozen": Frozen, "thin-dense": Dense,
+}
 
 
 def create_sparsifier(method: str, model, optimizer=None, **options) -> Sparsifier:
@@ -25,6 +34,6 @@ def create_sparsifier(method: str, model, optimizer=None, **options) -> Sparsifi
 
 
 __all__ = [
-    "DSR", "Dense", "METHODS", "RewireSchedule", "Sparsifier", "create_sparsifier",
-    "proportional_split", "sample_free_positions",
+    "DSR", "SET", "DeepR", "Dense", "Frozen", "GradualPrune", "METHODS", "RewireSchedule", "RigL", "Sparsifier",
+    "create_sparsifier", "proportional_split", "sample_free_positions",
 ]

@@ -135,11 +135,21 @@ def proportional_split(total: int, weights: list[int], capacity: list[int]) -> l
     return share
 
 
-def _mask_grad(mask: torch.Tensor):
-    def hook(weight: torch.Tensor) -> None:
-        weight.grad.mul_(mask)
+def smallest_active(weight: torch.Tensor, mask: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """Bool mask of exactly `count` active entries of smallest magnitude.
 
-    return hook
+    `kthvalue` finds the cut in linear time (no sort); entries tied at the cut are chosen
+    uniformly at random so that the count is exact."""
+    chosen = torch.zeros_like(mask)
+    if count <= 0:
+        return chosen
+    magnitude = weight.detach().abs()
+    cut = magnitude[mask].kthvalue(count).values
+    below, at = mask & (magnitude < cut), mask & (magnitude == cut)
+    num_below, num_at = torch.stack([below.sum(), at.sum()]).tolist()
+    chosen.copy_(below)
+    chosen.view(-1)[sample_free_positions(at.view(-1), count - num_below, num_at, generator)] = True
+    return chosen
 
 
 class Sparsifier:
@@ -176,16 +186,27 @@ class Sparsifier:
         self.masks: dict[str, torch.Tensor] = {}
         if sparsity > 0:
             for name, w in self.weights.items():
-                active = max(1, round((1 - sparsity) * w.numel()))
-                mask = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
-                all_free = torch.ones_like(mask)
-                mask[sample_free_positions(all_free, active, w.numel(), self.generator)] = True
-                self.masks[name] = mask.view_as(w)
+                self.masks[name] = self.initial_mask(name, w)
         self._hooks = [
-            self.weights[name].register_post_accumulate_grad_hook(_mask_grad(mask))
-            for name, mask in self.masks.items()
+            self.weights[name].register_post_accumulate_grad_hook(
+                lambda weight, name=name: self._masked_gradient(name, weight))
+            for name in self.masks
         ]
         self.apply_masks()
+
+    def initial_mask(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """The mask a tensor starts with: uniformly random at the target sparsity. Methods that
+        start elsewhere (dense, a given mask) override this."""
+        active = max(1, round((1 - self.sparsity) * weight.numel()))
+        mask = torch.zeros(weight.numel(), dtype=torch.bool, device=weight.device)
+        all_free = torch.ones_like(mask)
+        mask[sample_free_positions(all_free, active, weight.numel(), self.generator)] = True
+        return mask.view_as(weight)
+
+    def _masked_gradient(self, name: str, weight: torch.Tensor) -> None:
+        """The post-accumulate-grad hook: zero the gradient of masked weights. Methods that read
+        the dense gradient (RigL) override this to look at it first."""
+        weight.grad.mul_(self.masks[name])
 
     # -- the optimizer-like interface -------------------------------------------------------
     def step(self) -> dict[str, Any] | None:
