@@ -124,5 +124,53 @@ def models():
     typer.echo("\n".join(list_models()))
 
 
+@app.command()
+@_user_errors
+def compare(grid: Path = typer.Argument(..., help="Grid YAML: a base pipeline × methods × sparsities × seeds.",
+                                        show_default=False),
+            out: Path = typer.Option(Path("export"), "--out", "-o", help="Where <grid>/runs/ and the results go."),
+            jobs: int = typer.Option(1, "--jobs", "-j", help="Runs at a time; the CPU threads are split between them.")):
+    """Run a grid of pipelines and tabulate top-1 against non-zero parameters."""
+    from .compare import run_grid
+
+    typer.echo(str(run_grid(grid, out, jobs=jobs)["md"]))
+
+
+@app.command()
+@_user_errors
+def watch(drop_dir: Path = typer.Argument(..., help="The drop folder to watch.", show_default=False),
+          out: Path = OutOption,
+          template: Path = typer.Option(None, "--template", show_default=False,
+                                        help="Pipeline for dataset drops (default: DROP_DIR/template.yaml, "
+                                             "else a built-in one)."),
+          quiet: float = typer.Option(5.0, "--quiet-period", help="Seconds a drop must stay unchanged before "
+                                      "it is taken."),
+          workers: int = typer.Option(1, "--workers", help="Jobs run at the same time."),
+          rerun: bool = typer.Option(False, "--rerun", help="Run content again when it is dropped again."),
+          once: bool = typer.Option(False, "--once", help="Process what is there, then exit (cron, tests)."),
+          log_file: Path = typer.Option(None, "--log-file", help="Also log to this file.", show_default=False),
+          max_unpacked: str = typer.Option(None, "--max-unpacked", show_default=False,
+                                           help="Cap on a dataset archive's unpacked size, e.g. 50G."),
+          max_files: int = typer.Option(None, "--max-files", show_default=False,
+                                        help="Cap on a dataset archive's member count.")):
+    """Watch a drop folder: run each pipeline YAML or dataset dropped there, exactly once."""
+    from .watch import WatchOptions, parse_size
+    from .watch import watch as run_watch
+
+    run_watch(WatchOptions(drop_dir, out, template, quiet, workers, rerun, once, log_file,
+                           parse_size(max_unpacked) if max_unpacked else None, max_files))
+
+
+@app.command()
+@_user_errors
+def status(drop_dir: Path = typer.Argument(..., help="A drop folder served by `dsrpipe watch`.",
+                                           show_default=False),
+           as_json: bool = typer.Option(False, "--json", help="Print the journal as JSON.")):
+    """List the jobs of a watched drop folder and their states."""
+    from .watch import status_report
+
+    typer.echo(status_report(drop_dir, as_json=as_json))
+
+
 def main() -> None:  # pragma: no cover - `python -m dsrpipe`
     sys.exit(app())

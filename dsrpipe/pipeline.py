@@ -20,6 +20,7 @@ from .config import EXPORT_SETTINGS, VALIDATE_SETTINGS, Pipeline
 from .data import load_data
 from .errors import UserError, ValidationFailed
 from .export import export_onnx
+from .plots import RUN_FILES, read_history, write_run_plots
 from .sparse.base import select_sparse_weights
 from .train import build_model, finetune, log, load_checkpoint, stage_paths, train_sparse
 from .validate import validate_onnx
@@ -107,6 +108,8 @@ def validate_stage(cfg: Pipeline, out: Path, *, force: bool = False) -> dict[str
         report = json.loads(paths["report"].read_text())
         if report.get("fingerprint") == fingerprint:
             log(cfg, f"validate: already complete ({paths['report']})")
+            if not all((paths["dir"] / f).exists() for f in RUN_FILES):  # cut short, or made before plots
+                _write_run_plots(cfg, out, report)
             _raise_if_failed(report)
             return report
     checkpoint, model = _load_trained(out, cfg)
@@ -133,11 +136,25 @@ def validate_stage(cfg: Pipeline, out: Path, *, force: bool = False) -> dict[str
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     files.write_json(paths["report"], report)
+    _write_run_plots(cfg, out, report, shipped_history=history)
     log(cfg, f"validate: onnx top-1 {report['onnx_top1']:.4f}, torch top-1 "
                   f"{report['torch_top1']:.4f}, agreement {report['top1_agreement']:.4f}, max |Δlogit| "
                   f"{report['max_abs_logit_diff']:.2e}, p50 {report['latency_ms']['p50']:.3f} ms → {paths['report']}")
     _raise_if_failed(report)
     return report
+
+
+def _write_run_plots(cfg: Pipeline, out: Path, report: dict[str, Any],
+                     shipped_history: list[dict] | None = None) -> list[Path]:
+    """curves.png, density_over_time.png, layer_density.png and report.md beside report.json.
+    `shipped_history`: the history in the shipped checkpoint, else read from metrics.jsonl."""
+    def stage(name: str) -> list[dict]:
+        return read_history(stage_paths(out, cfg, name)["metrics"])
+
+    tuned = bool(cfg.finetune.epochs)
+    shipped = shipped_history if shipped_history is not None else stage("finetune" if tuned else "train")
+    return write_run_plots(outputs(out, cfg)["dir"], stage("train") if tuned else shipped,
+                           shipped if tuned else [], report)
 
 
 def _raise_if_failed(report: dict[str, Any]) -> None:

@@ -1,0 +1,464 @@
+"""`dsrpipe compare GRID.yaml`: one pipeline per method × sparsity × seed, and a table of the results.
+
+The grid file:
+
+    name: digits-grid              # optional; defaults to the grid file's name
+    base: pipelines/quickstart.yaml   # a pipeline file (relative to this file), or the settings inline
+    methods: [dsr, static, dense]
+    sparsities: [0.9, 0.95]
+    seeds: [0, 1, 2]
+    overrides:                     # optional, per method: dotted settings, as with `--set`
+      static: {train.lr: 0.05}
+
+Outputs, under `<out>/<grid>/`:
+  runs/<grid>-<method>-s<sparsity>-seed<k>/   each run, as `dsrpipe run` lays it out (report.json, ...)
+  pipelines/<run>.yaml                        the pipeline each run was given
+  logs/<run>.log                              what each run printed
+  results.csv, results.md, accuracy_vs_params.png
+
+Each run is its own `dsrpipe run` process, so a crash stays in its row. A complete run (its
+report.json matches its settings) is not started again; an interrupted one resumes.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from . import __version__, files
+from .config import VALIDATE_SETTINGS, Pipeline, SparsityConfig, apply_overrides, parse_pipeline
+from .errors import UserError
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$"
+GRID_AXES = {"name", "seed", "sparsity.method", "sparsity.sparsity"}  # set per run by the grid
+CSV_COLUMNS = ["method", "sparsity", "seed", "nonzero_params", "total_params", "torch_top1", "onnx_top1",
+               "train_seconds", "status", "measured_sparsity", "top1_agreement", "latency_p50_ms",
+               "onnx_bytes", "run", "message"]
+
+
+class Grid(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, pattern=NAME_PATTERN)
+    base: dict[str, Any] | str
+    methods: list[str] = Field(min_length=1)
+    sparsities: list[float] = Field(min_length=1)
+    seeds: list[int] = Field([0], min_length=1)
+    overrides: dict[str, dict[str, Any]] = {}
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, methods: list[str]) -> list[str]:
+        from .sparse import METHODS
+
+        for method in methods:
+            if method not in METHODS:
+                raise ValueError(f"unknown method '{method}' (known: {', '.join(METHODS)})")
+        return _unique(methods)
+
+    @field_validator("sparsities")
+    @classmethod
+    def _valid_sparsities(cls, sparsities: list[float]) -> list[float]:
+        for s in sparsities:
+            if not 0.0 <= s < 1.0:
+                raise ValueError(f"sparsity {s} is not in [0, 1)")
+        return _unique(sparsities)
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, seeds: list[int]) -> list[int]:
+        return _unique(seeds)
+
+    @model_validator(mode="after")
+    def _overrides_for_grid_methods(self):
+        for method, settings in self.overrides.items():
+            if method not in self.methods:
+                raise ValueError(f"overrides: '{method}' is not one of the grid's methods")
+            for key in settings:
+                if key.strip() in GRID_AXES:
+                    raise ValueError(f"overrides.{method}: '{key}' is set by the grid itself")
+        return self
+
+
+def _unique(values: list) -> list:
+    seen = [v for i, v in enumerate(values) if v in values[:i]]
+    if seen:
+        raise ValueError(f"'{seen[0]}' is listed twice")
+    return values
+
+
+@dataclass
+class Run:
+    name: str
+    method: str
+    sparsity: float
+    seed: int
+    raw: dict[str, Any]
+    cfg: Pipeline | None = None
+    depends_on: str | None = None  # a run whose trained masks this one reads (frozen ← dsr)
+    status: str = "pending"  # pending, running, ok, validation-failed, crashed
+    reused: bool = False
+    report: dict[str, Any] | None = None
+    train_seconds: float | None = None
+    message: str = ""
+    started: float = 0.0
+    ended: float = 0.0
+    process: subprocess.Popen | None = field(default=None, repr=False)
+
+
+# -- reading the grid -------------------------------------------------------------------------
+def _read_yaml(path: Path, what: str) -> Any:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UserError(f"cannot read {what} {path}: {exc.strerror}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}:{where} not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+
+
+def load_grid(path: str | Path) -> tuple[Grid, str, dict[str, Any]]:
+    """The validated grid, its name and the base pipeline's raw settings."""
+    path = Path(path)
+    raw = _read_yaml(path, "grid")
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping with base, methods, sparsities and seeds")
+    try:
+        grid = Grid.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = "".join(f"{part}: " for part in [".".join(str(p) for p in first["loc"])] if part)
+        message = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            message = "unknown setting"
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise UserError(f"{path}: {where}{message}{more}") from None
+    name = grid.name or path.stem
+    if grid.name is None and not re.match(NAME_PATTERN, name):
+        raise UserError(f"{path}: the file name '{name}' is no safe folder name: set name: in the grid")
+    if isinstance(grid.base, str):
+        base_path = (path.parent / grid.base) if not Path(grid.base).is_absolute() else Path(grid.base)
+        base = _read_yaml(base_path, "base pipeline")
+        if not isinstance(base, dict):
+            raise UserError(f"{base_path}: expected a mapping of settings at the top level")
+    else:
+        base = grid.base
+    return grid, name, base
+
+
+def run_name(grid_name: str, method: str, sparsity: float, seed: int) -> str:
+    return f"{grid_name}-{method}-s{sparsity:g}-seed{seed}"
+
+
+def _config_has_masks_from() -> bool:
+    return "masks_from" in SparsityConfig.model_fields
+
+
+def plan_runs(grid: Grid, grid_name: str, base: dict[str, Any], runs_dir: Path,
+              source: str = "grid") -> list[Run]:
+    """Every run's pipeline, validated before any starts. DSR runs come before `frozen` ones,
+    which train on the masks of the DSR run with the same sparsity and seed."""
+    wire_frozen = "frozen" in grid.methods and "dsr" in grid.methods and _config_has_masks_from()
+    methods = sorted(grid.methods, key=lambda m: m == "frozen") if wire_frozen else grid.methods
+    runs = []
+    for method in methods:
+        for sparsity in grid.sparsities:
+            for seed in grid.seeds:
+                name = run_name(grid_name, method, sparsity, seed)
+                raw = copy.deepcopy(base)
+                settings = grid.overrides.get(method, {})
+                try:
+                    apply_overrides(raw, [f"{k}={yaml.safe_dump(v, default_flow_style=True)}"
+                                          for k, v in settings.items()])
+                except UserError as exc:
+                    raise UserError(f"{source}: overrides.{method}: {str(exc).removeprefix('--set ')}") from None
+                raw["name"], raw["seed"] = name, seed
+                section = raw.setdefault("sparsity", {})
+                if not isinstance(section, dict):
+                    raise UserError(f"{source}: base: sparsity: expected a mapping of settings")
+                section["method"], section["sparsity"] = method, sparsity
+                run = Run(name, method, sparsity, seed, raw)
+                if wire_frozen and method == "frozen":
+                    run.depends_on = run_name(grid_name, "dsr", sparsity, seed)
+                    section["masks_from"] = str(runs_dir / run.depends_on / "train" / "final.pt")
+                try:
+                    run.cfg = parse_pipeline(raw, f"{source}: {name}")
+                except UserError:
+                    # A frozen run may only validate once its DSR masks exist: checked at launch.
+                    if run.depends_on is None or Path(section["masks_from"]).exists():
+                        raise
+                runs.append(run)
+    return runs
+
+
+# -- running ----------------------------------------------------------------------------------
+def _complete(run: Run, runs_dir: Path) -> dict[str, Any] | None:
+    """The run's report, if it is there and was made with the run's current settings."""
+    if run.cfg is None:
+        return None
+    folder = runs_dir / run.name
+    try:
+        report = json.loads((folder / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not str(report.get("fingerprint", "")).startswith(f"{run.cfg.fingerprint(*VALIDATE_SETTINGS)}-"):
+        return None
+    return report if (folder / "model.onnx").exists() else None
+
+
+def _train_seconds(run: Run, runs_dir: Path) -> float | None:
+    from .plots import read_history
+
+    stages = ["train"] + (["finetune"] if run.cfg is not None and run.cfg.finetune.epochs else [])
+    histories = [read_history(runs_dir / run.name / s / "metrics.jsonl") for s in stages]
+    if not histories[0]:
+        return None
+    return sum(h.get("seconds", 0.0) for history in histories for h in history)
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:300] if lines else ""
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def run_grid(grid_path: str | Path, out: str | Path = "export", *, jobs: int = 1,
+             echo: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run (or pick up) every run of the grid, then write results.csv, results.md and
+    accuracy_vs_params.png; returns their paths and the runs."""
+    if jobs < 1:
+        raise UserError(f"--jobs must be at least 1, got {jobs}")
+    echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
+    grid_path, out = Path(grid_path), Path(out)
+    command = shlex.join(["dsrpipe", "compare", str(grid_path), "--out", str(out), "--jobs", str(jobs)])
+    grid, grid_name, base = load_grid(grid_path)
+    folder = out / grid_name
+    runs_dir = folder / "runs"
+    runs = plan_runs(grid, grid_name, base, runs_dir, source=str(grid_path))
+    by_name = {r.name: r for r in runs}
+
+    env = dict(os.environ)
+    if jobs > 1:  # share the cores instead of every run spinning up one thread per core
+        threads = str(max(1, _cores() // jobs))
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+
+    for run in runs:  # in order: a frozen run after the DSR run it reads
+        if run.depends_on and not by_name[run.depends_on].reused:
+            continue  # its masks are (re)made now: let `dsrpipe run` check it against them
+        report = _complete(run, runs_dir)
+        if report is not None:
+            _finish(run, runs_dir, report, reused=True)
+    todo = [r for r in runs if r.status == "pending"]
+    done = len(runs) - len(todo)
+    echo(f"{grid_name}: {len(runs)} runs, {done} already complete, {len(todo)} to run "
+         f"({jobs} at a time) → {folder}")
+
+    running: list[Run] = []
+
+    def start(run: Run) -> None:
+        if run.cfg is None:  # a frozen run whose masks now exist
+            try:
+                run.cfg = parse_pipeline(run.raw, f"{grid_path}: {run.name}")
+            except UserError as exc:
+                run.status, run.message = "crashed", str(exc)
+                return
+        pipeline_file = folder / "pipelines" / f"{run.name}.yaml"
+        text = yaml.safe_dump(run.raw, sort_keys=False)
+        if not pipeline_file.exists() or pipeline_file.read_text() != text:
+            files.write_text(pipeline_file, text)
+        log_file = folder / "logs" / f"{run.name}.log"
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_file, "ab") as log:
+            log.write(f"\n$ dsrpipe run {pipeline_file} --out {runs_dir} --no-progress  "
+                      f"# {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+            log.flush()
+            run.process = subprocess.Popen(
+                [sys.executable, "-m", "dsrpipe", "run", str(pipeline_file), "--out", str(runs_dir),
+                 "--no-progress"], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        run.status, run.started = "running", time.perf_counter()
+        running.append(run)
+
+    try:
+        while todo or running:
+            for run in list(todo):
+                if len(running) >= jobs:
+                    break
+                needed = by_name.get(run.depends_on) if run.depends_on else None
+                if needed is not None and needed.status in ("pending", "running"):
+                    continue
+                todo.remove(run)
+                if needed is not None and needed.status == "crashed":
+                    run.status, run.message = "crashed", f"not run: {needed.name}, whose masks it needs, crashed"
+                else:
+                    start(run)
+                if run.status == "crashed":
+                    done += 1
+                    echo(f"[{done}/{len(runs)}] {run.name}: {run.message}")
+            time.sleep(0.1)
+            for run in list(running):
+                code = run.process.poll()
+                if code is None:
+                    continue
+                running.remove(run)
+                run.ended = time.perf_counter()
+                report = _complete(run, runs_dir) if code in (0, 3) else None
+                if report is not None:
+                    _finish(run, runs_dir, report)
+                else:
+                    log_file = folder / "logs" / f"{run.name}.log"
+                    run.status, run.message = "crashed", f"exit {code}: {_last_line(log_file)} (see {log_file})"
+                done += 1
+                echo(f"[{done}/{len(runs)}] {run.name}: {_summary(run)} ({run.ended - run.started:.0f} s)")
+    finally:  # interrupted: Ctrl-C reaches the runs too; give them time to save, then stop them
+        for run in running:
+            try:
+                run.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                run.process.kill()
+                run.process.wait()
+
+    result = write_results(folder, runs, command=command)
+    crashed = [r for r in runs if r.status == "crashed"]
+    if crashed:
+        echo(f"{grid_name}: {len(crashed)} of {len(runs)} runs crashed: " + ", ".join(r.name for r in crashed))
+    return {**result, "runs": runs}
+
+
+def _finish(run: Run, runs_dir: Path, report: dict[str, Any], reused: bool = False) -> None:
+    run.report, run.reused = report, reused
+    run.status = "ok" if report.get("passed", True) else "validation-failed"
+    run.message = report.get("failure") or ""
+    run.train_seconds = _train_seconds(run, runs_dir)
+
+
+def _summary(run: Run) -> str:
+    if run.report is None:
+        return run.message
+    return f"{run.status}, ONNX top-1 {run.report['onnx_top1']:.4f}, {run.report['nonzero_params']:,} non-zero params"
+
+
+# -- results ----------------------------------------------------------------------------------
+def _row(run: Run) -> dict[str, Any]:
+    r = run.report or {}
+    latency = r.get("latency_ms") or {}
+    return {
+        "method": run.method, "sparsity": run.sparsity, "seed": run.seed,
+        "nonzero_params": r.get("nonzero_params"), "total_params": r.get("total_params"),
+        "torch_top1": r.get("torch_top1"), "onnx_top1": r.get("onnx_top1"),
+        "train_seconds": None if run.train_seconds is None else round(run.train_seconds, 3),
+        "status": run.status, "measured_sparsity": r.get("sparsity"), "top1_agreement": r.get("top1_agreement"),
+        "latency_p50_ms": latency.get("p50"), "onnx_bytes": r.get("onnx_bytes"),
+        "run": run.name, "message": run.message,
+    }
+
+
+def group_results(runs: list[Run]) -> list[dict[str, Any]]:
+    """One entry per method × sparsity, over the runs that produced a report."""
+    groups: dict[tuple[str, float], list[Run]] = {}
+    for run in runs:
+        groups.setdefault((run.method, run.sparsity), []).append(run)
+    entries = []
+    for (method, sparsity), members in groups.items():
+        measured = [r for r in members if r.report is not None]
+        top1 = [r.report["onnx_top1"] for r in measured]
+        seconds = [r.train_seconds for r in measured if r.train_seconds is not None]
+        entries.append({
+            "method": method, "sparsity": sparsity, "runs": len(members), "n": len(measured),
+            "crashed": sum(r.status == "crashed" for r in members),
+            "below_threshold": sum(r.status == "validation-failed" for r in members),
+            "params": statistics.mean(r.report["nonzero_params"] for r in measured) if measured else None,
+            "total_params": statistics.mean(r.report["total_params"] for r in measured) if measured else None,
+            "top1_mean": statistics.mean(top1) if top1 else None,
+            "top1_std": statistics.stdev(top1) if len(top1) > 1 else None,
+            "seconds_mean": statistics.mean(seconds) if seconds else None,
+        })
+    return entries
+
+
+def write_results(folder: Path, runs: list[Run], *, command: str) -> dict[str, Path]:
+    from .plots import write_accuracy_vs_params
+
+    folder = Path(folder)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for run in runs:
+        writer.writerow({k: "" if v is None else v for k, v in _row(run).items()})
+    paths = {"csv": folder / "results.csv", "md": folder / "results.md", "plot": folder / "accuracy_vs_params.png"}
+    files.write_text(paths["csv"], buffer.getvalue())
+    groups = group_results(runs)
+    write_accuracy_vs_params(paths["plot"], groups, title=f"{folder.name}: top-1 against non-zero parameters")
+    files.write_text(paths["md"], _markdown(folder.name, runs, groups, command))
+    return paths
+
+
+def _markdown(grid_name: str, runs: list[Run], groups: list[dict[str, Any]], command: str) -> str:
+    cfg = next((r.cfg for r in runs if r.cfg is not None), None)
+    lines = [f"# {grid_name}: {len(runs)} runs", ""]
+    if cfg is not None:
+        tune = f" + {cfg.finetune.epochs} fine-tuning" if cfg.finetune.epochs else ""
+        lines += [f"{cfg.model.name} on {cfg.data.dataset}, {cfg.train.epochs} training{tune} epochs per run "
+                  f"(before per-method overrides).", ""]
+    lines += [
+        "Top-1: the exported ONNX model on the test split, mean ± sample standard deviation over seeds. "
+        "Params: non-zero parameters of the whole model (dense layers included). Train time: seconds "
+        "of training and fine-tuning epochs per run, mean.",
+        "",
+        "| method | sparsity | params (non-zero) | top-1 (%) | train time (s) | runs |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for g in groups:
+        params = "n/a" if g["params"] is None else f"{round(g['params']):,}"
+        if g["top1_mean"] is None:
+            top1 = "n/a"
+        elif g["top1_std"] is None:
+            top1 = f"{100 * g['top1_mean']:.2f}"
+        else:
+            top1 = f"{100 * g['top1_mean']:.2f} ± {100 * g['top1_std']:.2f}"
+        seconds = "n/a" if g["seconds_mean"] is None else f"{g['seconds_mean']:.1f}"
+        count = str(g["n"]) if g["n"] == g["runs"] else f"{g['n']} of {g['runs']}"
+        notes = [f"{g['crashed']} crashed"] * bool(g["crashed"]) + \
+                [f"{g['below_threshold']} below threshold"] * bool(g["below_threshold"])
+        if notes:
+            count += f" ({', '.join(notes)})"
+        lines.append(f"| {g['method']} | {g['sparsity']:g} | {params} | {top1} | {seconds} | {count} |")
+    lines += ["", "![Top-1 against non-zero parameters](accuracy_vs_params.png)", ""]
+    failed = [r for r in runs if r.status in ("crashed", "validation-failed")]
+    if failed:
+        lines += ["## Runs that failed", ""]
+        lines += [f"- `{r.name}`: {r.status}: {r.message}" for r in failed]
+        lines.append("")
+    lines += [
+        "Per-run numbers: `results.csv`; each run's report: `runs/<run>/report.md`.",
+        "",
+        f"Produced by `{command}` on {time.strftime('%Y-%m-%d %H:%M:%S %z')} (dsrpipe {__version__}).",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,309 @@
+"""Pictures of a run, beside its report.json, and of a `dsrpipe compare` grid.
+
+  curves.png             train/test loss and top-1 per epoch; fine-tuning continues the x axis
+  density_over_time.png  density of each sparse layer per epoch (how DSR moves parameters between
+                         layers), and the adaptive threshold H with the weights pruned per epoch
+  layer_density.png      final density per layer, read off the exported weights
+  report.md              the report's key numbers and the three pictures
+
+Figures are drawn on `matplotlib.figure.Figure` with the Agg renderer and never through pyplot,
+so no global matplotlib state (backend, open figures) changes under a caller. Every file is
+written atomically: a reader sees the old file or the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import files
+
+RUN_PLOTS = ("curves.png", "density_over_time.png", "layer_density.png")
+RUN_FILES = RUN_PLOTS + ("report.md",)  # report.md is written last: it existing means all exist
+
+_DPI = 110
+_TRAIN, _TEST, _FINETUNE = "tab:blue", "tab:orange", "0.92"
+
+
+def read_history(path: str | Path) -> list[dict[str, Any]]:
+    """A stage's metrics.jsonl (one dict per epoch); [] when the stage has not run."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_run_plots(run_dir: Path, history_train: list[dict], history_finetune: list[dict],
+                    report: dict) -> list[Path]:
+    """Write the three PNGs and report.md into `run_dir` (beside report.json); returns their paths."""
+    run_dir = Path(run_dir)
+    history = list(history_train) + list(history_finetune)
+    num_train = len(history_train)
+    written = [
+        _save(_curves(history, num_train, report), run_dir / "curves.png"),
+        _save(_density_over_time(history, num_train, report), run_dir / "density_over_time.png"),
+        _save(_layer_density(report), run_dir / "layer_density.png"),
+    ]
+    files.write_text(run_dir / "report.md", run_markdown(report, num_train, len(history_finetune)))
+    return written + [run_dir / "report.md"]
+
+
+# -- run pictures ----------------------------------------------------------------------------
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
+
+
+def _save(figure, path: Path) -> Path:
+    # The temporary file ends in .tmp, so the format is named rather than guessed from the suffix.
+    with files.atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=_DPI)
+    return path
+
+
+def _mark_finetune(ax, num_train: int, total: int, label: bool) -> None:
+    if total > num_train:
+        ax.axvspan(num_train + 0.5, total + 0.5, color=_FINETUNE, zorder=0,
+                   label="fine-tuning (masks frozen)" if label else None)
+
+
+def _no_data(ax, message: str) -> None:
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, color="0.4")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _epoch_axis(ax, total: int) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlim(0.5, total + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+
+
+def _curves(history: list[dict], num_train: int, report: dict):
+    fig = _figure(11, 4)
+    loss_ax, top1_ax = fig.subplots(1, 2)
+    total = len(history)
+    fig.suptitle(f"{report.get('name', '')}: {report.get('method', '')} on {report.get('dataset', '')}")
+    if not history:
+        for ax in (loss_ax, top1_ax):
+            _no_data(ax, "no epochs trained")
+        return fig
+    epochs = range(1, total + 1)
+    for ax, key, title in ((loss_ax, "loss", "cross-entropy loss"), (top1_ax, "top1", "top-1 accuracy")):
+        _mark_finetune(ax, num_train, total, label=ax is top1_ax)
+        ax.plot(epochs, [h[f"train_{key}"] for h in history], "o-", ms=3, color=_TRAIN, label="train")
+        ax.plot(epochs, [h[f"test_{key}"] for h in history], "o-", ms=3, color=_TEST, label="test")
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        _epoch_axis(ax, total)
+        ax.grid(alpha=0.3)
+    if report.get("onnx_top1") is not None:
+        top1_ax.axhline(report["onnx_top1"], color="tab:green", ls="--", lw=1,
+                        label=f"exported ONNX: {report['onnx_top1']:.2%}")
+    top1_ax.legend(loc="lower right", fontsize=8)
+    return fig
+
+
+def _density_over_time(history: list[dict], num_train: int, report: dict):
+    layers = _layer_names(history, report)
+    heat_height = min(9.0, max(2.2, 0.28 * len(layers) + 1.2))
+    fig = _figure(11, heat_height + 2.6)
+    heat_ax, h_ax = fig.subplots(2, 1, sharex=True, height_ratios=[heat_height, 2.2])
+    total = len(history)
+    fig.suptitle(f"{report.get('name', '')}: density of each sparse layer per epoch "
+                 f"({report.get('method', '')})")
+    if not history or not layers:
+        _no_data(heat_ax, "no epochs trained" if not history else "no sparse layers")
+        _no_data(h_ax, "")
+        return fig
+
+    import numpy as np
+
+    grid = np.array([[h.get("layer_density", {}).get(n, np.nan) for h in history] for n in layers], dtype=float)
+    image = heat_ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis",
+                           vmin=0.0, vmax=max(float(np.nanmax(grid)) if np.isfinite(grid).any() else 1.0, 1e-6),
+                           extent=(0.5, total + 0.5, len(layers) - 0.5, -0.5))
+    fig.colorbar(image, ax=heat_ax, label="density (non-zero fraction)", pad=0.01)
+    if grid.size <= 120:  # few cells: print the numbers too
+        top = image.norm.vmax
+        for (row, col), value in np.ndenumerate(grid):
+            if np.isfinite(value):
+                heat_ax.text(col + 1, row, f"{value:.1%}", ha="center", va="center", fontsize=7,
+                             color="black" if value > 0.6 * top else "white")
+    step = max(1, math.ceil(len(layers) / 40))  # keep the labels readable on deep models
+    heat_ax.set_yticks(range(0, len(layers), step), [layers[i] for i in range(0, len(layers), step)],
+                       fontsize=8 if len(layers) <= 20 else 6)
+    heat_ax.set_ylabel("layer")
+    if total > num_train:
+        heat_ax.axvline(num_train + 0.5, color="white", lw=1.5, ls="--")
+        heat_ax.text(num_train + 0.6, -0.45, " fine-tuning →", color="white", va="top", fontsize=8)
+
+    epochs = np.arange(1, total + 1)
+    thresholds = [h.get("threshold") for h in history]
+    pruned = [h.get("pruned") or 0 for h in history]
+    _mark_finetune(h_ax, num_train, total, label=False)
+    drawn, bars = False, None
+    if any(pruned):
+        bars = h_ax.twinx()
+        bars.bar(epochs, pruned, width=0.8, color="tab:gray", alpha=0.35, label="weights pruned per epoch")
+        bars.set_ylabel("pruned", color="tab:gray")
+        h_ax.set_zorder(bars.get_zorder() + 1)  # the H line in front of the bars
+        h_ax.patch.set_visible(False)
+        drawn = True
+    if any(t is not None for t in thresholds):
+        values = np.array([np.nan if t is None else t for t in thresholds], dtype=float)
+        h_ax.plot(epochs, values, "o-", ms=3, color="tab:red", label="threshold H (end of epoch)")
+        if np.nanmin(values) > 0:
+            h_ax.set_yscale("log")
+        h_ax.set_ylabel("H", color="tab:red")
+        drawn = True
+    if drawn:  # one legend, on the front axes, for the H line and the bars behind
+        handles = h_ax.get_legend_handles_labels()[0] + (bars.get_legend_handles_labels()[0] if bars else [])
+        h_ax.legend(handles=handles, loc="upper left", fontsize=8)
+    else:
+        h_ax.text(0.5, 0.5, f"no threshold and nothing pruned (method '{report.get('method', '')}')",
+                  ha="center", va="center", transform=h_ax.transAxes, color="0.4")
+        h_ax.set_yticks([])
+    h_ax.set_xlabel("epoch")
+    _epoch_axis(h_ax, total)
+    h_ax.grid(alpha=0.3)
+    return fig
+
+
+def _layer_names(history: list[dict], report: dict) -> list[str]:
+    """Layers in model order, as the first epoch (or the report) lists them."""
+    names: dict[str, None] = {}
+    for source in [h.get("layer_density", {}) for h in history] + [report.get("layer_density") or {}]:
+        names.update(dict.fromkeys(source))
+    return list(names)
+
+
+def _layer_density(report: dict):
+    density = report.get("layer_density") or {}
+    fig = _figure(max(6.0, min(16.0, 2.5 + 0.35 * len(density))), 4.2)
+    ax = fig.subplots()
+    ax.set_title(f"{report.get('name', '')}: final density per sparse layer")
+    if not density:
+        _no_data(ax, "no sparse layers")
+        return fig
+    names, values = list(density), list(density.values())
+    positions = range(len(names))
+    ax.bar(positions, values, color="tab:blue")
+    if len(names) <= 24:
+        for x, v in zip(positions, values):
+            ax.text(x, v, f"{v:.1%}", ha="center", va="bottom", fontsize=7)
+    sparsity = report.get("sparsity")
+    if sparsity is not None:
+        ax.axhline(1 - sparsity, color="tab:red", ls="--", lw=1.2,
+                   label=f"overall: {1 - sparsity:.1%} dense = {sparsity:.1%} sparse")
+        ax.legend(loc="upper right", fontsize=8)
+    ax.set_xticks(list(positions), names, rotation=45 if len(names) > 6 else 0,
+                  ha="right" if len(names) > 6 else "center", fontsize=8 if len(names) <= 30 else 6)
+    ax.set_ylabel("density (non-zero fraction)")
+    ax.set_ylim(0, min(1.1, max(values) * 1.2) or 1.0)
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+# -- report.md --------------------------------------------------------------------------------
+def _pct(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}%}"
+
+
+def run_markdown(report: dict, train_epochs: int, finetune_epochs: int) -> str:
+    latency = report.get("latency_ms") or {}
+    size = report.get("onnx_bytes")
+    target = report.get("target_sparsity")
+    max_diff = report.get("max_abs_logit_diff")
+    rows = [
+        ("method", f"`{report.get('method', 'n/a')}`"),
+        ("sparsity (measured / target)", f"{_pct(report.get('sparsity'))} / {_pct(target, 1)}"),
+        ("parameters (non-zero / total)",
+         f"{report.get('nonzero_params', 0):,} / {report.get('total_params', 0):,}"),
+        ("top-1, torch", _pct(report.get("torch_top1"))),
+        ("top-1, ONNX", _pct(report.get("onnx_top1"))),
+        ("top-1 agreement, ONNX vs torch", _pct(report.get("top1_agreement"))),
+        ("max \\|Δlogit\\|", "n/a" if max_diff is None else f"{max_diff:.2e}"),
+        ("latency p50 / p95 (batch 1, onnxruntime CPU)",
+         f"{latency['p50']:.3f} / {latency['p95']:.3f} ms" if latency else "n/a"),
+        ("ONNX file size", "n/a" if size is None else f"{size:,} bytes ({size / 1024:.1f} KiB)"),
+        ("epochs (train + fine-tune)", f"{train_epochs} + {finetune_epochs}"),
+    ]
+    status = ("**Validation passed.**" if report.get("passed", True)
+              else f"**Validation FAILED:** {report.get('failure')}")
+    lines = [
+        f"# {report.get('name', 'run')}: {report.get('method', '')} on {report.get('dataset', '')} "
+        f"({report.get('model', '')})",
+        "",
+        status,
+        "",
+        "| | |",
+        "|---|---|",
+        *[f"| {key} | {value} |" for key, value in rows],
+        "",
+        "## Training curves",
+        "",
+        "![Loss and top-1 per epoch](curves.png)",
+        "",
+        "## Density over time",
+        "",
+        "![Density of each sparse layer per epoch, threshold H and weights pruned](density_over_time.png)",
+        "",
+        "## Final density per layer",
+        "",
+        "![Final density per sparse layer](layer_density.png)",
+        "",
+        f"Numbers from `report.json`, written by dsrpipe {report.get('dsrpipe_version', '')} "
+        f"at {report.get('created', '')}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# -- a compare grid ---------------------------------------------------------------------------
+def write_accuracy_vs_params(path: Path, points: Sequence[dict], title: str = "") -> Path:
+    """One marker and colour per method: mean top-1 (±std) against mean non-zero parameters.
+
+    `points`: dicts with method, sparsity, params, top1_mean, top1_std (top-1 as fractions)."""
+    import numpy as np
+
+    fig = _figure(7.5, 5)
+    ax = fig.subplots()
+    ax.set_title(title or "top-1 against non-zero parameters")
+    points = [p for p in points if p.get("top1_mean") is not None and p.get("params")]
+    if not points:
+        _no_data(ax, "no completed runs")
+        return _save(fig, Path(path))
+    markers = "osD^vP*Xh<>p"
+    methods = list(dict.fromkeys(p["method"] for p in points))
+    colors = _colors(len(methods))
+    for i, method in enumerate(methods):
+        mine = sorted((p for p in points if p["method"] == method), key=lambda p: p["params"])
+        x = np.array([p["params"] for p in mine], dtype=float)
+        y = np.array([100 * p["top1_mean"] for p in mine])
+        err = np.array([100 * (p.get("top1_std") or 0.0) for p in mine])
+        ax.errorbar(x, y, yerr=err, fmt=markers[i % len(markers)] + "-", color=colors[i], capsize=3,
+                    ms=6, lw=1, label=method)
+        for p, xi, yi in zip(mine, x, y):
+            ax.annotate(f"{p['sparsity']:g}", (xi, yi), textcoords="offset points", xytext=(5, 4),
+                        fontsize=7, color=colors[i])
+    all_x = [p["params"] for p in points]
+    if max(all_x) / min(all_x) >= 3:
+        ax.set_xscale("log")
+    ax.set_xlabel("non-zero parameters (whole model)")
+    ax.set_ylabel("top-1 (%), exported ONNX model, mean ± std over seeds")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(title="method (labels: target sparsity)", fontsize=8, title_fontsize=8)
+    return _save(fig, Path(path))
+
+
+def _colors(n: int) -> list:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+

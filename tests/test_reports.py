@@ -1,0 +1,198 @@
+"""Run reports with pictures (report.md beside report.json) and `dsrpipe compare` over a grid."""
+
+import csv
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from dsrpipe import compare as compare_module
+from dsrpipe.cli import app
+from dsrpipe.config import parse_pipeline
+from dsrpipe.pipeline import run_pipeline
+from dsrpipe.plots import RUN_PLOTS, write_accuracy_vs_params, write_run_plots
+
+from .test_pipeline import tiny
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_png(path: Path, min_bytes: int = 5_000) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, path
+    assert len(data) >= min_bytes, (path, len(data))
+
+
+def small(name, **sections):
+    """tiny(), smaller still: width 8, a short latency measurement."""
+    return tiny(name, model={"name": "small-cnn", "options": {"width": 8}},
+                validate={"latency_runs": 5}, **sections)
+
+
+def test_run_writes_pictures_and_report_md(tmp_path):
+    cfg = parse_pipeline(small("pics", train={"epochs": 2}, finetune={"epochs": 1}))
+    report = run_pipeline(cfg, tmp_path, progress=False)
+    folder = tmp_path / "pics"
+    for name in RUN_PLOTS:
+        assert_png(folder / name)
+    md = (folder / "report.md").read_text()
+    for name in RUN_PLOTS:
+        assert f"]({name})" in md
+    assert "`dsr`" in md and "Validation passed" in md
+    assert f"{report['nonzero_params']:,} / {report['total_params']:,}" in md
+    assert f"{report['onnx_top1']:.2%}" in md and f"{report['onnx_bytes']:,} bytes" in md
+    assert "2 + 1" in md  # epochs: train + fine-tune
+    assert not list(folder.glob(".*.tmp"))  # atomic writes leave no temporaries
+
+    # Pictures missing beside a complete report (cut short, or validated before plots existed)
+    # are drawn again from metrics.jsonl, without measuring the model again.
+    (folder / "report.md").unlink()
+    (folder / "curves.png").unlink()
+    stamp = (folder / "report.json").stat().st_mtime_ns
+    run_pipeline(cfg, tmp_path, progress=False)
+    assert (folder / "report.md").exists()
+    assert_png(folder / "curves.png")
+    assert (folder / "report.json").stat().st_mtime_ns == stamp
+
+
+def test_pictures_cope_with_empty_and_large_runs(tmp_path):
+    bare = {"name": "bare", "method": "dense", "layer_density": {}, "sparsity": 0.0, "latency_ms": None}
+    for path in write_run_plots(tmp_path / "bare", [], [], bare):
+        assert path.exists()
+    assert "n/a" in (tmp_path / "bare" / "report.md").read_text()
+
+    layers = [f"stage{i // 10}.block{i % 10}.conv" for i in range(60)]
+    epoch = lambda e, stage: {
+        "stage": stage, "epoch": e, "train_loss": 1 / e, "test_loss": 1.2 / e, "train_top1": 1 - 1 / (e + 1),
+        "test_top1": 1 - 1.2 / (e + 2), "lr": 0.1, "threshold": None if stage == "finetune" else 1e-3 * e,
+        "pruned": 0 if stage == "finetune" else 100 * e, "seconds": 1.0,
+        "layer_density": {n: (i % 7 + e % 3) / 20 for i, n in enumerate(layers)}}
+    report = {"name": "deep", "method": "dsr", "sparsity": 0.9, "layer_density": epoch(1, "train")["layer_density"],
+              "onnx_top1": 0.5, "nonzero_params": 10, "total_params": 100}
+    paths = write_run_plots(tmp_path / "deep", [epoch(e, "train") for e in range(1, 41)],
+                            [epoch(e, "finetune") for e in range(1, 6)], report)
+    for path in paths[:3]:
+        assert_png(path)
+    assert_png(write_accuracy_vs_params(tmp_path / "none.png", []), min_bytes=1_000)
+
+
+def write_grid(tmp_path, **changes):
+    base = small("unused", train={"epochs": 1}, finetune={"epochs": 0})
+    (tmp_path / "pipelines").mkdir(exist_ok=True)
+    (tmp_path / "pipelines" / "base.yaml").write_text(yaml.safe_dump(base))
+    grid = {"name": "g", "base": "pipelines/base.yaml", "methods": ["dsr", "static"], "sparsities": [0.9],
+            "seeds": [0, 1], "overrides": {"static": {"validate.min_top1": 0.999}}}
+    grid.update(changes)
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+def test_compare_runs_the_grid_in_parallel_and_resumes(tmp_path):
+    grid, out = write_grid(tmp_path), tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "dsrpipe", "compare", str(grid), "--out", str(out), "--jobs", "2"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = out / "g"
+    assert result.stdout.strip() == str(folder / "results.md")
+
+    rows = list(csv.DictReader((folder / "results.csv").open()))
+    assert len(rows) == 4
+    assert {(r["method"], r["seed"]) for r in rows} == {("dsr", "0"), ("dsr", "1"), ("static", "0"), ("static", "1")}
+    # static misses its (overridden) min_top1: exit 3, still counted with its report
+    assert {r["method"]: r["status"] for r in rows} == {"dsr": "ok", "static": "validation-failed"}
+    for row in rows:
+        assert float(row["sparsity"]) == 0.9 and 0 < int(row["nonzero_params"]) < int(row["total_params"])
+        assert 0 <= float(row["onnx_top1"]) <= 1 and float(row["train_seconds"]) > 0
+        run_dir = folder / "runs" / row["run"]
+        assert row["run"] == f"g-{row['method']}-s0.9-seed{row['seed']}"
+        assert (run_dir / "report.json").exists() and (run_dir / "report.md").exists()
+
+    md = (folder / "results.md").read_text()
+    for method in ("dsr", "static"):
+        line = next(line for line in md.splitlines() if line.startswith(f"| {method} | 0.9 |"))
+        assert " ± " in line and line.count("|") == 7
+    assert "2 (2 below threshold)" in md and "## Runs that failed" in md
+    assert f"dsrpipe compare {grid} --out {out} --jobs 2" in md
+    assert_png(folder / "accuracy_vs_params.png")
+
+    # Again: every run is complete, so nothing is run and no run's files change.
+    before = {p: p.stat().st_mtime_ns for p in (folder / "runs").rglob("*") if p.is_file()}
+    table = (folder / "results.csv").read_text()
+    started = time.perf_counter()
+    again = CliRunner().invoke(app, ["compare", str(grid), "--out", str(out), "--jobs", "2"])
+    assert again.exit_code == 0, again.output
+    assert time.perf_counter() - started < 10
+    assert "4 already complete, 0 to run" in again.output
+    assert before == {p: p.stat().st_mtime_ns for p in (folder / "runs").rglob("*") if p.is_file()}
+    assert (folder / "results.csv").read_text() == table
+
+
+def test_a_crashing_run_is_a_row_not_a_crash(tmp_path, monkeypatch):
+    real_popen = subprocess.Popen
+
+    def crash(args, **kwargs):  # stands in for a `dsrpipe run` that dies
+        return real_popen([sys.executable, "-c", "import sys; print('boom: out of memory'); sys.exit(1)"], **kwargs)
+
+    monkeypatch.setattr(compare_module.subprocess, "Popen", crash)
+    grid, out = write_grid(tmp_path, methods=["dsr"], seeds=[0], overrides={}), tmp_path / "out"
+    result = CliRunner().invoke(app, ["compare", str(grid), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "1 of 1 runs crashed" in result.output
+    (row,) = csv.DictReader((out / "g" / "results.csv").open())
+    assert row["status"] == "crashed" and "boom: out of memory" in row["message"] and row["onnx_top1"] == ""
+    md = (out / "g" / "results.md").read_text()
+    assert "| dsr | 0.9 | n/a | n/a | n/a | 0 of 1 (1 crashed) |" in md
+    assert "boom: out of memory" in (out / "g" / "logs" / "g-dsr-s0.9-seed0.log").read_text()
+    assert_png(out / "g" / "accuracy_vs_params.png", min_bytes=1_000)
+
+
+BAD_GRIDS = {
+    "unknown key": ({"sparsity": [0.9]}, "sparsity: unknown setting"),
+    "unknown method": ({"methods": ["dsr", "magic"]}, "unknown method 'magic'"),
+    "sparsity of 1": ({"sparsities": [0.9, 1.0]}, "sparsity 1.0 is not in [0, 1)"),
+    "repeated seed": ({"seeds": [0, 0]}, "listed twice"),
+    "override for another method": ({"overrides": {"dense": {"train.lr": 0.1}}}, "'dense' is not one of"),
+    "override of a grid axis": ({"overrides": {"dsr": {"sparsity.sparsity": 0.5}}}, "set by the grid"),
+    "bad override value": ({"overrides": {"dsr": {"train.epochs": "many"}}}, "g-dsr-s0.9-seed0: train.epochs"),
+    "missing base": ({"base": "nowhere.yaml"}, "cannot read base pipeline"),
+    "no methods": ({"methods": []}, "methods"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_GRIDS))
+def test_bad_grid_is_one_line_exit_2_and_runs_nothing(tmp_path, case):
+    changes, expected = BAD_GRIDS[case]
+    grid, out = write_grid(tmp_path, **changes), tmp_path / "out"
+    result = CliRunner().invoke(app, ["compare", str(grid), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert expected in result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_frozen_runs_wait_for_the_dsr_masks_of_their_sparsity_and_seed(tmp_path, monkeypatch):
+    """Planning only: with `frozen` and `masks_from` (another module's), frozen runs come after
+    the DSR runs and read the DSR run's trained masks."""
+    from dsrpipe import sparse
+
+    if "frozen" not in sparse.METHODS or not compare_module._config_has_masks_from():  # not merged yet
+        monkeypatch.setitem(sparse.METHODS, "frozen", sparse.METHODS["static"])
+        monkeypatch.setattr(compare_module, "_config_has_masks_from", lambda: True)
+        monkeypatch.setattr(compare_module, "parse_pipeline", lambda raw, source: None)
+    grid_path = write_grid(tmp_path, methods=["frozen", "static", "dsr"], sparsities=[0.9, 0.95], overrides={})
+    grid, name, base = compare_module.load_grid(grid_path)
+    runs = compare_module.plan_runs(grid, name, base, tmp_path / "runs")
+    assert [r.method for r in runs] == ["static"] * 4 + ["dsr"] * 4 + ["frozen"] * 4
+    for run in runs:
+        if run.method == "frozen":
+            dsr = f"g-dsr-s{run.sparsity:g}-seed{run.seed}"
+            assert run.depends_on == dsr
+            assert run.raw["sparsity"]["masks_from"] == str(tmp_path / "runs" / dsr / "train" / "final.pt")
+        else:
+            assert run.depends_on is None and "masks_from" not in run.raw["sparsity"]
