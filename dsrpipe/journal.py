@@ -1,0 +1,103 @@
+"""The `dsrpipe watch` journal: one SQLite row per drop, so that every drop is run exactly once,
+across crashes and restarts. Only the daemon writes it; `dsrpipe status` reads it.
+
+A row is a drop (path + content hash) and, unless it was skipped, the job that runs it:
+  queued → running → done | failed        (running → queued when a job is interrupted)
+  skipped                                 (the same content was already run, or is queued)
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+ACTIVE = ("queued", "running")
+STATES = ACTIVE + ("done", "failed", "skipped")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    name      TEXT NOT NULL,              -- job name: <out>/<name>/ and <drop folder>/<name>.error.txt
+    drop_path TEXT NOT NULL,              -- the drop, relative to the drop folder
+    kind      TEXT NOT NULL,              -- pipeline | dataset
+    sha256    TEXT NOT NULL,              -- content hash of the drop
+    stamp     TEXT NOT NULL,              -- sizes + mtimes when hashed: unchanged drops are not re-hashed
+    state     TEXT NOT NULL,              -- queued | running | done | failed | skipped
+    out       TEXT NOT NULL,              -- the output folder the job writes <name>/ into
+    fresh     INTEGER NOT NULL DEFAULT 0, -- a --rerun: clear <out>/<name>/ before its first attempt
+    attempts  INTEGER NOT NULL DEFAULT 0,
+    pid       INTEGER,                    -- the job process, while running
+    exit_code INTEGER,
+    cause     TEXT,                       -- failed: the one-line cause; skipped: why
+    created   REAL NOT NULL,
+    started   REAL,                       -- start of the latest attempt
+    finished  REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_by_hash ON jobs (sha256);
+CREATE INDEX IF NOT EXISTS jobs_by_path ON jobs (drop_path);
+CREATE INDEX IF NOT EXISTS jobs_by_name ON jobs (name);
+CREATE TABLE IF NOT EXISTS ignored (   -- entries that are not drops, reported once each
+    path   TEXT PRIMARY KEY,
+    reason TEXT NOT NULL,
+    at     REAL NOT NULL
+);
+"""
+
+
+class Journal:
+    def __init__(self, path: str | Path, *, readonly: bool = False):
+        path = Path(path).absolute()
+        if readonly:
+            self.db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=30)
+        else:
+            # Autocommit: every statement is its own durable transaction (synchronous=FULL).
+            self.db = sqlite3.connect(path, timeout=30, isolation_level=None)
+            self.db.execute("PRAGMA synchronous = FULL")
+            self.db.executescript(SCHEMA)
+        self.db.row_factory = sqlite3.Row
+
+    def close(self) -> None:
+        self.db.close()
+
+    def add(self, **fields: Any) -> int:
+        fields.setdefault("created", time.time())
+        keys = ", ".join(fields)
+        marks = ", ".join("?" * len(fields))
+        return self.db.execute(f"INSERT INTO jobs ({keys}) VALUES ({marks})", tuple(fields.values())).lastrowid
+
+    def update(self, job_id: int, **fields: Any) -> None:
+        assignments = ", ".join(f"{key} = ?" for key in fields)
+        self.db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*fields.values(), job_id))
+
+    def get(self, job_id: int) -> dict[str, Any]:
+        return dict(self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+
+    def jobs(self, *states: str) -> list[dict[str, Any]]:
+        if states:
+            query = f"SELECT * FROM jobs WHERE state IN ({', '.join('?' * len(states))}) ORDER BY id"
+            return [dict(r) for r in self.db.execute(query, states)]
+        return [dict(r) for r in self.db.execute("SELECT * FROM jobs ORDER BY id")]
+
+    def latest_for_path(self, drop_path: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT * FROM jobs WHERE drop_path = ? ORDER BY id DESC LIMIT 1",
+                              (drop_path,)).fetchone()
+        return dict(row) if row else None
+
+    def job_for_content(self, sha256: str) -> dict[str, Any] | None:
+        """The latest job (not a skipped drop) that ran or will run this content."""
+        row = self.db.execute("SELECT * FROM jobs WHERE sha256 = ? AND state != 'skipped' ORDER BY id DESC LIMIT 1",
+                              (sha256,)).fetchone()
+        return dict(row) if row else None
+
+    def name_taken(self, name: str, sha256: str) -> bool:
+        """Whether another content already owns this job name (and so its output folder)."""
+        return self.db.execute("SELECT 1 FROM jobs WHERE name = ? AND sha256 != ? LIMIT 1",
+                               (name, sha256)).fetchone() is not None
+
+    def first_ignore(self, path: str, reason: str) -> bool:
+        """Record an ignored entry; True the first time only, so each is reported once."""
+        cursor = self.db.execute("INSERT OR IGNORE INTO ignored (path, reason, at) VALUES (?, ?, ?)",
+                                 (path, reason, time.time()))
+        return cursor.rowcount == 1

@@ -1,0 +1,425 @@
+"""`dsrpipe watch`: real daemons (real watchdog observers) on temporary drop folders, real job
+processes, tiny digits pipelines. Each job costs ~3-4 s (train, ONNX export, validation)."""
+
+import hashlib
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import zipfile
+
+import onnx
+import pytest
+import yaml
+from PIL import Image
+
+from dsrpipe.config import parse_pipeline
+from dsrpipe.journal import Journal
+from dsrpipe.watch import DEFAULT_TEMPLATE, IntakeError, content_hash, drop_stem, parse_size, slug, stamp
+
+# One thread per job: on a small shared machine OpenMP threads fighting for cores make tiny
+# models many times slower.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+ENV.pop("DSRPIPE_DEBUG", None)
+
+
+def pipeline(name=None, *, epochs=1, width=4, seed=0, **sections):
+    """A tiny digits pipeline as YAML text."""
+    raw = {
+        "seed": seed,
+        "data": {"dataset": "digits"},
+        "model": {"name": "small-cnn", "options": {"width": width}},
+        "sparsity": {"method": "dsr", "sparsity": 0.9, "prune_target": 20, "rewire_periods": {0: 5}},
+        "train": {"epochs": epochs, "batch_size": 64},
+        "finetune": {"epochs": 0},
+        "validate": {"latency_runs": 1},
+    }
+    if name is not None:
+        raw["name"] = name
+    for section, values in sections.items():
+        raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
+    return yaml.safe_dump(raw)
+
+
+TEMPLATE = yaml.safe_dump({  # for dataset drops: 3 classes x 6 images of 8x8 train in a blink
+    "model": {"name": "small-cnn", "options": {"width": 4}},
+    "sparsity": {"method": "dsr", "sparsity": 0.9, "prune_target": 20, "rewire_periods": {0: 2}},
+    "train": {"epochs": 1, "batch_size": 6},
+    "finetune": {"epochs": 0},
+    "validate": {"latency_runs": 1},
+})
+
+
+def png(value):
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8), value).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def image_tree(prefix=""):
+    """train/ (6 per class) and test/ (3 per class) folders of 3 classes of 8x8 PNGs."""
+    return {f"{prefix}{split}/{cls}/{i}.png": png(40 * c + 7 * i)
+            for split, n in (("train", 6), ("test", 3)) for c, cls in enumerate(("ant", "bee", "cat"))
+            for i in range(n)}
+
+
+def write_tree(root, tree):
+    for rel, data in tree.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return root
+
+
+def targz_bytes(members):
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def jobs(drop):
+    path = drop / ".dsrpipe" / "journal.sqlite"
+    if not path.exists():
+        return []
+    journal = Journal(path, readonly=True)
+    try:
+        return journal.jobs()
+    finally:
+        journal.close()
+
+
+def job_log(drop, name):
+    return (drop / ".dsrpipe" / "jobs" / name / "job.log").read_text()
+
+
+def cli(*args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "dsrpipe", *map(str, args)], capture_output=True, text=True,
+                          env=ENV, timeout=timeout)
+
+
+class Watcher:
+    """A `dsrpipe watch` process with its log in a file."""
+
+    def __init__(self, tmp_path, drop, out, *args, quiet=0.5):
+        self.drop = drop
+        self.log_path = tmp_path / f"daemon-{time.monotonic_ns()}.log"
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "dsrpipe", "watch", str(drop), "--out", str(out), "--quiet-period",
+                 str(quiet), *map(str, args)], stdout=log, stderr=subprocess.STDOUT, env=ENV, cwd=tmp_path)
+
+    def log(self):
+        return self.log_path.read_text()
+
+    def wait_for(self, predicate, what, timeout=90):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited ({self.proc.returncode}) waiting for {what}:\n{self.log()}")
+            time.sleep(0.1)
+        raise AssertionError(f"timed out waiting for {what}:\n{self.log()}")
+
+    def wait_log(self, pattern, timeout=90):
+        return self.wait_for(lambda: re.search(pattern, self.log()), f"/{pattern}/ in the log", timeout)
+
+    def wait_state(self, name, state, timeout=90):
+        return self.wait_for(lambda: any(j["name"] == name and j["state"] == state for j in jobs(self.drop)),
+                             f"job {name} {state}", timeout)
+
+    def stop(self, sig=signal.SIGTERM, timeout=60):
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+
+@pytest.fixture
+def watchers(tmp_path):
+    """Start daemons with watchers(drop, out, *args); whatever is left is killed at the end."""
+    started = []
+
+    def start(drop, out, *args, **kwargs):
+        started.append(Watcher(tmp_path, drop, out, *args, **kwargs))
+        return started[-1]
+
+    yield start
+    for w in started:
+        if w.proc.poll() is None:
+            w.proc.kill()
+            w.proc.wait()
+        for job in jobs(w.drop):
+            if job["state"] == "running" and job["pid"]:
+                try:
+                    os.killpg(job["pid"], signal.SIGKILL)
+                except OSError:
+                    pass
+
+
+@pytest.fixture
+def drop(tmp_path):
+    (tmp_path / "drop").mkdir()
+    return tmp_path / "drop"
+
+
+# --- pieces ------------------------------------------------------------------------------------
+
+
+def test_names_sizes_and_content_hashes(tmp_path):
+    assert slug("My Photos (2024)") == "My-Photos-2024" and slug("../../evil") == "evil" and slug("???") == "job"
+    assert slug("a" * 200) == "a" * 80
+    assert [drop_stem(n) for n in ("a.yaml", "b.YML", "c.tar.gz", "d.tgz", "e.zip", "f")] == list("abcdef")
+    assert parse_size("1M") == 2**20 and parse_size("1.5G") == 3 * 2**29 and parse_size("512") == 512
+    built_in = yaml.safe_load(DEFAULT_TEMPLATE)  # as a dataset drop gets it
+    built_in["data"].update(dataset="imagefolder", root=str(tmp_path))
+    assert parse_pipeline({**built_in, "name": "drop"}).data.image_size == 64
+
+    folder = write_tree(tmp_path / "ds", image_tree())
+    first = content_hash(folder)
+    (folder / ".ready").touch()
+    assert content_hash(folder) == first  # the marker is not content
+    before = stamp(folder)
+    os.utime(folder / "train/ant/0.png", (1, 1))
+    assert content_hash(folder) == first and stamp(folder) != before  # touched: re-hash, same content
+    (folder / "train/ant/0.png").write_bytes(png(99))
+    assert content_hash(folder) != first
+    (folder / "train/ant/inside.png").symlink_to("0.png")  # a link within the folder is fine
+    content_hash(folder)
+    (folder / "train/ant/escape.png").symlink_to("/etc/passwd")
+    with pytest.raises(IntakeError, match="'train/ant/escape.png' is a link to /etc/passwd, outside"):
+        content_hash(folder)
+    (folder / "train/ant/escape.png").unlink()
+    os.mkfifo(folder / "train/ant/pipe.png")
+    with pytest.raises(IntakeError, match="device, socket or pipe"):
+        content_hash(folder)
+
+
+def test_bad_command_lines_are_one_line_errors_and_a_second_daemon_is_refused(tmp_path, drop, watchers):
+    for args, expected in ((["watch", tmp_path / "nowhere"], "does not exist"),
+                           (["watch", drop, "--out", drop], "must not be the drop folder"),
+                           (["watch", drop, "--template", tmp_path / "none.yaml"], "template"),
+                           (["watch", drop, "--max-unpacked", "lots"], "cannot read size"),
+                           (["status", tmp_path / "nowhere"], "does not exist")):
+        result = cli(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+    first = watchers(drop, tmp_path / "out")
+    first.wait_log("watching")
+    second = cli("watch", drop, "--out", tmp_path / "out")
+    assert second.returncode == 2 and "already watched" in second.stderr and str(first.proc.pid) in second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1
+    status = cli("status", drop)
+    assert status.returncode == 0 and f"watched (dsrpipe watch pid {first.proc.pid})" in status.stdout
+    assert first.stop() == 0 and "stopped" in first.log()
+    assert "not watched now" in cli("status", drop).stdout
+
+
+# --- drops -------------------------------------------------------------------------------------
+
+
+def test_a_dropped_pipeline_runs_once_and_changed_content_is_a_new_job(tmp_path, drop, watchers):
+    out = tmp_path / "out"
+    w = watchers(drop, out)
+    w.wait_log("watching")
+    (drop / "README.md").write_text("drop pipelines here\n")
+    (drop / "exp.yaml").write_text(pipeline())
+    w.wait_state("exp", "done")
+    report = json.loads((out / "exp" / "report.json").read_text())
+    assert report["name"] == "exp" and report["passed"] and (out / "exp" / "model.onnx").exists()
+    first_model = (out / "exp" / "model.onnx").stat().st_mtime_ns
+
+    # The same bytes again (rewritten in place, or under another name): not run again.
+    (drop / "exp.yaml").write_text(pipeline())
+    (drop / "copy.yaml").write_text(pipeline())
+    w.wait_log(r"state=skipped drop=copy.yaml reason=\"same content as job exp")
+    w.wait_log(r"state=skipped drop=exp.yaml reason=\"same content as job exp")
+    # New content under the old file name: a new job that cannot clobber the first one's results.
+    changed = pipeline(width=6)
+    (drop / "exp.yaml").write_text(changed)
+    second = f"exp-{hashlib.sha256(changed.encode()).hexdigest()[:8]}"
+    w.wait_state(second, "done")
+    (drop / "README.md").write_text("still not a pipeline\n")
+    time.sleep(0.6)
+    assert (out / "exp" / "model.onnx").stat().st_mtime_ns == first_model
+    assert json.loads((out / second / "report.json").read_text())["name"] == second
+    assert w.log().count("ignored README.md") == 1
+    assert [(j["name"], j["drop_path"], j["state"]) for j in jobs(drop)] == [
+        ("exp", "exp.yaml", "done"), ("exp", "copy.yaml", "skipped"), (second, "exp.yaml", "done")]
+
+    status = cli("status", drop)
+    assert status.returncode == 0
+    assert re.search(rf"{second}\s+done\s+exp.yaml", status.stdout) and "3 drops: 2 done, 1 skipped" in status.stdout
+    assert [j["state"] for j in json.loads(cli("status", drop, "--json").stdout)["jobs"]] == ["done", "skipped", "done"]
+    assert w.stop() == 0
+
+    # --rerun: content dropped again runs again (fresh) under its old name; unchanged drops do not.
+    (drop / "copy.yaml").write_text(pipeline())
+    rerun = subprocess.run([sys.executable, "-m", "dsrpipe", "watch", drop, "--out", out, "--once", "--rerun",
+                            "--quiet-period", "0.5"], capture_output=True, text=True, env=ENV, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert re.search(r"job=exp state=queued id=4 drop=copy.yaml rerun=yes", rerun.stderr)
+    assert [(j["name"], j["state"]) for j in jobs(drop)][3:] == [("exp", "done")]
+    assert (out / "exp" / "model.onnx").stat().st_mtime_ns != first_model
+
+
+def test_datasets_are_taken_only_once_fully_copied(tmp_path, drop, watchers):
+    out = tmp_path / "out"
+    (drop / "template.yaml").write_text(TEMPLATE)
+    w = watchers(drop, out, "--workers", "2", quiet=1.5)
+    w.wait_log("watching")
+
+    # A folder copied in file by file, with pauses shorter than the quiet period.
+    tree = list(image_tree().items())
+    for i in range(0, len(tree), 9):
+        write_tree(drop / "Flower Photos", dict(tree[i:i + 9]))
+        time.sleep(0.4)
+    folder_copied = time.time()
+    # An archive written in chunks, with pauses.
+    archive = targz_bytes(image_tree("leaves/"))
+    with open(drop / "leaves.tar.gz", "wb") as f:
+        for i in range(0, len(archive), len(archive) // 4 + 1):
+            f.write(archive[i:i + len(archive) // 4 + 1])
+            f.flush()
+            time.sleep(0.4)
+    archive_copied = time.time()
+
+    w.wait_state("Flower-Photos", "done")
+    w.wait_state("leaves", "done")
+    by_name = {j["name"]: j for j in jobs(drop)}
+    assert by_name["Flower-Photos"]["created"] >= folder_copied  # queued only after the copy ended
+    assert by_name["leaves"]["created"] >= archive_copied
+    assert len(by_name) == 2 and all(j["attempts"] == 1 for j in by_name.values())
+    for name in ("Flower-Photos", "leaves"):
+        report = json.loads((out / name / "report.json").read_text())
+        assert report["dataset"] == "imagefolder" and report["passed"]
+        meta = {p.key: p.value for p in onnx.load(str(out / name / "model.onnx")).metadata_props}
+        assert json.loads(meta["class_names"]) == ["ant", "bee", "cat"]
+        assert not (drop / ".dsrpipe" / "jobs" / name / "cache").exists()  # unpacked data is cleaned up
+    assert w.stop() == 0
+
+
+def test_hostile_drops_fail_cleanly_and_the_daemon_keeps_serving(tmp_path, drop, watchers):
+    out = tmp_path / "out"
+    (drop / "template.yaml").write_text(TEMPLATE)
+    w = watchers(drop, out, "--workers", "2", "--max-unpacked", "1M")
+    w.wait_log("watching")
+    pwned = tmp_path / "pwned"
+    (drop / "bad.yaml").write_text("name: x\ntrain: [epochs: 1\n")
+    (drop / "code.yaml").write_text(f"!!python/object/apply:os.system ['touch {pwned}']\n")
+    (drop / "corrupt.zip").write_bytes(os.urandom(3000))
+    (drop / "traversal.tar.gz").write_bytes(targz_bytes({**image_tree(), "../evil.png": png(1)}))
+    escape = write_tree(drop / "escape", image_tree())
+    (escape / "train/ant/secret.png").symlink_to("/etc/passwd")
+    with zipfile.ZipFile(drop / "bomb.zip", "w", zipfile.ZIP_DEFLATED) as zf:
+        for rel, data in image_tree().items():
+            zf.writestr(rel, data)
+        zf.writestr("train/ant/zeros.png", bytes(5 * 2**20))  # 5 MiB unpacked from ~5 KiB
+    (drop / "junk.bin").write_bytes(os.urandom(100))
+
+    expected = {
+        "bad": "bad.yaml: line 3 not valid YAML",
+        "code": "code.yaml: line 1 not valid YAML",
+        "corrupt": "cannot unpack archive",
+        "traversal": "member '../evil.png': a path outside the archive",
+        "escape": "'train/ant/secret.png' is a link to /etc/passwd, outside the folder",
+        "bomb": "member 'train/ant/zeros.png': more than 1048576 bytes unpacked",
+    }
+    for name in expected:
+        w.wait_state(name, "failed")
+    for name, cause in expected.items():
+        error = (drop / f"{name}.error.txt").read_text().splitlines()
+        assert cause in error[0], (name, error[0])
+        assert "Traceback" not in error[0]
+        if name != "escape":  # refused before it ran: no log
+            assert any(line.startswith("=== ") for line in error)  # the log tail follows
+    assert not pwned.exists() and not (tmp_path / "evil.png").exists()
+    assert "ignored junk.bin" in w.log()
+
+    # The daemon is still serving: a good drop after all that runs, and its name stays inside out/.
+    (drop / "next.yaml").write_text(pipeline(name="../../evil"))
+    w.wait_state("next", "done")
+    assert (out / "next" / "model.onnx").exists() and not (tmp_path / "evil").exists()
+    assert {j["state"] for j in jobs(drop)} == {"failed", "done"} and len(jobs(drop)) == 7
+    assert w.stop() == 0
+
+
+# --- crashes and restarts ------------------------------------------------------------------------
+
+
+def epochs_done(out, name):
+    metrics = out / name / "train" / "metrics.jsonl"
+    return len(metrics.read_text().splitlines()) if metrics.exists() else 0
+
+
+def test_kill_9_mid_training_resumes_from_the_checkpoint_and_finishes_once(tmp_path, drop, watchers):
+    out = tmp_path / "out"
+    (drop / "slow.yaml").write_text(pipeline(epochs=40, width=24, train={"batch_size": 32},
+                                             sparsity={"prune_target": 150}))
+
+    # 1. kill -9 the daemon and the job's process group mid-training.
+    w = watchers(drop, out)
+    w.wait_for(lambda: epochs_done(out, "slow") >= 2, "two epochs")
+    [job] = jobs(drop)
+    w.proc.kill()
+    os.killpg(job["pid"], signal.SIGKILL)
+    w.proc.wait()
+    assert (out / "slow" / "train" / "last.pt").exists() and jobs(drop)[0]["state"] == "running"
+
+    # 2. Restart: it resumes from the checkpoint. Then kill -9 the daemon alone: the job lives on.
+    w = watchers(drop, out)
+    w.wait_for(lambda: "resuming after epoch" in job_log(drop, "slow"), "the job to resume")
+    resumed_at = epochs_done(out, "slow")
+    w.wait_for(lambda: epochs_done(out, "slow") > resumed_at, "one more epoch")
+    w.proc.kill()
+    w.proc.wait()
+
+    # 3. Restart: the orphan is stopped, the job resumes once more and completes.
+    w = watchers(drop, out)
+    w.wait_state("slow", "done", timeout=120)
+    assert re.search(r"job=slow state=stopping id=1 pid=\d+ reason=\"a job process from an earlier daemon",
+                     w.log())
+    log = job_log(drop, "slow")
+    resumes = [int(n) for n in re.findall(r"train: resuming after epoch (\d+)", log)]
+    assert len(resumes) == 2 and 2 <= resumes[0] < resumes[1], log
+    metrics = (out / "slow" / "train" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in metrics] == list(range(1, 41))  # each epoch once
+    assert len(re.findall(r"\| export: (?!already)", log)) == 1 and (out / "slow" / "model.onnx").exists()
+    [job] = jobs(drop)
+    assert (job["state"], job["attempts"]) == ("done", 3)
+    assert w.stop() == 0
+
+
+def test_burst_of_20_drops_sigterm_and_restart_with_pending_drops(tmp_path, drop, watchers):
+    out = tmp_path / "out"
+    w = watchers(drop, out, "--workers", "2")
+    w.wait_log("watching")
+    for i in range(20):
+        (drop / f"b{i:02d}.yaml").write_text(pipeline(seed=i))
+    w.wait_for(lambda: sum(j["state"] == "done" for j in jobs(drop)) >= 3, "3 jobs done", timeout=120)
+
+    # SIGTERM: running jobs are stopped and requeued, the daemon exits 0.
+    assert w.stop() == 0
+    assert "stopped" in w.log()
+    assert not [j for j in jobs(drop) if j["state"] == "running"]
+
+    # Drops made while the daemon is down, and the unfinished ones, are all processed once.
+    (drop / "late.yaml").write_text(pipeline(seed=99))
+    again = subprocess.run([sys.executable, "-m", "dsrpipe", "watch", drop, "--out", out, "--once", "--workers",
+                            "2", "--quiet-period", "0.5"], capture_output=True, text=True, env=ENV, timeout=240)
+    assert again.returncode == 0, again.stderr
+    rows = jobs(drop)
+    names = [f"b{i:02d}" for i in range(20)] + ["late"]
+    assert sorted(j["name"] for j in rows) == names  # one row per drop: none twice, none lost
+    assert {j["state"] for j in rows} == {"done"}
+    for name in names:
+        assert json.loads((out / name / "report.json").read_text())["name"] == name
+        assert len(re.findall(r"\| export: (?!already)", job_log(drop, name))) <= 1
