@@ -4,7 +4,7 @@ The grid file:
 
     name: digits-grid              # optional; defaults to the grid file's name
     base: pipelines/quickstart.yaml   # a pipeline file (relative to this file), or the settings inline
-    methods: [dsr, static, dense]
+    methods: [dsr, static, dense]    # dense runs once per seed, whatever the sparsities
     sparsities: [0.9, 0.95]
     seeds: [0, 1, 2]
     overrides:                     # optional, per method: dotted settings, as with `--set`
@@ -41,7 +41,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import __version__, files
-from .config import VALIDATE_SETTINGS, Pipeline, SparsityConfig, apply_overrides, parse_pipeline
+from .config import VALIDATE_SETTINGS, Pipeline, apply_overrides, parse_pipeline
 from .errors import UserError
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$"
@@ -168,19 +168,16 @@ def run_name(grid_name: str, method: str, sparsity: float, seed: int) -> str:
     return f"{grid_name}-{method}-s{sparsity:g}-seed{seed}"
 
 
-def _config_has_masks_from() -> bool:
-    return "masks_from" in SparsityConfig.model_fields
-
-
 def plan_runs(grid: Grid, grid_name: str, base: dict[str, Any], runs_dir: Path,
               source: str = "grid") -> list[Run]:
     """Every run's pipeline, validated before any starts. DSR runs come before `frozen` ones,
-    which train on the masks of the DSR run with the same sparsity and seed."""
-    wire_frozen = "frozen" in grid.methods and "dsr" in grid.methods and _config_has_masks_from()
+    which train on the masks of the DSR run with the same sparsity and seed. `dense` ignores
+    sparsity, so it runs once per seed (as sparsity 0), not once per sparsity."""
+    wire_frozen = "frozen" in grid.methods and "dsr" in grid.methods
     methods = sorted(grid.methods, key=lambda m: m == "frozen") if wire_frozen else grid.methods
     runs = []
     for method in methods:
-        for sparsity in grid.sparsities:
+        for sparsity in [0.0] if method == "dense" else grid.sparsities:
             for seed in grid.seeds:
                 name = run_name(grid_name, method, sparsity, seed)
                 raw = copy.deepcopy(base)

@@ -25,6 +25,8 @@ class DataConfig(Section):
     augment: bool = True
     num_workers: int | None = Field(None, ge=0)
     cache_dir: Path | None = None
+    max_train: int | None = Field(None, ge=1)  # train on a fixed random subset of this many images
+    max_test: int | None = Field(None, ge=1)  # evaluate on a fixed random subset of this many images
 
     @model_validator(mode="after")
     def _known_dataset_with_its_files(self):

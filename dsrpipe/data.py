@@ -98,6 +98,9 @@ class Dataset:
                 x = random_crop(x, pad, flip, generator)
             yield _to_float(x, self.max_value, self.info, normalize), labels[index]
 
+    def subset(self, indices: torch.Tensor) -> Dataset:
+        return Dataset(self.info, self.images[indices], self.labels[indices], max_value=self.max_value)
+
     def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         # The whole uint8 split goes to the device once (≤ 4 GiB by construction), so a batch
         # is an index on the device rather than a host-to-device copy every step.
@@ -117,6 +120,10 @@ class StreamingDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.folder)
+
+    def subset(self, indices: torch.Tensor) -> StreamingDataset:
+        files = _ImageFiles([self.folder.files[i] for i in indices.tolist()])
+        return StreamingDataset(self.info, files, self.num_workers)
 
     def batches(self, batch_size: int, *, shuffle: bool, augment: bool, seed: int, epoch: int,
                 device: torch.device | str = "cpu", normalize: bool = True,
@@ -188,8 +195,23 @@ def dataset_needs_root(name: str) -> bool:
 
 def load_data(dataset: str, *, root: str | None = None, download: bool = False,
               image_size: int | None = None, cache_dir: str | None = None,
-              num_workers: int | None = None) -> tuple[Dataset, Dataset]:
-    """Load (train, test) splits of `dataset`; see KNOWN_DATASETS."""
+              num_workers: int | None = None, max_train: int | None = None,
+              max_test: int | None = None) -> tuple[Dataset, Dataset]:
+    """Load (train, test) splits of `dataset`; see KNOWN_DATASETS. `max_train`/`max_test` keep
+    a random subset of that many images of a split, the same one whatever the run's seed."""
+    train, test = _load_splits(dataset, root, download, image_size, cache_dir, num_workers)
+    return _at_most(train, max_train), _at_most(test, max_test)
+
+
+def _at_most(split: Dataset, count: int | None) -> Dataset:
+    if count is None or count >= len(split):
+        return split
+    # A fixed generator, so that every method and seed of a comparison sees the same images.
+    chosen = torch.randperm(len(split), generator=torch.Generator().manual_seed(0))[:count]
+    return split.subset(chosen.sort().values)
+
+
+def _load_splits(dataset, root, download, image_size, cache_dir, num_workers) -> tuple[Dataset, Dataset]:
     name = _check_name(dataset)
     if image_size is not None and image_size < 1:
         raise UserError(f"dataset '{name}': image_size must be a positive integer, got {image_size}")

@@ -115,7 +115,8 @@ def validate_stage(cfg: Pipeline, out: Path, *, force: bool = False) -> dict[str
     checkpoint, model = _load_trained(out, cfg)
     _, test_set = load_data(cfg.data.dataset, root=cfg.data.root, download=cfg.data.download,
                             image_size=cfg.data.image_size, cache_dir=cfg.data.cache_dir,
-                            num_workers=cfg.data.num_workers)
+                            num_workers=cfg.data.num_workers, max_train=cfg.data.max_train,
+                            max_test=cfg.data.max_test)
     try:
         metrics = validate_onnx(paths["onnx"], model, test_set, batch_size=cfg.validation.batch_size,
                                 latency_runs=cfg.validation.latency_runs, min_top1=cfg.validation.min_top1,

@@ -147,7 +147,8 @@ def _fit(cfg: Pipeline, stage: str, opt_cfg: OptimConfig, out: Path,
     device = resolve_device(cfg.device)
     train_set, test_set = load_data(cfg.data.dataset, root=cfg.data.root, download=cfg.data.download,
                                     image_size=cfg.data.image_size, cache_dir=cfg.data.cache_dir,
-                                    num_workers=cfg.data.num_workers)
+                                    num_workers=cfg.data.num_workers, max_train=cfg.data.max_train,
+                                    max_test=cfg.data.max_test)
     info = train_set.info
     steps_per_epoch = train_set.num_batches(opt_cfg.batch_size, drop_last=True)
     if steps_per_epoch == 0:

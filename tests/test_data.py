@@ -296,6 +296,20 @@ def test_streaming_fallback_for_big_folders(tmp_path, monkeypatch):
     assert torch.equal(x, run()[0]) and train.num_batches(5) == 3
 
 
+
+def test_subsets_are_fixed_whatever_the_run(digits, tmp_path, monkeypatch):
+    train, test = load_data("digits", max_train=300, max_test=100)
+    again, _ = load_data("digits", max_train=300)
+    assert (len(train), len(test)) == (300, 100) and torch.equal(train.images, again.images)
+    full_images = [bytes(x.numpy()) for x in digits[0].images]
+    assert all(bytes(x.numpy()) in full_images for x in train.images)  # real images, kept whole
+    assert len(set(train.labels.tolist())) == 10  # random, not the first 300 in file order
+    assert load_data("digits", max_train=10**6)[0].images.shape == digits[0].images.shape
+    monkeypatch.setattr(data, "MAX_IN_MEMORY_BYTES", 0)  # the streaming path subsets its file list
+    streamed, _ = load_folder(write_tree(tmp_path / "pets", image_tree()), tmp_path, image_size=8,
+                              num_workers=1, max_train=5)
+    assert isinstance(streamed, StreamingDataset) and len(streamed) == 5
+
 # --- rejected inputs -----------------------------------------------------------------------------
 
 

@@ -76,6 +76,10 @@ def test_quickstart_command_end_to_end(tmp_path):
     assert meta["method"] == "dsr" and meta["dataset"] == "digits"
     assert json.loads(meta["class_names"]) == [str(i) for i in range(10)]
     assert set(json.loads(meta["layer_density"])) == set(report["layer_density"])
+    umask = os.umask(0)
+    os.umask(umask)
+    for shipped in ("model.onnx", "report.json", "report.md"):  # readable like any file the user writes
+        assert (out / "quickstart" / shipped).stat().st_mode & 0o777 == 0o666 & ~umask
 
     # Running again skips every completed stage and leaves the outputs untouched.
     before = {p: p.stat().st_mtime_ns for p in (out / "quickstart").rglob("*") if p.is_file()}

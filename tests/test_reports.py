@@ -176,19 +176,15 @@ def test_bad_grid_is_one_line_exit_2_and_runs_nothing(tmp_path, case):
     assert not out.exists()
 
 
-def test_frozen_runs_wait_for_the_dsr_masks_of_their_sparsity_and_seed(tmp_path, monkeypatch):
-    """Planning only: with `frozen` and `masks_from` (another module's), frozen runs come after
-    the DSR runs and read the DSR run's trained masks."""
-    from dsrpipe import sparse
-
-    if "frozen" not in sparse.METHODS or not compare_module._config_has_masks_from():  # not merged yet
-        monkeypatch.setitem(sparse.METHODS, "frozen", sparse.METHODS["static"])
-        monkeypatch.setattr(compare_module, "_config_has_masks_from", lambda: True)
-        monkeypatch.setattr(compare_module, "parse_pipeline", lambda raw, source: None)
-    grid_path = write_grid(tmp_path, methods=["frozen", "static", "dsr"], sparsities=[0.9, 0.95], overrides={})
+def test_frozen_runs_wait_for_the_dsr_masks_and_dense_runs_once_per_seed(tmp_path):
+    """Planning only: frozen runs come after the DSR runs and read the DSR run's trained masks;
+    dense runs once per seed, not once per sparsity."""
+    grid_path = write_grid(tmp_path, methods=["frozen", "static", "dsr", "dense"], sparsities=[0.9, 0.95],
+                           overrides={})
     grid, name, base = compare_module.load_grid(grid_path)
     runs = compare_module.plan_runs(grid, name, base, tmp_path / "runs")
-    assert [r.method for r in runs] == ["static"] * 4 + ["dsr"] * 4 + ["frozen"] * 4
+    assert [r.method for r in runs] == ["static"] * 4 + ["dsr"] * 4 + ["dense"] * 2 + ["frozen"] * 4
+    assert {r.sparsity for r in runs if r.method == "dense"} == {0.0}
     for run in runs:
         if run.method == "frozen":
             dsr = f"g-dsr-s{run.sparsity:g}-seed{run.seed}"

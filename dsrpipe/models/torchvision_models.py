@@ -5,7 +5,6 @@ Module names stay torchvision's (``conv1``, ``layer1.0.downsample.0``, ``fc``): 
 
 import functools
 
-import torchvision
 from torch import nn
 
 from dsrpipe.errors import UserError
@@ -18,6 +17,8 @@ _UNSUPPORTED = {"squeezenet1_0", "squeezenet1_1"}
 
 @functools.cache
 def classification_model_names() -> tuple[str, ...]:
+    import torchvision  # here, not at the top: it takes as long to import as torch itself
+
     return tuple(sorted(set(torchvision.models.list_models(module=torchvision.models)) - _UNSUPPORTED))
 
 
@@ -42,6 +43,8 @@ def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
 
 
 def build_torchvision_model(*, name: str, num_classes: int, in_channels: int, image_size: int, **options) -> nn.Module:
+    import torchvision
+
     try:
         model = torchvision.models.get_model(
             name, weights=None, num_classes=num_classes, **_builder_options(name, image_size), **options
