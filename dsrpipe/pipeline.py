@@ -129,6 +129,8 @@ def validate_stage(cfg: Pipeline, out: Path, *, force: bool = False) -> dict[str
         "name": cfg.name, "dataset": cfg.data.dataset, "model": cfg.model.name,
         "method": cfg.sparsity.method, "target_sparsity": cfg.sparsity.sparsity,
         **sparsity_summary(model, cfg), **metrics,
+        "model_options": checkpoint["model_spec"]["options"],  # as trained (thin-dense narrows them)
+        **({"thin_dense": spec} if (spec := checkpoint["model_spec"].get("thin_dense")) else {}),
         "train_epochs": cfg.train.epochs, "finetune_epochs": cfg.finetune.epochs,
         "final_test_top1_torch_training": history[-1]["test_top1"] if history else None,
         "thresholds": {"min_top1": cfg.validation.min_top1, "max_abs_diff": cfg.validation.max_abs_diff},

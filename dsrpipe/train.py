@@ -10,6 +10,7 @@ Each stage writes, under `<out>/<name>/<stage>/`:
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 import uuid
@@ -224,13 +225,17 @@ def _fit(cfg: Pipeline, stage: str, opt_cfg: OptimConfig, out: Path,
                 correct += (logits.argmax(1) == y).sum()
                 seen += len(y)
                 bar.advance(task)
+            train_loss = loss_sum.item() / seen
+            if not math.isfinite(train_loss):  # keep last.pt of the last sound epoch; stop wasting time
+                raise UserError(f"{stage} diverged: the training loss is {train_loss} in epoch {epoch + 1}; "
+                                f"lower {stage}.lr (now {opt_cfg.lr})")
             scheduler.step()
             train_seconds = time.perf_counter() - started
             test_loss, test_top1 = evaluate(model, test_set, device, autocast)
             density = sparsifier.layer_density()
             history.append({
                 "stage": stage, "epoch": epoch + 1, "lr": lr,
-                "train_loss": loss_sum.item() / seen, "train_top1": correct.item() / seen,
+                "train_loss": train_loss, "train_top1": correct.item() / seen,
                 "test_loss": test_loss, "test_top1": test_top1,
                 "threshold": getattr(sparsifier, "threshold", None), "pruned": pruned,
                 "reallocations": reallocations, "active_params": sparsifier.active_count(),

@@ -11,14 +11,14 @@ from torch import nn
 from dsrpipe.config import parse_pipeline
 from dsrpipe.errors import UserError
 from dsrpipe.models import create_model
-from dsrpipe.pipeline import run_pipeline, sparsity_summary
+from dsrpipe.pipeline import run_pipeline
 from dsrpipe.sparse import (
     DSR, SET, DeepR, Frozen, GradualPrune, METHODS, RewireSchedule, RigL, create_sparsifier,
 )
 from dsrpipe.sparse.base import smallest_active
 from dsrpipe.sparse.deepr import distinct_ranks
 from dsrpipe.sparse.thin import thin_model_options
-from dsrpipe.train import build_model, finetune, train_sparse
+from dsrpipe.train import finetune, train_sparse
 
 
 def small_net():
@@ -93,8 +93,8 @@ def test_set_replaces_exactly_zeta_of_each_layer_and_keeps_per_layer_counts():
     for round_ in range(4):
         train_steps(net, opt, s, 2, seed=round_)
         distinct_magnitudes(s, round_)
-        before = {n: m.clone() for n, m in s.masks.items()}
         magnitude = {n: s.weights[n].detach().abs().clone() for n in s.masks}
+        before = {n: m.clone() for n, m in s.masks.items()}
         stats = s.reallocate()
         assert counts(s) == per_layer  # per-layer counts never change
         for name, mask in s.masks.items():
@@ -239,7 +239,6 @@ def test_prune_follows_the_cubic_schedule_and_ends_exactly_at_the_target():
     assert all(bool(m.all()) for m in s.masks.values()) and all(bool((w != 0).all()) for w in s.weights.values())
     numel = {n: m.numel() for n, m in s.masks.items()}
     for t in range(1, 41):
-        magnitude = {n: s.weights[n].detach().abs().clone() for n in s.masks}
         before = {n: m.clone() for n, m in s.masks.items()}
         train_steps(net, opt, s, 1, seed=t)
         pruning_step = 1 <= t <= 30 and t % 5 == 0
@@ -426,7 +425,7 @@ def tiny(name, method, **sparsity):
 
 
 def test_methods_run_end_to_end_on_digits(tmp_path):
-    # rigl through the whole pipeline, then (training only) a frozen retrain of its final mask and
+    # rigl through the whole pipeline, then a frozen retrain of its final mask (training only) and
     # thin dense: each one epoch, width 8.
     rigl = run_pipeline(tiny("rigl", "rigl"), tmp_path, progress=False)
     assert rigl["method"] == "rigl" and 0.79 <= rigl["sparsity"] <= 0.81
@@ -441,17 +440,16 @@ def test_methods_run_end_to_end_on_digits(tmp_path):
     assert frozen_ckpt["fingerprint"].endswith(rigl_ckpt["run_id"])  # a retrained source makes it stale
 
     thin_cfg = tiny("thin", "thin-dense")
-    thin_ckpt = torch.load(train_sparse(thin_cfg, tmp_path, progress=False), weights_only=False)
+    thin = run_pipeline(thin_cfg, tmp_path, progress=False)
+    thin_ckpt = torch.load(tmp_path / "thin" / "train" / "final.pt", weights_only=False)
     record = thin_ckpt["model_spec"]["thin_dense"]
-    model = build_model(thin_ckpt["model_spec"])
-    model.load_state_dict(thin_ckpt["model"])
-    summary = sparsity_summary(model, thin_cfg)  # what the report shows
-    assert summary["sparsity"] < 0.01 and summary["total_params"] == record["params"]
-    assert thin_ckpt["model_spec"]["options"]["width"] < 8
+    assert thin["thin_dense"] == record and thin["model_options"] == thin_ckpt["model_spec"]["options"]
+    assert thin["sparsity"] < 0.01 and thin["total_params"] == thin["nonzero_params"] == record["params"]
+    assert thin["model_options"]["width"] < 8
     # the budget: the sparse model's active parameters, dense layers included
     masks = rigl_ckpt["sparsifier"]["masks"].values()
     assert record["budget"] == rigl["total_params"] - sum(m.numel() for m in masks) + sum(int(m.sum()) for m in masks)
-    assert abs(record["params"] - record["budget"]) <= 0.05 * record["budget"]  # integer width: coarse
+    assert abs(record["params"] - record["budget"]) <= 0.03 * record["budget"]  # ~2k parameters: coarse
 
 
 def test_finetune_starts_from_the_trained_weights(tmp_path):

@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
@@ -156,6 +155,14 @@ def test_validation_threshold_fails_with_exit_code_and_report(tmp_path):
     assert "min_top1" in result.output
     report = json.loads((tmp_path / "out" / "tiny" / "report.json").read_text())
     assert report["passed"] is False and "min_top1" in report["failure"]
+
+
+def test_divergence_stops_training_with_a_one_line_error(tmp_path):
+    path = write_pipeline(tmp_path, tiny(train={"lr": 1e30, "epochs": 3, "milestones": []}))
+    result = CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path / "out"), "--no-progress"])
+    assert result.exit_code == 2
+    assert "error: train diverged: the training loss is nan in epoch 1; lower train.lr" in result.output
+    assert not (tmp_path / "out" / "tiny" / "train" / "last.pt").exists()  # no checkpoint of a broken epoch
 
 
 def test_stages_run_one_by_one_from_the_cli(tmp_path):

@@ -1,7 +1,6 @@
 """Run reports with pictures (report.md beside report.json) and `dsrpipe compare` over a grid."""
 
 import csv
-import json
 import subprocess
 import sys
 import time
