@@ -67,6 +67,7 @@ class SparsityConfig(Section):
     tolerance: float = Field(0.1, ge=0, lt=1)  # δ
     rewire_periods: dict[int, int] = {0: 100}  # start epoch -> reallocation period (iterations)
     stop_rewire_epoch: int | None = Field(None, ge=0)
+    scale_init: bool = False  # scale each sparse tensor's initial weights by 1/sqrt(density)
     zeta: float = Field(0.3, ge=0, le=1)  # set: fraction of each layer's active weights replaced per period
     rigl_alpha: float = Field(0.3, ge=0, le=1)  # rigl: initial drop fraction, cosine-decayed to 0 by the stop epoch (else the end)
     deepr_temperature: float = Field(1e-8, ge=0)  # deepr: noise temperature T (noise std sqrt(2·lr·T) per step)

@@ -81,7 +81,7 @@ def train_sparse(cfg: Pipeline, out: Path, *, resume: bool = False, force: bool 
             s.method, model, optimizer, sparsity=s.sparsity, dense_first=s.dense_first,
             dense_last=s.dense_last, exclude=s.exclude, prune_target=s.prune_target,
             init_threshold=s.init_threshold, tolerance=s.tolerance, schedule=schedule, seed=cfg.seed,
-            total_steps=cfg.train.epochs * steps_per_epoch, zeta=s.zeta, alpha=s.rigl_alpha,
+            scale_init=s.scale_init, total_steps=cfg.train.epochs * steps_per_epoch, zeta=s.zeta, alpha=s.rigl_alpha,
             temperature=s.deepr_temperature, l1=s.deepr_l1, begin_iteration=s.prune_begin_epoch * steps_per_epoch,
             end_iteration=prune_end, masks_from=s.masks_from)
 

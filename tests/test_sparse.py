@@ -51,6 +51,24 @@ def test_initial_masks_have_the_requested_sparsity_per_tensor():
     assert masked_weights_are_zero(s)
 
 
+def test_scale_init_keeps_the_dense_signal_variance():
+    torch.manual_seed(0)
+    dense = nn.Linear(2000, 500)
+    sparse = nn.Linear(2000, 500)
+    sparse.load_state_dict(dense.state_dict())
+    initial = sparse.weight.detach().clone()
+    s = Sparsifier(nn.Sequential(nn.Linear(4, 2000), sparse, nn.Linear(500, 10)), sparsity=0.98,
+                   scale_init=True)
+    mask = s.masks["1"]
+    assert torch.allclose(sparse.weight, initial * mask / mask.float().mean().sqrt())
+    x = torch.randn(256, 2000)
+    with torch.no_grad():
+        ratio = (sparse(x) - sparse.bias).var() / (dense(x) - dense.bias).var()
+    assert 0.9 < ratio < 1.1  # unscaled, it would be the density: 0.02
+    assert Sparsifier(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)), sparsity=0.0,
+                      scale_init=True).masks == {}  # dense: nothing to scale
+
+
 def test_sparsity_out_of_range_is_a_user_error():
     with pytest.raises(UserError, match="sparsity"):
         Sparsifier(small_net(), sparsity=1.0)

@@ -171,6 +171,7 @@ class Sparsifier:
         exclude: Iterable[str] = (),
         schedule: RewireSchedule | None = None,
         seed: int = 0,
+        scale_init: bool = False,
     ):
         if not 0.0 <= sparsity < 1.0:
             raise UserError(f"sparsity must be in [0, 1), got {sparsity}")
@@ -187,6 +188,8 @@ class Sparsifier:
         if sparsity > 0:
             for name, w in self.weights.items():
                 self.masks[name] = self.initial_mask(name, w)
+        if scale_init:
+            self.scale_initial_weights()
         self._hooks = [
             self.weights[name].register_post_accumulate_grad_hook(
                 lambda weight, name=name: self._masked_gradient(name, weight))
@@ -202,6 +205,16 @@ class Sparsifier:
         all_free = torch.ones_like(mask)
         mask[sample_free_positions(all_free, active, weight.numel(), self.generator)] = True
         return mask.view_as(weight)
+
+    @torch.no_grad()
+    def scale_initial_weights(self) -> None:
+        """Multiply each sparse tensor by 1/sqrt(its density), so that a layer's outputs start with
+        the variance its dense initialisation was designed for. Without it, a layer keeping 2% of
+        its inputs passes on ~14% of the signal, and a deep stack without normalisation starts
+        near-silent (loss stuck at chance for epochs). For a model built from scratch only."""
+        for name, mask in self.masks.items():
+            density = mask.float().mean()
+            self.weights[name].mul_(density.rsqrt())
 
     def _masked_gradient(self, name: str, weight: torch.Tensor) -> None:
         """The post-accumulate-grad hook: zero the gradient of masked weights. Methods that read
