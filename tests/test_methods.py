@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dsrpipe.config import parse_pipeline
@@ -19,6 +18,9 @@ from dsrpipe.sparse.base import smallest_active
 from dsrpipe.sparse.deepr import distinct_ranks
 from dsrpipe.sparse.thin import thin_model_options
 from dsrpipe.train import finetune, train_sparse
+
+from . import helpers
+from .helpers import masked_weights_are_zero
 
 
 def small_net():
@@ -37,18 +39,7 @@ def sgd(net, lr=0.05):
 
 
 def train_steps(model, optimizer, sparsifier, steps, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        x = torch.randn(8, 1, 6, 6, generator=gen)
-        y = torch.randint(10, (8,), generator=gen)
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        sparsifier.step()
-
-
-def masked_weights_are_zero(s):
-    return all(bool((s.weights[n][~m] == 0).all()) for n, m in s.masks.items())
+    helpers.train_steps(model, optimizer, sparsifier, steps, seed, batch=8, side=6)
 
 
 def counts(s):

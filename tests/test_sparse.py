@@ -2,12 +2,13 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dsrpipe.errors import UserError
 from dsrpipe.sparse import DSR, RewireSchedule, Sparsifier, create_sparsifier, proportional_split
 from dsrpipe.sparse.base import sample_free_positions, select_sparse_weights
+
+from .helpers import masked_weights_are_zero, train_steps
 
 
 def small_net():
@@ -19,21 +20,6 @@ def small_net():
         nn.Linear(128, 64), nn.ReLU(),
         nn.Linear(64, 10),
     )
-
-
-def train_steps(model, optimizer, sparsifier, steps, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        x = torch.randn(16, 1, 8, 8, generator=gen)
-        y = torch.randint(10, (16,), generator=gen)
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        sparsifier.step()
-
-
-def masked_weights_are_zero(sparsifier):
-    return all(bool((sparsifier.weights[n][~m] == 0).all()) for n, m in sparsifier.masks.items())
 
 
 def test_selects_conv_and_linear_weights_except_first_and_last():
