@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -41,7 +42,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import __version__, files
-from .config import VALIDATE_SETTINGS, Pipeline, apply_overrides, parse_pipeline
+from .config import FINETUNE_SETTINGS, TRAIN_SETTINGS, VALIDATE_SETTINGS, Pipeline, apply_overrides, parse_pipeline
 from .errors import UserError
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$"
@@ -221,6 +222,23 @@ def _complete(run: Run, runs_dir: Path) -> dict[str, Any] | None:
     return report if (folder / "model.onnx").exists() else None
 
 
+def _stale(run: Run, runs_dir: Path) -> bool:
+    """Whether the run's folder holds training outputs made with other settings. The grid owns
+    its run folders, so those are redone rather than refused as `dsrpipe run` would."""
+    from .sparse.frozen import load_source
+    from .train import load_checkpoint
+
+    train = run.cfg.fingerprint(*TRAIN_SETTINGS)
+    if run.method == "frozen":  # tied to the very DSR run whose masks it retrains
+        train += f"-{load_source(run.cfg.sparsity.masks_from)[1]}"
+    for stage, expected in (("train", train), ("finetune", run.cfg.fingerprint(*FINETUNE_SETTINGS))):
+        for checkpoint in ("final.pt", "last.pt"):
+            path = runs_dir / run.name / stage / checkpoint
+            if path.exists() and not load_checkpoint(path)["fingerprint"].startswith(expected):
+                return True
+    return False
+
+
 def _train_seconds(run: Run, runs_dir: Path) -> float | None:
     from .plots import read_history
 
@@ -280,12 +298,16 @@ def run_grid(grid_path: str | Path, out: str | Path = "export", *, jobs: int = 1
     running: list[Run] = []
 
     def start(run: Run) -> None:
-        if run.cfg is None:  # a frozen run whose masks now exist
-            try:
+        try:
+            if run.cfg is None:  # a frozen run whose masks now exist
                 run.cfg = parse_pipeline(run.raw, f"{grid_path}: {run.name}")
-            except UserError as exc:
-                run.status, run.message = "crashed", str(exc)
-                return
+            if _stale(run, runs_dir):
+                shutil.rmtree(runs_dir / run.name)
+                echo(f"{run.name}: its outputs were made with other settings (an edited grid, another "
+                     "dsrpipe version): starting it over")
+        except UserError as exc:
+            run.status, run.message = "crashed", str(exc)
+            return
         pipeline_file = folder / "pipelines" / f"{run.name}.yaml"
         text = yaml.safe_dump(run.raw, sort_keys=False)
         if not pipeline_file.exists() or pipeline_file.read_text() != text:

@@ -1,12 +1,14 @@
 """Run reports with pictures (report.md beside report.json) and `dsrpipe compare` over a grid."""
 
 import csv
+import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -130,6 +132,17 @@ def test_compare_runs_the_grid_in_parallel_and_resumes(tmp_path):
     assert "4 already complete, 0 to run" in again.output
     assert before == {p: p.stat().st_mtime_ns for p in (folder / "runs").rglob("*") if p.is_file()}
     assert (folder / "results.csv").read_text() == table
+
+    # A run whose outputs were made with other settings (an older grid or dsrpipe) is redone,
+    # where `dsrpipe run` alone would refuse to mix them.
+    stale = folder / "runs" / "g-dsr-s0.9-seed0"
+    checkpoint = torch.load(stale / "train" / "final.pt", weights_only=False)
+    torch.save({**checkpoint, "fingerprint": "0" * 16}, stale / "train" / "final.pt")
+    (stale / "report.json").unlink()
+    again = CliRunner().invoke(app, ["compare", str(grid), "--out", str(out)])
+    assert again.exit_code == 0, again.output
+    assert "3 already complete, 1 to run" in again.output and "g-dsr-s0.9-seed0: its outputs were made" in again.output
+    assert json.loads((stale / "report.json").read_text())["passed"]
 
 
 def test_a_crashing_run_is_a_row_not_a_crash(tmp_path, monkeypatch):
