@@ -1,7 +1,21 @@
-"""Shared by the sparsifier tests: random-data training steps and the masked-weights-are-zero check."""
+"""Shared by the sparsifier tests: a small CNN, random-data training steps and the
+masked-weights-are-zero check."""
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+
+def small_net(width=16):
+    """Three convs and two linears: the middle ones are sparse by default."""
+    return nn.Sequential(
+        nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+        nn.Linear(8 * width, 4 * width), nn.ReLU(),
+        nn.Linear(4 * width, 10),
+    )
 
 
 def train_steps(model, optimizer, sparsifier, steps, seed=0, batch=16, side=8):
@@ -17,3 +31,32 @@ def train_steps(model, optimizer, sparsifier, steps, seed=0, batch=16, side=8):
 
 def masked_weights_are_zero(sparsifier):
     return all(bool((sparsifier.weights[n][~m] == 0).all()) for n, m in sparsifier.masks.items())
+
+
+def assert_resume_is_exact(build, first_steps, second_steps):
+    """Train `first_steps`, save model/optimizer/sparsifier, load them into freshly built
+    objects (other seeds, other settings) and train `second_steps`: the weights and the
+    sparsifier's state must equal an uninterrupted run's, bit for bit. `build(fresh)` returns
+    (model, optimizer, sparsifier). Returns the sparsifier state for more checks."""
+    def run(resume):
+        torch.manual_seed(0)
+        model, optimizer, sparsifier = build(fresh=False)
+        train_steps(model, optimizer, sparsifier, first_steps, seed=1)
+        if resume:
+            state = (model.state_dict(), optimizer.state_dict(), sparsifier.state_dict())
+            torch.manual_seed(123)
+            model, optimizer, sparsifier = build(fresh=True)
+            model.load_state_dict(state[0])
+            optimizer.load_state_dict(state[1])
+            sparsifier.load_state_dict(state[2])
+        train_steps(model, optimizer, sparsifier, second_steps, seed=2)
+        return model.state_dict(), sparsifier.state_dict()
+
+    (w1, s1), (w2, s2) = run(False), run(True)
+    assert s1["iteration"] == s2["iteration"] == first_steps + second_steps
+    assert s1.keys() == s2.keys()
+    for name in s1["masks"]:
+        assert torch.equal(s1["masks"][name], s2["masks"][name])
+    for key in w1:
+        assert torch.equal(w1[key], w2[key]), key
+    return s1, s2

@@ -24,14 +24,7 @@ from .helpers import masked_weights_are_zero
 
 
 def small_net():
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-        nn.Linear(64, 32), nn.ReLU(),
-        nn.Linear(32, 10),
-    )
+    return helpers.small_net(width=8)
 
 
 def sgd(net, lr=0.05):
@@ -375,30 +368,12 @@ def test_masked_weights_stay_zero_through_momentum_and_weight_decay(method, froz
 
 @pytest.mark.parametrize("method", SPARSE_METHODS)
 def test_state_dict_round_trip_continues_identically(method, frozen_source):
-    def run(split):
-        torch.manual_seed(0)
+    def build(fresh):
         net = small_net()
         opt = sgd(net)
-        s = make(method, net, opt, masks_from=frozen_source)
-        train_steps(net, opt, s, 7, seed=1)
-        if split:
-            state = (net.state_dict(), opt.state_dict(), s.state_dict())
-            torch.manual_seed(123)
-            net = small_net()
-            opt = sgd(net)
-            s = make(method, net, opt, masks_from=frozen_source, seed=9)
-            net.load_state_dict(state[0])
-            opt.load_state_dict(state[1])
-            s.load_state_dict(state[2])
-        train_steps(net, opt, s, 8, seed=2)
-        return net.state_dict(), s.state_dict()
+        return net, opt, make(method, net, opt, masks_from=frozen_source, **({"seed": 9} if fresh else {}))
 
-    (w1, s1), (w2, s2) = run(False), run(True)
-    assert s1["iteration"] == s2["iteration"] == 15
-    for name in s1["masks"]:
-        assert torch.equal(s1["masks"][name], s2["masks"][name])
-    for key in w1:
-        assert torch.equal(w1[key], w2[key]), key
+    helpers.assert_resume_is_exact(build, 7, 8)
 
 
 # -- end to end -----------------------------------------------------------------------------------

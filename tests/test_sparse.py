@@ -8,18 +8,8 @@ from dsrpipe.errors import UserError
 from dsrpipe.sparse import DSR, RewireSchedule, Sparsifier, create_sparsifier, proportional_split
 from dsrpipe.sparse.base import sample_free_positions, select_sparse_weights
 
-from .helpers import masked_weights_are_zero, train_steps
+from .helpers import assert_resume_is_exact, masked_weights_are_zero, small_net, train_steps
 
-
-def small_net():
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-        nn.Linear(128, 64), nn.ReLU(),
-        nn.Linear(64, 10),
-    )
 
 
 def test_selects_conv_and_linear_weights_except_first_and_last():
@@ -202,30 +192,15 @@ def test_schedule_follows_epoch_milestones_and_stop_epoch():
 
 
 def test_state_dict_round_trip_continues_identically():
-    def run(split):
-        torch.manual_seed(0)
+    def build(fresh):
         net = small_net()
         opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-        s = DSR(net, opt, sparsity=0.9, prune_target=50, init_threshold=0.01, schedule=RewireSchedule({0: 3}))
-        train_steps(net, opt, s, 12, seed=1)
-        if split:
-            state = (net.state_dict(), opt.state_dict(), s.state_dict())
-            torch.manual_seed(123)
-            net = small_net()
-            opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-            s = DSR(net, opt, sparsity=0.9, prune_target=50, init_threshold=0.5, schedule=RewireSchedule({0: 3}))
-            net.load_state_dict(state[0])
-            opt.load_state_dict(state[1])
-            s.load_state_dict(state[2])
-        train_steps(net, opt, s, 12, seed=2)
-        return net.state_dict(), s.state_dict()
+        threshold = 0.5 if fresh else 0.01  # the loaded H must replace the fresh one
+        return net, opt, DSR(net, opt, sparsity=0.9, prune_target=50, init_threshold=threshold,
+                             schedule=RewireSchedule({0: 3}))
 
-    (w1, s1), (w2, s2) = run(False), run(True)
-    assert s1["threshold"] == s2["threshold"] and s1["iteration"] == s2["iteration"] == 24
-    for name in s1["masks"]:
-        assert torch.equal(s1["masks"][name], s2["masks"][name])
-    for key in w1:
-        assert torch.equal(w1[key], w2[key])
+    s1, s2 = assert_resume_is_exact(build, 12, 12)
+    assert s1["threshold"] == s2["threshold"]
 
 
 def test_create_sparsifier_by_name():
