@@ -5,6 +5,7 @@ from torch import nn
 from dsrpipe import models
 from dsrpipe.errors import UserError
 from dsrpipe.models import create_model, is_known_model, list_models, register_model
+from dsrpipe.sparse.base import select_sparse_weights
 
 DATASETS = {  # (in_channels, image_size, num_classes)
     "digits": (1, 8, 10),
@@ -57,6 +58,9 @@ def test_parameter_counts_match_the_papers():
     assert _num_params(lenet5) == 431_080
     lenet_300_100 = create_model("lenet-300-100", num_classes=10, in_channels=1, image_size=28)
     assert _num_params(lenet_300_100) == 266_610
+    # The paper's sparse layers, by the names reports and `sparsity.exclude` use.
+    assert list(select_sparse_weights(lenet5)) == ["conv2", "fc1"]
+    assert list(select_sparse_weights(lenet_300_100)) == ["fc1", "fc2"]
 
 
 def test_small_cnn_width_and_wrn_dropout_options():

@@ -12,11 +12,13 @@ from .helpers import assert_resume_is_exact, masked_weights_are_zero, small_net,
 
 
 
-def test_selects_conv_and_linear_weights_except_first_and_last():
+def test_selects_conv_and_linear_weights_except_first_conv_and_last_linear():
     net = small_net()
     assert list(select_sparse_weights(net)) == ["2", "4", "8"]
     assert list(select_sparse_weights(net, dense_first=False, dense_last=False)) == ["0", "2", "4", "8", "10"]
     assert list(select_sparse_weights(net, exclude=["8"])) == ["2", "4"]
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2))
+    assert list(select_sparse_weights(mlp)) == ["0", "1"]  # no conv: the first Linear is sparse
 
 
 def test_initial_masks_have_the_requested_sparsity_per_tensor():

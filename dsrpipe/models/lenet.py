@@ -1,5 +1,7 @@
 """The LeNet variants of the pruning literature (Han et al. 2015; Mostafa & Wang 2019), as in Caffe's MNIST example."""
 
+from collections import OrderedDict
+
 from torch import nn
 
 from dsrpipe.errors import UserError
@@ -16,25 +18,26 @@ def lenet5(*, num_classes: int, in_channels: int, image_size: int, scale: float 
     if scale <= 0:
         raise UserError(f"model option scale must be > 0, got {scale}")
     c1, c2, hidden = (max(1, round(c * scale)) for c in (20, 50, 500))
-    return nn.Sequential(
-        nn.Conv2d(in_channels, c1, 5),
-        nn.MaxPool2d(2),
-        nn.Conv2d(c1, c2, 5),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(c2 * feature_size**2, hidden),
-        nn.ReLU(inplace=True),
-        nn.Linear(hidden, num_classes),
-    )
+    # Named layers, so reports, plots and `sparsity.exclude` patterns speak of conv2 and fc1.
+    return nn.Sequential(OrderedDict(
+        conv1=nn.Conv2d(in_channels, c1, 5),
+        pool1=nn.MaxPool2d(2),
+        conv2=nn.Conv2d(c1, c2, 5),
+        pool2=nn.MaxPool2d(2),
+        flatten=nn.Flatten(),
+        fc1=nn.Linear(c2 * feature_size**2, hidden),
+        relu=nn.ReLU(inplace=True),
+        fc2=nn.Linear(hidden, num_classes),
+    ))
 
 
 @register_model("lenet-300-100")
 def lenet_300_100(*, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
-    return nn.Sequential(
-        nn.Flatten(),
-        nn.Linear(in_channels * image_size**2, 300),
-        nn.ReLU(inplace=True),
-        nn.Linear(300, 100),
-        nn.ReLU(inplace=True),
-        nn.Linear(100, num_classes),
-    )
+    return nn.Sequential(OrderedDict(
+        flatten=nn.Flatten(),
+        fc1=nn.Linear(in_channels * image_size**2, 300),
+        relu1=nn.ReLU(inplace=True),
+        fc2=nn.Linear(300, 100),
+        relu2=nn.ReLU(inplace=True),
+        fc3=nn.Linear(100, num_classes),
+    ))

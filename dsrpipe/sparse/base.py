@@ -57,16 +57,17 @@ def select_sparse_weights(
 ) -> dict[str, nn.Parameter]:
     """Conv2d/Linear weights to make sparse, by module name.
 
-    By default the first layer (few weights, each carrying a lot of input) and the final
-    classifier stay dense, as in the paper; `exclude` adds fnmatch patterns on module names."""
+    By default the first conv (few weights, each carrying a lot of input) and the final
+    classifier (the last Linear) stay dense, as in the paper; an MLP's first Linear is sparse, as
+    it holds most of the weights. `exclude` adds fnmatch patterns on module names."""
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    if not layers:
-        return {}
-    first, last = layers[0][0], [n for n, m in layers if isinstance(m, nn.Linear)][-1:] or [None]
+    convs = [n for n, m in layers if isinstance(m, nn.Conv2d)]
+    linears = [n for n, m in layers if isinstance(m, nn.Linear)]
+    dense = set(convs[:1] if dense_first else []) | set(linears[-1:] if dense_last else [])
     patterns = list(exclude)
     chosen = {}
     for name, module in layers:
-        if (dense_first and name == first) or (dense_last and name == last[0]):
+        if name in dense:
             continue
         if any(fnmatch.fnmatchcase(name, p) for p in patterns):
             continue
