@@ -37,7 +37,7 @@ def assert_resume_is_exact(build, first_steps, second_steps):
     """Train `first_steps`, save model/optimizer/sparsifier, load them into freshly built
     objects (other seeds, other settings) and train `second_steps`: the weights and the
     sparsifier's state must equal an uninterrupted run's, bit for bit. `build(fresh)` returns
-    (model, optimizer, sparsifier). Returns the sparsifier state for more checks."""
+    (model, optimizer, sparsifier). Returns both runs' sparsifier states, for more checks."""
     def run(resume):
         torch.manual_seed(0)
         model, optimizer, sparsifier = build(fresh=False)
