@@ -42,7 +42,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import __version__, files
-from .config import FINETUNE_SETTINGS, TRAIN_SETTINGS, VALIDATE_SETTINGS, Pipeline, apply_overrides, parse_pipeline
+from .config import FINETUNE_SETTINGS, VALIDATE_SETTINGS, Pipeline, apply_overrides, parse_pipeline
 from .errors import UserError
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$"
@@ -225,13 +225,10 @@ def _complete(run: Run, runs_dir: Path) -> dict[str, Any] | None:
 def _stale(run: Run, runs_dir: Path) -> bool:
     """Whether the run's folder holds training outputs made with other settings. The grid owns
     its run folders, so those are redone rather than refused as `dsrpipe run` would."""
-    from .sparse.frozen import load_source
-    from .train import load_checkpoint
+    from .train import load_checkpoint, train_fingerprint
 
-    train = run.cfg.fingerprint(*TRAIN_SETTINGS)
-    if run.method == "frozen":  # tied to the very DSR run whose masks it retrains
-        train += f"-{load_source(run.cfg.sparsity.masks_from)[1]}"
-    for stage, expected in (("train", train), ("finetune", run.cfg.fingerprint(*FINETUNE_SETTINGS))):
+    for stage, expected in (("train", train_fingerprint(run.cfg)),
+                            ("finetune", run.cfg.fingerprint(*FINETUNE_SETTINGS))):
         for checkpoint in ("final.pt", "last.pt"):
             path = runs_dir / run.name / stage / checkpoint
             if path.exists() and not load_checkpoint(path)["fingerprint"].startswith(expected):

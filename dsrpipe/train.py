@@ -94,12 +94,18 @@ def train_sparse(cfg: Pipeline, out: Path, *, resume: bool = False, force: bool 
                  f"({params / budget - 1:+.1%})")
         return {**spec, "options": options, "thin_dense": {"params": params, "budget": budget}}
 
-    fingerprint = cfg.fingerprint(*TRAIN_SETTINGS)
-    if s.method == "frozen":  # tied to the very run whose masks it retrains, as finetune is
-        fingerprint += f"-{load_source(s.masks_from)[1]}"
-    return _fit(cfg, "train", cfg.train, out, make_sparsifier, fingerprint, start_from=None,
+    return _fit(cfg, "train", cfg.train, out, make_sparsifier, train_fingerprint(cfg), start_from=None,
                 adapt_spec=thin_spec if s.method == "thin-dense" else None,
                 resume=resume, force=force, progress=progress)
+
+
+def train_fingerprint(cfg: Pipeline) -> str:
+    """What a trained checkpoint must match: the training settings and, for `frozen`, the very
+    run whose masks it retrains (retraining that run makes this one stale)."""
+    fingerprint = cfg.fingerprint(*TRAIN_SETTINGS)
+    if cfg.sparsity.method == "frozen":
+        fingerprint += f"-{load_source(cfg.sparsity.masks_from)[1]}"
+    return fingerprint
 
 
 def finetune(cfg: Pipeline, out: Path, *, resume: bool = False, force: bool = False,
@@ -109,7 +115,7 @@ def finetune(cfg: Pipeline, out: Path, *, resume: bool = False, force: bool = Fa
     if not trained_path.exists():
         raise UserError(f"no trained model at {trained_path}: run train-sparse first")
     trained = load_checkpoint(trained_path)
-    if trained["fingerprint"] != cfg.fingerprint(*TRAIN_SETTINGS):
+    if trained["fingerprint"] != train_fingerprint(cfg):
         raise UserError(f"{trained_path} was trained with other settings: rerun train-sparse (--force)")
 
     def make_sparsifier(model, optimizer, steps_per_epoch):

@@ -399,11 +399,15 @@ def test_methods_run_end_to_end_on_digits(tmp_path):
     rigl_ckpt = torch.load(rigl_path, weights_only=False)
     assert sum(h["reallocations"] for h in rigl_ckpt["history"]) == (1437 // 64) // 5
 
-    frozen_cfg = tiny("frozen", "frozen", masks_from=str(rigl_path))
+    frozen_cfg = parse_pipeline({**tiny("frozen", "frozen", masks_from=str(rigl_path)).model_dump(mode="json", by_alias=True),
+                                 "finetune": {"epochs": 1}})
     frozen_ckpt = torch.load(train_sparse(frozen_cfg, tmp_path, progress=False), weights_only=False)
     for name, mask in rigl_ckpt["sparsifier"]["masks"].items():
         assert torch.equal(frozen_ckpt["sparsifier"]["masks"][name], mask)
     assert frozen_ckpt["fingerprint"].endswith(rigl_ckpt["run_id"])  # a retrained source makes it stale
+    tuned = torch.load(finetune(frozen_cfg, tmp_path, progress=False), weights_only=False)  # accepts that fingerprint
+    for name, mask in rigl_ckpt["sparsifier"]["masks"].items():
+        assert torch.equal(tuned["sparsifier"]["masks"][name], mask)
 
     thin_cfg = tiny("thin", "thin-dense")
     thin = run_pipeline(thin_cfg, tmp_path, progress=False)
