@@ -136,6 +136,12 @@ def proportional_split(total: int, weights: list[int], capacity: list[int]) -> l
     return share
 
 
+def active_budget(numel: int, sparsity: float) -> int:
+    """How many weights a tensor of `numel` keeps at `sparsity` (at least one): the budget every
+    sparse method starts from or prunes down to, and that thin-dense matches."""
+    return max(1, round((1 - sparsity) * numel))
+
+
 def smallest_active(weight: torch.Tensor, mask: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
     """Bool mask of exactly `count` active entries of smallest magnitude.
 
@@ -201,7 +207,7 @@ class Sparsifier:
     def initial_mask(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         """The mask a tensor starts with: uniformly random at the target sparsity. Methods that
         start elsewhere (dense, a given mask) override this."""
-        active = max(1, round((1 - self.sparsity) * weight.numel()))
+        active = active_budget(weight.numel(), self.sparsity)
         mask = torch.zeros(weight.numel(), dtype=torch.bool, device=weight.device)
         all_free = torch.ones_like(mask)
         mask[sample_free_positions(all_free, active, weight.numel(), self.generator)] = True
@@ -262,6 +268,21 @@ class Sparsifier:
             hook.remove()
         self._hooks = []
 
+    # -- helpers for the methods' reallocate() -----------------------------------------------
+    def active_per_tensor(self) -> dict[str, int]:
+        """Mask ones of each sparse tensor, read in one host sync."""
+        return dict(zip(self.masks, torch.stack([m.sum() for m in self.masks.values()]).tolist()))
+
+    @torch.no_grad()
+    def drop_smallest(self, name: str, count: int) -> torch.Tensor:
+        """Deactivate exactly `count` active weights of tensor `name` with the smallest magnitude
+        (mask 0, weight 0); returns which."""
+        weight, mask = self.weights[name], self.masks[name]
+        dropped = smallest_active(weight, mask, count, self.generator)
+        mask.logical_and_(~dropped)
+        weight.masked_fill_(dropped, 0.0)
+        return dropped
+
     # -- keeping masked weights at exactly zero ---------------------------------------------
     @torch.no_grad()
     def apply_masks(self) -> None:
@@ -292,7 +313,7 @@ class Sparsifier:
 
     def active_count(self) -> int:
         """Total mask ones: DSR keeps this constant."""
-        return int(sum(m.sum() for m in self.masks.values())) if self.masks else 0
+        return sum(self.active_per_tensor().values()) if self.masks else 0
 
 
 class Dense(Sparsifier):

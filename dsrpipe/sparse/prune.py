@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from .base import Sparsifier, smallest_active
+from .base import Sparsifier, active_budget
 
 
 class GradualPrune(Sparsifier):
@@ -46,7 +46,7 @@ class GradualPrune(Sparsifier):
 
     def target_active(self, numel: int, iteration: int) -> int:
         # At the end this is the count every sparse method starts with: the same budget.
-        return max(1, round((1 - self.target_sparsity(iteration)) * numel))
+        return active_budget(numel, self.target_sparsity(iteration))
 
     def step(self) -> dict[str, Any] | None:
         self.iteration += 1
@@ -58,15 +58,10 @@ class GradualPrune(Sparsifier):
 
     @torch.no_grad()
     def reallocate(self) -> dict[str, Any]:
-        names = list(self.masks)
-        active = torch.stack([self.masks[n].sum() for n in names]).tolist()
         pruned = {}
-        for name, num_active in zip(names, active):
-            w, m = self.weights[name], self.masks[name]
-            count = max(0, num_active - self.target_active(w.numel(), self.iteration))
-            drop = smallest_active(w, m, count, self.generator)
-            m.logical_and_(~drop)
-            w.masked_fill_(drop, 0.0)
+        for name, num_active in self.active_per_tensor().items():
+            count = max(0, num_active - self.target_active(self.masks[name].numel(), self.iteration))
+            self.drop_smallest(name, count)
             pruned[name] = count
         self.clear_optimizer_state()
         return {"iteration": self.iteration, "target_sparsity": self.target_sparsity(self.iteration),

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from .base import Sparsifier, smallest_active
+from .base import Sparsifier
 
 
 class RigL(Sparsifier):
@@ -58,20 +58,16 @@ class RigL(Sparsifier):
         if set(scores) != set(self.masks):
             raise RuntimeError("RigL reallocates from the dense gradient of the step just before: "
                                "call backward() and then step() on a reallocation iteration")
-        names = list(self.masks)
-        active = torch.stack([self.masks[n].sum() for n in names]).tolist()
         grown = {}
-        for name, num_active in zip(names, active):
-            w, m = self.weights[name], self.masks[name]
-            free = w.numel() - num_active
+        for name, num_active in self.active_per_tensor().items():
+            m = self.masks[name]
+            free = m.numel() - num_active
             count = min(round(fraction * num_active), free)  # a nearly dense tensor grows what fits
             # 1. Drop exactly `count` smallest-magnitude active weights.
-            dropped = smallest_active(w, m, count, self.generator)
+            dropped = self.drop_smallest(name, count)
             # 2. Grow as many where |dense gradient| is largest, among positions that were
             #    inactive before this step (scores are >= 0, so -1 rules the others out).
             eligible = ~(m | dropped)
-            m.logical_and_(~dropped)
-            w.masked_fill_(dropped, 0.0)
             if count:
                 score = scores[name].masked_fill(~eligible, -1.0)
                 m.view(-1)[score.view(-1).topk(count, sorted=False).indices] = True

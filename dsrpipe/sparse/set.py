@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from .base import Sparsifier, sample_free_positions, smallest_active
+from .base import Sparsifier, sample_free_positions
 
 
 class SET(Sparsifier):
@@ -27,19 +27,15 @@ class SET(Sparsifier):
 
     @torch.no_grad()
     def reallocate(self) -> dict[str, Any]:
-        names = list(self.masks)
-        active = torch.stack([self.masks[n].sum() for n in names]).tolist()
         grown = {}
-        for name, num_active in zip(names, active):
-            w, m = self.weights[name], self.masks[name]
+        for name, num_active in self.active_per_tensor().items():
             count = round(self.zeta * num_active)
             # 1. Prune exactly `count` smallest-magnitude active weights.
-            pruned = smallest_active(w, m, count, self.generator)
-            m.logical_and_(~pruned)
-            w.masked_fill_(pruned, 0.0)
+            pruned = self.drop_smallest(name, count)
             # 2. Regrow as many in this tensor, at random free positions other than those just
             #    pruned (unless nothing else is free).
-            free = w.numel() - num_active
+            m = self.masks[name]
+            free = m.numel() - num_active
             slots = ~(m | pruned)
             if free < count:
                 slots, free = ~m, free + count

@@ -16,7 +16,7 @@ import torch
 from ..errors import UserError
 from ..models import create_model
 from ..models.wrn import parse_wrn_name
-from .base import select_sparse_weights
+from .base import active_budget, select_sparse_weights
 
 
 def _width_knob(model_name: str, options: dict[str, Any]) -> tuple[str, float]:
@@ -52,7 +52,7 @@ def thin_model_options(
     model = build(full)
     sparse = select_sparse_weights(model, dense_first=dense_first, dense_last=dense_last, exclude=exclude)
     total = sum(p.numel() for p in model.parameters())
-    kept = sum(max(1, round((1 - sparsity) * w.numel())) for w in sparse.values()) if sparsity > 0 else 0
+    kept = sum(active_budget(w.numel(), sparsity) for w in sparse.values()) if sparsity > 0 else 0
     budget = total - sum(w.numel() for w in sparse.values()) + kept if sparsity > 0 else total
 
     # Bisection for the widest value whose count fits the budget, then the closer of it and the next.
