@@ -41,6 +41,14 @@ class DataConfig(Section):
                 raise ValueError(f"root does not exist: {self.root}")
         return self
 
+    def load(self):
+        """The (train, test) splits as configured."""
+        from .data import load_data
+
+        return load_data(self.dataset, root=self.root, download=self.download, image_size=self.image_size,
+                         cache_dir=self.cache_dir, num_workers=self.num_workers, max_train=self.max_train,
+                         max_test=self.max_test)
+
 
 class ModelConfig(Section):
     name: str = "small-cnn"

@@ -17,7 +17,6 @@ import torch
 
 from . import __version__, files
 from .config import EXPORT_SETTINGS, VALIDATE_SETTINGS, Pipeline
-from .data import load_data
 from .errors import UserError, ValidationFailed
 from .export import export_onnx
 from .plots import RUN_FILES, read_history, write_run_plots
@@ -113,10 +112,7 @@ def validate_stage(cfg: Pipeline, out: Path, *, force: bool = False) -> dict[str
             _raise_if_failed(report)
             return report
     checkpoint, model = _load_trained(out, cfg)
-    _, test_set = load_data(cfg.data.dataset, root=cfg.data.root, download=cfg.data.download,
-                            image_size=cfg.data.image_size, cache_dir=cfg.data.cache_dir,
-                            num_workers=cfg.data.num_workers, max_train=cfg.data.max_train,
-                            max_test=cfg.data.max_test)
+    _, test_set = cfg.data.load()
     try:
         metrics = validate_onnx(paths["onnx"], model, test_set, batch_size=cfg.validation.batch_size,
                                 latency_runs=cfg.validation.latency_runs, min_top1=cfg.validation.min_top1,

@@ -27,7 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from . import files
 from .config import FINETUNE_SETTINGS, TRAIN_SETTINGS, OptimConfig, Pipeline
-from .data import Dataset, load_data
+from .data import Dataset
 from .errors import UserError
 from .models import create_model
 from .sparse import RewireSchedule, Sparsifier, create_sparsifier
@@ -152,10 +152,7 @@ def _fit(cfg: Pipeline, stage: str, opt_cfg: OptimConfig, out: Path,
             raise UserError(f"{paths['last']} was made with other settings: use --force to start over")
 
     device = resolve_device(cfg.device)
-    train_set, test_set = load_data(cfg.data.dataset, root=cfg.data.root, download=cfg.data.download,
-                                    image_size=cfg.data.image_size, cache_dir=cfg.data.cache_dir,
-                                    num_workers=cfg.data.num_workers, max_train=cfg.data.max_train,
-                                    max_test=cfg.data.max_test)
+    train_set, test_set = cfg.data.load()
     info = train_set.info
     steps_per_epoch = train_set.num_batches(opt_cfg.batch_size, drop_last=True)
     if steps_per_epoch == 0:
