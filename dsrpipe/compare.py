@@ -42,7 +42,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import __version__, files
-from .config import FINETUNE_SETTINGS, VALIDATE_SETTINGS, Pipeline, apply_overrides, parse_pipeline
+from .config import (FINETUNE_SETTINGS, VALIDATE_SETTINGS, Pipeline, apply_overrides, first_error, parse_pipeline,
+                     read_yaml)
 from .errors import UserError
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$"
@@ -123,41 +124,23 @@ class Run:
 
 
 # -- reading the grid -------------------------------------------------------------------------
-def _read_yaml(path: Path, what: str) -> Any:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise UserError(f"cannot read {what} {path}: {exc.strerror}") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}:{where} not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
-
-
 def load_grid(path: str | Path) -> tuple[Grid, str, dict[str, Any]]:
     """The validated grid, its name and the base pipeline's raw settings."""
     path = Path(path)
-    raw = _read_yaml(path, "grid")
+    raw = read_yaml(path, "grid")
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping with base, methods, sparsities and seeds")
     try:
         grid = Grid.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = "".join(f"{part}: " for part in [".".join(str(p) for p in first["loc"])] if part)
-        message = first["msg"].removeprefix("Value error, ")
-        if first["type"] == "extra_forbidden":
-            message = "unknown setting"
-        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise UserError(f"{path}: {where}{message}{more}") from None
+        where, what = first_error(exc)
+        raise UserError(f"{path}: {where + ': ' if where else ''}{what}") from None
     name = grid.name or path.stem
     if grid.name is None and not re.match(NAME_PATTERN, name):
         raise UserError(f"{path}: the file name '{name}' is no safe folder name: set name: in the grid")
     if isinstance(grid.base, str):
         base_path = (path.parent / grid.base) if not Path(grid.base).is_absolute() else Path(grid.base)
-        base = _read_yaml(base_path, "base pipeline")
+        base = read_yaml(base_path, "base pipeline")
         if not isinstance(base, dict):
             raise UserError(f"{base_path}: expected a mapping of settings at the top level")
     else:

@@ -170,19 +170,38 @@ EXPORT_SETTINGS = FINETUNE_SETTINGS + ("export",)
 VALIDATE_SETTINGS = EXPORT_SETTINGS + ("validation",)
 
 
+def first_error(exc: ValidationError) -> tuple[str, str]:
+    """(where, what) of a validation error, for a one-line message: the dotted path of the first
+    problem ("" at the top level) and what is wrong, with a count of any others."""
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    message = "unknown setting" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return where, f"{message}{more}"
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    """A YAML file's data, or a one-line UserError naming the file (and the line)."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UserError(f"cannot read {what} {path}: {exc.strerror}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}:{where} not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+
+
 def parse_pipeline(raw: Any, source: str = "pipeline") -> Pipeline:
     if not isinstance(raw, dict):
         raise UserError(f"{source}: expected a mapping of settings at the top level")
     try:
         return Pipeline.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "(top level)"
-        message = first["msg"].removeprefix("Value error, ")
-        if first["type"] == "extra_forbidden":
-            message = "unknown setting"
-        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise UserError(f"{source}: {where}: {message}{more}") from None
+        where, what = first_error(exc)
+        raise UserError(f"{source}: {where or '(top level)'}: {what}") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -206,16 +225,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 def load_pipeline(path: str | Path, overrides: list[str] = ()) -> Pipeline:
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise UserError(f"cannot read pipeline {path}: {exc.strerror}") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}:{where} not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+    raw = read_yaml(path, "pipeline")
     if isinstance(raw, dict):
         raw.setdefault("name", path.stem)  # a pipeline is named after its file unless it says
         apply_overrides(raw, list(overrides))
