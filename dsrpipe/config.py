@@ -17,6 +17,9 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
+SAFE_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"  # a run name is a folder name: no paths, no surprises
+
+
 class DataConfig(Section):
     dataset: str = "digits"
     root: Path | None = None  # folder (or archive, for imagefolder); relative to the working directory
@@ -142,7 +145,7 @@ class ValidateConfig(Section):
 class Pipeline(Section):
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), populate_by_name=True)
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # a safe folder name
+    name: str = Field(pattern=f"^{SAFE_NAME}$")
     seed: int = 0
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     bf16: bool = False  # bf16 autocast, on CUDA only

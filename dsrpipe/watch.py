@@ -35,6 +35,7 @@ import stat
 import sys
 import time
 import traceback
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -42,6 +43,7 @@ from typing import Any, Callable
 import yaml
 
 from . import files
+from .config import SAFE_NAME
 from .errors import UserError
 from .journal import ACTIVE, Journal
 
@@ -53,7 +55,7 @@ READY_MARKER = ".ready"
 ERROR_SUFFIX = ".error.txt"
 PIPELINE_SUFFIXES = (".yaml", ".yml")
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")  # as dsrpipe.data (not imported: it imports torch)
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # as config.Pipeline.name: a safe folder name
+NAME_RE = re.compile(SAFE_NAME)
 MAX_PIPELINE_BYTES = 2**20
 MAX_ATTEMPTS = 10  # starts of one job (each interruption costs one) before it is failed
 STOP_TIMEOUT = 30.0  # seconds a job gets to stop on SIGTERM before SIGKILL
@@ -297,19 +299,10 @@ class Daemon:
         self.stopping, self.signal_name = True, signal.Signals(signum).name
 
     def _lock(self):
-        f = open(self.state / "lock", "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            pid = f.read().strip() or "?"
-            f.close()
-            raise UserError(f"{self.drop} is already watched by another dsrpipe watch (pid {pid}); "
-                            "stop it first") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
+        f = _hold_lock(self.state / "lock")
+        if f is None:
+            pid = (self.state / "lock").read_text().strip() or "?"
+            raise UserError(f"{self.drop} is already watched by another dsrpipe watch (pid {pid}); stop it first")
         return f
 
     def _recover(self) -> None:
@@ -735,6 +728,22 @@ def _look(st: os.stat_result) -> tuple:
     return st.st_mode, st.st_size, st.st_mtime_ns
 
 
+def _hold_lock(path: Path):
+    """Open `path` and take its lock for as long as the file stays open, with our pid written
+    in it (for `dsrpipe status` and for stopping orphans); None if another process holds it."""
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
 def _try_lock(f) -> bool:
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -781,16 +790,10 @@ def job_main(job_dir: Path, settings: dict[str, Any] | None = None) -> int:
     `python -m dsrpipe.watch <drop>/.dsrpipe/jobs/<job>`."""
     settings = settings or {}
     spec = json.loads((job_dir / "job.json").read_text())
-    lock = open(job_dir / "job.lock", "a+")  # held until this process ends, however it ends
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    lock = _hold_lock(job_dir / "job.lock")  # held until this process ends, however it ends
+    if lock is None:
         print("error: another process is running this job", file=sys.stderr, flush=True)
         return EXIT_BUSY
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"{os.getpid()}\n")
-    lock.flush()
     signal.signal(signal.SIGTERM, _interrupt)  # stop between two steps; epochs are checkpointed
     signal.signal(signal.SIGINT, _interrupt)
     os.chdir(spec["cwd"])  # a pipeline's relative paths are relative to the drop folder
@@ -915,9 +918,7 @@ def status_report(drop: Path, *, as_json: bool = False) -> str:
         table.append((str(r["id"]), r["name"], r["state"], r["drop_path"], updated, duration, detail))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in table]
-    counts = {}
-    for r in rows:
-        counts[r["state"]] = counts.get(r["state"], 0) + 1
+    counts = Counter(r["state"] for r in rows)
     lines.append(f"{len(rows)} drops: " + ", ".join(f"{n} {state}" for state, n in counts.items()))
     return "\n".join(lines)
 
