@@ -1,8 +1,13 @@
-"""Shared by the sparsifier tests: a small CNN, random-data training steps and the
-masked-weights-are-zero check."""
+"""Shared by the tests: a small CNN, random-data training steps, the masked-weights-are-zero
+and exact-resume checks, and small image-folder datasets written to disk."""
 
+import io
+from pathlib import Path
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 
@@ -60,3 +65,25 @@ def assert_resume_is_exact(build, first_steps, second_steps):
     for key in w1:
         assert torch.equal(w1[key], w2[key]), key
     return s1, s2
+
+
+def png(size=(12, 12), mode="RGB", seed=0) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], len(mode)), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.squeeze(2) if mode == "L" else pixels, mode).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def image_tree(classes=("cat", "dog", "frog"), per_split=None, mode="RGB", top="", size=(12, 12)):
+    """{relative path: bytes} of a small train/test image tree, optionally under a top folder."""
+    per_split = per_split or {"train": 4, "test": 2}
+    names = [f"{top}{split}/{name}/{i}.png"
+             for split, count in per_split.items() for name in classes for i in range(count)]
+    return {name: png(size, mode, seed) for seed, name in enumerate(names)}
+
+
+def write_tree(root: Path, tree: dict) -> Path:
+    for name, content in tree.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(content)
+    return root

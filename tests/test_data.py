@@ -15,6 +15,8 @@ from dsrpipe import data
 from dsrpipe.data import KNOWN_DATASETS, Dataset, StreamingDataset, dataset_needs_root, load_data
 from dsrpipe.errors import UserError
 
+from .helpers import image_tree, png, write_tree
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = next((p for p in (Path("/work/shared/datasets"), REPO.parent / "shared" / "datasets")
                if p.is_dir()), None)
@@ -155,28 +157,6 @@ def test_mnist10k_from_shared_folder():
 
 
 # --- image folders -------------------------------------------------------------------------------
-
-
-def png(size=(12, 12), mode="RGB", seed=0) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], len(mode)), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels.squeeze(2) if mode == "L" else pixels, mode).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def image_tree(classes=("cat", "dog", "frog"), per_split=None, mode="RGB", top=""):
-    """{relative path: bytes} of a small train/test image tree, optionally under a top folder."""
-    per_split = per_split or {"train": 4, "test": 2}
-    names = [f"{top}{split}/{name}/{i}.png"
-             for split, count in per_split.items() for name in classes for i in range(count)]
-    return {name: png(mode=mode, seed=seed) for seed, name in enumerate(names)}
-
-
-def write_tree(root: Path, tree: dict) -> Path:
-    for name, content in tree.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_bytes(content)
-    return root
 
 
 def write_tar(path: Path, members: list[tarfile.TarInfo | tuple[str, bytes]]) -> Path:

@@ -21,6 +21,7 @@ from dsrpipe.train import finetune, train_sparse
 
 from . import helpers
 from .helpers import masked_weights_are_zero
+from .test_pipeline import tiny as tiny_pipeline
 
 
 def small_net():
@@ -379,15 +380,10 @@ def test_state_dict_round_trip_continues_identically(method, frozen_source):
 # -- end to end -----------------------------------------------------------------------------------
 
 def tiny(name, method, **sparsity):
-    return parse_pipeline({
-        "name": name,
-        "data": {"dataset": "digits"},
-        "model": {"name": "small-cnn", "options": {"width": 8}},
-        "sparsity": {"method": method, "sparsity": 0.8, "rewire_periods": {0: 5}, **sparsity},
-        "train": {"epochs": 1, "batch_size": 64, "lr": 0.1},
-        "finetune": {"epochs": 0},
-        "validate": {"latency_runs": 3},
-    })
+    """test_pipeline's tiny pipeline with `method` at 0.8: width 8, one epoch, no fine-tuning."""
+    return parse_pipeline(tiny_pipeline(
+        name, model={"options": {"width": 8}}, sparsity={"method": method, "sparsity": 0.8, **sparsity},
+        train={"epochs": 1}, finetune={"epochs": 0}, validate={"latency_runs": 3}))
 
 
 def test_methods_run_end_to_end_on_digits(tmp_path):

@@ -16,11 +16,13 @@ import zipfile
 import onnx
 import pytest
 import yaml
-from PIL import Image
 
 from dsrpipe.config import parse_pipeline
 from dsrpipe.journal import Journal
 from dsrpipe.watch import DEFAULT_TEMPLATE, IntakeError, content_hash, drop_stem, parse_size, slug, stamp
+
+from . import helpers
+from .helpers import write_tree
 
 # One thread per job: on a small shared machine OpenMP threads fighting for cores make tiny
 # models many times slower.
@@ -55,24 +57,13 @@ TEMPLATE = yaml.safe_dump({  # for dataset drops: 3 classes x 6 images of 8x8 tr
 })
 
 
-def png(value):
-    buffer = io.BytesIO()
-    Image.new("L", (8, 8), value).save(buffer, format="PNG")
-    return buffer.getvalue()
+def png(seed):
+    return helpers.png((8, 8), "L", seed)
 
 
 def image_tree(prefix=""):
-    """train/ (6 per class) and test/ (3 per class) folders of 3 classes of 8x8 PNGs."""
-    return {f"{prefix}{split}/{cls}/{i}.png": png(40 * c + 7 * i)
-            for split, n in (("train", 6), ("test", 3)) for c, cls in enumerate(("ant", "bee", "cat"))
-            for i in range(n)}
-
-
-def write_tree(root, tree):
-    for rel, data in tree.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(data)
-    return root
+    """train/ (6 per class) and test/ (3 per class) folders of 3 classes of 8x8 grey PNGs."""
+    return helpers.image_tree(("ant", "bee", "cat"), {"train": 6, "test": 3}, "L", prefix, (8, 8))
 
 
 def targz_bytes(members):
