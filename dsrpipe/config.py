@@ -123,6 +123,7 @@ class OptimConfig(Section):
     weight_decay: float = Field(5e-4, ge=0)
     milestones: list[int] = []  # epochs at which the LR is multiplied by gamma
     gamma: float = Field(0.1, gt=0)
+    compile: bool = False  # torch.compile the training step (CUDA: also as CUDA graphs); slower to start
 
 
 class FinetuneConfig(OptimConfig):

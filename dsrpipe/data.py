@@ -13,6 +13,7 @@ are streamed from disk by DataLoader workers instead.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import multiprocessing
 import os
@@ -89,13 +90,22 @@ class Dataset:
         device = torch.device(device)
         generator = _generator(seed, epoch)
         images, labels = self._on(device)
+        count = self.num_batches(batch_size, drop_last)
         order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
+        order = order[:count * batch_size]
         pad, flip = augmentation_for(self.info)
-        for i in range(self.num_batches(batch_size, drop_last)):
-            index = order[i * batch_size:(i + 1) * batch_size].to(device)
+        # The epoch's random choices are drawn up front, batch by batch as before, and sent to the
+        # device in one copy: a copy per step would make the host wait for the GPU every step.
+        crops = [crop_choices(min(batch_size, len(order) - i * batch_size), pad, flip, generator)
+                 for i in range(count)] if augment else []
+        plan = [order] + ([torch.cat(c) for c in zip(*crops)] if crops else [])
+        plan = [t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t for t in plan]
+        for i in range(count):
+            batch = slice(i * batch_size, (i + 1) * batch_size)
+            index = plan[0][batch]
             x = images[index]
             if augment:
-                x = random_crop(x, pad, flip, generator)
+                x = random_crop(x, plan[1][batch], plan[2][batch], pad, reflect=self.info.in_channels == 3)
             yield _to_float(x, self.max_value, self.info, normalize), labels[index]
 
     def subset(self, indices: torch.Tensor) -> Dataset:
@@ -152,30 +162,45 @@ def augmentation_for(info: DatasetInfo) -> tuple[int, bool]:
     return max(1, info.image_size // 14), False
 
 
-def random_crop(images: torch.Tensor, pad: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
-    """Zero-pad each image by `pad` and crop it back at a random offset, optionally mirroring half
-    of them: one gather for the whole batch, no Python loop over samples."""
+def crop_choices(n: int, pad: int, flip: bool, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random (row, column) offsets in [0, 2·pad] and mirror flags for `n` images."""
+    offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator)
+    mirrored = torch.rand(n, generator=generator) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
+    return offsets, mirrored
+
+
+def random_crop(images: torch.Tensor, offsets: torch.Tensor, mirrored: torch.Tensor, pad: int, *,
+                reflect: bool = False) -> torch.Tensor:
+    """Pad each image by `pad` (zeros, or the mirror image of its border as in the DSR authors'
+    CIFAR pipeline), crop it back at `offsets` and mirror where `mirrored`: one gather for the
+    whole batch, reading the unpadded image, with no Python loop over samples."""
     n, c, h, w = images.shape
     device = images.device
-    offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator).to(device)
-    rows = offsets[:, :1] + torch.arange(h, device=device)  # (n, h) rows of the padded image
-    cols = offsets[:, 1:] + torch.arange(w, device=device)  # (n, w)
-    if flip:
-        mirrored = (torch.rand(n, generator=generator) < 0.5).to(device)
-        cols = torch.where(mirrored[:, None], cols.flip(1), cols)
-    padded = F.pad(images, (pad, pad, pad, pad)).flatten(2)  # (n, c, padded pixels)
+    rows = offsets[:, :1].to(device) - pad + torch.arange(h, device=device)  # (n, h), may fall outside
+    cols = offsets[:, 1:].to(device) - pad + torch.arange(w, device=device)  # (n, w)
+    cols = torch.where(mirrored.to(device)[:, None], cols.flip(1), cols)
+    if reflect:  # -1 -> 1, h -> h - 2
+        rows = (h - 1) - ((h - 1) - rows.abs()).abs()
+        cols = (w - 1) - ((w - 1) - cols.abs()).abs()
+    inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
     # A flat pixel index per output pixel, shared by the channels: gather beats 4-D indexing 5x.
-    index = (rows[:, :, None] * (w + 2 * pad) + cols[:, None, :]).view(n, 1, h * w)
-    return padded.gather(2, index.expand(n, c, h * w)).view(n, c, h, w)
+    index = (rows.clamp(0, h - 1)[:, :, None] * w + cols.clamp(0, w - 1)[:, None, :]).view(n, 1, h * w)
+    out = images.flatten(2).gather(2, index.expand(n, c, h * w)).view(n, c, h, w)
+    return out if reflect else out * inside[:, None].to(out.dtype)
 
 
 def _to_float(x: torch.Tensor, max_value: int, info: DatasetInfo, normalize: bool) -> torch.Tensor:
     x = x.float().div_(max_value)
     if normalize:
-        shape = (1, -1, 1, 1)
-        x = x.sub_(torch.tensor(info.mean, device=x.device).view(shape)).div_(
-            torch.tensor(info.std, device=x.device).view(shape))
+        mean, std = _statistics_on(x.device, info.mean, info.std)
+        x = x.sub_(mean).div_(std)
     return x
+
+
+@functools.lru_cache(maxsize=64)
+def _statistics_on(device: torch.device, mean: tuple[float, ...], std: tuple[float, ...]):
+    # Made once per device: a host-to-device copy every batch would make the host wait for the GPU.
+    return (torch.tensor(mean, device=device).view(1, -1, 1, 1), torch.tensor(std, device=device).view(1, -1, 1, 1))
 
 
 def _generator(seed: int, epoch: int) -> torch.Generator:

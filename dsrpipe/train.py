@@ -164,9 +164,11 @@ def _fit(cfg: Pipeline, stage: str, opt_cfg: OptimConfig, out: Path,
     if adapt_spec is not None:  # a model other than the configured one (thin-dense; finetune's trained one)
         spec = adapt_spec(spec)
     model = build_model(spec, device)
+    if device.type == "cuda":  # cuDNN's fast convolutions (and bf16 tensor cores) want NHWC
+        model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=opt_cfg.lr, momentum=opt_cfg.momentum,
                                 nesterov=opt_cfg.nesterov and opt_cfg.momentum > 0,
-                                weight_decay=opt_cfg.weight_decay)
+                                weight_decay=opt_cfg.weight_decay, fused=device.type == "cuda" or None)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, opt_cfg.milestones, opt_cfg.gamma)
     sparsifier = make_sparsifier(model, optimizer, steps_per_epoch)
     if start_from is not None:  # after the sparsifier: its initial random mask would zero trained weights
@@ -187,6 +189,7 @@ def _fit(cfg: Pipeline, stage: str, opt_cfg: OptimConfig, out: Path,
     if cfg.bf16 and not use_bf16:
         log(cfg, "bf16 autocast applies on CUDA only; training in float32")
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
+    step_model = compile_for_training(model) if opt_cfg.compile else model
     batches_seed = cfg.seed + (1000 if stage == "finetune" else 0)  # a fresh data order per stage
 
     def save(path: Path, complete: bool) -> None:
@@ -207,27 +210,13 @@ def _fit(cfg: Pipeline, stage: str, opt_cfg: OptimConfig, out: Path,
             task = bar.add_task(f"{cfg.name} | {stage} {epoch + 1}/{opt_cfg.epochs}",
                                 total=steps_per_epoch)
             started = time.perf_counter()
-            model.train()
-            loss_sum = torch.zeros((), device=device)
-            correct = torch.zeros((), dtype=torch.long, device=device)
-            seen, pruned, reallocations = 0, 0, 0
             lr = optimizer.param_groups[0]["lr"]
-            for x, y in train_set.batches(opt_cfg.batch_size, shuffle=True, augment=cfg.data.augment,
-                                          seed=batches_seed, epoch=epoch, device=device, drop_last=True):
-                with autocast():
-                    logits = model(x)
-                    loss = F.cross_entropy(logits, y)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                stats = sparsifier.step()
-                if stats is not None:
-                    pruned += stats["pruned"]
-                    reallocations += 1
-                loss_sum += loss.detach() * len(y)
-                correct += (logits.argmax(1) == y).sum()
-                seen += len(y)
-                bar.advance(task)
+            batches = train_set.batches(opt_cfg.batch_size, shuffle=True, augment=cfg.data.augment,
+                                        seed=batches_seed, epoch=epoch, device=device, drop_last=True)
+            totals = train_one_epoch(step_model, optimizer, sparsifier, batches, autocast,
+                                     on_step=lambda: bar.advance(task))
+            loss_sum, correct, seen, pruned, reallocations = (
+                totals[k] for k in ("loss_sum", "correct", "seen", "pruned", "reallocations"))
             train_loss = loss_sum.item() / seen
             if not math.isfinite(train_loss):  # keep last.pt of the last sound epoch; stop wasting time
                 raise UserError(f"{stage} diverged: the training loss is {train_loss} in epoch {epoch + 1}; "
@@ -257,6 +246,48 @@ def _fit(cfg: Pipeline, stage: str, opt_cfg: OptimConfig, out: Path,
     return paths["final"]
 
 
+def compile_for_training(model: torch.nn.Module) -> torch.nn.Module:
+    """torch.compile for the training steps (static shapes: batches drop the last partial one).
+    On CUDA it also replays the steps as CUDA graphs, which takes the per-kernel launch cost off
+    the host: a small CNN otherwise spends more time launching kernels than running them.
+    Evaluation keeps the eager model, which shares the weights, so no eval-mode graph is built."""
+    cuda = next(model.parameters()).is_cuda
+    return torch.compile(model, mode="reduce-overhead" if cuda else None)
+
+
+def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sparsifier: Sparsifier,
+                    batches, autocast: Callable = nullcontext,
+                    on_step: Callable[[], None] = lambda: None) -> dict[str, Any]:
+    """One pass over `batches`: SGD steps, each followed by the sparsifier's step. Totals stay on
+    the device, so nothing waits for the GPU until the caller reads them."""
+    model.train()
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen, pruned, reallocations = 0, 0, 0
+    for x, y in batches:
+        if cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+            torch.compiler.cudagraph_mark_step_begin()  # a new step for CUDA-graph replays (if compiled)
+        with autocast():
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        stats = sparsifier.step()
+        if stats is not None:
+            pruned += stats["pruned"]
+            reallocations += 1
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+        on_step()
+    return {"loss_sum": loss_sum, "correct": correct, "seen": seen, "pruned": pruned,
+            "reallocations": reallocations}
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset: Dataset, device: torch.device,
              autocast: Callable = nullcontext, batch_size: int = 512) -> tuple[float, float]:
@@ -265,6 +296,8 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, device: torch.device,
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     for x, y in dataset.batches(batch_size, shuffle=False, augment=False, seed=0, epoch=0, device=device):
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
         with autocast():
             logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from dsrpipe import data
@@ -108,19 +109,28 @@ def test_grey_augmentation_shifts_without_flips(digits):
         assert any(torch.equal(augmented, shifted(original, dy, dx)) for dy, dx in shifts)
 
 
-def test_colour_random_crop_is_a_padded_crop_or_its_mirror():
+def test_colour_random_crop_is_a_reflect_padded_crop_or_its_mirror():
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
-    out = data.random_crop(images, 4, True, torch.Generator().manual_seed(0))
-    again = data.random_crop(images, 4, True, torch.Generator().manual_seed(0))
-    assert out.shape == images.shape and torch.equal(out, again)
-    mirrored = 0
-    for original, crop in zip(images, out):
-        candidates = [(shifted(original, dy, dx), flip) for dy in range(-4, 5) for dx in range(-4, 5)
-                      for flip in (False, True)]
-        matches = [flip for image, flip in candidates if torch.equal(crop, image.flip(2) if flip else image)]
-        assert matches
-        mirrored += matches[0]
-    assert 10 < mirrored < 54
+    offsets, mirrored = data.crop_choices(64, 4, True, torch.Generator().manual_seed(0))
+    out = data.random_crop(images, offsets, mirrored, 4, reflect=True)
+    assert out.shape == images.shape and 10 < int(mirrored.sum()) < 54
+    padded = F.pad(images.float(), (4, 4, 4, 4), mode="reflect").to(torch.uint8)  # the reference padding
+    for image, crop, (dy, dx), flip in zip(padded, out, offsets.tolist(), mirrored.tolist()):
+        expected = image[:, dy:dy + 32, dx:dx + 32]
+        assert torch.equal(crop, expected.flip(2) if flip else expected)
+
+
+def test_colour_batches_use_reflect_padding():
+    # A white image whose border row and column are black: zero padding would add black pixels
+    # where reflect padding repeats the white ones next to the border.
+    images = torch.full((40, 3, 8, 8), 255, dtype=torch.uint8)
+    images[:, :, 0, :] = 0
+    images[:, :, :, 0] = 0
+    info = data.DatasetInfo("toy", 2, 3, 8, (0.5,) * 3, (0.5,) * 3, ["a", "b"])
+    split = data.Dataset(info, images, torch.zeros(40, dtype=torch.long))
+    x, _ = next(split.batches(40, shuffle=False, augment=True, seed=0, epoch=0, normalize=False))
+    black_per_image = (x == 0).all(1).flatten(1).sum(1)
+    assert int(black_per_image.max()) <= 8 + 8 - 1  # never more black than one row and one column
 
 
 def test_resize_to_image_size():
