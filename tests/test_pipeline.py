@@ -34,7 +34,7 @@ def tiny(name="tiny", **sections):
         "data": {"dataset": "digits"},
         "model": {"name": "small-cnn", "options": {"width": 16}},
         "sparsity": {"method": "dsr", "sparsity": 0.9, "prune_target": 150, "rewire_periods": {0: 5}},
-        "train": {"epochs": 4, "batch_size": 64, "lr": 0.1, "milestones": [3]},
+        "train": {"epochs": 4, "batch_size": 64, "lr": 0.1, "milestones": [1]},  # within any epochs a test sets
         "finetune": {"epochs": 1, "lr": 0.005},
         "validate": {"latency_runs": 20},
     }
