@@ -98,8 +98,7 @@ def finetune(cfg: Pipeline, out: Path, *, resume: bool = False, force: bool = Fa
         s = cfg.sparsity
         frozen = Sparsifier(model, optimizer, sparsity=s.sparsity if masks else 0.0,
                             dense_first=s.dense_first, dense_last=s.dense_last, exclude=s.exclude)
-        with restoring(run.final("train")):
-            frozen.load_masks(masks)
+        frozen.load_masks(masks)
         return frozen
 
     return _fit(cfg, "finetune", cfg.finetune, run, make_sparsifier,
@@ -139,15 +138,15 @@ def _fit(cfg: Pipeline, stage: str, opt_cfg: OptimConfig, run: RunDir,
             "in_channels": info.in_channels, "image_size": info.image_size}
     if adapt_spec is not None:  # a model other than the configured one (thin-dense; finetune's trained one)
         spec = adapt_spec(spec)
+    # Fine-tuning builds all this from the trained checkpoint: model, masks, weights.
     with restoring(run.final("train")) if start_from is not None else nullcontext():
-        model = build_model(spec, device)  # finetune: the model the trained checkpoint describes
-    optimizer = torch.optim.SGD(model.parameters(), lr=opt_cfg.lr, momentum=opt_cfg.momentum,
-                                nesterov=opt_cfg.nesterov and opt_cfg.momentum > 0,
-                                weight_decay=opt_cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, opt_cfg.milestones, opt_cfg.gamma)
-    sparsifier = make_sparsifier(model, optimizer, steps_per_epoch)
-    if start_from is not None:  # after the sparsifier: its initial random mask would zero trained weights
-        with restoring(run.final("train")):
+        model = build_model(spec, device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=opt_cfg.lr, momentum=opt_cfg.momentum,
+                                    nesterov=opt_cfg.nesterov and opt_cfg.momentum > 0,
+                                    weight_decay=opt_cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, opt_cfg.milestones, opt_cfg.gamma)
+        sparsifier = make_sparsifier(model, optimizer, steps_per_epoch)
+        if start_from is not None:  # after the sparsifier: its initial random mask would zero trained weights
             model.load_state_dict(start_from["model"])
     history: list[dict[str, Any]] = []
     run_id = uuid.uuid4().hex

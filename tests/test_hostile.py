@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from dsrpipe import files
 from dsrpipe.cli import app
 from dsrpipe.config import load_pipeline
-from dsrpipe.rundir import RunDir
+from dsrpipe.rundir import RunDir, save_checkpoint
 
 from .test_pipeline import ROOT, tiny, write_pipeline
 
@@ -98,6 +98,22 @@ def test_a_checkpoint_that_is_not_dsrpipes_is_refused(tmp_path, content, why):
     torch.save(content, checkpoint)
     result = dsrpipe("run", path, "--out", "out", cwd=tmp_path)
     assert_one_line_error(result, f"out/tiny/train/final.pt is not a dsrpipe checkpoint ({why}")
+
+
+def test_a_checkpoint_with_our_keys_and_the_wrong_insides_is_refused(tmp_path):
+    """Even one that carries the very fingerprint the settings call for."""
+    path = small_run(tmp_path)
+    cfg = load_pipeline(path)
+    run = RunDir(tmp_path / "out", cfg.name)
+    save_checkpoint(run.last("train"), {
+        "stage": "train", "complete": False, "fingerprint": run.fingerprint("train", cfg), "run_id": "x",
+        "epoch": 1, "model": {"conv1.weight": torch.zeros(1)}, "optimizer": {}, "scheduler": {},
+        "sparsifier": {}, "method": "dsr", "rng": {}, "history": [], "model_spec": {}, "data_info": {},
+        "config": {}})
+    result = CliRunner().invoke(app, ["train-sparse", str(path), "--out", str(tmp_path / "out"), "--resume",
+                                      "--no-progress"])
+    assert result.exit_code == 2, result.output
+    assert f"error: {run.last('train')} is not a dsrpipe checkpoint (RuntimeError: Error(s) in loading" in result.output
 
 
 # -- configuration: bounded, one line ---------------------------------------------------------------
