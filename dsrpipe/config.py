@@ -26,7 +26,7 @@ MAX_BATCH = 4096
 MAX_IMAGE_SIZE = 1024
 MAX_IMAGES = 10**8
 MAX_WORKERS = 64
-MAX_SEED = 2**32 - 1  # what numpy's legacy seeding takes
+MAX_SEED = 2**32 - 1  # a 32-bit seed: what every RNG's seeding takes
 MAX_LATENCY_RUNS = 10_000
 MIN_OPSET = 18  # the torch.export-based exporter writes opset 18 at least, whatever it is asked
 MAX_LIST = 100  # milestones, rewire periods, exclude patterns
@@ -286,9 +286,10 @@ def parse_yaml(data: bytes | str, source: str) -> Any:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"{source}:{where} not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        raise UserError(f"{source}:{where} not valid YAML ({problem})") from None
     except Exception as exc:  # what the constructors let through, e.g. a date that is no date
-        raise UserError(f"{source}: not valid YAML ({type(exc).__name__}: {exc})") from None
+        raise UserError(f"{source}: not valid YAML ({type(exc).__name__}: {' '.join(str(exc).split())})") from None
 
 
 def read_yaml(path: Path, what: str) -> Any:
@@ -325,10 +326,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise UserError(f"--set {key}: '{part}' is not a section")
-        try:
-            node[leaf] = parse_yaml(value, f"--set {key}")
-        except UserError:
-            raise UserError(f"--set {key}: cannot read value '{value}'") from None
+        node[leaf] = parse_yaml(value, f"--set {key}")
     return raw
 
 

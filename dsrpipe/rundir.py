@@ -34,7 +34,6 @@ from .errors import UserError
 MISSING, UNFINISHED, COMPLETE, STALE = "missing", "unfinished", "complete", "stale"
 SETTINGS = {"train": TRAIN_SETTINGS, "finetune": FINETUNE_SETTINGS, "export": EXPORT_SETTINGS,
             "validate": VALIDATE_SETTINGS}
-COMMANDS = {"train": "train-sparse", "finetune": "finetune", "export": "export", "validate": "validate"}
 
 CHECKPOINT_FORMAT = 2  # 1 (dsrpipe 0.1.0) pickled the RNG states: no longer read
 CHECKPOINT_FIELDS = {
@@ -144,15 +143,18 @@ class RunDir:
         return done if made is not None and made == self.fingerprint(stage, cfg) else STALE
 
     def require(self, stage: str, cfg: Pipeline) -> None:
-        """UserError unless `stage`, which a later stage builds on, is complete and current."""
+        """UserError unless `stage` (train, finetune or export), which a later stage builds on,
+        is complete and current."""
         state = self.state(stage, cfg)
+        command = {"train": "train-sparse"}.get(stage, stage)
+        if state == STALE and stage == "export":
+            raise UserError(f"{self.onnx} was exported from another model or with other settings: run export")
         if state == STALE:
-            raise UserError(f"{self.stage_dir(stage) if stage in ('train', 'finetune') else self.onnx} was made "
-                            f"with other settings: run {COMMANDS[stage]} again (--force)")
+            raise UserError(f"{self.stage_dir(stage)} holds a {stage} run made with other settings: "
+                            f"run {command} again with --force")
         if state != COMPLETE:
-            what = "trained model" if stage in ("train", "finetune") else "exported model"
-            where = self.final(stage) if stage in ("train", "finetune") else self.onnx
-            raise UserError(f"no {what} at {where}: run {COMMANDS[stage]} first")
+            where = self.onnx if stage == "export" else self.final(stage)
+            raise UserError(f"no {'exported' if stage == 'export' else 'trained'} model at {where}: run {command} first")
 
     def is_complete(self, cfg: Pipeline) -> bool:
         """Whether every stage of `cfg` is complete and current, as `dsrpipe run` would find it

@@ -172,7 +172,7 @@ def test_an_absurd_value_is_one_line_exit_2(tmp_path, case):
     (f"model.options={{width: {list(range(65))}}}", "model.options: 'width': expected a number"),
     ('sparsity.masks_from="a\\0b"', "sparsity.masks_from: a path cannot contain a NUL"),
     ("seed=-1", "seed: Input should be greater than or equal to 0"),
-    ("model.options={a: &a [1], b: *a}", "--set model.options: cannot read value"),
+    ("model.options={a: &a [1], b: *a}", "--set model.options: line 1 not valid YAML (aliases (*name) are not allowed)"),
 ])
 def test_set_is_bounded_like_the_file(tmp_path, override, expected):
     path = write_pipeline(tmp_path, tiny())
