@@ -30,8 +30,8 @@ def _user_errors(command: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except UserError as exc:
-            typer.echo(f"error: {exc}", err=True)
+        except UserError as exc:  # one line, even where the message quotes input with line breaks
+            typer.echo(f"error: {' '.join(str(exc).splitlines())}", err=True)
             raise typer.Exit(exc.exit_code)
         except KeyboardInterrupt:
             typer.echo("interrupted: completed epochs are checkpointed; rerun to resume", err=True)
@@ -52,16 +52,25 @@ def _load(pipeline: Path, overrides: list[str]):
     return load_pipeline(pipeline, overrides)
 
 
+def _run_dir(out: Path, cfg):
+    """The run's folder. Each command holds its lock throughout: one run, one owner."""
+    from .rundir import RunDir
+
+    return RunDir(out, cfg.name)
+
+
 @app.command()
 @_user_errors
 def run(pipeline: Path = PipelineArg, out: Path = OutOption, overrides: list[str] = SetOption, force: bool = ForceOption,
         progress: bool = ProgressOption):
     """Run every stage: train-sparse, finetune, export, validate."""
-    cfg = _load(pipeline, overrides)  # first: a bad file fails fast, before torch is imported
-    from .pipeline import outputs, run_pipeline
+    cfg = _load(pipeline, overrides)  # first: a bad file fails fast, before any work
+    run_dir = _run_dir(out, cfg)
+    with run_dir.lock():
+        from .pipeline import run_pipeline
 
-    run_pipeline(cfg, out, force=force, progress=progress)
-    typer.echo(str(outputs(out, cfg)["onnx"]))
+        run_pipeline(cfg, out, force=force, progress=progress)
+    typer.echo(str(run_dir.onnx))
 
 
 @app.command("train-sparse")
@@ -70,9 +79,10 @@ def train_sparse(pipeline: Path = PipelineArg, out: Path = OutOption, overrides:
                  force: bool = ForceOption, progress: bool = ProgressOption):
     """Train from scratch with the configured sparse method (DSR by default)."""
     cfg = _load(pipeline, overrides)
-    from .train import train_sparse as stage
+    with _run_dir(out, cfg).lock():
+        from .train import train_sparse as stage
 
-    typer.echo(str(stage(cfg, out, resume=resume, force=force, progress=progress)))
+        typer.echo(str(stage(cfg, out, resume=resume, force=force, progress=progress)))
 
 
 @app.command()
@@ -81,9 +91,10 @@ def finetune(pipeline: Path = PipelineArg, out: Path = OutOption, overrides: lis
              force: bool = ForceOption, progress: bool = ProgressOption):
     """Fine-tune the trained model with its masks frozen."""
     cfg = _load(pipeline, overrides)
-    from .train import finetune as stage
+    with _run_dir(out, cfg).lock():
+        from .train import finetune as stage
 
-    typer.echo(str(stage(cfg, out, resume=resume, force=force, progress=progress)))
+        typer.echo(str(stage(cfg, out, resume=resume, force=force, progress=progress)))
 
 
 @app.command()
@@ -91,9 +102,10 @@ def finetune(pipeline: Path = PipelineArg, out: Path = OutOption, overrides: lis
 def export(pipeline: Path = PipelineArg, out: Path = OutOption, overrides: list[str] = SetOption, force: bool = ForceOption):
     """Export the trained model to a sparse ONNX file."""
     cfg = _load(pipeline, overrides)
-    from .pipeline import export_stage
+    with _run_dir(out, cfg).lock():
+        from .pipeline import export_stage
 
-    typer.echo(str(export_stage(cfg, out, force=force)))
+        typer.echo(str(export_stage(cfg, out, force=force)))
 
 
 @app.command()
@@ -101,10 +113,12 @@ def export(pipeline: Path = PipelineArg, out: Path = OutOption, overrides: list[
 def validate(pipeline: Path = PipelineArg, out: Path = OutOption, overrides: list[str] = SetOption, force: bool = ForceOption):
     """Measure the exported model with onnxruntime and write report.json."""
     cfg = _load(pipeline, overrides)
-    from .pipeline import outputs, validate_stage
+    run_dir = _run_dir(out, cfg)
+    with run_dir.lock():
+        from .pipeline import validate_stage
 
-    validate_stage(cfg, out, force=force)
-    typer.echo(str(outputs(out, cfg)["report"]))
+        validate_stage(cfg, out, force=force)
+    typer.echo(str(run_dir.report))
 
 
 @app.command()

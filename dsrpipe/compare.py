@@ -16,8 +16,8 @@ Outputs, under `<out>/<grid>/`:
   logs/<run>.log                              what each run printed
   results.csv, results.md, accuracy_vs_params.png
 
-Each run is its own `dsrpipe run` process, so a crash stays in its row. A complete run (its
-report.json matches its settings) is not started again; an interrupted one resumes.
+Each run is its own `dsrpipe run` process, so a crash stays in its row. A complete run (every
+stage current with its settings) is not started again; an interrupted one resumes.
 """
 
 from __future__ import annotations
@@ -25,11 +25,9 @@ from __future__ import annotations
 import copy
 import csv
 import io
-import json
 import os
 import re
 import shlex
-import shutil
 import statistics
 import subprocess
 import sys
@@ -42,9 +40,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import __version__, files
-from .config import (FINETUNE_SETTINGS, VALIDATE_SETTINGS, Pipeline, apply_overrides, first_error, parse_pipeline,
-                     read_yaml)
+from .config import Pipeline, apply_overrides, first_error, parse_pipeline, read_yaml
 from .errors import UserError
+from .rundir import STALE, RunDir, read_report
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$"
 GRID_AXES = {"name", "seed", "sparsity.method", "sparsity.sparsity"}  # set per run by the grid
@@ -192,38 +190,28 @@ def plan_runs(grid: Grid, grid_name: str, base: dict[str, Any], runs_dir: Path,
 
 # -- running ----------------------------------------------------------------------------------
 def _complete(run: Run, runs_dir: Path) -> dict[str, Any] | None:
-    """The run's report, if it is there and was made with the run's current settings."""
-    if run.cfg is None:
-        return None
-    folder = runs_dir / run.name
-    try:
-        report = json.loads((folder / "report.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not str(report.get("fingerprint", "")).startswith(f"{run.cfg.fingerprint(*VALIDATE_SETTINGS)}-"):
-        return None
-    return report if (folder / "model.onnx").exists() else None
+    """The run's report, if every stage of the run is complete with its current settings."""
+    folder = RunDir(runs_dir, run.name)
+    return read_report(folder.report) if run.cfg is not None and folder.is_complete(run.cfg) else None
 
 
-def _stale(run: Run, runs_dir: Path) -> bool:
-    """Whether the run's folder holds training outputs made with other settings. The grid owns
-    its run folders, so those are redone rather than refused as `dsrpipe run` would."""
-    from .train import load_checkpoint, train_fingerprint
-
-    for stage, expected in (("train", train_fingerprint(run.cfg)),
-                            ("finetune", run.cfg.fingerprint(*FINETUNE_SETTINGS))):
-        for checkpoint in ("final.pt", "last.pt"):
-            path = runs_dir / run.name / stage / checkpoint
-            if path.exists() and not load_checkpoint(path)["fingerprint"].startswith(expected):
-                return True
-    return False
+def _start_over_if_stale(run: Run, runs_dir: Path) -> bool:
+    """Clear the run's folder if it holds training outputs made with other settings (the grid
+    owns its run folders: they are redone, where `dsrpipe run` would refuse to mix them)."""
+    folder = RunDir(runs_dir, run.name)
+    with folder.lock():  # not while a `dsrpipe run` is at it
+        stages = ["train"] + ["finetune"] * bool(run.cfg.finetune.epochs)
+        if not any(folder.state(stage, run.cfg) == STALE for stage in stages):
+            return False
+        folder.clear()
+    return True
 
 
 def _train_seconds(run: Run, runs_dir: Path) -> float | None:
     from .plots import read_history
 
     stages = ["train"] + (["finetune"] if run.cfg is not None and run.cfg.finetune.epochs else [])
-    histories = [read_history(runs_dir / run.name / s / "metrics.jsonl") for s in stages]
+    histories = [read_history(RunDir(runs_dir, run.name).metrics(s)) for s in stages]
     if not histories[0]:
         return None
     return sum(h.get("seconds", 0.0) for history in histories for h in history)
@@ -281,8 +269,7 @@ def run_grid(grid_path: str | Path, out: str | Path = "export", *, jobs: int = 1
         try:
             if run.cfg is None:  # a frozen run whose masks now exist
                 run.cfg = parse_pipeline(run.raw, f"{grid_path}: {run.name}")
-            if _stale(run, runs_dir):
-                shutil.rmtree(runs_dir / run.name)
+            if _start_over_if_stale(run, runs_dir):
                 echo(f"{run.name}: its outputs were made with other settings (an edited grid, another "
                      "dsrpipe version): starting it over")
         except UserError as exc:

@@ -1,13 +1,15 @@
-"""Atomic writes: a reader sees the old file or the complete new one, never half of either."""
+"""Atomic writes (a reader sees the old file or the complete new one, never half of either), and
+the exclusive lock that makes one process the owner of a run or a folder."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
 
 
 _UMASK = os.umask(0)
@@ -50,3 +52,29 @@ def torch_save(path: str | os.PathLike, obj: Any) -> None:
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def exclusive_lock(path: str | os.PathLike) -> IO | None:
+    """Open `path` and take its exclusive lock for as long as the file stays open, with our pid
+    written in it (to say who holds it, and to stop an orphan); None if another process holds it.
+    The kernel drops the lock when the holder exits, however it exits: no stale locks."""
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def lock_holder(path: str | os.PathLike) -> int | None:
+    """The pid written in a lock file by its holder, if any."""
+    try:
+        text = Path(path).read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None

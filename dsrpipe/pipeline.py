@@ -1,6 +1,6 @@
 """`dsrpipe run`: train-sparse → finetune → export → validate, skipping what is already complete.
 
-Output contract, relied upon by users and tools:
+Output contract, relied upon by users and tools (the whole layout: dsrpipe.rundir):
   <out>/<name>/model.onnx    the deployable model (float32 NCHW pixels in [0, 1] → logits)
   <out>/<name>/report.json   what was trained and how the exported model measured
 """
@@ -12,37 +12,33 @@ import time
 from pathlib import Path
 from typing import Any
 
-import onnx
 import torch
 
 from . import __version__, files
-from .config import EXPORT_SETTINGS, VALIDATE_SETTINGS, Pipeline
+from .config import Pipeline
 from .errors import UserError, ValidationFailed
 from .export import export_onnx
 from .plots import RUN_FILES, read_history, write_run_plots
+from .rundir import COMPLETE, RunDir, load_checkpoint, read_report, restoring, shipped_stage
 from .sparse.base import select_sparse_weights
-from .train import build_model, finetune, log, load_checkpoint, stage_paths, train_sparse
+from .train import build_model, finetune, log, train_sparse
 from .validate import validate_onnx
 
 
 def outputs(out: Path, cfg: Pipeline) -> dict[str, Path]:
-    folder = Path(out) / cfg.name
-    return {"dir": folder, "onnx": folder / "model.onnx", "report": folder / "report.json"}
+    """Where model.onnx and report.json go. (dsrpipe.watch still asks this; new code: RunDir.)"""
+    run = RunDir(out, cfg.name)
+    return {"dir": run.path, "onnx": run.onnx, "report": run.report}
 
 
-def trained_checkpoint(out: Path, cfg: Pipeline) -> Path:
+def _load_trained(run: RunDir, cfg: Pipeline) -> tuple[dict[str, Any], torch.nn.Module]:
     """The model to ship: the fine-tuned one if the pipeline fine-tunes, else the trained one."""
-    path = stage_paths(out, cfg, "finetune" if cfg.finetune.epochs else "train")["final"]
-    if not path.exists():
-        stage = "finetune" if cfg.finetune.epochs else "train-sparse"
-        raise UserError(f"no trained model at {path}: run {stage} first")
-    return path
-
-
-def _load_trained(out: Path, cfg: Pipeline) -> tuple[dict[str, Any], torch.nn.Module]:
-    checkpoint = load_checkpoint(trained_checkpoint(out, cfg))
-    model = build_model(checkpoint["model_spec"])
-    model.load_state_dict(checkpoint["model"])
+    stage = shipped_stage(cfg)
+    run.require(stage, cfg)
+    checkpoint = load_checkpoint(run.final(stage))
+    with restoring(run.final(stage)):
+        model = build_model(checkpoint["model_spec"])
+        model.load_state_dict(checkpoint["model"])
     return checkpoint, model.eval()
 
 
@@ -62,12 +58,12 @@ def sparsity_summary(model: torch.nn.Module, cfg: Pipeline) -> dict[str, Any]:
 
 
 def export_stage(cfg: Pipeline, out: Path, *, force: bool = False) -> Path:
-    paths = outputs(out, cfg)
-    checkpoint, model = _load_trained(out, cfg)
-    fingerprint = f"{cfg.fingerprint(*EXPORT_SETTINGS)}-{checkpoint['run_id']}"
-    if paths["onnx"].exists() and not force and _onnx_fingerprint(paths["onnx"]) == fingerprint:
-        log(cfg, f"export: already complete ({paths['onnx']})")
-        return paths["onnx"]
+    run = RunDir(out, cfg.name)
+    if not force and run.state("export", cfg) == COMPLETE:
+        log(cfg, f"export: already complete ({run.onnx})")
+        return run.onnx
+    checkpoint, model = _load_trained(run, cfg)
+    fingerprint = run.fingerprint("export", cfg)
     info = checkpoint["data_info"]
     summary = sparsity_summary(model, cfg)
     metadata = {
@@ -79,42 +75,31 @@ def export_stage(cfg: Pipeline, out: Path, *, force: bool = False) -> Path:
         "class_names": json.dumps(info["class_names"]),
         "input": f"float32 NCHW pixels in [0, 1], {info['in_channels']}x{info['image_size']}x{info['image_size']}",
     }
-    result = export_onnx(model, paths["onnx"], in_channels=info["in_channels"], image_size=info["image_size"],
+    result = export_onnx(model, run.onnx, in_channels=info["in_channels"], image_size=info["image_size"],
                          mean=info["mean"], std=info["std"], metadata=metadata, opset=cfg.export.opset,
                          sparse_initializers=cfg.export.sparse_initializers)
-    log(cfg, f"export: {paths['onnx']} ({result['onnx_bytes']:,} bytes, "
+    log(cfg, f"export: {run.onnx} ({result['onnx_bytes']:,} bytes, "
                   f"{summary['sparsity']:.1%} sparse)")
-    return paths["onnx"]
-
-
-def _onnx_fingerprint(path: Path) -> str | None:
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:
-        return None
-    return {p.key: p.value for p in model.metadata_props}.get("fingerprint")
+    return run.onnx
 
 
 def validate_stage(cfg: Pipeline, out: Path, *, force: bool = False) -> dict[str, Any]:
     """Measure the exported model with onnxruntime and write report.json; a missed threshold
     raises ValidationFailed after the report is written."""
-    paths = outputs(out, cfg)
-    if not paths["onnx"].exists():
-        raise UserError(f"no exported model at {paths['onnx']}: run export first")
-    onnx_fingerprint = _onnx_fingerprint(paths["onnx"])
-    fingerprint = f"{cfg.fingerprint(*VALIDATE_SETTINGS)}-{onnx_fingerprint}"
-    if paths["report"].exists() and not force:
-        report = json.loads(paths["report"].read_text())
-        if report.get("fingerprint") == fingerprint:
-            log(cfg, f"validate: already complete ({paths['report']})")
-            if not all((paths["dir"] / f).exists() for f in RUN_FILES):  # cut short, or made before plots
-                _write_run_plots(cfg, out, report)
-            _raise_if_failed(report)
-            return report
-    checkpoint, model = _load_trained(out, cfg)
+    run = RunDir(out, cfg.name)
+    if not force and run.state("validate", cfg) == COMPLETE:
+        report = read_report(run.report)
+        log(cfg, f"validate: already complete ({run.report})")
+        if not all((run.path / f).exists() for f in RUN_FILES):  # cut short, or made before plots
+            _write_run_plots(cfg, run, report)
+        _raise_if_failed(report)
+        return report
+    run.require("export", cfg)  # the model.onnx of this very trained model and settings
+    fingerprint = run.fingerprint("validate", cfg)
+    checkpoint, model = _load_trained(run, cfg)
     _, test_set = cfg.data.load()
     try:
-        metrics = validate_onnx(paths["onnx"], model, test_set, batch_size=cfg.validation.batch_size,
+        metrics = validate_onnx(run.onnx, model, test_set, batch_size=cfg.validation.batch_size,
                                 latency_runs=cfg.validation.latency_runs, min_top1=cfg.validation.min_top1,
                                 max_abs_diff=cfg.validation.max_abs_diff)
         failure = None
@@ -134,25 +119,22 @@ def validate_stage(cfg: Pipeline, out: Path, *, force: bool = False) -> dict[str
         "dsrpipe_version": __version__, "fingerprint": fingerprint,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    files.write_json(paths["report"], report)
-    _write_run_plots(cfg, out, report, shipped_history=history)
+    files.write_json(run.report, report)
+    _write_run_plots(cfg, run, report, shipped_history=history)
     log(cfg, f"validate: onnx top-1 {report['onnx_top1']:.4f}, torch top-1 "
                   f"{report['torch_top1']:.4f}, agreement {report['top1_agreement']:.4f}, max |Δlogit| "
-                  f"{report['max_abs_logit_diff']:.2e}, p50 {report['latency_ms']['p50']:.3f} ms → {paths['report']}")
+                  f"{report['max_abs_logit_diff']:.2e}, p50 {report['latency_ms']['p50']:.3f} ms → {run.report}")
     _raise_if_failed(report)
     return report
 
 
-def _write_run_plots(cfg: Pipeline, out: Path, report: dict[str, Any],
+def _write_run_plots(cfg: Pipeline, run: RunDir, report: dict[str, Any],
                      shipped_history: list[dict] | None = None) -> list[Path]:
     """curves.png, density_over_time.png, layer_density.png and report.md beside report.json.
     `shipped_history`: the history in the shipped checkpoint, else read from metrics.jsonl."""
-    def stage(name: str) -> list[dict]:
-        return read_history(stage_paths(out, cfg, name)["metrics"])
-
     tuned = bool(cfg.finetune.epochs)
-    shipped = shipped_history if shipped_history is not None else stage("finetune" if tuned else "train")
-    return write_run_plots(outputs(out, cfg)["dir"], stage("train") if tuned else shipped,
+    shipped = shipped_history if shipped_history is not None else read_history(run.metrics(shipped_stage(cfg)))
+    return write_run_plots(run.path, read_history(run.metrics("train")) if tuned else shipped,
                            shipped if tuned else [], report)
 
 

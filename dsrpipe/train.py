@@ -1,6 +1,6 @@
 """Stages `train-sparse` and `finetune`: one training recipe, readable top to bottom.
 
-Each stage writes, under `<out>/<name>/<stage>/`:
+Each stage writes, under `<out>/<name>/<stage>/` (see dsrpipe.rundir):
   last.pt        checkpoint after every epoch (model, masks, optimizer, LR schedule, sparsifier
                  state, RNG states, metrics so far): `resume` continues bit for bit on CPU;
   final.pt       the same once the stage is complete; later stages read it;
@@ -26,12 +26,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from . import files
-from .config import FINETUNE_SETTINGS, TRAIN_SETTINGS, OptimConfig, Pipeline
+from .config import OptimConfig, Pipeline
 from .data import Dataset
 from .errors import UserError
 from .models import create_model
+from .rundir import COMPLETE, STALE, UNFINISHED, RunDir, load_checkpoint, restoring, save_checkpoint
 from .sparse import RewireSchedule, Sparsifier, create_sparsifier
-from .sparse.frozen import load_source
 from .sparse.thin import thin_model_options
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -47,19 +47,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device: '{name}' requested but CUDA is not available here")
     return torch.device(name)
-
-
-def stage_paths(out: Path, cfg: Pipeline, stage: str) -> dict[str, Path]:
-    folder = Path(out) / cfg.name / stage
-    return {"dir": folder, "last": folder / "last.pt", "final": folder / "final.pt",
-            "metrics": folder / "metrics.jsonl"}
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # a truncated or foreign file: say which one
-        raise UserError(f"cannot read checkpoint {path}: {exc}") from None
 
 
 def build_model(spec: dict[str, Any], device: torch.device | str = "cpu") -> torch.nn.Module:
@@ -94,29 +81,17 @@ def train_sparse(cfg: Pipeline, out: Path, *, resume: bool = False, force: bool 
                  f"({params / budget - 1:+.1%})")
         return {**spec, "options": options, "thin_dense": {"params": params, "budget": budget}}
 
-    return _fit(cfg, "train", cfg.train, out, make_sparsifier, train_fingerprint(cfg), start_from=None,
+    return _fit(cfg, "train", cfg.train, RunDir(out, cfg.name), make_sparsifier, start_from=None,
                 adapt_spec=thin_spec if s.method == "thin-dense" else None,
                 resume=resume, force=force, progress=progress)
-
-
-def train_fingerprint(cfg: Pipeline) -> str:
-    """What a trained checkpoint must match: the training settings and, for `frozen`, the very
-    run whose masks it retrains (retraining that run makes this one stale)."""
-    fingerprint = cfg.fingerprint(*TRAIN_SETTINGS)
-    if cfg.sparsity.method == "frozen":
-        fingerprint += f"-{load_source(cfg.sparsity.masks_from)[1]}"
-    return fingerprint
 
 
 def finetune(cfg: Pipeline, out: Path, *, resume: bool = False, force: bool = False,
              progress: bool = True) -> Path:
     """Continue from the trained model with its masks frozen, at a low learning rate."""
-    trained_path = stage_paths(out, cfg, "train")["final"]
-    if not trained_path.exists():
-        raise UserError(f"no trained model at {trained_path}: run train-sparse first")
-    trained = load_checkpoint(trained_path)
-    if trained["fingerprint"] != train_fingerprint(cfg):
-        raise UserError(f"{trained_path} was trained with other settings: rerun train-sparse (--force)")
+    run = RunDir(out, cfg.name)
+    run.require("train", cfg)
+    trained = load_checkpoint(run.final("train"))
 
     def make_sparsifier(model, optimizer, steps_per_epoch):
         masks = trained["sparsifier"]["masks"]
@@ -126,30 +101,30 @@ def finetune(cfg: Pipeline, out: Path, *, resume: bool = False, force: bool = Fa
         frozen.load_masks(masks)
         return frozen
 
-    # Tied to this very trained model too, so retraining makes the old fine-tuned one stale.
-    fingerprint = f"{cfg.fingerprint(*FINETUNE_SETTINGS)}-{trained['run_id']}"
-    return _fit(cfg, "finetune", cfg.finetune, out, make_sparsifier, fingerprint,
+    return _fit(cfg, "finetune", cfg.finetune, run, make_sparsifier,
                 start_from=trained, adapt_spec=lambda spec: trained["model_spec"],  # the model as trained
                 resume=resume, force=force, progress=progress)
 
 
-def _fit(cfg: Pipeline, stage: str, opt_cfg: OptimConfig, out: Path,
-         make_sparsifier: Callable[..., Sparsifier], fingerprint: str, *, start_from: dict | None,
+def _fit(cfg: Pipeline, stage: str, opt_cfg: OptimConfig, run: RunDir,
+         make_sparsifier: Callable[..., Sparsifier], *, start_from: dict | None,
          resume: bool, force: bool, progress: bool, adapt_spec: Callable[[dict], dict] | None = None) -> Path:
-    paths = stage_paths(out, cfg, stage)
-    if paths["final"].exists() and not force:
-        if load_checkpoint(paths["final"])["fingerprint"] == fingerprint:
-            log(cfg, f"{stage}: already complete ({paths['final']})")
-            return paths["final"]
-        raise UserError(f"{paths['dir']} holds a {stage} run with other settings: use --force to redo it")
+    final, last = run.final(stage), run.last(stage)
     checkpoint = None
-    if paths["last"].exists() and not force:
-        if not resume:
-            raise UserError(f"{paths['last']} holds an unfinished {stage} run: "
-                            "use --resume to continue it or --force to start over")
-        checkpoint = load_checkpoint(paths["last"])
-        if checkpoint["fingerprint"] != fingerprint:
-            raise UserError(f"{paths['last']} was made with other settings: use --force to start over")
+    if not force:
+        state = run.state(stage, cfg)
+        if state == COMPLETE:
+            log(cfg, f"{stage}: already complete ({final})")
+            return final
+        if state == STALE:
+            raise UserError(f"{run.stage_dir(stage)} holds a {stage} run with other settings: "
+                            "use --force to redo it")
+        if state == UNFINISHED:
+            if not resume:
+                raise UserError(f"{last} holds an unfinished {stage} run: "
+                                "use --resume to continue it or --force to start over")
+            checkpoint = load_checkpoint(last)
+    fingerprint = run.fingerprint(stage, cfg)
 
     device = resolve_device(cfg.device)
     train_set, test_set = cfg.data.load()
@@ -163,26 +138,29 @@ def _fit(cfg: Pipeline, stage: str, opt_cfg: OptimConfig, out: Path,
             "in_channels": info.in_channels, "image_size": info.image_size}
     if adapt_spec is not None:  # a model other than the configured one (thin-dense; finetune's trained one)
         spec = adapt_spec(spec)
-    model = build_model(spec, device)
-    if device.type == "cuda":  # cuDNN's fast convolutions (and bf16 tensor cores) want NHWC
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=opt_cfg.lr, momentum=opt_cfg.momentum,
-                                nesterov=opt_cfg.nesterov and opt_cfg.momentum > 0,
-                                weight_decay=opt_cfg.weight_decay, fused=device.type == "cuda" or None)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, opt_cfg.milestones, opt_cfg.gamma)
-    sparsifier = make_sparsifier(model, optimizer, steps_per_epoch)
-    if start_from is not None:  # after the sparsifier: its initial random mask would zero trained weights
-        model.load_state_dict(start_from["model"])
+    # Fine-tuning builds all this from the trained checkpoint: model, masks, weights.
+    with restoring(run.final("train")) if start_from is not None else nullcontext():
+        model = build_model(spec, device)
+        if device.type == "cuda":  # cuDNN's fast convolutions (and bf16 tensor cores) want NHWC
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = torch.optim.SGD(model.parameters(), lr=opt_cfg.lr, momentum=opt_cfg.momentum,
+                                    nesterov=opt_cfg.nesterov and opt_cfg.momentum > 0,
+                                    weight_decay=opt_cfg.weight_decay, fused=device.type == "cuda" or None)
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, opt_cfg.milestones, opt_cfg.gamma)
+        sparsifier = make_sparsifier(model, optimizer, steps_per_epoch)
+        if start_from is not None:  # after the sparsifier: its initial random mask would zero trained weights
+            model.load_state_dict(start_from["model"])
     history: list[dict[str, Any]] = []
     run_id = uuid.uuid4().hex
     if checkpoint is not None:
-        run_id = checkpoint["run_id"]
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        sparsifier.load_state_dict(checkpoint["sparsifier"])
-        _set_rng_state(checkpoint["rng"])
-        history = checkpoint["history"]
+        with restoring(last):
+            run_id = checkpoint["run_id"]
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            scheduler.load_state_dict(checkpoint["scheduler"])
+            sparsifier.load_state_dict(checkpoint["sparsifier"])
+            _set_rng_state(checkpoint["rng"])
+            history = checkpoint["history"]
         log(cfg, f"{stage}: resuming after epoch {len(history)}")
 
     use_bf16 = cfg.bf16 and device.type == "cuda"
@@ -193,7 +171,7 @@ def _fit(cfg: Pipeline, stage: str, opt_cfg: OptimConfig, out: Path,
     batches_seed = cfg.seed + (1000 if stage == "finetune" else 0)  # a fresh data order per stage
 
     def save(path: Path, complete: bool) -> None:
-        files.torch_save(path, {
+        save_checkpoint(path, {
             "stage": stage, "complete": complete, "fingerprint": fingerprint, "run_id": run_id,
             "epoch": len(history),
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -201,7 +179,7 @@ def _fit(cfg: Pipeline, stage: str, opt_cfg: OptimConfig, out: Path,
             "method": sparsifier.method, "rng": _rng_state(), "history": history,
             "model_spec": spec, "data_info": asdict(info), "config": cfg.model_dump(mode="json"),
         })
-        files.write_text(paths["metrics"], "".join(json.dumps(h) + "\n" for h in history))
+        files.write_text(run.metrics(stage), "".join(json.dumps(h) + "\n" for h in history))
 
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                    console=console, disable=not progress, transient=True)
@@ -234,16 +212,16 @@ def _fit(cfg: Pipeline, stage: str, opt_cfg: OptimConfig, out: Path,
                 "layer_density": density, "seconds": train_seconds,
                 "images_per_second": seen / train_seconds,
             })
-            save(paths["last"], complete=False)
+            save(last, complete=False)
             bar.remove_task(task)
             log(cfg, f"{stage} epoch {epoch + 1}/{opt_cfg.epochs}  "
                           f"loss {history[-1]['train_loss']:.4f}  test top-1 {test_top1:.4f}  "
                           f"{seen / train_seconds:,.0f} img/s"
                           + (f"  H {sparsifier.threshold:.3g}" if reallocations and hasattr(sparsifier, "threshold") else "")
                           + (f"  pruned {pruned}" if reallocations else ""))
-    save(paths["final"], complete=True)
-    paths["last"].unlink(missing_ok=True)
-    return paths["final"]
+    save(final, complete=True)
+    last.unlink(missing_ok=True)
+    return final
 
 
 def compile_for_training(model: torch.nn.Module) -> torch.nn.Module:
@@ -306,13 +284,22 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, device: torch.device,
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+    """Every RNG's state as tensors and numbers: nothing a checkpoint reader must unpickle."""
+    version, python, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "python": {"version": version, "state": torch.tensor(python, dtype=torch.int64), "gauss": gauss},
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss"]))
+    numpy = state["numpy"]
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
+                         numpy["cached_gaussian"]))
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

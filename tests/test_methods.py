@@ -11,6 +11,7 @@ from dsrpipe.config import parse_pipeline
 from dsrpipe.errors import UserError
 from dsrpipe.models import create_model
 from dsrpipe.pipeline import run_pipeline
+from dsrpipe.rundir import save_checkpoint
 from dsrpipe.sparse import (
     DSR, SET, DeepR, Frozen, GradualPrune, METHODS, RewireSchedule, RigL, create_sparsifier,
 )
@@ -269,7 +270,10 @@ def dsr_checkpoint(tmp_path, **kwargs):
     dsr = DSR(net, opt, sparsity=0.8, prune_target=50, init_threshold=0.02, schedule=RewireSchedule({0: 2}), **kwargs)
     train_steps(net, opt, dsr, 6)
     path = tmp_path / "final.pt"
-    torch.save({"complete": True, "run_id": "abc", "sparsifier": dsr.state_dict()}, path)
+    save_checkpoint(path, {"stage": "train", "complete": True, "fingerprint": "f", "run_id": "abc", "epoch": 1,
+                           "model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": {},
+                           "sparsifier": dsr.state_dict(), "method": "dsr", "rng": {}, "history": [],
+                           "model_spec": {}, "data_info": {}, "config": {}})
     return path, dsr.masks
 
 

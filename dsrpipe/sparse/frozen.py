@@ -13,27 +13,28 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..rundir import load_checkpoint
 from .base import Sparsifier
 
 
-def load_source(path: str | Path) -> tuple[dict[str, torch.Tensor], str | None]:
-    """The final masks stored in a dsrpipe training checkpoint, and the run's id."""
+def load_source(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The final masks stored in a dsrpipe training checkpoint, and the run's id. The file is
+    read as data only (see dsrpipe.rundir): a hostile one is refused, never run."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"masks_from: no checkpoint at {path} (expected a run's train/final.pt)")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise UserError(f"masks_from: cannot read checkpoint {path}: {exc}") from None
-    sparsifier = checkpoint.get("sparsifier") if isinstance(checkpoint, dict) else None
-    masks = sparsifier.get("masks") if isinstance(sparsifier, dict) else None
-    if not isinstance(masks, dict):
-        raise UserError(f"masks_from: {path} is not a dsrpipe training checkpoint")
-    if checkpoint.get("complete") is False:
+        checkpoint = load_checkpoint(path)
+    except UserError as exc:
+        raise UserError(f"masks_from: {exc}") from None
+    masks = checkpoint["sparsifier"].get("masks")
+    if not isinstance(masks, dict) or not all(isinstance(m, torch.Tensor) for m in masks.values()):
+        raise UserError(f"masks_from: {path} is not a dsrpipe checkpoint (no masks in its sparsifier state)")
+    if not checkpoint["complete"]:
         raise UserError(f"masks_from: {path} is an unfinished run; use its final.pt")
     if not masks:
         raise UserError(f"masks_from: {path} has no masks (a dense run?)")
-    return masks, checkpoint.get("run_id")
+    return masks, checkpoint["run_id"]
 
 
 class Frozen(Sparsifier):

@@ -1,0 +1,235 @@
+"""A run's folder, `<out>/<name>/`: its layout, its checkpoints, the state of its stages, its owner.
+
+    <out>/<name>/
+      run.lock                   held by the one dsrpipe process working on the run (its pid inside)
+      train/  finetune/          each: last.pt (after every epoch), final.pt (stage complete), metrics.jsonl
+      model.onnx  report.json    the exported model and how it measured
+      report.md  *.png           its pictures (dsrpipe.plots)
+
+Every output records a fingerprint: the settings it was made with and the id of what it was made
+from (the trained checkpoint's run id, the exported model's fingerprint). A stage is complete when
+its output carries the fingerprint the current settings and upstream outputs call for; a stale
+output is refused (`dsrpipe run`) or redone (`--force`, `compare`), never mixed in.
+
+Checkpoints hold only tensors and plain data (numbers, strings, lists, dicts) and are read with
+`torch.load(weights_only=True)`: a file planted in an output folder or named by `masks_from` is
+refused as "not a dsrpipe checkpoint", and nothing in it is ever executed.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import shutil
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from . import files
+from .config import EXPORT_SETTINGS, FINETUNE_SETTINGS, TRAIN_SETTINGS, VALIDATE_SETTINGS, Pipeline
+from .errors import UserError
+
+MISSING, UNFINISHED, COMPLETE, STALE = "missing", "unfinished", "complete", "stale"
+SETTINGS = {"train": TRAIN_SETTINGS, "finetune": FINETUNE_SETTINGS, "export": EXPORT_SETTINGS,
+            "validate": VALIDATE_SETTINGS}
+
+CHECKPOINT_FORMAT = 2  # 1 (dsrpipe 0.1.0) pickled the RNG states: no longer read
+CHECKPOINT_FIELDS = {
+    "format": int, "stage": str, "complete": bool, "fingerprint": str, "run_id": str, "epoch": int,
+    "model": dict, "optimizer": dict, "scheduler": dict, "sparsifier": dict, "method": str, "rng": dict,
+    "history": list, "model_spec": dict, "data_info": dict, "config": dict,
+}
+
+
+def shipped_stage(cfg: Pipeline) -> str:
+    """The stage whose model is exported: the fine-tuned one if the pipeline fine-tunes."""
+    return "finetune" if cfg.finetune.epochs else "train"
+
+
+def stages(cfg: Pipeline) -> list[str]:
+    return ["train"] + ["finetune"] * bool(cfg.finetune.epochs) + ["export", "validate"]
+
+
+class RunDir:
+    def __init__(self, out: str | Path, name: str):
+        self.path = Path(out) / name
+        self.onnx = self.path / "model.onnx"
+        self.report = self.path / "report.json"
+        self.lock_file = self.path / "run.lock"
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.path / stage
+
+    def last(self, stage: str) -> Path:
+        return self.path / stage / "last.pt"
+
+    def final(self, stage: str) -> Path:
+        return self.path / stage / "final.pt"
+
+    def metrics(self, stage: str) -> Path:
+        return self.path / stage / "metrics.jsonl"
+
+    # -- the owner --------------------------------------------------------------------------------
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Own the run for the block: another dsrpipe process on the same run is refused, told
+        which process holds it, instead of mixing its outputs with ours."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            held = files.exclusive_lock(self.lock_file)
+        except OSError as exc:
+            raise UserError(f"cannot lock {self.lock_file}: {exc.strerror or exc}") from None
+        if held is None:
+            pid = files.lock_holder(self.lock_file)
+            raise UserError(f"{self.path} is in use by another dsrpipe process (pid {pid or '?'}): "
+                            "wait for it to finish or stop it")
+        try:
+            yield
+        finally:
+            held.truncate(0)  # no stale pid once released
+            held.close()
+
+    def clear(self) -> None:
+        """Remove every output of the run (its lock file stays, for whoever holds it): to start over."""
+        for entry in self.path.iterdir() if self.path.is_dir() else []:
+            if entry == self.lock_file:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
+    # -- the state of the stages ------------------------------------------------------------------
+
+    def fingerprint(self, stage: str, cfg: Pipeline) -> str | None:
+        """The fingerprint `stage`'s output must carry to be current: the settings it depends on
+        and the id of the output it is made from (None while that output is not there)."""
+        settings = cfg.fingerprint(*SETTINGS[stage])
+        if stage == "train":
+            if cfg.sparsity.method != "frozen":
+                return settings
+            from .sparse.frozen import load_source
+
+            upstream = load_source(cfg.sparsity.masks_from)[1]  # retraining the source makes this run stale
+        elif stage in ("finetune", "export"):
+            trained = self.final("train" if stage == "finetune" else shipped_stage(cfg))
+            upstream = load_checkpoint(trained)["run_id"] if trained.exists() else None
+        else:
+            upstream = onnx_fingerprint(self.onnx)
+        return None if upstream is None else f"{settings}-{upstream}"
+
+    def state(self, stage: str, cfg: Pipeline) -> str:
+        """MISSING; UNFINISHED (a last.pt to resume); COMPLETE; or STALE: made with other settings,
+        or from an output that has changed since."""
+        if stage in ("train", "finetune"):
+            final, last = self.final(stage), self.last(stage)
+            if final.exists():
+                made, done = load_checkpoint(final)["fingerprint"], COMPLETE
+            elif last.exists():
+                made, done = load_checkpoint(last)["fingerprint"], UNFINISHED
+            else:
+                return MISSING
+        elif stage == "export":
+            if not self.onnx.exists():
+                return MISSING
+            made, done = onnx_fingerprint(self.onnx), COMPLETE
+        else:
+            if not self.report.exists():
+                return MISSING
+            made, done = read_report(self.report).get("fingerprint"), COMPLETE
+        return done if made is not None and made == self.fingerprint(stage, cfg) else STALE
+
+    def require(self, stage: str, cfg: Pipeline) -> None:
+        """UserError unless `stage` (train, finetune or export), which a later stage builds on,
+        is complete and current."""
+        state = self.state(stage, cfg)
+        command = {"train": "train-sparse"}.get(stage, stage)
+        if state == STALE and stage == "export":
+            raise UserError(f"{self.onnx} was exported from another model or with other settings: run export")
+        if state == STALE:
+            raise UserError(f"{self.stage_dir(stage)} holds a {stage} run made with other settings: "
+                            f"run {command} again with --force")
+        if state != COMPLETE:
+            where = self.onnx if stage == "export" else self.final(stage)
+            raise UserError(f"no {'exported' if stage == 'export' else 'trained'} model at {where}: run {command} first")
+
+    def is_complete(self, cfg: Pipeline) -> bool:
+        """Whether every stage of `cfg` is complete and current, as `dsrpipe run` would find it
+        (and skip it all): the question `compare` and `watch` ask of a run's folder."""
+        try:
+            return all(self.state(stage, cfg) == COMPLETE for stage in stages(cfg))
+        except UserError:  # an output that is not ours, or masks_from gone: the run itself will say
+            return False
+
+
+# -- reading and writing outputs ------------------------------------------------------------------
+
+def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> None:
+    files.torch_save(path, {"format": CHECKPOINT_FORMAT, **checkpoint})
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint dsrpipe wrote. Only tensors and plain data are unpickled, whatever the file
+    holds, so loading runs no code; anything else is a one-line UserError."""
+    import torch
+
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about the pickle protocol of foreign files
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise UserError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+    except Exception as exc:  # whatever a foreign, truncated or hostile file makes the loader raise
+        raise not_a_checkpoint(path, exc) from None
+    if not isinstance(checkpoint, dict):
+        raise not_a_checkpoint(path, f"it holds a {type(checkpoint).__name__}, not a dict")
+    wrong = [key for key, kind in CHECKPOINT_FIELDS.items() if not isinstance(checkpoint.get(key), kind)]
+    if wrong:
+        raise not_a_checkpoint(path, f"missing or malformed: {', '.join(wrong)}")
+    if checkpoint["format"] != CHECKPOINT_FORMAT:
+        raise not_a_checkpoint(path, f"format {checkpoint['format']}, this dsrpipe reads {CHECKPOINT_FORMAT}")
+    return checkpoint
+
+
+def not_a_checkpoint(path: Path, why: str | BaseException) -> UserError:
+    if isinstance(why, pickle.UnpicklingError):
+        found = re.search(r"GLOBAL ([\w.]+)", str(why))
+        why = "it holds Python objects, not only tensors and plain data" + (f": {found[1]}" if found else "")
+    elif isinstance(why, BaseException):
+        first = str(why).strip().split("\n")[0].split(". ")[0]
+        why = f"{type(why).__name__}: {first}" if first else type(why).__name__
+    return UserError(f"{path} is not a dsrpipe checkpoint ({why})")
+
+
+@contextmanager
+def restoring(path: Path) -> Iterator[None]:
+    """Restore state from a loaded checkpoint: contents that do not fit where they go (a planted
+    file with the right keys and the wrong insides) are refused like any foreign file."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
+        raise not_a_checkpoint(path, exc) from None
+
+
+def onnx_fingerprint(path: Path) -> str | None:
+    """The fingerprint in an exported model's metadata; None if it is not there or not readable."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return None
+    return {p.key: p.value for p in model.metadata_props}.get("fingerprint")
+
+
+def read_report(path: Path) -> dict[str, Any]:
+    """report.json's contents; {} if it is not there or not a JSON object."""
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return report if isinstance(report, dict) else {}

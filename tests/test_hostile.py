@@ -1,0 +1,273 @@
+"""Hostile input through the real CLI: files that would run code, absurd values, broken YAML,
+two processes on one run. Each must end in one line and exit 2, with no side effect."""
+
+import copy
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from dsrpipe import files
+from dsrpipe.cli import app
+from dsrpipe.config import load_pipeline
+from dsrpipe.rundir import RunDir, save_checkpoint
+
+from .test_pipeline import ROOT, tiny, write_pipeline
+
+
+class Payload:
+    """Unpickling this creates the marker file: proof that the file's code ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def dsrpipe(*args, cwd, timeout=300):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "dsrpipe", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout)
+
+
+def assert_one_line_error(result, expected: str, code: int = 2):
+    assert result.returncode == code, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "internal error" not in result.stderr
+    assert expected in lines[0], lines[0]
+
+
+@pytest.fixture
+def hostile(tmp_path):
+    """A zip-format torch file and a plain pickle that each run `touch <marker>` when unpickled."""
+    marker = tmp_path / "payload-ran"
+    torch.save({"model": Payload(marker)}, tmp_path / "evil.pt")
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps(Payload(marker)))
+    return marker
+
+
+def small_run(tmp_path, **sections):
+    return write_pipeline(tmp_path, tiny(model={"options": {"width": 8}}, train={"epochs": 1},
+                                         finetune={"epochs": 0}, validate={"latency_runs": 5}, **sections))
+
+
+# -- checkpoints: never unpickled ------------------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["relative", "absolute"])
+@pytest.mark.parametrize("payload", ["evil.pt", "evil.pkl"])
+def test_a_hostile_masks_from_is_refused_unrun(tmp_path, hostile, where, payload):
+    masks_from = payload if where == "relative" else str(tmp_path / payload)
+    path = small_run(tmp_path, sparsity={"method": "frozen", "masks_from": masks_from})
+    result = dsrpipe("run", path, "--out", tmp_path / "out", cwd=tmp_path)
+    assert_one_line_error(result, f"masks_from: {masks_from} is not a dsrpipe checkpoint")
+    assert not hostile.exists()
+
+
+@pytest.mark.parametrize("planted, command", [
+    ("last.pt", ["run"]), ("last.pt", ["train-sparse", "--resume"]), ("final.pt", ["run"]),
+    ("final.pt", ["train-sparse", "--resume"])])
+def test_a_planted_checkpoint_is_refused_unrun(tmp_path, hostile, planted, command):
+    path = small_run(tmp_path)
+    checkpoint = tmp_path / "out" / "tiny" / "train" / planted
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes((tmp_path / "evil.pt").read_bytes())
+    result = dsrpipe(*command, path, "--out", tmp_path / "out", cwd=tmp_path)
+    assert_one_line_error(result, f"{Path('out/tiny/train') / planted} is not a dsrpipe checkpoint "
+                                  "(it holds Python objects")
+    assert not hostile.exists()
+    assert checkpoint.read_bytes() == (tmp_path / "evil.pt").read_bytes()  # refused, not overwritten
+
+
+@pytest.mark.parametrize("content, why", [([1, 2, 3], "it holds a list, not a dict"),
+                                          ({"fingerprint": "x"}, "missing or malformed: format")])
+def test_a_checkpoint_that_is_not_dsrpipes_is_refused(tmp_path, content, why):
+    path = small_run(tmp_path)
+    checkpoint = tmp_path / "out" / "tiny" / "train" / "final.pt"
+    checkpoint.parent.mkdir(parents=True)
+    torch.save(content, checkpoint)
+    result = dsrpipe("run", path, "--out", "out", cwd=tmp_path)
+    assert_one_line_error(result, f"out/tiny/train/final.pt is not a dsrpipe checkpoint ({why}")
+
+
+def test_a_checkpoint_with_our_keys_and_the_wrong_insides_is_refused(tmp_path):
+    """Even one that carries the very fingerprint the settings call for."""
+    path = small_run(tmp_path)
+    cfg = load_pipeline(path)
+    run = RunDir(tmp_path / "out", cfg.name)
+    save_checkpoint(run.last("train"), {
+        "stage": "train", "complete": False, "fingerprint": run.fingerprint("train", cfg), "run_id": "x",
+        "epoch": 1, "model": {"conv1.weight": torch.zeros(1)}, "optimizer": {}, "scheduler": {},
+        "sparsifier": {}, "method": "dsr", "rng": {}, "history": [], "model_spec": {}, "data_info": {},
+        "config": {}})
+    result = CliRunner().invoke(app, ["train-sparse", str(path), "--out", str(tmp_path / "out"), "--resume",
+                                      "--no-progress"])
+    assert result.exit_code == 2, result.output
+    assert f"error: {run.last('train')} is not a dsrpipe checkpoint (RuntimeError: Error(s) in loading" in result.output
+
+
+# -- configuration: bounded, one line ---------------------------------------------------------------
+
+ALIAS_BOMB = """name: bomb
+model:
+  name: small-cnn
+  options:
+    a: &a [x, x, x, x, x, x, x, x, x, x]
+    b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]
+    c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]
+    d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]
+    e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]
+    f: [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]
+""".encode()
+
+BAD_FILES = {
+    "alias bomb": (ALIAS_BOMB, "line 6 not valid YAML (aliases (*name) are not allowed)"),
+    "not UTF-8": (b"name: caf\xe9\ntrain: {epochs: 1}\n", "not UTF-8 text (byte 9)"),
+    "deep nesting": (b"name: deep\nmodel: {options: {x: " + b"[" * 50_000 + b"]" * 50_000 + b"}}\n",
+                     "line 2 not valid YAML (nested deeper than 20 levels)"),
+}
+
+BAD_VALUES = {
+    "huge image size": ({"data": {"image_size": 100_000}}, "data.image_size: Input should be less than or equal to 1024"),
+    "seed 2**70": ({"seed": 2**70}, "seed: Input should be less than or equal to 4294967295"),
+    "latency runs 1e9": ({"validate": {"latency_runs": 10**9}}, "validate.latency_runs: Input should be less than"),
+    "negative milestone": ({"train": {"epochs": 4, "milestones": [-1, 2]}}, "train: milestones must be increasing"),
+    "unsorted milestones": ({"train": {"epochs": 4, "milestones": [3, 1]}}, "train: milestones must be increasing"),
+    "opset 99": ({"export": {"opset": 99}}, "export.opset: the installed onnx knows opsets up to"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_a_bad_yaml_file_is_one_line_exit_2(tmp_path, case):
+    content, expected = BAD_FILES[case]
+    (tmp_path / "bad.yaml").write_bytes(content)
+    result = dsrpipe("run", "bad.yaml", "--out", "out", cwd=tmp_path, timeout=120)
+    assert_one_line_error(result, f"bad.yaml: {expected}")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", list(BAD_VALUES))
+def test_an_absurd_value_is_one_line_exit_2(tmp_path, case):
+    change, expected = BAD_VALUES[case]
+    write_pipeline(tmp_path, tiny(**change), "bad.yaml")
+    result = dsrpipe("run", "bad.yaml", "--out", "out", cwd=tmp_path, timeout=120)
+    assert_one_line_error(result, expected)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("finetune.milestones=[5]", "finetune: milestones must be increasing epochs from 0 to epochs (1)"),
+    ("train.lr=.inf", "train.lr: Input should be a finite number"),
+    ("model.options={width: {deep: [1]}}", "model.options: 'width': expected a number"),
+    (f"model.options={{width: {list(range(65))}}}", "model.options: 'width': expected a number"),
+    ('sparsity.masks_from="a\\0b"', "sparsity.masks_from: a path cannot contain a NUL"),
+    ("seed=-1", "seed: Input should be greater than or equal to 0"),
+    ("model.options={a: &a [1], b: *a}", "--set model.options: line 1 not valid YAML (aliases (*name) are not allowed)"),
+])
+def test_set_is_bounded_like_the_file(tmp_path, override, expected):
+    path = write_pipeline(tmp_path, tiny())
+    result = CliRunner().invoke(app, ["check", str(path), "--set", override])
+    assert result.exit_code == 2 and expected in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+# -- one run, one owner --------------------------------------------------------------------------------
+
+def test_a_second_run_of_the_same_pipeline_is_refused_while_the_first_completes(tmp_path):
+    path = small_run(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "dsrpipe", "run", str(path), "--out", "out", "--no-progress"]
+    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = RunDir(tmp_path / "out", "tiny")
+    try:
+        deadline = time.monotonic() + 120
+        while files.lock_holder(run.lock_file) != first.pid:
+            assert first.poll() is None and time.monotonic() < deadline, "the first run never took the lock"
+            time.sleep(0.05)
+        # Paused while it owns the run, so the second one surely finds it at work, however fast.
+        first.send_signal(signal.SIGSTOP)
+        second = dsrpipe("run", path, "--out", "out", "--no-progress", cwd=tmp_path)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert_one_line_error(second, f"out/tiny is in use by another dsrpipe process (pid {first.pid})")
+    _, stderr = first.communicate(timeout=600)
+    assert first.returncode == 0, stderr[-2000:]
+    # The first run's outputs are one consistent chain: the report measured this model.onnx,
+    # exported from this trained checkpoint, made with these settings.
+    assert run.is_complete(load_pipeline(path))
+    assert files.lock_holder(run.lock_file) is None  # released
+
+
+# -- the schema, fuzzed ---------------------------------------------------------------------------------
+
+STRANGE = ["", "x" * 300, "../../etc", "/", "a\nb", "\x00", "ünï", "1e9", "-1", "null", "*", "~", "[", "{a: 1}"]
+NUMBERS = [0, -1, 1, 2**31, 2**70, -(2**70), 10**9, 0.5, -0.5, 1e308, 3.0]
+
+
+def mutate(raw, rng: random.Random):
+    """One random change somewhere in the settings tree: drop, retype, resize, nest or add a key."""
+    paths = []
+
+    def walk(node, trail):
+        for key, value in node.items():
+            paths.append(trail + [key])
+            if isinstance(value, dict):
+                walk(value, trail + [key])
+
+    walk(raw, [])
+    *parents, leaf = rng.choice(paths)
+    node = raw
+    for key in parents:
+        node = node[key]
+    kind = rng.randrange(7)
+    if kind == 0:
+        del node[leaf]
+    elif kind == 1:
+        node[leaf] = rng.choice(NUMBERS)
+    elif kind == 2:
+        node[leaf] = rng.choice(STRANGE)
+    elif kind == 3:
+        node[leaf] = rng.choice([None, True, [], {}, [1, "a", None], {"x": {"y": 1}}])
+    elif kind == 4:
+        value = rng.choice(NUMBERS + STRANGE)
+        for _ in range(rng.randrange(1, 30)):
+            value = [value] if rng.random() < 0.5 else {"k": value}
+        node[leaf] = value
+    elif kind == 5:
+        node[leaf] = [rng.choice(NUMBERS) for _ in range(rng.randrange(200))]
+    else:
+        node[rng.choice(STRANGE + ["extra", 7])] = rng.choice(NUMBERS + STRANGE)
+
+
+def test_fuzzed_pipelines_never_crash_check(tmp_path):
+    base = yaml.safe_load((ROOT / "pipelines" / "quickstart.yaml").read_text())
+    rng = random.Random(9)
+    runner = CliRunner()
+    codes = []
+    for case in range(200):
+        raw = copy.deepcopy(base)
+        for _ in range(rng.randrange(1, 4)):
+            mutate(raw, rng)
+        text = yaml.safe_dump(raw, allow_unicode=True).encode()
+        if case % 10 == 0:  # and now and then, the bytes themselves
+            text = text[:rng.randrange(len(text))] + bytes([rng.randrange(256)]) + text[rng.randrange(len(text)):]
+        path = tmp_path / "fuzz.yaml"
+        path.write_bytes(text)
+        result = runner.invoke(app, ["check", str(path)])
+        assert result.exit_code in (0, 2), (text, result.output, result.exception)
+        assert result.exception is None or isinstance(result.exception, SystemExit), (text, result.exception)
+        assert "Traceback" not in result.output and "internal error" not in result.output, (text, result.output)
+        if result.exit_code == 2:
+            assert len(result.output.strip().splitlines()) == 1, (text, result.output)
+        codes.append(result.exit_code)
+    assert 0 < codes.count(0) < codes.count(2)  # both outcomes happen: the mutations reach the validators
