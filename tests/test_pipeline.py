@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import onnx
@@ -105,8 +106,22 @@ def test_dsr_reallocates_and_keeps_the_budget_during_training(tmp_path):
     assert {"train_loss", "test_top1", "threshold", "pruned", "layer_density", "lr"} <= json.loads(lines[0]).keys()
 
 
+def assert_same_training(reference, resumed):
+    """Two train/final.pt checkpoints hold the same weights, masks, threshold and history (timings
+    aside), bit for bit."""
+    for key, value in reference["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    for name, mask in reference["sparsifier"]["masks"].items():
+        assert torch.equal(mask, resumed["sparsifier"]["masks"][name])
+    assert reference["sparsifier"]["threshold"] == resumed["sparsifier"]["threshold"]
+    drop_timing = lambda h: {k: v for k, v in h.items() if k not in ("seconds", "images_per_second")}
+    assert [drop_timing(h) for h in reference["history"]] == [drop_timing(h) for h in resumed["history"]]
+
+
 def test_resume_after_interruption_is_bit_identical(tmp_path, monkeypatch):
-    cfg = parse_pipeline(tiny(train={"epochs": 5}))
+    # The LR drops at milestones before (2) and after (4) the resume point (3): a resumed run that
+    # lost its LR schedule would miss the second drop.
+    cfg = parse_pipeline(tiny(train={"epochs": 5, "milestones": [2, 4]}))
     reference = torch.load(train_sparse(cfg, tmp_path / "a", progress=False), weights_only=False)
 
     real_evaluate = train_module.evaluate
@@ -127,14 +142,40 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, monkeypatch):
     with pytest.raises(Exception, match="--resume"):
         train_sparse(cfg, tmp_path / "b", progress=False)
     resumed = torch.load(train_sparse(cfg, tmp_path / "b", resume=True, progress=False), weights_only=False)
+    assert [h["lr"] for h in resumed["history"]] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001])
+    assert_same_training(reference, resumed)
 
-    for key, value in reference["model"].items():
-        assert torch.equal(value, resumed["model"][key]), key
-    for name, mask in reference["sparsifier"]["masks"].items():
-        assert torch.equal(mask, resumed["sparsifier"]["masks"][name])
-    assert reference["sparsifier"]["threshold"] == resumed["sparsifier"]["threshold"]
-    drop_timing = lambda h: {k: v for k, v in h.items() if k not in ("seconds", "images_per_second")}
-    assert [drop_timing(h) for h in reference["history"]] == [drop_timing(h) for h in resumed["history"]]
+
+def test_run_killed_mid_training_resumes_bit_identically(tmp_path):
+    """`dsrpipe run` killed (SIGKILL) once an epoch is checkpointed, then run again, ends exactly
+    where an uninterrupted run does; the LR drop (milestone 3) comes after the resume point."""
+    raw = tiny("killed", model={"name": "small-cnn", "options": {"width": 8}}, finetune={"epochs": 0},
+               train={"epochs": 4, "milestones": [3]}, validate={"latency_runs": 5})
+    reference = torch.load(train_sparse(parse_pipeline(raw), tmp_path / "reference", progress=False),
+                           weights_only=False)
+
+    path, out = write_pipeline(tmp_path, raw), tmp_path / "out"
+    command = [sys.executable, "-m", "dsrpipe", "run", str(path), "--out", str(out), "--no-progress"]
+    last = out / "killed" / "train" / "last.pt"
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not last.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        process.kill()
+        process.wait()
+    resume_from = torch.load(last, weights_only=False)["epoch"]
+    assert resume_from in (1, 2)  # killed within moments of the first checkpoint: before the milestone
+    assert not (out / "killed" / "train" / "final.pt").exists()
+
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"train: resuming after epoch {resume_from}" in result.stderr
+    resumed = torch.load(out / "killed" / "train" / "final.pt", weights_only=False)
+    assert_same_training(reference, resumed)
+    report = json.loads((out / "killed" / "report.json").read_text())
+    assert report["passed"] and report["final_test_top1_torch_training"] == reference["history"][-1]["test_top1"]
 
 
 @pytest.mark.parametrize("method", ["static", "dense"])

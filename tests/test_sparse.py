@@ -125,6 +125,16 @@ def test_growth_is_proportional_to_survivors_and_exact():
         assert abs(grown - stats["pruned"] * survivors / sum(kept)) < 1
 
 
+@pytest.mark.parametrize("total, weights, capacity, expected", [
+    (4, [1, 2], [10, 10], [1, 3]),  # exact 1.33, 2.67: the one leftover goes to the larger remainder
+    (7, [10, 21, 29], [10, 10, 10], [1, 3, 3]),  # 1.17, 2.45, 3.38: to the middle one, not the first
+    (5, [1, 2, 4], [10, 10, 10], [1, 1, 3]),  # 0.71, 1.43, 2.86: two leftovers, to the third and the first
+    (10, [1, 1, 2], [1, 100, 100], [1, 3, 6]),  # [3, 2, 5] overflows the first: its 2 go 0.67 : 1.33
+])
+def test_proportional_split_rounds_by_largest_remainder(total, weights, capacity, expected):
+    assert proportional_split(total, weights, capacity) == expected
+
+
 def test_proportional_split_respects_capacity_and_total():
     assert proportional_split(10, [1, 1, 2], [100, 100, 100]) == [3, 2, 5]  # 2.5, 2.5, 5 rounded
     share = proportional_split(1000, [5, 3, 2], [10, 10_000, 10_000])
@@ -151,6 +161,141 @@ def test_grown_weights_and_their_momentum_start_at_zero():
         assert int(grown.sum()) == stats["grown"][name]
         assert bool((s.weights[name][grown] == 0).all())
         assert bool((opt.state[s.weights[name]]["momentum_buffer"][grown] == 0).all())
+
+
+def test_growth_follows_a_hand_computed_split():
+    """Three sparse Linears keeping 100, 1000 and 497 weights regrow the 3 pruned ones as
+    3 * (100, 1000, 497) / 1597 = (0.19, 1.88, 0.93), rounded by largest remainder: (0, 2, 1)."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(10, 100), nn.Linear(100, 100), nn.Linear(100, 50), nn.Linear(50, 10))
+    s = DSR(mlp, sparsity=0.9, prune_target=3, init_threshold=1e-3)
+    with torch.no_grad():
+        for name, w in s.weights.items():
+            w.copy_(s.masks[name].float())  # every active weight is 1: nothing below H...
+        s.weights["2"].view(-1)[s.masks["2"].view(-1).nonzero().squeeze(1)[:3]] = 1e-4  # ...but three
+    assert [int(m.sum()) for m in s.masks.values()] == [100, 1000, 500]
+    stats = s.reallocate()
+    assert stats["pruned"] == 3
+    assert stats["grown"] == {"0": 0, "1": 2, "2": 1}
+    assert [int(m.sum()) for m in s.masks.values()] == [100, 1002, 498]
+
+
+def _set_active_weights(sparsifier, value, small_per_tensor):
+    """Every active weight to `value`, then the first `small_per_tensor[name]` active ones of each
+    tensor to 1e-4: with H = 1e-3 exactly those are pruned."""
+    with torch.no_grad():
+        for name, w in sparsifier.weights.items():
+            mask = sparsifier.masks[name]
+            w.copy_(mask.float() * value)
+            w.view(-1)[mask.view(-1).nonzero().squeeze(1)[:small_per_tensor.get(name, 0)]] = 1e-4
+
+
+# N_p = 500 and δ = 0.1 make (1 ± δ)·N_p exactly 450 and 550 in floating point (with N_p = 100,
+# 1.1·100 is 110.00000000000001, and K = 110 could not tell `>` from `>=`).
+@pytest.mark.parametrize("pruned, factor", [(449, 2.0), (450, 1.0), (500, 1.0), (550, 1.0), (551, 0.5)])
+def test_threshold_rule_at_its_boundaries(pruned, factor):
+    """Spec: K < (1-δ)·N_p doubles H, K > (1+δ)·N_p halves it; the boundaries themselves keep it."""
+    torch.manual_seed(0)
+    s = DSR(small_net(), sparsity=0.5, prune_target=500, init_threshold=1e-3, tolerance=0.1)
+    _set_active_weights(s, 1.0, {"2": pruned // 3, "4": pruned - pruned // 3})
+    stats = s.reallocate()
+    assert stats["pruned"] == pruned
+    assert stats["threshold"] == 1e-3
+    assert s.threshold == 1e-3 * factor
+
+
+SCARCE_PRUNED = {"2": 100, "4": 600, "8": 300}
+
+
+def _scarce_reallocation():
+    """A DSR at 2% sparsity (440 free slots) that has trained with momentum, then prunes 1000:
+    returns the sparsifier, its optimizer, the masks before, the stats and the budget."""
+    torch.manual_seed(0)
+    net = small_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    s = DSR(net, opt, sparsity=0.02, prune_target=1000, init_threshold=1e-3, schedule=RewireSchedule({0: 10**9}))
+    train_steps(net, opt, s, 2)  # every active weight now has momentum
+    assert sum(int((~m).sum()) for m in s.masks.values()) == 440
+    budget = s.active_count()
+    _set_active_weights(s, 1.0, SCARCE_PRUNED)
+    before = {n: m.clone() for n, m in s.masks.items()}
+    return s, opt, before, s.reallocate(), budget
+
+
+def test_growth_reuses_just_pruned_positions_when_free_slots_are_scarce():
+    """Pruning 1000 with only 440 free slots regrows exactly 1000, some at positions pruned in
+    this very step; the budget stays and the grown weights start at 0."""
+    s, _, before, stats, budget = _scarce_reallocation()
+    assert stats["pruned"] == 1000 and sum(stats["grown"].values()) == 1000
+    assert s.active_count() == budget
+    assert masked_weights_are_zero(s)
+    assert sum(int(w.count_nonzero()) for w in s.weights.values()) == budget - 1000  # the kept ones (1)
+    reused = 0
+    for name, mask in s.masks.items():
+        grown = mask & (s.weights[name] == 0)  # every kept weight is 1
+        free = int((~before[name]).sum())
+        assert int(grown.sum()) == stats["grown"][name] <= free + SCARCE_PRUNED[name]
+        reused += int((grown & before[name]).sum())
+    assert reused >= 1000 - 440
+
+
+def test_positions_pruned_and_regrown_in_one_step_restart_without_momentum():
+    """Spec, step 3: new weights start at 0 and so do their momentum buffers, also when a
+    position pruned in this step is regrown (free slots scarce)."""
+    s, opt, before, _, _ = _scarce_reallocation()
+    for name, mask in s.masks.items():
+        reused = mask & before[name] & (s.weights[name] == 0)
+        assert reused.any()
+        momentum = opt.state[s.weights[name]]["momentum_buffer"]
+        assert int(momentum[reused].count_nonzero()) == 0, f"{name}: regrown weights keep their old momentum"
+
+
+def test_grown_weights_and_their_momentum_are_zero_after_every_reallocation():
+    """Over several reallocations with momentum steps between, positions that once held a trained
+    weight (and so had momentum) are regrown: each must restart at 0 with a zero momentum buffer."""
+    torch.manual_seed(0)
+    net = small_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    s = DSR(net, opt, sparsity=0.5, prune_target=500, init_threshold=0.02, schedule=RewireSchedule({0: 10**9}))
+    held_a_weight = {n: m.clone() for n, m in s.masks.items()}
+    regrown_after_training = 0
+    for round_ in range(5):
+        train_steps(net, opt, s, 3, seed=round_)
+        before = {n: m.clone() for n, m in s.masks.items()}
+        stats = s.reallocate()
+        assert stats["pruned"] > 0
+        for name, mask in s.masks.items():
+            grown = mask & ~before[name]
+            assert int(grown.sum()) == stats["grown"][name]
+            assert bool((s.weights[name][grown] == 0).all())
+            assert bool((opt.state[s.weights[name]]["momentum_buffer"][grown] == 0).all())
+            regrown_after_training += int((grown & held_a_weight[name]).sum())
+            held_a_weight[name] |= mask
+        assert masked_weights_are_zero(s)
+    assert regrown_after_training > 0  # the case this test is about did happen
+
+
+def test_a_layer_of_tiny_weights_is_never_emptied():
+    """One layer whose every weight is below H, among normal layers: it keeps its largest weight
+    (and regrows from there) rather than dropping to 0 active weights for good."""
+    torch.manual_seed(0)
+    net = small_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    s = DSR(net, opt, sparsity=0.9, prune_target=100, init_threshold=1e-3, schedule=RewireSchedule({0: 10**9}))
+    tiny = s.weights["4"]
+    with torch.no_grad():
+        tiny.mul_(1e-6)  # all ~1e-7, far below H; the other layers' weights are ~0.05
+    largest = int((tiny.abs() * s.masks["4"]).argmax())
+    largest_value = float(tiny.detach().view(-1)[largest])
+    budget = s.active_count()
+    stats = s.reallocate()
+    assert bool(s.masks["4"].view(-1)[largest]) and float(tiny.detach().view(-1)[largest]) == largest_value
+    assert int(s.masks["4"].sum()) == 1 + stats["grown"]["4"]
+    for round_ in range(3):  # and it stays alive through training
+        train_steps(net, opt, s, 2, seed=round_)
+        s.reallocate()
+        assert s.active_count() == budget
+        assert int(s.masks["4"].sum()) >= 1
 
 
 def test_never_prunes_a_tensor_to_zero():
