@@ -1,4 +1,5 @@
-"""Atomic writes: a reader sees the old file or the complete new one, never half of either."""
+"""Atomic writes: a reader sees the old file or the complete new one, never half of either; and the
+safe reading of a torch file someone else made."""
 
 from __future__ import annotations
 
@@ -50,3 +51,17 @@ def torch_save(path: str | os.PathLike, obj: Any) -> None:
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def torch_load(path: str | os.PathLike) -> Any:
+    """A torch.save file read without unpickling arbitrary objects (`weights_only`) and memory-mapped
+    (a big file costs address space, not memory, until read): for files a user names. Besides
+    tensors and plain containers it admits NumPy arrays, which dsrpipe checkpoints hold for NumPy's
+    RNG state."""
+    import numpy as np
+    import torch
+
+    numpy_core = getattr(np, "_core", None) or np.core
+    allowed = [numpy_core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)

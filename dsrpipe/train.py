@@ -30,8 +30,9 @@ from .config import FINETUNE_SETTINGS, TRAIN_SETTINGS, OptimConfig, Pipeline
 from .data import Dataset
 from .errors import UserError
 from .models import create_model
-from .sparse import RewireSchedule, Sparsifier, create_sparsifier
-from .sparse.frozen import load_source
+from .sparse import Sparsifier
+from .sparse.base import read_finished_run
+from .sparse.frozen import initial_weights
 from .sparse.thin import thin_model_options
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -74,22 +75,12 @@ def train_sparse(cfg: Pipeline, out: Path, *, resume: bool = False, force: bool 
     s = cfg.sparsity
 
     def make_sparsifier(model, optimizer, steps_per_epoch):
-        schedule = RewireSchedule(s.rewire_periods, s.stop_rewire_epoch, steps_per_epoch)
-        prune_end = s.prune_end_epoch * steps_per_epoch if s.prune_end_epoch is not None else None
-        # Each method takes the options it knows and ignores the rest.
-        return create_sparsifier(
-            s.method, model, optimizer, sparsity=s.sparsity, dense_first=s.dense_first,
-            dense_last=s.dense_last, exclude=s.exclude, prune_target=s.prune_target,
-            init_threshold=s.init_threshold, tolerance=s.tolerance, schedule=schedule, seed=cfg.seed,
-            scale_init=s.scale_init, total_steps=cfg.train.epochs * steps_per_epoch, zeta=s.zeta, alpha=s.rigl_alpha,
-            temperature=s.deepr_temperature, l1=s.deepr_l1, begin_iteration=s.prune_begin_epoch * steps_per_epoch,
-            end_iteration=prune_end, masks_from=s.masks_from)
+        return s.create(model, optimizer, seed=cfg.seed, steps_per_epoch=steps_per_epoch, epochs=cfg.train.epochs)
 
     def thin_spec(spec):  # thin-dense: a narrower dense model with the sparse model's parameter count
         options, params, budget = thin_model_options(
             spec["name"], spec["options"], num_classes=spec["num_classes"], in_channels=spec["in_channels"],
-            image_size=spec["image_size"], sparsity=s.sparsity, dense_first=s.dense_first,
-            dense_last=s.dense_last, exclude=s.exclude)
+            image_size=spec["image_size"], sparsity=s.sparsity, layers=s.layers)
         log(cfg, f"thin-dense: {options} gives {params:,} parameters for a budget of {budget:,} "
                  f"({params / budget - 1:+.1%})")
         return {**spec, "options": options, "thin_dense": {"params": params, "budget": budget}}
@@ -100,11 +91,13 @@ def train_sparse(cfg: Pipeline, out: Path, *, resume: bool = False, force: bool 
 
 
 def train_fingerprint(cfg: Pipeline) -> str:
-    """What a trained checkpoint must match: the training settings and, for `frozen`, the very
-    run whose masks it retrains (retraining that run makes this one stale)."""
+    """What a trained checkpoint must match: the training settings and, for a method that starts
+    from another run (frozen's masks, prune's dense weights), that very run (retraining it makes
+    this one stale)."""
     fingerprint = cfg.fingerprint(*TRAIN_SETTINGS)
-    if cfg.sparsity.method == "frozen":
-        fingerprint += f"-{load_source(cfg.sparsity.masks_from)[1]}"
+    if cfg.sparsity.source is not None:
+        option = "masks_from" if cfg.sparsity.method == "frozen" else "prune_from"
+        fingerprint += f"-{read_finished_run(cfg.sparsity.source, option).get('run_id')}"
     return fingerprint
 
 
@@ -121,8 +114,7 @@ def finetune(cfg: Pipeline, out: Path, *, resume: bool = False, force: bool = Fa
     def make_sparsifier(model, optimizer, steps_per_epoch):
         masks = trained["sparsifier"]["masks"]
         s = cfg.sparsity
-        frozen = Sparsifier(model, optimizer, sparsity=s.sparsity if masks else 0.0,
-                            dense_first=s.dense_first, dense_last=s.dense_last, exclude=s.exclude)
+        frozen = Sparsifier(model, optimizer, sparsity=s.sparsity if masks else 0.0, layers=s.layers)
         frozen.load_masks(masks)
         return frozen
 
@@ -164,6 +156,7 @@ def _fit(cfg: Pipeline, stage: str, opt_cfg: OptimConfig, out: Path,
     if adapt_spec is not None:  # a model other than the configured one (thin-dense; finetune's trained one)
         spec = adapt_spec(spec)
     model = build_model(spec, device)
+    init = initial_weights(model, cfg.seed)  # so that a frozen run can start where this one started
     optimizer = torch.optim.SGD(model.parameters(), lr=opt_cfg.lr, momentum=opt_cfg.momentum,
                                 nesterov=opt_cfg.nesterov and opt_cfg.momentum > 0,
                                 weight_decay=opt_cfg.weight_decay)
@@ -196,7 +189,7 @@ def _fit(cfg: Pipeline, stage: str, opt_cfg: OptimConfig, out: Path,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "sparsifier": sparsifier.state_dict(),
             "method": sparsifier.method, "rng": _rng_state(), "history": history,
-            "model_spec": spec, "data_info": asdict(info), "config": cfg.model_dump(mode="json"),
+            "model_spec": spec, "init": init, "data_info": asdict(info), "config": cfg.model_dump(mode="json"),
         })
         files.write_text(paths["metrics"], "".join(json.dumps(h) + "\n" for h in history))
 
@@ -211,6 +204,7 @@ def _fit(cfg: Pipeline, stage: str, opt_cfg: OptimConfig, out: Path,
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), dtype=torch.long, device=device)
             seen, pruned, reallocations = 0, 0, 0
+            switched_off, pruned_grown = 0, 0
             lr = optimizer.param_groups[0]["lr"]
             for x, y in train_set.batches(opt_cfg.batch_size, shuffle=True, augment=cfg.data.augment,
                                           seed=batches_seed, epoch=epoch, device=device, drop_last=True):
@@ -224,6 +218,8 @@ def _fit(cfg: Pipeline, stage: str, opt_cfg: OptimConfig, out: Path,
                 if stats is not None:
                     pruned += stats["pruned"]
                     reallocations += 1
+                    switched_off += stats.get("switched_off", 0)
+                    pruned_grown += stats.get("pruned_grown", 0)
                 loss_sum += loss.detach() * len(y)
                 correct += (logits.argmax(1) == y).sum()
                 seen += len(y)
@@ -242,6 +238,9 @@ def _fit(cfg: Pipeline, stage: str, opt_cfg: OptimConfig, out: Path,
                 "test_loss": test_loss, "test_top1": test_top1,
                 "threshold": getattr(sparsifier, "threshold", None), "pruned": pruned,
                 "reallocations": reallocations, "active_params": sparsifier.active_count(),
+                # Of the weights reallocation switched off, the share it had grown at the one before.
+                "pruned_grown": pruned_grown if sparsifier.tracks_regrowth else None,
+                "pruned_grown_share": pruned_grown / switched_off if sparsifier.tracks_regrowth and switched_off else None,
                 "layer_density": density, "seconds": train_seconds,
                 "images_per_second": seen / train_seconds,
             })
