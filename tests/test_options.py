@@ -112,3 +112,20 @@ def test_compare_gives_deepr_its_own_overrides(tmp_path):
     runs = grid(tmp_path, ["deepr"], overrides={"deepr": {"train.weight_decay": 0.0,
                                                           "sparsity.temperature": {0: 1e-5, 1: 1e-8}}})
     assert runs[0].cfg.sparsity.temperature == {0: 1e-5, 1: 1e-8}
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "bench" / "grids").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_shipped_grids_give_every_method_valid_options(tmp_path, path):
+    raw = yaml.safe_load(path.read_text())
+    raw["base"]["data"]["root"] = str(tmp_path)  # the datasets need not be here to check the grid
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(raw))
+    loaded, name, base = compare_module.load_grid(tmp_path / "grid.yaml")
+    runs = compare_module.plan_runs(loaded, name, base, tmp_path / "runs")
+    assert {r.method for r in runs} == set(loaded.methods) | ({"dense"} if "prune" in loaded.methods else set())
+    for run in runs:
+        assert run.cfg.sparsity.method == run.method
+        if run.method == "deepr":
+            assert run.cfg.train.weight_decay == 0
+        if run.method in ("dsr", "set"):  # N_p given as the paper's share, or the paper's count
+            assert run.cfg.sparsity.prune_fraction == 0.14 or run.cfg.sparsity.prune_target == 20000
