@@ -5,11 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
 
@@ -302,6 +301,8 @@ METHOD_OPTIONS: dict[str, type[MethodOptions]] = {
     "deepr": DeepROptions, "rigl": RigLOptions, "prune": PruneOptions, "gmp": GMPOptions,
     "frozen": FrozenOptions, "dense": DenseOptions,
 }
+# The sparsity section's type: a union of the options classes, discriminated by `method`.
+SparsityOptions = Annotated[Union[tuple(METHOD_OPTIONS.values())], Field(discriminator="method")]
 
 
 def parse_method_options(section: Any) -> MethodOptions:
@@ -370,7 +371,7 @@ class Pipeline(Section):
     bf16: bool = False  # bf16 autocast, on CUDA only
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
-    sparsity: SerializeAsAny[MethodOptions] = Field(default_factory=DSROptions)  # the method's options
+    sparsity: SparsityOptions = Field(default_factory=DSROptions)  # the method and its own options
     train: OptimConfig = Field(default_factory=OptimConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
@@ -380,6 +381,8 @@ class Pipeline(Section):
     @field_validator("sparsity", mode="before")
     @classmethod
     def _options_of_the_method(cls, section: Any) -> MethodOptions:
+        # Dispatched here rather than by the union itself: errors then read `sparsity.<key>`
+        # (not `sparsity.<method>.<key>`), and an option of another method says whose it is.
         return parse_method_options(section)
 
     @model_validator(mode="after")
