@@ -129,3 +129,18 @@ def test_shipped_grids_give_every_method_valid_options(tmp_path, path):
             assert run.cfg.train.weight_decay == 0
         if run.method in ("dsr", "set"):  # N_p given as the paper's share, or the paper's count
             assert run.cfg.sparsity.prune_fraction == 0.14 or run.cfg.sparsity.prune_target == 20000
+
+
+def test_compare_trains_the_dense_run_first_and_prunes_it(tmp_path):
+    base = tiny(model={"name": "small-cnn", "options": {"width": 8}}, train={"epochs": 1}, finetune={"epochs": 0},
+                validate={"latency_runs": 3})
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({"name": "g", "base": base, "methods": ["prune"], "sparsities": [0.8],
+                                    "seeds": [0], "overrides": {"prune": {"sparsity.steps": 3}}}))
+    result = compare_module.run_grid(path, tmp_path / "out", echo=lambda line: None)
+    runs = {r.method: r for r in result["runs"]}
+    assert {m: r.status for m, r in runs.items()} == {"dense": "ok", "prune": "ok"}, [r.message for r in runs.values()]
+    dense = torch.load(tmp_path / "out" / "g" / "runs" / "g-dense-s0-seed0" / "train" / "final.pt", weights_only=False)
+    pruned = torch.load(tmp_path / "out" / "g" / "runs" / "g-prune-s0.8-seed0" / "train" / "final.pt", weights_only=False)
+    assert pruned["fingerprint"].endswith(dense["run_id"])
+    assert 0.79 <= runs["prune"].report["sparsity"] <= 0.81
