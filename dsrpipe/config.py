@@ -93,8 +93,9 @@ class MethodOptions(Section):
         return LayerSelection(self.dense_first, self.dense_last, self.exclude, self.sparse_tensors)
 
     @property
-    def source(self) -> Path | None:
-        """The finished run this method starts from (frozen's masks_from, prune's prune_from)."""
+    def source(self) -> tuple[str, Path] | None:
+        """The setting naming the finished run this method starts from, and its path (frozen's
+        masks_from, prune's prune_from)."""
         return None
 
     def sparsifier_options(self, *, steps_per_epoch: int, epochs: int) -> dict[str, Any]:
@@ -272,8 +273,8 @@ class PruneOptions(SparseOptions, PruningSpan):
     steps: int = Field(20, ge=1)  # pruning steps, evenly spaced, the last at end_epoch
 
     @property
-    def source(self) -> Path | None:
-        return self.prune_from
+    def source(self) -> tuple[str, Path] | None:
+        return "prune_from", self.prune_from
 
     def sparsifier_options(self, *, steps_per_epoch: int, epochs: int) -> dict[str, Any]:
         return {**super().sparsifier_options(steps_per_epoch=steps_per_epoch, epochs=epochs),
@@ -288,8 +289,8 @@ class FrozenOptions(MethodOptions):
     scale_init: bool = False
 
     @property
-    def source(self) -> Path | None:
-        return self.masks_from
+    def source(self) -> tuple[str, Path] | None:
+        return "masks_from", self.masks_from
 
     def sparsifier_options(self, **shape) -> dict[str, Any]:
         return {**super().sparsifier_options(**shape), "masks_from": self.masks_from, "init": self.init,

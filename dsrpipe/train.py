@@ -96,8 +96,8 @@ def train_fingerprint(cfg: Pipeline) -> str:
     this one stale)."""
     fingerprint = cfg.fingerprint(*TRAIN_SETTINGS)
     if cfg.sparsity.source is not None:
-        option = "masks_from" if cfg.sparsity.method == "frozen" else "prune_from"
-        fingerprint += f"-{read_finished_run(cfg.sparsity.source, option).get('run_id')}"
+        option, path = cfg.sparsity.source
+        fingerprint += f"-{read_finished_run(path, option).get('run_id')}"
     return fingerprint
 
 

@@ -29,7 +29,6 @@ ModelFactory = Callable[..., nn.Module]
 NameParser = Callable[[str], "dict | None"]
 
 
-
 @dataclass(frozen=True)
 class DenseDefaults:
     """Which layers of a model the sparse methods keep dense unless a pipeline says otherwise.

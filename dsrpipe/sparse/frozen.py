@@ -70,7 +70,7 @@ class Frozen(Sparsifier):
         masks = source["sparsifier"]["masks"]
         if not masks:
             raise UserError(f"masks_from: {masks_from} has no masks (a dense run?)")
-        self.source_run_id, self.init = source.get("run_id"), init
+        self.init = init
         self._source, self._source_path = masks, masks_from
         self._initialise(model, source, seed)
         active = sum(int(m.sum()) for m in masks.values())

@@ -105,7 +105,6 @@ class Prune(GradualPrune):
         if set(weights) != set(state) or any(weights[k].shape != state[k].shape for k in state):
             raise UserError(f"prune_from: {prune_from} holds another model's weights (same model and options?)")
         model.load_state_dict(weights)  # before the masks: they start all ones anyway
-        self.source_run_id = source.get("run_id")
         super().__init__(model, optimizer, begin_iteration=begin_iteration, end_iteration=end_iteration,
                          total_steps=total_steps, steps=steps, sparsity=sparsity, layers=layers,
                          distribution=distribution, seed=seed)
