@@ -17,12 +17,12 @@ import numpy as np
 import torch
 
 from dsrpipe.models import create_model
-from dsrpipe.sparse import DSR
+from dsrpipe.sparse import DSR, LayerSelection
 
 CASES = {
     # name: (model, classes, image size, N_p, sparsifier options as in the paper's runs)
     "wrn-28-2": ("wrn-28-2", 10, 32, 20_000, {}),
-    "resnet50": ("resnet50", 1000, 224, 400_000, {"dense_last": False, "exclude": ["*downsample*"]}),
+    "resnet50": ("resnet50", 1000, 224, 400_000, {"layers": LayerSelection(dense_last=False)}),  # downsample dense
 }
 
 

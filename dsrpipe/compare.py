@@ -4,7 +4,7 @@ The grid file:
 
     name: digits-grid              # optional; defaults to the grid file's name
     base: pipelines/quickstart.yaml   # a pipeline file (relative to this file), or the settings inline
-    methods: [dsr, static, dense]    # dense runs once per seed, whatever the sparsities
+    methods: [dsr, static, prune, dense]   # dense runs once per seed, whatever the sparsities
     sparsities: [0.9, 0.95]
     seeds: [0, 1, 2]
     overrides:                     # optional, per method: dotted settings, as with `--set`
@@ -17,7 +17,9 @@ Outputs, under `<out>/<grid>/`:
   results.csv, results.md, accuracy_vs_params.png
 
 Each run is its own `dsrpipe run` process, so a crash stays in its row. A complete run (every
-stage current with its settings) is not started again; an interrupted one resumes.
+stage current with its settings) is not started again; an interrupted one resumes. `prune`
+runs start from the dense run of their seed (trained first, added when the grid lacks it) and
+`frozen` runs from the DSR run of their sparsity and seed.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import __version__, files
-from .config import Pipeline, apply_overrides, first_error, parse_pipeline, read_yaml
+from .config import Pipeline, apply_overrides, first_error, parse_pipeline, read_yaml, switch_method
 from .errors import UserError
 from .rundir import STALE, RunDir, read_report
 
@@ -110,7 +112,7 @@ class Run:
     seed: int
     raw: dict[str, Any]
     cfg: Pipeline | None = None
-    depends_on: str | None = None  # a run whose trained masks this one reads (frozen ← dsr)
+    depends_on: str | None = None  # a run whose trained model this one starts from (frozen ← dsr, prune ← dense)
     status: str = "pending"  # pending, running, ok, validation-failed, crashed
     reused: bool = False
     report: dict[str, Any] | None = None
@@ -152,11 +154,18 @@ def run_name(grid_name: str, method: str, sparsity: float, seed: int) -> str:
 
 def plan_runs(grid: Grid, grid_name: str, base: dict[str, Any], runs_dir: Path,
               source: str = "grid") -> list[Run]:
-    """Every run's pipeline, validated before any starts. DSR runs come before `frozen` ones,
-    which train on the masks of the DSR run with the same sparsity and seed. `dense` ignores
-    sparsity, so it runs once per seed (as sparsity 0), not once per sparsity."""
+    """Every run's pipeline, validated before any starts.
+
+    Runs that start from another run come after it: `frozen` retrains the final masks of the DSR
+    run with the same sparsity and seed (when the grid has dsr), `prune` prunes the final weights
+    of the dense run with the same seed (a grid with prune and no dense gets the dense runs).
+    `dense` ignores sparsity, so it runs once per seed (as sparsity 0), not once per sparsity.
+    Each run gets the base's sparsity options that its method takes (see config.switch_method)."""
     wire_frozen = "frozen" in grid.methods and "dsr" in grid.methods
-    methods = sorted(grid.methods, key=lambda m: m == "frozen") if wire_frozen else grid.methods
+    methods = grid.methods + (["dense"] if "prune" in grid.methods and "dense" not in grid.methods else [])
+    sources = {"frozen": ("dsr", "masks_from")} if wire_frozen else {}
+    sources["prune"] = ("dense", "prune_from")
+    methods = sorted(methods, key=lambda m: m in sources)  # stable: dependants last
     runs = []
     for method in methods:
         for sparsity in [0.0] if method == "dense" else grid.sparsities:
@@ -170,19 +179,20 @@ def plan_runs(grid: Grid, grid_name: str, base: dict[str, Any], runs_dir: Path,
                 except UserError as exc:
                     raise UserError(f"{source}: overrides.{method}: {str(exc).removeprefix('--set ')}") from None
                 raw["name"], raw["seed"] = name, seed
-                section = raw.setdefault("sparsity", {})
+                section = raw.get("sparsity", {})
                 if not isinstance(section, dict):
                     raise UserError(f"{source}: base: sparsity: expected a mapping of settings")
-                section["method"], section["sparsity"] = method, sparsity
+                section = raw["sparsity"] = {**switch_method(section, method), "sparsity": sparsity}
                 run = Run(name, method, sparsity, seed, raw)
-                if wire_frozen and method == "frozen":
-                    run.depends_on = run_name(grid_name, "dsr", sparsity, seed)
-                    section["masks_from"] = str(runs_dir / run.depends_on / "train" / "final.pt")
+                if method in sources:
+                    needed, option = sources[method]
+                    run.depends_on = run_name(grid_name, needed, 0.0 if needed == "dense" else sparsity, seed)
+                    section[option] = str(runs_dir / run.depends_on / "train" / "final.pt")
                 try:
                     run.cfg = parse_pipeline(raw, f"{source}: {name}")
                 except UserError:
-                    # A frozen run may only validate once its DSR masks exist: checked at launch.
-                    if run.depends_on is None or Path(section["masks_from"]).exists():
+                    # A run may only validate once the run it starts from is done: checked at launch.
+                    if run.depends_on is None or Path(section[sources[method][1]]).exists():
                         raise
                 runs.append(run)
     return runs
@@ -301,7 +311,7 @@ def run_grid(grid_path: str | Path, out: str | Path = "export", *, jobs: int = 1
                     continue
                 todo.remove(run)
                 if needed is not None and needed.status == "crashed":
-                    run.status, run.message = "crashed", f"not run: {needed.name}, whose masks it needs, crashed"
+                    run.status, run.message = "crashed", f"not run: {needed.name}, which it starts from, crashed"
                 else:
                     start(run)
                 if run.status == "crashed":

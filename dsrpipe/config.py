@@ -11,7 +11,7 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -123,42 +123,91 @@ class ModelConfig(Section):
         return name
 
 
-class SparsityConfig(Section):
-    method: str = "dsr"
-    sparsity: float = Field(0.9, ge=0.0, lt=1.0)
+# -- sparsity: one options class per method, chosen by `method` ---------------------------------
+class MethodOptions(Section):
+    """What every method takes: which Conv2d/Linear weights are sparse (flat keys, handed to the
+    library as one LayerSelection)."""
+
+    method: str
     dense_first: bool = True  # keep the first conv dense
-    dense_last: bool = True  # keep the final classifier dense
-    exclude: list[str] = Field([], max_length=MAX_LIST)  # more dense layers, as fnmatch patterns on module names
-    prune_target: int = Field(20_000, gt=0, le=MAX_STEPS)  # N_p
-    init_threshold: float = Field(0.001, gt=0)  # initial H
-    tolerance: float = Field(0.1, ge=0, lt=1)  # δ
-    rewire_periods: dict[int, int] = Field({0: 100}, max_length=MAX_LIST)  # start epoch -> period (iterations)
-    stop_rewire_epoch: int | None = Field(None, ge=0, le=MAX_EPOCHS)
-    scale_init: bool = False  # scale each sparse tensor's initial weights by 1/sqrt(density)
-    zeta: float = Field(0.3, ge=0, le=1)  # set: fraction of each layer's active weights replaced per period
-    rigl_alpha: float = Field(0.3, ge=0, le=1)  # rigl: initial drop fraction, cosine-decayed to 0 by the stop epoch (else the end)
-    deepr_temperature: float = Field(1e-8, ge=0)  # deepr: noise temperature T (noise std sqrt(2·lr·T) per step)
-    deepr_l1: float = Field(1e-5, ge=0)  # deepr: L1 strength α (each step moves weights lr·α toward 0)
-    prune_begin_epoch: int = Field(0, ge=0, le=MAX_EPOCHS)  # prune: epoch at which gradual pruning starts from dense
-    prune_end_epoch: int | None = Field(None, ge=1, le=MAX_EPOCHS)  # prune: epoch by which it reaches `sparsity`; None: 75% of training
-    masks_from: FilePath | None = None  # frozen: a run's train/final.pt (relative to the working directory) whose masks are retrained from scratch
-
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, method: str) -> str:
-        from .sparse import METHODS
-
-        if method not in METHODS:
-            raise ValueError(f"unknown method '{method}' (known: {', '.join(METHODS)})")
-        return method
+    dense_last: bool = True  # keep the classifier dense
+    # more dense layers (fnmatch on module names); None: the model's defaults
+    exclude: list[str] | None = Field(None, max_length=MAX_LIST)
+    # instead of the three above: exactly these weights are sparse
+    sparse_tensors: list[str] | None = Field(None, max_length=MAX_LIST)
 
     @model_validator(mode="after")
-    def _method_options(self):
-        if self.method == "frozen" and self.masks_from is None:
-            raise ValueError("method 'frozen' needs masks_from: the train/final.pt of the run whose masks to retrain")
-        if self.prune_end_epoch is not None and self.prune_begin_epoch >= self.prune_end_epoch:
-            raise ValueError("prune_begin_epoch must be before prune_end_epoch")
+    def _one_way_to_choose_layers(self):
+        if self.sparse_tensors is not None and (
+                self.exclude is not None or {"dense_first", "dense_last"} & self.model_fields_set):
+            raise ValueError("give either sparse_tensors or dense_first/dense_last/exclude, not both")
         return self
+
+    @property
+    def layers(self):
+        """The sparse layers as the library takes them (a dsrpipe.sparse.LayerSelection)."""
+        from .sparse import LayerSelection
+
+        return LayerSelection(self.dense_first, self.dense_last, self.exclude, self.sparse_tensors)
+
+    @property
+    def source(self) -> tuple[str, Path] | None:
+        """The setting naming the finished run this method starts from, and its path (frozen's
+        masks_from, prune's prune_from)."""
+        return None
+
+    def sparsifier_options(self, *, steps_per_epoch: int, epochs: int) -> dict[str, Any]:
+        """The library constructor's keywords (epochs turned into iterations)."""
+        return {"layers": self.layers}
+
+    def create(self, model, optimizer, *, seed: int, steps_per_epoch: int, epochs: int):
+        """The method's sparsifier (dsrpipe.sparse) for this model and optimizer."""
+        from .sparse import create_sparsifier
+
+        return create_sparsifier(self.method, model, optimizer, seed=seed,
+                                 **self.sparsifier_options(steps_per_epoch=steps_per_epoch, epochs=epochs))
+
+
+class DenseOptions(MethodOptions):
+    method: Literal["dense"] = "dense"
+    sparsity: float = 0.0  # the grid axis; a dense run has none
+
+    @field_validator("sparsity")
+    @classmethod
+    def _no_sparsity(cls, sparsity: float) -> float:
+        if sparsity != 0:
+            raise ValueError("method 'dense' trains every weight: sparsity must be 0 "
+                             "(thin-dense is the narrower dense model with a sparse budget)")
+        return sparsity
+
+
+class ThinDenseOptions(MethodOptions):
+    method: Literal["thin-dense"] = "thin-dense"
+    sparsity: float = Field(0.9, ge=0.0, lt=1.0)  # whose parameter budget the narrower model matches
+
+
+class SparseOptions(MethodOptions):
+    sparsity: float = Field(0.9, ge=0.0, lt=1.0)  # of the sparse layers, overall
+    distribution: Literal["uniform", "erk"] = "uniform"  # of the active weights over the sparse layers
+
+    def sparsifier_options(self, **shape) -> dict[str, Any]:
+        return {**super().sparsifier_options(**shape), "sparsity": self.sparsity, "distribution": self.distribution}
+
+
+class FromScratchOptions(SparseOptions):
+    scale_init: bool = False  # start each sparse tensor at 1/sqrt(density) of its dense init
+
+    def sparsifier_options(self, **shape) -> dict[str, Any]:
+        return {**super().sparsifier_options(**shape), "scale_init": self.scale_init}
+
+
+class StaticOptions(FromScratchOptions):
+    method: Literal["static"] = "static"
+
+
+class RewiringOptions(FromScratchOptions):
+    rewire_periods: dict[int, int] = Field({0: 100}, max_length=MAX_LIST)  # start epoch -> reallocation period (iterations)
+    stop_rewire_epoch: int | None = Field(None, ge=0, le=MAX_EPOCHS)  # no reallocation from this epoch on
 
     @field_validator("rewire_periods")
     @classmethod
@@ -168,6 +217,180 @@ class SparsityConfig(Section):
         if any(not 0 <= e <= MAX_EPOCHS or not 1 <= p <= MAX_STEPS for e, p in periods.items()):
             raise ValueError(f"epochs must be in 0..{MAX_EPOCHS} and periods in 1..{MAX_STEPS}")
         return dict(sorted(periods.items()))
+
+    def sparsifier_options(self, *, steps_per_epoch: int, epochs: int) -> dict[str, Any]:
+        from .sparse import RewireSchedule
+
+        schedule = RewireSchedule(self.rewire_periods, self.stop_rewire_epoch, steps_per_epoch)
+        return {**super().sparsifier_options(steps_per_epoch=steps_per_epoch, epochs=epochs), "schedule": schedule}
+
+
+class NpOptions(RewiringOptions):
+    """N_p, the weights moved per reallocation: a count or a fraction of the active weights."""
+
+    prune_target: int | None = Field(None, gt=0, le=MAX_STEPS)  # N_p as a count (default when neither: 20,000)
+    prune_fraction: float | None = Field(None, gt=0, le=1)  # N_p as a fraction of the active weights
+
+    @model_validator(mode="after")
+    def _one_n_p(self):
+        if self.prune_target is not None and self.prune_fraction is not None:
+            raise ValueError("give N_p as prune_target (a count) or prune_fraction, not both")
+        return self
+
+    def sparsifier_options(self, **shape) -> dict[str, Any]:
+        return {**super().sparsifier_options(**shape), "prune_target": self.prune_target,
+                "prune_fraction": self.prune_fraction}
+
+
+class DSROptions(NpOptions):
+    method: Literal["dsr"] = "dsr"
+    init_threshold: float = Field(0.001, gt=0)  # initial H
+    tolerance: float = Field(0.1, ge=0, lt=1)  # δ
+
+    def sparsifier_options(self, **shape) -> dict[str, Any]:
+        return {**super().sparsifier_options(**shape), "init_threshold": self.init_threshold,
+                "tolerance": self.tolerance}
+
+
+class SETOptions(NpOptions):
+    method: Literal["set"] = "set"
+    zeta: float | None = Field(None, ge=0, le=1)  # fraction replaced per reallocation; default N_p / active
+
+    @model_validator(mode="after")
+    def _zeta_or_n_p(self):
+        if self.zeta is not None and (self.prune_target is not None or self.prune_fraction is not None):
+            raise ValueError("give zeta or N_p (prune_target / prune_fraction), not both")
+        return self
+
+    def sparsifier_options(self, **shape) -> dict[str, Any]:
+        return {**super().sparsifier_options(**shape), "zeta": self.zeta}
+
+
+class RigLOptions(RewiringOptions):
+    method: Literal["rigl"] = "rigl"
+    alpha: float = Field(0.3, ge=0, le=1)  # initial drop fraction, cosine-decayed to 0 by the stop epoch (else the end)
+
+    def sparsifier_options(self, *, steps_per_epoch: int, epochs: int) -> dict[str, Any]:
+        return {**super().sparsifier_options(steps_per_epoch=steps_per_epoch, epochs=epochs),
+                "alpha": self.alpha, "total_steps": epochs * steps_per_epoch}
+
+
+class DeepROptions(FromScratchOptions):
+    method: Literal["deepr"] = "deepr"
+    # Noise temperature T, annealed by epoch (epoch -> T), or one value; default: the DSR paper's.
+    temperature: float | dict[int, float] = {0: 1e-5, 25: 1e-8, 80: 1e-12, 140: 1e-15}
+    eta: float = Field(0.01, ge=0)  # noise std sqrt(2·eta·T)
+    l1: float = Field(1e-5, ge=0)  # L1 strength (its gradient joins the loss gradient)
+    stop_rewire_epoch: int | None = Field(None, ge=0, le=MAX_EPOCHS)  # no noise and no rewiring from this epoch on
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature_schedule(cls, temperature):
+        values = temperature.values() if isinstance(temperature, dict) else [temperature]
+        if isinstance(temperature, dict) and 0 not in temperature:
+            raise ValueError("needs an entry for epoch 0")
+        if any(v < 0 for v in values) or (isinstance(temperature, dict) and any(e < 0 for e in temperature)):
+            raise ValueError("epochs and temperatures must be >= 0")
+        return dict(sorted(temperature.items())) if isinstance(temperature, dict) else temperature
+
+    def sparsifier_options(self, *, steps_per_epoch: int, epochs: int) -> dict[str, Any]:
+        from .sparse import RewireSchedule
+
+        return {**super().sparsifier_options(steps_per_epoch=steps_per_epoch, epochs=epochs),
+                "schedule": RewireSchedule({0: 1}, self.stop_rewire_epoch, steps_per_epoch),
+                "temperature": self.temperature, "eta": self.eta, "l1": self.l1}
+
+
+class PruningSpan(Section):
+    begin_epoch: int = Field(0, ge=0, le=MAX_EPOCHS)  # pruning starts (from dense) here ...
+    end_epoch: int | None = Field(None, ge=1, le=MAX_EPOCHS)  # ... and reaches `sparsity` here; then the masks are fixed
+
+    @model_validator(mode="after")
+    def _begin_before_end(self):
+        if self.end_epoch is not None and self.begin_epoch >= self.end_epoch:
+            raise ValueError("begin_epoch must be before end_epoch")
+        return self
+
+    def span_options(self, steps_per_epoch: int, epochs: int) -> dict[str, Any]:
+        end = self.end_epoch * steps_per_epoch if self.end_epoch is not None else None
+        return {"begin_iteration": self.begin_epoch * steps_per_epoch, "end_iteration": end,
+                "total_steps": epochs * steps_per_epoch}
+
+
+class GMPOptions(RewiringOptions, PruningSpan):
+    method: Literal["gmp"] = "gmp"  # from scratch; prunes on rewire_periods; end_epoch default: 75% of training
+
+    def sparsifier_options(self, *, steps_per_epoch: int, epochs: int) -> dict[str, Any]:
+        return {**super().sparsifier_options(steps_per_epoch=steps_per_epoch, epochs=epochs),
+                **self.span_options(steps_per_epoch, epochs)}
+
+
+class PruneOptions(SparseOptions, PruningSpan):
+    method: Literal["prune"] = "prune"  # end_epoch default: 80% of training
+    prune_from: FilePath  # a dense run's train/final.pt (relative to the working directory)
+    steps: int = Field(20, ge=1, le=MAX_STEPS)  # pruning steps, evenly spaced, the last at end_epoch
+
+    @property
+    def source(self) -> tuple[str, Path] | None:
+        return "prune_from", self.prune_from
+
+    def sparsifier_options(self, *, steps_per_epoch: int, epochs: int) -> dict[str, Any]:
+        return {**super().sparsifier_options(steps_per_epoch=steps_per_epoch, epochs=epochs),
+                **self.span_options(steps_per_epoch, epochs), "prune_from": self.prune_from, "steps": self.steps}
+
+
+class FrozenOptions(MethodOptions):
+    method: Literal["frozen"] = "frozen"
+    sparsity: float = Field(0.9, ge=0.0, lt=1.0)  # the source run's (a label: the masks decide)
+    masks_from: FilePath  # a run's train/final.pt (relative to the working directory) whose final masks to retrain
+    init: Literal["fresh", "same"] = "fresh"  # a fresh random init, or the source run's own initial weights
+    scale_init: bool = False
+
+    @property
+    def source(self) -> tuple[str, Path] | None:
+        return "masks_from", self.masks_from
+
+    def sparsifier_options(self, **shape) -> dict[str, Any]:
+        return {**super().sparsifier_options(**shape), "masks_from": self.masks_from, "init": self.init,
+                "scale_init": self.scale_init}
+
+
+METHOD_OPTIONS: dict[str, type[MethodOptions]] = {
+    "dsr": DSROptions, "static": StaticOptions, "thin-dense": ThinDenseOptions, "set": SETOptions,
+    "deepr": DeepROptions, "rigl": RigLOptions, "prune": PruneOptions, "gmp": GMPOptions,
+    "frozen": FrozenOptions, "dense": DenseOptions,
+}
+# The sparsity section's type: a union of the options classes, discriminated by `method`.
+SparsityOptions = Annotated[Union[tuple(METHOD_OPTIONS.values())], Field(discriminator="method")]
+
+
+def parse_method_options(section: Any) -> MethodOptions:
+    """The sparsity section as its method's options; an option the method does not take is an
+    error naming it (and the methods that do take it)."""
+    if isinstance(section, MethodOptions):
+        return section
+    if not isinstance(section, dict):
+        raise ValueError("expected a mapping of settings")
+    method = section.get("method", "dsr")
+    if not isinstance(method, str) or method not in METHOD_OPTIONS:
+        raise ValueError(f"unknown method '{method}' (known: {', '.join(METHOD_OPTIONS)})")
+    options = METHOD_OPTIONS[method]
+    for key in section:
+        if key not in options.model_fields:
+            owners = [m for m, o in METHOD_OPTIONS.items() if key in o.model_fields]
+            whose = f"an option of {', '.join(owners)}" if owners else "no method's option"
+            raise ValueError(f"method '{method}' takes no option '{key}' ({whose}; {method} takes: "
+                             f"{', '.join(k for k in options.model_fields if k != 'method')})")
+    return options.model_validate({**section, "method": method})
+
+
+def switch_method(section: dict[str, Any], method: str) -> dict[str, Any]:
+    """A sparsity section switched to another method, as `dsrpipe compare` runs one base pipeline
+    with every method of a grid: options only other methods take are dropped; the method's own,
+    and keys no method knows (validation names them), are kept."""
+    own = METHOD_OPTIONS[method].model_fields
+    known = {k for options in METHOD_OPTIONS.values() for k in options.model_fields}
+    return {**{k: v for k, v in section.items() if k in own or k not in known}, "method": method}
 
 
 class OptimConfig(Section):
@@ -224,12 +447,25 @@ class Pipeline(Section):
     bf16: bool = False  # bf16 autocast, on CUDA only
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
-    sparsity: SparsityConfig = Field(default_factory=SparsityConfig)
+    sparsity: SparsityOptions = Field(default_factory=DSROptions)  # the method and its own options
     train: OptimConfig = Field(default_factory=OptimConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     # `validate` would shadow a pydantic method, hence the alias.
     validation: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
+
+    @field_validator("sparsity", mode="before")
+    @classmethod
+    def _options_of_the_method(cls, section: Any) -> MethodOptions:
+        # Dispatched here rather than by the union itself: errors then read `sparsity.<key>`
+        # (not `sparsity.<method>.<key>`), and an option of another method says whose it is.
+        return parse_method_options(section)
+
+    @model_validator(mode="after")
+    def _deepr_without_weight_decay(self):
+        if self.sparsity.method == "deepr" and self.train.weight_decay:
+            raise ValueError("method 'deepr' regularises with its L1 term: set train.weight_decay: 0")
+        return self
 
     def fingerprint(self, *sections: str) -> str:
         """A hash of the settings a stage's outputs depend on, to tell stale outputs apart."""

@@ -20,7 +20,6 @@ from .errors import UserError, ValidationFailed
 from .export import export_onnx
 from .plots import RUN_FILES, read_history, write_run_plots
 from .rundir import COMPLETE, RunDir, load_checkpoint, read_report, restoring, shipped_stage
-from .sparse.base import select_sparse_weights
 from .train import build_model, finetune, log, train_sparse
 from .validate import validate_onnx
 
@@ -45,8 +44,7 @@ def _load_trained(run: RunDir, cfg: Pipeline) -> tuple[dict[str, Any], torch.nn.
 def sparsity_summary(model: torch.nn.Module, cfg: Pipeline) -> dict[str, Any]:
     """Sparsity as deployed, read off the weights: zeros over the sparse-eligible tensors, and
     the whole-model parameter counts (dense layers included), as the paper reports them."""
-    s = cfg.sparsity
-    sparse = select_sparse_weights(model, dense_first=s.dense_first, dense_last=s.dense_last, exclude=s.exclude)
+    sparse = cfg.sparsity.layers.select(model)
     sparse_total = sum(w.numel() for w in sparse.values())
     sparse_nonzero = sum(int(w.count_nonzero()) for w in sparse.values())
     return {

@@ -2,7 +2,8 @@
 
   curves.png             train/test loss and top-1 per epoch; fine-tuning continues the x axis
   density_over_time.png  density of each sparse layer per epoch (how DSR moves parameters between
-                         layers), and the adaptive threshold H with the weights pruned per epoch
+                         layers), the adaptive threshold H with the weights pruned per epoch, and
+                         the share of pruned weights that had been grown at the reallocation before
   layer_density.png      final density per layer, read off the exported weights
   report.md              the report's key numbers and the three pictures
 
@@ -111,14 +112,15 @@ def _curves(history: list[dict], num_train: int, report: dict):
 def _density_over_time(history: list[dict], num_train: int, report: dict):
     layers = _layer_names(history, report)
     heat_height = min(9.0, max(2.2, 0.28 * len(layers) + 1.2))
-    fig = _figure(11, heat_height + 2.6)
-    heat_ax, h_ax = fig.subplots(2, 1, sharex=True, height_ratios=[heat_height, 2.2])
+    fig = _figure(11, heat_height + 4.2)
+    heat_ax, h_ax, share_ax = fig.subplots(3, 1, sharex=True, height_ratios=[heat_height, 2.2, 1.6])
     total = len(history)
     fig.suptitle(f"{report.get('name', '')}: density of each sparse layer per epoch "
                  f"({report.get('method', '')})")
     if not history or not layers:
         _no_data(heat_ax, "no epochs trained" if not history else "no sparse layers")
         _no_data(h_ax, "")
+        _no_data(share_ax, "")
         return fig
 
     import numpy as np
@@ -168,10 +170,35 @@ def _density_over_time(history: list[dict], num_train: int, report: dict):
         h_ax.text(0.5, 0.5, f"no threshold and nothing pruned (method '{report.get('method', '')}')",
                   ha="center", va="center", transform=h_ax.transAxes, color="0.4")
         h_ax.set_yticks([])
-    h_ax.set_xlabel("epoch")
     _epoch_axis(h_ax, total)
     h_ax.grid(alpha=0.3)
+    _regrowth_share(share_ax, history, num_train, report)
     return fig
+
+
+def _regrowth_share(ax, history: list[dict], num_train: int, report: dict) -> None:
+    """Per epoch, of the weights reallocation switched off, the share it had grown at the
+    reallocation just before: near 1 means it mostly prunes the zeros it has just grown (churn),
+    low means the grown weights survive and the structure explores."""
+    import numpy as np
+
+    total = len(history)
+    shares = [h.get("pruned_grown_share") for h in history]
+    _mark_finetune(ax, num_train, total, label=False)
+    if any(v is not None for v in shares):
+        values = 100 * np.array([np.nan if v is None else v for v in shares], dtype=float)
+        ax.plot(np.arange(1, total + 1), values, "o-", ms=3, color="tab:purple",
+                label="pruned weights grown at the reallocation before (%)")
+        ax.set_ylim(0, 100)
+        ax.set_ylabel("% of pruned", color="tab:purple")
+        ax.legend(loc="upper left", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, f"no regrowth to measure (method '{report.get('method', '')}')",
+                ha="center", va="center", transform=ax.transAxes, color="0.4")
+        ax.set_yticks([])
+    ax.set_xlabel("epoch")
+    _epoch_axis(ax, total)
+    ax.grid(alpha=0.3)
 
 
 def _layer_names(history: list[dict], report: dict) -> list[str]:
@@ -251,7 +278,8 @@ def run_markdown(report: dict, train_epochs: int, finetune_epochs: int) -> str:
         "",
         "## Density over time",
         "",
-        "![Density of each sparse layer per epoch, threshold H and weights pruned](density_over_time.png)",
+        "![Density of each sparse layer per epoch, threshold H, weights pruned, and the share of pruned weights "
+        "grown at the reallocation before](density_over_time.png)",
         "",
         "## Final density per layer",
         "",

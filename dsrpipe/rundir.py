@@ -22,7 +22,6 @@ import json
 import pickle
 import re
 import shutil
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -109,11 +108,14 @@ class RunDir:
         and the id of the output it is made from (None while that output is not there)."""
         settings = cfg.fingerprint(*SETTINGS[stage])
         if stage == "train":
-            if cfg.sparsity.method != "frozen":
+            if cfg.sparsity.source is None:
                 return settings
-            from .sparse.frozen import load_source
+            from .sparse.base import read_finished_run
 
-            upstream = load_source(cfg.sparsity.masks_from)[1]  # retraining the source makes this run stale
+            # A run that starts from another (frozen's masks, prune's dense weights) is stale once
+            # that run is retrained.
+            option, path = cfg.sparsity.source
+            upstream = read_finished_run(path, option)["run_id"]
         elif stage in ("finetune", "export"):
             trained = self.final("train" if stage == "finetune" else shipped_stage(cfg))
             upstream = load_checkpoint(trained)["run_id"] if trained.exists() else None
@@ -174,13 +176,9 @@ def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> None:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """A checkpoint dsrpipe wrote. Only tensors and plain data are unpickled, whatever the file
     holds, so loading runs no code; anything else is a one-line UserError."""
-    import torch
-
     path = Path(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch warns about the pickle protocol of foreign files
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = files.torch_load(path)
     except OSError as exc:
         raise UserError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
     except Exception as exc:  # whatever a foreign, truncated or hostile file makes the loader raise

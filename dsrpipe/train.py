@@ -31,7 +31,8 @@ from .data import Dataset
 from .errors import UserError
 from .models import create_model
 from .rundir import COMPLETE, STALE, UNFINISHED, RunDir, load_checkpoint, restoring, save_checkpoint
-from .sparse import RewireSchedule, Sparsifier, create_sparsifier
+from .sparse import Sparsifier
+from .sparse.frozen import initial_weights
 from .sparse.thin import thin_model_options
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -61,22 +62,12 @@ def train_sparse(cfg: Pipeline, out: Path, *, resume: bool = False, force: bool 
     s = cfg.sparsity
 
     def make_sparsifier(model, optimizer, steps_per_epoch):
-        schedule = RewireSchedule(s.rewire_periods, s.stop_rewire_epoch, steps_per_epoch)
-        prune_end = s.prune_end_epoch * steps_per_epoch if s.prune_end_epoch is not None else None
-        # Each method takes the options it knows and ignores the rest.
-        return create_sparsifier(
-            s.method, model, optimizer, sparsity=s.sparsity, dense_first=s.dense_first,
-            dense_last=s.dense_last, exclude=s.exclude, prune_target=s.prune_target,
-            init_threshold=s.init_threshold, tolerance=s.tolerance, schedule=schedule, seed=cfg.seed,
-            scale_init=s.scale_init, total_steps=cfg.train.epochs * steps_per_epoch, zeta=s.zeta, alpha=s.rigl_alpha,
-            temperature=s.deepr_temperature, l1=s.deepr_l1, begin_iteration=s.prune_begin_epoch * steps_per_epoch,
-            end_iteration=prune_end, masks_from=s.masks_from)
+        return s.create(model, optimizer, seed=cfg.seed, steps_per_epoch=steps_per_epoch, epochs=cfg.train.epochs)
 
     def thin_spec(spec):  # thin-dense: a narrower dense model with the sparse model's parameter count
         options, params, budget = thin_model_options(
             spec["name"], spec["options"], num_classes=spec["num_classes"], in_channels=spec["in_channels"],
-            image_size=spec["image_size"], sparsity=s.sparsity, dense_first=s.dense_first,
-            dense_last=s.dense_last, exclude=s.exclude)
+            image_size=spec["image_size"], sparsity=s.sparsity, layers=s.layers)
         log(cfg, f"thin-dense: {options} gives {params:,} parameters for a budget of {budget:,} "
                  f"({params / budget - 1:+.1%})")
         return {**spec, "options": options, "thin_dense": {"params": params, "budget": budget}}
@@ -96,8 +87,7 @@ def finetune(cfg: Pipeline, out: Path, *, resume: bool = False, force: bool = Fa
     def make_sparsifier(model, optimizer, steps_per_epoch):
         masks = trained["sparsifier"]["masks"]
         s = cfg.sparsity
-        frozen = Sparsifier(model, optimizer, sparsity=s.sparsity if masks else 0.0,
-                            dense_first=s.dense_first, dense_last=s.dense_last, exclude=s.exclude)
+        frozen = Sparsifier(model, optimizer, sparsity=s.sparsity if masks else 0.0, layers=s.layers)
         frozen.load_masks(masks)
         return frozen
 
@@ -141,6 +131,7 @@ def _fit(cfg: Pipeline, stage: str, opt_cfg: OptimConfig, run: RunDir,
     # Fine-tuning builds all this from the trained checkpoint: model, masks, weights.
     with restoring(run.final("train")) if start_from is not None else nullcontext():
         model = build_model(spec, device)
+        init = initial_weights(model, cfg.seed)  # so that a frozen run can start where this one started
         if device.type == "cuda":  # cuDNN's fast convolutions (and bf16 tensor cores) want NHWC
             model = model.to(memory_format=torch.channels_last)
         optimizer = torch.optim.SGD(model.parameters(), lr=opt_cfg.lr, momentum=opt_cfg.momentum,
@@ -177,7 +168,7 @@ def _fit(cfg: Pipeline, stage: str, opt_cfg: OptimConfig, run: RunDir,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "sparsifier": sparsifier.state_dict(),
             "method": sparsifier.method, "rng": _rng_state(), "history": history,
-            "model_spec": spec, "data_info": asdict(info), "config": cfg.model_dump(mode="json"),
+            "model_spec": spec, "init": init, "data_info": asdict(info), "config": cfg.model_dump(mode="json"),
         })
         files.write_text(run.metrics(stage), "".join(json.dumps(h) + "\n" for h in history))
 
@@ -195,6 +186,7 @@ def _fit(cfg: Pipeline, stage: str, opt_cfg: OptimConfig, run: RunDir,
                                      on_step=lambda: bar.advance(task))
             loss_sum, correct, seen, pruned, reallocations = (
                 totals[k] for k in ("loss_sum", "correct", "seen", "pruned", "reallocations"))
+            switched_off, pruned_grown = totals["switched_off"], totals["pruned_grown"]
             train_loss = loss_sum.item() / seen
             if not math.isfinite(train_loss):  # keep last.pt of the last sound epoch; stop wasting time
                 raise UserError(f"{stage} diverged: the training loss is {train_loss} in epoch {epoch + 1}; "
@@ -209,6 +201,9 @@ def _fit(cfg: Pipeline, stage: str, opt_cfg: OptimConfig, run: RunDir,
                 "test_loss": test_loss, "test_top1": test_top1,
                 "threshold": getattr(sparsifier, "threshold", None), "pruned": pruned,
                 "reallocations": reallocations, "active_params": sparsifier.active_count(),
+                # Of the weights reallocation switched off, the share it had grown at the one before.
+                "pruned_grown": pruned_grown if sparsifier.tracks_regrowth else None,
+                "pruned_grown_share": pruned_grown / switched_off if sparsifier.tracks_regrowth and switched_off else None,
                 "layer_density": density, "seconds": train_seconds,
                 "images_per_second": seen / train_seconds,
             })
@@ -243,7 +238,7 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sp
     cuda = device.type == "cuda"
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
-    seen, pruned, reallocations = 0, 0, 0
+    seen, pruned, reallocations, switched_off, pruned_grown = 0, 0, 0, 0, 0
     for x, y in batches:
         if cuda:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -258,12 +253,14 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sp
         if stats is not None:
             pruned += stats["pruned"]
             reallocations += 1
+            switched_off += stats.get("switched_off", 0)
+            pruned_grown += stats.get("pruned_grown", 0)
         loss_sum += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
         on_step()
     return {"loss_sum": loss_sum, "correct": correct, "seen": seen, "pruned": pruned,
-            "reallocations": reallocations}
+            "reallocations": reallocations, "switched_off": switched_off, "pruned_grown": pruned_grown}
 
 
 @torch.no_grad()

@@ -5,6 +5,11 @@ mapping normalised float NCHW input ``(N, in_channels, image_size, image_size)``
 ``(N, num_classes)``. Conventions the sparsifier and exporter rely on: plain nn.Conv2d / nn.Linear /
 nn.BatchNorm2d modules (no functional or shared weights); the first Conv2d (first Linear for MLPs) in
 ``named_modules()`` order is the input layer, and the last nn.Linear is the classifier.
+
+Like timm's ``default_cfg`` (``first_conv``, ``classifier``), a registration may name a model's input
+layer and classifier and declare which other layers the sparse methods keep dense by default (a WRN's
+1x1 shortcut convs, a ResNet's downsample convs, as in the DSR paper); ``create_model`` attaches them to
+the model as ``model.dense_defaults`` (a ``DenseDefaults``), where ``dsrpipe.sparse`` reads them.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import difflib
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -22,36 +28,55 @@ ModelFactory = Callable[..., nn.Module]
 # for a name that is in the family but invalid (e.g. a WRN depth that is not 6n+4).
 NameParser = Callable[[str], "dict | None"]
 
-_MODELS: dict[str, ModelFactory] = {}
-_FAMILIES: dict[str, tuple[NameParser, ModelFactory]] = {}  # keyed by display name, e.g. "wrn-<depth>-<width>"
+
+@dataclass(frozen=True)
+class DenseDefaults:
+    """Which layers of a model the sparse methods keep dense unless a pipeline says otherwise.
+
+    ``first_conv`` and ``classifier`` name the input layer and the classifier (module names; None:
+    the first Conv2d and the last Linear), kept dense under ``dense_first`` / ``dense_last``;
+    ``dense`` holds fnmatch patterns of module names of more layers kept dense (the default of
+    ``exclude``)."""
+
+    first_conv: str | None = None
+    classifier: str | None = None
+    dense: tuple[str, ...] = ()
 
 
-def register_model(name: str, *, parse_name: NameParser | None = None):
-    """Decorator registering a model factory under ``name``.
+_MODELS: dict[str, tuple[ModelFactory, DenseDefaults]] = {}
+# keyed by display name, e.g. "wrn-<depth>-<width>"
+_FAMILIES: dict[str, tuple[NameParser, ModelFactory, DenseDefaults]] = {}
+
+
+def register_model(name: str, *, parse_name: NameParser | None = None, first_conv: str | None = None,
+                   classifier: str | None = None, dense: tuple[str, ...] = ()):
+    """Decorator registering a model factory under ``name``, with its ``DenseDefaults``.
 
     With ``parse_name`` the factory serves a family of names (``wrn-28-2``, ``wrn-16-8``, ...): ``name``
     is then only the family's display name, and the options parsed from a name are passed to the factory.
     """
+    defaults = DenseDefaults(first_conv, classifier, tuple(dense))
 
     def decorator(factory: ModelFactory) -> ModelFactory:
         if parse_name is None:
-            _MODELS[name] = factory
+            _MODELS[name] = (factory, defaults)
         else:
-            _FAMILIES[name] = (parse_name, factory)
+            _FAMILIES[name] = (parse_name, factory, defaults)
         return factory
 
     return decorator
 
 
-def _resolve(name: str) -> tuple[ModelFactory, dict]:
-    """The factory for ``name`` and the options encoded in the name itself."""
+def _resolve(name: str) -> tuple[ModelFactory, dict, DenseDefaults]:
+    """The factory for ``name``, the options encoded in the name itself, and its dense layers."""
     if name in _MODELS:
-        return _MODELS[name], {}
-    for parse_name, factory in _FAMILIES.values():
+        factory, defaults = _MODELS[name]
+        return factory, {}, defaults
+    for parse_name, factory, defaults in _FAMILIES.values():
         if (options := parse_name(name)) is not None:
-            return factory, options
+            return factory, options, defaults
     if name in torchvision_models.classification_model_names():
-        return torchvision_models.build_torchvision_model, {"name": name}
+        return torchvision_models.build_torchvision_model, {"name": name}, DenseDefaults()
     registered = ", ".join([*_MODELS, *_FAMILIES])
     candidates = [*_MODELS, *torchvision_models.classification_model_names()]
     close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.75)
@@ -76,7 +101,7 @@ def list_models() -> list[str]:
 
 def create_model(name: str, *, num_classes: int, in_channels: int, image_size: int, **options) -> nn.Module:
     """Build model ``name`` for inputs (N, in_channels, image_size, image_size) and ``num_classes`` outputs."""
-    factory, name_options = _resolve(name)
+    factory, name_options, defaults = _resolve(name)
     try:
         kwargs = dict(
             num_classes=num_classes, in_channels=in_channels, image_size=image_size, **name_options, **options
@@ -85,7 +110,9 @@ def create_model(name: str, *, num_classes: int, in_channels: int, image_size: i
         inspect.signature(factory).bind(**kwargs)
     except TypeError as e:
         raise UserError(f"bad options for model '{name}': {e}") from None
-    return factory(**kwargs)
+    model = factory(**kwargs)
+    model.dense_defaults = defaults
+    return model
 
 
 # Imported last: these modules register their models with the decorator defined above.

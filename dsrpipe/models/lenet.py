@@ -8,7 +8,7 @@ from dsrpipe.errors import UserError
 from dsrpipe.models import register_model
 
 
-@register_model("lenet5")
+@register_model("lenet5", first_conv="conv1", classifier="fc2")
 def lenet5(*, num_classes: int, in_channels: int, image_size: int, scale: float = 1.0) -> nn.Module:
     # Caffe's LeNet-5: no ReLU after the convolutions; 431,080 parameters on 28x28 MNIST.
     # `scale` multiplies the 20/50/500 channels (thin-dense baselines).
@@ -31,7 +31,7 @@ def lenet5(*, num_classes: int, in_channels: int, image_size: int, scale: float 
     ))
 
 
-@register_model("lenet-300-100")
+@register_model("lenet-300-100", classifier="fc3")  # an MLP: its first Linear is sparse
 def lenet_300_100(*, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     return nn.Sequential(OrderedDict(
         flatten=nn.Flatten(),

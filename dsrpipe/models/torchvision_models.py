@@ -62,7 +62,9 @@ def build_torchvision_model(*, name: str, num_classes: int, in_channels: int, im
     return model
 
 
-@register_model("resnet50")
+# The DSR paper's ImageNet runs kept the 1x1 downsample convs dense (and made the classifier sparse, which
+# pipelines/imagenet-resnet50-dsr.yaml asks for with dense_last: false).
+@register_model("resnet50", first_conv="conv1", classifier="fc", dense=("*.downsample.0",))
 def resnet50(*, num_classes: int, in_channels: int, image_size: int, **options) -> nn.Module:
     return build_torchvision_model(
         name="resnet50", num_classes=num_classes, in_channels=in_channels, image_size=image_size, **options

@@ -80,7 +80,11 @@ def parse_wrn_name(name: str) -> dict | None:
     return {"depth": depth, "width": width}
 
 
-@register_model("wrn-<depth>-<width>", parse_name=parse_wrn_name)
+# As in the DSR paper's WRN-28-2 runs, only the 3x3 convs of the residual blocks are sparse by default:
+# the first conv, the 1x1 shortcut convs (few weights, each carrying a whole block's input) and the classifier
+# stay dense.
+@register_model("wrn-<depth>-<width>", parse_name=parse_wrn_name, first_conv="conv1", classifier="fc",
+                dense=("*.shortcut",))
 def wide_resnet(
     *, num_classes: int, in_channels: int, image_size: int, depth: int, width: int, dropout: float = 0.0,
     widen_factor: float | None = None,

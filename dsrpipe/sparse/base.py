@@ -10,7 +10,8 @@ so the forward pass costs nothing extra; a post-accumulate-grad hook zeroes thei
         optimizer.step(); optimizer.zero_grad()
         sparsifier.step()          # counts iterations, reallocates on schedule
 
-Create the sparsifier after moving the model to its device and before training.
+Create the sparsifier after moving the model to its device and before training. Every method
+takes its own keyword options; an option it does not know is a TypeError naming it.
 """
 
 from __future__ import annotations
@@ -18,12 +19,16 @@ from __future__ import annotations
 import fnmatch
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from .. import files
 from ..errors import UserError
+
+DISTRIBUTIONS = ("uniform", "erk")
 
 
 @dataclass
@@ -52,27 +57,66 @@ class RewireSchedule:
         return iteration % period == 0
 
 
-def select_sparse_weights(
-    model: nn.Module, *, dense_first: bool = True, dense_last: bool = True, exclude: Iterable[str] = ()
-) -> dict[str, nn.Parameter]:
-    """Conv2d/Linear weights to make sparse, by module name.
+@dataclass(frozen=True)
+class LayerSelection:
+    """Which Conv2d/Linear weight tensors are sparse.
 
-    By default the first conv (few weights, each carrying a lot of input) and the final
-    classifier (the last Linear) stay dense, as in the paper; an MLP's first Linear is sparse, as
-    it holds most of the weights. `exclude` adds fnmatch patterns on module names."""
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    convs = [n for n, m in layers if isinstance(m, nn.Conv2d)]
-    linears = [n for n, m in layers if isinstance(m, nn.Linear)]
-    dense = set(convs[:1] if dense_first else []) | set(linears[-1:] if dense_last else [])
-    patterns = list(exclude)
-    chosen = {}
-    for name, module in layers:
-        if name in dense:
-            continue
-        if any(fnmatch.fnmatchcase(name, p) for p in patterns):
-            continue
-        chosen[name] = module.weight
-    return chosen
+    By rule: every Conv2d and Linear weight except the first conv (`dense_first`), the classifier
+    (`dense_last`) and the modules whose names match an fnmatch pattern of `exclude`. The model
+    may declare these (`model.dense_defaults`, set by `dsrpipe.models.create_model`): its first
+    conv and classifier by name, and its other dense layers as the default of `exclude` (a WRN's
+    shortcut convs, a ResNet's downsample convs); `exclude=None` takes that default, an explicit
+    list replaces it. Without declarations: the first Conv2d (an MLP's first Linear is sparse, as
+    it holds most of the weights) and the last Linear.
+
+    Or explicitly: `tensors` names the weights to make sparse as `model.named_parameters()` does
+    ("layer1.0.conv1.weight", like torch.ao.pruning's `tensor_fqn`); the rule is then unused."""
+
+    dense_first: bool = True
+    dense_last: bool = True
+    exclude: tuple[str, ...] | None = None
+    tensors: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        for name in ("exclude", "tensors"):  # lists read from YAML become tuples: hashable, immutable
+            value = getattr(self, name)
+            if value is not None:
+                if isinstance(value, str):
+                    raise UserError(f"{name} expects a list of names, got the string '{value}'")
+                object.__setattr__(self, name, tuple(value))
+        if self.tensors is not None and (self.exclude is not None or not self.dense_first or not self.dense_last):
+            raise UserError("give either the sparse tensors by name or the rule (dense_first, dense_last, "
+                            "exclude), not both")
+
+    def select(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """The sparse weights, by module name, in model order."""
+        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        if self.tensors is not None:
+            by_tensor = {f"{n}.weight": n for n, _ in layers}
+            for tensor in self.tensors:
+                if tensor not in by_tensor:
+                    example = next(iter(by_tensor), "none")
+                    raise UserError(f"sparse tensor '{tensor}' is no Conv2d/Linear weight of this model "
+                                    f"(they are named like '{example}')")
+            chosen = {by_tensor[t] for t in self.tensors}
+            return {n: m.weight for n, m in layers if n in chosen}
+        declared = getattr(model, "dense_defaults", None)
+        convs = [n for n, m in layers if isinstance(m, nn.Conv2d)]
+        linears = [n for n, m in layers if isinstance(m, nn.Linear)]
+        first = getattr(declared, "first_conv", None) or (convs[0] if convs else None)
+        classifier = getattr(declared, "classifier", None) or (linears[-1] if linears else None)
+        dense = ({first} if self.dense_first else set()) | ({classifier} if self.dense_last else set())
+        patterns = self.exclude if self.exclude is not None else getattr(declared, "dense", ())
+        return {n: m.weight for n, m in layers
+                if n not in dense and not any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+
+
+def select_sparse_weights(model: nn.Module, layers: LayerSelection | None = None, **rule) -> dict[str, nn.Parameter]:
+    """Conv2d/Linear weights to make sparse, by module name: `layers`, or a LayerSelection made of
+    the keywords (`dense_first`, `dense_last`, `exclude`, `tensors`)."""
+    if layers is not None and rule:
+        raise TypeError("give a LayerSelection or its fields, not both")
+    return (layers or LayerSelection(**rule)).select(model)
 
 
 def sample_free_positions(
@@ -111,7 +155,7 @@ def sample_free_positions(
     return torch.cat(chosen)
 
 
-def proportional_split(total: int, weights: list[int], capacity: list[int]) -> list[int]:
+def proportional_split(total: int, weights: list[float], capacity: list[int]) -> list[int]:
     """Integers proportional to `weights`, each within its `capacity`, summing exactly to `total`.
 
     Rounds by largest remainder; what a full tensor cannot take goes to the others."""
@@ -137,9 +181,59 @@ def proportional_split(total: int, weights: list[int], capacity: list[int]) -> l
 
 
 def active_budget(numel: int, sparsity: float) -> int:
-    """How many weights a tensor of `numel` keeps at `sparsity` (at least one): the budget every
-    sparse method starts from or prunes down to, and that thin-dense matches."""
+    """How many weights a tensor of `numel` keeps at `sparsity` (at least one): what every sparse
+    method keeps in all (whatever its distribution over tensors), and what thin-dense matches."""
     return max(1, round((1 - sparsity) * numel))
+
+
+def layer_budgets(shapes: dict[str, tuple[int, ...]], sparsity: float,
+                  distribution: str = "uniform") -> dict[str, int]:
+    """Active weights per sparse tensor at `sparsity`.
+
+    `uniform`: each tensor keeps `active_budget(numel, sparsity)`. `erk` (Erdős–Rényi-kernel, Evci
+    et al. 2020): tensor l gets density ε·Σ(shape_l)/numel_l — for a conv (n_out + n_in + k_h + k_w)
+    / (n_out·n_in·k_h·k_w) — with ε chosen so that the total is exactly uniform's total; a tensor
+    that this would make denser than 1 is dense, and ε is solved again over the others. Counts
+    are rounded by largest remainder, so the budget is met exactly."""
+    numel = {n: math.prod(s) for n, s in shapes.items()}
+    uniform = {n: active_budget(k, sparsity) for n, k in numel.items()}
+    if distribution == "uniform" or not shapes:
+        return uniform
+    if distribution != "erk":
+        raise UserError(f"unknown distribution '{distribution}' (known: {', '.join(DISTRIBUTIONS)})")
+    budget = sum(uniform.values())
+    raw = {n: sum(s) for n, s in shapes.items()}  # ε·raw = the tensor's active count
+    dense: set[str] = set()
+    while True:
+        open_ = [n for n in shapes if n not in dense]
+        if not open_:
+            break
+        eps = (budget - sum(numel[n] for n in dense)) / sum(raw[n] for n in open_)
+        full = [n for n in open_ if eps * raw[n] > numel[n]]
+        if not full:
+            break
+        dense.update(full)
+    exact = [numel[n] if n in dense else eps * raw[n] for n in shapes]
+    return dict(zip(shapes, proportional_split(budget, exact, list(numel.values()))))
+
+
+def read_finished_run(path: str | Path, option: str) -> dict[str, Any]:
+    """The final checkpoint of a finished dsrpipe training run that the setting `option` names
+    (masks_from, prune_from), read without unpickling (an untrusted file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{option}: no checkpoint at {path} (expected a run's train/final.pt)")
+    try:
+        checkpoint = files.torch_load(path)
+    except Exception as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise UserError(f"{option}: cannot read checkpoint {path}: {first_line}") from None
+    if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("sparsifier"), dict)
+            and isinstance(checkpoint["sparsifier"].get("masks"), dict) and isinstance(checkpoint.get("model"), dict)):
+        raise UserError(f"{option}: {path} is not a dsrpipe training checkpoint")
+    if checkpoint.get("complete") is False:
+        raise UserError(f"{option}: {path} is an unfinished run; use its final.pt")
+    return checkpoint
 
 
 def smallest_active(weight: torch.Tensor, mask: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -160,12 +254,21 @@ def smallest_active(weight: torch.Tensor, mask: torch.Tensor, count: int, genera
 
 
 class Sparsifier:
-    """Static sparse training: each tensor keeps the uniformly random mask it starts with.
+    """Static sparse training: each tensor keeps the random mask it starts with.
 
     Subclasses override `reallocate()` to move parameters; everything else (masks, zeroed
-    gradients and momentum, schedule, checkpoint state, reporting) is shared."""
+    gradients and momentum, schedule, checkpoint state, reporting) is shared.
+
+    Options every method shares: `sparsity` (of the sparse tensors), `layers` (which tensors are
+    sparse: a LayerSelection; default: the model's declared dense layers), `distribution` of the
+    active weights over tensors (`uniform`: every tensor at `sparsity`; `erk`: Erdős–Rényi-kernel,
+    see `layer_budgets`), `schedule` (when to reallocate), `seed` (masks and growth) and
+    `scale_init` (start each sparse tensor at 1/sqrt(its density) of its dense init)."""
 
     method = "static"
+    # Whether reallocation grows connections, so that the share of pruned weights that had been
+    # grown at the previous reallocation is worth measuring (see `step`).
+    tracks_regrowth = False
 
     def __init__(
         self,
@@ -173,25 +276,29 @@ class Sparsifier:
         optimizer: torch.optim.Optimizer | None = None,
         *,
         sparsity: float = 0.9,
-        dense_first: bool = True,
-        dense_last: bool = True,
-        exclude: Iterable[str] = (),
+        layers: LayerSelection | None = None,
+        distribution: str = "uniform",
         schedule: RewireSchedule | None = None,
         seed: int = 0,
         scale_init: bool = False,
     ):
         if not 0.0 <= sparsity < 1.0:
             raise UserError(f"sparsity must be in [0, 1), got {sparsity}")
+        if distribution not in DISTRIBUTIONS:
+            raise UserError(f"unknown distribution '{distribution}' (known: {', '.join(DISTRIBUTIONS)})")
         self.model, self.optimizer, self.sparsity = model, optimizer, sparsity
-        self.weights = select_sparse_weights(
-            model, dense_first=dense_first, dense_last=dense_last, exclude=exclude
-        )
+        self.layers = layers or LayerSelection()
+        self.distribution = distribution
+        self.weights = self.layers.select(model)
         self.schedule = schedule or RewireSchedule()
         self.iteration = 0
         device = next(iter(self.weights.values())).device if self.weights else torch.device("cpu")
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
         self.masks: dict[str, torch.Tensor] = {}
+        # The active count each sparse tensor starts with (or, pruning, ends with).
+        self.budgets = layer_budgets({n: tuple(w.shape) for n, w in self.weights.items()}, sparsity,
+                                     distribution) if sparsity > 0 else {}
         if sparsity > 0:
             for name, w in self.weights.items():
                 self.masks[name] = self.initial_mask(name, w)
@@ -202,12 +309,14 @@ class Sparsifier:
                 lambda weight, name=name: self._masked_gradient(name, weight))
             for name in self.masks
         ]
+        # Positions grown at the latest reallocation, for the regrowth diagnostic.
+        self.last_grown = {n: torch.zeros_like(m) for n, m in self.masks.items()} if self.tracks_regrowth else {}
         self.apply_masks()
 
     def initial_mask(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        """The mask a tensor starts with: uniformly random at the target sparsity. Methods that
+        """The mask a tensor starts with: its budget of positions, uniformly at random. Methods that
         start elsewhere (dense, a given mask) override this."""
-        active = active_budget(weight.numel(), self.sparsity)
+        active = self.budgets[name]
         mask = torch.zeros(weight.numel(), dtype=torch.bool, device=weight.device)
         all_free = torch.ones_like(mask)
         mask[sample_free_positions(all_free, active, weight.numel(), self.generator)] = True
@@ -230,22 +339,41 @@ class Sparsifier:
 
     # -- the optimizer-like interface -------------------------------------------------------
     def step(self) -> dict[str, Any] | None:
-        """Call once after every `optimizer.step()`; returns reallocation stats when one ran."""
+        """Call once after every `optimizer.step()`; returns reallocation stats when one ran.
+
+        For methods that grow connections the stats also count, of the weights switched off
+        (`switched_off`), those that had been switched on at the previous reallocation
+        (`pruned_grown`): the DSR authors' check of whether reallocation explores or keeps pruning
+        the zeros it has just grown."""
         self.iteration += 1
-        if self.masks and self.schedule.due(self.iteration):
+        if not (self.masks and self.schedule.due(self.iteration)):
+            return None
+        if not self.tracks_regrowth:
             return self.reallocate()
-        return None
+        before = {n: m.clone() for n, m in self.masks.items()}
+        stats = self.reallocate()
+        if stats is not None:
+            counts = []
+            for name, mask in self.masks.items():
+                off = before[name] & ~mask
+                counts.append(torch.stack([off.sum(), (off & self.last_grown[name]).sum()]))
+                self.last_grown[name] = mask & ~before[name]
+            stats["switched_off"], stats["pruned_grown"] = torch.stack(counts).sum(0).tolist()
+        return stats
 
     def reallocate(self) -> dict[str, Any] | None:
         return None
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "method": self.method,
             "iteration": self.iteration,
             "masks": {n: m.clone() for n, m in self.masks.items()},
             "generator": self.generator.get_state(),
         }
+        if self.tracks_regrowth:
+            state["last_grown"] = {n: g.clone() for n, g in self.last_grown.items()}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["method"] != self.method:
@@ -253,6 +381,8 @@ class Sparsifier:
         self.iteration = state["iteration"]
         self.generator.set_state(state["generator"])
         self.load_masks(state["masks"])
+        for name, grown in state.get("last_grown", {}).items():
+            self.last_grown[name] = grown.to(self.masks[name].device).clone()
 
     def load_masks(self, masks: dict[str, torch.Tensor]) -> None:
         """Adopt masks found elsewhere (a checkpoint, another run) and zero what they mask."""
@@ -317,10 +447,10 @@ class Sparsifier:
 
 
 class Dense(Sparsifier):
-    """Ordinary dense training, reported through the same interface."""
+    """Ordinary dense training, reported through the same interface (`layers`: whose density the
+    reports show)."""
 
     method = "dense"
 
-    def __init__(self, model, optimizer=None, **kwargs):
-        kwargs["sparsity"] = 0.0
-        super().__init__(model, optimizer, **kwargs)
+    def __init__(self, model, optimizer=None, *, layers: LayerSelection | None = None, seed: int = 0):
+        super().__init__(model, optimizer, sparsity=0.0, layers=layers, seed=seed)

@@ -5,6 +5,10 @@ is below one global threshold H; adapt H so that the next step prunes about N_p 
 exactly as many connections as were pruned, giving each tensor a share proportional to the
 weights it kept, at random free positions, starting from zero. The total number of non-zero
 parameters never changes, but layers trade budget with each other.
+
+N_p is a count (`prune_target`; the paper: 20,000 for WRN-28-2, 400,000 for ResNet-50) or a
+fraction of the active weights (`prune_fraction`; the paper's WRN-28-2 runs at 0.9 sparsity:
+about 0.14), so that a small model can follow the paper's ratio.
 """
 
 from __future__ import annotations
@@ -13,24 +17,44 @@ from typing import Any
 
 import torch
 
+from ..errors import UserError
 from .base import Sparsifier, proportional_split, sample_free_positions
+
+DEFAULT_PRUNE_TARGET = 20_000  # the paper's N_p for WRN-28-2 on CIFAR-10
+
+
+def prune_count(sparsifier: Sparsifier, prune_target: int | None, prune_fraction: float | None) -> int:
+    """N_p from a count or a fraction of the sparsifier's active weights (the paper's count when
+    neither is given)."""
+    if prune_target is not None and prune_fraction is not None:
+        raise UserError("give N_p as prune_target (a count) or prune_fraction (of the active weights), not both")
+    if prune_fraction is not None:
+        if not 0.0 < prune_fraction <= 1.0:
+            raise UserError(f"prune_fraction must be in (0, 1], got {prune_fraction}")
+        return max(1, round(prune_fraction * sparsifier.active_count()))
+    prune_target = DEFAULT_PRUNE_TARGET if prune_target is None else prune_target
+    if prune_target < 1:
+        raise UserError(f"prune_target must be at least 1, got {prune_target}")
+    return prune_target
 
 
 class DSR(Sparsifier):
     method = "dsr"
+    tracks_regrowth = True
 
     def __init__(
         self,
         model,
         optimizer=None,
         *,
-        prune_target: int = 20_000,
+        prune_target: int | None = None,
+        prune_fraction: float | None = None,
         init_threshold: float = 0.001,
         tolerance: float = 0.1,
         **kwargs,
     ):
         super().__init__(model, optimizer, **kwargs)
-        self.prune_target = prune_target  # N_p
+        self.prune_target = prune_count(self, prune_target, prune_fraction)  # N_p
         self.threshold = init_threshold  # H
         self.tolerance = tolerance  # δ
 

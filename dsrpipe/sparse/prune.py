@@ -1,68 +1,110 @@
-"""Gradual magnitude pruning ("compressed sparse" in the DSR paper; Zhu & Gupta, 2017).
+"""Gradual magnitude pruning (Zhu & Gupta, 2017): from scratch (`gmp`), and from a trained dense
+model (`prune`, the DSR paper's "compressed sparse" baseline).
 
-Starts DENSE (every mask all ones) and, on the reallocation schedule between `begin_iteration`
-and `end_iteration`, raises the target sparsity along a cubic,
-    s_t = s_f + (s_i - s_f) · (1 - (t - t0) / (n Δt))³,   s_i = 0, s_f = `sparsity`,
-pruning each tensor's smallest-magnitude active weights down to it (exact per-tensor counts).
-At `end_iteration` every tensor has exactly the final sparsity; from then on the masks are fixed
-and training fine-tunes the survivors. Unlike DSR nothing ever regrows, and training is dense at
-first, so it costs more than sparse-from-scratch methods.
+Both start DENSE (every mask all ones) and, between `begin_iteration` and `end_iteration`, raise
+each tensor's sparsity along the cubic
+    s_t = s_f + (s_i - s_f) · (1 - (t - t0) / (n Δt))³,   s_i = 0, s_f = the tensor's final sparsity,
+pruning its smallest-magnitude active weights down to it (exact counts). At `end_iteration`
+every tensor holds exactly its budget — the count every sparse method starts with — and from
+then on the masks are fixed and training fine-tunes the survivors. Nothing ever regrows.
+
+`gmp` prunes on the rewire schedule and ends at 75% of training by default: a sparse model
+trained within the same epochs as DSR, but dense at first, so it costs more.
+`prune` loads a finished dense run's final weights (`prune_from`) and prunes in `steps` equal
+steps (the paper: 20, every 2 epochs), ending at 80% of its own training by default (the paper:
+40 of 50 epochs, then 10 epochs of fine-tuning).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import UserError
-from .base import Sparsifier, active_budget
+from .base import Sparsifier, read_finished_run
 
 
 class GradualPrune(Sparsifier):
-    method = "prune"
+    method = "gmp"
+    default_end = 0.75  # of training, when end_iteration is not given
 
     def __init__(self, model, optimizer=None, *, begin_iteration: int = 0, end_iteration: int | None = None,
-                 total_steps: int | None = None, **kwargs):
+                 total_steps: int | None = None, steps: int | None = None, **kwargs):
         super().__init__(model, optimizer, **kwargs)
         if end_iteration is None:
             if total_steps is None:
                 raise ValueError("gradual pruning needs end_iteration or total_steps")
-            end_iteration = round(0.75 * total_steps)  # then fine-tune the last quarter
+            end_iteration = round(self.default_end * total_steps)  # then fine-tune the rest
         if not 0 <= begin_iteration < end_iteration:
             raise UserError(f"gradual pruning needs 0 <= begin_iteration < end_iteration, got {begin_iteration}, {end_iteration}")
         if total_steps is not None and end_iteration > total_steps:
             raise UserError(f"gradual pruning ends at iteration {end_iteration}, after training ({total_steps} "
                             "iterations): it would never reach the target sparsity")
+        if steps is not None and not 1 <= steps <= end_iteration - begin_iteration:
+            raise UserError(f"gradual pruning needs 1 <= steps <= {end_iteration - begin_iteration} (its iterations), got {steps}")
         self.begin_iteration, self.end_iteration = begin_iteration, end_iteration
+        span = end_iteration - begin_iteration
+        # With `steps`, prune at n evenly spaced iterations, the last at the end; else on the schedule.
+        self.prune_at = {begin_iteration + round(k * span / steps) for k in range(1, steps + 1)} if steps else None
 
     def initial_mask(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         return torch.ones_like(weight, dtype=torch.bool)  # start dense
 
-    def target_sparsity(self, iteration: int) -> float:
-        """s_t of the cubic schedule (0 before it begins, the final sparsity from its end)."""
-        progress = min(max((iteration - self.begin_iteration) / (self.end_iteration - self.begin_iteration), 0.0), 1.0)
-        return self.sparsity * (1 - (1 - progress) ** 3)
+    def progress(self, iteration: int) -> float:
+        """1 - (1 - p)³ of the cubic, p the fraction of the pruning span done (0 before, 1 after)."""
+        p = min(max((iteration - self.begin_iteration) / (self.end_iteration - self.begin_iteration), 0.0), 1.0)
+        return 1 - (1 - p) ** 3
 
-    def target_active(self, numel: int, iteration: int) -> int:
-        # At the end this is the count every sparse method starts with: the same budget.
-        return active_budget(numel, self.target_sparsity(iteration))
+    def target_sparsity(self, iteration: int) -> float:
+        """The overall s_t (uniform distribution; each tensor follows its own budget)."""
+        return self.sparsity * self.progress(iteration)
+
+    def target_active(self, name: str, iteration: int) -> int:
+        numel = self.masks[name].numel()
+        return numel - round((numel - self.budgets[name]) * self.progress(iteration))
 
     def step(self) -> dict[str, Any] | None:
         self.iteration += 1
         t = self.iteration
-        if self.masks and self.begin_iteration < t <= self.end_iteration and (
-                t == self.end_iteration or self.schedule.due(t)):
-            return self.reallocate()
-        return None
+        if not self.masks or not self.begin_iteration < t <= self.end_iteration:
+            return None
+        due = t in self.prune_at if self.prune_at is not None else (t == self.end_iteration or self.schedule.due(t))
+        return self.reallocate() if due else None
 
     @torch.no_grad()
     def reallocate(self) -> dict[str, Any]:
         pruned = {}
         for name, num_active in self.active_per_tensor().items():
-            count = max(0, num_active - self.target_active(self.masks[name].numel(), self.iteration))
+            count = max(0, num_active - self.target_active(name, self.iteration))
             self.drop_smallest(name, count)
             pruned[name] = count
         self.clear_optimizer_state()
         return {"iteration": self.iteration, "target_sparsity": self.target_sparsity(self.iteration),
                 "pruned": sum(pruned.values()), "pruned_per_tensor": pruned}
+
+
+class Prune(GradualPrune):
+    """Compressed sparse: gradual pruning of a trained dense model, then fine-tuning."""
+
+    method = "prune"
+    default_end = 0.8
+
+    def __init__(self, model, optimizer=None, *, prune_from: str | Path | None = None, steps: int = 20,
+                 begin_iteration: int = 0, end_iteration: int | None = None, total_steps: int | None = None,
+                 sparsity: float = 0.9, layers=None, distribution: str = "uniform", seed: int = 0):
+        if prune_from is None:
+            raise UserError("method 'prune' needs prune_from: the train/final.pt of a dense run to prune")
+        source = read_finished_run(prune_from, "prune_from")
+        if source["sparsifier"]["masks"]:
+            raise UserError(f"prune_from: {prune_from} is a sparse run ({source['sparsifier'].get('method')}); "
+                            "prune starts from a dense one")
+        state = model.state_dict()
+        weights = source["model"]
+        if set(weights) != set(state) or any(weights[k].shape != state[k].shape for k in state):
+            raise UserError(f"prune_from: {prune_from} holds another model's weights (same model and options?)")
+        model.load_state_dict(weights)  # before the masks: they start all ones anyway
+        super().__init__(model, optimizer, begin_iteration=begin_iteration, end_iteration=end_iteration,
+                         total_steps=total_steps, steps=steps, sparsity=sparsity, layers=layers,
+                         distribution=distribution, seed=seed)

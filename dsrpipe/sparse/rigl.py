@@ -5,8 +5,14 @@ with the smallest magnitude and grow as many where the DENSE gradient (the gradi
 masked-out weights too, from the minibatch just before the reallocation) is largest, starting
 from zero. `alpha_t = alpha/2 · (1 + cos(π t / decay_end_iteration))` decays to 0, after which the
 masks stay fixed. Unlike DSR, growth is gradient-guided instead of random, and each tensor keeps
-its sparsity (no reallocation between layers). As in the DSR reference, positions dropped in
-this same step are not regrown.
+its sparsity (no reallocation between layers).
+
+As in the RigL authors' code (google-research/rigl, `sparse_optimizers.py`: growth scores are
+masked only where connections survive the drop, and only connections inactive BEFORE the update
+count as new), a position dropped in this very step may be regrown when its dense gradient ranks
+high enough; it is then no new connection: it keeps the value it had and its momentum, as if it had
+never been dropped. Every genuinely new connection starts at exactly 0, with zero momentum (the
+paper's "zero initialisation" of grown connections).
 """
 
 from __future__ import annotations
@@ -17,11 +23,12 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from .base import Sparsifier
+from .base import Sparsifier, smallest_active
 
 
 class RigL(Sparsifier):
     method = "rigl"
+    tracks_regrowth = True
 
     def __init__(self, model, optimizer=None, *, alpha: float = 0.3, decay_end_iteration: int | None = None,
                  total_steps: int | None = None, **kwargs):
@@ -60,18 +67,20 @@ class RigL(Sparsifier):
                                "call backward() and then step() on a reallocation iteration")
         grown = {}
         for name, num_active in self.active_per_tensor().items():
-            m = self.masks[name]
-            free = m.numel() - num_active
-            count = min(round(fraction * num_active), free)  # a nearly dense tensor grows what fits
-            # 1. Drop exactly `count` smallest-magnitude active weights.
-            dropped = self.drop_smallest(name, count)
-            # 2. Grow as many where |dense gradient| is largest, among positions that were
-            #    inactive before this step (scores are >= 0, so -1 rules the others out).
-            eligible = ~(m | dropped)
+            w, m = self.weights[name], self.masks[name]
+            count = round(fraction * num_active)
+            # 1. Drop exactly `count` smallest-magnitude active weights; 2. grow as many where
+            #    |dense gradient| is largest among all positions not kept (scores are >= 0, so -1
+            #    rules the kept ones out); the just-dropped are candidates too.
+            dropped = smallest_active(w, m, count, self.generator)
+            kept = m & ~dropped
+            grow = torch.zeros_like(m)
             if count:
-                score = scores[name].masked_fill(~eligible, -1.0)
-                m.view(-1)[score.view(-1).topk(count, sorted=False).indices] = True
+                score = scores[name].masked_fill(kept, -1.0)
+                grow.view(-1)[score.view(-1).topk(count, sorted=False).indices] = True
+            m.copy_(kept | grow)
+            w.masked_fill_(dropped & ~grow, 0.0)  # a regrown just-dropped weight keeps its value
             grown[name] = count
-        self.clear_optimizer_state()  # grown weights are 0 already; their momentum too now
+        self.clear_optimizer_state()  # the dropped lose their momentum; new ones never had any
         return {"iteration": self.iteration, "drop_fraction": fraction, "pruned": sum(grown.values()),
                 "grown": grown}

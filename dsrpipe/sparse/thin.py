@@ -1,22 +1,22 @@
 """The "thin dense" baseline: a narrower DENSE model with the parameter count of the sparse one.
 
 The budget is what a sparse model keeps at the target sparsity, dense layers included: every
-parameter outside the sparse tensors, plus each sparse tensor's active count (the same rounding
-the sparsifiers use). The model's width option is then searched by bisection on the parameter
+parameter outside the sparse tensors, plus each sparse tensor's active count at uniform sparsity
+(the total every distribution keeps). The model's width option is then searched by bisection on the parameter
 count (models are built on the meta device, so no memory or initialisation cost). It is a model
 change, not a sparsifier: it trains with `Dense`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
 from ..errors import UserError
 from ..models import create_model
 from ..models.wrn import parse_wrn_name
-from .base import active_budget, select_sparse_weights
+from .base import LayerSelection, active_budget
 
 
 def _width_knob(model_name: str, options: dict[str, Any]) -> tuple[str, float]:
@@ -33,7 +33,7 @@ def _width_knob(model_name: str, options: dict[str, Any]) -> tuple[str, float]:
 
 def thin_model_options(
     model_name: str, options: dict[str, Any], *, num_classes: int, in_channels: int, image_size: int,
-    sparsity: float, dense_first: bool = True, dense_last: bool = True, exclude: Iterable[str] = (),
+    sparsity: float, layers: LayerSelection | None = None,
 ) -> tuple[dict[str, Any], int, int]:
     """Model options for a dense model as close as the width allows to the sparse budget.
 
@@ -50,7 +50,7 @@ def thin_model_options(
         return sum(p.numel() for p in build(value).parameters())
 
     model = build(full)
-    sparse = select_sparse_weights(model, dense_first=dense_first, dense_last=dense_last, exclude=exclude)
+    sparse = (layers or LayerSelection()).select(model)
     total = sum(p.numel() for p in model.parameters())
     kept = sum(active_budget(w.numel(), sparsity) for w in sparse.values()) if sparsity > 0 else 0
     budget = total - sum(w.numel() for w in sparse.values()) + kept if sparsity > 0 else total
