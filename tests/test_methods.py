@@ -582,10 +582,14 @@ def sources(tmp_path):
     return {"dsr": dsr_run(tmp_path / "dsr.pt")[0], "dense": finished_run(tmp_path / "dense.pt", "dense")[0]}
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])  # as on CUDA
 @pytest.mark.parametrize("method", SPARSE_METHODS)
-def test_masked_weights_stay_zero_through_momentum_and_weight_decay(method, sources):
+def test_masked_weights_stay_zero_through_momentum_and_weight_decay(method, sources, channels_last):
     torch.manual_seed(0)
     net = small_net()
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+        assert not net.conv2.weight.is_contiguous()
     opt = sgd(net, weight_decay=0.0 if method == "deepr" else 5e-4)
     s = make(method, net, opt, sources)
     moved = False

@@ -1,8 +1,10 @@
 """Sparse training as an optimizer companion, and the static baseline (a fixed random mask).
 
 A sparsifier owns one boolean mask per sparse weight tensor. Masked weights hold exact zeros,
-so the forward pass costs nothing extra; a post-accumulate-grad hook zeroes their gradients and
-`clear_optimizer_state` zeroes their momentum, so no optimizer step can make them non-zero.
+so the forward pass costs nothing extra; their gradients are zeroed just before each optimizer
+step (one fused multiply, in an optimizer step pre-hook; as each gradient accumulates when no
+optimizer is given or a method reads the dense gradient) and `clear_optimizer_state` zeroes their
+momentum, so no optimizer step can make them non-zero.
 
     sparsifier = DSR(model, optimizer, sparsity=0.9, prune_target=20_000)
     for x, y in loader:
@@ -244,7 +246,7 @@ def smallest_active(weight: torch.Tensor, mask: torch.Tensor, count: int, genera
     chosen = torch.zeros_like(mask)
     if count <= 0:
         return chosen
-    magnitude = weight.detach().abs()
+    magnitude = weight.detach().abs().contiguous()  # flat views below; the weight may be channels_last
     cut = magnitude[mask].kthvalue(count).values
     below, at = mask & (magnitude < cut), mask & (magnitude == cut)
     num_below, num_at = torch.stack([below.sum(), at.sum()]).tolist()
@@ -301,14 +303,20 @@ class Sparsifier:
                                      distribution) if sparsity > 0 else {}
         if sparsity > 0:
             for name, w in self.weights.items():
-                self.masks[name] = self.initial_mask(name, w)
+                # Contiguous whatever the weight's memory format: the methods index masks flat.
+                self.masks[name] = self.initial_mask(name, w).contiguous()
         if scale_init:
             self.scale_initial_weights()
-        self._hooks = [
-            self.weights[name].register_post_accumulate_grad_hook(
-                lambda weight, name=name: self._masked_gradient(name, weight))
-            for name in self.masks
-        ]
+        if optimizer is not None and type(self)._masked_gradient is Sparsifier._masked_gradient and self.masks:
+            # One fused multiply of all the sparse gradients just before each optimizer step,
+            # rather than a hook call per tensor: on a GPU the launches cost more than the math.
+            self._hooks = [optimizer.register_step_pre_hook(lambda *_: self._mask_gradients())]
+        else:
+            self._hooks = [
+                self.weights[name].register_post_accumulate_grad_hook(
+                    lambda weight, name=name: self._masked_gradient(name, weight))
+                for name in self.masks
+            ]
         # Positions grown at the latest reallocation, for the regrowth diagnostic.
         self.last_grown = {n: torch.zeros_like(m) for n, m in self.masks.items()} if self.tracks_regrowth else {}
         self.apply_masks()
@@ -331,6 +339,14 @@ class Sparsifier:
         for name, mask in self.masks.items():
             density = mask.float().mean()
             self.weights[name].mul_(density.rsqrt())
+
+    @torch.no_grad()
+    def _mask_gradients(self) -> None:
+        """The optimizer's step pre-hook: zero the gradient of every masked weight at once."""
+        pairs = [(self.weights[n].grad, m) for n, m in self.masks.items() if self.weights[n].grad is not None]
+        if pairs:
+            grads, masks = zip(*pairs)
+            torch._foreach_mul_(list(grads), list(masks))
 
     def _masked_gradient(self, name: str, weight: torch.Tensor) -> None:
         """The post-accumulate-grad hook: zero the gradient of masked weights. Methods that read

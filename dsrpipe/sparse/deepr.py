@@ -92,6 +92,7 @@ class DeepR(Sparsifier):
             w.masked_fill_(d, 0.0)
             s.copy_(current * m)  # a regrown weight's first move fixes its sign
             died.append(d)
+        self.clear_optimizer_state()  # the dead stop at rest, also those regrown below in this step
         counts = torch.stack([torch.stack([d.sum(), m.sum()]) for d, m in zip(died, self.masks.values())])
         num_died, num_active = map(list, zip(*counts.tolist()))  # the one host sync
 
@@ -106,8 +107,7 @@ class DeepR(Sparsifier):
             else:
                 free -= count
             positions = sample_free_positions(slots.view(-1), count, free, self.generator)
-            m.view(-1)[positions] = True  # weight 0 and sign 0 already
-        self.clear_optimizer_state()  # the dead and the regrown: momentum 0
+            m.view(-1)[positions] = True  # weight 0, sign 0 and momentum 0 already
         return {"iteration": self.iteration, "pruned": sum(num_died), "grown": dict(zip(names, num_died))}
 
     def state_dict(self) -> dict[str, Any]:

@@ -75,6 +75,9 @@ class DSR(Sparsifier):
         for w, m, p in zip(weights, masks, pruned):
             m.logical_and_(~p)
             w.masked_fill_(p, 0.0)
+        # Their momentum too, now: a position regrown in this same step (when free slots are
+        # scarce) must restart from rest like any other grown weight.
+        self.clear_optimizer_state()
         kept = [a - k for a, k in zip(num_active, num_pruned)]
         total_pruned = sum(num_pruned)
 
@@ -95,8 +98,7 @@ class DSR(Sparsifier):
         for m, p, g, f in zip(masks, pruned, grown, free):
             slots = ~m if reuse_pruned else ~(m | p)
             m.view(-1)[sample_free_positions(slots.view(-1), g, f, self.generator)] = True
-        # Grown weights are already exactly 0 (masked weights always are); their momentum too:
-        self.clear_optimizer_state()
+        # Grown weights are already exactly 0 and at rest: masked weights and their momentum always are.
 
         return {
             "iteration": self.iteration,
