@@ -4,12 +4,14 @@
 #      GPU and once on the CPU; both finish, export and validate;
 #   2. masked weights are exactly zero in the GPU-trained checkpoint; masks keep the budget;
 #   3. what is bit-reproducible: two fresh GPU runs of the same pipeline, compared bit for bit.
-# Usage: bench/gpu_checks.sh [PIPELINE] [WORKDIR]     (from the repository root)
+# Usage: bench/gpu_checks.sh [PIPELINE [WORKDIR [--set KEY=VALUE ...]]]     (from the repository root)
 set -euo pipefail
 pipeline=${1:-pipelines/quickstart.yaml}
 work=${2:-$(mktemp -d)}
+shift $(( $# < 2 ? $# : 2 ))
 name=$(python3 -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['name'])" "$pipeline")
-dsr() { python3 -m dsrpipe "$@" --no-progress; }
+dsr() { python3 -m dsrpipe "$@" "${extra[@]}" --no-progress; }
+extra=("$@")
 
 echo "== 1. kill -9 after epoch 2 on CUDA, resume on CUDA and on CPU"
 dsr train-sparse "$pipeline" --set device=cuda --out "$work/gpu" > "$work/first.log" 2>&1 &
