@@ -12,6 +12,7 @@ shift $(( $# < 2 ? $# : 2 ))
 name=$(python3 -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['name'])" "$pipeline")
 dsr() { python3 -m dsrpipe "$@" "${extra[@]}" --no-progress; }
 extra=("$@")
+mkdir -p "$work"
 
 echo "== 1. kill -9 after epoch 2 on CUDA, resume on CUDA and on CPU"
 dsr train-sparse "$pipeline" --set device=cuda --out "$work/gpu" > "$work/first.log" 2>&1 &
