@@ -18,8 +18,9 @@ import pytest
 import yaml
 
 from dsrpipe.config import parse_pipeline
-from dsrpipe.journal import Journal
-from dsrpipe.watch import DEFAULT_TEMPLATE, IntakeError, content_hash, drop_stem, parse_size, slug, stamp
+from dsrpipe.watch import parse_size
+from dsrpipe.watch.drops import DEFAULT_TEMPLATE, IntakeError, content_hash, drop_stem, slug, stamp
+from dsrpipe.watch.journal import Journal
 
 from . import helpers
 from .helpers import write_tree
