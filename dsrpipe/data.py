@@ -22,6 +22,7 @@ import stat
 import tarfile
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path, PurePosixPath
@@ -507,7 +508,7 @@ def extract_archive(archive: str | os.PathLike, dest_root: str | os.PathLike, *,
         except OSError:
             if not target.is_dir():  # else another process finished the same extraction first
                 raise
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
+    except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
         raise UserError(f"cannot unpack archive {archive}: {e}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -67,7 +67,7 @@ class DropFolder:
         if code is not None:
             lines.append(f"exit code: {code}")
         if detail:
-            lines += ["", detail.rstrip()]
+            lines += ["", *detail.rstrip().splitlines()]
         if log_path is not None and log_path.exists():
             tail = log_path.read_text(errors="backslashreplace").splitlines()[-LOG_TAIL:]
             lines += [f"log: {log_path}", "", f"--- last {len(tail)} lines of the log ---", *tail]
