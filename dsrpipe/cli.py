@@ -163,7 +163,8 @@ def watch(drop_dir: Path = typer.Argument(..., help="The drop folder to watch.",
     from .watch import WatchOptions, parse_duration, parse_size
     from .watch import watch as run_watch
 
-    run_watch(WatchOptions(drop_dir, out, template, quiet, workers, rerun, once, log_file,
+    run_watch(WatchOptions(drop_dir, out=out, template=template, quiet=quiet, workers=workers, rerun=rerun,
+                           once=once, log_file=log_file,
                            max_unpacked=parse_size(max_unpacked) if max_unpacked else None, max_files=max_files,
                            job_memory=parse_size(job_memory) if job_memory else None,
                            job_timeout=parse_duration(job_timeout) if job_timeout else None))

@@ -236,12 +236,12 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> Pipeline:
     return parse_pipeline(raw, str(path))
 
 
-def path_settings(section: BaseModel, prefix: str = "") -> list[tuple[str, Path]]:
+def _path_settings(section: BaseModel, prefix: str = "") -> list[tuple[str, Path]]:
     """Every path-typed setting that is set, as (dotted name, path): data.root, masks_from, ..."""
     found = []
     for name, value in section:
         if isinstance(value, BaseModel):
-            found += path_settings(value, f"{prefix}{name}.")
+            found += _path_settings(value, f"{prefix}{name}.")
         elif isinstance(value, Path):
             found.append((f"{prefix}{name}", value))
     return found
@@ -252,7 +252,7 @@ def confine_paths(cfg: Pipeline, roots: list[Path]) -> None:
     the working directory; `~` and symbolic links are followed first): the watch daemon runs
     untrusted pipelines, which must read and write only inside its drop and output folders."""
     allowed = [Path(root).resolve() for root in roots]
-    for where, path in path_settings(cfg):
+    for where, path in _path_settings(cfg):
         for candidate in {path, path.expanduser()}:  # loaders expand ~: check what they will open
             try:
                 resolved = candidate.resolve()

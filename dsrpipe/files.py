@@ -31,7 +31,7 @@ def is_text(name: str | os.PathLike) -> bool:
     """Whether a file name or path is valid UTF-8 (so it can be written anywhere as it is)."""
     try:
         os.fsencode(name).decode("utf-8")
-    except UnicodeDecodeError:
+    except UnicodeError:
         return False
     return True
 

@@ -54,11 +54,12 @@ class DropFolder:
             log.info(f"ignored {shown(name)}: {why}")
 
     def fail(self, job: dict[str, Any], cause: str, code: int | None, seconds: float) -> None:
-        """A job failed: recorded in the journal, `<job>.error.txt` beside the drop, one log line."""
+        """A job failed: `<job>.error.txt` beside the drop, then the journal (a job `failed` there has
+        its error file), one log line."""
         cause = shown(" ".join(cause.splitlines()))
         shutil.rmtree(self.job_dir(job) / "cache", ignore_errors=True)
-        self.journal.update(job["id"], state="failed", exit_code=code, pid=None, finished=time.time(), cause=cause)
         error = self.write_error(job["name"], job["drop_path"], cause, code, self.job_dir(job) / "job.log")
+        self.journal.update(job["id"], state="failed", exit_code=code, pid=None, finished=time.time(), cause=cause)
         self.event(job["name"], "failed", id=job["id"], duration=seconds, cause=cause, error=error)
 
     def write_error(self, job_name: str, drop: str, cause: str, code: int | None, log_path: Path | None,

@@ -174,9 +174,9 @@ class Intake:
         cause = shown(" ".join(cause.splitlines()))
         pseudo = "x:" + hashlib.sha256(os.fsencode(name) + f"\0{before}".encode()).hexdigest()  # no content hash
         job_name = self._unique_name(slug(drop_stem(name)), pseudo)
+        error = self.folder.write_error(job_name, name, cause, None, None, detail)
         now = time.time()
         job_id = self.folder.journal.add(name=job_name, drop_path=name, kind=kind, sha256=pseudo, stamp=before,
                                          state="failed", out=str(self.folder.out), cause=cause, started=now,
                                          finished=now)
-        error = self.folder.write_error(job_name, name, cause, None, None, detail)
         self.folder.event(job_name, "failed", id=job_id, drop=name, cause=cause, error=error)

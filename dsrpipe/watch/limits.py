@@ -26,7 +26,7 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 def group_memory(groups: Iterable[int]) -> dict[int, int]:
     """Bytes used by each of these process groups."""
     usage = dict.fromkeys(groups, 0)
-    if not usage:
+    if not usage or not AVAILABLE:  # no /proc (not Linux): nothing is measured; the daemon says so
         return usage
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():

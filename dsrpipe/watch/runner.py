@@ -163,11 +163,11 @@ class Runner:
     def _finished(self, r: _Running, code: int) -> None:
         job, seconds = r.job, time.monotonic() - r.started
         job_dir = self.folder.job_dir(job)
-        if code == 0:
+        if code == 0:  # cleaned up first: a job `done` in the journal is done with
+            shutil.rmtree(job_dir / "cache", ignore_errors=True)
+            (self.folder.drop / f"{job['name']}{ERROR_SUFFIX}").unlink(missing_ok=True)  # from an earlier run
             self.folder.journal.update(job["id"], state="done", exit_code=0, pid=None, finished=time.time(),
                                        cause=None)
-            (self.folder.drop / f"{job['name']}{ERROR_SUFFIX}").unlink(missing_ok=True)  # from an earlier run
-            shutil.rmtree(job_dir / "cache", ignore_errors=True)
             return self.folder.event(job["name"], "done", id=job["id"], duration=seconds,
                                      model=Path(job["out"]) / job["name"] / "model.onnx")
         if r.killed:
