@@ -26,7 +26,7 @@ from .options import WatchOptions, format_size
 
 MAX_ATTEMPTS = 10  # starts of one job (each interruption costs one) before it is failed
 STOP_TIMEOUT = 30.0  # seconds a job gets to stop on SIGTERM before SIGKILL
-LIMITS_PERIOD = 0.25  # seconds between two looks at the jobs' memory and time
+LIMITS_PERIOD = 0.5  # seconds between two looks at the jobs' memory and time (a look costs ~1 ms per 20 processes)
 BUSY_WAIT = 5.0  # seconds before a job found busy (an orphan not yet gone) is tried again
 INTERRUPTED = {EXIT_INTERRUPTED, -signal.SIGTERM, -signal.SIGINT, 255}  # 255: the fork server died
 # Imported once by the fork server, so that a job process starts in milliseconds, not seconds
