@@ -10,7 +10,7 @@ from typing import Callable
 
 import typer
 
-from .errors import UserError
+from .errors import EXIT_BUG, EXIT_INTERRUPTED, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train compact CNNs with Dynamic Sparse Reparameterization; ship sparse ONNX.")
@@ -35,13 +35,13 @@ def _user_errors(command: Callable) -> Callable:
             raise typer.Exit(exc.exit_code)
         except KeyboardInterrupt:
             typer.echo("interrupted: completed epochs are checkpointed; rerun to resume", err=True)
-            raise typer.Exit(130)
+            raise typer.Exit(EXIT_INTERRUPTED)
         except Exception as exc:  # a bug, not bad input: one line unless asked for the traceback
             if os.environ.get("DSRPIPE_DEBUG"):
                 raise
             typer.echo(f"internal error: {type(exc).__name__}: {exc} (set DSRPIPE_DEBUG=1 for a traceback)",
                        err=True)
-            raise typer.Exit(1)
+            raise typer.Exit(EXIT_BUG)
 
     return wrapper
 
@@ -166,13 +166,22 @@ def watch(drop_dir: Path = typer.Argument(..., help="The drop folder to watch.",
           max_unpacked: str = typer.Option(None, "--max-unpacked", show_default=False,
                                            help="Cap on a dataset archive's unpacked size, e.g. 50G."),
           max_files: int = typer.Option(None, "--max-files", show_default=False,
-                                        help="Cap on a dataset archive's member count.")):
+                                        help="Cap on a dataset archive's member count."),
+          job_memory: str = typer.Option(None, "--job-memory", show_default=False,
+                                         help="Memory a job may use before it is killed and failed, e.g. 8G "
+                                              "(default: 80% of the machine's memory / --workers)."),
+          job_timeout: str = typer.Option(None, "--job-timeout", show_default=False,
+                                          help="Time an attempt of a job may run before it is killed and "
+                                               "failed, e.g. 90m, 12h (default: no limit).")):
     """Watch a drop folder: run each pipeline YAML or dataset dropped there, exactly once."""
-    from .watch import WatchOptions, parse_size
+    from .watch import WatchOptions, parse_duration, parse_size
     from .watch import watch as run_watch
 
-    run_watch(WatchOptions(drop_dir, out, template, quiet, workers, rerun, once, log_file,
-                           parse_size(max_unpacked) if max_unpacked else None, max_files))
+    run_watch(WatchOptions(drop_dir, out=out, template=template, quiet=quiet, workers=workers, rerun=rerun,
+                           once=once, log_file=log_file,
+                           max_unpacked=parse_size(max_unpacked) if max_unpacked else None, max_files=max_files,
+                           job_memory=parse_size(job_memory) if job_memory else None,
+                           job_timeout=parse_duration(job_timeout) if job_timeout else None))
 
 
 @app.command()

@@ -574,3 +574,30 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> Pipeline:
         raw.setdefault("name", path.stem)  # a pipeline is named after its file unless it says
         apply_overrides(raw, list(overrides))
     return parse_pipeline(raw, str(path))
+
+
+def _path_settings(section: BaseModel, prefix: str = "") -> list[tuple[str, Path]]:
+    """Every path-typed setting that is set, as (dotted name, path): data.root, masks_from, ..."""
+    found = []
+    for name, value in section:
+        if isinstance(value, BaseModel):
+            found += _path_settings(value, f"{prefix}{name}.")
+        elif isinstance(value, Path):
+            found.append((f"{prefix}{name}", value))
+    return found
+
+
+def confine_paths(cfg: Pipeline, roots: list[Path]) -> None:
+    """Refuse a pipeline whose path settings lead outside `roots` (relative paths are taken from
+    the working directory; `~` and symbolic links are followed first): the watch daemon runs
+    untrusted pipelines, which must read and write only inside its drop and output folders."""
+    allowed = [Path(root).resolve() for root in roots]
+    for where, path in _path_settings(cfg):
+        for candidate in {path, path.expanduser()}:  # loaders expand ~: check what they will open
+            try:
+                resolved = candidate.resolve()
+            except (OSError, RuntimeError):  # a symbolic link loop
+                resolved = None
+            if resolved is None or not any(resolved.is_relative_to(root) for root in allowed):
+                raise UserError(f"{where}: {path} is outside {' and '.join(map(str, allowed))}; "
+                                "only paths inside them are allowed here")

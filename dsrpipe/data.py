@@ -22,6 +22,7 @@ import stat
 import tarfile
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path, PurePosixPath
@@ -32,10 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError
-from .files import torch_save
+from .files import is_text, shown, torch_save
+from .imagefolder import ARCHIVE_SUFFIXES, archive_suffix, find_splits, visible_dirs
 
 KNOWN_DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder")
-ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 DEFAULT_CACHE_DIR = "~/.cache/dsrpipe"
 
@@ -338,7 +339,10 @@ def _load_imagefolder(root, image_size, cache_dir: Path, num_workers: int):
         raise UserError(f"dataset 'imagefolder': {path} does not exist")
     if path.is_file():
         path = extract_archive(path, cache_dir / "archives")
-    train_dir, test_dir = _find_splits(path)
+    splits = find_splits(path)
+    if splits is None:
+        raise UserError(f"dataset 'imagefolder': {path} holds no train/ and test/ (or val/) folders")
+    train_dir, test_dir = splits
     classes = _class_folders(train_dir)
     if not classes:
         raise UserError(f"dataset 'imagefolder': no class folders in {train_dir}")
@@ -378,22 +382,8 @@ def _read_cache(path: Path) -> dict | None:
         return None
 
 
-def _visible_dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "__MACOSX")))
-
-
-def _find_splits(folder: Path) -> tuple[Path, Path]:
-    """train/ and test/ (or val/) in `folder`, or in its only subfolder (as in cifar10/train/...)."""
-    subfolders = _visible_dirs(folder)
-    for candidate in [folder] + (subfolders if len(subfolders) == 1 else []):
-        test = next((candidate / n for n in ("test", "val") if (candidate / n).is_dir()), None)
-        if (candidate / "train").is_dir() and test:
-            return candidate / "train", test
-    raise UserError(f"dataset 'imagefolder': {folder} holds no train/ and test/ (or val/) folders")
-
-
 def _class_folders(split: Path) -> list[str]:
-    return [p.name for p in _visible_dirs(split)]
+    return [p.name for p in visible_dirs(split)]
 
 
 def _list_images(split: Path, classes: list[str]) -> list[tuple[Path, int]]:
@@ -487,15 +477,20 @@ def extract_archive(archive: str | os.PathLike, dest_root: str | os.PathLike, *,
                     max_bytes: int | None = None, max_files: int | None = None) -> Path:
     """Unpack `archive` once into dest_root/<name>-<key> (key: path, size, mtime) and return it.
 
-    Members must be plain files or folders with relative paths inside the archive; total size
-    and count are capped (MAX_ARCHIVE_BYTES, MAX_ARCHIVE_FILES). It unpacks into a temporary
-    folder renamed into place at the end, so an interrupted extraction never looks complete.
+    Members must be plain files or folders with UTF-8 relative paths inside the archive; their
+    total size and count are capped (MAX_ARCHIVE_BYTES, MAX_ARCHIVE_FILES), checked on the sizes
+    the archive declares (zip: its central directory; tar: its headers) before anything is
+    unpacked. It unpacks into a temporary folder renamed into place at the end, so an
+    interrupted extraction never looks complete.
     """
     archive = Path(archive)
-    if not archive.name.lower().endswith(ARCHIVE_SUFFIXES):
+    suffix = archive_suffix(archive.name)
+    if not suffix:
         raise UserError(f"{archive} is neither a folder nor a {'/'.join(ARCHIVE_SUFFIXES)} archive")
     st = archive.stat()
-    stem = archive.name[:-len(next(s for s in ARCHIVE_SUFFIXES if archive.name.lower().endswith(s)))]
+    if not stat.S_ISREG(st.st_mode):
+        raise UserError(f"{archive} is not a regular file")
+    stem = archive.name[:-len(suffix)]
     target = Path(dest_root) / f"{stem}-{_fingerprint(str(archive.resolve()), st.st_size, st.st_mtime_ns)}"
     if target.is_dir():
         return target
@@ -504,7 +499,7 @@ def extract_archive(archive: str | os.PathLike, dest_root: str | os.PathLike, *,
                      MAX_ARCHIVE_FILES if max_files is None else max_files)
     tmp = Path(tempfile.mkdtemp(prefix=f".{stem}-", dir=target.parent))
     try:
-        if archive.name.lower().endswith(".zip"):
+        if suffix == ".zip":
             _extract_zip(archive, tmp, limits)
         else:
             _extract_tar(archive, tmp, limits)
@@ -513,7 +508,7 @@ def extract_archive(archive: str | os.PathLike, dest_root: str | os.PathLike, *,
         except OSError:
             if not target.is_dir():  # else another process finished the same extraction first
                 raise
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
+    except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
         raise UserError(f"cannot unpack archive {archive}: {e}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -529,6 +524,8 @@ class _Limits:
 
     def check(self, name: str, size: int, safe_type: bool) -> None:
         path = PurePosixPath(name)
+        if not is_text(name):
+            self.reject(name, "a name that is not valid UTF-8")
         if path.is_absolute() or name.startswith("\\") or ".." in path.parts:
             self.reject(name, "a path outside the archive")
         if not safe_type:
@@ -541,23 +538,30 @@ class _Limits:
             self.reject(name, f"more than {self.max_bytes} bytes unpacked")
 
     def reject(self, name: str, why: str):
-        raise UserError(f"unsafe archive {self.archive}: member '{name}': {why}")
+        raise UserError(f"unsafe archive {shown(self.archive)}: member '{shown(name)}': {why}")
 
 
 def _extract_tar(archive: Path, dest: Path, limits: _Limits) -> None:
-    # One streaming pass: check a member, then unpack it; 'data' filter is a second guard.
+    # First every header (tarfile skips over the data; a compressed archive is decompressed, not
+    # written), so a bomb is refused before a byte is unpacked. A header's size is exact: the
+    # data that follows is that long. The 'data' filter is a second guard.
     with tarfile.open(archive) as tar:
+        members = []
         for member in tar:
             limits.check(member.name, member.size, member.isfile() or member.isdir())
+            members.append(member)
+        for member in members:
             tar.extract(member, dest, filter="data")
 
 
 def _extract_zip(archive: Path, dest: Path, limits: _Limits) -> None:
     with zipfile.ZipFile(archive) as zf:
-        for info in zf.infolist():
+        members = zf.infolist()  # the central directory: every member's declared size
+        for info in members:
             # Unix file type from the mode bits; 0 when the zip was written without one.
             kind = stat.S_IFMT(info.external_attr >> 16)
             plain = kind in (0, stat.S_IFREG, stat.S_IFDIR)
             # file_size bounds what is written: zipfile stops there and checks the CRC.
             limits.check(info.filename, info.file_size, plain)
+        for info in members:
             zf.extract(info, dest)

@@ -1,13 +1,20 @@
-"""Errors a user can act on: the CLI prints them as one line and exits non-zero."""
+"""Errors a user can act on, and the exit codes: the CLI prints them as one line and exits non-zero."""
+
+# Exit codes, for the CLI and the watch daemon's job processes alike.
+EXIT_BUG = 1  # an internal error: a bug, not bad input
+EXIT_USER_ERROR = 2  # bad input or an unmet requirement (UserError)
+EXIT_VALIDATION = 3  # the exported model missed a threshold (ValidationFailed)
+EXIT_BUSY = 75  # EX_TEMPFAIL: another process holds the job; try again later
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: stopped by a signal; completed epochs are checkpointed
 
 
 class UserError(Exception):
     """Bad input or an unmet requirement; the message names what is wrong."""
 
-    exit_code = 2
+    exit_code = EXIT_USER_ERROR
 
 
 class ValidationFailed(UserError):
     """The exported model missed a threshold set in the pipeline (min_top1, max_abs_diff)."""
 
-    exit_code = 3
+    exit_code = EXIT_VALIDATION

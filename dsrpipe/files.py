@@ -1,6 +1,7 @@
 """Atomic writes (a reader sees the old file or the complete new one, never half of either),
-the exclusive lock that makes one process the owner of a run or a folder, and the
-data-only reading of a torch file someone else made."""
+the exclusive lock that makes one process the owner of a run or a folder, the data-only
+reading of a torch file someone else made, and file names as text (a name is whatever bytes
+the filesystem allows, not always UTF-8)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,27 @@ from typing import IO, Any, Iterator
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+def shown(name: str | os.PathLike) -> str:
+    """A file name or path as text fit for a message, a log line or a database: bytes that are not
+    UTF-8 (which Python holds as surrogate escapes) become \\xNN, control characters \\n, \\t, ..."""
+    try:
+        text = os.fsencode(name).decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that no file name decodes to
+        text = os.fspath(name).encode("utf-8", "backslashreplace").decode()
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def is_text(name: str | os.PathLike) -> bool:
+    """Whether a file name or path is valid UTF-8 (so it can be written anywhere as it is)."""
+    try:
+        os.fsencode(name).decode("utf-8")
+    except UnicodeError:
+        return False
+    return True
 
 
 @contextmanager

@@ -24,12 +24,6 @@ from .train import build_model, finetune, log, train_sparse
 from .validate import validate_onnx
 
 
-def outputs(out: Path, cfg: Pipeline) -> dict[str, Path]:
-    """Where model.onnx and report.json go. (dsrpipe.watch still asks this; new code: RunDir.)"""
-    run = RunDir(out, cfg.name)
-    return {"dir": run.path, "onnx": run.onnx, "report": run.report}
-
-
 def _load_trained(run: RunDir, cfg: Pipeline) -> tuple[dict[str, Any], torch.nn.Module]:
     """The model to ship: the fine-tuned one if the pipeline fine-tunes, else the trained one."""
     stage = shipped_stage(cfg)

@@ -1,6 +1,7 @@
 """`dsrpipe watch`: real daemons (real watchdog observers) on temporary drop folders, real job
 processes, tiny digits pipelines. Each job costs ~3-4 s (train, ONNX export, validation)."""
 
+import gzip
 import hashlib
 import io
 import json
@@ -17,9 +18,13 @@ import onnx
 import pytest
 import yaml
 
-from dsrpipe.config import parse_pipeline
-from dsrpipe.journal import Journal
-from dsrpipe.watch import DEFAULT_TEMPLATE, IntakeError, content_hash, drop_stem, parse_size, slug, stamp
+from dsrpipe.config import confine_paths, parse_pipeline
+from dsrpipe.errors import UserError
+from dsrpipe.watch import parse_duration, parse_size
+from dsrpipe.watch.drops import DEFAULT_TEMPLATE, IntakeError, content_hash, drop_stem, slug, stamp
+from dsrpipe.watch.journal import Journal
+from dsrpipe.watch.limits import group_memory
+from dsrpipe.watch.options import format_size
 
 from . import helpers
 from .helpers import write_tree
@@ -99,16 +104,17 @@ def cli(*args, timeout=60):
 class Watcher:
     """A `dsrpipe watch` process with its log in a file."""
 
-    def __init__(self, tmp_path, drop, out, *args, quiet=0.5):
+    def __init__(self, tmp_path, drop, out, *args, quiet=0.5, env=None):
         self.drop = drop
         self.log_path = tmp_path / f"daemon-{time.monotonic_ns()}.log"
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "dsrpipe", "watch", str(drop), "--out", str(out), "--quiet-period",
-                 str(quiet), *map(str, args)], stdout=log, stderr=subprocess.STDOUT, env=ENV, cwd=tmp_path)
+                 str(quiet), *map(str, args)], stdout=log, stderr=subprocess.STDOUT, env={**ENV, **(env or {})},
+                cwd=tmp_path)
 
     def log(self):
-        return self.log_path.read_text()
+        return self.log_path.read_text(errors="strict")  # the log is text: names in it are escaped
 
     def wait_for(self, predicate, what, timeout=90):
         deadline = time.monotonic() + timeout
@@ -169,6 +175,8 @@ def test_names_sizes_and_content_hashes(tmp_path):
     assert slug("a" * 200) == "a" * 80
     assert [drop_stem(n) for n in ("a.yaml", "b.YML", "c.tar.gz", "d.tgz", "e.zip", "f")] == list("abcdef")
     assert parse_size("1M") == 2**20 and parse_size("1.5G") == 3 * 2**29 and parse_size("512") == 512
+    assert [format_size(parse_size(t)) for t in ("800M", "1.5G", "2G")] == ["800M", "1.5G", "2G"]
+    assert parse_duration("90") == 90 and parse_duration("30m") == 1800 and parse_duration("1.5h") == 5400
     built_in = yaml.safe_load(DEFAULT_TEMPLATE)  # as a dataset drop gets it
     built_in["data"].update(dataset="imagefolder", root=str(tmp_path))
     assert parse_pipeline({**built_in, "name": "drop"}).data.image_size == 64
@@ -188,9 +196,59 @@ def test_names_sizes_and_content_hashes(tmp_path):
     with pytest.raises(IntakeError, match="'train/ant/escape.png' is a link to /etc/passwd, outside"):
         content_hash(folder)
     (folder / "train/ant/escape.png").unlink()
+    (folder / "train/ant/loop.png").symlink_to("loop.png")
+    with pytest.raises(IntakeError, match="'train/ant/loop.png' is a link to loop.png, outside"):
+        content_hash(folder)
+    (folder / "train/ant/loop.png").unlink()
     os.mkfifo(folder / "train/ant/pipe.png")
     with pytest.raises(IntakeError, match="device, socket or pipe"):
         content_hash(folder)
+    (folder / "train/ant/pipe.png").unlink()
+
+    # Names are bytes: a name that is not UTF-8 is stamped, and refused by name before any hashing.
+    (folder / os.fsdecode(b"train/ant/bad\xff\xfe.png")).write_bytes(png(3))
+    assert stamp(folder) != before
+    with pytest.raises(IntakeError, match=re.escape(r"'train/ant/bad\xff\xfe.png' is not a UTF-8 name")):
+        content_hash(folder)
+
+
+def test_paths_a_pipeline_names_must_stay_inside_the_roots(tmp_path, monkeypatch):
+    drop, out = tmp_path / "drop", tmp_path / "out"
+    write_tree(drop / "data", image_tree())
+    (tmp_path / "outside").mkdir()
+    (drop / "link").symlink_to(tmp_path / "outside")
+    monkeypatch.chdir(drop)  # relative paths are taken from the drop folder, as in a job
+
+    def check(**sections):
+        confine_paths(parse_pipeline({"name": "x", **sections}), [drop, out])
+
+    check(data={"dataset": "imagefolder", "root": "data", "cache_dir": str(out / "cache")})
+    check(sparsity={"method": "frozen", "masks_from": str(out / "run/train/final.pt")})
+    for sections, where in (({"sparsity": {"method": "frozen", "masks_from": "../evil.pt"}}, "sparsity.masks_from"),
+                            ({"sparsity": {"method": "frozen", "masks_from": "/etc/evil.pt"}}, "sparsity.masks_from"),
+                            ({"data": {"dataset": "imagefolder", "root": str(tmp_path)}}, "data.root"),
+                            ({"data": {"dataset": "imagefolder", "root": "link"}}, "data.root"),
+                            ({"data": {"cache_dir": "~/cache"}}, "data.cache_dir")):
+        with pytest.raises(UserError, match=f"^{where}: .* is outside {drop} and {out}"):
+            check(**sections)
+
+
+def test_a_process_groups_memory_is_measured(tmp_path):
+    """The supervisor's measure: a process group's memory, its children's included, the pages they
+    share counted once."""
+    code = ("import os, time; shared = b'x' * (150 * 2**20)\n"
+            "if os.fork() == 0: own = b'y' * (100 * 2**20)\n"
+            "time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while (used := group_memory([proc.pid])[proc.pid]) < 250 * 2**20 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert 250 * 2**20 <= used < 400 * 2**20, used  # 400 MiB: the shared 150 counted twice
+        assert group_memory([proc.pid + 10**7]) == {proc.pid + 10**7: 0}
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def test_bad_command_lines_are_one_line_errors_and_a_second_daemon_is_refused(tmp_path, drop, watchers):
@@ -198,6 +256,9 @@ def test_bad_command_lines_are_one_line_errors_and_a_second_daemon_is_refused(tm
                            (["watch", drop, "--out", drop], "must not be the drop folder"),
                            (["watch", drop, "--template", tmp_path / "none.yaml"], "template"),
                            (["watch", drop, "--max-unpacked", "lots"], "cannot read size"),
+                           (["watch", drop, "--job-memory", "lots"], "cannot read size"),
+                           (["watch", drop, "--job-timeout", "soon"], "cannot read duration"),
+                           (["watch", drop, "--job-timeout", "0"], "must be more than 0"),
                            (["status", tmp_path / "nowhere"], "does not exist")):
         result = cli(*args)
         assert result.returncode == 2, (args, result.stderr)
@@ -298,23 +359,56 @@ def test_datasets_are_taken_only_once_fully_copied(tmp_path, drop, watchers):
     assert w.stop() == 0
 
 
+def zip_with_corrupt_first_member(members):
+    """A zip whose first member's data is garbage: unpacking anything would fail on it."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+        for rel, data in members.items():
+            zf.writestr(rel, data)
+    raw = bytearray(buffer.getvalue())
+    with zipfile.ZipFile(io.BytesIO(bytes(raw))) as zf:
+        first = zf.infolist()[0]
+    start = first.header_offset + 30 + len(first.filename.encode()) + len(first.extra)
+    raw[start:start + first.compress_size] = os.urandom(first.compress_size)
+    return bytes(raw)
+
+
 def test_hostile_drops_fail_cleanly_and_the_daemon_keeps_serving(tmp_path, drop, watchers):
     out = tmp_path / "out"
     (drop / "template.yaml").write_text(TEMPLATE)
-    w = watchers(drop, out, "--workers", "2", "--max-unpacked", "1M")
+    w = watchers(drop, out, "--workers", "2", "--max-unpacked", "1M", "--job-memory", "800M",
+                 env={"DSRPIPE_WATCH_FAULT": "fault.yaml"})
     w.wait_log("watching")
     pwned = tmp_path / "pwned"
+    outside = write_tree(tmp_path / "outside", image_tree())
+    (tmp_path / "evil.pt").write_bytes(b"not even a checkpoint")
     (drop / "bad.yaml").write_text("name: x\ntrain: [epochs: 1\n")
     (drop / "code.yaml").write_text(f"!!python/object/apply:os.system ['touch {pwned}']\n")
     (drop / "corrupt.zip").write_bytes(os.urandom(3000))
     (drop / "traversal.tar.gz").write_bytes(targz_bytes({**image_tree(), "../evil.png": png(1)}))
     escape = write_tree(drop / "escape", image_tree())
     (escape / "train/ant/secret.png").symlink_to("/etc/passwd")
-    with zipfile.ZipFile(drop / "bomb.zip", "w", zipfile.ZIP_DEFLATED) as zf:
-        for rel, data in image_tree().items():
-            zf.writestr(rel, data)
-        zf.writestr("train/ant/zeros.png", bytes(5 * 2**20))  # 5 MiB unpacked from ~5 KiB
+    # Refused by the sizes they declare, before a byte is unpacked: unpacking the zip's first
+    # member would fail on its garbage data; the tar declares 2 GiB and holds none of it.
+    (drop / "bomb.zip").write_bytes(zip_with_corrupt_first_member(
+        {**image_tree(), "train/ant/zeros.png": bytes(5 * 2**20)}))  # 5 MiB unpacked from ~5 KiB
+    huge = tarfile.TarInfo("train/ant/huge.png")
+    huge.size = 2**31
+    (drop / "liar.tar.gz").write_bytes(gzip.compress(huge.tobuf(tarfile.GNU_FORMAT)))
     (drop / "junk.bin").write_bytes(os.urandom(100))
+    (drop / os.fsdecode(b"junk\xff.bin")).write_bytes(b"")
+    # Names are bytes: a drop whose name is not UTF-8, and a dataset holding such a name.
+    (drop / os.fsdecode(b"caf\xe9.yaml")).write_text(pipeline())
+    write_tree(drop / "latin", {**image_tree(), os.fsdecode(b"train/ant/bad\xff\xfe.png"): png(1)})
+    # A bug while taking a drop (planted through DSRPIPE_WATCH_FAULT) fails that drop only.
+    (drop / "fault.yaml").write_text(pipeline(seed=5))
+    # Paths a pipeline names lead outside the drop and output folders: relative, absolute, a link.
+    (drop / "masks.yaml").write_text(pipeline(sparsity={"method": "frozen", "masks_from": "../evil.pt"}))
+    (drop / "absolute.yaml").write_text(pipeline(data={"dataset": "imagefolder", "root": str(outside)}))
+    (drop / "link").symlink_to(outside)
+    (drop / "linked.yaml").write_text(pipeline(data={"dataset": "imagefolder", "root": "link"}))
+    # A job over --job-memory: ~1.9 GB at its peak (a tiny one, like `next` below, ~0.4).
+    (drop / "hog.yaml").write_text(pipeline(data={"image_size": 200}))
 
     expected = {
         "bad": "bad.yaml: line 3 not valid YAML",
@@ -323,24 +417,71 @@ def test_hostile_drops_fail_cleanly_and_the_daemon_keeps_serving(tmp_path, drop,
         "traversal": "member '../evil.png': a path outside the archive",
         "escape": "'train/ant/secret.png' is a link to /etc/passwd, outside the folder",
         "bomb": "member 'train/ant/zeros.png': more than 1048576 bytes unpacked",
+        "liar": "member 'train/ant/huge.png': more than 1048576 bytes unpacked",
+        "caf": r"the drop's name 'caf\xe9.yaml' is not UTF-8; rename it",
+        "latin": r"dataset folder latin: 'train/ant/bad\xff\xfe.png' is not a UTF-8 name; rename it",
+        "fault": "internal error while taking this drop: RuntimeError: DSRPIPE_WATCH_FAULT names this drop",
+        "masks": f"sparsity.masks_from: ../evil.pt is outside {drop} and {out}",
+        "absolute": f"data.root: {outside} is outside {drop} and {out}",
+        "linked": f"data.root: link is outside {drop} and {out}",
+        "hog": "exceeded --job-memory 800M (used ",
     }
+    refused_at_intake = {"escape", "caf", "latin", "fault"}  # never ran: no job log
     for name in expected:
         w.wait_state(name, "failed")
     for name, cause in expected.items():
         error = (drop / f"{name}.error.txt").read_text().splitlines()
         assert cause in error[0], (name, error[0])
         assert "Traceback" not in error[0]
-        if name != "escape":  # refused before it ran: no log
-            assert any(line.startswith("=== ") for line in error)  # the log tail follows
+        assert any(line.startswith("=== ") for line in error) == (name not in refused_at_intake)  # the log tail
+    assert any(line.startswith("Traceback") for line in (drop / "fault.error.txt").read_text().splitlines())
     assert not pwned.exists() and not (tmp_path / "evil.png").exists()
-    assert "ignored junk.bin" in w.log()
+    assert "ignored junk.bin" in w.log() and r"ignored junk\xff.bin" in w.log()
+    assert r"job=caf state=failed id=" in w.log() and r"drop=caf\xe9.yaml" in w.log()
+    status = cli("status", drop)
+    assert status.returncode == 0 and re.search(r"latin\s+failed\s+latin .* is not a UTF-8 name", status.stdout)
+    assert re.search(r"caf\s+failed\s+caf\\xe9.yaml", status.stdout)
+    assert re.search(r"hog\s+failed .* exceeded --job-memory 800M", status.stdout)
 
     # The daemon is still serving: a good drop after all that runs, and its name stays inside out/.
     (drop / "next.yaml").write_text(pipeline(name="../../evil"))
     w.wait_state("next", "done")
     assert (out / "next" / "model.onnx").exists() and not (tmp_path / "evil").exists()
-    assert {j["state"] for j in jobs(drop)} == {"failed", "done"} and len(jobs(drop)) == 7
+    assert {j["state"] for j in jobs(drop)} == {"failed", "done"} and len(jobs(drop)) == len(expected) + 1
     assert w.stop() == 0
+
+
+def test_a_job_over_its_time_limit_is_killed_and_failed(tmp_path, drop):
+    # (A job over --job-memory is among the hostile drops above, whose daemon serves on.)
+    (drop / "slow.yaml").write_text(pipeline(epochs=10_000))
+    result = cli("watch", drop, "--out", tmp_path / "out", "--once", "--quiet-period", "0.5", "--job-timeout", "3s",
+                 timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"job=slow state=killing id=1 pid=\d+ reason=\"exceeded --job-timeout 3s\"", result.stderr)
+    assert (drop / "slow.error.txt").read_text().startswith("exceeded --job-timeout 3s\n")
+    [job] = jobs(drop)
+    assert (job["state"], job["cause"], job["attempts"]) == ("failed", "exceeded --job-timeout 3s", 1)
+    assert re.search(r"slow\s+failed .* exceeded --job-timeout 3s", cli("status", drop).stdout)
+
+
+def test_a_corrupt_journal_is_one_line_that_says_how_to_recover(tmp_path, drop):
+    journal_path = drop / ".dsrpipe" / "journal.sqlite"
+    journal_path.parent.mkdir()
+    journal = Journal(journal_path)  # a real journal, then cut short: SQLite finds it malformed
+    for i in range(200):
+        journal.add(name=f"job{i}", drop_path=f"job{i}.yaml", kind="pipeline", sha256=f"{i}" * 64, stamp="1:1",
+                    state="done", out="out", cause="x" * 200)
+    journal.close()
+    truncated = journal_path.read_bytes()[:len(journal_path.read_bytes()) // 2]
+    for garbage in (b"not a database\n" * 300, truncated):
+        journal_path.write_bytes(garbage)
+        for args in (["watch", drop, "--out", tmp_path / "out", "--once"], ["status", drop]):
+            result = cli(*args)
+            assert result.returncode == 2, (args, result.stderr)
+            [line] = result.stderr.strip().splitlines()
+            assert line.startswith(f"error: cannot read the watch journal {journal_path} (")
+            assert f"mv {journal_path} {journal_path}.corrupt" in line and "takes every drop" in line
+    assert journal_path.read_bytes() == truncated  # left as it was, for the user to look at
 
 
 # --- crashes and restarts ------------------------------------------------------------------------

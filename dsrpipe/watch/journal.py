@@ -4,6 +4,9 @@ across crashes and restarts. Only the daemon writes it; `dsrpipe status` reads i
 A row is a drop (path + content hash) and, unless it was skipped, the job that runs it:
   queued → running → done | failed        (running → queued when a job is interrupted)
   skipped                                 (the same content was already run, or is queued)
+
+Drop names are stored as `files.shown(name)`: text, whatever bytes the name holds. A journal
+that SQLite cannot read is a UserError that says how to recover, never a traceback.
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ import sqlite3
 import time
 from pathlib import Path
 from typing import Any
+
+from ..errors import UserError
+from ..files import shown
 
 ACTIVE = ("queued", "running")
 STATES = ACTIVE + ("done", "failed", "skipped")
@@ -49,13 +55,20 @@ CREATE TABLE IF NOT EXISTS ignored (   -- entries that are not drops, reported o
 class Journal:
     def __init__(self, path: str | Path, *, readonly: bool = False):
         path = Path(path).absolute()
-        if readonly:
-            self.db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=30)
-        else:
-            # Autocommit: every statement is its own durable transaction (synchronous=FULL).
-            self.db = sqlite3.connect(path, timeout=30, isolation_level=None)
-            self.db.execute("PRAGMA synchronous = FULL")
-            self.db.executescript(SCHEMA)
+        try:
+            if readonly:
+                self.db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=30)
+            else:
+                # Autocommit: every statement is its own durable transaction (synchronous=FULL).
+                self.db = sqlite3.connect(path, timeout=30, isolation_level=None)
+                self.db.execute("PRAGMA synchronous = FULL")
+                self.db.executescript(SCHEMA)
+            # A few thousand rows at most: checking every page costs milliseconds.
+            problem = self.db.execute("PRAGMA quick_check").fetchone()[0]
+            if problem != "ok":
+                raise sqlite3.DatabaseError(problem)
+        except sqlite3.DatabaseError as exc:
+            raise UserError(unreadable(path, exc)) from None
         self.db.row_factory = sqlite3.Row
 
     def close(self) -> None:
@@ -63,6 +76,7 @@ class Journal:
 
     def add(self, **fields: Any) -> int:
         fields.setdefault("created", time.time())
+        fields["drop_path"] = shown(fields["drop_path"])
         keys = ", ".join(fields)
         marks = ", ".join("?" * len(fields))
         return self.db.execute(f"INSERT INTO jobs ({keys}) VALUES ({marks})", tuple(fields.values())).lastrowid
@@ -82,7 +96,7 @@ class Journal:
 
     def latest_for_path(self, drop_path: str) -> dict[str, Any] | None:
         row = self.db.execute("SELECT * FROM jobs WHERE drop_path = ? ORDER BY id DESC LIMIT 1",
-                              (drop_path,)).fetchone()
+                              (shown(drop_path),)).fetchone()
         return dict(row) if row else None
 
     def job_for_content(self, sha256: str) -> dict[str, Any] | None:
@@ -99,5 +113,13 @@ class Journal:
     def first_ignore(self, path: str, reason: str) -> bool:
         """Record an ignored entry; True the first time only, so each is reported once."""
         cursor = self.db.execute("INSERT OR IGNORE INTO ignored (path, reason, at) VALUES (?, ?, ?)",
-                                 (path, reason, time.time()))
+                                 (shown(path), reason, time.time()))
         return cursor.rowcount == 1
+
+
+def unreadable(path: Path, exc: Exception) -> str:
+    """How to recover from a journal SQLite cannot read (corrupt, truncated, not a database)."""
+    return (f"cannot read the watch journal {path} ({exc}): stop `dsrpipe watch`, move the file aside "
+            f"(mv {path} {path}.corrupt) and start it again: it starts a new journal and takes every drop "
+            "in the folder as new; a job whose outputs are complete in --out finishes without training again, "
+            "the others run (from their last checkpoint), failed drops fail again")

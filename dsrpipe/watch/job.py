@@ -1,0 +1,82 @@
+"""The job process: `run_pipeline` on the job's copy of its config, confined to the drop and
+output folders. Runs forked from the runner's fork server, or by hand:
+`python -m dsrpipe.watch <drop>/.dsrpipe/jobs/<job>`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from .. import files
+from ..errors import EXIT_BUG, EXIT_BUSY, EXIT_INTERRUPTED, UserError
+from ..files import shown
+from ..files import exclusive_lock
+
+
+def job_process(job_dir: str, settings: dict[str, Any]) -> None:
+    """Entry point in the forked job process: own session (so its pid is its process group's,
+    which the runner measures and signals), output to the job log."""
+    os.setsid()
+    fd = os.open(Path(job_dir) / "job.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.exit(job_main(Path(job_dir), settings))
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def job_main(job_dir: Path, settings: dict[str, Any] | None = None) -> int:
+    """Run one job and return its exit code (dsrpipe.errors: 0 done, 2 bad input, 3 validation
+    failed, 130 interrupted, 75 job busy, 1 a bug). The cause of a failure goes to cause.txt."""
+    settings = settings or {}
+    spec = json.loads((job_dir / "job.json").read_text())
+    lock = exclusive_lock(job_dir / "job.lock")  # held until this process ends, however it ends
+    if lock is None:
+        print("error: another process is running this job", file=sys.stderr, flush=True)
+        return EXIT_BUSY
+    signal.signal(signal.SIGTERM, _interrupt)  # stop between two steps; epochs are checkpointed
+    signal.signal(signal.SIGINT, _interrupt)
+    os.chdir(spec["cwd"])  # a pipeline's relative paths are relative to the drop folder
+    try:
+        from ..config import confine_paths, load_pipeline
+
+        cfg = load_pipeline(spec["config"], spec["overrides"])
+        confine_paths(cfg, [Path(spec["cwd"]), Path(spec["out"])])  # before anything is read
+        import torch
+
+        from .. import data
+        from ..pipeline import run_pipeline
+        from ..rundir import RunDir
+
+        if settings.get("threads"):
+            torch.set_num_threads(settings["threads"])
+        if settings.get("max_unpacked"):
+            data.MAX_ARCHIVE_BYTES = settings["max_unpacked"]
+        if settings.get("max_files"):
+            data.MAX_ARCHIVE_FILES = settings["max_files"]
+        run = RunDir(Path(spec["out"]), cfg.name)
+        with run.lock():  # one owner, as for `dsrpipe run`: a job never mixes with another process's run
+            run_pipeline(cfg, Path(spec["out"]), progress=False)
+        print(run.onnx, flush=True)
+        return 0
+    except UserError as exc:
+        cause, code = str(exc).replace(spec["config"], spec["shown_as"]), exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: completed epochs are checkpointed; the job resumes from there",
+              file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # a bug: the traceback goes to the job log
+        traceback.print_exc()
+        cause, code = f"internal error: {type(exc).__name__}: {exc}", EXIT_BUG
+    cause = shown(cause)
+    print(f"error: {cause}", file=sys.stderr, flush=True)
+    files.write_text(job_dir / "cause.txt", cause + "\n")
+    return code

@@ -1,0 +1,230 @@
+"""The runner: starts queued jobs as processes, watches them, and records how each one ended.
+
+A job runs in its own process (forked from a server that has torch imported, in its own session)
+so a crash cannot take the daemon down; `run_pipeline` checkpoints every epoch, so a job
+interrupted in any way is simply started again and resumes. The runner holds every job to
+--job-memory and --job-timeout (see dsrpipe.watch.limits): one over a limit is killed and failed
+with that cause.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import EXIT_BUSY, EXIT_INTERRUPTED, EXIT_USER_ERROR, EXIT_VALIDATION
+from .drops import ERROR_SUFFIX
+from .folder import DropFolder, log, try_lock
+from .limits import group_memory
+from .options import WatchOptions, format_size
+
+MAX_ATTEMPTS = 10  # starts of one job (each interruption costs one) before it is failed
+STOP_TIMEOUT = 30.0  # seconds a job gets to stop on SIGTERM before SIGKILL
+LIMITS_PERIOD = 0.5  # seconds between two looks at the jobs' memory and time (a look costs ~1 ms per 20 processes)
+BUSY_WAIT = 5.0  # seconds before a job found busy (an orphan not yet gone) is tried again
+INTERRUPTED = {EXIT_INTERRUPTED, -signal.SIGTERM, -signal.SIGINT, 255}  # 255: the fork server died
+# Imported once by the fork server, so that a job process starts in milliseconds, not seconds
+# (the server skips any that fail to import: the job then imports them itself).
+PRELOAD = ["dsrpipe.watch.job", "dsrpipe.pipeline", "sklearn.datasets", "sklearn.model_selection",
+           "matplotlib.figure", "matplotlib.backends.backend_agg", "onnxscript",
+           "torch.onnx._internal.exporter._core"]
+
+
+@dataclass
+class _Running:
+    proc: Any  # a multiprocessing.Process
+    job: dict[str, Any]
+    started: float  # monotonic
+    killed: str | None = None  # why the runner killed it (a limit), if it did
+
+
+class Runner:
+    def __init__(self, folder: DropFolder, opts: WatchOptions, stopping: Callable[[], bool]):
+        self.folder, self.opts, self.stopping = folder, opts, stopping
+        self.running: dict[int, _Running] = {}
+        self.hold: dict[int, float] = {}  # job id -> not before (monotonic)
+        self._context = None
+        self._next_look = 0.0
+
+    def recover(self) -> None:
+        """Jobs left `running` by a daemon that died: stop any process still at it, then requeue."""
+        for job in self.folder.journal.jobs("running"):
+            self._stop_orphan(job)
+            self.folder.journal.update(job["id"], state="queued", pid=None)
+            self.folder.event(job["name"], "queued", id=job["id"], reason="was running when the daemon stopped; "
+                              "resumes from its last checkpoint")
+
+    def warm_up(self) -> None:
+        """Start the fork server (it imports torch & co.) now, while a queued drop waits its turn."""
+        from multiprocessing import forkserver
+
+        self._process_context()
+        forkserver.ensure_running()
+
+    def start_jobs(self) -> None:
+        now = time.monotonic()
+        while not self.stopping() and len(self.running) < self.opts.workers:
+            job = next((j for j in self.folder.journal.jobs("queued")
+                        if j["id"] not in self.running and self.hold.get(j["id"], 0) <= now), None)
+            if job is None:
+                return
+            self._start(job)
+
+    def poll(self) -> None:
+        """Record the jobs that ended; kill those over a limit."""
+        for job_id, r in list(self.running.items()):
+            code = r.proc.exitcode
+            if code is not None:
+                del self.running[job_id]
+                r.proc.close()
+                self._finished(r, code)
+        if time.monotonic() >= self._next_look:
+            self._next_look = time.monotonic() + LIMITS_PERIOD
+            self._enforce_limits()
+
+    def shutdown(self, kill_now: Callable[[], bool]) -> None:
+        """Stop the running jobs (SIGTERM, then SIGKILL after STOP_TIMEOUT or a second signal)."""
+        if not self.running:
+            return
+        log.info(f"stopping {len(self.running)} running job(s); they resume from their last checkpoint "
+                 "on the next start")
+        for r in self.running.values():
+            signal_group(r.proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while self.running and time.monotonic() < deadline and not kill_now():
+            time.sleep(0.1)
+            self.poll()
+        for r in self.running.values():
+            signal_group(r.proc.pid, signal.SIGKILL)
+            r.proc.join(10)
+        self.poll()  # anything still listed stays `running`: the next start deals with it
+
+    # -- one job ----------------------------------------------------------------------------------
+
+    def _process_context(self):
+        if self._context is None:
+            self._context = multiprocessing.get_context("forkserver")
+            self._context.set_forkserver_preload(PRELOAD)
+        return self._context
+
+    def _start(self, job: dict[str, Any]) -> None:
+        from .job import job_process
+
+        job_dir = self.folder.job_dir(job)
+        if job["attempts"] >= MAX_ATTEMPTS:
+            return self.folder.fail(job, f"gave up after {job['attempts']} interrupted attempts", None, 0.0)
+        if not (job_dir / "job.json").exists():
+            return self.folder.fail(job, f"the job's files are missing from {job_dir}", None, 0.0)
+        if job["fresh"] and job["attempts"] == 0:  # a --rerun starts over
+            from ..rundir import RunDir
+
+            RunDir(Path(job["out"]), job["name"]).clear()
+            shutil.rmtree(job_dir / "cache", ignore_errors=True)
+        attempt = job["attempts"] + 1
+        self.folder.journal.update(job["id"], state="running", attempts=attempt, started=time.time(), pid=None,
+                                   exit_code=None, finished=None)
+        with open(job_dir / "job.log", "a") as f:
+            f.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} job {job['name']} (#{job['id']}) "
+                    f"attempt {attempt} ===\n")
+        (job_dir / "cause.txt").unlink(missing_ok=True)
+        proc = self._process_context().Process(target=job_process, args=(str(job_dir), self._job_settings()),
+                                               name=f"dsrpipe-job-{job['name']}")
+        proc.start()
+        self.folder.journal.update(job["id"], pid=proc.pid)
+        self.running[job["id"]] = _Running(proc, {**job, "attempts": attempt}, time.monotonic())
+        self.folder.event(job["name"], "running", id=job["id"], attempt=attempt, pid=proc.pid)
+
+    def _job_settings(self) -> dict[str, Any]:
+        workers = self.opts.workers
+        threads = None if "OMP_NUM_THREADS" in os.environ else max(1, (os.cpu_count() or 1) // workers)
+        return {"threads": threads, "max_unpacked": self.opts.max_unpacked, "max_files": self.opts.max_files}
+
+    def _enforce_limits(self) -> None:
+        live = [r for r in self.running.values() if r.killed is None]
+        # A job's pid is its process group: it starts its own session.
+        usage = group_memory(r.proc.pid for r in live) if self.opts.job_memory else {}
+        for r in live:
+            used = usage.get(r.proc.pid, 0)
+            if self.opts.job_timeout and time.monotonic() - r.started > self.opts.job_timeout:
+                self._kill(r, f"exceeded --job-timeout {self.opts.job_timeout:g}s")
+            elif self.opts.job_memory and used > self.opts.job_memory:
+                self._kill(r, f"exceeded --job-memory {format_size(self.opts.job_memory)} "
+                              f"(used {format_size(used)})")
+
+    def _kill(self, r: _Running, cause: str) -> None:
+        r.killed = cause
+        signal_group(r.proc.pid, signal.SIGKILL)
+        self.folder.event(r.job["name"], "killing", id=r.job["id"], pid=r.proc.pid, reason=cause)
+
+    def _finished(self, r: _Running, code: int) -> None:
+        job, seconds = r.job, time.monotonic() - r.started
+        job_dir = self.folder.job_dir(job)
+        if code == 0:  # cleaned up first: a job `done` in the journal is done with
+            shutil.rmtree(job_dir / "cache", ignore_errors=True)
+            (self.folder.drop / f"{job['name']}{ERROR_SUFFIX}").unlink(missing_ok=True)  # from an earlier run
+            self.folder.journal.update(job["id"], state="done", exit_code=0, pid=None, finished=time.time(),
+                                       cause=None)
+            return self.folder.event(job["name"], "done", id=job["id"], duration=seconds,
+                                     model=Path(job["out"]) / job["name"] / "model.onnx")
+        if r.killed:
+            return self.folder.fail(job, r.killed, code, seconds)
+        if code == 255:  # the fork server went away: its job may still be running
+            self._stop_orphan(job)
+        interrupted = code not in (EXIT_USER_ERROR, EXIT_VALIDATION) and (self.stopping() or code in INTERRUPTED)
+        if code == EXIT_BUSY or interrupted:
+            self.folder.journal.update(job["id"], state="queued", pid=None, exit_code=code)
+            if code == EXIT_BUSY:
+                self.hold[job["id"]] = time.monotonic() + BUSY_WAIT
+            return self.folder.event(job["name"], "queued", id=job["id"], duration=seconds,
+                                     reason="interrupted; resumes from its last checkpoint")
+        try:
+            cause = (job_dir / "cause.txt").read_text().strip()
+        except OSError:
+            cause = ""
+        if not cause:
+            cause = (f"the job process was killed by {signal.Signals(-code).name}" if code < 0 else
+                     f"the job process exited with code {code}")
+        self.folder.fail(job, cause, code, seconds)
+
+    def _stop_orphan(self, job: dict[str, Any]) -> None:
+        """A job process from an earlier daemon (or fork server) may still hold its job: stop it.
+        Its job lock says whether it is alive, and holds its pid."""
+        lock_path = self.folder.job_dir(job) / "job.lock"
+        if not lock_path.exists():
+            return
+        with open(lock_path, "a+") as f:
+            if try_lock(f):
+                return
+            f.seek(0)
+            text = f.read().strip()
+            pid = int(text) if text.isdigit() else job["pid"]
+            self.folder.event(job["name"], "stopping", id=job["id"], pid=pid,
+                              reason="a job process from an earlier daemon is still running")
+            for sig, wait in ((signal.SIGTERM, STOP_TIMEOUT), (signal.SIGKILL, 10.0)):
+                if pid:
+                    signal_group(pid, sig)
+                deadline = time.monotonic() + wait
+                while time.monotonic() < deadline:
+                    if try_lock(f):
+                        return
+                    time.sleep(0.1)
+        log.warning(f"job {job['name']}: process {pid} would not stop; its next attempt waits for it")
+
+
+def signal_group(pid: int, sig: int) -> None:
+    """Signal a job's process group (the job and the workers it forked), else the process."""
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+    except PermissionError:
+        pass

@@ -1,0 +1,64 @@
+"""`dsrpipe status`: the journal of a drop folder, read-only, and whether a daemon serves it."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+from ..files import shown
+from .drops import STATE_DIR
+from .journal import Journal
+
+
+def daemon_pid(drop: Path) -> int | None:
+    """The pid of the daemon watching `drop`, if one is alive (read from its lock file)."""
+    try:
+        pid = int((Path(drop) / STATE_DIR / "lock").read_text().strip())
+        os.kill(pid, 0)
+    except PermissionError:
+        return pid
+    except (OSError, ValueError):
+        return None
+    try:  # after a kill -9 the pid may since belong to another process
+        return pid if b"watch" in Path(f"/proc/{pid}/cmdline").read_bytes() else None
+    except OSError:  # no /proc here
+        return pid
+
+
+def status_report(drop: Path, *, as_json: bool = False) -> str:
+    drop = Path(drop).expanduser()
+    if not drop.is_dir():
+        raise UserError(f"drop folder {shown(drop)} does not exist")
+    path = drop / STATE_DIR / "journal.sqlite"
+    rows: list[dict[str, Any]] = []
+    if path.exists():
+        journal = Journal(path, readonly=True)
+        rows = journal.jobs()
+        journal.close()
+    pid = daemon_pid(drop)
+    if as_json:
+        return json.dumps({"drop": str(drop.resolve()), "daemon_pid": pid, "jobs": rows}, indent=2)
+    lines = [f"{shown(drop)}: " + (f"watched (dsrpipe watch pid {pid})" if pid else "not watched now")]
+    if not rows:
+        return "\n".join(lines + ["no jobs yet"])
+    now = time.time()
+    table = [("ID", "JOB", "STATE", "DROP", "UPDATED", "DURATION", "DETAIL")]
+    for r in rows:
+        end = r["finished"] or (now if r["state"] == "running" else None)
+        duration = f"{end - r['started']:.1f}s" if r["started"] and end and r["state"] != "skipped" else ""
+        updated = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["finished"] or r["started"] or r["created"]))
+        detail = {"done": str(Path(r["out"]) / r["name"] / "model.onnx"),
+                  "running": f"attempt {r['attempts']}, pid {r['pid']}",
+                  "queued": f"attempt {r['attempts'] + 1}" if r["attempts"] else "waiting",
+                  }.get(r["state"], r["cause"] or "")
+        table.append((str(r["id"]), r["name"], r["state"], r["drop_path"], updated, duration, detail))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in table]
+    counts = Counter(r["state"] for r in rows)
+    lines.append(f"{len(rows)} drops: " + ", ".join(f"{n} {state}" for state, n in counts.items()))
+    return "\n".join(lines)
