@@ -8,10 +8,14 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import pickle
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Iterator
+
+from .errors import UserError
 
 
 _UMASK = os.umask(0)
@@ -114,3 +118,15 @@ def torch_load(path: str | os.PathLike) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch warns about the pickle protocol of foreign files
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def not_a_checkpoint(path: Path, why: str | BaseException) -> UserError:
+    """The one-line error for a file that is not a checkpoint dsrpipe wrote, saying why (a
+    pickle's forbidden global, the loader's first line)."""
+    if isinstance(why, pickle.UnpicklingError):
+        found = re.search(r"GLOBAL ([\w.]+)", str(why))
+        why = "it holds Python objects, not only tensors and plain data" + (f": {found[1]}" if found else "")
+    elif isinstance(why, BaseException):
+        first = str(why).strip().split("\n")[0].split(". ")[0]
+        why = f"{type(why).__name__}: {first}" if first else type(why).__name__
+    return UserError(f"{path} is not a dsrpipe checkpoint ({why})")

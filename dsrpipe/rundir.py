@@ -19,14 +19,13 @@ refused as "not a dsrpipe checkpoint", and nothing in it is ever executed.
 from __future__ import annotations
 
 import json
-import pickle
-import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 from . import files
+from .files import not_a_checkpoint
 from .config import EXPORT_SETTINGS, FINETUNE_SETTINGS, TRAIN_SETTINGS, VALIDATE_SETTINGS, Pipeline
 from .errors import UserError
 
@@ -191,16 +190,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if checkpoint["format"] != CHECKPOINT_FORMAT:
         raise not_a_checkpoint(path, f"format {checkpoint['format']}, this dsrpipe reads {CHECKPOINT_FORMAT}")
     return checkpoint
-
-
-def not_a_checkpoint(path: Path, why: str | BaseException) -> UserError:
-    if isinstance(why, pickle.UnpicklingError):
-        found = re.search(r"GLOBAL ([\w.]+)", str(why))
-        why = "it holds Python objects, not only tensors and plain data" + (f": {found[1]}" if found else "")
-    elif isinstance(why, BaseException):
-        first = str(why).strip().split("\n")[0].split(". ")[0]
-        why = f"{type(why).__name__}: {first}" if first else type(why).__name__
-    return UserError(f"{path} is not a dsrpipe checkpoint ({why})")
 
 
 @contextmanager

@@ -57,9 +57,12 @@ def hostile(tmp_path):
     return marker
 
 
-def small_run(tmp_path, **sections):
-    return write_pipeline(tmp_path, tiny(model={"options": {"width": 8}}, train={"epochs": 1},
-                                         finetune={"epochs": 0}, validate={"latency_runs": 5}, **sections))
+def small_run(tmp_path, sparsity=None, **sections):
+    raw = tiny(model={"options": {"width": 8}}, train={"epochs": 1}, finetune={"epochs": 0},
+               validate={"latency_runs": 5}, **sections)
+    if sparsity is not None:
+        raw["sparsity"] = sparsity  # as given: each method takes its own options only
+    return write_pipeline(tmp_path, raw)
 
 
 # -- checkpoints: never unpickled ------------------------------------------------------------------
@@ -170,7 +173,7 @@ def test_an_absurd_value_is_one_line_exit_2(tmp_path, case):
     ("train.lr=.inf", "train.lr: Input should be a finite number"),
     ("model.options={width: {deep: [1]}}", "model.options: 'width': expected a number"),
     (f"model.options={{width: {list(range(65))}}}", "model.options: 'width': expected a number"),
-    ('sparsity.masks_from="a\\0b"', "sparsity.masks_from: a path cannot contain a NUL"),
+    ('data.cache_dir="a\\0b"', "data.cache_dir: a path cannot contain a NUL"),
     ("seed=-1", "seed: Input should be greater than or equal to 0"),
     ("model.options={a: &a [1], b: *a}", "--set model.options: line 1 not valid YAML (aliases (*name) are not allowed)"),
 ])

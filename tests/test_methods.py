@@ -524,7 +524,7 @@ def test_frozen_rejects_missing_unfinished_and_mismatched_checkpoints(tmp_path):
     with pytest.raises(UserError, match="needs masks_from"):
         Frozen(small_net())
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match="cannot read checkpoint"):
+    with pytest.raises(UserError, match="junk.pt is not a dsrpipe checkpoint"):
         Frozen(small_net(), masks_from=tmp_path / "junk.pt")
     path, _, _ = dsr_run(tmp_path / "final.pt", layers=LayerSelection(dense_last=False))  # fc sparse too
     with pytest.raises(UserError, match="sparse layers"):
@@ -538,7 +538,7 @@ def test_frozen_rejects_missing_unfinished_and_mismatched_checkpoints(tmp_path):
     with pytest.raises(UserError, match="unfinished"):
         Frozen(small_net(), masks_from=path, layers=LayerSelection(dense_last=False))
     torch.save({**state, "evil": nn.Linear(1, 1)}, path)  # a pickled module: never unpickled
-    with pytest.raises(UserError, match="cannot read checkpoint"):
+    with pytest.raises(UserError, match="it holds Python objects"):
         Frozen(small_net(), masks_from=path, layers=LayerSelection(dense_last=False))
     with pytest.raises(UserError, match="masks_from"):
         parse_pipeline({"name": "x", "sparsity": {"method": "frozen"}})

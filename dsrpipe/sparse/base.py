@@ -227,12 +227,11 @@ def read_finished_run(path: str | Path, option: str) -> dict[str, Any]:
         raise UserError(f"{option}: no checkpoint at {path} (expected a run's train/final.pt)")
     try:
         checkpoint = files.torch_load(path)
-    except Exception as exc:
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise UserError(f"{option}: cannot read checkpoint {path}: {first_line}") from None
+    except Exception as exc:  # whatever a foreign, truncated or hostile file makes the loader raise
+        raise UserError(f"{option}: {files.not_a_checkpoint(path, exc)}") from None
     if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("sparsifier"), dict)
             and isinstance(checkpoint["sparsifier"].get("masks"), dict) and isinstance(checkpoint.get("model"), dict)):
-        raise UserError(f"{option}: {path} is not a dsrpipe training checkpoint")
+        raise UserError(f"{option}: {files.not_a_checkpoint(path, 'not a training run: no model and masks')}")
     if checkpoint.get("complete") is False:
         raise UserError(f"{option}: {path} is an unfinished run; use its final.pt")
     return checkpoint
