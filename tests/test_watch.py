@@ -49,7 +49,8 @@ def pipeline(name=None, *, epochs=1, width=4, seed=0, **sections):
     if name is not None:
         raw["name"] = name
     for section, values in sections.items():
-        raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
+        merged = isinstance(values, dict) and not (section == "sparsity" and "method" in values)
+        raw[section] = {**raw.get(section, {}), **values} if merged else values  # a method: its own options
     return yaml.safe_dump(raw)
 
 
