@@ -508,7 +508,7 @@ def test_frozen_starts_fresh_or_from_the_source_runs_own_initial_weights(tmp_pat
     assert all(torch.equal(fresh[k], v) for k, v in frozen("fresh").items())  # deterministic
     assert any(not torch.equal(fresh[k], v) for k, v in frozen("fresh", seed=1).items())
 
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=True)
     torch.save({**state, "init": {**state["init"], "digest": "0" * 64}}, path)
     with pytest.raises(UserError, match="init: fresh"):
         frozen("same")
@@ -533,7 +533,7 @@ def test_frozen_rejects_missing_unfinished_and_mismatched_checkpoints(tmp_path):
     other.conv2 = nn.Conv2d(8, 16, 5, padding=2, bias=False)  # same layer names, another shape
     with pytest.raises(UserError, match="another model"):
         Frozen(other, masks_from=path, layers=LayerSelection(dense_last=False))
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=True)
     torch.save({**state, "complete": False}, path)
     with pytest.raises(UserError, match="unfinished"):
         Frozen(small_net(), masks_from=path, layers=LayerSelection(dense_last=False))
@@ -627,25 +627,25 @@ def test_methods_run_end_to_end_on_digits(tmp_path):
     rigl = run_pipeline(tiny("rigl", "rigl"), tmp_path, progress=False)
     assert rigl["method"] == "rigl" and 0.79 <= rigl["sparsity"] <= 0.81
     rigl_path = tmp_path / "rigl" / "train" / "final.pt"
-    rigl_ckpt = torch.load(rigl_path, weights_only=False)
+    rigl_ckpt = torch.load(rigl_path, weights_only=True)
     assert sum(h["reallocations"] for h in rigl_ckpt["history"]) == (1437 // 64) // 5
     assert 0 <= rigl_ckpt["history"][0]["pruned_grown_share"] <= 1  # the regrowth diagnostic
 
     frozen_cfg = parse_pipeline({**tiny("frozen", "frozen", masks_from=str(rigl_path), init="same").model_dump(
         mode="json", by_alias=True), "finetune": {"epochs": 1}})
-    frozen_ckpt = torch.load(train_sparse(frozen_cfg, tmp_path, progress=False), weights_only=False)
+    frozen_ckpt = torch.load(train_sparse(frozen_cfg, tmp_path, progress=False), weights_only=True)
     for name, mask in rigl_ckpt["sparsifier"]["masks"].items():
         assert torch.equal(frozen_ckpt["sparsifier"]["masks"][name], mask)
     assert frozen_ckpt["fingerprint"].endswith(rigl_ckpt["run_id"])  # a retrained source makes it stale
     assert frozen_ckpt["init"] == rigl_ckpt["init"]  # same seed, same model: the source's initial weights
     assert frozen_ckpt["history"][0]["pruned_grown"] is None  # nothing grows
-    tuned = torch.load(finetune(frozen_cfg, tmp_path, progress=False), weights_only=False)  # accepts that fingerprint
+    tuned = torch.load(finetune(frozen_cfg, tmp_path, progress=False), weights_only=True)  # accepts that fingerprint
     for name, mask in rigl_ckpt["sparsifier"]["masks"].items():
         assert torch.equal(tuned["sparsifier"]["masks"][name], mask)
 
     thin_cfg = tiny("thin", "thin-dense")
     thin = run_pipeline(thin_cfg, tmp_path, progress=False)
-    thin_ckpt = torch.load(tmp_path / "thin" / "train" / "final.pt", weights_only=False)
+    thin_ckpt = torch.load(tmp_path / "thin" / "train" / "final.pt", weights_only=True)
     record = thin_ckpt["model_spec"]["thin_dense"]
     assert thin["thin_dense"] == record and thin["model_options"] == thin_ckpt["model_spec"]["options"]
     assert thin["sparsity"] < 0.01 and thin["total_params"] == thin["nonzero_params"] == record["params"]
@@ -658,10 +658,10 @@ def test_methods_run_end_to_end_on_digits(tmp_path):
 
 def test_prune_pipeline_starts_from_a_dense_run_and_ships_the_exact_target(tmp_path):
     dense_path = train_sparse(tiny("dense", "dense", sparsity=0.0), tmp_path, progress=False)
-    dense = torch.load(dense_path, weights_only=False)
+    dense = torch.load(dense_path, weights_only=True)
     cfg = tiny("prune", "prune", prune_from=str(dense_path), steps=3)
     report = run_pipeline(cfg, tmp_path, progress=False)
-    trained = torch.load(tmp_path / "prune" / "train" / "final.pt", weights_only=False)
+    trained = torch.load(tmp_path / "prune" / "train" / "final.pt", weights_only=True)
     assert trained["fingerprint"].endswith(dense["run_id"])  # retraining the dense run makes it stale
     masks = trained["sparsifier"]["masks"]
     assert {n: int(m.sum()) for n, m in masks.items()} == {n: round(0.2 * m.numel()) for n, m in masks.items()}
@@ -673,8 +673,8 @@ def test_finetune_starts_from_the_trained_weights(tmp_path):
     # With a vanishing learning rate, fine-tuning must leave the trained sparse model as it was.
     cfg = parse_pipeline({**tiny("set", "set").model_dump(mode="json", by_alias=True),
                           "finetune": {"epochs": 1, "lr": 1e-12, "momentum": 0.0, "weight_decay": 0.0}})
-    trained = torch.load(train_sparse(cfg, tmp_path, progress=False), weights_only=False)["model"]
-    tuned = torch.load(finetune(cfg, tmp_path, progress=False), weights_only=False)["model"]
+    trained = torch.load(train_sparse(cfg, tmp_path, progress=False), weights_only=True)["model"]
+    tuned = torch.load(finetune(cfg, tmp_path, progress=False), weights_only=True)["model"]
     for key, value in trained.items():
         if value.is_floating_point() and "running" not in key:
             assert torch.allclose(tuned[key], value, atol=1e-6), key

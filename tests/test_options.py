@@ -140,7 +140,7 @@ def test_compare_trains_the_dense_run_first_and_prunes_it(tmp_path):
     result = compare_module.run_grid(path, tmp_path / "out", echo=lambda line: None)
     runs = {r.method: r for r in result["runs"]}
     assert {m: r.status for m, r in runs.items()} == {"dense": "ok", "prune": "ok"}, [r.message for r in runs.values()]
-    dense = torch.load(tmp_path / "out" / "g" / "runs" / "g-dense-s0-seed0" / "train" / "final.pt", weights_only=False)
-    pruned = torch.load(tmp_path / "out" / "g" / "runs" / "g-prune-s0.8-seed0" / "train" / "final.pt", weights_only=False)
+    dense = torch.load(tmp_path / "out" / "g" / "runs" / "g-dense-s0-seed0" / "train" / "final.pt", weights_only=True)
+    pruned = torch.load(tmp_path / "out" / "g" / "runs" / "g-prune-s0.8-seed0" / "train" / "final.pt", weights_only=True)
     assert pruned["fingerprint"].endswith(dense["run_id"])
     assert 0.79 <= runs["prune"].report["sparsity"] <= 0.81

@@ -94,7 +94,7 @@ def test_quickstart_command_end_to_end(tmp_path):
 
 def test_dsr_reallocates_and_keeps_the_budget_during_training(tmp_path):
     cfg = parse_pipeline(tiny())
-    final = torch.load(train_sparse(cfg, tmp_path, progress=False), weights_only=False)
+    final = torch.load(train_sparse(cfg, tmp_path, progress=False), weights_only=True)
     history = final["history"]
     assert sum(h["reallocations"] for h in history) == 4 * (1437 // 64) // 5
     assert sum(h["pruned"] for h in history) > 0
@@ -122,7 +122,7 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, monkeypatch):
     # The LR drops at milestones before (2) and after (4) the resume point (3): a resumed run that
     # lost its LR schedule would miss the second drop.
     cfg = parse_pipeline(tiny(train={"epochs": 5, "milestones": [2, 4]}))
-    reference = torch.load(train_sparse(cfg, tmp_path / "a", progress=False), weights_only=False)
+    reference = torch.load(train_sparse(cfg, tmp_path / "a", progress=False), weights_only=True)
 
     real_evaluate = train_module.evaluate
     calls = {"n": 0}
@@ -137,11 +137,11 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train_sparse(cfg, tmp_path / "b", progress=False)
     monkeypatch.setattr(train_module, "evaluate", real_evaluate)
-    last = torch.load(tmp_path / "b" / "tiny" / "train" / "last.pt", weights_only=False)
+    last = torch.load(tmp_path / "b" / "tiny" / "train" / "last.pt", weights_only=True)
     assert last["epoch"] == 3
     with pytest.raises(Exception, match="--resume"):
         train_sparse(cfg, tmp_path / "b", progress=False)
-    resumed = torch.load(train_sparse(cfg, tmp_path / "b", resume=True, progress=False), weights_only=False)
+    resumed = torch.load(train_sparse(cfg, tmp_path / "b", resume=True, progress=False), weights_only=True)
     assert [h["lr"] for h in resumed["history"]] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001])
     assert_same_training(reference, resumed)
 
@@ -152,7 +152,7 @@ def test_run_killed_mid_training_resumes_bit_identically(tmp_path):
     raw = tiny("killed", model={"name": "small-cnn", "options": {"width": 8}}, finetune={"epochs": 0},
                train={"epochs": 4, "milestones": [3]}, validate={"latency_runs": 5})
     reference = torch.load(train_sparse(parse_pipeline(raw), tmp_path / "reference", progress=False),
-                           weights_only=False)
+                           weights_only=True)
 
     path, out = write_pipeline(tmp_path, raw), tmp_path / "out"
     command = [sys.executable, "-m", "dsrpipe", "run", str(path), "--out", str(out), "--no-progress"]
@@ -165,14 +165,14 @@ def test_run_killed_mid_training_resumes_bit_identically(tmp_path):
     finally:
         process.kill()
         process.wait()
-    resume_from = torch.load(last, weights_only=False)["epoch"]
+    resume_from = torch.load(last, weights_only=True)["epoch"]
     assert resume_from in (1, 2)  # killed within moments of the first checkpoint: before the milestone
     assert not (out / "killed" / "train" / "final.pt").exists()
 
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"train: resuming after epoch {resume_from}" in result.stderr
-    resumed = torch.load(out / "killed" / "train" / "final.pt", weights_only=False)
+    resumed = torch.load(out / "killed" / "train" / "final.pt", weights_only=True)
     assert_same_training(reference, resumed)
     report = json.loads((out / "killed" / "report.json").read_text())
     assert report["passed"] and report["final_test_top1_torch_training"] == reference["history"][-1]["test_top1"]

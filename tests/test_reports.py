@@ -150,7 +150,7 @@ def test_compare_runs_the_grid_in_parallel_and_resumes(tmp_path):
     # A run whose outputs were made with other settings (an older grid or dsrpipe) is redone,
     # where `dsrpipe run` alone would refuse to mix them.
     stale = folder / "runs" / "g-dsr-s0.9-seed0"
-    checkpoint = torch.load(stale / "train" / "final.pt", weights_only=False)
+    checkpoint = torch.load(stale / "train" / "final.pt", weights_only=True)
     torch.save({**checkpoint, "fingerprint": "0" * 16}, stale / "train" / "final.pt")
     (stale / "report.json").unlink()
     again = CliRunner().invoke(app, ["compare", str(grid), "--out", str(out)])
