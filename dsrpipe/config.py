@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
+                      model_validator)
 
 from .errors import UserError
 
@@ -201,7 +202,25 @@ class FromScratchOptions(SparseOptions):
         return {**super().sparsifier_options(**shape), "scale_init": self.scale_init}
 
 
-class StaticOptions(FromScratchOptions):
+class GranularityOption(Section):
+    """What static, DSR and SET prune and grow as one unit (dsrpipe/sparse/units.py); the other
+    methods move single weights only, so they do not take the option."""
+
+    granularity: Literal["element", "kernel", "channel"] = "element"
+
+    @model_serializer(mode="wrap")
+    def _element_unstated(self, handler):
+        # The default is left out of dumps, so fingerprints of runs made before the option existed stay current.
+        data = handler(self)
+        if self.granularity == "element":
+            data.pop("granularity", None)
+        return data
+
+    def sparsifier_options(self, **shape) -> dict[str, Any]:
+        return {**super().sparsifier_options(**shape), "granularity": self.granularity}
+
+
+class StaticOptions(GranularityOption, FromScratchOptions):
     method: Literal["static"] = "static"
 
 
@@ -242,7 +261,7 @@ class NpOptions(RewiringOptions):
                 "prune_fraction": self.prune_fraction}
 
 
-class DSROptions(NpOptions):
+class DSROptions(GranularityOption, NpOptions):
     method: Literal["dsr"] = "dsr"
     init_threshold: float = Field(0.001, gt=0)  # initial H
     tolerance: float = Field(0.1, ge=0, lt=1)  # δ
@@ -252,7 +271,7 @@ class DSROptions(NpOptions):
                 "tolerance": self.tolerance}
 
 
-class SETOptions(NpOptions):
+class SETOptions(GranularityOption, NpOptions):
     method: Literal["set"] = "set"
     zeta: float | None = Field(None, ge=0, le=1)  # fraction replaced per reallocation; default N_p / active
 

@@ -6,13 +6,14 @@ import inspect
 
 from ..errors import UserError
 from .base import (Dense, LayerSelection, RewireSchedule, Sparsifier, layer_budgets, proportional_split,
-                   sample_free_positions)
+                   sample_free_positions, split_in_units)
 from .deepr import DeepR
 from .dsr import DSR
 from .frozen import Frozen
 from .prune import GradualPrune, Prune
 from .rigl import RigL
 from .set import SET
+from .units import GRANULARITIES, Units
 
 # "thin-dense" trains densely like "dense", on a narrower model with the sparse budget (see thin.py).
 METHODS: dict[str, type[Sparsifier]] = {
@@ -49,7 +50,7 @@ def create_sparsifier(method: str, model, optimizer=None, **options) -> Sparsifi
 
 
 __all__ = [
-    "DSR", "SET", "DeepR", "Dense", "Frozen", "GradualPrune", "LayerSelection", "METHODS", "Prune",
-    "RewireSchedule", "RigL", "Sparsifier", "create_sparsifier", "layer_budgets", "method_options",
-    "proportional_split", "sample_free_positions",
+    "DSR", "GRANULARITIES", "SET", "DeepR", "Dense", "Frozen", "GradualPrune", "LayerSelection", "METHODS",
+    "Prune", "RewireSchedule", "RigL", "Sparsifier", "Units", "create_sparsifier", "layer_budgets",
+    "method_options", "proportional_split", "sample_free_positions", "split_in_units",
 ]

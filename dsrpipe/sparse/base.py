@@ -24,11 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from .. import files
 from ..errors import UserError
+from .units import GRANULARITIES, Units, unit_size
 
 DISTRIBUTIONS = ("uniform", "erk")
 
@@ -182,6 +184,60 @@ def proportional_split(total: int, weights: list[float], capacity: list[int]) ->
     return share
 
 
+def split_in_units(total: int, weights: list[float], capacity: list[int], sizes: list[int]) -> list[int] | None:
+    """Whole units per tensor, `capacity[i]` at most, of `sizes[i]` elements each, holding exactly
+    `total` elements in all, each tensor's share of elements close to proportional to `weights`;
+    None when no choice of whole units holds exactly `total`.
+
+    At size 1 everywhere this is `proportional_split`. Otherwise: the exact shares in elements
+    (`proportional_split` within the capacities), then tensor by tensor, largest units first, the
+    count of units nearest to its share plus the rounding carried from the tensors before, among
+    the counts that leave a remainder the tensors after it can still hold exactly (sums reachable
+    by bounded counts of units: a small subset-sum table over the remainder, in multiples of the
+    sizes' gcd). The smallest units come last and absorb the rounding."""
+    if total > sum(c * s for c, s in zip(capacity, sizes)):
+        return None
+    if all(s == 1 for s in sizes):
+        return proportional_split(total, weights, capacity)
+    step = math.gcd(*sizes)
+    if total % step:
+        return None
+    shares = proportional_split(total, weights, [c * s for c, s in zip(capacity, sizes)])
+    order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
+    # reachable[k][r]: whether r·step elements fit exactly into whole units of the tensors order[k:]
+    goal = total // step
+    reachable = [np.zeros(goal + 1, dtype=bool) for _ in range(len(order) + 1)]
+    reachable[-1][0] = True
+    for k in range(len(order) - 1, -1, -1):
+        size, left, now = sizes[order[k]] // step, capacity[order[k]], reachable[k + 1].copy()
+        piece = 1
+        while left > 0:  # bounded counts as pieces of 1, 2, 4, ... units (binary splitting)
+            take = min(piece, left)
+            shift = take * size
+            if shift <= goal:
+                now[shift:] |= now[: goal + 1 - shift].copy()
+            left -= take
+            piece *= 2
+        reachable[k] = now
+    if not reachable[0][goal]:
+        return None
+    units, remaining, carry = [0] * len(sizes), goal, 0.0
+    for k, i in enumerate(order):
+        size = sizes[i] // step
+        wanted = (shares[i] / step + carry) / size
+        most = min(capacity[i], remaining // size)
+        nearest = min(max(round(wanted), 0), most)
+        for offset in range(most + 1):  # nearest first; one of them is feasible (reachable[k][remaining])
+            found = next((n for n in (nearest - offset, nearest + offset)
+                          if 0 <= n <= most and reachable[k + 1][remaining - n * size]), None)
+            if found is not None:
+                break
+        units[i] = found
+        remaining -= found * size
+        carry += shares[i] / step - found * size
+    return units
+
+
 def active_budget(numel: int, sparsity: float) -> int:
     """How many weights a tensor of `numel` keeps at `sparsity` (at least one): what every sparse
     method keeps in all (whatever its distribution over tensors), and what thin-dense matches."""
@@ -238,7 +294,8 @@ def read_finished_run(path: str | Path, option: str) -> dict[str, Any]:
 
 
 def smallest_active(weight: torch.Tensor, mask: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
-    """Bool mask of exactly `count` active entries of smallest magnitude.
+    """Bool mask of exactly `count` active entries of smallest magnitude (of `weight`, or of unit
+    magnitudes with a unit mask).
 
     `kthvalue` finds the cut in linear time (no sort); entries tied at the cut are chosen
     uniformly at random so that the count is exact."""
@@ -263,10 +320,14 @@ class Sparsifier:
     Options every method shares: `sparsity` (of the sparse tensors), `layers` (which tensors are
     sparse: a LayerSelection; default: the model's declared dense layers), `distribution` of the
     active weights over tensors (`uniform`: every tensor at `sparsity`; `erk`: Erdős–Rényi-kernel,
-    see `layer_budgets`), `schedule` (when to reallocate), `seed` (masks and growth) and
-    `scale_init` (start each sparse tensor at 1/sqrt(its density) of its dense init)."""
+    see `layer_budgets`), `schedule` (when to reallocate), `seed` (masks and growth),
+    `scale_init` (start each sparse tensor at 1/sqrt(its density) of its dense init) and, for the
+    methods that support it (`granularities`), `granularity`: what is pruned and grown as one unit
+    (see units.py). At kernel or channel granularity each tensor's budget is rounded to whole
+    units (at least one) and its masks are always unions of whole units."""
 
     method = "static"
+    granularities = GRANULARITIES  # methods that move single weights only narrow this to ("element",)
     # Whether reallocation grows connections, so that the share of pruned weights that had been
     # grown at the previous reallocation is worth measuring (see `step`).
     tracks_regrowth = False
@@ -282,15 +343,23 @@ class Sparsifier:
         schedule: RewireSchedule | None = None,
         seed: int = 0,
         scale_init: bool = False,
+        granularity: str = "element",
     ):
         if not 0.0 <= sparsity < 1.0:
             raise UserError(f"sparsity must be in [0, 1), got {sparsity}")
         if distribution not in DISTRIBUTIONS:
             raise UserError(f"unknown distribution '{distribution}' (known: {', '.join(DISTRIBUTIONS)})")
+        if granularity not in GRANULARITIES:
+            raise UserError(f"unknown granularity '{granularity}' (known: {', '.join(GRANULARITIES)})")
+        if granularity not in self.granularities:
+            raise UserError(f"method '{self.method}' prunes and grows single weights only: granularity "
+                            f"'{granularity}' is for static, dsr and set")
+        self.granularity = granularity
         self.model, self.optimizer, self.sparsity = model, optimizer, sparsity
         self.layers = layers or LayerSelection()
         self.distribution = distribution
         self.weights = self.layers.select(model)
+        self.units = {n: Units(w.shape, unit_size(tuple(w.shape), granularity)) for n, w in self.weights.items()}
         self.schedule = schedule or RewireSchedule()
         self.iteration = 0
         device = next(iter(self.weights.values())).device if self.weights else torch.device("cpu")
@@ -300,6 +369,8 @@ class Sparsifier:
         # The active count each sparse tensor starts with (or, pruning, ends with).
         self.budgets = layer_budgets({n: tuple(w.shape) for n, w in self.weights.items()}, sparsity,
                                      distribution) if sparsity > 0 else {}
+        if granularity != "element":
+            self.budgets = {n: max(1, round(b / self.units[n].size)) * self.units[n].size for n, b in self.budgets.items()}
         if sparsity > 0:
             for name, w in self.weights.items():
                 # Contiguous whatever the weight's memory format: the methods index masks flat.
@@ -321,13 +392,14 @@ class Sparsifier:
         self.apply_masks()
 
     def initial_mask(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        """The mask a tensor starts with: its budget of positions, uniformly at random. Methods that
+        """The mask a tensor starts with: its budget of units, uniformly at random. Methods that
         start elsewhere (dense, a given mask) override this."""
-        active = self.budgets[name]
-        mask = torch.zeros(weight.numel(), dtype=torch.bool, device=weight.device)
+        units = self.units[name]
+        active = self.budgets[name] // units.size
+        mask = torch.zeros(units.count, dtype=torch.bool, device=weight.device)
         all_free = torch.ones_like(mask)
-        mask[sample_free_positions(all_free, active, weight.numel(), self.generator)] = True
-        return mask.view_as(weight)
+        mask[sample_free_positions(all_free, active, units.count, self.generator)] = True
+        return units.expand(mask).view_as(weight)
 
     @torch.no_grad()
     def scale_initial_weights(self) -> None:
@@ -382,6 +454,7 @@ class Sparsifier:
     def state_dict(self) -> dict[str, Any]:
         state = {
             "method": self.method,
+            "granularity": self.granularity,
             "iteration": self.iteration,
             "masks": {n: m.clone() for n, m in self.masks.items()},
             "generator": self.generator.get_state(),
@@ -393,6 +466,9 @@ class Sparsifier:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["method"] != self.method:
             raise UserError(f"checkpoint was trained with method '{state['method']}', not '{self.method}'")
+        granularity = state.get("granularity", "element")  # checkpoints from before granularity were elementwise
+        if granularity != self.granularity:
+            raise UserError(f"checkpoint was trained at granularity '{granularity}', not '{self.granularity}'")
         self.iteration = state["iteration"]
         self.generator.set_state(state["generator"])
         self.load_masks(state["masks"])
@@ -403,6 +479,10 @@ class Sparsifier:
         """Adopt masks found elsewhere (a checkpoint, another run) and zero what they mask."""
         if set(masks) != set(self.masks):
             raise UserError("the masks do not match this model's sparse layers")
+        for name, mask in masks.items():
+            if mask.shape != self.masks[name].shape or not self.units[name].whole(mask):
+                raise UserError(f"the mask of '{name}' does not fit its weight at granularity '{self.granularity}' "
+                                f"(shape {tuple(mask.shape)}, whole units of {self.units[name].size} weights)")
         for name, mask in masks.items():
             self.masks[name].copy_(mask)  # in place: the gradient hooks hold these tensors
         self.apply_masks()
@@ -420,10 +500,13 @@ class Sparsifier:
 
     @torch.no_grad()
     def drop_smallest(self, name: str, count: int) -> torch.Tensor:
-        """Deactivate exactly `count` active weights of tensor `name` with the smallest magnitude
-        (mask 0, weight 0); returns which."""
-        weight, mask = self.weights[name], self.masks[name]
-        dropped = smallest_active(weight, mask, count, self.generator)
+        """Deactivate exactly `count` active units of tensor `name` with the smallest magnitude
+        (mask 0, weights 0); returns which weights (an elementwise mask)."""
+        weight, mask, units = self.weights[name], self.masks[name], self.units[name]
+        if units.size == 1:
+            dropped = smallest_active(weight, mask, count, self.generator)
+        else:
+            dropped = units.expand(smallest_active(units.magnitude(weight), units.of(mask), count, self.generator))
         mask.logical_and_(~dropped)
         weight.masked_fill_(dropped, 0.0)
         return dropped
@@ -466,6 +549,7 @@ class Dense(Sparsifier):
     reports show)."""
 
     method = "dense"
+    granularities = ("element",)
 
     def __init__(self, model, optimizer=None, *, layers: LayerSelection | None = None, seed: int = 0):
         super().__init__(model, optimizer, sparsity=0.0, layers=layers, seed=seed)

@@ -34,6 +34,7 @@ PAPER_TEMPERATURE = {0: 1e-5, 25: 1e-8, 80: 1e-12, 140: 1e-15}
 
 class DeepR(Sparsifier):
     method = "deepr"
+    granularities = ("element",)
 
     def __init__(self, model, optimizer=None, *, temperature: float | dict[int, float] | None = None,
                  eta: float = 0.01, l1: float = 1e-5, **kwargs):

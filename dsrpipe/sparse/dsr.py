@@ -9,6 +9,11 @@ parameters never changes, but layers trade budget with each other.
 N_p is a count (`prune_target`; the paper: 20,000 for WRN-28-2, 400,000 for ResNet-50) or a
 fraction of the active weights (`prune_fraction`; the paper's WRN-28-2 runs at 0.9 sparsity:
 about 0.14), so that a small model can follow the paper's ratio.
+
+At kernel or channel granularity (units.py) whole kernels or filters are pruned and grown: a unit
+is pruned when its mean |w| is below H; K, N_p and the shares of growth count weights, growth
+places whole units, and the total of active weights stays exactly the same (`split_in_units`
+finds whole units that hold exactly K weights; the units just pruned always can).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from .base import Sparsifier, proportional_split, sample_free_positions
+from .base import Sparsifier, sample_free_positions, split_in_units
 
 DEFAULT_PRUNE_TARGET = 20_000  # the paper's N_p for WRN-28-2 on CIFAR-10
 
@@ -63,23 +68,27 @@ class DSR(Sparsifier):
         names = list(self.masks)
         weights = [self.weights[n] for n in names]
         masks = [self.masks[n] for n in names]
+        units = [self.units[n] for n in names]  # single weights, or whole kernels or filters (units.py)
+        sizes = [u.size for u in units]
+        active = [u.of(m) for u, m in zip(units, masks)]
 
-        # 1. Prune active weights below H in every tensor.
-        pruned = [m & (w.abs() < self.threshold) for w, m in zip(weights, masks)]
-        counts = torch.stack([torch.stack([p.sum(), m.sum()]) for p, m in zip(pruned, masks)])
-        num_pruned, num_active = map(list, zip(*counts.tolist()))  # the one host sync
-        for i, (w, m, p) in enumerate(zip(weights, masks, pruned)):
-            if num_pruned[i] == num_active[i] > 0:  # never empty a tensor: spare its largest weight
-                p.view(-1)[(w.abs() * m).argmax()] = False
+        # 1. Prune active units below H in every tensor (a unit's magnitude: |w|, or its mean |w|).
+        pruned = [a & (u.magnitude(w) < self.threshold) for u, w, a in zip(units, weights, active)]
+        counts = torch.stack([torch.stack([p.sum(), a.sum()]) for p, a in zip(pruned, active)])
+        num_pruned, num_active = map(list, zip(*counts.tolist()))  # the one host sync (in units)
+        for i, (u, w, a, p) in enumerate(zip(units, weights, active, pruned)):
+            if num_pruned[i] == num_active[i] > 0:  # never empty a tensor: spare its largest unit
+                p.view(-1)[(u.magnitude(w) * a).argmax()] = False
                 num_pruned[i] -= 1
-        for w, m, p in zip(weights, masks, pruned):
+        for w, m, u, p in zip(weights, masks, units, pruned):
+            p = u.expand(p)
             m.logical_and_(~p)
             w.masked_fill_(p, 0.0)
         # Their momentum too, now: a position regrown in this same step (when free slots are
         # scarce) must restart from rest like any other grown weight.
         self.clear_optimizer_state()
-        kept = [a - k for a, k in zip(num_active, num_pruned)]
-        total_pruned = sum(num_pruned)
+        kept = [(a - k) * s for a, k, s in zip(num_active, num_pruned, sizes)]  # in weights, as K and N_p
+        total_pruned = sum(k * s for k, s in zip(num_pruned, sizes))
 
         # 2. Adapt the threshold so that the next step prunes about N_p weights.
         threshold_used = self.threshold
@@ -88,16 +97,19 @@ class DSR(Sparsifier):
         elif total_pruned > (1 + self.tolerance) * self.prune_target:
             self.threshold /= 2
 
-        # 3. Regrow as many as were pruned, in proportion to what each tensor kept, at random
-        #    free positions other than those just pruned (unless nothing else is free).
-        free = [w.numel() - a for w, a in zip(weights, num_active)]
-        reuse_pruned = sum(free) < total_pruned
+        # 3. Regrow as many weights as were pruned, in whole units, in proportion to what each tensor
+        #    kept, at random free units other than those just pruned (unless they cannot hold exactly
+        #    as many).
+        free = [u.count - a for u, a in zip(units, num_active)]
+        grown = split_in_units(total_pruned, kept, free, sizes)
+        reuse_pruned = grown is None
         if reuse_pruned:
             free = [f + k for f, k in zip(free, num_pruned)]
-        grown = proportional_split(total_pruned, kept, free)
-        for m, p, g, f in zip(masks, pruned, grown, free):
-            slots = ~m if reuse_pruned else ~(m | p)
-            m.view(-1)[sample_free_positions(slots.view(-1), g, f, self.generator)] = True
+            grown = split_in_units(total_pruned, kept, free, sizes)  # the pruned units alone can
+        for u, m, p, g, f in zip(units, masks, pruned, grown, free):
+            a = u.of(m)
+            slots = ~a if reuse_pruned else ~(a | p)
+            u.activate(m, sample_free_positions(slots.view(-1), g, f, self.generator))
         # Grown weights are already exactly 0 and at rest: masked weights and their momentum always are.
 
         return {
@@ -105,7 +117,7 @@ class DSR(Sparsifier):
             "threshold": threshold_used,
             "next_threshold": self.threshold,
             "pruned": total_pruned,
-            "grown": dict(zip(names, grown)),
+            "grown": {n: g * s for n, g, s in zip(names, grown, sizes)},
         }
 
     def state_dict(self) -> dict[str, Any]:

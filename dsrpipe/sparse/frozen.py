@@ -59,6 +59,7 @@ def _fresh_seed(seed: int, source_seed: int | None) -> int:
 
 class Frozen(Sparsifier):
     method = "frozen"
+    granularities = ("element",)  # the masks come as they are
 
     def __init__(self, model, optimizer=None, *, masks_from: str | Path | None = None, init: str = "fresh",
                  layers: LayerSelection | None = None, seed: int = 0, scale_init: bool = False):

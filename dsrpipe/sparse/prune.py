@@ -28,6 +28,7 @@ from .base import Sparsifier, read_finished_run
 
 class GradualPrune(Sparsifier):
     method = "gmp"
+    granularities = ("element",)  # prune inherits this
     default_end = 0.75  # of training, when end_iteration is not given
 
     def __init__(self, model, optimizer=None, *, begin_iteration: int = 0, end_iteration: int | None = None,

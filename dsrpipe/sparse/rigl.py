@@ -28,6 +28,7 @@ from .base import Sparsifier, smallest_active
 
 class RigL(Sparsifier):
     method = "rigl"
+    granularities = ("element",)
     tracks_regrowth = True
 
     def __init__(self, model, optimizer=None, *, alpha: float = 0.3, decay_end_iteration: int | None = None,

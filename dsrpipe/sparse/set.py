@@ -10,6 +10,10 @@ For a fair comparison the DSR paper chose `zeta` so that each step moves about D
 (0.138 of the active weights for WRN-28-2 at 0.9 sparsity, with N_p = 20,000), on DSR's own rewire
 schedule. So by default `zeta` = N_p / active weights, N_p given as for DSR (`prune_target` or
 `prune_fraction`); an explicit `zeta` replaces that.
+
+At kernel or channel granularity (units.py) whole kernels or filters move: the fraction `zeta` of
+a tensor's active units with the smallest mean |w|, regrown as that many whole units of the same
+tensor, so every tensor keeps its active count exactly.
 """
 
 from __future__ import annotations
@@ -50,17 +54,19 @@ class SET(Sparsifier):
     def reallocate(self) -> dict[str, Any]:
         grown = {}
         for name, num_active in self.active_per_tensor().items():
-            count = round(self.zeta * num_active)
-            # 1. Prune exactly `count` smallest-magnitude active weights.
-            pruned = self.drop_smallest(name, count)
-            # 2. Regrow as many in this tensor, at random free positions other than those just
-            #    pruned (unless nothing else is free).
-            m = self.masks[name]
-            free = m.numel() - num_active
-            slots = ~(m | pruned)
+            u, m = self.units[name], self.masks[name]  # single weights, or whole kernels or filters (units.py)
+            active_units = num_active // u.size
+            count = round(self.zeta * active_units)
+            # 1. Prune exactly `count` smallest-magnitude active units.
+            pruned = u.of(self.drop_smallest(name, count))
+            # 2. Regrow as many in this tensor, at random free units other than those just pruned
+            #    (unless nothing else is free).
+            active = u.of(m)
+            free = u.count - active_units
+            slots = ~(active | pruned)
             if free < count:
-                slots, free = ~m, free + count
-            m.view(-1)[sample_free_positions(slots.view(-1), count, free, self.generator)] = True
-            grown[name] = count
+                slots, free = ~active, free + count
+            u.activate(m, sample_free_positions(slots.view(-1), count, free, self.generator))
+            grown[name] = count * u.size
         self.clear_optimizer_state()  # grown weights are 0 already; their momentum too now
         return {"iteration": self.iteration, "pruned": sum(grown.values()), "grown": grown}
