@@ -189,12 +189,14 @@ def split_in_units(total: int, weights: list[float], capacity: list[int], sizes:
     `total` elements in all, each tensor's share of elements close to proportional to `weights`;
     None when no choice of whole units holds exactly `total`.
 
-    At size 1 everywhere this is `proportional_split`. Otherwise: the exact shares in elements
-    (`proportional_split` within the capacities), then tensor by tensor, largest units first, the
-    count of units nearest to its share plus the rounding carried from the tensors before, among
-    the counts that leave a remainder the tensors after it can still hold exactly (sums reachable
-    by bounded counts of units: a small subset-sum table over the remainder, in multiples of the
-    sizes' gcd). The smallest units come last and absorb the rounding."""
+    At size 1 everywhere this is `proportional_split`. Otherwise tensor by tensor, largest units
+    first: its share of what is left to place (`proportional_split` over it and the tensors after
+    it), rounded to the nearest count of units that leaves a remainder the tensors after it can
+    still hold exactly (a subset-sum table of the remainders reachable with bounded counts of
+    units, in multiples of the sizes' gcd). The smallest units come last and absorb the rounding.
+    When the sizes divide one another (3×3 kernels and Linear elements; filters of 288 and 576
+    weights) every tensor ends within a unit of its share; sizes that do not (25 and 576) may force
+    a tensor further from it to keep the total exact."""
     if total > sum(c * s for c, s in zip(capacity, sizes)):
         return None
     if all(s == 1 for s in sizes):
@@ -202,7 +204,6 @@ def split_in_units(total: int, weights: list[float], capacity: list[int], sizes:
     step = math.gcd(*sizes)
     if total % step:
         return None
-    shares = proportional_split(total, weights, [c * s for c, s in zip(capacity, sizes)])
     order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
     # reachable[k][r]: whether r·step elements fit exactly into whole units of the tensors order[k:]
     goal = total // step
@@ -211,30 +212,30 @@ def split_in_units(total: int, weights: list[float], capacity: list[int], sizes:
     for k in range(len(order) - 1, -1, -1):
         size, left, now = sizes[order[k]] // step, capacity[order[k]], reachable[k + 1].copy()
         piece = 1
-        while left > 0:  # bounded counts as pieces of 1, 2, 4, ... units (binary splitting)
+        while left > 0 and size <= goal:  # bounded counts as pieces of 1, 2, 4, ... units
             take = min(piece, left)
-            shift = take * size
-            if shift <= goal:
-                now[shift:] |= now[: goal + 1 - shift].copy()
+            if take * size <= goal:
+                now[take * size:] |= now[: goal + 1 - take * size].copy()
             left -= take
             piece *= 2
         reachable[k] = now
     if not reachable[0][goal]:
         return None
-    units, remaining, carry = [0] * len(sizes), goal, 0.0
+    units, remaining = [0] * len(sizes), goal
     for k, i in enumerate(order):
+        rest = order[k:]
+        share = proportional_split(remaining * step, [weights[j] for j in rest],
+                                   [capacity[j] * sizes[j] for j in rest])[0]
         size = sizes[i] // step
-        wanted = (shares[i] / step + carry) / size
         most = min(capacity[i], remaining // size)
-        nearest = min(max(round(wanted), 0), most)
-        for offset in range(most + 1):  # nearest first; one of them is feasible (reachable[k][remaining])
+        nearest = min(max(round(share / sizes[i]), 0), most)
+        for offset in range(most + 1):  # nearest first; one is feasible, as reachable[k][remaining] is
             found = next((n for n in (nearest - offset, nearest + offset)
                           if 0 <= n <= most and reachable[k + 1][remaining - n * size]), None)
             if found is not None:
                 break
         units[i] = found
         remaining -= found * size
-        carry += shares[i] / step - found * size
     return units
 
 

@@ -57,10 +57,10 @@ class Units:
         return mask if self.size == 1 else mask.view(-1, self.size)[:, 0].contiguous()
 
     def expand(self, unit_mask: torch.Tensor) -> torch.Tensor:
-        """The elementwise mask (the weight's shape) of a unit mask."""
+        """The elementwise mask (the weight's shape, contiguous) of a unit mask."""
         if self.size == 1:
             return unit_mask
-        return unit_mask.unsqueeze(1).expand(-1, self.size).reshape(self.shape)
+        return unit_mask.repeat_interleave(self.size).view(self.shape)
 
     def activate(self, mask: torch.Tensor, indices: torch.Tensor) -> None:
         """Switch on the units at flat unit `indices` in the (contiguous) elementwise `mask`."""
