@@ -4,8 +4,6 @@ whole units, the active budget is exact, element granularity is unchanged bit fo
 import itertools
 import json
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -282,13 +280,11 @@ def test_granularity_reaches_the_library_and_element_keeps_fingerprints():
 
 def test_quickstart_at_channel_granularity_exports_whole_zero_filters(tmp_path):
     out = tmp_path / "out"
-    result = subprocess.run(
-        [sys.executable, "-m", "dsrpipe", "run", str(ROOT / "pipelines" / "quickstart.yaml"), "--out", str(out),
-         "--no-progress", "--set", "sparsity.granularity=channel", "--set", "train.epochs=2",
-         "--set", "train.milestones=[]", "--set", "finetune.epochs=1", "--set", "validate.min_top1=0.5",
-         "--set", "validate.latency_runs=5"],
-        capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = CliRunner().invoke(app, [
+        "run", str(ROOT / "pipelines" / "quickstart.yaml"), "--out", str(out), "--no-progress",
+        "--set", "sparsity.granularity=channel", "--set", "train.epochs=2", "--set", "train.milestones=[]",
+        "--set", "finetune.epochs=1", "--set", "validate.min_top1=0.5", "--set", "validate.latency_runs=5"])
+    assert result.exit_code == 0, result.output[-2000:]
     run = out / "quickstart"
     report = json.loads((run / "report.json").read_text())
     assert report["passed"] and 0.89 <= report["sparsity"] <= 0.91
