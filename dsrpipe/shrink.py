@@ -17,10 +17,10 @@ is put back:
   inputs are proportional, so the consumer's weights for the others are added, scaled, to its
   weights for the representative, and one channel is kept instead of many.
 A channel is removed only if every filter that writes into it is zero (decided from the weights),
-and every consumer sees it as a constant that does not depend on the input (read off the eval-mode
-model on random probe batches with forward hooks: the exact value each consumer receives). In the
-end the shrunk model must reproduce the original logits on another random batch, else shrinking is
-refused: a safety net, not the proof.
+and every consumer sees it as one constant (read off the eval-mode model with forward hooks on a
+random probe batch: the exact value each consumer receives, whatever BatchNorm, activations,
+pooling and residual adds made of the zero). In the end the shrunk model must reproduce the
+original logits on another random batch, else shrinking is refused: a safety net, not the proof.
 """
 
 from __future__ import annotations
@@ -68,31 +68,36 @@ def shrink_model(model: nn.Module, input_shape: tuple[int, ...], *,
     device = next(reference.parameters(), torch.empty(0)).device
     generator = torch.Generator().manual_seed(seed)
     probe, check = (torch.randn(PROBE_BATCH, *input_shape, generator=generator).to(device) for _ in range(2))
-    before = _cost(reference, probe)
     shrunk = copy.deepcopy(reference)
+    removed = {}
     if any(_dead_rows(m) for m in shrunk.modules() if isinstance(m, _LAYERS)):
-        names = {m: n for n, m in shrunk.named_modules()}
-        graph = tp.DependencyGraph().build_dependency(shrunk, example_inputs=probe, verbose=False)
-        inputs = _constant_inputs(shrunk, probe)
-        groups = list(graph.get_all_groups(root_module_types=_LAYERS))
-        plans = [plan for group in groups if (plan := _plan_group(graph, group, inputs))]
-        removed: dict[str, int] = defaultdict(int)
-        with torch.no_grad():
-            for plan in plans:
-                _fold(plan)
-        for plan in plans:
-            group = graph.get_pruning_group(plan.root, plan.prune_fn, plan.removed)
-            for item in group:
-                if isinstance(item.dep.target.module, _LAYERS) and graph.is_out_channel_pruning_fn(item.dep.handler):
-                    removed[names[item.dep.target.module]] += len(item.idxs)
-            group.prune()
+        removed = _remove_dead_channels(shrunk, probe)
         _verify(reference, shrunk, check, tolerance)
-    else:
-        removed = {}
-    after = _cost(shrunk, probe)
-    return shrunk, {"removed_channels": dict(sorted(removed.items())),
-                    "params_before": before[0], "params_after": after[0],
-                    "macs_before": before[1], "macs_after": after[1]}
+    (params_before, macs_before), (params_after, macs_after) = _cost(reference, probe), _cost(shrunk, probe)
+    return shrunk, {"removed_channels": removed, "params_before": params_before, "params_after": params_after,
+                    "macs_before": macs_before, "macs_after": macs_after}
+
+
+def _remove_dead_channels(model: nn.Module, probe: torch.Tensor) -> dict[str, int]:
+    """Shrink `model` in place; returns how many output channels each Conv2d / Linear lost."""
+    names = {m: n for n, m in model.named_modules()}
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=probe, verbose=False)
+    inputs = _constant_inputs(model, probe)
+    # Every plan is made on the unchanged model: a removal with its folds leaves every remaining
+    # layer's output as it was, so what was read for one group stays true after another's.
+    plans = [plan for group in list(graph.get_all_groups(root_module_types=_LAYERS))
+             if (plan := _plan_group(graph, group, inputs))]
+    with torch.no_grad():
+        for plan in plans:
+            _fold(plan)
+    removed: dict[str, int] = defaultdict(int)
+    for plan in plans:
+        group = graph.get_pruning_group(plan.root, plan.prune_fn, plan.removed)
+        for item in group:
+            if isinstance(item.dep.target.module, _LAYERS) and graph.is_out_channel_pruning_fn(item.dep.handler):
+                removed[names[item.dep.target.module]] += len(item.idxs)
+        group.prune()
+    return dict(sorted(removed.items()))
 
 
 def _dead_rows(layer: nn.Module) -> list[int]:
