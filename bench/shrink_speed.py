@@ -5,7 +5,7 @@ every sparse layer (dsrpipe's default selection) is zeroed at random, after Batc
 were trained on random data; the model is exported twice, as is (dense) and shrunk, and both
 files are timed with onnxruntime on CPU, interleaved, at batch 1 and batch 64.
 
-    python bench/shrink_speed.py [--runs 300] [--threads 2] [--json out.json]
+    python bench/shrink_speed.py [--runs 300] [--threads 2] [--dead-bn trained|zero] [--json out.json]
 """
 
 from __future__ import annotations
@@ -34,7 +34,26 @@ CASES = {  # name: (model, in_channels, image size)
 BATCH_RUNS_DIVISOR = 10  # batch 64 takes far longer per run: fewer runs
 
 
-def channel_sparse_model(name: str, in_channels: int, size: int, dead_share: float, seed: int) -> nn.Module:
+def silence_dead_channels(model: nn.Module, example: torch.Tensor) -> None:
+    """Set the BN shift of every channel whose BN input is constantly 0 so that ReLU makes it 0,
+    as a trainer that masked the BN parameters along with the filter would leave it."""
+    dead = {}
+
+    def record(bn, args, _output):
+        dead[bn] = args[0].eq(0).all(0).flatten(1).all(1)
+
+    hooks = [bn.register_forward_hook(record) for bn in model.modules() if isinstance(bn, nn.BatchNorm2d)]
+    with torch.no_grad():
+        model(example)
+        for hook in hooks:
+            hook.remove()
+        for bn, channels in dead.items():
+            scale = bn.weight[channels] / torch.sqrt(bn.running_var[channels] + bn.eps)
+            bn.bias[channels] = scale * bn.running_mean[channels] - 1.0
+
+
+def channel_sparse_model(name: str, in_channels: int, size: int, dead_share: float, seed: int,
+                         silence: bool) -> nn.Module:
     torch.manual_seed(seed)
     model = create_model(name, num_classes=10, in_channels=in_channels, image_size=size)
     with torch.no_grad():
@@ -48,7 +67,10 @@ def channel_sparse_model(name: str, in_channels: int, size: int, dead_share: flo
         for weight in LayerSelection().select(model).values():
             rows = torch.randperm(weight.shape[0])[: round(dead_share * weight.shape[0])]
             weight[rows] = 0
-    return model.eval()
+    model.eval()
+    if silence:
+        silence_dead_channels(model, torch.randn(4, in_channels, size, size))
+    return model
 
 
 def session(path: Path, threads: int) -> ort.InferenceSession:
@@ -74,9 +96,9 @@ def interleaved_ms(sessions: dict[str, ort.InferenceSession], x: np.ndarray, run
             for k, t in times.items()}
 
 
-def measure(case: str, dead_share: float, runs: int, threads: int, folder: Path) -> dict:
+def measure(case: str, dead_share: float, runs: int, threads: int, folder: Path, silence: bool) -> dict:
     name, channels, size = CASES[case]
-    model = channel_sparse_model(name, channels, size, dead_share, seed=0)
+    model = channel_sparse_model(name, channels, size, dead_share, seed=0, silence=silence)
     shrunk, summary = shrink_model(model, (channels, size, size))
     paths = {}
     for key, variant in (("dense", model), ("shrunk", shrunk)):
@@ -101,6 +123,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=300, help="timed runs at batch 1 (a tenth at batch 64)")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
+    parser.add_argument("--dead-bn", choices=("trained", "zero"), default="trained",
+                        help="what BN makes of a dead channel: its trained constant (often positive, so a padded "
+                             "consumer keeps one merged channel), or a constant that ReLU turns into 0")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -108,7 +133,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for case in CASES:
             for dead_share in (0.5, 0.75):
-                r = measure(case, dead_share, args.runs, args.threads, Path(folder))
+                r = measure(case, dead_share, args.runs, args.threads, Path(folder), args.dead_bn == "zero")
+                r["dead_bn"] = args.dead_bn
                 results.append(r)
                 print(f"{case:9} dead {dead_share:.2f}: params {r['params_before']:,} -> {r['params_after']:,} "
                       f"({r['params_after'] / r['params_before']:.2f}x), MACs {r['macs_before']:,} -> "

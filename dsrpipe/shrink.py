@@ -165,6 +165,7 @@ def _plan_group(graph: tp.DependencyGraph, group, inputs) -> _Plan | None:
 
     items = list(group)
     dead_rows = {p: set(_dead_rows(items[p].dep.target.module)) for p in producers}
+    seen_by = {p: [t.tolist() for t in inputs[items[p].dep.target.module]] for p in consumers}
     # root channel -> consumer position -> [(index, constant seen there)]
     removable: dict[int, dict[int, list[tuple[int, float]]]] = {}
     for root, mapped in by_root.items():
@@ -172,11 +173,10 @@ def _plan_group(graph: tp.DependencyGraph, group, inputs) -> _Plan | None:
             continue
         seen = {}
         for p in consumers:
-            constant, value = inputs[items[p].dep.target.module]
-            idxs = mapped[p]
-            if not all(bool(constant[i]) for i in idxs):
+            constant, value = seen_by[p]
+            if not all(constant[i] for i in mapped[p]):
                 break
-            seen[p] = [(i, float(value[i])) for i in idxs]
+            seen[p] = [(i, value[i]) for i in mapped[p]]
         else:
             removable[root] = seen
     if not removable:
