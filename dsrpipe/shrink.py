@@ -81,7 +81,12 @@ def shrink_model(model: nn.Module, input_shape: tuple[int, ...], *,
 def _remove_dead_channels(model: nn.Module, probe: torch.Tensor) -> dict[str, int]:
     """Shrink `model` in place; returns how many output channels each Conv2d / Linear lost."""
     names = {m: n for n, m in model.named_modules()}
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=probe, verbose=False)
+    try:
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=probe, verbose=False)
+    except Exception as exc:  # a model Torch-Pruning cannot trace: say so, not a page of its internals
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"cannot shrink {type(model).__name__}: its channel dependencies could not be traced "
+                        f"({message}); export without shrinking (export.shrink: false)") from None
     inputs = _constant_inputs(model, probe)
     # Every plan is made on the unchanged model: a removal with its folds leaves every remaining
     # layer's output as it was, so what was read for one group stays true after another's.
@@ -247,9 +252,9 @@ def _verify(reference: nn.Module, shrunk: nn.Module, batch: torch.Tensor, tolera
             got = shrunk(batch)
         except RuntimeError as exc:
             raise UserError(f"shrinking broke the model ({str(exc).splitlines()[0]}); "
-                            "export without it (export.shrink: false)") from None
+                            "export without shrinking (export.shrink: false)") from None
     scale = max(1.0, float(expected.abs().max()))
     diff = float((got - expected).abs().max()) if got.shape == expected.shape else float("inf")
     if not diff <= tolerance * scale:
         raise UserError(f"shrinking changed the logits by {diff:.3g} (allowed {tolerance * scale:.3g}); "
-                        "export without it (export.shrink: false)")
+                        "export without shrinking (export.shrink: false)")

@@ -105,6 +105,16 @@ def test_safety_net_refuses_a_model_that_no_longer_runs():
         shrink._verify(nn.Linear(4, 2), nn.Linear(3, 2), torch.randn(2, 4), 1e-4)
 
 
+def test_a_model_the_dependency_graph_cannot_trace_is_a_one_line_error(monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("unsupported operator\nand pages of detail")
+
+    monkeypatch.setattr(shrink.tp.DependencyGraph, "build_dependency", fail)
+    with pytest.raises(UserError, match=r"^cannot shrink SmallCNN: .* \(unsupported operator\); export without "
+                                        r"shrinking \(export.shrink: false\)$"):
+        shrink_model(plain_cnn(), (1, 8, 8))
+
+
 def test_a_zero_padded_conv_keeps_a_lone_positive_constant_channel():
     """One dead filter whose constant reaches a padded 3x3 conv non-zero: border pixels see the
     padding's zeros, not the constant, so no bias can stand in and there is nothing to merge into."""
