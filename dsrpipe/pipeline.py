@@ -19,7 +19,8 @@ from .config import Pipeline
 from .errors import UserError, ValidationFailed
 from .export import export_onnx
 from .plots import RUN_FILES, read_history, write_run_plots
-from .rundir import COMPLETE, RunDir, load_checkpoint, read_report, restoring, shipped_stage
+from .rundir import COMPLETE, RunDir, load_checkpoint, onnx_metadata, read_report, restoring, shipped_stage
+from .shrink import shrink_model
 from .train import build_model, finetune, log, train_sparse
 from .validate import validate_onnx
 
@@ -67,6 +68,12 @@ def export_stage(cfg: Pipeline, out: Path, *, force: bool = False) -> Path:
         "class_names": json.dumps(info["class_names"]),
         "input": f"float32 NCHW pixels in [0, 1], {info['in_channels']}x{info['image_size']}x{info['image_size']}",
     }
+    if cfg.export.shrink:  # the metadata above describes the model as trained; "shrink" what was cut from it
+        model, shrunk = shrink_model(model, (info["in_channels"], info["image_size"], info["image_size"]))
+        metadata["shrink"] = json.dumps(shrunk)
+        log(cfg, f"export: shrink removed {sum(shrunk['removed_channels'].values())} channels "
+                 f"({len(shrunk['removed_channels'])} layers): params {shrunk['params_before']:,} → "
+                 f"{shrunk['params_after']:,}, MACs {shrunk['macs_before']:,} → {shrunk['macs_after']:,}")
     result = export_onnx(model, run.onnx, in_channels=info["in_channels"], image_size=info["image_size"],
                          mean=info["mean"], std=info["std"], metadata=metadata, opset=cfg.export.opset,
                          sparse_initializers=cfg.export.sparse_initializers)
@@ -104,6 +111,7 @@ def validate_stage(cfg: Pipeline, out: Path, *, force: bool = False) -> dict[str
         **sparsity_summary(model, cfg), **metrics,
         "model_options": checkpoint["model_spec"]["options"],  # as trained (thin-dense narrows them)
         **({"thin_dense": spec} if (spec := checkpoint["model_spec"].get("thin_dense")) else {}),
+        **({"shrink": json.loads(shrunk)} if (shrunk := onnx_metadata(run.onnx).get("shrink")) else {}),
         "train_epochs": cfg.train.epochs, "finetune_epochs": cfg.finetune.epochs,
         "final_test_top1_torch_training": history[-1]["test_top1"] if history else None,
         "thresholds": {"min_top1": cfg.validation.min_top1, "max_abs_diff": cfg.validation.max_abs_diff},

@@ -202,15 +202,20 @@ def restoring(path: Path) -> Iterator[None]:
         raise not_a_checkpoint(path, exc) from None
 
 
-def onnx_fingerprint(path: Path) -> str | None:
-    """The fingerprint in an exported model's metadata; None if it is not there or not readable."""
+def onnx_metadata(path: Path) -> dict[str, str]:
+    """An exported model's metadata; {} if the file is not there or not readable."""
     import onnx
 
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception:
-        return None
-    return {p.key: p.value for p in model.metadata_props}.get("fingerprint")
+        return {}
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def onnx_fingerprint(path: Path) -> str | None:
+    """The fingerprint in an exported model's metadata; None if it is not there or not readable."""
+    return onnx_metadata(path).get("fingerprint")
 
 
 def read_report(path: Path) -> dict[str, Any]:
