@@ -5,8 +5,9 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import typer
 
@@ -59,6 +60,23 @@ def _run_dir(out: Path, cfg):
     return RunDir(out, cfg.name)
 
 
+@contextmanager
+def _owning(run_dir, cfg) -> Iterator[bool]:
+    """The run's lock for the block; under torchrun also the job's process group, and the lock
+    is rank 0's alone (its peers work on the same run). Yields whether this is rank 0."""
+    from . import distributed
+
+    with distributed.process_group(cfg.device, cfg.distributed.timeout) as where, distributed.owner(run_dir):
+        yield where.main
+
+
+def _main_rank() -> bool:
+    """Export and validate are rank 0's work: under torchrun the other ranks have none."""
+    from .distributed import is_main
+
+    return is_main()
+
+
 @app.command()
 @_user_errors
 def run(pipeline: Path = PipelineArg, out: Path = OutOption, overrides: list[str] = SetOption, force: bool = ForceOption,
@@ -66,11 +84,12 @@ def run(pipeline: Path = PipelineArg, out: Path = OutOption, overrides: list[str
     """Run every stage: train-sparse, finetune, export, validate."""
     cfg = _load(pipeline, overrides)  # first: a bad file fails fast, before any work
     run_dir = _run_dir(out, cfg)
-    with run_dir.lock():
+    with _owning(run_dir, cfg) as main:
         from .pipeline import run_pipeline
 
         run_pipeline(cfg, out, force=force, progress=progress)
-    typer.echo(str(run_dir.onnx))
+    if main:
+        typer.echo(str(run_dir.onnx))
 
 
 @app.command("train-sparse")
@@ -79,10 +98,12 @@ def train_sparse(pipeline: Path = PipelineArg, out: Path = OutOption, overrides:
                  force: bool = ForceOption, progress: bool = ProgressOption):
     """Train from scratch with the configured sparse method (DSR by default)."""
     cfg = _load(pipeline, overrides)
-    with _run_dir(out, cfg).lock():
+    with _owning(_run_dir(out, cfg), cfg) as main:
         from .train import train_sparse as stage
 
-        typer.echo(str(stage(cfg, out, resume=resume, force=force, progress=progress)))
+        final = stage(cfg, out, resume=resume, force=force, progress=progress)
+    if main:
+        typer.echo(str(final))
 
 
 @app.command()
@@ -91,10 +112,12 @@ def finetune(pipeline: Path = PipelineArg, out: Path = OutOption, overrides: lis
              force: bool = ForceOption, progress: bool = ProgressOption):
     """Fine-tune the trained model with its masks frozen."""
     cfg = _load(pipeline, overrides)
-    with _run_dir(out, cfg).lock():
+    with _owning(_run_dir(out, cfg), cfg) as main:
         from .train import finetune as stage
 
-        typer.echo(str(stage(cfg, out, resume=resume, force=force, progress=progress)))
+        final = stage(cfg, out, resume=resume, force=force, progress=progress)
+    if main:
+        typer.echo(str(final))
 
 
 @app.command()
@@ -102,6 +125,8 @@ def finetune(pipeline: Path = PipelineArg, out: Path = OutOption, overrides: lis
 def export(pipeline: Path = PipelineArg, out: Path = OutOption, overrides: list[str] = SetOption, force: bool = ForceOption):
     """Export the trained model to a sparse ONNX file."""
     cfg = _load(pipeline, overrides)
+    if not _main_rank():
+        return
     with _run_dir(out, cfg).lock():
         from .pipeline import export_stage
 
@@ -113,6 +138,8 @@ def export(pipeline: Path = PipelineArg, out: Path = OutOption, overrides: list[
 def validate(pipeline: Path = PipelineArg, out: Path = OutOption, overrides: list[str] = SetOption, force: bool = ForceOption):
     """Measure the exported model with onnxruntime and write report.json."""
     cfg = _load(pipeline, overrides)
+    if not _main_rank():
+        return
     run_dir = _run_dir(out, cfg)
     with run_dir.lock():
         from .pipeline import validate_stage
