@@ -21,6 +21,8 @@ OutOption = typer.Option(Path("export"), "--out", "-o", help="Where <name>/model
 ForceOption = typer.Option(False, "--force", help="Redo the stage even if its outputs exist.")
 ResumeOption = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint.")
 ProgressOption = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
+NprocOption = typer.Option(1, "--nproc-per-job", help="Processes per run, launched through torchrun "
+                           "(one per GPU; 1: a plain process).")
 SetOption = typer.Option([], "--set", help="Override a setting: --set train.epochs=5 (repeatable).")
 
 
@@ -170,11 +172,12 @@ def models():
 def compare(grid: Path = typer.Argument(..., help="Grid YAML: a base pipeline × methods × sparsities × seeds.",
                                         show_default=False),
             out: Path = typer.Option(Path("export"), "--out", "-o", help="Where <grid>/runs/ and the results go."),
-            jobs: int = typer.Option(1, "--jobs", "-j", help="Runs at a time; the CPU threads are split between them.")):
+            jobs: int = typer.Option(1, "--jobs", "-j", help="Runs at a time; the CPU threads are split between them."),
+            nproc_per_job: int = NprocOption):
     """Run a grid of pipelines and tabulate top-1 against non-zero parameters."""
     from .compare import run_grid
 
-    typer.echo(str(run_grid(grid, out, jobs=jobs)["md"]))
+    typer.echo(str(run_grid(grid, out, jobs=jobs, nproc_per_job=nproc_per_job)["md"]))
 
 
 @app.command()
@@ -199,7 +202,8 @@ def watch(drop_dir: Path = typer.Argument(..., help="The drop folder to watch.",
                                               "(default: 80% of the machine's memory / --workers)."),
           job_timeout: str = typer.Option(None, "--job-timeout", show_default=False,
                                           help="Time an attempt of a job may run before it is killed and "
-                                               "failed, e.g. 90m, 12h (default: no limit).")):
+                                               "failed, e.g. 90m, 12h (default: no limit)."),
+          nproc_per_job: int = NprocOption):
     """Watch a drop folder: run each pipeline YAML or dataset dropped there, exactly once."""
     from .watch import WatchOptions, parse_duration, parse_size
     from .watch import watch as run_watch
@@ -208,7 +212,8 @@ def watch(drop_dir: Path = typer.Argument(..., help="The drop folder to watch.",
                            once=once, log_file=log_file,
                            max_unpacked=parse_size(max_unpacked) if max_unpacked else None, max_files=max_files,
                            job_memory=parse_size(job_memory) if job_memory else None,
-                           job_timeout=parse_duration(job_timeout) if job_timeout else None))
+                           job_timeout=parse_duration(job_timeout) if job_timeout else None,
+                           nproc_per_job=nproc_per_job))
 
 
 @app.command()
