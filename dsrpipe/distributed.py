@@ -101,7 +101,13 @@ def process_group(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator
             raise UserError(f"LOCAL_RANK {where.local_rank} but this node has {torch.cuda.device_count()} "
                             "GPUs: start at most one process per GPU (--nproc_per_node)")
         torch.cuda.set_device(where.local_rank)
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    # torchrun's store outlives a restart: without a prefix of its own, a restarted rank may read
+    # the address a dead rank of the previous attempt published, and fail to connect to it.
+    store = dist.PrefixStore(f"dsrpipe/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world_size,
+                            timeout=timeout)
     try:
         yield where
     finally:

@@ -24,12 +24,13 @@ from tests.helpers import masked_weights_are_zero, small_net, train_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "pipelines" / "quickstart.yaml"
-# A few epochs, reallocation every 4 steps; finetune off (the stage is the same code).
-SHORT = ["train.epochs=2", "train.milestones=[]", "finetune.epochs=0", "sparsity.rewire_periods={0: 4}",
+# A few short epochs (10 steps of 64 images), reallocation every 3 steps; finetune off (the stage is the same code).
+SHORT = ["train.epochs=2", "train.milestones=[]", "finetune.epochs=0", "sparsity.rewire_periods={0: 3}",
+         "data.max_train=640", "data.max_test=200", "model.options={width: 8}", "sparsity.prune_target=60",
          "validate.latency_runs=5", "validate.min_top1=null"]
 # No BatchNorm: per-rank batch statistics differ from the global batch's, and SyncBatchNorm runs on
 # CUDA only, so a model without BatchNorm is what a CPU run can compare with one process exactly.
-NO_BN = ["model.name=lenet-300-100"]
+NO_BN = ["model.name=lenet-300-100", "model.options={}", "sparsity.prune_target=600"]
 
 
 def sets(*overrides):
@@ -187,7 +188,7 @@ def test_a_desynchronised_mask_stops_the_run_with_a_one_line_error(tmp_path):
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert errors and all(line == errors[0] for line in errors), result.stderr
-    assert "masks diverged at iteration 4: 'conv2' differs between ranks" in errors[0]
+    assert "masks diverged at iteration 3: 'conv2' differs between ranks" in errors[0]
     assert not (tmp_path / "quickstart" / "train" / "last.pt").exists()  # stopped in epoch 1
 
 
