@@ -4,6 +4,7 @@ two "nodes" on localhost, a killed rank, a desynchronised mask, TensorBoard even
 Every launch is `python -m torch.distributed.run` in a subprocess with a timeout, one thread per
 process. The faults come from dsrpipe.distributed's test hook (DSRPIPE_TEST_FAULT)."""
 
+import csv
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from dsrpipe.config import load_pipeline
 from dsrpipe.data import load_data
@@ -63,40 +65,50 @@ def metrics(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+RUN_2 = "g-dsr-s0.9-seed0"  # the grid's one run
+
+
 @pytest.fixture(scope="module")
 def two_and_one(tmp_path_factory):
-    """The quickstart (without BatchNorm) as `run` on 2 ranks × 32, and as `train-sparse` in one
-    process × 64 (the same global batch), side by side."""
+    """The quickstart (without BatchNorm) on 2 ranks × 32, as `dsrpipe compare --nproc-per-job 2`
+    launches a run (`python -m torch.distributed.run --standalone --nproc_per_node=2 -m dsrpipe
+    run`), and as `train-sparse` in one process × 64 (the same global batch), side by side. The
+    run misses a deliberately high min_top1: torchrun exits 1 whatever its ranks' codes, and
+    compare must still read the run's report rather than take it for a crash."""
     tmp = tmp_path_factory.mktemp("ddp")
     overrides = [*SHORT, *NO_BN]
     one = subprocess.Popen([sys.executable, *dsrpipe("train-sparse", str(QUICKSTART), "--out", str(tmp / "one"),
                                                      *sets(*overrides, "train.batch_size=64"))],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
-    two = run(torchrun("--standalone", "--nproc_per_node=2",
-                       *dsrpipe("run", str(QUICKSTART), "--out", str(tmp / "two"),
-                                *sets(*overrides, "train.batch_size=32"))),
-              DSRPIPE_MASK_CHECKSUMS=str(tmp / "checksums"))
+    grid = {"name": "g", "base": str(QUICKSTART), "methods": ["dsr"], "sparsities": [0.9], "seeds": [0],
+            "overrides": {"dsr": {key: yaml.safe_load(value) for key, value in (
+                item.split("=", 1) for item in [*overrides, "train.batch_size=32", "validate.min_top1=0.999"])}}}
+    (tmp / "grid.yaml").write_text(yaml.safe_dump(grid))
+    two = run([sys.executable, "-m", "dsrpipe", "compare", str(tmp / "grid.yaml"), "--out", str(tmp / "two"),
+               "--nproc-per-job", "2"], timeout=180, DSRPIPE_MASK_CHECKSUMS=str(tmp / "checksums"))
     _, one_err = one.communicate(timeout=120)
     assert one.returncode == 0, one_err
     assert two.returncode == 0, two.stderr
-    return tmp, two
+    return tmp, tmp / "two" / "g" / "runs" / RUN_2
 
 
 def test_two_ranks_complete_with_one_set_of_outputs(two_and_one):
-    tmp, two = two_and_one
-    run_dir = tmp / "two" / "quickstart"
-    assert two.stdout.splitlines() == [str(run_dir / "model.onnx")]  # rank 0 alone reports
-    assert "DDP: 2 ranks × 32 = global batch 64" in two.stderr
-    assert json.loads((run_dir / "report.json").read_text())["passed"]
-    assert sorted(p.name for p in (tmp / "two").iterdir()) == ["quickstart"]
+    tmp, run_dir = two_and_one
+    log = (tmp / "two" / "g" / "logs" / f"{RUN_2}.log").read_text()
+    assert "DDP: 2 ranks × 32 = global batch 64" in log
+    assert log.count(str(run_dir / "model.onnx")) == 2  # rank 0 alone reports: its export line and its stdout
+    assert sorted(p.name for p in (tmp / "two" / "g" / "runs").iterdir()) == [RUN_2]
     assert sorted(p.name for p in (run_dir / "train").iterdir()) == ["final.pt", "metrics.jsonl"]
     assert [h["epoch"] for h in metrics(run_dir / "train" / "metrics.jsonl")] == [1, 2]
+    (row,) = list(csv.DictReader((tmp / "two" / "g" / "results.csv").open()))
+    assert row["status"] == "validation-failed" and float(row["onnx_top1"]) < 0.999
+    assert "--nproc-per-job 2" in (tmp / "two" / "g" / "results.md").read_text()
 
 
 def test_masks_are_identical_across_ranks_at_every_reallocation(two_and_one):
     tmp, _ = two_and_one
     ranks = [metrics(tmp / f"checksums.rank{r}.jsonl") for r in (0, 1)]
-    history = metrics(tmp / "two" / "quickstart" / "train" / "metrics.jsonl")
+    history = metrics(two_and_one[1] / "train" / "metrics.jsonl")
     assert len(ranks[0]) == sum(h["reallocations"] for h in history) > 5
     assert ranks[0] == ranks[1]
     assert len({json.dumps(r["checksums"]) for r in ranks[0]}) > 1  # the masks did move
@@ -104,8 +116,8 @@ def test_masks_are_identical_across_ranks_at_every_reallocation(two_and_one):
 
 def test_two_ranks_match_one_process_with_the_same_global_batch(two_and_one):
     tmp, _ = two_and_one
-    one, two = (torch.load(tmp / where / "quickstart" / "train" / "final.pt", weights_only=True)
-                for where in ("one", "two"))
+    one, two = (torch.load(run_dir / "train" / "final.pt", weights_only=True)
+                for run_dir in (tmp / "one" / "quickstart", two_and_one[1]))
     for name, mask in one["sparsifier"]["masks"].items():
         assert torch.equal(mask, two["sparsifier"]["masks"][name]), name
     for name, weight in one["model"].items():  # only the reduction order differs
@@ -121,8 +133,7 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(two_and_one):
 def test_tensorboard_event_files_hold_the_figures_of_metrics_jsonl(two_and_one):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    tmp, _ = two_and_one
-    run_dir = tmp / "two" / "quickstart"
+    _, run_dir = two_and_one
     events = EventAccumulator(str(run_dir / "tensorboard" / "train"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
@@ -138,11 +149,11 @@ def test_tensorboard_event_files_hold_the_figures_of_metrics_jsonl(two_and_one):
 
 
 def test_resuming_with_another_number_of_processes_is_refused(two_and_one, tmp_path):
-    source, _ = two_and_one
-    shutil.copytree(source / "two", tmp_path / "out")
-    train = tmp_path / "out" / "quickstart" / "train"
+    _, run_dir = two_and_one
+    shutil.copytree(run_dir, tmp_path / "out" / RUN_2)
+    train = tmp_path / "out" / RUN_2 / "train"
     (train / "final.pt").rename(train / "last.pt")  # as if interrupted after its last epoch
-    cfg = load_pipeline(QUICKSTART, [*SHORT, *NO_BN, "train.batch_size=32"])
+    cfg = load_pipeline(run_dir.parents[1] / "pipelines" / f"{RUN_2}.yaml")
     with pytest.raises(UserError, match=r"trained by 2 process\(es\), this job has 1"):
         train_sparse(cfg, tmp_path / "out", resume=True, progress=False)
 
@@ -222,3 +233,4 @@ def test_deferred_gradient_hooks_see_the_same_gradient_in_one_process():
 
     (w1, m1), (w2, m2) = train(False), train(True)
     assert all(torch.equal(w1[k], w2[k]) for k in w1) and all(torch.equal(m1[k], m2[k]) for k in m1)
+
