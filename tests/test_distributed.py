@@ -234,3 +234,25 @@ def test_deferred_gradient_hooks_see_the_same_gradient_in_one_process():
     (w1, m1), (w2, m2) = train(False), train(True)
     assert all(torch.equal(w1[k], w2[k]) for k in w1) and all(torch.equal(m1[k], m2[k]) for k in m1)
 
+
+
+def test_watch_runs_each_job_through_torchrun_with_its_cause_on_failure(tmp_path):
+    """`watch --nproc-per-job 2`: a job trains on 2 ranks inside its own process group (where the
+    runner's limits apply); one that fails is failed with its ranks' cause, not torchrun's exit 1."""
+    from tests.test_watch import jobs, pipeline
+
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    tiny = {"data": {"dataset": "digits", "max_train": 256, "max_test": 100}, "train": {"batch_size": 32}}
+    (drop / "good.yaml").write_text(pipeline(**tiny))
+    (drop / "strict.yaml").write_text(pipeline(**tiny, validate={"latency_runs": 1, "min_top1": 0.999}))
+    result = run([sys.executable, "-m", "dsrpipe", "watch", str(drop), "--out", str(tmp_path / "out"), "--once",
+                  "--quiet-period", "0.5", "--nproc-per-job", "2", "--job-timeout", "10m"], timeout=240)
+    assert result.returncode == 0, result.stderr
+    states = {job["name"]: job for job in jobs(drop)}
+    assert states["good"]["state"] == "done", states
+    assert (tmp_path / "out" / "good" / "model.onnx").exists()
+    assert states["strict"]["state"] == "failed"
+    assert "is below min_top1 0.999" in states["strict"]["cause"], states
+    logs = [p.read_text() for p in (drop / ".dsrpipe" / "jobs").glob("*/job.log")]
+    assert all("DDP: 2 ranks × 32 = global batch 64" in log for log in logs) and len(logs) == 2
