@@ -137,6 +137,18 @@ def barrier() -> None:
         dist.barrier()
 
 
+@contextmanager
+def node_leader_first() -> Iterator[None]:
+    """Local rank 0 of each node runs the block first (unpacking, decoding and caching a
+    dataset), its peers once it is done: they find the cache instead of all decoding at once."""
+    leader = layout().local_rank == 0
+    if not leader:
+        barrier()
+    yield
+    if leader:
+        barrier()
+
+
 def all_sum(*values: torch.Tensor | int | float) -> list[torch.Tensor]:
     """Each value summed over the ranks (float64 on the values' device), in one all-reduce."""
     tensors = [torch.as_tensor(v).to(torch.float64) for v in values]

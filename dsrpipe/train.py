@@ -135,7 +135,8 @@ def _fit(cfg: Pipeline, stage: str, opt_cfg: OptimConfig, run: RunDir,
     fingerprint = run.fingerprint(stage, cfg)
 
     device = distributed.device_for(resolve_device(cfg.device))
-    train_set, test_set = cfg.data.load()
+    with distributed.node_leader_first():
+        train_set, test_set = cfg.data.load()
     info = train_set.info
     global_batch = opt_cfg.batch_size * world
     steps_per_epoch = train_set.num_batches(global_batch, drop_last=True)
