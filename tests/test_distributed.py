@@ -247,7 +247,7 @@ def test_watch_runs_each_job_through_torchrun_with_its_cause_on_failure(tmp_path
     (drop / "good.yaml").write_text(pipeline(**tiny))
     (drop / "strict.yaml").write_text(pipeline(**tiny, validate={"latency_runs": 1, "min_top1": 0.999}))
     result = run([sys.executable, "-m", "dsrpipe", "watch", str(drop), "--out", str(tmp_path / "out"), "--once",
-                  "--quiet-period", "0.5", "--nproc-per-job", "2", "--job-timeout", "10m"], timeout=240)
+                  "--quiet-period", "0.5", "--workers", "2", "--nproc-per-job", "2", "--job-timeout", "10m"], timeout=240)
     assert result.returncode == 0, result.stderr
     states = {job["name"]: job for job in jobs(drop)}
     assert states["good"]["state"] == "done", states
