@@ -5,8 +5,9 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import typer
 
@@ -20,6 +21,8 @@ OutOption = typer.Option(Path("export"), "--out", "-o", help="Where <name>/model
 ForceOption = typer.Option(False, "--force", help="Redo the stage even if its outputs exist.")
 ResumeOption = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint.")
 ProgressOption = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
+NprocOption = typer.Option(1, "--nproc-per-job", help="Processes per run, launched through torchrun "
+                           "(one per GPU; 1: a plain process).")
 SetOption = typer.Option([], "--set", help="Override a setting: --set train.epochs=5 (repeatable).")
 
 
@@ -59,6 +62,23 @@ def _run_dir(out: Path, cfg):
     return RunDir(out, cfg.name)
 
 
+@contextmanager
+def _owning(run_dir, cfg) -> Iterator[bool]:
+    """The run's lock for the block; under torchrun also the job's process group, and the lock
+    is rank 0's alone (its peers work on the same run). Yields whether this is rank 0."""
+    from . import distributed
+
+    with distributed.process_group(cfg.device, cfg.distributed.timeout) as where, distributed.owner(run_dir):
+        yield where.main
+
+
+def _main_rank() -> bool:
+    """Export and validate are rank 0's work: under torchrun the other ranks have none."""
+    from .distributed import is_main
+
+    return is_main()
+
+
 @app.command()
 @_user_errors
 def run(pipeline: Path = PipelineArg, out: Path = OutOption, overrides: list[str] = SetOption, force: bool = ForceOption,
@@ -66,11 +86,12 @@ def run(pipeline: Path = PipelineArg, out: Path = OutOption, overrides: list[str
     """Run every stage: train-sparse, finetune, export, validate."""
     cfg = _load(pipeline, overrides)  # first: a bad file fails fast, before any work
     run_dir = _run_dir(out, cfg)
-    with run_dir.lock():
+    with _owning(run_dir, cfg) as main:
         from .pipeline import run_pipeline
 
         run_pipeline(cfg, out, force=force, progress=progress)
-    typer.echo(str(run_dir.onnx))
+    if main:
+        typer.echo(str(run_dir.onnx))
 
 
 @app.command("train-sparse")
@@ -79,10 +100,12 @@ def train_sparse(pipeline: Path = PipelineArg, out: Path = OutOption, overrides:
                  force: bool = ForceOption, progress: bool = ProgressOption):
     """Train from scratch with the configured sparse method (DSR by default)."""
     cfg = _load(pipeline, overrides)
-    with _run_dir(out, cfg).lock():
+    with _owning(_run_dir(out, cfg), cfg) as main:
         from .train import train_sparse as stage
 
-        typer.echo(str(stage(cfg, out, resume=resume, force=force, progress=progress)))
+        final = stage(cfg, out, resume=resume, force=force, progress=progress)
+    if main:
+        typer.echo(str(final))
 
 
 @app.command()
@@ -91,10 +114,12 @@ def finetune(pipeline: Path = PipelineArg, out: Path = OutOption, overrides: lis
              force: bool = ForceOption, progress: bool = ProgressOption):
     """Fine-tune the trained model with its masks frozen."""
     cfg = _load(pipeline, overrides)
-    with _run_dir(out, cfg).lock():
+    with _owning(_run_dir(out, cfg), cfg) as main:
         from .train import finetune as stage
 
-        typer.echo(str(stage(cfg, out, resume=resume, force=force, progress=progress)))
+        final = stage(cfg, out, resume=resume, force=force, progress=progress)
+    if main:
+        typer.echo(str(final))
 
 
 @app.command()
@@ -102,6 +127,8 @@ def finetune(pipeline: Path = PipelineArg, out: Path = OutOption, overrides: lis
 def export(pipeline: Path = PipelineArg, out: Path = OutOption, overrides: list[str] = SetOption, force: bool = ForceOption):
     """Export the trained model to a sparse ONNX file."""
     cfg = _load(pipeline, overrides)
+    if not _main_rank():
+        return
     with _run_dir(out, cfg).lock():
         from .pipeline import export_stage
 
@@ -113,6 +140,8 @@ def export(pipeline: Path = PipelineArg, out: Path = OutOption, overrides: list[
 def validate(pipeline: Path = PipelineArg, out: Path = OutOption, overrides: list[str] = SetOption, force: bool = ForceOption):
     """Measure the exported model with onnxruntime and write report.json."""
     cfg = _load(pipeline, overrides)
+    if not _main_rank():
+        return
     run_dir = _run_dir(out, cfg)
     with run_dir.lock():
         from .pipeline import validate_stage
@@ -143,11 +172,12 @@ def models():
 def compare(grid: Path = typer.Argument(..., help="Grid YAML: a base pipeline × methods × sparsities × seeds.",
                                         show_default=False),
             out: Path = typer.Option(Path("export"), "--out", "-o", help="Where <grid>/runs/ and the results go."),
-            jobs: int = typer.Option(1, "--jobs", "-j", help="Runs at a time; the CPU threads are split between them.")):
+            jobs: int = typer.Option(1, "--jobs", "-j", help="Runs at a time; the CPU threads are split between them."),
+            nproc_per_job: int = NprocOption):
     """Run a grid of pipelines and tabulate top-1 against non-zero parameters."""
     from .compare import run_grid
 
-    typer.echo(str(run_grid(grid, out, jobs=jobs)["md"]))
+    typer.echo(str(run_grid(grid, out, jobs=jobs, nproc_per_job=nproc_per_job)["md"]))
 
 
 @app.command()
@@ -172,7 +202,8 @@ def watch(drop_dir: Path = typer.Argument(..., help="The drop folder to watch.",
                                               "(default: 80% of the machine's memory / --workers)."),
           job_timeout: str = typer.Option(None, "--job-timeout", show_default=False,
                                           help="Time an attempt of a job may run before it is killed and "
-                                               "failed, e.g. 90m, 12h (default: no limit).")):
+                                               "failed, e.g. 90m, 12h (default: no limit)."),
+          nproc_per_job: int = NprocOption):
     """Watch a drop folder: run each pipeline YAML or dataset dropped there, exactly once."""
     from .watch import WatchOptions, parse_duration, parse_size
     from .watch import watch as run_watch
@@ -181,7 +212,8 @@ def watch(drop_dir: Path = typer.Argument(..., help="The drop folder to watch.",
                            once=once, log_file=log_file,
                            max_unpacked=parse_size(max_unpacked) if max_unpacked else None, max_files=max_files,
                            job_memory=parse_size(job_memory) if job_memory else None,
-                           job_timeout=parse_duration(job_timeout) if job_timeout else None))
+                           job_timeout=parse_duration(job_timeout) if job_timeout else None,
+                           nproc_per_job=nproc_per_job))
 
 
 @app.command()

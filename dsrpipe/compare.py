@@ -43,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from . import __version__, files
 from .config import Pipeline, apply_overrides, first_error, parse_pipeline, read_yaml, switch_method
+from .distributed import launch_command
 from .errors import UserError
 from .rundir import STALE, RunDir, read_report
 
@@ -242,15 +243,19 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def run_grid(grid_path: str | Path, out: str | Path = "export", *, jobs: int = 1,
+def run_grid(grid_path: str | Path, out: str | Path = "export", *, jobs: int = 1, nproc_per_job: int = 1,
              echo: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run (or pick up) every run of the grid, then write results.csv, results.md and
-    accuracy_vs_params.png; returns their paths and the runs."""
+    accuracy_vs_params.png; returns their paths and the runs. `nproc_per_job` > 1 runs each
+    through torchrun as that many processes (one per GPU on CUDA)."""
     if jobs < 1:
         raise UserError(f"--jobs must be at least 1, got {jobs}")
+    if nproc_per_job < 1:
+        raise UserError(f"--nproc-per-job must be at least 1, got {nproc_per_job}")
     echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
     grid_path, out = Path(grid_path), Path(out)
-    command = shlex.join(["dsrpipe", "compare", str(grid_path), "--out", str(out), "--jobs", str(jobs)])
+    command = shlex.join(["dsrpipe", "compare", str(grid_path), "--out", str(out), "--jobs", str(jobs)]
+                         + (["--nproc-per-job", str(nproc_per_job)] if nproc_per_job > 1 else []))
     grid, grid_name, base = load_grid(grid_path)
     folder = out / grid_name
     runs_dir = folder / "runs"
@@ -258,8 +263,9 @@ def run_grid(grid_path: str | Path, out: str | Path = "export", *, jobs: int = 1
     by_name = {r.name: r for r in runs}
 
     env = dict(os.environ)
-    if jobs > 1:  # share the cores instead of every run spinning up one thread per core
-        threads = str(max(1, _cores() // jobs))
+    processes = jobs * nproc_per_job
+    if processes > 1:  # share the cores instead of every process spinning up one thread per core
+        threads = str(max(1, _cores() // processes))
         env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
 
     for run in runs:  # in order: a frozen run after the DSR run it reads
@@ -296,8 +302,8 @@ def run_grid(grid_path: str | Path, out: str | Path = "export", *, jobs: int = 1
                       f"# {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
             log.flush()
             run.process = subprocess.Popen(
-                [sys.executable, "-m", "dsrpipe", "run", str(pipeline_file), "--out", str(runs_dir),
-                 "--no-progress"], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+                launch_command(nproc_per_job, ["run", str(pipeline_file), "--out", str(runs_dir), "--no-progress"]),
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         run.status, run.started = "running", time.perf_counter()
         running.append(run)
 
@@ -324,7 +330,8 @@ def run_grid(grid_path: str | Path, out: str | Path = "export", *, jobs: int = 1
                     continue
                 running.remove(run)
                 run.ended = time.perf_counter()
-                report = _complete(run, runs_dir) if code in (0, 3) else None
+                # torchrun exits 1 whatever its ranks' codes: a failed validation (3) is told by its report
+                report = _complete(run, runs_dir) if code in (0, 3) or nproc_per_job > 1 else None
                 if report is not None:
                     _finish(run, runs_dir, report)
                 else:

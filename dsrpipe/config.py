@@ -458,6 +458,18 @@ class ValidateConfig(Section):
     batch_size: int = Field(256, ge=1, le=MAX_BATCH)
 
 
+class LogConfig(Section):
+    tensorboard: bool = True  # TensorBoard event files in <out>/<name>/tensorboard/<stage> (rank 0)
+
+
+class DistributedConfig(Section):
+    """How the ranks of a torchrun job train together: no effect in one process, and, like
+    `device`, no part of a run's fingerprint (the same run, computed by more processes)."""
+
+    sync_bn: bool = False  # BatchNorm statistics over the global batch (SyncBatchNorm; CUDA only)
+    timeout: int = Field(1800, ge=10, le=86_400)  # seconds a rank waits on its peers before the run fails
+
+
 class Pipeline(Section):
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False, populate_by_name=True)
 
@@ -473,6 +485,8 @@ class Pipeline(Section):
     export: ExportConfig = Field(default_factory=ExportConfig)
     # `validate` would shadow a pydantic method, hence the alias.
     validation: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
+    log: LogConfig = Field(default_factory=LogConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     @field_validator("sparsity", mode="before")
     @classmethod

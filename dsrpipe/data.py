@@ -86,9 +86,17 @@ class Dataset:
         return len(self) // batch_size if drop_last else -(-len(self) // batch_size)
 
     def batches(self, batch_size: int, *, shuffle: bool, augment: bool, seed: int, epoch: int,
-                device: torch.device | str = "cpu", normalize: bool = True,
-                drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                device: torch.device | str = "cpu", normalize: bool = True, drop_last: bool = False,
+                shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches of `batch_size`, or with `shard` = (rank, world size) this rank's part of each:
+        rows rank·b to (rank+1)·b of every batch, b = batch_size / world size. Every random
+        choice is drawn for the whole batch first, so the ranks' parts together are exactly the
+        one-process batch, augmentation included."""
         device = torch.device(device)
+        rank, world = shard
+        if world > 1 and not drop_last:
+            raise ValueError("sharded batches drop the last partial batch")
+        part = batch_size // world
         generator = _generator(seed, epoch)
         images, labels = self._on(device)
         count = self.num_batches(batch_size, drop_last)
@@ -102,7 +110,7 @@ class Dataset:
         plan = [order] + ([torch.cat(c) for c in zip(*crops)] if crops else [])
         plan = [t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t for t in plan]
         for i in range(count):
-            batch = slice(i * batch_size, (i + 1) * batch_size)
+            batch = slice(i * batch_size + rank * part, i * batch_size + (rank + 1) * part)
             index = plan[0][batch]
             x = images[index]
             if augment:
@@ -137,8 +145,8 @@ class StreamingDataset(Dataset):
         return StreamingDataset(self.info, files, self.num_workers)
 
     def batches(self, batch_size: int, *, shuffle: bool, augment: bool, seed: int, epoch: int,
-                device: torch.device | str = "cpu", normalize: bool = True,
-                drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                device: torch.device | str = "cpu", normalize: bool = True, drop_last: bool = False,
+                shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         from torch.utils.data import DataLoader
         from torchvision import transforms as T
 
@@ -147,9 +155,20 @@ class StreamingDataset(Dataset):
         resize = (T.RandomResizedCrop(size), T.RandomHorizontalFlip()) if augment else (
             T.Resize(round(size * 256 / 224)), T.CenterCrop(size))
         self.folder.transform = T.Compose([*resize, T.PILToTensor()])  # uint8: 4x less IPC
-        loader = DataLoader(self.folder, batch_size, shuffle=shuffle, drop_last=drop_last,
-                            num_workers=self.num_workers, generator=_generator(seed, epoch),
-                            pin_memory=device.type == "cuda")
+        rank, world = shard
+        if world > 1:  # this rank's rows of each batch of one (seed, epoch) order, as in memory
+            if not drop_last:
+                raise ValueError("sharded batches drop the last partial batch")
+            generator = _generator(seed, epoch)
+            order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
+            count, part = len(self) // batch_size, batch_size // world
+            mine = order[:count * batch_size].view(count, world, part)[:, rank].reshape(-1)
+            loader = DataLoader(self.folder, part, sampler=mine.tolist(), num_workers=self.num_workers,
+                                generator=generator, pin_memory=device.type == "cuda")
+        else:
+            loader = DataLoader(self.folder, batch_size, shuffle=shuffle, drop_last=drop_last,
+                                num_workers=self.num_workers, generator=_generator(seed, epoch),
+                                pin_memory=device.type == "cuda")
         for x, y in loader:
             x = x.to(device, non_blocking=True)
             yield _to_float(x, 255, self.info, normalize), y.to(device, non_blocking=True)

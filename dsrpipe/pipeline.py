@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from . import __version__, files
+from . import __version__, distributed, files
 from .config import Pipeline
 from .errors import UserError, ValidationFailed
 from .export import export_onnx
@@ -146,10 +146,13 @@ def _raise_if_failed(report: dict[str, Any]) -> None:
 
 
 def run_pipeline(cfg: Pipeline, out: Path = Path("export"), *, force: bool = False,
-                 progress: bool = True) -> dict[str, Any]:
-    """All stages in order; an interrupted stage resumes from its last checkpoint."""
+                 progress: bool = True) -> dict[str, Any] | None:
+    """All stages in order; an interrupted stage resumes from its last checkpoint. Under torchrun
+    every rank trains; rank 0 alone exports and validates (the others return None)."""
     train_sparse(cfg, out, resume=True, force=force, progress=progress)
     if cfg.finetune.epochs:
         finetune(cfg, out, resume=True, force=force, progress=progress)
+    if not distributed.is_main():
+        return None
     export_stage(cfg, out, force=force)
     return validate_stage(cfg, out, force=force)

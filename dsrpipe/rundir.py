@@ -3,6 +3,7 @@
     <out>/<name>/
       run.lock                   held by the one dsrpipe process working on the run (its pid inside)
       train/  finetune/          each: last.pt (after every epoch), final.pt (stage complete), metrics.jsonl
+      tensorboard/<stage>/       TensorBoard event files: metrics.jsonl's figures as scalars
       model.onnx  report.json    the exported model and how it measured
       report.md  *.png           its pictures (dsrpipe.plots)
 
@@ -68,6 +69,9 @@ class RunDir:
 
     def metrics(self, stage: str) -> Path:
         return self.path / stage / "metrics.jsonl"
+
+    def tensorboard(self, stage: str) -> Path:
+        return self.path / "tensorboard" / stage
 
     # -- the owner --------------------------------------------------------------------------------
 

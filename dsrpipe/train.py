@@ -4,7 +4,11 @@ Each stage writes, under `<out>/<name>/<stage>/` (see dsrpipe.rundir):
   last.pt        checkpoint after every epoch (model, masks, optimizer, LR schedule, sparsifier
                  state, RNG states, metrics so far): `resume` continues bit for bit on CPU;
   final.pt       the same once the stage is complete; later stages read it;
-  metrics.jsonl  one JSON line per epoch.
+  metrics.jsonl  one JSON line per epoch (and the same figures as TensorBoard scalars).
+
+Under torchrun (see dsrpipe.distributed) every rank trains its part of each global batch
+(train.batch_size per rank) in DistributedDataParallel, evaluates its part of the test set, and
+reallocates identically; rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from . import files
+from . import distributed, files
 from .config import OptimConfig, Pipeline
 from .data import Dataset
 from .errors import UserError
@@ -34,12 +38,14 @@ from .rundir import COMPLETE, STALE, UNFINISHED, RunDir, load_checkpoint, restor
 from .sparse import Sparsifier
 from .sparse.frozen import initial_weights
 from .sparse.thin import thin_model_options
+from .tensorboard_log import ScalarLog
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def log(cfg: Pipeline, message: str) -> None:
-    console.print(f"{cfg.name} | {message}", markup=False)
+    if distributed.is_main():  # one voice per job
+        console.print(f"{cfg.name} | {message}", markup=False)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -100,9 +106,15 @@ def _fit(cfg: Pipeline, stage: str, opt_cfg: OptimConfig, run: RunDir,
          make_sparsifier: Callable[..., Sparsifier], *, start_from: dict | None,
          resume: bool, force: bool, progress: bool, adapt_spec: Callable[[dict], dict] | None = None) -> Path:
     final, last = run.final(stage), run.last(stage)
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed.active() else (0, 1)
+    main = rank == 0
+    if distributed.restarted():  # torchrun restarted the job after a failure: continue, not start over
+        resume = True
+        force = force and not _made_by_this_job(run, stage)
     checkpoint = None
     if not force:
         state = run.state(stage, cfg)
+        distributed.agree(f"the state of {stage}", state)
         if state == COMPLETE:
             log(cfg, f"{stage}: already complete ({final})")
             return final
@@ -114,14 +126,31 @@ def _fit(cfg: Pipeline, stage: str, opt_cfg: OptimConfig, run: RunDir,
                 raise UserError(f"{last} holds an unfinished {stage} run: "
                                 "use --resume to continue it or --force to start over")
             checkpoint = load_checkpoint(last)
+            made_by = checkpoint.get("world_size", 1)
+            if made_by != world:
+                raise UserError(f"{last} was trained by {made_by} process(es), this job has {world}: resume "
+                                f"it with {made_by} (the global batch, hence every step, depends on it) "
+                                "or use --force to start over")
+            distributed.agree(f"the epoch to resume {stage} from", checkpoint["epoch"])
     fingerprint = run.fingerprint(stage, cfg)
 
-    device = resolve_device(cfg.device)
-    train_set, test_set = cfg.data.load()
+    device = distributed.device_for(resolve_device(cfg.device))
+    with distributed.node_leader_first():
+        train_set, test_set = cfg.data.load()
     info = train_set.info
-    steps_per_epoch = train_set.num_batches(opt_cfg.batch_size, drop_last=True)
+    global_batch = opt_cfg.batch_size * world
+    steps_per_epoch = train_set.num_batches(global_batch, drop_last=True)
     if steps_per_epoch == 0:
-        raise UserError(f"{stage}.batch_size {opt_cfg.batch_size} exceeds the {len(train_set)} training images")
+        raise UserError(f"{stage}.batch_size {opt_cfg.batch_size}"
+                        + (f" × {world} ranks" if world > 1 else "")
+                        + f" exceeds the {len(train_set)} training images")
+    if world > 1:
+        log(cfg, f"{stage}: {distributed.ddp_log_line(world, opt_cfg.batch_size)}")
+        test_set = test_set.subset(torch.arange(rank, len(test_set), world))  # reduced in `evaluate`
+    sync_bn = world > 1 and cfg.distributed.sync_bn
+    if sync_bn and device.type != "cuda":
+        raise UserError("distributed.sync_bn: torch's SyncBatchNorm runs on CUDA only; "
+                        "train on GPUs or set it to false")
 
     torch.manual_seed(cfg.seed)
     spec = {"name": cfg.model.name, "options": cfg.model.options, "num_classes": info.num_classes,
@@ -132,6 +161,8 @@ def _fit(cfg: Pipeline, stage: str, opt_cfg: OptimConfig, run: RunDir,
     with restoring(run.final("train")) if start_from is not None else nullcontext():
         model = build_model(spec, device)
         init = initial_weights(model, cfg.seed)  # so that a frozen run can start where this one started
+        if sync_bn:  # the same parameters and buffers, in modules that average over the ranks
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         if device.type == "cuda":  # cuDNN's fast convolutions (and bf16 tensor cores) want NHWC
             model = model.to(memory_format=torch.channels_last)
         optimizer = torch.optim.SGD(model.parameters(), lr=opt_cfg.lr, momentum=opt_cfg.momentum,
@@ -139,6 +170,8 @@ def _fit(cfg: Pipeline, stage: str, opt_cfg: OptimConfig, run: RunDir,
                                     weight_decay=opt_cfg.weight_decay, fused=device.type == "cuda" or None)
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, opt_cfg.milestones, opt_cfg.gamma)
         sparsifier = make_sparsifier(model, optimizer, steps_per_epoch)
+        if world > 1:
+            sparsifier.defer_gradient_hooks()  # to see the gradients DDP has averaged
         if start_from is not None:  # after the sparsifier: its initial random mask would zero trained weights
             model.load_state_dict(start_from["model"])
     history: list[dict[str, Any]] = []
@@ -158,7 +191,11 @@ def _fit(cfg: Pipeline, stage: str, opt_cfg: OptimConfig, run: RunDir,
     if cfg.bf16 and not use_bf16:
         log(cfg, "bf16 autocast applies on CUDA only; training in float32")
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
-    step_model = compile_for_training(model) if opt_cfg.compile else model
+    train_model = model
+    if world > 1:  # every rank starts from rank 0's weights and buffers, and averages gradients
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    step_model = compile_for_training(train_model) if opt_cfg.compile else train_model
     batches_seed = cfg.seed + (1000 if stage == "finetune" else 0)  # a fresh data order per stage
 
     def save(path: Path, complete: bool) -> None:
@@ -168,25 +205,32 @@ def _fit(cfg: Pipeline, stage: str, opt_cfg: OptimConfig, run: RunDir,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "sparsifier": sparsifier.state_dict(),
             "method": sparsifier.method, "rng": _rng_state(), "history": history,
+            "world_size": world, "job": distributed.job_id(),
             "model_spec": spec, "init": init, "data_info": asdict(info), "config": cfg.model_dump(mode="json"),
         })
         files.write_text(run.metrics(stage), "".join(json.dumps(h) + "\n" for h in history))
 
+    board = ScalarLog(run.tensorboard(stage), history) if main and cfg.log.tensorboard else None
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   console=console, disable=not progress, transient=True)
+                   console=console, disable=not progress or not main, transient=True)
     with bar:
         for epoch in range(len(history), opt_cfg.epochs):
             task = bar.add_task(f"{cfg.name} | {stage} {epoch + 1}/{opt_cfg.epochs}",
                                 total=steps_per_epoch)
             started = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
-            batches = train_set.batches(opt_cfg.batch_size, shuffle=True, augment=cfg.data.augment,
-                                        seed=batches_seed, epoch=epoch, device=device, drop_last=True)
+            batches = train_set.batches(global_batch, shuffle=True, augment=cfg.data.augment, seed=batches_seed,
+                                        epoch=epoch, device=device, drop_last=True, shard=(rank, world))
             totals = train_one_epoch(step_model, optimizer, sparsifier, batches, autocast,
-                                     on_step=lambda: bar.advance(task))
+                                     on_step=_step_callback(lambda: bar.advance(task), epoch + 1, steps_per_epoch),
+                                     on_reallocation=lambda: distributed.check_masks(sparsifier.masks,
+                                                                                     sparsifier.iteration))
             loss_sum, correct, seen, pruned, reallocations = (
                 totals[k] for k in ("loss_sum", "correct", "seen", "pruned", "reallocations"))
             switched_off, pruned_grown = totals["switched_off"], totals["pruned_grown"]
+            if world > 1:  # the global batch's figures (pruned and the like are the same on every rank)
+                loss_sum, correct, seen = distributed.all_sum(loss_sum, correct, seen)
+                seen = int(seen.item())
             train_loss = loss_sum.item() / seen
             if not math.isfinite(train_loss):  # keep last.pt of the last sound epoch; stop wasting time
                 raise UserError(f"{stage} diverged: the training loss is {train_loss} in epoch {epoch + 1}; "
@@ -207,16 +251,48 @@ def _fit(cfg: Pipeline, stage: str, opt_cfg: OptimConfig, run: RunDir,
                 "layer_density": density, "seconds": train_seconds,
                 "images_per_second": seen / train_seconds,
             })
-            save(last, complete=False)
+            if main:
+                save(last, complete=False)
+                if board is not None:
+                    board.add(history[-1])
             bar.remove_task(task)
             log(cfg, f"{stage} epoch {epoch + 1}/{opt_cfg.epochs}  "
                           f"loss {history[-1]['train_loss']:.4f}  test top-1 {test_top1:.4f}  "
                           f"{seen / train_seconds:,.0f} img/s"
                           + (f"  H {sparsifier.threshold:.3g}" if reallocations and hasattr(sparsifier, "threshold") else "")
                           + (f"  pruned {pruned}" if reallocations else ""))
-    save(final, complete=True)
-    last.unlink(missing_ok=True)
+    if main:
+        save(final, complete=True)
+        last.unlink(missing_ok=True)
+        if board is not None:
+            board.close()
+    distributed.barrier()  # the next stage, on every rank, reads final.pt
     return final
+
+
+def _made_by_this_job(run: RunDir, stage: str) -> bool:
+    """Whether the stage's checkpoint comes from this very torchrun job (an earlier attempt of
+    it): a restarted `--force` job continues what it forced instead of forcing it again."""
+    path = next((p for p in (run.final(stage), run.last(stage)) if p.exists()), None)
+    return path is not None and distributed.job_id() is not None and \
+        load_checkpoint(path).get("job") == distributed.job_id()
+
+
+def _step_callback(on_step: Callable[[], None], epoch: int, steps: int) -> Callable[[], None]:
+    """`on_step`, and the test-only fault: this rank dies halfway through this epoch (see
+    dsrpipe.distributed)."""
+    die_at = distributed.fault_exit_step(epoch, steps)
+    if die_at is None:
+        return on_step
+    done = 0
+
+    def step():
+        nonlocal done
+        on_step()
+        done += 1
+        if done > die_at:
+            distributed.die()
+    return step
 
 
 def compile_for_training(model: torch.nn.Module) -> torch.nn.Module:
@@ -230,9 +306,11 @@ def compile_for_training(model: torch.nn.Module) -> torch.nn.Module:
 
 def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sparsifier: Sparsifier,
                     batches, autocast: Callable = nullcontext,
-                    on_step: Callable[[], None] = lambda: None) -> dict[str, Any]:
-    """One pass over `batches`: SGD steps, each followed by the sparsifier's step. Totals stay on
-    the device, so nothing waits for the GPU until the caller reads them."""
+                    on_step: Callable[[], None] = lambda: None,
+                    on_reallocation: Callable[[], None] = lambda: None) -> dict[str, Any]:
+    """One pass over `batches`: SGD steps, each followed by the sparsifier's step (and
+    `on_reallocation` after each reallocation). Totals stay on the device, so nothing waits for
+    the GPU until the caller reads them."""
     model.train()
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
@@ -251,6 +329,7 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sp
         optimizer.zero_grad(set_to_none=True)
         stats = sparsifier.step()
         if stats is not None:
+            on_reallocation()
             pruned += stats["pruned"]
             reallocations += 1
             switched_off += stats.get("switched_off", 0)
@@ -266,7 +345,8 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sp
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset: Dataset, device: torch.device,
              autocast: Callable = nullcontext, batch_size: int = 512) -> tuple[float, float]:
-    """Mean cross-entropy and top-1 accuracy on a split, without augmentation."""
+    """Mean cross-entropy and top-1 accuracy on a split, without augmentation; under torchrun
+    each rank holds its part of the split, and the sums are reduced over the ranks."""
     model.eval()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
@@ -277,6 +357,9 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, device: torch.device,
             logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
+    if distributed.active():
+        loss_sum, correct, count = distributed.all_sum(loss_sum, correct, len(dataset))
+        return loss_sum.item() / count.item(), correct.item() / count.item()
     return loss_sum.item() / len(dataset), correct.item() / len(dataset)
 
 

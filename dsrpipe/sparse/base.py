@@ -425,6 +425,27 @@ class Sparsifier:
         the dense gradient (RigL) override this to look at it first."""
         weight.grad.mul_(self.masks[name])
 
+    def defer_gradient_hooks(self) -> None:
+        """Do each tensor's gradient work (the masking, and what a method reads or adds: RigL's
+        dense gradient, DeepR's L1 term and noise) just before the optimizer step rather than as
+        the gradient accumulates. DistributedDataParallel needs this: it averages the gradients
+        over the processes after they accumulate, so an accumulate hook would see, and change,
+        this process's share alone; at step time every process holds the same averaged gradient."""
+        if self.optimizer is None:
+            raise ValueError("deferring the gradient hooks needs the optimizer")
+        if type(self)._masked_gradient is Sparsifier._masked_gradient:
+            return  # masking alone already runs at step time
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = [self.optimizer.register_step_pre_hook(lambda *_: self._gradients_at_step())]
+
+    @torch.no_grad()
+    def _gradients_at_step(self) -> None:
+        for name in self.masks:
+            weight = self.weights[name]
+            if weight.grad is not None:
+                self._masked_gradient(name, weight)
+
     # -- the optimizer-like interface -------------------------------------------------------
     def step(self) -> dict[str, Any] | None:
         """Call once after every `optimizer.step()`; returns reallocation stats when one ran.

@@ -63,6 +63,9 @@ def job_main(job_dir: Path, settings: dict[str, Any] | None = None) -> int:
         if settings.get("max_files"):
             data.MAX_ARCHIVE_FILES = settings["max_files"]
         run = RunDir(Path(spec["out"]), cfg.name)
+        if settings.get("nproc", 1) > 1:
+            cfg.data.load()  # unpacked and decoded here, under this job's archive caps; the ranks read the cache
+            return _run_through_torchrun(spec, settings["nproc"], settings.get("threads"))
         with run.lock():  # one owner, as for `dsrpipe run`: a job never mixes with another process's run
             run_pipeline(cfg, Path(spec["out"]), progress=False)
         print(run.onnx, flush=True)
@@ -80,3 +83,40 @@ def job_main(job_dir: Path, settings: dict[str, Any] | None = None) -> int:
     print(f"error: {cause}", file=sys.stderr, flush=True)
     files.write_text(job_dir / "cause.txt", cause + "\n")
     return code
+
+
+def _run_through_torchrun(spec: dict[str, Any], nproc: int, threads: int | None) -> int:
+    """`dsrpipe run` on the same (already confined) config as `nproc` processes under torchrun,
+    in this job's process group, so that the runner's memory and time limits and its signals
+    cover them all; their rank 0 holds the run's lock. torchrun exits 1 whatever its ranks'
+    codes, so the cause is their last `error:` line, which also tells bad input from a bug."""
+    import subprocess
+
+    from ..distributed import launch_command
+
+    args = ["run", spec["config"], "--out", spec["out"], "--no-progress"]
+    for override in spec["overrides"]:
+        args += ["--set", override]
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    process = subprocess.Popen(launch_command(nproc, args), stdout=sys.stdout, stderr=subprocess.PIPE,
+                               stdin=subprocess.DEVNULL, text=True, errors="replace", env=env)
+    error = None
+    try:
+        for line in process.stderr:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+            if line.startswith("error: "):
+                error = line.removeprefix("error: ").strip()
+        code = process.wait()
+    except KeyboardInterrupt:  # torchrun passes the signal on to its ranks; give them time to stop
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        raise
+    if code == 0:
+        return 0
+    if error is not None:
+        raise UserError(error)
+    raise RuntimeError(f"torchrun exited with code {code} (see the job log)")

@@ -26,6 +26,11 @@ class WatchOptions:
     max_files: int | None = None
     job_memory: int | None = None  # bytes a job may use; None: default_job_memory(workers)
     job_timeout: float | None = None  # seconds an attempt of a job may run; None: no limit
+    nproc_per_job: int = 1  # processes per job, through torchrun (the limits apply to them all)
+
+    def __post_init__(self):
+        if self.nproc_per_job < 1:
+            raise UserError(f"--nproc-per-job must be at least 1, got {self.nproc_per_job}")
 
 
 def default_job_memory(workers: int) -> int:

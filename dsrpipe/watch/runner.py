@@ -142,8 +142,10 @@ class Runner:
 
     def _job_settings(self) -> dict[str, Any]:
         workers = self.opts.workers
-        threads = None if "OMP_NUM_THREADS" in os.environ else max(1, (os.cpu_count() or 1) // workers)
-        return {"threads": threads, "max_unpacked": self.opts.max_unpacked, "max_files": self.opts.max_files}
+        nproc = self.opts.nproc_per_job
+        threads = None if "OMP_NUM_THREADS" in os.environ else max(1, (os.cpu_count() or 1) // (workers * nproc))
+        return {"threads": threads, "max_unpacked": self.opts.max_unpacked, "max_files": self.opts.max_files,
+                "nproc": nproc}
 
     def _enforce_limits(self) -> None:
         live = [r for r in self.running.values() if r.killed is None]

@@ -1,0 +1,44 @@
+"""A training stage's figures as TensorBoard scalars: what metrics.jsonl holds, one point per
+epoch (step = epoch), in <out>/<name>/tensorboard/<stage>/ (see dsrpipe.rundir)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+# tag -> the metrics.jsonl key it plots
+SCALARS = {
+    "loss/train": "train_loss", "loss/test": "test_loss", "top1/train": "train_top1", "top1/test": "test_top1",
+    "lr": "lr", "sparsity/threshold_H": "threshold", "sparsity/pruned": "pruned",
+    "sparsity/reallocations": "reallocations", "sparsity/active_params": "active_params",
+    "sparsity/pruned_grown_share": "pruned_grown_share", "speed/images_per_second": "images_per_second",
+}
+
+
+class ScalarLog:
+    """Event files written from the stage's history: the folder is rewritten from the history at
+    the start (a resumed stage, or one started over, so that no epoch is ever there twice), then
+    each epoch is added as it completes."""
+
+    def __init__(self, folder: Path, history: list[dict[str, Any]]):
+        from torch.utils.tensorboard import SummaryWriter
+
+        shutil.rmtree(folder, ignore_errors=True)
+        self.writer = SummaryWriter(str(folder))
+        for record in history:
+            self.add(record)
+
+    def add(self, record: dict[str, Any]) -> None:
+        step = record["epoch"]
+        for tag, key in SCALARS.items():
+            if record.get(key) is not None:
+                self.writer.add_scalar(tag, record[key], step)
+        if record.get("reallocations"):
+            self.writer.add_scalar("sparsity/pruned_per_reallocation", record["pruned"] / record["reallocations"], step)
+        for layer, density in record["layer_density"].items():
+            self.writer.add_scalar(f"layer_density/{layer}", density, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
