@@ -13,8 +13,11 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from dsrpipe.errors import UserError, ValidationFailed
+from dsrpipe import export as export_module
+from dsrpipe.encoding import decoded_weights, encode_weights
+from dsrpipe.errors import EXIT_VALIDATION, UserError, ValidationFailed
 from dsrpipe.export import export_onnx
+from dsrpipe.quantize import check_zeros_quantized
 from dsrpipe.validate import validate_onnx
 
 
@@ -59,15 +62,8 @@ def pruned_cnn(density: float = 0.1) -> nn.Module:
 
 
 def stored_weights(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Every constant tensor in the file, sparse ones densified."""
-    tensors = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
-    for node in proto.graph.node:
-        if node.op_type == "Constant" and node.attribute[0].name == "sparse_value":
-            sparse = node.attribute[0].sparse_tensor
-            dense = np.zeros(int(np.prod(sparse.dims)), dtype=np.float32)
-            dense[numpy_helper.to_array(sparse.indices)] = numpy_helper.to_array(sparse.values)
-            tensors[node.output[0]] = dense.reshape(tuple(sparse.dims))
-    return tensors
+    """Every weight in the file as the graph computes it, sparse and compact ones decoded."""
+    return decoded_weights(proto)
 
 
 @pytest.fixture(scope="module")
@@ -116,17 +112,109 @@ def test_pruned_weights_stay_exactly_zero(exported):
     assert exported.summary["zero_weights"] == sum(int((w == 0).sum()) for w in weights.values())
 
 
-def test_sparse_storage_shrinks_file_without_changing_outputs(exported, tmp_path, test_set):
-    summary = exported.summary
-    assert summary["sparse_initializers"] == 2  # conv2 and the classifier; conv1 is too small
-    assert summary["onnx_bytes"] < 0.5 * summary["dense_onnx_bytes"]
+def export_as(model, path, test_set, **options):
+    return export_onnx(model, path, in_channels=1, image_size=8, mean=test_set.info.mean, std=test_set.info.std,
+                       metadata={}, **options)
 
-    dense = export_onnx(exported.model, tmp_path / "dense.onnx", in_channels=1, image_size=8,
-                        mean=test_set.info.mean, std=test_set.info.std, metadata={}, sparse_initializers=False)
-    assert dense["sparse_initializers"] == 0
-    assert dense["onnx_bytes"] > 2 * summary["onnx_bytes"]
+
+def optimized_ops(path) -> list[str]:
+    """The op types onnxruntime runs after its graph optimisations (constant folding included)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(path) + ".optimized"
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return sorted(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+
+
+def test_encodings_shrink_the_file_without_changing_outputs(exported, tmp_path, test_set):
+    summary = exported.summary
+    assert summary["encoding"] == "compact" and summary["quantize"] == "none"
+    assert summary["encoded_tensors"] == 2  # conv2 and the classifier; conv1 is too small
+    dense = export_as(exported.model, tmp_path / "dense.onnx", test_set, encoding="dense")
+    coo = export_as(exported.model, tmp_path / "coo.onnx", test_set, encoding="coo")
+    assert dense["encoded_tensors"] == 0 and coo["encoded_tensors"] == 2
+    assert dense["onnx_bytes"] == pytest.approx(summary["dense_onnx_bytes"], rel=0.01)
+    assert summary["onnx_bytes"] < 0.7 * coo["onnx_bytes"] and coo["onnx_bytes"] < 0.5 * dense["onnx_bytes"]
     pixels = torch.rand(5, 1, 8, 8)
-    np.testing.assert_array_equal(run_onnx(exported.path, pixels), run_onnx(dense["path"], pixels))
+    expected = run_onnx(dense["path"], pixels)
+    for path in (exported.path, coo["path"]):
+        assert np.array_equal(run_onnx(path, pixels), expected)  # bit-identical, not merely close
+        onnx.checker.check_model(str(path), full_check=True)
+    assert {p.key: p.value for p in onnx.load(str(exported.path)).metadata_props}["encoding"] == "compact"
+
+
+def test_onnxruntime_folds_the_decoder_at_session_creation(exported, tmp_path, test_set):
+    dense = export_as(exported.model, tmp_path / "dense.onnx", test_set, encoding="dense")
+    stored_ops = {n.op_type for n in onnx.load(str(exported.path)).graph.node}
+    assert {"ScatterElements", "CumSum", "Gather"} <= stored_ops  # the file holds a decoder...
+    assert optimized_ops(exported.path) == optimized_ops(dense["path"])  # ...that is gone once loaded
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int8])
+@pytest.mark.parametrize("density", [0.0, 0.003, 0.1, 0.6, 1.0])
+def test_compact_encoding_round_trips_any_pattern(tmp_path, dtype, density):
+    """Each density picks another code width (8-bit with gaps over 255 bridged, 4, 2, 1 bit);
+    zeros at either end, empty tensors and full ones come back exactly."""
+    rng = np.random.default_rng(0)
+    array = (rng.integers(1, 100, size=(40, 30, 3)) * (rng.random((40, 30, 3)) < density)).astype(dtype)
+    array[0, 0, 0] = 0
+    array[-1, -1, -1] = 7 * (density > 0)
+    other = (rng.integers(-50, 50, size=(300,)) * (rng.random(300) < density)).astype(dtype)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["w"], ["out_w"]), onnx.helper.make_node("Identity", ["v"], ["out_v"])],
+        "g", [], [onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), a.shape)
+                  for n, a in (("out_w", array), ("out_v", other))],
+        [numpy_helper.from_array(array, "w"), numpy_helper.from_array(other, "v")])
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+    encoded = encode_weights(proto, "compact")
+    assert encoded == (0 if density == 1.0 else 2)  # stored dense where coding would not pay
+    onnx.checker.check_model(proto, full_check=True)
+    (tmp_path / "m.onnx").write_bytes(proto.SerializeToString())
+    out_w, out_v = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {})
+    assert np.array_equal(out_w, array) and np.array_equal(out_v, other)
+    assert np.array_equal(decoded_weights(proto)["w"], array)
+
+
+def test_export_that_loses_a_zero_is_refused(monkeypatch, tmp_path, test_set):
+    model = pruned_cnn()
+    trace = export_module._trace_to_onnx
+
+    def losing_a_zero(*args):
+        proto = trace(*args)
+        weight = next(t for t in proto.graph.initializer if t.name == "model.3.weight")
+        array = numpy_helper.to_array(weight).copy()
+        array.flat[np.flatnonzero(array == 0)[0]] = 1e-3
+        weight.CopyFrom(numpy_helper.from_array(array, weight.name))
+        return proto
+
+    monkeypatch.setattr(export_module, "_trace_to_onnx", losing_a_zero)
+    with pytest.raises(RuntimeError, match="lost zeros in 3.weight"):
+        export_as(model, tmp_path / "model.onnx", test_set)
+    assert not (tmp_path / "model.onnx").exists()
+
+
+def test_int8_loss_of_a_zero_is_refused():
+    fp32_weight = np.array([[0.0, 0.5], [0.25, 0.0]], dtype=np.float32)
+    int8_weight = np.array([[0, 127], [64, 1]], dtype=np.int8)  # the last zero came back as 1
+
+    def model(*initializers, nodes=()):
+        graph = onnx.helper.make_graph(list(nodes), "g", [], [], list(initializers))
+        return onnx.helper.make_model(graph)
+
+    fp32 = model(numpy_helper.from_array(fp32_weight, "model.fc.weight"))
+    dq = onnx.helper.make_node("DequantizeLinear", ["model.fc.weight_quantized", "s"], ["w"])
+    scale = numpy_helper.from_array(np.array(0.004, dtype=np.float32), "s")
+    with pytest.raises(RuntimeError, match="lost 1 zeros in model.fc.weight"):
+        check_zeros_quantized(fp32, model(numpy_helper.from_array(int8_weight, "model.fc.weight_quantized"), scale,
+                                          nodes=[dq]))
+    int8_weight[1, 1] = 0
+    check_zeros_quantized(fp32, model(numpy_helper.from_array(int8_weight, "model.fc.weight_quantized"), scale,
+                                      nodes=[dq]))
+    dq.input.append("zp")
+    zero_point = numpy_helper.from_array(np.array(3, dtype=np.int8), "zp")
+    with pytest.raises(RuntimeError, match="non-zero zero point"):
+        check_zeros_quantized(fp32, model(numpy_helper.from_array(int8_weight, "model.fc.weight_quantized"), scale,
+                                          zero_point, nodes=[dq]))
 
 
 def test_failed_export_leaves_previous_file_intact(tmp_path):
