@@ -199,7 +199,6 @@ SHARED = "dsr"  # the decoders' common constants
 
 def _shared_constants() -> list[onnx.TensorProto]:
     return [numpy_helper.from_array(np.array(0, dtype=np.int64), f"{SHARED}.zero"),
-            numpy_helper.from_array(np.array([0], dtype=np.int64), f"{SHARED}.zero1"),
             numpy_helper.from_array(np.array(1, dtype=np.int64), f"{SHARED}.one"),
             numpy_helper.from_array(np.array([-1], dtype=np.int64), f"{SHARED}.flat")]
 
