@@ -271,7 +271,7 @@ def digits_train_pixels() -> np.ndarray:
     return (load_digits().images[:-360, None] / 16.0).astype(np.float32)
 
 
-def train_masked(model: nn.Module, test_set, steps: int = 100) -> nn.Module:
+def train_masked(model: nn.Module, test_set, steps: int = 50) -> nn.Module:
     """`model` trained on the digits training split with Adam, its zero weights held at zero."""
     from sklearn.datasets import load_digits
 
