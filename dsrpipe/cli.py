@@ -152,6 +152,18 @@ def validate(pipeline: Path = PipelineArg, out: Path = OutOption, overrides: lis
 
 @app.command()
 @_user_errors
+def predict(model: Path = typer.Argument(..., help="An exported model.onnx.", show_default=False),
+            images: list[Path] = typer.Argument(..., help="Image files, or folders of them.", show_default=False),
+            top_k: int = typer.Option(1, "--top-k", "-k", help="Classes to list per image.")):
+    """Classify images with an exported model (onnxruntime, numpy and Pillow only)."""
+    from .predict import format_predictions
+    from .predict import predict as classify
+
+    typer.echo(format_predictions(classify(model, images, top_k)))
+
+
+@app.command()
+@_user_errors
 def check(pipeline: Path = PipelineArg, overrides: list[str] = SetOption):
     """Validate a pipeline YAML without running it."""
     cfg = _load(pipeline, overrides)

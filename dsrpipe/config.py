@@ -438,8 +438,20 @@ class FinetuneConfig(OptimConfig):
 
 class ExportConfig(Section):
     opset: int = Field(18, ge=MIN_OPSET)
-    sparse_initializers: bool = True  # store pruned weights as ONNX sparse tensors: smaller files
     shrink: bool = True  # remove channels whose filters are all zero: a smaller, faster graph, same logits
+    # How pruned weights are stored (dsrpipe.encoding): compact is the smallest, dense the plainest.
+    encoding: Literal["dense", "coo", "compact"] = "compact"
+    # int8: model.onnx is the int8 QDQ model, model.fp32.onnx the float32 one (dsrpipe.quantize).
+    quantize: Literal["none", "int8"] = "none"
+    calibration_images: int = Field(300, ge=1, le=MAX_IMAGES)  # training images that calibrate int8
+
+    @model_validator(mode="before")
+    @classmethod
+    def _replaced_keys(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and "sparse_initializers" in raw:
+            raise ValueError("sparse_initializers is replaced by encoding: dense | coo | compact "
+                             "(sparse_initializers: true was coo; compact is smaller)")
+        return raw
 
     @field_validator("opset")
     @classmethod
@@ -452,9 +464,13 @@ class ExportConfig(Section):
 
 
 class ValidateConfig(Section):
-    min_top1: float | None = Field(None, ge=0, le=1)
-    max_abs_diff: float | None = Field(None, gt=0)
-    latency_runs: int = Field(200, ge=1, le=MAX_LATENCY_RUNS)
+    min_top1: float | None = Field(None, ge=0, le=1)  # the shipped model's (int8 if quantized)
+    # float32 ONNX against torch, on the whole test split: on by default, off with null.
+    max_abs_diff: float | None = Field(1e-2, gt=0)
+    min_agreement: float | None = Field(0.99, ge=0, le=1)
+    max_top1_drop: float | None = Field(0.02, ge=0, le=1)  # int8 top-1 below float32 ONNX top-1
+    latency_runs: int = Field(200, ge=1, le=MAX_LATENCY_RUNS)  # batch 1, per model
+    throughput_runs: int = Field(20, ge=1, le=MAX_LATENCY_RUNS)  # batch 64, per model
     batch_size: int = Field(256, ge=1, le=MAX_BATCH)
 
 

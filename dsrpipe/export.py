@@ -1,14 +1,13 @@
 """Export a trained classifier as one self-contained ONNX file that takes [0,1] pixels.
 
 The graph normalises its input itself, so a deployer needs nothing but the file and
-onnxruntime. Pruned weights are stored sparsely: each large, mostly-zero weight becomes a
-`Constant` node with a `sparse_value` (values + int64 flat indices) instead of a dense
-initializer. onnxruntime densifies it at load time, giving bit-identical outputs.
+onnxruntime. Pruned weights are stored by `encoding` (dsrpipe.encoding: dense, coo or compact;
+compact, the smallest, by default), which onnxruntime turns back into the exact dense weights
+at session creation: outputs are bit-identical to the dense export's.
 
-Why `Constant(sparse_value)` and not `graph.sparse_initializer`: onnxruntime runs both, but
-ONNX shape inference types a sparse initializer as `sparse_tensor(float)`, which Conv and Gemm
-reject, so `onnx.checker.check_model(full_check=True)` fails; a Constant's output is a dense
-tensor, so the file stays valid ONNX.
+With `quantize="int8"` the shipped file holds int8 QDQ weights and activations
+(dsrpipe.quantize), encoded the same way, and the float32 model is written beside it
+(`fp32_path`) as the reference that validation checks it against.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import io
 import re
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import onnx
@@ -27,13 +26,14 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from . import __version__
+from .encoding import ENCODINGS, drop_default_attributes, encode_weights, shorten_names
 from .errors import UserError
 from .files import atomic_path
+from .quantize import QUANTIZED_SUFFIX, quantize_int8
 
 INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
-# Below this many elements a sparse encoding cannot save enough to matter.
-MIN_SPARSE_NUMEL = 256
-INDEX_BYTES = 8  # ONNX requires int64 indices in a SparseTensorProto
+QUANTIZE = ("none", "int8")
+WEIGHT_PREFIX = "model."  # the exporter names the wrapped model's weights model.<parameter>
 
 
 class PixelClassifier(nn.Module):
@@ -59,38 +59,56 @@ def export_onnx(
     std: Sequence[float],
     metadata: dict[str, str],
     opset: int = 18,
-    sparse_initializers: bool = True,
+    encoding: str = "compact",
+    quantize: str = "none",
+    calibration: Iterable[np.ndarray] | None = None,
+    fp32_path: str | Path | None = None,
 ) -> dict:
     """Write `model` (which takes normalised NCHW input) to `path` as an ONNX classifier with
     input `pixels` (float32 [batch, C, H, W] in [0,1]) and output `logits` (dynamic batch).
 
-    The write is atomic: if anything fails, a previous file at `path` is left untouched."""
+    `quantize="int8"` needs `calibration` (batches of raw training pixels) and `fp32_path`,
+    where the float32 model goes. The writes are atomic: if anything fails, previous files are
+    left untouched."""
+    if encoding not in ENCODINGS or quantize not in QUANTIZE:
+        raise ValueError(f"encoding {encoding!r} / quantize {quantize!r}: expected {ENCODINGS} / {QUANTIZE}")
+    if quantize == "int8" and (calibration is None or fp32_path is None):
+        raise ValueError("int8 export needs calibration batches and an fp32_path")
     path = Path(path)
     proto = _trace_to_onnx(model, in_channels, image_size, mean, std, opset)
     _check_zeros_kept(model, proto)
     _strip_exporter_metadata(proto)
     proto.producer_name, proto.producer_version = "dsrpipe", __version__
-    proto.doc_string = (
-        f"dsrpipe classifier: input '{INPUT_NAME}' float32 [batch, {in_channels}, {image_size}, {image_size}] "
-        f"pixels in [0,1] (normalised inside the graph); output '{OUTPUT_NAME}' [batch, classes]."
-    )
+    proto.doc_string = (f"dsrpipe classifier: {INPUT_NAME} float32 [N,{in_channels},{image_size},{image_size}] "
+                        f"in [0,1] -> {OUTPUT_NAME} [N,classes]")
     existing = {p.key: p.value for p in proto.metadata_props}
-    helper.set_model_props(proto, {**existing, **metadata})
+    helper.set_model_props(proto, {**existing, **metadata, "encoding": encoding, "quantize": "none"})
 
     dense_bytes = proto.ByteSize()
     zero_weights = sum(int(np.count_nonzero(numpy_helper.to_array(t) == 0)) for t in _weights(proto))
-    num_sparse = _sparsify_initializers(proto) if sparse_initializers else 0
-    onnx.checker.check_model(proto, full_check=True)
+    shipped = proto
+    if quantize == "int8":
+        shipped = quantize_int8(proto, calibration, INPUT_NAME)
+        helper.set_model_props(shipped, {**{p.key: p.value for p in proto.metadata_props}, "quantize": quantize})
+    # The weights keep their names, float32 and int8 alike: the name says which layer it is.
+    weight_names = {t.name for t in _weights(proto)}
+    weight_names |= {name + QUANTIZED_SUFFIX for name in weight_names}
+    result = {"path": str(path), "encoding": encoding, "quantize": quantize,
+              "dense_onnx_bytes": dense_bytes, "zero_weights": zero_weights}
+    if quantize == "int8":
+        result["fp32"] = _encode_and_save(proto, Path(fp32_path), encoding, weight_names)
+    return {**result, **_encode_and_save(shipped, path, encoding, weight_names)}
 
+
+def _encode_and_save(proto: onnx.ModelProto, path: Path, encoding: str, weight_names: set[str]) -> dict:
+    encoded = encode_weights(proto, encoding)
+    if encoding == "compact":
+        shorten_names(proto, keep=weight_names)
+        drop_default_attributes(proto)
+    onnx.checker.check_model(proto, full_check=True)
     with atomic_path(path) as tmp:
         onnx.save_model(proto, tmp)  # one file: the proto holds all tensor data
-    return {
-        "path": str(path),
-        "onnx_bytes": path.stat().st_size,
-        "dense_onnx_bytes": dense_bytes,
-        "zero_weights": zero_weights,
-        "sparse_initializers": num_sparse,
-    }
+    return {"path": str(path), "onnx_bytes": path.stat().st_size, "encoded_tensors": encoded}
 
 
 def _trace_to_onnx(model, in_channels, image_size, mean, std, opset) -> onnx.ModelProto:
@@ -139,7 +157,7 @@ def _check_zeros_kept(model: nn.Module, proto: onnx.ModelProto) -> None:
     survives BN folding (per-channel scaling) and any transpose the exporter applies."""
     initializers = {t.name: t for t in proto.graph.initializer}
     for name, param in model.named_parameters():
-        tensor = initializers.get(f"model.{name}")
+        tensor = initializers.get(f"{WEIGHT_PREFIX}{name}")
         if tensor is None or param.dim() < 2:
             continue
         kept = np.count_nonzero(numpy_helper.to_array(tensor) == 0)
@@ -161,35 +179,4 @@ def _strip_exporter_metadata(proto: onnx.ModelProto) -> None:
 
 def _weights(proto: onnx.ModelProto):
     """The model's conv/linear weights (not the normalisation buffers or shape constants)."""
-    return [t for t in proto.graph.initializer if t.name.startswith("model.") and len(t.dims) >= 2]
-
-
-def _sparsify_initializers(proto: onnx.ModelProto) -> int:
-    """Replace each initializer whose sparse encoding is smaller than its dense one by a
-    `Constant(sparse_value=...)` node; return how many were replaced.
-
-    With int64 indices a non-zero costs its value plus 8 bytes, so float32 weights pay off
-    below 1/3 density (DSR's 80-95% sparsity is well inside that)."""
-    graph = proto.graph
-    constants, dense = [], []
-    for tensor in graph.initializer:
-        array = numpy_helper.to_array(tensor)
-        flat = array.reshape(-1)
-        nonzero = np.flatnonzero(flat)
-        sparse_bytes = nonzero.size * (array.itemsize + INDEX_BYTES)
-        if array.size < MIN_SPARSE_NUMEL or sparse_bytes >= array.nbytes:
-            dense.append(tensor)
-            continue
-        sparse = helper.make_sparse_tensor(
-            numpy_helper.from_array(flat[nonzero], tensor.name),
-            numpy_helper.from_array(nonzero.astype(np.int64)),
-            array.shape,
-        )
-        constants.append(helper.make_node("Constant", [], [tensor.name], sparse_value=sparse))
-    if constants:
-        del graph.initializer[:]
-        graph.initializer.extend(dense)
-        nodes = constants + list(graph.node)  # constants first: nodes must be topologically sorted
-        del graph.node[:]
-        graph.node.extend(nodes)
-    return len(constants)
+    return [t for t in proto.graph.initializer if t.name.startswith(WEIGHT_PREFIX) and len(t.dims) >= 2]

@@ -2,12 +2,14 @@
 
 Output contract, relied upon by users and tools (the whole layout: dsrpipe.rundir):
   <out>/<name>/model.onnx    the deployable model (float32 NCHW pixels in [0, 1] → logits)
+  <out>/<name>/model.fp32.onnx  beside an int8 model.onnx: the float32 model it quantizes
   <out>/<name>/report.json   what was trained and how the exported model measured
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -74,12 +76,30 @@ def export_stage(cfg: Pipeline, out: Path, *, force: bool = False) -> Path:
         log(cfg, f"export: shrink removed {sum(shrunk['removed_channels'].values())} channels "
                  f"({len(shrunk['removed_channels'])} layers): params {shrunk['params_before']:,} → "
                  f"{shrunk['params_after']:,}, MACs {shrunk['macs_before']:,} → {shrunk['macs_after']:,}")
+    int8 = cfg.export.quantize == "int8"
     result = export_onnx(model, run.onnx, in_channels=info["in_channels"], image_size=info["image_size"],
                          mean=info["mean"], std=info["std"], metadata=metadata, opset=cfg.export.opset,
-                         sparse_initializers=cfg.export.sparse_initializers)
-    log(cfg, f"export: {run.onnx} ({result['onnx_bytes']:,} bytes, "
-                  f"{summary['sparsity']:.1%} sparse)")
+                         encoding=cfg.export.encoding, quantize=cfg.export.quantize,
+                         calibration=_calibration_batches(cfg) if int8 else None,
+                         fp32_path=run.fp32_onnx if int8 else None)
+    if not int8:
+        run.fp32_onnx.unlink(missing_ok=True)  # from an earlier int8 export: not this model's
+    log(cfg, f"export: {run.onnx} ({result['onnx_bytes']:,} bytes, {cfg.export.encoding}"
+             f"{', int8' if int8 else ''}; dense {result['dense_onnx_bytes']:,}; {summary['sparsity']:.1%} sparse)")
     return run.onnx
+
+
+def _calibration_batches(cfg: Pipeline):
+    """A fixed random sample of `export.calibration_images` training images, raw [0, 1] pixels
+    as the graph takes them."""
+    train_set, _ = cfg.data.load()
+    remaining = cfg.export.calibration_images
+    for pixels, _ in train_set.batches(min(remaining, 128), shuffle=True, augment=False, seed=cfg.seed, epoch=0,
+                                       normalize=False):
+        if remaining <= 0:
+            return
+        yield pixels[:remaining].cpu().numpy()
+        remaining -= len(pixels)
 
 
 def validate_stage(cfg: Pipeline, out: Path, *, force: bool = False) -> dict[str, Any]:
@@ -97,13 +117,20 @@ def validate_stage(cfg: Pipeline, out: Path, *, force: bool = False) -> dict[str
     fingerprint = run.fingerprint("validate", cfg)
     checkpoint, model = _load_trained(run, cfg)
     _, test_set = cfg.data.load()
-    try:
-        metrics = validate_onnx(run.onnx, model, test_set, batch_size=cfg.validation.batch_size,
-                                latency_runs=cfg.validation.latency_runs, min_top1=cfg.validation.min_top1,
-                                max_abs_diff=cfg.validation.max_abs_diff)
-        failure = None
-    except ValidationFailed as exc:
-        metrics, failure = exc.report, str(exc)
+    v = cfg.validation
+    with tempfile.TemporaryDirectory(prefix="dsrpipe-dense-") as tmp:
+        dense = dense_reference(checkpoint, model, Path(tmp) / "dense.onnx", cfg.export.opset,
+                                metadata=_onnx_metadata(run.onnx))
+        try:
+            metrics = validate_onnx(run.onnx, model, test_set, dense_path=dense,
+                                    fp32_path=run.fp32_onnx if cfg.export.quantize == "int8" else None,
+                                    batch_size=v.batch_size, latency_runs=v.latency_runs,
+                                    throughput_runs=v.throughput_runs, min_top1=v.min_top1,
+                                    max_abs_diff=v.max_abs_diff, min_agreement=v.min_agreement,
+                                    max_top1_drop=v.max_top1_drop)
+            failure = None
+        except ValidationFailed as exc:
+            metrics, failure = exc.report, str(exc)
     history = checkpoint["history"]
     report = {
         "name": cfg.name, "dataset": cfg.data.dataset, "model": cfg.model.name,
@@ -114,18 +141,39 @@ def validate_stage(cfg: Pipeline, out: Path, *, force: bool = False) -> dict[str
         **({"shrink": json.loads(shrunk)} if (shrunk := onnx_metadata(run.onnx).get("shrink")) else {}),
         "train_epochs": cfg.train.epochs, "finetune_epochs": cfg.finetune.epochs,
         "final_test_top1_torch_training": history[-1]["test_top1"] if history else None,
-        "thresholds": {"min_top1": cfg.validation.min_top1, "max_abs_diff": cfg.validation.max_abs_diff},
+        "thresholds": {"min_top1": v.min_top1, "max_abs_diff": v.max_abs_diff, "min_agreement": v.min_agreement,
+                       **({"max_top1_drop": v.max_top1_drop} if cfg.export.quantize == "int8" else {})},
         "passed": failure is None, "failure": failure,
         "dsrpipe_version": __version__, "fingerprint": fingerprint,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     files.write_json(run.report, report)
     _write_run_plots(cfg, run, report, shipped_history=history)
-    log(cfg, f"validate: onnx top-1 {report['onnx_top1']:.4f}, torch top-1 "
+    int8 = f" (int8; float32 {report['fp32_onnx_top1']:.4f})" if cfg.export.quantize == "int8" else ""
+    log(cfg, f"validate: onnx top-1 {report['onnx_top1']:.4f}{int8}, torch top-1 "
                   f"{report['torch_top1']:.4f}, agreement {report['top1_agreement']:.4f}, max |Δlogit| "
-                  f"{report['max_abs_logit_diff']:.2e}, p50 {report['latency_ms']['p50']:.3f} ms → {run.report}")
+                  f"{report['max_abs_logit_diff']:.2e}, p50 {report['latency_ms']['p50']:.3f} ms, "
+                  f"{report['size_ratio']:.3f}x the dense bytes, {report['speedup']['latency_p50']:.2f}x "
+                  f"its speed → {run.report}")
     _raise_if_failed(report)
     return report
+
+
+def dense_reference(checkpoint: dict[str, Any], model: torch.nn.Module, path: Path, opset: int,
+                    metadata: dict[str, str]) -> Path:
+    """`model` exported with dense float32 weights: what validation measures the shipped model's
+    size and speed against. `model` is the trained one, so the same architecture, unshrunk."""
+    info = checkpoint["data_info"]
+    export_onnx(model, path, in_channels=info["in_channels"], image_size=info["image_size"], mean=info["mean"],
+                std=info["std"], metadata=metadata, opset=opset, encoding="dense")
+    return path
+
+
+def _onnx_metadata(path: Path) -> dict[str, str]:
+    """The metadata of an exported model, for its dense reference to carry the same bytes."""
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
 
 
 def _write_run_plots(cfg: Pipeline, run: RunDir, report: dict[str, Any],

@@ -258,6 +258,12 @@ def run_markdown(report: dict, train_epochs: int, finetune_epochs: int) -> str:
         ("latency p50 / p95 (batch 1, onnxruntime CPU)",
          f"{latency['p50']:.3f} / {latency['p95']:.3f} ms" if latency else "n/a"),
         ("ONNX file size", "n/a" if size is None else f"{size:,} bytes ({size / 1024:.1f} KiB)"),
+        *([("vs the dense model (bytes; p50 speed; batch-64 throughput)",
+            f"{report['size_ratio']:.3f}×; {report['speedup']['latency_p50']:.2f}×; "
+            f"{report['speedup']['throughput']:.2f}×")] if "speedup" in report else []),
+        *([("int8: top-1 float32 ONNX / agreement with it",
+            f"{_pct(report['fp32_onnx_top1'])} / {_pct(report['int8_agreement'])}")]
+          if "int8_agreement" in report else []),
         ("epochs (train + fine-tune)", f"{train_epochs} + {finetune_epochs}"),
     ]
     status = ("**Validation passed.**" if report.get("passed", True)

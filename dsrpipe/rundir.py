@@ -5,6 +5,7 @@
       train/  finetune/          each: last.pt (after every epoch), final.pt (stage complete), metrics.jsonl
       tensorboard/<stage>/       TensorBoard event files: metrics.jsonl's figures as scalars
       model.onnx  report.json    the exported model and how it measured
+      model.fp32.onnx            with export.quantize: int8, the float32 model that model.onnx quantizes
       report.md  *.png           its pictures (dsrpipe.plots)
 
 Every output records a fingerprint: the settings it was made with and the id of what it was made
@@ -55,6 +56,7 @@ class RunDir:
     def __init__(self, out: str | Path, name: str):
         self.path = Path(out) / name
         self.onnx = self.path / "model.onnx"
+        self.fp32_onnx = self.path / "model.fp32.onnx"
         self.report = self.path / "report.json"
         self.lock_file = self.path / "run.lock"
 

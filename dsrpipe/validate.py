@@ -1,5 +1,6 @@
 """Check an exported ONNX file against the torch model it came from, the way a deployer runs it:
-onnxruntime on CPU, fed raw [0,1] pixels, with no dsrpipe code in the loop."""
+onnxruntime on CPU, fed raw [0,1] pixels, with no dsrpipe code in the loop; and time it side by
+side with the dense model of the same architecture."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from .errors import UserError, ValidationFailed
 
 WARMUP_RUNS = 10
+THROUGHPUT_BATCH = 64
 
 
 def validate_onnx(
@@ -20,64 +22,101 @@ def validate_onnx(
     torch_model: torch.nn.Module,
     test_set,
     *,
+    fp32_path=None,
+    dense_path=None,
     batch_size: int = 256,
     latency_runs: int = 200,
+    throughput_runs: int = 20,
     min_top1: float | None = None,
     max_abs_diff: float | None = None,
+    min_agreement: float | None = None,
+    max_top1_drop: float | None = None,
     threads: int | None = None,
 ) -> dict:
-    """Compare ONNX and torch on the whole test split and time ONNX at batch 1.
+    """Compare ONNX and torch on the whole test split; time the shipped model (and, given
+    `dense_path`, the dense model beside it).
 
-    Raises ValidationFailed (with the metrics as `.report`) when a set threshold is missed."""
+    `onnx_path` is the shipped model. If it is quantized, `fp32_path` is its float32 model: the
+    torch parity checks (max_abs_diff, min_agreement) apply to that one, and max_top1_drop bounds
+    how far the shipped top-1 falls below it. min_top1 applies to the shipped model. Raises
+    ValidationFailed (with the metrics as `.report`) when a set threshold is missed."""
     onnx_path = Path(onnx_path)
-    session = _open_session(onnx_path, threads)
-    input_name = session.get_inputs()[0].name
+    shipped = _open_session(onnx_path, threads)
+    fp32 = _open_session(Path(fp32_path), threads) if fp32_path is not None else shipped
+    quantized = fp32 is not shipped
+    input_name = shipped.get_inputs()[0].name
 
     modes = {m: m.training for m in torch_model.modules()}
     device = next(torch_model.parameters(), torch.empty(0)).device
     torch_model.eval()
-    num_test = torch_correct = onnx_correct = agree = 0
+    num_test = torch_correct = fp32_correct = shipped_correct = agree = shipped_agree = 0
     max_diff = 0.0
     try:
         # Same order twice (no shuffle): raw pixels for ONNX, the training normalisation for torch,
         # so a mismatch between the in-graph and the dataset normalisation shows up as a diff.
         raw_batches = test_set.batches(batch_size, shuffle=False, augment=False, seed=0, epoch=0, normalize=False)
         normalized_batches = test_set.batches(batch_size, shuffle=False, augment=False, seed=0, epoch=0, normalize=True)
+        samples = []
         for (raw, labels), (normalized, _) in zip(raw_batches, normalized_batches):
-            onnx_logits = session.run(None, {input_name: raw.cpu().numpy().astype(np.float32)})[0]
+            pixels = raw.cpu().numpy().astype(np.float32)
+            if sum(len(s) for s in samples) < THROUGHPUT_BATCH:
+                samples.append(pixels[:THROUGHPUT_BATCH])
+            fp32_logits = fp32.run(None, {input_name: pixels})[0]
             with torch.no_grad():
                 torch_logits = torch_model(normalized.to(device)).float().cpu().numpy()
             labels = labels.cpu().numpy()
-            onnx_pred, torch_pred = onnx_logits.argmax(1), torch_logits.argmax(1)
+            fp32_pred, torch_pred = fp32_logits.argmax(1), torch_logits.argmax(1)
+            shipped_pred = shipped.run(None, {input_name: pixels})[0].argmax(1) if quantized else fp32_pred
             num_test += len(labels)
-            onnx_correct += int((onnx_pred == labels).sum())
+            fp32_correct += int((fp32_pred == labels).sum())
+            shipped_correct += int((shipped_pred == labels).sum())
             torch_correct += int((torch_pred == labels).sum())
-            agree += int((onnx_pred == torch_pred).sum())
-            max_diff = max(max_diff, float(np.abs(onnx_logits - torch_logits).max()))
-        one_image = raw[:1].cpu().numpy().astype(np.float32) if num_test else None
+            agree += int((fp32_pred == torch_pred).sum())
+            shipped_agree += int((shipped_pred == fp32_pred).sum())
+            max_diff = max(max_diff, float(np.abs(fp32_logits - torch_logits).max()))
     finally:
         for module, training in modes.items():
             module.training = training
     if num_test == 0:
         raise UserError("validation needs a non-empty test split")
 
+    meta = shipped.get_modelmeta().custom_metadata_map
     report = {
         "torch_top1": torch_correct / num_test,
-        "onnx_top1": onnx_correct / num_test,
-        "top1_agreement": agree / num_test,
-        "max_abs_logit_diff": max_diff,
-        "latency_ms": _latency_ms(session, {input_name: one_image}, latency_runs),
+        "onnx_top1": shipped_correct / num_test,  # the shipped model's
+        "fp32_onnx_top1": fp32_correct / num_test,
+        "top1_agreement": agree / num_test,  # float32 ONNX vs torch
+        "max_abs_logit_diff": max_diff,  # float32 ONNX vs torch
+        "encoding": meta.get("encoding"),
+        "quantize": meta.get("quantize", "none"),
+        **({"int8_agreement": shipped_agree / num_test,
+            "int8_top1_drop": (fp32_correct - shipped_correct) / num_test} if quantized else {}),
         "onnx_bytes": onnx_path.stat().st_size,
         "num_test": num_test,
-        "providers": session.get_providers(),
+        "providers": shipped.get_providers(),
         "threads": threads,  # None: onnxruntime's default (one per physical core)
     }
+    images = np.concatenate(samples)
+    batch = np.resize(images, (THROUGHPUT_BATCH, *images.shape[1:]))  # repeats a small test split
+    if dense_path is None:
+        report["latency_ms"] = _latency_ms([shipped], images[:1], latency_runs)[0]
+    else:
+        report.update(_side_by_side(shipped, _open_session(Path(dense_path), threads), images[:1], batch,
+                                    latency_runs, throughput_runs))
+        report["dense_onnx_bytes"] = Path(dense_path).stat().st_size
+        report["size_ratio"] = report["onnx_bytes"] / report["dense_onnx_bytes"]
 
     failures = []
     if min_top1 is not None and report["onnx_top1"] < min_top1:
         failures.append(f"ONNX top-1 {report['onnx_top1']:.4f} is below min_top1 {min_top1}")
     if max_abs_diff is not None and max_diff > max_abs_diff:
-        failures.append(f"max abs logit diff {max_diff:.3g} exceeds max_abs_diff {max_abs_diff}")
+        failures.append(f"max abs logit diff {max_diff:.3g} (float32 ONNX vs torch) exceeds max_abs_diff {max_abs_diff}")
+    if min_agreement is not None and report["top1_agreement"] < min_agreement:
+        failures.append(f"top-1 agreement {report['top1_agreement']:.4f} (float32 ONNX vs torch) is below "
+                        f"min_agreement {min_agreement}")
+    if quantized and max_top1_drop is not None and report["int8_top1_drop"] > max_top1_drop:
+        failures.append(f"int8 top-1 is {report['int8_top1_drop']:.4f} below float32's, more than "
+                        f"max_top1_drop {max_top1_drop}")
     if failures:
         error = ValidationFailed(f"{onnx_path}: " + "; ".join(failures))
         error.report = report
@@ -99,19 +138,39 @@ def _open_session(onnx_path: Path, threads: int | None) -> ort.InferenceSession:
         raise UserError(f"cannot load ONNX model {onnx_path}: {reason}") from err
 
 
-def _latency_ms(session: ort.InferenceSession, feed: dict, runs: int) -> dict | None:
-    """Single-image latency, the figure that matters for on-device inference."""
-    if runs <= 0:
-        return None
-    for _ in range(WARMUP_RUNS):  # first runs allocate buffers and pick kernels
-        session.run(None, feed)
-    times = np.empty(runs)
-    for i in range(runs):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times[i] = (time.perf_counter() - start) * 1000
+def _side_by_side(shipped, dense, one_image: np.ndarray, batch: np.ndarray, latency_runs: int,
+                  throughput_runs: int) -> dict:
+    """Batch-1 latency and batch-64 throughput of the shipped and the dense model, measured in
+    alternation so that a noisy machine slows both alike."""
+    latency, dense_latency = _latency_ms([shipped, dense], one_image, latency_runs)
+    seconds = _timings([shipped, dense], batch, throughput_runs)
+    throughput, dense_throughput = (float(len(batch) / np.median(s)) for s in seconds)
     return {
-        "p50": float(np.percentile(times, 50)),
-        "p95": float(np.percentile(times, 95)),
-        "mean": float(times.mean()),
+        "latency_ms": latency, "dense_latency_ms": dense_latency,
+        "throughput": {"batch": len(batch), "images_per_s": throughput, "dense_images_per_s": dense_throughput},
+        "speedup": {"latency_p50": dense_latency["p50"] / latency["p50"],
+                    "throughput": throughput / dense_throughput},
     }
+
+
+def _latency_ms(sessions: list, one_image: np.ndarray, runs: int) -> list[dict]:
+    """Single-image latency, the figure that matters for on-device inference."""
+    return [{"p50": float(np.percentile(t * 1000, 50)), "p95": float(np.percentile(t * 1000, 95)),
+             "mean": float(t.mean() * 1000)} for t in _timings(sessions, one_image, runs)]
+
+
+def _timings(sessions: list, pixels: np.ndarray, runs: int) -> list[np.ndarray]:
+    """Seconds per run of each session on `pixels`, the sessions taking turns (and turns about
+    who goes first)."""
+    feeds = [{s.get_inputs()[0].name: pixels} for s in sessions]
+    for _ in range(WARMUP_RUNS):  # first runs allocate buffers and pick kernels
+        for session, feed in zip(sessions, feeds):
+            session.run(None, feed)
+    times = np.empty((len(sessions), runs))
+    order = list(range(len(sessions)))
+    for i in range(runs):
+        for k in order if i % 2 == 0 else order[::-1]:
+            start = time.perf_counter()
+            sessions[k].run(None, feeds[k])
+            times[k, i] = time.perf_counter() - start
+    return list(times)

@@ -13,8 +13,12 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from dsrpipe.errors import UserError, ValidationFailed
+from dsrpipe import export as export_module
+from dsrpipe.config import ValidateConfig
+from dsrpipe.encoding import decoded_weights, encode_weights
+from dsrpipe.errors import EXIT_VALIDATION, UserError, ValidationFailed
 from dsrpipe.export import export_onnx
+from dsrpipe.quantize import check_zeros_quantized
 from dsrpipe.validate import validate_onnx
 
 
@@ -59,15 +63,8 @@ def pruned_cnn(density: float = 0.1) -> nn.Module:
 
 
 def stored_weights(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Every constant tensor in the file, sparse ones densified."""
-    tensors = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
-    for node in proto.graph.node:
-        if node.op_type == "Constant" and node.attribute[0].name == "sparse_value":
-            sparse = node.attribute[0].sparse_tensor
-            dense = np.zeros(int(np.prod(sparse.dims)), dtype=np.float32)
-            dense[numpy_helper.to_array(sparse.indices)] = numpy_helper.to_array(sparse.values)
-            tensors[node.output[0]] = dense.reshape(tuple(sparse.dims))
-    return tensors
+    """Every weight in the file as the graph computes it, sparse and compact ones decoded."""
+    return decoded_weights(proto)
 
 
 @pytest.fixture(scope="module")
@@ -116,17 +113,112 @@ def test_pruned_weights_stay_exactly_zero(exported):
     assert exported.summary["zero_weights"] == sum(int((w == 0).sum()) for w in weights.values())
 
 
-def test_sparse_storage_shrinks_file_without_changing_outputs(exported, tmp_path, test_set):
-    summary = exported.summary
-    assert summary["sparse_initializers"] == 2  # conv2 and the classifier; conv1 is too small
-    assert summary["onnx_bytes"] < 0.5 * summary["dense_onnx_bytes"]
+def export_as(model, path, test_set, **options):
+    return export_onnx(model, path, in_channels=1, image_size=8, mean=test_set.info.mean, std=test_set.info.std,
+                       metadata={}, **options)
 
-    dense = export_onnx(exported.model, tmp_path / "dense.onnx", in_channels=1, image_size=8,
-                        mean=test_set.info.mean, std=test_set.info.std, metadata={}, sparse_initializers=False)
-    assert dense["sparse_initializers"] == 0
-    assert dense["onnx_bytes"] > 2 * summary["onnx_bytes"]
+
+def optimized_ops(path, level=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC) -> list[str]:
+    """The op types onnxruntime runs after its graph optimisations: constant folding at the basic
+    level, QDQ fusion at the extended one (all is the same plus hardware-specific layouts)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level
+    options.optimized_model_filepath = str(path) + ".optimized"
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return sorted(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+
+
+def test_encodings_shrink_the_file_without_changing_outputs(exported, tmp_path, test_set):
+    summary = exported.summary
+    assert summary["encoding"] == "compact" and summary["quantize"] == "none"
+    assert summary["encoded_tensors"] == 2  # conv2 and the classifier; conv1 is too small
+    dense = export_as(exported.model, tmp_path / "dense.onnx", test_set, encoding="dense")
+    coo = export_as(exported.model, tmp_path / "coo.onnx", test_set, encoding="coo")
+    assert dense["encoded_tensors"] == 0 and coo["encoded_tensors"] == 2
+    assert dense["onnx_bytes"] == pytest.approx(summary["dense_onnx_bytes"], rel=0.01)
+    assert summary["onnx_bytes"] < 0.7 * coo["onnx_bytes"] and coo["onnx_bytes"] < 0.5 * dense["onnx_bytes"]
     pixels = torch.rand(5, 1, 8, 8)
-    np.testing.assert_array_equal(run_onnx(exported.path, pixels), run_onnx(dense["path"], pixels))
+    expected = run_onnx(dense["path"], pixels)
+    for path in (exported.path, coo["path"]):
+        assert np.array_equal(run_onnx(path, pixels), expected)  # bit-identical, not merely close
+        onnx.checker.check_model(str(path), full_check=True)
+    assert {p.key: p.value for p in onnx.load(str(exported.path)).metadata_props}["encoding"] == "compact"
+
+
+def test_onnxruntime_folds_the_decoder_at_session_creation(exported, tmp_path, test_set):
+    dense = export_as(exported.model, tmp_path / "dense.onnx", test_set, encoding="dense")
+    proto = onnx.load(str(exported.path))
+    assert {"ScatterElements", "CumSum", "Gather"} <= {n.op_type for n in proto.graph.node}  # a decoder...
+    used = {name for node in proto.graph.node for name in node.input}
+    assert all(t.name in used for t in proto.graph.initializer)  # and no dead weight
+    assert optimized_ops(exported.path) == optimized_ops(dense["path"])  # ...that is gone once loaded
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int8])
+@pytest.mark.parametrize("density", [0.0, 0.003, 0.1, 0.6, 1.0])
+def test_compact_encoding_round_trips_any_pattern(tmp_path, dtype, density):
+    """Each density picks another code width (8-bit with gaps over 255 bridged, 4, 2, 1 bit);
+    zeros at either end, empty tensors and full ones come back exactly."""
+    rng = np.random.default_rng(0)
+    array = (rng.integers(1, 100, size=(40, 30, 3)) * (rng.random((40, 30, 3)) < density)).astype(dtype)
+    array[0, 0, 0] = 0
+    array[-1, -1, -1] = 7 * (density > 0)
+    other = (rng.integers(-50, 50, size=(300,)) * (rng.random(300) < density)).astype(dtype)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["w"], ["out_w"]), onnx.helper.make_node("Identity", ["v"], ["out_v"])],
+        "g", [], [onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), a.shape)
+                  for n, a in (("out_w", array), ("out_v", other))],
+        [numpy_helper.from_array(array, "w"), numpy_helper.from_array(other, "v")])
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+    encoded = encode_weights(proto, "compact")
+    assert encoded == (0 if density == 1.0 else 2)  # stored dense where coding would not pay
+    onnx.checker.check_model(proto, full_check=True)
+    (tmp_path / "m.onnx").write_bytes(proto.SerializeToString())
+    out_w, out_v = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {})
+    assert np.array_equal(out_w, array) and np.array_equal(out_v, other)
+    assert np.array_equal(decoded_weights(proto)["w"], array)
+
+
+def test_export_that_loses_a_zero_is_refused(monkeypatch, tmp_path, test_set):
+    model = pruned_cnn()
+    trace = export_module._trace_to_onnx
+
+    def losing_a_zero(*args):
+        proto = trace(*args)
+        weight = next(t for t in proto.graph.initializer if t.name == "model.3.weight")
+        array = numpy_helper.to_array(weight).copy()
+        array.flat[np.flatnonzero(array == 0)[0]] = 1e-3
+        weight.CopyFrom(numpy_helper.from_array(array, weight.name))
+        return proto
+
+    monkeypatch.setattr(export_module, "_trace_to_onnx", losing_a_zero)
+    with pytest.raises(RuntimeError, match="lost zeros in 3.weight"):
+        export_as(model, tmp_path / "model.onnx", test_set)
+    assert not (tmp_path / "model.onnx").exists()
+
+
+def test_int8_loss_of_a_zero_is_refused():
+    fp32_weight = np.array([[0.0, 0.5], [0.25, 0.0]], dtype=np.float32)
+    int8_weight = np.array([[0, 127], [64, 1]], dtype=np.int8)  # the last zero came back as 1
+
+    def model(*initializers, nodes=()):
+        graph = onnx.helper.make_graph(list(nodes), "g", [], [], list(initializers))
+        return onnx.helper.make_model(graph)
+
+    fp32 = model(numpy_helper.from_array(fp32_weight, "model.fc.weight"))
+    dq = onnx.helper.make_node("DequantizeLinear", ["model.fc.weight_quantized", "s"], ["w"])
+    scale = numpy_helper.from_array(np.array(0.004, dtype=np.float32), "s")
+    with pytest.raises(RuntimeError, match="lost 1 zeros in model.fc.weight"):
+        check_zeros_quantized(fp32, model(numpy_helper.from_array(int8_weight, "model.fc.weight_quantized"), scale,
+                                          nodes=[dq]))
+    int8_weight[1, 1] = 0
+    check_zeros_quantized(fp32, model(numpy_helper.from_array(int8_weight, "model.fc.weight_quantized"), scale,
+                                      nodes=[dq]))
+    dq.input.append("zp")
+    zero_point = numpy_helper.from_array(np.array(3, dtype=np.int8), "zp")
+    with pytest.raises(RuntimeError, match="non-zero zero point"):
+        check_zeros_quantized(fp32, model(numpy_helper.from_array(int8_weight, "model.fc.weight_quantized"), scale,
+                                          zero_point, nodes=[dq]))
 
 
 def test_failed_export_leaves_previous_file_intact(tmp_path):
@@ -168,3 +260,152 @@ def test_unreadable_onnx_is_a_user_error(exported, test_set, tmp_path):
     for path in (corrupt, tmp_path / "missing.onnx"):
         with pytest.raises(UserError, match=path.name):
             validate_onnx(path, exported.model, test_set)
+
+
+# -- the quickstart model: size bounds, int8 -------------------------------------------------------
+
+
+def digits_train_pixels() -> np.ndarray:
+    from sklearn.datasets import load_digits
+
+    return (load_digits().images[:-360, None] / 16.0).astype(np.float32)
+
+
+def train_masked(model: nn.Module, test_set, steps: int = 50) -> nn.Module:
+    """`model` trained on the digits training split with Adam, its zero weights held at zero."""
+    from sklearn.datasets import load_digits
+
+    masks = {n: p != 0 for n, p in model.named_parameters() if p.dim() > 1}
+    x = (torch.tensor(digits_train_pixels()) - test_set.info.mean[0]) / test_set.info.std[0]
+    y = torch.tensor(load_digits().target[:-360])
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        batch = torch.randint(len(y), (64,), generator=generator)
+        nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in masks:
+                    param.mul_(masks[name])
+    return model.eval()
+
+
+def sparse_small_cnn(**options) -> nn.Module:
+    """small-cnn (the quickstart's model) with its two sparse convs pruned to exactly 90 %."""
+    from dsrpipe.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("small-cnn", num_classes=10, in_channels=1, image_size=8, **options)
+    with torch.no_grad():
+        for name in ("conv2.weight", "conv3.weight"):
+            weight = model.get_parameter(name)
+            mask = torch.zeros(weight.numel(), dtype=torch.bool)
+            mask[torch.randperm(weight.numel())[: weight.numel() // 10]] = True
+            weight.mul_(mask.view_as(weight))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def quickstart_like(tmp_path_factory, test_set):
+    """The quickstart model at 90 %, exported dense, compact and int8 (calibrated on 300
+    training digits). Untrained: the bytes depend on the shapes and the sparsity, not on training."""
+    model = sparse_small_cnn()
+    folder = tmp_path_factory.mktemp("quickstart")
+    calibration = [digits_train_pixels()[i:i + 100] for i in range(0, 300, 100)]
+    return SimpleNamespace(
+        model=model, folder=folder, calibration=calibration,
+        dense=export_as(model, folder / "dense.onnx", test_set, encoding="dense"),
+        compact=export_as(model, folder / "compact.onnx", test_set),
+        int8=export_as(model, folder / "int8.onnx", test_set, quantize="int8", calibration=calibration,
+                       fp32_path=folder / "int8.fp32.onnx"))
+
+
+def test_size_bounds_at_90_percent_on_the_quickstart_model(quickstart_like):
+    dense = quickstart_like.dense["onnx_bytes"]
+    assert quickstart_like.compact["onnx_bytes"] <= 0.15 * dense
+    assert quickstart_like.int8["onnx_bytes"] <= 0.06 * dense
+    assert quickstart_like.int8["fp32"]["onnx_bytes"] == quickstart_like.compact["onnx_bytes"]
+
+
+def test_int8_keeps_zeros_and_runs_integer_kernels(quickstart_like):
+    int8 = stored_weights(onnx.load(quickstart_like.int8["path"]))
+    for name, weight in quickstart_like.model.named_parameters():
+        if weight.dim() > 1:
+            quantized = int8[f"model.{name}_quantized"]
+            assert quantized.dtype == np.int8 and not quantized[weight.detach().numpy() == 0].any(), name
+    ops = optimized_ops(quickstart_like.int8["path"], ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
+    assert "QLinearConv" in ops and "Conv" not in ops and "ScatterElements" not in ops
+    props = {p.key: p.value for p in onnx.load(quickstart_like.int8["path"]).metadata_props}
+    assert props["quantize"] == "int8" and props["encoding"] == "compact"
+    fp32_props = {p.key: p.value for p in onnx.load(quickstart_like.int8["fp32"]["path"]).metadata_props}
+    assert fp32_props["quantize"] == "none"
+
+
+@pytest.fixture(scope="module")
+def trained(test_set, tmp_path_factory):
+    """A narrower quickstart model at 90 %, trained a little on digits, exported to int8."""
+    model = train_masked(sparse_small_cnn(width=16), test_set)
+    folder = tmp_path_factory.mktemp("trained")
+    calibration = [digits_train_pixels()[i:i + 100] for i in range(0, 300, 100)]
+    return SimpleNamespace(model=model, folder=folder, int8=export_as(
+        model, folder / "model.onnx", test_set, quantize="int8", calibration=calibration,
+        fp32_path=folder / "model.fp32.onnx"))
+
+
+def test_int8_stays_within_its_accuracy_delta_on_digits(trained, test_set):
+    result = trained.int8
+    report = validate_onnx(result["path"], trained.model, test_set, fp32_path=result["fp32"]["path"],
+                           latency_runs=5, min_top1=0.8, max_abs_diff=1e-3, min_agreement=0.99,
+                           max_top1_drop=ValidateConfig().max_top1_drop)  # the default, stated in the README
+    assert report["quantize"] == "int8" and report["fp32_onnx_top1"] >= 0.8
+    assert report["int8_top1_drop"] <= 0.02 and report["int8_agreement"] >= 0.9
+    assert report["onnx_top1"] == pytest.approx(report["fp32_onnx_top1"] - report["int8_top1_drop"])
+
+    # The int8 gate's failing side: the shipped file is not the quantized fp32 model.
+    other = export_as(pruned_cnn(), trained.folder / "other.onnx", test_set)
+    with pytest.raises(ValidationFailed, match="max_top1_drop") as failure:
+        validate_onnx(other["path"], trained.model, test_set, fp32_path=result["fp32"]["path"], latency_runs=1,
+                      max_top1_drop=0.01)
+    assert failure.value.report["int8_top1_drop"] > 0.5
+
+
+# -- the validation gate's failing side ------------------------------------------------------------
+
+
+def test_validation_refuses_another_models_file(trained, exported, test_set):
+    """exported.path holds another (untrained) model of the same classes."""
+    with pytest.raises(ValidationFailed, match="max_abs_diff .*min_agreement") as failure:
+        validate_onnx(exported.path, trained.model, test_set, latency_runs=1, max_abs_diff=1e-2, min_agreement=0.99)
+    assert failure.value.exit_code == EXIT_VALIDATION == 3
+    assert failure.value.report["top1_agreement"] < 0.5
+
+
+def test_validation_refuses_perturbed_weights(trained, test_set, tmp_path):
+    result = trained.int8["fp32"]
+    proto = onnx.load(result["path"])
+    weights = decoded_weights(proto)
+    fc = weights["model.fc.weight"] * np.float32(1.01)  # the dense classifier, 1 % off
+    target = next(t for t in proto.graph.initializer if t.name == "model.fc.weight")
+    target.CopyFrom(numpy_helper.from_array(fc, target.name))
+    onnx.save(proto, tmp_path / "perturbed.onnx")
+    validate_onnx(result["path"], trained.model, test_set, latency_runs=1, max_abs_diff=1e-3)  # the original passes
+    with pytest.raises(ValidationFailed, match="max_abs_diff") as failure:
+        validate_onnx(tmp_path / "perturbed.onnx", trained.model, test_set, latency_runs=1, max_abs_diff=1e-3,
+                      min_agreement=0.99)
+    assert failure.value.report["top1_agreement"] >= 0.99  # caught by the logits, not the labels
+
+
+def test_validate_times_shipped_and_dense_side_by_side(quickstart_like, test_set):
+    report = validate_onnx(quickstart_like.compact["path"], quickstart_like.model, test_set,
+                           dense_path=quickstart_like.dense["path"], latency_runs=20, throughput_runs=3, threads=1)
+    assert report["size_ratio"] == report["onnx_bytes"] / report["dense_onnx_bytes"] <= 0.15
+    for key in ("latency_ms", "dense_latency_ms"):
+        assert 0 < report[key]["p50"] <= report[key]["p95"]
+    assert report["throughput"]["batch"] == 64 and report["throughput"]["dense_images_per_s"] > 0
+    assert report["speedup"]["latency_p50"] == report["dense_latency_ms"]["p50"] / report["latency_ms"]["p50"]
+    assert report["speedup"]["throughput"] == (report["throughput"]["images_per_s"]
+                                               / report["throughput"]["dense_images_per_s"])
+    assert report["encoding"] == "compact" and report["quantize"] == "none"

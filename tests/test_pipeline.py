@@ -7,11 +7,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
 import yaml
+from onnx import numpy_helper
 from typer.testing import CliRunner
 
 from dsrpipe import train as train_module
@@ -201,6 +203,40 @@ def test_validation_threshold_fails_with_exit_code_and_report(tmp_path):
     assert report["passed"] is False and "min_top1" in report["failure"]
 
 
+def test_int8_export_ships_int8_and_the_gate_refuses_a_tampered_model(tmp_path):
+    """export.quantize: int8 ships model.onnx (int8) beside model.fp32.onnx; validate compares
+    int8 with float32 and float32 with torch; a perturbed float32 file fails the gate: exit 3."""
+    path = write_pipeline(tmp_path, tiny(export={"quantize": "int8", "calibration_images": 200},
+                                         validate={"latency_runs": 5, "throughput_runs": 2, "max_top1_drop": None}))
+    out = tmp_path / "out"
+    runner = CliRunner()
+    result = runner.invoke(app, ["run", str(path), "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    run = out / "tiny"
+    report = json.loads((run / "report.json").read_text())
+    assert report["quantize"] == "int8" and report["encoding"] == "compact" and report["passed"]
+    assert {"fp32_onnx_top1", "int8_agreement", "int8_top1_drop", "speedup", "size_ratio",
+            "dense_latency_ms", "throughput"} <= report.keys()
+    assert report["onnx_bytes"] == (run / "model.onnx").stat().st_size < (run / "model.fp32.onnx").stat().st_size
+    assert report["size_ratio"] == report["onnx_bytes"] / report["dense_onnx_bytes"] < 0.2
+    meta = {p.key: p.value for p in onnx.load(str(run / "model.onnx")).metadata_props}
+    assert meta["quantize"] == "int8" and meta["fingerprint"]
+
+    # Tamper with the float32 model (its dense classifier 5 % off), keeping its fingerprint.
+    proto = onnx.load(str(run / "model.fp32.onnx"))
+    fc = next(t for t in proto.graph.initializer if t.name == "model.fc.weight")
+    fc.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(fc) * np.float32(1.05), fc.name))
+    onnx.save(proto, str(run / "model.fp32.onnx"))
+    result = runner.invoke(app, ["validate", str(path), "--out", str(out), "--force"])
+    assert result.exit_code == 3 and "max_abs_diff" in result.output
+    assert json.loads((run / "report.json").read_text())["passed"] is False
+
+    # Back to float32: model.fp32.onnx, now stale, goes.
+    path = write_pipeline(tmp_path, tiny(validate={"latency_runs": 5, "throughput_runs": 2}))
+    assert runner.invoke(app, ["export", str(path), "--out", str(out)]).exit_code == 0
+    assert not (run / "model.fp32.onnx").exists()
+
+
 def test_divergence_stops_training_with_a_one_line_error(tmp_path):
     path = write_pipeline(tmp_path, tiny(train={"lr": 1e30, "epochs": 3, "milestones": []}))
     result = CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path / "out"), "--no-progress"])
@@ -236,6 +272,9 @@ BAD_INPUTS = {
     "no root": ({"data": {"dataset": "imagefolder"}}, "needs root"),
     "unknown method": ({"sparsity": {"method": "magic"}}, "unknown method 'magic'"),
     "unsafe name": ({"name": "../evil"}, "name"),
+    "replaced export key": ({"export": {"sparse_initializers": True}},
+                            "export: sparse_initializers is replaced by encoding: dense | coo | compact"),
+    "unknown encoding": ({"export": {"encoding": "zip"}}, "export.encoding"),
 }
 
 

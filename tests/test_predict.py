@@ -1,0 +1,128 @@
+"""`dsrpipe predict`: the deployer's side, with onnxruntime, numpy and Pillow only."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from typer.testing import CliRunner
+
+from dsrpipe.cli import app
+from dsrpipe.export import export_onnx
+
+ROOT = Path(__file__).resolve().parents[1]
+NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+class Oracle(nn.Module):
+    """Looks the (normalised) image up among known digits: the class of the nearest one, with a
+    wide margin, so predictions are exact and any preprocessing error shows."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        super().__init__()
+        self.register_buffer("templates", images.flatten(1))
+        self.register_buffer("onehot", nn.functional.one_hot(labels, 10).float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        distances = ((x.flatten(1)[:, None, :] - self.templates[None]) ** 2).sum(-1)
+        return nn.functional.softmax(-distances, dim=1) @ self.onehot * 20
+
+
+@pytest.fixture(scope="module")
+def digits_model(tmp_path_factory):
+    """An exported classifier of 8x8 grey digits whose class names are words, and 6 digits as PNGs
+    (0..16 scaled to 0..255, as an image folder would hold them)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pick = np.array([0, 1, 2, 3, 13, 1000])
+    pixels = torch.tensor(digits.images[pick] / 16.0, dtype=torch.float32).unsqueeze(1)
+    folder = tmp_path_factory.mktemp("predict")
+    mean, std = [0.3], [0.4]
+    model = Oracle((pixels - mean[0]) / std[0], torch.tensor(digits.target[pick]))
+    path = folder / "model.onnx"
+    export_onnx(model, path, in_channels=1, image_size=8, mean=mean, std=std,
+                metadata={"class_names": json.dumps(NAMES)}, encoding="dense")
+    images = folder / "images"
+    images.mkdir()
+    for i in pick:
+        Image.fromarray(np.round(digits.images[i] * 255 / 16).astype(np.uint8), "L").save(images / f"{i:04d}.png")
+    return path, images, [NAMES[t] for t in digits.target[pick]]
+
+
+def test_predicts_the_right_classes_for_a_folder_and_files(digits_model):
+    path, images, expected = digits_model
+    result = CliRunner().invoke(app, ["predict", str(path), str(images)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert [line.split("\t")[0] for line in lines] == [str(p) for p in sorted(images.iterdir())]
+    assert [line.split("\t")[1].split(" ")[0] for line in lines] == expected
+
+    one = sorted(images.iterdir())[4]
+    result = CliRunner().invoke(app, ["predict", str(path), str(one), "--top-k", "3"])
+    assert result.exit_code == 0, result.output
+    top = result.output.strip().split("\t")[1].split(", ")
+    assert len(top) == 3 and top[0].startswith(expected[4] + " (")
+    probabilities = [float(t.split("(")[1].rstrip(")")) for t in top]
+    assert probabilities == sorted(probabilities, reverse=True) and probabilities[0] > 0.9
+
+
+def test_colour_and_larger_images_are_converted_like_the_training_data(digits_model, tmp_path):
+    path, images, expected = digits_model
+    first = sorted(images.iterdir())[0]
+    grey = Image.open(first)
+    grey.convert("RGB").resize((32, 32), Image.Resampling.NEAREST).save(tmp_path / "big.jpg", quality=100)
+    result = CliRunner().invoke(app, ["predict", str(path), str(tmp_path / "big.jpg")])
+    assert result.exit_code == 0 and result.output.split("\t")[1].startswith(expected[0])
+
+
+@pytest.mark.parametrize("case", ["bad image", "not onnx", "no metadata", "missing image", "empty folder",
+                                  "bad top-k"])
+def test_bad_input_is_one_line_and_a_nonzero_exit(digits_model, tmp_path, case):
+    path, images, _ = digits_model
+    image = str(sorted(images.iterdir())[0])
+    if case == "bad image":
+        (tmp_path / "x.png").write_bytes(b"not a png")
+        args, message = [str(path), str(tmp_path / "x.png")], "cannot read image"
+    elif case == "not onnx":
+        (tmp_path / "m.onnx").write_bytes(b"not a model")
+        args, message = [str(tmp_path / "m.onnx"), image], "not a loadable ONNX model"
+    elif case == "no metadata":
+        model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+        export_onnx(model, tmp_path / "m.onnx", in_channels=1, image_size=8, mean=[0], std=[1], metadata={})
+        args, message = [str(tmp_path / "m.onnx"), image], "no class_names in the model's metadata"
+    elif case == "missing image":
+        args, message = [str(path), str(tmp_path / "nope.png")], "image not found"
+    elif case == "empty folder":
+        args, message = [str(path), str(tmp_path)], "no images"
+    else:
+        args, message = [str(path), image, "--top-k", "0"], "--top-k must be at least 1"
+    result = CliRunner().invoke(app, ["predict", *args])
+    assert result.exit_code == 2
+    assert result.output.startswith("error: ") and message in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_predict_never_imports_torch(digits_model):
+    """The deployer's side: the command runs with onnxruntime, numpy and Pillow only."""
+    path, images, expected = digits_model
+    code = ("import sys\n"
+            "from dsrpipe.cli import app\n"
+            "try:\n"
+            f"    app(['predict', {str(path)!r}, {str(images)!r}])\n"
+            "except SystemExit as exit:\n"
+            "    assert not exit.code, exit.code\n"
+            "print('torch imported' if 'torch' in sys.modules else 'no torch')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1] == "no torch"
+    assert [line.split("\t")[1].split(" ")[0] for line in lines[:-1]] == expected
