@@ -104,7 +104,7 @@ def measure(case: str, dead_share: float, runs: int, threads: int, folder: Path,
     for key, variant in (("dense", model), ("shrunk", shrunk)):
         paths[key] = folder / f"{case}-{dead_share}-{key}.onnx"
         export_onnx(variant, paths[key], in_channels=channels, image_size=size, mean=[0.5] * channels,
-                    std=[0.25] * channels, metadata={}, sparse_initializers=False)
+                    std=[0.25] * channels, metadata={}, encoding="dense")
     sessions = {key: session(path, threads) for key, path in paths.items()}
     rng = np.random.default_rng(0)
     result = {"case": case, "dead_share": dead_share, **{k: v for k, v in summary.items() if k != "removed_channels"},

@@ -250,6 +250,25 @@ def test_positions_pruned_and_regrown_in_one_step_restart_without_momentum():
         assert int(momentum[reused].count_nonzero()) == 0, f"{name}: regrown weights keep their old momentum"
 
 
+def test_set_positions_dropped_and_regrown_in_one_step_restart_without_momentum():
+    """SET, as DSR above: at 5% sparsity replacing 30% of each tensor must reuse positions it has
+    just dropped, and those restart from rest."""
+    from dsrpipe.sparse.set import SET
+
+    torch.manual_seed(0)
+    net = small_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    s = SET(net, opt, sparsity=0.05, zeta=0.3, schedule=RewireSchedule({0: 10**9}))
+    train_steps(net, opt, s, 2)  # every active weight now has momentum
+    before = {n: m.clone() for n, m in s.masks.items()}
+    s.reallocate()
+    for name, mask in s.masks.items():
+        reused = mask & before[name] & (s.weights[name] == 0)
+        assert reused.any()
+        momentum = opt.state[s.weights[name]]["momentum_buffer"]
+        assert int(momentum[reused].count_nonzero()) == 0, f"{name}: regrown weights keep their old momentum"
+
+
 def test_grown_weights_and_their_momentum_are_zero_after_every_reallocation():
     """Over several reallocations with momentum steps between, positions that once held a trained
     weight (and so had momentum) are regrown: each must restart at 0 with a zero momentum buffer."""

@@ -59,6 +59,9 @@ class SET(Sparsifier):
             count = round(self.zeta * active_units)
             # 1. Prune exactly `count` smallest-magnitude active units.
             pruned = u.of(self.drop_smallest(name, count))
+            # Their momentum too, now: a unit regrown in this same step (when free units are scarce)
+            # must restart from rest like any other grown weight.
+            self.clear_optimizer_state()
             # 2. Regrow as many in this tensor, at random free units other than those just pruned
             #    (unless nothing else is free).
             active = u.of(m)
@@ -68,5 +71,4 @@ class SET(Sparsifier):
                 slots, free = ~active, free + count
             u.activate(m, sample_free_positions(slots.view(-1), count, free, self.generator))
             grown[name] = count * u.size
-        self.clear_optimizer_state()  # grown weights are 0 already; their momentum too now
         return {"iteration": self.iteration, "pruned": sum(grown.values()), "grown": grown}
