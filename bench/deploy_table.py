@@ -65,8 +65,8 @@ def measure(dataset: str, granularity: str, sparsity: float) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     lines = ["| granularity | sparsity | weights | top-1 | non-zero params | file bytes | size ratio | "
-             "p50 speedup (batch 1) | throughput ratio (batch 64) | params after shrinking |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "p50 speedup (batch 1) | throughput ratio (batch 64) | params after shrinking | validate gates |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         speedup = r["speedup"] or {}
         shrunk = (r["shrink"] or {}).get("params_after")
@@ -74,8 +74,14 @@ def table(rows: list[dict]) -> str:
                      f"{r['nonzero_params']:,} | {r['onnx_bytes']:,} | {r['size_ratio']:.3f} | "
                      f"{speedup.get('latency_p50', float('nan')):.2f}× | "
                      f"{speedup.get('throughput', float('nan')):.2f}× | "
-                     f"{f'{shrunk:,}' if shrunk else 'not shrunk'} of {r['total_params']:,} |")
+                     f"{f'{shrunk:,}' if shrunk else 'not shrunk'} of {r['total_params']:,} | "
+                     f"{'pass' if r['passed'] else 'fail: ' + _reason(r['failure'])} |")
     return "\n".join(lines) + "\n"
+
+
+def _reason(failure: str) -> str:
+    """The gates a run missed, without the file path the message starts with."""
+    return failure.split(": ", 1)[-1].replace("|", "/")
 
 
 def main() -> None:

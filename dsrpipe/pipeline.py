@@ -73,9 +73,10 @@ def export_stage(cfg: Pipeline, out: Path, *, force: bool = False) -> Path:
     if cfg.export.shrink:  # the metadata above describes the model as trained; "shrink" what was cut from it
         model, shrunk = shrink_model(model, (info["in_channels"], info["image_size"], info["image_size"]))
         metadata["shrink"] = json.dumps(shrunk)
-        log(cfg, f"export: shrink removed {sum(shrunk['removed_channels'].values())} channels "
-                 f"({len(shrunk['removed_channels'])} layers): params {shrunk['params_before']:,} → "
-                 f"{shrunk['params_after']:,}, MACs {shrunk['macs_before']:,} → {shrunk['macs_after']:,}")
+        if shrunk["removed_channels"]:  # most element-sparse models have no dead filter: say nothing then
+            log(cfg, f"export: shrink removed {sum(shrunk['removed_channels'].values())} channels "
+                     f"({len(shrunk['removed_channels'])} layers): params {shrunk['params_before']:,} → "
+                     f"{shrunk['params_after']:,}, MACs {shrunk['macs_before']:,} → {shrunk['macs_after']:,}")
     int8 = cfg.export.quantize == "int8"
     result = export_onnx(model, run.onnx, in_channels=info["in_channels"], image_size=info["image_size"],
                          mean=info["mean"], std=info["std"], metadata=metadata, opset=cfg.export.opset,

@@ -8,6 +8,7 @@ DequantizeLinear → Conv → QuantizeLinear group into an integer kernel at ses
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 from typing import Iterable
@@ -38,6 +39,8 @@ def quantize_int8(proto: onnx.ModelProto, calibration: Iterable[np.ndarray], inp
     with tempfile.TemporaryDirectory(prefix="dsrpipe-quantize-") as tmp:
         source, out = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         onnx.save_model(proto, source)  # a path, not the proto: quantize_static rewrites a proto it is given
+        root = logging.getLogger()
+        level, root.level = root.level, logging.ERROR  # its advice to pre-process the graph is not the user's to act on
         try:
             quantize_static(source, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
@@ -45,6 +48,8 @@ def quantize_int8(proto: onnx.ModelProto, calibration: Iterable[np.ndarray], inp
                             extra_options={"WeightSymmetric": True, "ActivationSymmetric": False, "QuantizeBias": False})
         except Exception as err:  # onnxruntime raises assorted types for graphs it cannot handle
             raise UserError(f"int8 quantization failed: {type(err).__name__}: {err}") from err
+        finally:
+            root.setLevel(level)
         quantized = onnx.load(str(out))
     check_zeros_quantized(proto, quantized)
     _drop_zero_zero_points(quantized)

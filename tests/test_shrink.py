@@ -229,6 +229,7 @@ def test_pipeline_exports_the_shrunk_model_and_validates_it_against_the_trained_
         "train": {"epochs": 1, "batch_size": 64, "lr": 0.1, "milestones": [1]},
         "finetune": {"epochs": 0},
         "validate": {"latency_runs": 5, "max_abs_diff": 1e-4},
+        "export": {"encoding": "dense"},  # plain initializers under their torch names, to read the shapes
     }
     cfg = parse_pipeline(raw)
     final = train_sparse(cfg, tmp_path, progress=False)
@@ -248,7 +249,7 @@ def test_pipeline_exports_the_shrunk_model_and_validates_it_against_the_trained_
     meta = {p.key: p.value for p in onnx.load(str(RunDir(tmp_path, "shrunk").onnx)).metadata_props}
     assert json.loads(meta["shrink"]) == shrunk
 
-    unshrunk = parse_pipeline({**raw, "export": {"shrink": False}})
+    unshrunk = parse_pipeline({**raw, "export": {"encoding": "dense", "shrink": False}})
     export_stage(unshrunk, tmp_path)  # the same trained model: only the export is redone
     assert onnx_weight_shapes(RunDir(tmp_path, "shrunk").onnx)["model.conv3.weight"][0] == 32
     meta = {p.key: p.value for p in onnx.load(str(RunDir(tmp_path, "shrunk").onnx)).metadata_props}
