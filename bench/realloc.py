@@ -22,12 +22,19 @@ from dsrpipe.sparse import DSR, LayerSelection
 CASES = {
     # name: (model, classes, image size, N_p, sparsifier options as in the paper's runs)
     "wrn-28-2": ("wrn-28-2", 10, 32, 20_000, {}),
-    "resnet50": ("resnet50", 1000, 224, 400_000, {"layers": LayerSelection(dense_last=False)}),  # downsample dense
+    "resnet50": (
+        "resnet50",
+        1000,
+        224,
+        400_000,
+        {"layers": LayerSelection(dense_last=False)},
+    ),  # downsample dense
 }
 
 
-def reference_style_reallocate(weights: list[torch.Tensor], masks: list[torch.Tensor], threshold: float,
-                               rng: np.random.RandomState) -> int:
+def reference_style_reallocate(
+    weights: list[torch.Tensor], masks: list[torch.Tensor], threshold: float, rng: np.random.RandomState
+) -> int:
     """Algorithm 1 done on the host with NumPy, as the reference implementation did."""
     host_w = [w.detach().cpu().numpy().copy() for w in weights]
     host_m = [m.cpu().numpy().copy() for m in masks]
@@ -41,7 +48,7 @@ def reference_style_reallocate(weights: list[torch.Tensor], masks: list[torch.Te
     total = sum(pruned)
     grow = np.floor(total * np.array(kept) / sum(kept)).astype(int)
     grow[np.argmax(kept)] += total - grow.sum()
-    for w, m, g in zip(host_w, host_m, grow):
+    for m, g in zip(host_m, grow):
         free = np.flatnonzero(~m)
         m.flat[rng.choice(free, size=g, replace=False)] = True
     for w, m, hw, hm in zip(weights, masks, host_w, host_m):
@@ -83,33 +90,45 @@ def bench_case(name: str, repeats: int, device: str) -> dict:
         pruned.append(stats["pruned"])
         perturb(dsr, generator)
         start = time.perf_counter()
-        reference_style_reallocate([dsr.weights[n] for n in names], [dsr.masks[n] for n in names],
-                                   dsr.threshold, rng)
+        reference_style_reallocate(
+            [dsr.weights[n] for n in names], [dsr.masks[n] for n in names], dsr.threshold, rng
+        )
         baseline.append(time.perf_counter() - start)
     sparse_params = sum(w.numel() for w in dsr.weights.values())
     return {
-        "case": name, "device": device, "sparse_params": sparse_params, "active": dsr.active_count(),
-        "prune_target": prune_target, "pruned_median": int(statistics.median(pruned)),
-        "dsrpipe_ms": 1000 * statistics.median(ours), "reference_style_ms": 1000 * statistics.median(baseline),
+        "case": name,
+        "device": device,
+        "sparse_params": sparse_params,
+        "active": dsr.active_count(),
+        "prune_target": prune_target,
+        "pruned_median": int(statistics.median(pruned)),
+        "dsrpipe_ms": 1000 * statistics.median(ours),
+        "reference_style_ms": 1000 * statistics.median(baseline),
         "speedup": statistics.median(baseline) / statistics.median(ours),
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
-    print(f"{'case':10} {'sparse params':>14} {'pruned/step':>12} {'dsrpipe':>10} {'reference-style':>16} {'speedup':>8}")
+    print(
+        f"{'case':10} {'sparse params':>14} {'pruned/step':>12} {'dsrpipe':>10} {'reference-style':>16} {'speedup':>8}"
+    )
     results = []
     for case in args.cases:
         r = bench_case(case, args.repeats, args.device)
         results.append(r)
-        print(f"{r['case']:10} {r['sparse_params']:>14,} {r['pruned_median']:>12,} {r['dsrpipe_ms']:>8.1f}ms "
-              f"{r['reference_style_ms']:>14.1f}ms {r['speedup']:>7.1f}x")
+        print(
+            f"{r['case']:10} {r['sparse_params']:>14,} {r['pruned_median']:>12,} {r['dsrpipe_ms']:>8.1f}ms "
+            f"{r['reference_style_ms']:>14.1f}ms {r['speedup']:>7.1f}x"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

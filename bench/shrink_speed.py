@@ -22,9 +22,9 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from dsrpipe.export import export_onnx
+from dsrpipe.deploy.export import export_onnx
+from dsrpipe.deploy.shrink import shrink_model
 from dsrpipe.models import create_model
-from dsrpipe.shrink import shrink_model
 from dsrpipe.sparse import LayerSelection
 
 CASES = {  # name: (model, in_channels, image size)
@@ -52,8 +52,9 @@ def silence_dead_channels(model: nn.Module, example: torch.Tensor) -> None:
             bn.bias[channels] = scale * bn.running_mean[channels] - 1.0
 
 
-def channel_sparse_model(name: str, in_channels: int, size: int, dead_share: float, seed: int,
-                         silence: bool) -> nn.Module:
+def channel_sparse_model(
+    name: str, in_channels: int, size: int, dead_share: float, seed: int, silence: bool
+) -> nn.Module:
     torch.manual_seed(seed)
     model = create_model(name, num_classes=10, in_channels=in_channels, image_size=size)
     with torch.no_grad():
@@ -92,8 +93,10 @@ def interleaved_ms(sessions: dict[str, ort.InferenceSession], x: np.ndarray, run
             start = time.perf_counter()
             sessions[key].run(None, {"pixels": x})
             times[key].append((time.perf_counter() - start) * 1e3)
-    return {k: {"min": min(t), "p50": statistics.median(t), "p95": float(np.percentile(t, 95))}
-            for k, t in times.items()}
+    return {
+        k: {"min": min(t), "p50": statistics.median(t), "p95": float(np.percentile(t, 95))}
+        for k, t in times.items()
+    }
 
 
 def measure(case: str, dead_share: float, runs: int, threads: int, folder: Path, silence: bool) -> dict:
@@ -103,19 +106,33 @@ def measure(case: str, dead_share: float, runs: int, threads: int, folder: Path,
     paths = {}
     for key, variant in (("dense", model), ("shrunk", shrunk)):
         paths[key] = folder / f"{case}-{dead_share}-{key}.onnx"
-        export_onnx(variant, paths[key], in_channels=channels, image_size=size, mean=[0.5] * channels,
-                    std=[0.25] * channels, metadata={}, encoding="dense")
+        export_onnx(
+            variant,
+            paths[key],
+            in_channels=channels,
+            image_size=size,
+            mean=[0.5] * channels,
+            std=[0.25] * channels,
+            metadata={},
+            encoding="dense",
+        )
     sessions = {key: session(path, threads) for key, path in paths.items()}
     rng = np.random.default_rng(0)
-    result = {"case": case, "dead_share": dead_share, **{k: v for k, v in summary.items() if k != "removed_channels"},
-              "bytes": {k: p.stat().st_size for k, p in paths.items()}}
+    result = {
+        "case": case,
+        "dead_share": dead_share,
+        **{k: v for k, v in summary.items() if k != "removed_channels"},
+        "bytes": {k: p.stat().st_size for k, p in paths.items()},
+    }
     for batch, batch_runs in ((1, runs), (64, max(10, runs // BATCH_RUNS_DIVISOR))):
         x = rng.random((batch, channels, size, size), dtype=np.float32)
         outputs = {k: s.run(None, {"pixels": x})[0] for k, s in sessions.items()}
         result[f"max_abs_diff_b{batch}"] = float(np.abs(outputs["dense"] - outputs["shrunk"]).max())
         latency = interleaved_ms(sessions, x, batch_runs)
         result[f"latency_ms_b{batch}"] = latency
-        result[f"speedup_b{batch}"] = {stat: latency["dense"][stat] / latency["shrunk"][stat] for stat in ("min", "p50")}
+        result[f"speedup_b{batch}"] = {
+            stat: latency["dense"][stat] / latency["shrunk"][stat] for stat in ("min", "p50")
+        }
     return result
 
 
@@ -123,9 +140,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=300, help="timed runs at batch 1 (a tenth at batch 64)")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
-    parser.add_argument("--dead-bn", choices=("trained", "zero"), default="trained",
-                        help="what BN makes of a dead channel: its trained constant (often positive, so a padded "
-                             "consumer keeps one merged channel), or a constant that ReLU turns into 0")
+    parser.add_argument(
+        "--dead-bn",
+        choices=("trained", "zero"),
+        default="trained",
+        help="what BN makes of a dead channel: its trained constant (often positive, so a padded "
+        "consumer keeps one merged channel), or a constant that ReLU turns into 0",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -136,14 +157,17 @@ def main() -> None:
                 r = measure(case, dead_share, args.runs, args.threads, Path(folder), args.dead_bn == "zero")
                 r["dead_bn"] = args.dead_bn
                 results.append(r)
-                print(f"{case:9} dead {dead_share:.2f}: params {r['params_before']:,} -> {r['params_after']:,} "
-                      f"({r['params_after'] / r['params_before']:.2f}x), MACs {r['macs_before']:,} -> "
-                      f"{r['macs_after']:,} ({r['macs_after'] / r['macs_before']:.2f}x); "
-                      f"b1 p50 {r['latency_ms_b1']['dense']['p50']:.3f} -> {r['latency_ms_b1']['shrunk']['p50']:.3f} ms "
-                      f"({r['speedup_b1']['p50']:.2f}x, min {r['speedup_b1']['min']:.2f}x); b64 p50 "
-                      f"{r['latency_ms_b64']['dense']['p50']:.2f} -> {r['latency_ms_b64']['shrunk']['p50']:.2f} ms "
-                      f"({r['speedup_b64']['p50']:.2f}x, min {r['speedup_b64']['min']:.2f}x); "
-                      f"max |dlogit| {max(r['max_abs_diff_b1'], r['max_abs_diff_b64']):.1e}", flush=True)
+                print(
+                    f"{case:9} dead {dead_share:.2f}: params {r['params_before']:,} -> {r['params_after']:,} "
+                    f"({r['params_after'] / r['params_before']:.2f}x), MACs {r['macs_before']:,} -> "
+                    f"{r['macs_after']:,} ({r['macs_after'] / r['macs_before']:.2f}x); "
+                    f"b1 p50 {r['latency_ms_b1']['dense']['p50']:.3f} -> {r['latency_ms_b1']['shrunk']['p50']:.3f} ms "
+                    f"({r['speedup_b1']['p50']:.2f}x, min {r['speedup_b1']['min']:.2f}x); b64 p50 "
+                    f"{r['latency_ms_b64']['dense']['p50']:.2f} -> {r['latency_ms_b64']['shrunk']['p50']:.2f} ms "
+                    f"({r['speedup_b64']['p50']:.2f}x, min {r['speedup_b64']['min']:.2f}x); "
+                    f"max |dlogit| {max(r['max_abs_diff_b1'], r['max_abs_diff_b64']):.1e}",
+                    flush=True,
+                )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 

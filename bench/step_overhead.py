@@ -23,7 +23,9 @@ from dsrpipe.sparse import DSR, RewireSchedule
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="wrn-28-2")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
@@ -40,8 +42,11 @@ def main() -> None:
         torch.manual_seed(0)
         model = create_model(args.model, num_classes=10, in_channels=3, image_size=32).to(device)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
-        dsr = DSR(model, opt, sparsity=0.9, prune_target=args.prune_target,
-                  schedule=RewireSchedule({0: 10**9})) if sparse else None
+        dsr = (
+            DSR(model, opt, sparsity=0.9, prune_target=args.prune_target, schedule=RewireSchedule({0: 10**9}))
+            if sparse
+            else None
+        )
         return model, opt, dsr
 
     gen = torch.Generator().manual_seed(0)
@@ -64,7 +69,7 @@ def main() -> None:
 
     times = {"dense": [], "dsr": []}
     for i in range(args.steps + 3):
-        for name in (("dense", "dsr") if i % 2 else ("dsr", "dense")):
+        for name in ("dense", "dsr") if i % 2 else ("dsr", "dense"):
             elapsed = step(*runs[name])
             if i >= 3:  # warm-up steps are not timed
                 times[name].append(elapsed)
@@ -82,17 +87,25 @@ def main() -> None:
     realloc_s = statistics.median(realloc)
     dsr_total = dsr_step + realloc_s / args.period
     result = {
-        "model": args.model, "batch": args.batch, "device": str(device), "bf16": args.bf16,
-        "dense_step_ms": 1000 * dense_step, "dsr_step_ms": 1000 * dsr_step,
-        "reallocation_ms": 1000 * realloc_s, "period": args.period,
+        "model": args.model,
+        "batch": args.batch,
+        "device": str(device),
+        "bf16": args.bf16,
+        "dense_step_ms": 1000 * dense_step,
+        "dsr_step_ms": 1000 * dsr_step,
+        "reallocation_ms": 1000 * realloc_s,
+        "period": args.period,
         "dsr_step_with_reallocation_ms": 1000 * dsr_total,
         "overhead": dsr_total / dense_step - 1,
-        "images_per_second_dense": args.batch / dense_step, "images_per_second_dsr": args.batch / dsr_total,
+        "images_per_second_dense": args.batch / dense_step,
+        "images_per_second_dsr": args.batch / dsr_total,
     }
-    print(f"{args.model} batch {args.batch} on {device}{' bf16' if args.bf16 else ''}: "
-          f"dense {result['dense_step_ms']:.1f} ms/step, DSR {result['dsr_step_ms']:.1f} ms/step "
-          f"+ reallocation {result['reallocation_ms']:.1f} ms every {args.period} steps "
-          f"= {result['dsr_step_with_reallocation_ms']:.1f} ms → overhead {100 * result['overhead']:+.2f}%")
+    print(
+        f"{args.model} batch {args.batch} on {device}{' bf16' if args.bf16 else ''}: "
+        f"dense {result['dense_step_ms']:.1f} ms/step, DSR {result['dsr_step_ms']:.1f} ms/step "
+        f"+ reallocation {result['reallocation_ms']:.1f} ms every {args.period} steps "
+        f"= {result['dsr_step_with_reallocation_ms']:.1f} ms → overhead {100 * result['overhead']:+.2f}%"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -5,24 +5,31 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 import typer
 
 from .errors import EXIT_BUG, EXIT_INTERRUPTED, UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Train compact CNNs with Dynamic Sparse Reparameterization; ship sparse ONNX.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Train compact CNNs with Dynamic Sparse Reparameterization; ship sparse ONNX.",
+)
 
 PipelineArg = typer.Argument(..., help="Pipeline YAML file.", show_default=False)
 OutOption = typer.Option(Path("export"), "--out", "-o", help="Where <name>/model.onnx and report.json go.")
 ForceOption = typer.Option(False, "--force", help="Redo the stage even if its outputs exist.")
 ResumeOption = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint.")
 ProgressOption = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
-NprocOption = typer.Option(1, "--nproc-per-job", help="Processes per run, launched through torchrun "
-                           "(one per GPU; 1: a plain process).")
+NprocOption = typer.Option(
+    1,
+    "--nproc-per-job",
+    help="Processes per run, launched through torchrun (one per GPU; 1: a plain process).",
+)
 SetOption = typer.Option([], "--set", help="Override a setting: --set train.epochs=5 (repeatable).")
 
 
@@ -35,16 +42,17 @@ def _user_errors(command: Callable) -> Callable:
             return command(*args, **kwargs)
         except UserError as exc:  # one line, even where the message quotes input with line breaks
             typer.echo(f"error: {' '.join(str(exc).splitlines())}", err=True)
-            raise typer.Exit(exc.exit_code)
+            raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             typer.echo("interrupted: completed epochs are checkpointed; rerun to resume", err=True)
-            raise typer.Exit(EXIT_INTERRUPTED)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
         except Exception as exc:  # a bug, not bad input: one line unless asked for the traceback
             if os.environ.get("DSRPIPE_DEBUG"):
                 raise
-            typer.echo(f"internal error: {type(exc).__name__}: {exc} (set DSRPIPE_DEBUG=1 for a traceback)",
-                       err=True)
-            raise typer.Exit(EXIT_BUG)
+            typer.echo(
+                f"internal error: {type(exc).__name__}: {exc} (set DSRPIPE_DEBUG=1 for a traceback)", err=True
+            )
+            raise typer.Exit(EXIT_BUG) from None
 
     return wrapper
 
@@ -81,8 +89,13 @@ def _main_rank() -> bool:
 
 @app.command()
 @_user_errors
-def run(pipeline: Path = PipelineArg, out: Path = OutOption, overrides: list[str] = SetOption, force: bool = ForceOption,
-        progress: bool = ProgressOption):
+def run(
+    pipeline: Path = PipelineArg,
+    out: Path = OutOption,
+    overrides: list[str] = SetOption,
+    force: bool = ForceOption,
+    progress: bool = ProgressOption,
+):
     """Run every stage: train-sparse, finetune, export, validate."""
     cfg = _load(pipeline, overrides)  # first: a bad file fails fast, before any work
     run_dir = _run_dir(out, cfg)
@@ -96,8 +109,14 @@ def run(pipeline: Path = PipelineArg, out: Path = OutOption, overrides: list[str
 
 @app.command("train-sparse")
 @_user_errors
-def train_sparse(pipeline: Path = PipelineArg, out: Path = OutOption, overrides: list[str] = SetOption, resume: bool = ResumeOption,
-                 force: bool = ForceOption, progress: bool = ProgressOption):
+def train_sparse(
+    pipeline: Path = PipelineArg,
+    out: Path = OutOption,
+    overrides: list[str] = SetOption,
+    resume: bool = ResumeOption,
+    force: bool = ForceOption,
+    progress: bool = ProgressOption,
+):
     """Train from scratch with the configured sparse method (DSR by default)."""
     cfg = _load(pipeline, overrides)
     with _owning(_run_dir(out, cfg), cfg) as main:
@@ -110,8 +129,14 @@ def train_sparse(pipeline: Path = PipelineArg, out: Path = OutOption, overrides:
 
 @app.command()
 @_user_errors
-def finetune(pipeline: Path = PipelineArg, out: Path = OutOption, overrides: list[str] = SetOption, resume: bool = ResumeOption,
-             force: bool = ForceOption, progress: bool = ProgressOption):
+def finetune(
+    pipeline: Path = PipelineArg,
+    out: Path = OutOption,
+    overrides: list[str] = SetOption,
+    resume: bool = ResumeOption,
+    force: bool = ForceOption,
+    progress: bool = ProgressOption,
+):
     """Fine-tune the trained model with its masks frozen."""
     cfg = _load(pipeline, overrides)
     with _owning(_run_dir(out, cfg), cfg) as main:
@@ -124,7 +149,12 @@ def finetune(pipeline: Path = PipelineArg, out: Path = OutOption, overrides: lis
 
 @app.command()
 @_user_errors
-def export(pipeline: Path = PipelineArg, out: Path = OutOption, overrides: list[str] = SetOption, force: bool = ForceOption):
+def export(
+    pipeline: Path = PipelineArg,
+    out: Path = OutOption,
+    overrides: list[str] = SetOption,
+    force: bool = ForceOption,
+):
     """Export the trained model to a sparse ONNX file."""
     cfg = _load(pipeline, overrides)
     if not _main_rank():
@@ -137,7 +167,12 @@ def export(pipeline: Path = PipelineArg, out: Path = OutOption, overrides: list[
 
 @app.command()
 @_user_errors
-def validate(pipeline: Path = PipelineArg, out: Path = OutOption, overrides: list[str] = SetOption, force: bool = ForceOption):
+def validate(
+    pipeline: Path = PipelineArg,
+    out: Path = OutOption,
+    overrides: list[str] = SetOption,
+    force: bool = ForceOption,
+):
     """Measure the exported model with onnxruntime and write report.json."""
     cfg = _load(pipeline, overrides)
     if not _main_rank():
@@ -152,12 +187,14 @@ def validate(pipeline: Path = PipelineArg, out: Path = OutOption, overrides: lis
 
 @app.command()
 @_user_errors
-def predict(model: Path = typer.Argument(..., help="An exported model.onnx.", show_default=False),
-            images: list[Path] = typer.Argument(..., help="Image files, or folders of them.", show_default=False),
-            top_k: int = typer.Option(1, "--top-k", "-k", help="Classes to list per image.")):
+def predict(
+    model: Path = typer.Argument(..., help="An exported model.onnx.", show_default=False),
+    images: list[Path] = typer.Argument(..., help="Image files, or folders of them.", show_default=False),
+    top_k: int = typer.Option(1, "--top-k", "-k", help="Classes to list per image."),
+):
     """Classify images with an exported model (onnxruntime, numpy and Pillow only)."""
-    from .predict import format_predictions
-    from .predict import predict as classify
+    from .deploy.predict import format_predictions
+    from .deploy.predict import predict as classify
 
     typer.echo(format_predictions(classify(model, images, top_k)))
 
@@ -167,8 +204,10 @@ def predict(model: Path = typer.Argument(..., help="An exported model.onnx.", sh
 def check(pipeline: Path = PipelineArg, overrides: list[str] = SetOption):
     """Validate a pipeline YAML without running it."""
     cfg = _load(pipeline, overrides)
-    typer.echo(f"{pipeline}: ok ({cfg.name}: {cfg.model.name} on {cfg.data.dataset}, "
-               f"{cfg.sparsity.method} at sparsity {cfg.sparsity.sparsity})")
+    typer.echo(
+        f"{pipeline}: ok ({cfg.name}: {cfg.model.name} on {cfg.data.dataset}, "
+        f"{cfg.sparsity.method} at sparsity {cfg.sparsity.sparsity})"
+    )
 
 
 @app.command()
@@ -181,11 +220,16 @@ def models():
 
 @app.command()
 @_user_errors
-def compare(grid: Path = typer.Argument(..., help="Grid YAML: a base pipeline × methods × sparsities × seeds.",
-                                        show_default=False),
-            out: Path = typer.Option(Path("export"), "--out", "-o", help="Where <grid>/runs/ and the results go."),
-            jobs: int = typer.Option(1, "--jobs", "-j", help="Runs at a time; the CPU threads are split between them."),
-            nproc_per_job: int = NprocOption):
+def compare(
+    grid: Path = typer.Argument(
+        ..., help="Grid YAML: a base pipeline × methods × sparsities × seeds.", show_default=False
+    ),
+    out: Path = typer.Option(Path("export"), "--out", "-o", help="Where <grid>/runs/ and the results go."),
+    jobs: int = typer.Option(
+        1, "--jobs", "-j", help="Runs at a time; the CPU threads are split between them."
+    ),
+    nproc_per_job: int = NprocOption,
+):
     """Run a grid of pipelines and tabulate top-1 against non-zero parameters."""
     from .compare import run_grid
 
@@ -194,45 +238,73 @@ def compare(grid: Path = typer.Argument(..., help="Grid YAML: a base pipeline ×
 
 @app.command()
 @_user_errors
-def watch(drop_dir: Path = typer.Argument(..., help="The drop folder to watch.", show_default=False),
-          out: Path = OutOption,
-          template: Path = typer.Option(None, "--template", show_default=False,
-                                        help="Pipeline for dataset drops (default: DROP_DIR/template.yaml, "
-                                             "else a built-in one)."),
-          quiet: float = typer.Option(5.0, "--quiet-period", help="Seconds a drop must stay unchanged before "
-                                      "it is taken."),
-          workers: int = typer.Option(1, "--workers", help="Jobs run at the same time."),
-          rerun: bool = typer.Option(False, "--rerun", help="Run content again when it is dropped again."),
-          once: bool = typer.Option(False, "--once", help="Process what is there, then exit (cron, tests)."),
-          log_file: Path = typer.Option(None, "--log-file", help="Also log to this file.", show_default=False),
-          max_unpacked: str = typer.Option(None, "--max-unpacked", show_default=False,
-                                           help="Cap on a dataset archive's unpacked size, e.g. 50G."),
-          max_files: int = typer.Option(None, "--max-files", show_default=False,
-                                        help="Cap on a dataset archive's member count."),
-          job_memory: str = typer.Option(None, "--job-memory", show_default=False,
-                                         help="Memory a job may use before it is killed and failed, e.g. 8G "
-                                              "(default: 80% of the machine's memory / --workers)."),
-          job_timeout: str = typer.Option(None, "--job-timeout", show_default=False,
-                                          help="Time an attempt of a job may run before it is killed and "
-                                               "failed, e.g. 90m, 12h (default: no limit)."),
-          nproc_per_job: int = NprocOption):
+def watch(
+    drop_dir: Path = typer.Argument(..., help="The drop folder to watch.", show_default=False),
+    out: Path = OutOption,
+    template: Path = typer.Option(
+        None,
+        "--template",
+        show_default=False,
+        help="Pipeline for dataset drops (default: DROP_DIR/template.yaml, else a built-in one).",
+    ),
+    quiet: float = typer.Option(
+        5.0, "--quiet-period", help="Seconds a drop must stay unchanged before it is taken."
+    ),
+    workers: int = typer.Option(1, "--workers", help="Jobs run at the same time."),
+    rerun: bool = typer.Option(False, "--rerun", help="Run content again when it is dropped again."),
+    once: bool = typer.Option(False, "--once", help="Process what is there, then exit (cron, tests)."),
+    log_file: Path = typer.Option(None, "--log-file", help="Also log to this file.", show_default=False),
+    max_unpacked: str = typer.Option(
+        None, "--max-unpacked", show_default=False, help="Cap on a dataset archive's unpacked size, e.g. 50G."
+    ),
+    max_files: int = typer.Option(
+        None, "--max-files", show_default=False, help="Cap on a dataset archive's member count."
+    ),
+    job_memory: str = typer.Option(
+        None,
+        "--job-memory",
+        show_default=False,
+        help="Memory a job may use before it is killed and failed, e.g. 8G "
+        "(default: 80% of the machine's memory / --workers).",
+    ),
+    job_timeout: str = typer.Option(
+        None,
+        "--job-timeout",
+        show_default=False,
+        help="Time an attempt of a job may run before it is killed and "
+        "failed, e.g. 90m, 12h (default: no limit).",
+    ),
+    nproc_per_job: int = NprocOption,
+):
     """Watch a drop folder: run each pipeline YAML or dataset dropped there, exactly once."""
     from .watch import WatchOptions, parse_duration, parse_size
     from .watch import watch as run_watch
 
-    run_watch(WatchOptions(drop_dir, out=out, template=template, quiet=quiet, workers=workers, rerun=rerun,
-                           once=once, log_file=log_file,
-                           max_unpacked=parse_size(max_unpacked) if max_unpacked else None, max_files=max_files,
-                           job_memory=parse_size(job_memory) if job_memory else None,
-                           job_timeout=parse_duration(job_timeout) if job_timeout else None,
-                           nproc_per_job=nproc_per_job))
+    run_watch(
+        WatchOptions(
+            drop_dir,
+            out=out,
+            template=template,
+            quiet=quiet,
+            workers=workers,
+            rerun=rerun,
+            once=once,
+            log_file=log_file,
+            max_unpacked=parse_size(max_unpacked) if max_unpacked else None,
+            max_files=max_files,
+            job_memory=parse_size(job_memory) if job_memory else None,
+            job_timeout=parse_duration(job_timeout) if job_timeout else None,
+            nproc_per_job=nproc_per_job,
+        )
+    )
 
 
 @app.command()
 @_user_errors
-def status(drop_dir: Path = typer.Argument(..., help="A drop folder served by `dsrpipe watch`.",
-                                           show_default=False),
-           as_json: bool = typer.Option(False, "--json", help="Print the journal as JSON.")):
+def status(
+    drop_dir: Path = typer.Argument(..., help="A drop folder served by `dsrpipe watch`.", show_default=False),
+    as_json: bool = typer.Option(False, "--json", help="Print the journal as JSON."),
+):
     """List the jobs of a watched drop folder and their states."""
     from .watch import status_report
 

@@ -34,9 +34,10 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -49,9 +50,23 @@ from .rundir import STALE, RunDir, read_report
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$"
 GRID_AXES = {"name", "seed", "sparsity.method", "sparsity.sparsity"}  # set per run by the grid
-CSV_COLUMNS = ["method", "sparsity", "seed", "nonzero_params", "total_params", "torch_top1", "onnx_top1",
-               "train_seconds", "status", "measured_sparsity", "top1_agreement", "latency_p50_ms",
-               "onnx_bytes", "run", "message"]
+CSV_COLUMNS = [
+    "method",
+    "sparsity",
+    "seed",
+    "nonzero_params",
+    "total_params",
+    "torch_top1",
+    "onnx_top1",
+    "train_seconds",
+    "status",
+    "measured_sparsity",
+    "top1_agreement",
+    "latency_p50_ms",
+    "onnx_bytes",
+    "run",
+    "message",
+]
 
 
 class Grid(BaseModel):
@@ -113,7 +128,9 @@ class Run:
     seed: int
     raw: dict[str, Any]
     cfg: Pipeline | None = None
-    depends_on: str | None = None  # a run whose trained model this one starts from (frozen ← dsr, prune ← dense)
+    depends_on: str | None = (
+        None  # a run whose trained model this one starts from (frozen ← dsr, prune ← dense)
+    )
     status: str = "pending"  # pending, running, ok, validation-failed, crashed
     reused: bool = False
     report: dict[str, Any] | None = None
@@ -153,8 +170,9 @@ def run_name(grid_name: str, method: str, sparsity: float, seed: int) -> str:
     return f"{grid_name}-{method}-s{sparsity:g}-seed{seed}"
 
 
-def plan_runs(grid: Grid, grid_name: str, base: dict[str, Any], runs_dir: Path,
-              source: str = "grid") -> list[Run]:
+def plan_runs(
+    grid: Grid, grid_name: str, base: dict[str, Any], runs_dir: Path, source: str = "grid"
+) -> list[Run]:
     """Every run's pipeline, validated before any starts.
 
     Runs that start from another run come after it: `frozen` retrains the final masks of the DSR
@@ -175,10 +193,14 @@ def plan_runs(grid: Grid, grid_name: str, base: dict[str, Any], runs_dir: Path,
                 raw = copy.deepcopy(base)
                 settings = grid.overrides.get(method, {})
                 try:
-                    apply_overrides(raw, [f"{k}={yaml.safe_dump(v, default_flow_style=True)}"
-                                          for k, v in settings.items()])
+                    apply_overrides(
+                        raw,
+                        [f"{k}={yaml.safe_dump(v, default_flow_style=True)}" for k, v in settings.items()],
+                    )
                 except UserError as exc:
-                    raise UserError(f"{source}: overrides.{method}: {str(exc).removeprefix('--set ')}") from None
+                    raise UserError(
+                        f"{source}: overrides.{method}: {str(exc).removeprefix('--set ')}"
+                    ) from None
                 raw["name"], raw["seed"] = name, seed
                 section = raw.get("sparsity", {})
                 if not isinstance(section, dict):
@@ -243,8 +265,14 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def run_grid(grid_path: str | Path, out: str | Path = "export", *, jobs: int = 1, nproc_per_job: int = 1,
-             echo: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_grid(
+    grid_path: str | Path,
+    out: str | Path = "export",
+    *,
+    jobs: int = 1,
+    nproc_per_job: int = 1,
+    echo: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Run (or pick up) every run of the grid, then write results.csv, results.md and
     accuracy_vs_params.png; returns their paths and the runs. `nproc_per_job` > 1 runs each
     through torchrun as that many processes (one per GPU on CUDA)."""
@@ -254,8 +282,10 @@ def run_grid(grid_path: str | Path, out: str | Path = "export", *, jobs: int = 1
         raise UserError(f"--nproc-per-job must be at least 1, got {nproc_per_job}")
     echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
     grid_path, out = Path(grid_path), Path(out)
-    command = shlex.join(["dsrpipe", "compare", str(grid_path), "--out", str(out), "--jobs", str(jobs)]
-                         + (["--nproc-per-job", str(nproc_per_job)] if nproc_per_job > 1 else []))
+    command = shlex.join(
+        ["dsrpipe", "compare", str(grid_path), "--out", str(out), "--jobs", str(jobs)]
+        + (["--nproc-per-job", str(nproc_per_job)] if nproc_per_job > 1 else [])
+    )
     grid, grid_name, base = load_grid(grid_path)
     folder = out / grid_name
     runs_dir = folder / "runs"
@@ -276,8 +306,10 @@ def run_grid(grid_path: str | Path, out: str | Path = "export", *, jobs: int = 1
             _finish(run, runs_dir, report, reused=True)
     todo = [r for r in runs if r.status == "pending"]
     done = len(runs) - len(todo)
-    echo(f"{grid_name}: {len(runs)} runs, {done} already complete, {len(todo)} to run "
-         f"({jobs} at a time) → {folder}")
+    echo(
+        f"{grid_name}: {len(runs)} runs, {done} already complete, {len(todo)} to run "
+        f"({jobs} at a time) → {folder}"
+    )
 
     running: list[Run] = []
 
@@ -286,8 +318,10 @@ def run_grid(grid_path: str | Path, out: str | Path = "export", *, jobs: int = 1
             if run.cfg is None:  # a frozen run whose masks now exist
                 run.cfg = parse_pipeline(run.raw, f"{grid_path}: {run.name}")
             if _start_over_if_stale(run, runs_dir):
-                echo(f"{run.name}: its outputs were made with other settings (an edited grid, another "
-                     "dsrpipe version): starting it over")
+                echo(
+                    f"{run.name}: its outputs were made with other settings (an edited grid, another "
+                    "dsrpipe version): starting it over"
+                )
         except UserError as exc:
             run.status, run.message = "crashed", str(exc)
             return
@@ -298,12 +332,20 @@ def run_grid(grid_path: str | Path, out: str | Path = "export", *, jobs: int = 1
         log_file = folder / "logs" / f"{run.name}.log"
         log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(log_file, "ab") as log:
-            log.write(f"\n$ dsrpipe run {pipeline_file} --out {runs_dir} --no-progress  "
-                      f"# {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+            log.write(
+                f"\n$ dsrpipe run {pipeline_file} --out {runs_dir} --no-progress  "
+                f"# {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode()
+            )
             log.flush()
             run.process = subprocess.Popen(
-                launch_command(nproc_per_job, ["run", str(pipeline_file), "--out", str(runs_dir), "--no-progress"]),
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+                launch_command(
+                    nproc_per_job, ["run", str(pipeline_file), "--out", str(runs_dir), "--no-progress"]
+                ),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
         run.status, run.started = "running", time.perf_counter()
         running.append(run)
 
@@ -317,7 +359,10 @@ def run_grid(grid_path: str | Path, out: str | Path = "export", *, jobs: int = 1
                     continue
                 todo.remove(run)
                 if needed is not None and needed.status == "crashed":
-                    run.status, run.message = "crashed", f"not run: {needed.name}, which it starts from, crashed"
+                    run.status, run.message = (
+                        "crashed",
+                        f"not run: {needed.name}, which it starts from, crashed",
+                    )
                 else:
                     start(run)
                 if run.status == "crashed":
@@ -336,7 +381,10 @@ def run_grid(grid_path: str | Path, out: str | Path = "export", *, jobs: int = 1
                     _finish(run, runs_dir, report)
                 else:
                     log_file = folder / "logs" / f"{run.name}.log"
-                    run.status, run.message = "crashed", f"exit {code}: {_last_line(log_file)} (see {log_file})"
+                    run.status, run.message = (
+                        "crashed",
+                        f"exit {code}: {_last_line(log_file)} (see {log_file})",
+                    )
                 done += 1
                 echo(f"[{done}/{len(runs)}] {run.name}: {_summary(run)} ({run.ended - run.started:.0f} s)")
     finally:  # interrupted: Ctrl-C reaches the runs too; give them time to save, then stop them
@@ -350,7 +398,9 @@ def run_grid(grid_path: str | Path, out: str | Path = "export", *, jobs: int = 1
     result = write_results(folder, runs, command=command)
     crashed = [r for r in runs if r.status == "crashed"]
     if crashed:
-        echo(f"{grid_name}: {len(crashed)} of {len(runs)} runs crashed: " + ", ".join(r.name for r in crashed))
+        echo(
+            f"{grid_name}: {len(crashed)} of {len(runs)} runs crashed: " + ", ".join(r.name for r in crashed)
+        )
     return {**result, "runs": runs}
 
 
@@ -372,13 +422,21 @@ def _row(run: Run) -> dict[str, Any]:
     r = run.report or {}
     latency = r.get("latency_ms") or {}
     return {
-        "method": run.method, "sparsity": run.sparsity, "seed": run.seed,
-        "nonzero_params": r.get("nonzero_params"), "total_params": r.get("total_params"),
-        "torch_top1": r.get("torch_top1"), "onnx_top1": r.get("onnx_top1"),
+        "method": run.method,
+        "sparsity": run.sparsity,
+        "seed": run.seed,
+        "nonzero_params": r.get("nonzero_params"),
+        "total_params": r.get("total_params"),
+        "torch_top1": r.get("torch_top1"),
+        "onnx_top1": r.get("onnx_top1"),
         "train_seconds": None if run.train_seconds is None else round(run.train_seconds, 3),
-        "status": run.status, "measured_sparsity": r.get("sparsity"), "top1_agreement": r.get("top1_agreement"),
-        "latency_p50_ms": latency.get("p50"), "onnx_bytes": r.get("onnx_bytes"),
-        "run": run.name, "message": run.message,
+        "status": run.status,
+        "measured_sparsity": r.get("sparsity"),
+        "top1_agreement": r.get("top1_agreement"),
+        "latency_p50_ms": latency.get("p50"),
+        "onnx_bytes": r.get("onnx_bytes"),
+        "run": run.name,
+        "message": run.message,
     }
 
 
@@ -392,16 +450,23 @@ def group_results(runs: list[Run]) -> list[dict[str, Any]]:
         measured = [r for r in members if r.report is not None]
         top1 = [r.report["onnx_top1"] for r in measured]
         seconds = [r.train_seconds for r in measured if r.train_seconds is not None]
-        entries.append({
-            "method": method, "sparsity": sparsity, "runs": len(members), "n": len(measured),
-            "crashed": sum(r.status == "crashed" for r in members),
-            "below_threshold": sum(r.status == "validation-failed" for r in members),
-            "params": statistics.mean(r.report["nonzero_params"] for r in measured) if measured else None,
-            "total_params": statistics.mean(r.report["total_params"] for r in measured) if measured else None,
-            "top1_mean": statistics.mean(top1) if top1 else None,
-            "top1_std": statistics.stdev(top1) if len(top1) > 1 else None,
-            "seconds_mean": statistics.mean(seconds) if seconds else None,
-        })
+        entries.append(
+            {
+                "method": method,
+                "sparsity": sparsity,
+                "runs": len(members),
+                "n": len(measured),
+                "crashed": sum(r.status == "crashed" for r in members),
+                "below_threshold": sum(r.status == "validation-failed" for r in members),
+                "params": statistics.mean(r.report["nonzero_params"] for r in measured) if measured else None,
+                "total_params": statistics.mean(r.report["total_params"] for r in measured)
+                if measured
+                else None,
+                "top1_mean": statistics.mean(top1) if top1 else None,
+                "top1_std": statistics.stdev(top1) if len(top1) > 1 else None,
+                "seconds_mean": statistics.mean(seconds) if seconds else None,
+            }
+        )
     return entries
 
 
@@ -414,7 +479,11 @@ def write_results(folder: Path, runs: list[Run], *, command: str) -> dict[str, P
     writer.writeheader()
     for run in runs:
         writer.writerow({k: "" if v is None else v for k, v in _row(run).items()})
-    paths = {"csv": folder / "results.csv", "md": folder / "results.md", "plot": folder / "accuracy_vs_params.png"}
+    paths = {
+        "csv": folder / "results.csv",
+        "md": folder / "results.md",
+        "plot": folder / "accuracy_vs_params.png",
+    }
     files.write_text(paths["csv"], buffer.getvalue())
     groups = group_results(runs)
     write_accuracy_vs_params(paths["plot"], groups, title=f"{folder.name}: top-1 against non-zero parameters")
@@ -427,8 +496,11 @@ def _markdown(grid_name: str, runs: list[Run], groups: list[dict[str, Any]], com
     lines = [f"# {grid_name}: {len(runs)} runs", ""]
     if cfg is not None:
         tune = f" + {cfg.finetune.epochs} fine-tuning" if cfg.finetune.epochs else ""
-        lines += [f"{cfg.model.name} on {cfg.data.dataset}, {cfg.train.epochs} training{tune} epochs per run "
-                  f"(before per-method overrides).", ""]
+        lines += [
+            f"{cfg.model.name} on {cfg.data.dataset}, {cfg.train.epochs} training{tune} epochs per run "
+            f"(before per-method overrides).",
+            "",
+        ]
     lines += [
         "Top-1: the exported ONNX model on the test split, mean ± sample standard deviation over seeds. "
         "Params: non-zero parameters of the whole model (dense layers included). Train time: seconds "
@@ -447,8 +519,9 @@ def _markdown(grid_name: str, runs: list[Run], groups: list[dict[str, Any]], com
             top1 = f"{100 * g['top1_mean']:.2f} ± {100 * g['top1_std']:.2f}"
         seconds = "n/a" if g["seconds_mean"] is None else f"{g['seconds_mean']:.1f}"
         count = str(g["n"]) if g["n"] == g["runs"] else f"{g['n']} of {g['runs']}"
-        notes = [f"{g['crashed']} crashed"] * bool(g["crashed"]) + \
-                [f"{g['below_threshold']} below threshold"] * bool(g["below_threshold"])
+        notes = [f"{g['crashed']} crashed"] * bool(g["crashed"]) + [
+            f"{g['below_threshold']} below threshold"
+        ] * bool(g["below_threshold"])
         if notes:
             count += f" ({', '.join(notes)})"
         lines.append(f"| {g['method']} | {g['sparsity']:g} | {params} | {top1} | {seconds} | {count} |")

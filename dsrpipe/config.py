@@ -14,8 +14,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
-                      model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from .errors import UserError
 
@@ -69,8 +77,12 @@ class DataConfig(Section):
     augment: bool = True
     num_workers: int | None = Field(None, ge=0, le=MAX_WORKERS)
     cache_dir: FilePath | None = None
-    max_train: int | None = Field(None, ge=1, le=MAX_IMAGES)  # train on a fixed random subset of this many images
-    max_test: int | None = Field(None, ge=1, le=MAX_IMAGES)  # evaluate on a fixed random subset of this many images
+    max_train: int | None = Field(
+        None, ge=1, le=MAX_IMAGES
+    )  # train on a fixed random subset of this many images
+    max_test: int | None = Field(
+        None, ge=1, le=MAX_IMAGES
+    )  # evaluate on a fixed random subset of this many images
 
     @model_validator(mode="after")
     def _known_dataset_with_its_files(self):
@@ -93,9 +105,16 @@ class DataConfig(Section):
         """The (train, test) splits as configured."""
         from .data import load_data
 
-        return load_data(self.dataset, root=self.root, download=self.download, image_size=self.image_size,
-                         cache_dir=self.cache_dir, num_workers=self.num_workers, max_train=self.max_train,
-                         max_test=self.max_test)
+        return load_data(
+            self.dataset,
+            root=self.root,
+            download=self.download,
+            image_size=self.image_size,
+            cache_dir=self.cache_dir,
+            num_workers=self.num_workers,
+            max_train=self.max_train,
+            max_test=self.max_test,
+        )
 
 
 class ModelConfig(Section):
@@ -110,8 +129,10 @@ class ModelConfig(Section):
         for key, value in options.items():
             values = value if isinstance(value, list) else [value]
             if len(key) > MAX_STRING or len(values) > MAX_OPTION_ITEMS or not all(map(_plain_value, values)):
-                raise ValueError(f"'{key[:40]}': expected a number, a string, a boolean, or a list of at most "
-                                 f"{MAX_OPTION_ITEMS} of those")
+                raise ValueError(
+                    f"'{key[:40]}': expected a number, a string, a boolean, or a list of at most "
+                    f"{MAX_OPTION_ITEMS} of those"
+                )
         return options
 
     @field_validator("name")
@@ -140,7 +161,8 @@ class MethodOptions(Section):
     @model_validator(mode="after")
     def _one_way_to_choose_layers(self):
         if self.sparse_tensors is not None and (
-                self.exclude is not None or {"dense_first", "dense_last"} & self.model_fields_set):
+            self.exclude is not None or {"dense_first", "dense_last"} & self.model_fields_set
+        ):
             raise ValueError("give either sparse_tensors or dense_first/dense_last/exclude, not both")
         return self
 
@@ -165,8 +187,13 @@ class MethodOptions(Section):
         """The method's sparsifier (dsrpipe.sparse) for this model and optimizer."""
         from .sparse import create_sparsifier
 
-        return create_sparsifier(self.method, model, optimizer, seed=seed,
-                                 **self.sparsifier_options(steps_per_epoch=steps_per_epoch, epochs=epochs))
+        return create_sparsifier(
+            self.method,
+            model,
+            optimizer,
+            seed=seed,
+            **self.sparsifier_options(steps_per_epoch=steps_per_epoch, epochs=epochs),
+        )
 
 
 class DenseOptions(MethodOptions):
@@ -177,8 +204,10 @@ class DenseOptions(MethodOptions):
     @classmethod
     def _no_sparsity(cls, sparsity: float) -> float:
         if sparsity != 0:
-            raise ValueError("method 'dense' trains every weight: sparsity must be 0 "
-                             "(thin-dense is the narrower dense model with a sparse budget)")
+            raise ValueError(
+                "method 'dense' trains every weight: sparsity must be 0 "
+                "(thin-dense is the narrower dense model with a sparse budget)"
+            )
         return sparsity
 
 
@@ -192,7 +221,11 @@ class SparseOptions(MethodOptions):
     distribution: Literal["uniform", "erk"] = "uniform"  # of the active weights over the sparse layers
 
     def sparsifier_options(self, **shape) -> dict[str, Any]:
-        return {**super().sparsifier_options(**shape), "sparsity": self.sparsity, "distribution": self.distribution}
+        return {
+            **super().sparsifier_options(**shape),
+            "sparsity": self.sparsity,
+            "distribution": self.distribution,
+        }
 
 
 class FromScratchOptions(SparseOptions):
@@ -225,7 +258,9 @@ class StaticOptions(GranularityOption, FromScratchOptions):
 
 
 class RewiringOptions(FromScratchOptions):
-    rewire_periods: dict[int, int] = Field({0: 100}, max_length=MAX_LIST)  # start epoch -> reallocation period (iterations)
+    rewire_periods: dict[int, int] = Field(
+        {0: 100}, max_length=MAX_LIST
+    )  # start epoch -> reallocation period (iterations)
     stop_rewire_epoch: int | None = Field(None, ge=0, le=MAX_EPOCHS)  # no reallocation from this epoch on
 
     @field_validator("rewire_periods")
@@ -241,13 +276,18 @@ class RewiringOptions(FromScratchOptions):
         from .sparse import RewireSchedule
 
         schedule = RewireSchedule(self.rewire_periods, self.stop_rewire_epoch, steps_per_epoch)
-        return {**super().sparsifier_options(steps_per_epoch=steps_per_epoch, epochs=epochs), "schedule": schedule}
+        return {
+            **super().sparsifier_options(steps_per_epoch=steps_per_epoch, epochs=epochs),
+            "schedule": schedule,
+        }
 
 
 class NpOptions(RewiringOptions):
     """N_p, the weights moved per reallocation: a count or a fraction of the active weights."""
 
-    prune_target: int | None = Field(None, gt=0, le=MAX_STEPS)  # N_p as a count (default when neither: 20,000)
+    prune_target: int | None = Field(
+        None, gt=0, le=MAX_STEPS
+    )  # N_p as a count (default when neither: 20,000)
     prune_fraction: float | None = Field(None, gt=0, le=1)  # N_p as a fraction of the active weights
 
     @model_validator(mode="after")
@@ -257,8 +297,11 @@ class NpOptions(RewiringOptions):
         return self
 
     def sparsifier_options(self, **shape) -> dict[str, Any]:
-        return {**super().sparsifier_options(**shape), "prune_target": self.prune_target,
-                "prune_fraction": self.prune_fraction}
+        return {
+            **super().sparsifier_options(**shape),
+            "prune_target": self.prune_target,
+            "prune_fraction": self.prune_fraction,
+        }
 
 
 class DSROptions(GranularityOption, NpOptions):
@@ -267,8 +310,11 @@ class DSROptions(GranularityOption, NpOptions):
     tolerance: float = Field(0.1, ge=0, lt=1)  # δ
 
     def sparsifier_options(self, **shape) -> dict[str, Any]:
-        return {**super().sparsifier_options(**shape), "init_threshold": self.init_threshold,
-                "tolerance": self.tolerance}
+        return {
+            **super().sparsifier_options(**shape),
+            "init_threshold": self.init_threshold,
+            "tolerance": self.tolerance,
+        }
 
 
 class SETOptions(GranularityOption, NpOptions):
@@ -287,11 +333,16 @@ class SETOptions(GranularityOption, NpOptions):
 
 class RigLOptions(RewiringOptions):
     method: Literal["rigl"] = "rigl"
-    alpha: float = Field(0.3, ge=0, le=1)  # initial drop fraction, cosine-decayed to 0 by the stop epoch (else the end)
+    alpha: float = Field(
+        0.3, ge=0, le=1
+    )  # initial drop fraction, cosine-decayed to 0 by the stop epoch (else the end)
 
     def sparsifier_options(self, *, steps_per_epoch: int, epochs: int) -> dict[str, Any]:
-        return {**super().sparsifier_options(steps_per_epoch=steps_per_epoch, epochs=epochs),
-                "alpha": self.alpha, "total_steps": epochs * steps_per_epoch}
+        return {
+            **super().sparsifier_options(steps_per_epoch=steps_per_epoch, epochs=epochs),
+            "alpha": self.alpha,
+            "total_steps": epochs * steps_per_epoch,
+        }
 
 
 class DeepROptions(FromScratchOptions):
@@ -300,7 +351,9 @@ class DeepROptions(FromScratchOptions):
     temperature: float | dict[int, float] = {0: 1e-5, 25: 1e-8, 80: 1e-12, 140: 1e-15}
     eta: float = Field(0.01, ge=0)  # noise std sqrt(2·eta·T)
     l1: float = Field(1e-5, ge=0)  # L1 strength (its gradient joins the loss gradient)
-    stop_rewire_epoch: int | None = Field(None, ge=0, le=MAX_EPOCHS)  # no noise and no rewiring from this epoch on
+    stop_rewire_epoch: int | None = Field(
+        None, ge=0, le=MAX_EPOCHS
+    )  # no noise and no rewiring from this epoch on
 
     @field_validator("temperature")
     @classmethod
@@ -315,14 +368,20 @@ class DeepROptions(FromScratchOptions):
     def sparsifier_options(self, *, steps_per_epoch: int, epochs: int) -> dict[str, Any]:
         from .sparse import RewireSchedule
 
-        return {**super().sparsifier_options(steps_per_epoch=steps_per_epoch, epochs=epochs),
-                "schedule": RewireSchedule({0: 1}, self.stop_rewire_epoch, steps_per_epoch),
-                "temperature": self.temperature, "eta": self.eta, "l1": self.l1}
+        return {
+            **super().sparsifier_options(steps_per_epoch=steps_per_epoch, epochs=epochs),
+            "schedule": RewireSchedule({0: 1}, self.stop_rewire_epoch, steps_per_epoch),
+            "temperature": self.temperature,
+            "eta": self.eta,
+            "l1": self.l1,
+        }
 
 
 class PruningSpan(Section):
     begin_epoch: int = Field(0, ge=0, le=MAX_EPOCHS)  # pruning starts (from dense) here ...
-    end_epoch: int | None = Field(None, ge=1, le=MAX_EPOCHS)  # ... and reaches `sparsity` here; then the masks are fixed
+    end_epoch: int | None = Field(
+        None, ge=1, le=MAX_EPOCHS
+    )  # ... and reaches `sparsity` here; then the masks are fixed
 
     @model_validator(mode="after")
     def _begin_before_end(self):
@@ -332,16 +391,23 @@ class PruningSpan(Section):
 
     def span_options(self, steps_per_epoch: int, epochs: int) -> dict[str, Any]:
         end = self.end_epoch * steps_per_epoch if self.end_epoch is not None else None
-        return {"begin_iteration": self.begin_epoch * steps_per_epoch, "end_iteration": end,
-                "total_steps": epochs * steps_per_epoch}
+        return {
+            "begin_iteration": self.begin_epoch * steps_per_epoch,
+            "end_iteration": end,
+            "total_steps": epochs * steps_per_epoch,
+        }
 
 
 class GMPOptions(RewiringOptions, PruningSpan):
-    method: Literal["gmp"] = "gmp"  # from scratch; prunes on rewire_periods; end_epoch default: 75% of training
+    method: Literal["gmp"] = (
+        "gmp"  # from scratch; prunes on rewire_periods; end_epoch default: 75% of training
+    )
 
     def sparsifier_options(self, *, steps_per_epoch: int, epochs: int) -> dict[str, Any]:
-        return {**super().sparsifier_options(steps_per_epoch=steps_per_epoch, epochs=epochs),
-                **self.span_options(steps_per_epoch, epochs)}
+        return {
+            **super().sparsifier_options(steps_per_epoch=steps_per_epoch, epochs=epochs),
+            **self.span_options(steps_per_epoch, epochs),
+        }
 
 
 class PruneOptions(SparseOptions, PruningSpan):
@@ -354,14 +420,20 @@ class PruneOptions(SparseOptions, PruningSpan):
         return "prune_from", self.prune_from
 
     def sparsifier_options(self, *, steps_per_epoch: int, epochs: int) -> dict[str, Any]:
-        return {**super().sparsifier_options(steps_per_epoch=steps_per_epoch, epochs=epochs),
-                **self.span_options(steps_per_epoch, epochs), "prune_from": self.prune_from, "steps": self.steps}
+        return {
+            **super().sparsifier_options(steps_per_epoch=steps_per_epoch, epochs=epochs),
+            **self.span_options(steps_per_epoch, epochs),
+            "prune_from": self.prune_from,
+            "steps": self.steps,
+        }
 
 
 class FrozenOptions(MethodOptions):
     method: Literal["frozen"] = "frozen"
     sparsity: float = Field(0.9, ge=0.0, lt=1.0)  # the source run's (a label: the masks decide)
-    masks_from: FilePath  # a run's train/final.pt (relative to the working directory) whose final masks to retrain
+    masks_from: (
+        FilePath  # a run's train/final.pt (relative to the working directory) whose final masks to retrain
+    )
     init: Literal["fresh", "same"] = "fresh"  # a fresh random init, or the source run's own initial weights
     scale_init: bool = False
 
@@ -370,17 +442,28 @@ class FrozenOptions(MethodOptions):
         return "masks_from", self.masks_from
 
     def sparsifier_options(self, **shape) -> dict[str, Any]:
-        return {**super().sparsifier_options(**shape), "masks_from": self.masks_from, "init": self.init,
-                "scale_init": self.scale_init}
+        return {
+            **super().sparsifier_options(**shape),
+            "masks_from": self.masks_from,
+            "init": self.init,
+            "scale_init": self.scale_init,
+        }
 
 
 METHOD_OPTIONS: dict[str, type[MethodOptions]] = {
-    "dsr": DSROptions, "static": StaticOptions, "thin-dense": ThinDenseOptions, "set": SETOptions,
-    "deepr": DeepROptions, "rigl": RigLOptions, "prune": PruneOptions, "gmp": GMPOptions,
-    "frozen": FrozenOptions, "dense": DenseOptions,
+    "dsr": DSROptions,
+    "static": StaticOptions,
+    "thin-dense": ThinDenseOptions,
+    "set": SETOptions,
+    "deepr": DeepROptions,
+    "rigl": RigLOptions,
+    "prune": PruneOptions,
+    "gmp": GMPOptions,
+    "frozen": FrozenOptions,
+    "dense": DenseOptions,
 }
 # The sparsity section's type: a union of the options classes, discriminated by `method`.
-SparsityOptions = Annotated[Union[tuple(METHOD_OPTIONS.values())], Field(discriminator="method")]
+SparsityOptions = Annotated[Union[tuple(METHOD_OPTIONS.values())], Field(discriminator="method")]  # noqa: UP007
 
 
 def parse_method_options(section: Any) -> MethodOptions:
@@ -398,8 +481,10 @@ def parse_method_options(section: Any) -> MethodOptions:
         if key not in options.model_fields:
             owners = [m for m, o in METHOD_OPTIONS.items() if key in o.model_fields]
             whose = f"an option of {', '.join(owners)}" if owners else "no method's option"
-            raise ValueError(f"method '{method}' takes no option '{key}' ({whose}; {method} takes: "
-                             f"{', '.join(k for k in options.model_fields if k != 'method')})")
+            raise ValueError(
+                f"method '{method}' takes no option '{key}' ({whose}; {method} takes: "
+                f"{', '.join(k for k in options.model_fields if k != 'method')})"
+            )
     return options.model_validate({**section, "method": method})
 
 
@@ -427,7 +512,9 @@ class OptimConfig(Section):
     def _milestones_within_epochs(self):
         m = self.milestones
         if m != sorted(set(m)) or (m and not 0 <= m[0] <= m[-1] <= self.epochs):
-            raise ValueError(f"milestones must be increasing epochs from 0 to epochs ({self.epochs}), got {m}")
+            raise ValueError(
+                f"milestones must be increasing epochs from 0 to epochs ({self.epochs}), got {m}"
+            )
         return self
 
 
@@ -439,9 +526,9 @@ class FinetuneConfig(OptimConfig):
 class ExportConfig(Section):
     opset: int = Field(18, ge=MIN_OPSET)
     shrink: bool = True  # remove channels whose filters are all zero: a smaller, faster graph, same logits
-    # How pruned weights are stored (dsrpipe.encoding): compact is the smallest, dense the plainest.
+    # How pruned weights are stored (dsrpipe.deploy.encoding): compact is the smallest, dense the plainest.
     encoding: Literal["dense", "coo", "compact"] = "compact"
-    # int8: model.onnx is the int8 QDQ model, model.fp32.onnx the float32 one (dsrpipe.quantize).
+    # int8: model.onnx is the int8 QDQ model, model.fp32.onnx the float32 one (dsrpipe.deploy.quantize).
     quantize: Literal["none", "int8"] = "none"
     calibration_images: int = Field(300, ge=1, le=MAX_IMAGES)  # training images that calibrate int8
 
@@ -449,8 +536,10 @@ class ExportConfig(Section):
     @classmethod
     def _replaced_keys(cls, raw: Any) -> Any:
         if isinstance(raw, dict) and "sparse_initializers" in raw:
-            raise ValueError("sparse_initializers is replaced by encoding: dense | coo | compact "
-                             "(sparse_initializers: true was coo; compact is smaller)")
+            raise ValueError(
+                "sparse_initializers is replaced by encoding: dense | coo | compact "
+                "(sparse_initializers: true was coo; compact is smaller)"
+            )
         return raw
 
     @field_validator("opset")
@@ -487,7 +576,9 @@ class DistributedConfig(Section):
 
 
 class Pipeline(Section):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False, populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid", protected_namespaces=(), allow_inf_nan=False, populate_by_name=True
+    )
 
     name: str = Field(pattern=f"^{SAFE_NAME}$")
     seed: int = Field(0, ge=0, le=MAX_SEED)
@@ -520,8 +611,10 @@ class Pipeline(Section):
     def fingerprint(self, *sections: str) -> str:
         """A hash of the settings a stage's outputs depend on, to tell stale outputs apart."""
         chosen = {s: getattr(self, s) for s in sections}
-        text = json.dumps({s: v.model_dump(mode="json") if isinstance(v, BaseModel) else v
-                           for s, v in chosen.items()}, sort_keys=True)
+        text = json.dumps(
+            {s: v.model_dump(mode="json") if isinstance(v, BaseModel) else v for s, v in chosen.items()},
+            sort_keys=True,
+        )
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -537,7 +630,11 @@ def first_error(exc: ValidationError) -> tuple[str, str]:
     problem ("" at the top level) and what is wrong, with a count of any others."""
     first = exc.errors()[0]
     where = ".".join(str(part) for part in first["loc"])
-    message = "unknown setting" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
+    message = (
+        "unknown setting"
+        if first["type"] == "extra_forbidden"
+        else first["msg"].removeprefix("Value error, ")
+    )
     more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
     return where, f"{message}{more}"
 
@@ -576,7 +673,9 @@ def parse_yaml(data: bytes | str, source: str) -> Any:
         problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
         raise UserError(f"{source}:{where} not valid YAML ({problem})") from None
     except Exception as exc:  # what the constructors let through, e.g. a date that is no date
-        raise UserError(f"{source}: not valid YAML ({type(exc).__name__}: {' '.join(str(exc).split())})") from None
+        raise UserError(
+            f"{source}: not valid YAML ({type(exc).__name__}: {' '.join(str(exc).split())})"
+        ) from None
 
 
 def read_yaml(path: Path, what: str) -> Any:
@@ -649,5 +748,7 @@ def confine_paths(cfg: Pipeline, roots: list[Path]) -> None:
             except (OSError, RuntimeError):  # a symbolic link loop
                 resolved = None
             if resolved is None or not any(resolved.is_relative_to(root) for root in allowed):
-                raise UserError(f"{where}: {path} is outside {' and '.join(map(str, allowed))}; "
-                                "only paths inside them are allowed here")
+                raise UserError(
+                    f"{where}: {path} is outside {' and '.join(map(str, allowed))}; "
+                    "only paths inside them are allowed here"
+                )

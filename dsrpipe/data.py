@@ -23,10 +23,10 @@ import tarfile
 import tempfile
 import zipfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path, PurePosixPath
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -74,7 +74,9 @@ class DatasetInfo:
 class Dataset:
     """One split in memory: uint8 images (N, C, H, W) whose pixel values run 0..max_value."""
 
-    def __init__(self, info: DatasetInfo, images: torch.Tensor, labels: torch.Tensor, *, max_value: int = 255):
+    def __init__(
+        self, info: DatasetInfo, images: torch.Tensor, labels: torch.Tensor, *, max_value: int = 255
+    ):
         assert images.dtype == torch.uint8 and images.ndim == 4 and len(images) == len(labels)
         self.info, self.images, self.labels, self.max_value = info, images, labels.long(), max_value
         self._copies = {torch.device("cpu"): (self.images, self.labels)}
@@ -85,9 +87,19 @@ class Dataset:
     def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
         return len(self) // batch_size if drop_last else -(-len(self) // batch_size)
 
-    def batches(self, batch_size: int, *, shuffle: bool, augment: bool, seed: int, epoch: int,
-                device: torch.device | str = "cpu", normalize: bool = True, drop_last: bool = False,
-                shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        augment: bool,
+        seed: int,
+        epoch: int,
+        device: torch.device | str = "cpu",
+        normalize: bool = True,
+        drop_last: bool = False,
+        shard: tuple[int, int] = (0, 1),
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches of `batch_size`, or with `shard` = (rank, world size) this rank's part of each:
         rows rank·b to (rank+1)·b of every batch, b = batch_size / world size. Every random
         choice is drawn for the whole batch first, so the ranks' parts together are exactly the
@@ -101,12 +113,18 @@ class Dataset:
         images, labels = self._on(device)
         count = self.num_batches(batch_size, drop_last)
         order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
-        order = order[:count * batch_size]
+        order = order[: count * batch_size]
         pad, flip = augmentation_for(self.info)
         # The epoch's random choices are drawn up front, batch by batch as before, and sent to the
         # device in one copy: a copy per step would make the host wait for the GPU every step.
-        crops = [crop_choices(min(batch_size, len(order) - i * batch_size), pad, flip, generator)
-                 for i in range(count)] if augment else []
+        crops = (
+            [
+                crop_choices(min(batch_size, len(order) - i * batch_size), pad, flip, generator)
+                for i in range(count)
+            ]
+            if augment
+            else []
+        )
         plan = [order] + ([torch.cat(c) for c in zip(*crops)] if crops else [])
         plan = [t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t for t in plan]
         for i in range(count):
@@ -144,16 +162,29 @@ class StreamingDataset(Dataset):
         files = _ImageFiles([self.folder.files[i] for i in indices.tolist()])
         return StreamingDataset(self.info, files, self.num_workers)
 
-    def batches(self, batch_size: int, *, shuffle: bool, augment: bool, seed: int, epoch: int,
-                device: torch.device | str = "cpu", normalize: bool = True, drop_last: bool = False,
-                shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        augment: bool,
+        seed: int,
+        epoch: int,
+        device: torch.device | str = "cpu",
+        normalize: bool = True,
+        drop_last: bool = False,
+        shard: tuple[int, int] = (0, 1),
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         from torch.utils.data import DataLoader
         from torchvision import transforms as T
 
         device = torch.device(device)
         size = self.info.image_size
-        resize = (T.RandomResizedCrop(size), T.RandomHorizontalFlip()) if augment else (
-            T.Resize(round(size * 256 / 224)), T.CenterCrop(size))
+        resize = (
+            (T.RandomResizedCrop(size), T.RandomHorizontalFlip())
+            if augment
+            else (T.Resize(round(size * 256 / 224)), T.CenterCrop(size))
+        )
         self.folder.transform = T.Compose([*resize, T.PILToTensor()])  # uint8: 4x less IPC
         rank, world = shard
         if world > 1:  # this rank's rows of each batch of one (seed, epoch) order, as in memory
@@ -162,13 +193,25 @@ class StreamingDataset(Dataset):
             generator = _generator(seed, epoch)
             order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
             count, part = len(self) // batch_size, batch_size // world
-            mine = order[:count * batch_size].view(count, world, part)[:, rank].reshape(-1)
-            loader = DataLoader(self.folder, part, sampler=mine.tolist(), num_workers=self.num_workers,
-                                generator=generator, pin_memory=device.type == "cuda")
+            mine = order[: count * batch_size].view(count, world, part)[:, rank].reshape(-1)
+            loader = DataLoader(
+                self.folder,
+                part,
+                sampler=mine.tolist(),
+                num_workers=self.num_workers,
+                generator=generator,
+                pin_memory=device.type == "cuda",
+            )
         else:
-            loader = DataLoader(self.folder, batch_size, shuffle=shuffle, drop_last=drop_last,
-                                num_workers=self.num_workers, generator=_generator(seed, epoch),
-                                pin_memory=device.type == "cuda")
+            loader = DataLoader(
+                self.folder,
+                batch_size,
+                shuffle=shuffle,
+                drop_last=drop_last,
+                num_workers=self.num_workers,
+                generator=_generator(seed, epoch),
+                pin_memory=device.type == "cuda",
+            )
         for x, y in loader:
             x = x.to(device, non_blocking=True)
             yield _to_float(x, 255, self.info, normalize), y.to(device, non_blocking=True)
@@ -182,15 +225,18 @@ def augmentation_for(info: DatasetInfo) -> tuple[int, bool]:
     return max(1, info.image_size // 14), False
 
 
-def crop_choices(n: int, pad: int, flip: bool, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def crop_choices(
+    n: int, pad: int, flip: bool, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Random (row, column) offsets in [0, 2·pad] and mirror flags for `n` images."""
     offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator)
     mirrored = torch.rand(n, generator=generator) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
     return offsets, mirrored
 
 
-def random_crop(images: torch.Tensor, offsets: torch.Tensor, mirrored: torch.Tensor, pad: int, *,
-                reflect: bool = False) -> torch.Tensor:
+def random_crop(
+    images: torch.Tensor, offsets: torch.Tensor, mirrored: torch.Tensor, pad: int, *, reflect: bool = False
+) -> torch.Tensor:
     """Pad each image by `pad` (zeros, or the mirror image of its border as in the DSR authors'
     CIFAR pipeline), crop it back at `offsets` and mirror where `mirrored`: one gather for the
     whole batch, reading the unpadded image, with no Python loop over samples."""
@@ -220,7 +266,10 @@ def _to_float(x: torch.Tensor, max_value: int, info: DatasetInfo, normalize: boo
 @functools.lru_cache(maxsize=64)
 def _statistics_on(device: torch.device, mean: tuple[float, ...], std: tuple[float, ...]):
     # Made once per device: a host-to-device copy every batch would make the host wait for the GPU.
-    return (torch.tensor(mean, device=device).view(1, -1, 1, 1), torch.tensor(std, device=device).view(1, -1, 1, 1))
+    return (
+        torch.tensor(mean, device=device).view(1, -1, 1, 1),
+        torch.tensor(std, device=device).view(1, -1, 1, 1),
+    )
 
 
 def _generator(seed: int, epoch: int) -> torch.Generator:
@@ -238,10 +287,17 @@ def dataset_needs_root(name: str) -> bool:
     return _check_name(name) != "digits"
 
 
-def load_data(dataset: str, *, root: str | None = None, download: bool = False,
-              image_size: int | None = None, cache_dir: str | None = None,
-              num_workers: int | None = None, max_train: int | None = None,
-              max_test: int | None = None) -> tuple[Dataset, Dataset]:
+def load_data(
+    dataset: str,
+    *,
+    root: str | None = None,
+    download: bool = False,
+    image_size: int | None = None,
+    cache_dir: str | None = None,
+    num_workers: int | None = None,
+    max_train: int | None = None,
+    max_test: int | None = None,
+) -> tuple[Dataset, Dataset]:
     """Load (train, test) splits of `dataset`; see KNOWN_DATASETS. `max_train`/`max_test` keep
     a random subset of that many images of a split, the same one whatever the run's seed."""
     train, test = _load_splits(dataset, root, download, image_size, cache_dir, num_workers)
@@ -283,10 +339,19 @@ def _check_name(name: str) -> str:
 
 def _splits(name, classes, train_x, train_y, test_x, test_y, *, max_value=255, stats=None):
     mean, std = stats or channel_stats(train_x, max_value)
-    info = DatasetInfo(name=name, num_classes=len(classes), in_channels=train_x.shape[1],
-                       image_size=train_x.shape[-1], mean=mean, std=std, class_names=list(classes))
-    return (Dataset(info, train_x, train_y, max_value=max_value),
-            Dataset(info, test_x, test_y, max_value=max_value))
+    info = DatasetInfo(
+        name=name,
+        num_classes=len(classes),
+        in_channels=train_x.shape[1],
+        image_size=train_x.shape[-1],
+        mean=mean,
+        std=std,
+        class_names=list(classes),
+    )
+    return (
+        Dataset(info, train_x, train_y, max_value=max_value),
+        Dataset(info, test_x, test_y, max_value=max_value),
+    )
 
 
 def channel_stats(images: torch.Tensor, max_value: int = 255) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -304,9 +369,13 @@ def channel_stats(images: torch.Tensor, max_value: int = 255) -> tuple[tuple[flo
 
 
 def _resize(images: torch.Tensor, size: int, max_value: int) -> torch.Tensor:
-    out = [F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True,
-                         align_corners=False).round_().clamp_(0, max_value).to(torch.uint8)
-           for chunk in images.split(4096)]  # chunks bound the float copy's memory
+    out = [
+        F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        .round_()
+        .clamp_(0, max_value)
+        .to(torch.uint8)
+        for chunk in images.split(4096)
+    ]  # chunks bound the float copy's memory
     return torch.cat(out)
 
 
@@ -335,8 +404,9 @@ def _read_torchvision(name: str, root: str | None, download: bool):
         except (RuntimeError, OSError) as e:
             if download:
                 raise UserError(f"dataset '{name}': download into {root} failed: {e}") from None
-            raise UserError(f"dataset '{name}': no {title} files under {root} "
-                            "(set data.root, or download: true)") from None
+            raise UserError(
+                f"dataset '{name}': no {title} files under {root} (set data.root, or download: true)"
+            ) from None
         images = torch.as_tensor(ds.data)
         images = images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2)  # grey / HWC
         splits.append((images.contiguous(), torch.as_tensor(ds.targets).long()))
@@ -351,8 +421,10 @@ def _read_torchvision(name: str, root: str | None, download: bool):
 
 def _load_imagefolder(root, image_size, cache_dir: Path, num_workers: int):
     if root is None:
-        raise UserError("dataset 'imagefolder': set data.root to a folder or archive "
-                        "holding train/ and test/ class folders")
+        raise UserError(
+            "dataset 'imagefolder': set data.root to a folder or archive "
+            "holding train/ and test/ class folders"
+        )
     path = Path(root).expanduser()
     if not path.exists():
         raise UserError(f"dataset 'imagefolder': {path} does not exist")
@@ -366,27 +438,38 @@ def _load_imagefolder(root, image_size, cache_dir: Path, num_workers: int):
     if not classes:
         raise UserError(f"dataset 'imagefolder': no class folders in {train_dir}")
     if set(test_classes := _class_folders(test_dir)) != set(classes):
-        raise UserError(f"dataset 'imagefolder': {test_dir} has classes {sorted(test_classes)} "
-                        f"but {train_dir} has {classes}")
+        raise UserError(
+            f"dataset 'imagefolder': {test_dir} has classes {sorted(test_classes)} "
+            f"but {train_dir} has {classes}"
+        )
     train_files, test_files = _list_images(train_dir, classes), _list_images(test_dir, classes)
     size = image_size or _first_image_side(train_files[0][0])
 
     if len(train_files) * 3 * size * size > MAX_IN_MEMORY_BYTES:
         info = DatasetInfo("imagefolder", len(classes), 3, size, _IMAGENET_MEAN, _IMAGENET_STD, classes)
-        return (StreamingDataset(info, _ImageFiles(train_files), num_workers),
-                StreamingDataset(info, _ImageFiles(test_files), num_workers))
+        return (
+            StreamingDataset(info, _ImageFiles(train_files), num_workers),
+            StreamingDataset(info, _ImageFiles(test_files), num_workers),
+        )
 
     files = train_files + test_files
-    key = _fingerprint(CACHE_VERSION, str(path.resolve()), size,
-                       [(str(p), st.st_size, st.st_mtime_ns) for p, _ in files for st in [p.stat()]])
+    key = _fingerprint(
+        CACHE_VERSION,
+        str(path.resolve()),
+        size,
+        [(str(p), st.st_size, st.st_mtime_ns) for p, _ in files for st in [p.stat()]],
+    )
     cache_file = cache_dir / "decoded" / f"{path.name}-{key}.pt"
     cached = _read_cache(cache_file)
     if cached is None:
         images = _decode_images([p for p, _ in files], size, num_workers)
         labels = torch.tensor([label for _, label in files])
         n = len(train_files)
-        cached = {"train": (images[:n], labels[:n]), "test": (images[n:], labels[n:]),
-                  "stats": channel_stats(images[:n])}
+        cached = {
+            "train": (images[:n], labels[:n]),
+            "test": (images[n:], labels[n:]),
+            "stats": channel_stats(images[:n]),
+        }
         torch_save(cache_file, cached)
     (train_x, train_y), (test_x, test_y) = cached["train"], cached["test"]
     return _splits("imagefolder", classes, train_x, train_y, test_x, test_y, stats=cached["stats"])
@@ -408,8 +491,9 @@ def _class_folders(split: Path) -> list[str]:
 def _list_images(split: Path, classes: list[str]) -> list[tuple[Path, int]]:
     files = []
     for label, name in enumerate(classes):
-        images = sorted(p for p in (split / name).rglob("*")
-                        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        images = sorted(
+            p for p in (split / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+        )
         if not images:
             raise UserError(f"dataset 'imagefolder': class folder {split / name} holds no images")
         files += [(p, label) for p in images]
@@ -428,7 +512,7 @@ def _first_image_side(path: Path) -> int:
 
 def _decode_images(paths: list[Path], size: int, num_workers: int) -> torch.Tensor:
     """Decode every image once into (N, C, size, size) uint8: C = 1 if all are grey, else 3."""
-    chunks = [paths[i:i + DECODE_CHUNK] for i in range(0, len(paths), DECODE_CHUNK)]
+    chunks = [paths[i : i + DECODE_CHUNK] for i in range(0, len(paths), DECODE_CHUNK)]
     decode = partial(_decode_chunk, size=size)
     if num_workers > 1 and len(chunks) > 1:
         # Processes, not threads: small images spend their time in PIL's Python code (the GIL).
@@ -492,8 +576,13 @@ def _fingerprint(*parts) -> str:
 # Safe archive extraction
 
 
-def extract_archive(archive: str | os.PathLike, dest_root: str | os.PathLike, *,
-                    max_bytes: int | None = None, max_files: int | None = None) -> Path:
+def extract_archive(
+    archive: str | os.PathLike,
+    dest_root: str | os.PathLike,
+    *,
+    max_bytes: int | None = None,
+    max_files: int | None = None,
+) -> Path:
     """Unpack `archive` once into dest_root/<name>-<key> (key: path, size, mtime) and return it.
 
     Members must be plain files or folders with UTF-8 relative paths inside the archive; their
@@ -509,13 +598,16 @@ def extract_archive(archive: str | os.PathLike, dest_root: str | os.PathLike, *,
     st = archive.stat()
     if not stat.S_ISREG(st.st_mode):
         raise UserError(f"{archive} is not a regular file")
-    stem = archive.name[:-len(suffix)]
+    stem = archive.name[: -len(suffix)]
     target = Path(dest_root) / f"{stem}-{_fingerprint(str(archive.resolve()), st.st_size, st.st_mtime_ns)}"
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    limits = _Limits(archive, MAX_ARCHIVE_BYTES if max_bytes is None else max_bytes,
-                     MAX_ARCHIVE_FILES if max_files is None else max_files)
+    limits = _Limits(
+        archive,
+        MAX_ARCHIVE_BYTES if max_bytes is None else max_bytes,
+        MAX_ARCHIVE_FILES if max_files is None else max_files,
+    )
     tmp = Path(tempfile.mkdtemp(prefix=f".{stem}-", dir=target.parent))
     try:
         if suffix == ".zip":

@@ -26,10 +26,10 @@ import datetime
 import json
 import os
 import sys
-from contextlib import contextmanager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ContextManager, Iterator
 
 import torch
 import torch.distributed as dist
@@ -98,16 +98,19 @@ def process_group(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator
         if not torch.cuda.is_available():
             raise UserError(f"device: '{device}' requested but CUDA is not available here")
         if where.local_rank >= torch.cuda.device_count():
-            raise UserError(f"LOCAL_RANK {where.local_rank} but this node has {torch.cuda.device_count()} "
-                            "GPUs: start at most one process per GPU (--nproc_per_node)")
+            raise UserError(
+                f"LOCAL_RANK {where.local_rank} but this node has {torch.cuda.device_count()} "
+                "GPUs: start at most one process per GPU (--nproc_per_node)"
+            )
         torch.cuda.set_device(where.local_rank)
     timeout = datetime.timedelta(seconds=timeout_s)
     store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
     # torchrun's store outlives a restart: without a prefix of its own, a restarted rank may read
     # the address a dead rank of the previous attempt published, and fail to connect to it.
     store = dist.PrefixStore(f"dsrpipe/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-    dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world_size,
-                            timeout=timeout)
+    dist.init_process_group(
+        "nccl" if cuda else "gloo", store=store, rank=rank, world_size=world_size, timeout=timeout
+    )
     try:
         yield where
     finally:
@@ -126,7 +129,7 @@ def device_for(device: torch.device) -> torch.device:
     return device
 
 
-def owner(run_dir) -> ContextManager[None]:
+def owner(run_dir) -> AbstractContextManager[None]:
     """The run folder's lock, held by rank 0 alone: the other ranks of the same job work on the
     run with it and would otherwise refuse themselves as a second owner."""
     return run_dir.lock() if is_main() else nullcontext()
@@ -168,8 +171,10 @@ def agree(what: str, value) -> None:
     dist.all_gather_object(values, value)
     for rank, other in enumerate(values):
         if other != values[0]:
-            raise UserError(f"rank {rank} sees {what} {other!r}, rank 0 sees {values[0]!r}: the output "
-                            "folder must be one folder that every node shares")
+            raise UserError(
+                f"rank {rank} sees {what} {other!r}, rank 0 sees {values[0]!r}: the output "
+                "folder must be one folder that every node shares"
+            )
 
 
 def mask_checksums(masks: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -198,14 +203,18 @@ def check_masks(masks: dict[str, torch.Tensor], iteration: int) -> None:
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
     for name, lo, hi in zip(masks, low.tolist(), high.tolist()):
         if lo != hi:
-            raise UserError(f"the ranks' masks diverged at iteration {iteration}: '{name}' differs between "
-                            f"ranks (checksums {lo} to {hi}); the run is stopped rather than train on "
-                            "inconsistent masks")
+            raise UserError(
+                f"the ranks' masks diverged at iteration {iteration}: '{name}' differs between "
+                f"ranks (checksums {lo} to {hi}); the run is stopped rather than train on "
+                "inconsistent masks"
+            )
 
 
 def ddp_log_line(world_size: int, batch_size: int) -> str:
-    return (f"DDP: {world_size} ranks × {batch_size} = global batch {world_size * batch_size}; "
-            "scale lr linearly with the global batch")
+    return (
+        f"DDP: {world_size} ranks × {batch_size} = global batch {world_size * batch_size}; "
+        "scale lr linearly with the global batch"
+    )
 
 
 def launch_command(nproc: int, args: list[str]) -> list[str]:
@@ -214,11 +223,20 @@ def launch_command(nproc: int, args: list[str]) -> list[str]:
     jobs running side by side never meet."""
     if nproc <= 1:
         return [sys.executable, "-m", "dsrpipe", *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "dsrpipe", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "dsrpipe",
+        *args,
+    ]
 
 
 # -- fault injection, for the tests of failure handling (see the module docstring) --------------
+
 
 def fault_exit_step(epoch: int, steps: int) -> int | None:
     """The step (0-based) of `epoch` (1-based) at which this rank must die, if the test asks."""

@@ -11,12 +11,12 @@ import os
 import pickle
 import re
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
 from .errors import UserError
-
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)

@@ -18,13 +18,13 @@ import torch
 
 from . import __version__, distributed, files
 from .config import Pipeline
-from .errors import UserError, ValidationFailed
-from .export import export_onnx
+from .deploy.export import export_onnx
+from .deploy.shrink import shrink_model
+from .deploy.validate import validate_onnx
+from .errors import ValidationFailed
 from .plots import RUN_FILES, read_history, write_run_plots
 from .rundir import COMPLETE, RunDir, load_checkpoint, onnx_metadata, read_report, restoring, shipped_stage
-from .shrink import shrink_model
 from .train import build_model, finetune, log, train_sparse
-from .validate import validate_onnx
 
 
 def _load_trained(run: RunDir, cfg: Pipeline) -> tuple[dict[str, Any], torch.nn.Module]:
@@ -62,10 +62,16 @@ def export_stage(cfg: Pipeline, out: Path, *, force: bool = False) -> Path:
     info = checkpoint["data_info"]
     summary = sparsity_summary(model, cfg)
     metadata = {
-        "dsrpipe_version": __version__, "fingerprint": fingerprint, "name": cfg.name,
-        "dataset": cfg.data.dataset, "model": cfg.model.name, "method": cfg.sparsity.method,
-        "sparsity": f"{summary['sparsity']:.6f}", "target_sparsity": str(cfg.sparsity.sparsity),
-        "nonzero_params": str(summary["nonzero_params"]), "total_params": str(summary["total_params"]),
+        "dsrpipe_version": __version__,
+        "fingerprint": fingerprint,
+        "name": cfg.name,
+        "dataset": cfg.data.dataset,
+        "model": cfg.model.name,
+        "method": cfg.sparsity.method,
+        "sparsity": f"{summary['sparsity']:.6f}",
+        "target_sparsity": str(cfg.sparsity.sparsity),
+        "nonzero_params": str(summary["nonzero_params"]),
+        "total_params": str(summary["total_params"]),
         "layer_density": json.dumps(summary["layer_density"]),
         "class_names": json.dumps(info["class_names"]),
         "input": f"float32 NCHW pixels in [0, 1], {info['in_channels']}x{info['image_size']}x{info['image_size']}",
@@ -74,19 +80,34 @@ def export_stage(cfg: Pipeline, out: Path, *, force: bool = False) -> Path:
         model, shrunk = shrink_model(model, (info["in_channels"], info["image_size"], info["image_size"]))
         metadata["shrink"] = json.dumps(shrunk)
         if shrunk["removed_channels"]:  # most element-sparse models have no dead filter: say nothing then
-            log(cfg, f"export: shrink removed {sum(shrunk['removed_channels'].values())} channels "
-                     f"({len(shrunk['removed_channels'])} layers): params {shrunk['params_before']:,} → "
-                     f"{shrunk['params_after']:,}, MACs {shrunk['macs_before']:,} → {shrunk['macs_after']:,}")
+            log(
+                cfg,
+                f"export: shrink removed {sum(shrunk['removed_channels'].values())} channels "
+                f"({len(shrunk['removed_channels'])} layers): params {shrunk['params_before']:,} → "
+                f"{shrunk['params_after']:,}, MACs {shrunk['macs_before']:,} → {shrunk['macs_after']:,}",
+            )
     int8 = cfg.export.quantize == "int8"
-    result = export_onnx(model, run.onnx, in_channels=info["in_channels"], image_size=info["image_size"],
-                         mean=info["mean"], std=info["std"], metadata=metadata, opset=cfg.export.opset,
-                         encoding=cfg.export.encoding, quantize=cfg.export.quantize,
-                         calibration=_calibration_batches(cfg) if int8 else None,
-                         fp32_path=run.fp32_onnx if int8 else None)
+    result = export_onnx(
+        model,
+        run.onnx,
+        in_channels=info["in_channels"],
+        image_size=info["image_size"],
+        mean=info["mean"],
+        std=info["std"],
+        metadata=metadata,
+        opset=cfg.export.opset,
+        encoding=cfg.export.encoding,
+        quantize=cfg.export.quantize,
+        calibration=_calibration_batches(cfg) if int8 else None,
+        fp32_path=run.fp32_onnx if int8 else None,
+    )
     if not int8:
         run.fp32_onnx.unlink(missing_ok=True)  # from an earlier int8 export: not this model's
-    log(cfg, f"export: {run.onnx} ({result['onnx_bytes']:,} bytes, {cfg.export.encoding}"
-             f"{', int8' if int8 else ''}; dense {result['dense_onnx_bytes']:,}; {summary['sparsity']:.1%} sparse)")
+    log(
+        cfg,
+        f"export: {run.onnx} ({result['onnx_bytes']:,} bytes, {cfg.export.encoding}"
+        f"{', int8' if int8 else ''}; dense {result['dense_onnx_bytes']:,}; {summary['sparsity']:.1%} sparse)",
+    )
     return run.onnx
 
 
@@ -95,8 +116,9 @@ def _calibration_batches(cfg: Pipeline):
     as the graph takes them."""
     train_set, _ = cfg.data.load()
     remaining = cfg.export.calibration_images
-    for pixels, _ in train_set.batches(min(remaining, 128), shuffle=True, augment=False, seed=cfg.seed, epoch=0,
-                                       normalize=False):
+    for pixels, _ in train_set.batches(
+        min(remaining, 128), shuffle=True, augment=False, seed=cfg.seed, epoch=0, normalize=False
+    ):
         if remaining <= 0:
             return
         yield pixels[:remaining].cpu().numpy()
@@ -120,53 +142,86 @@ def validate_stage(cfg: Pipeline, out: Path, *, force: bool = False) -> dict[str
     _, test_set = cfg.data.load()
     v = cfg.validation
     with tempfile.TemporaryDirectory(prefix="dsrpipe-dense-") as tmp:
-        dense = dense_reference(checkpoint, model, Path(tmp) / "dense.onnx", cfg.export.opset,
-                                metadata=_onnx_metadata(run.onnx))
+        dense = dense_reference(
+            checkpoint, model, Path(tmp) / "dense.onnx", cfg.export.opset, metadata=_onnx_metadata(run.onnx)
+        )
         try:
-            metrics = validate_onnx(run.onnx, model, test_set, dense_path=dense,
-                                    fp32_path=run.fp32_onnx if cfg.export.quantize == "int8" else None,
-                                    batch_size=v.batch_size, latency_runs=v.latency_runs,
-                                    throughput_runs=v.throughput_runs, min_top1=v.min_top1,
-                                    max_abs_diff=v.max_abs_diff, min_agreement=v.min_agreement,
-                                    max_top1_drop=v.max_top1_drop)
+            metrics = validate_onnx(
+                run.onnx,
+                model,
+                test_set,
+                dense_path=dense,
+                fp32_path=run.fp32_onnx if cfg.export.quantize == "int8" else None,
+                batch_size=v.batch_size,
+                latency_runs=v.latency_runs,
+                throughput_runs=v.throughput_runs,
+                min_top1=v.min_top1,
+                max_abs_diff=v.max_abs_diff,
+                min_agreement=v.min_agreement,
+                max_top1_drop=v.max_top1_drop,
+            )
             failure = None
         except ValidationFailed as exc:
             metrics, failure = exc.report, str(exc)
     history = checkpoint["history"]
     report = {
-        "name": cfg.name, "dataset": cfg.data.dataset, "model": cfg.model.name,
-        "method": cfg.sparsity.method, "target_sparsity": cfg.sparsity.sparsity,
-        **sparsity_summary(model, cfg), **metrics,
+        "name": cfg.name,
+        "dataset": cfg.data.dataset,
+        "model": cfg.model.name,
+        "method": cfg.sparsity.method,
+        "target_sparsity": cfg.sparsity.sparsity,
+        **sparsity_summary(model, cfg),
+        **metrics,
         "model_options": checkpoint["model_spec"]["options"],  # as trained (thin-dense narrows them)
         **({"thin_dense": spec} if (spec := checkpoint["model_spec"].get("thin_dense")) else {}),
         **({"shrink": json.loads(shrunk)} if (shrunk := onnx_metadata(run.onnx).get("shrink")) else {}),
-        "train_epochs": cfg.train.epochs, "finetune_epochs": cfg.finetune.epochs,
+        "train_epochs": cfg.train.epochs,
+        "finetune_epochs": cfg.finetune.epochs,
         "final_test_top1_torch_training": history[-1]["test_top1"] if history else None,
-        "thresholds": {"min_top1": v.min_top1, "max_abs_diff": v.max_abs_diff, "min_agreement": v.min_agreement,
-                       **({"max_top1_drop": v.max_top1_drop} if cfg.export.quantize == "int8" else {})},
-        "passed": failure is None, "failure": failure,
-        "dsrpipe_version": __version__, "fingerprint": fingerprint,
+        "thresholds": {
+            "min_top1": v.min_top1,
+            "max_abs_diff": v.max_abs_diff,
+            "min_agreement": v.min_agreement,
+            **({"max_top1_drop": v.max_top1_drop} if cfg.export.quantize == "int8" else {}),
+        },
+        "passed": failure is None,
+        "failure": failure,
+        "dsrpipe_version": __version__,
+        "fingerprint": fingerprint,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     files.write_json(run.report, report)
     _write_run_plots(cfg, run, report, shipped_history=history)
     int8 = f" (int8; float32 {report['fp32_onnx_top1']:.4f})" if cfg.export.quantize == "int8" else ""
-    log(cfg, f"validate: onnx top-1 {report['onnx_top1']:.4f}{int8}, torch top-1 "
-                  f"{report['torch_top1']:.4f}, agreement {report['top1_agreement']:.4f}, max |Δlogit| "
-                  f"{report['max_abs_logit_diff']:.2e}, p50 {report['latency_ms']['p50']:.3f} ms, "
-                  f"{report['size_ratio']:.3f}x the dense bytes, {report['speedup']['latency_p50']:.2f}x "
-                  f"its speed → {run.report}")
+    log(
+        cfg,
+        f"validate: onnx top-1 {report['onnx_top1']:.4f}{int8}, torch top-1 "
+        f"{report['torch_top1']:.4f}, agreement {report['top1_agreement']:.4f}, max |Δlogit| "
+        f"{report['max_abs_logit_diff']:.2e}, p50 {report['latency_ms']['p50']:.3f} ms, "
+        f"{report['size_ratio']:.3f}x the dense bytes, {report['speedup']['latency_p50']:.2f}x "
+        f"its speed → {run.report}",
+    )
     _raise_if_failed(report)
     return report
 
 
-def dense_reference(checkpoint: dict[str, Any], model: torch.nn.Module, path: Path, opset: int,
-                    metadata: dict[str, str]) -> Path:
+def dense_reference(
+    checkpoint: dict[str, Any], model: torch.nn.Module, path: Path, opset: int, metadata: dict[str, str]
+) -> Path:
     """`model` exported with dense float32 weights: what validation measures the shipped model's
     size and speed against. `model` is the trained one, so the same architecture, unshrunk."""
     info = checkpoint["data_info"]
-    export_onnx(model, path, in_channels=info["in_channels"], image_size=info["image_size"], mean=info["mean"],
-                std=info["std"], metadata=metadata, opset=opset, encoding="dense")
+    export_onnx(
+        model,
+        path,
+        in_channels=info["in_channels"],
+        image_size=info["image_size"],
+        mean=info["mean"],
+        std=info["std"],
+        metadata=metadata,
+        opset=opset,
+        encoding="dense",
+    )
     return path
 
 
@@ -177,14 +232,18 @@ def _onnx_metadata(path: Path) -> dict[str, str]:
     return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
 
 
-def _write_run_plots(cfg: Pipeline, run: RunDir, report: dict[str, Any],
-                     shipped_history: list[dict] | None = None) -> list[Path]:
+def _write_run_plots(
+    cfg: Pipeline, run: RunDir, report: dict[str, Any], shipped_history: list[dict] | None = None
+) -> list[Path]:
     """curves.png, density_over_time.png, layer_density.png and report.md beside report.json.
     `shipped_history`: the history in the shipped checkpoint, else read from metrics.jsonl."""
     tuned = bool(cfg.finetune.epochs)
-    shipped = shipped_history if shipped_history is not None else read_history(run.metrics(shipped_stage(cfg)))
-    return write_run_plots(run.path, read_history(run.metrics("train")) if tuned else shipped,
-                           shipped if tuned else [], report)
+    shipped = (
+        shipped_history if shipped_history is not None else read_history(run.metrics(shipped_stage(cfg)))
+    )
+    return write_run_plots(
+        run.path, read_history(run.metrics("train")) if tuned else shipped, shipped if tuned else [], report
+    )
 
 
 def _raise_if_failed(report: dict[str, Any]) -> None:
@@ -194,8 +253,9 @@ def _raise_if_failed(report: dict[str, Any]) -> None:
         raise error
 
 
-def run_pipeline(cfg: Pipeline, out: Path = Path("export"), *, force: bool = False,
-                 progress: bool = True) -> dict[str, Any] | None:
+def run_pipeline(
+    cfg: Pipeline, out: Path = Path("export"), *, force: bool = False, progress: bool = True
+) -> dict[str, Any] | None:
     """All stages in order; an interrupted stage resumes from its last checkpoint. Under torchrun
     every rank trains; rank 0 alone exports and validates (the others return None)."""
     train_sparse(cfg, out, resume=True, force=force, progress=progress)

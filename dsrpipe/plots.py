@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from . import files
 
@@ -36,8 +37,9 @@ def read_history(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def write_run_plots(run_dir: Path, history_train: list[dict], history_finetune: list[dict],
-                    report: dict) -> list[Path]:
+def write_run_plots(
+    run_dir: Path, history_train: list[dict], history_finetune: list[dict], report: dict
+) -> list[Path]:
     """Write the three PNGs and report.md into `run_dir` (beside report.json); returns their paths."""
     run_dir = Path(run_dir)
     history = list(history_train) + list(history_finetune)
@@ -67,8 +69,13 @@ def _save(figure, path: Path) -> Path:
 
 def _mark_finetune(ax, num_train: int, total: int, label: bool) -> None:
     if total > num_train:
-        ax.axvspan(num_train + 0.5, total + 0.5, color=_FINETUNE, zorder=0,
-                   label="fine-tuning (masks frozen)" if label else None)
+        ax.axvspan(
+            num_train + 0.5,
+            total + 0.5,
+            color=_FINETUNE,
+            zorder=0,
+            label="fine-tuning (masks frozen)" if label else None,
+        )
 
 
 def _no_data(ax, message: str) -> None:
@@ -103,8 +110,13 @@ def _curves(history: list[dict], num_train: int, report: dict):
         _epoch_axis(ax, total)
         ax.grid(alpha=0.3)
     if report.get("onnx_top1") is not None:
-        top1_ax.axhline(report["onnx_top1"], color="tab:green", ls="--", lw=1,
-                        label=f"exported ONNX: {report['onnx_top1']:.2%}")
+        top1_ax.axhline(
+            report["onnx_top1"],
+            color="tab:green",
+            ls="--",
+            lw=1,
+            label=f"exported ONNX: {report['onnx_top1']:.2%}",
+        )
     top1_ax.legend(loc="lower right", fontsize=8)
     return fig
 
@@ -115,8 +127,9 @@ def _density_over_time(history: list[dict], num_train: int, report: dict):
     fig = _figure(11, heat_height + 4.2)
     heat_ax, h_ax, share_ax = fig.subplots(3, 1, sharex=True, height_ratios=[heat_height, 2.2, 1.6])
     total = len(history)
-    fig.suptitle(f"{report.get('name', '')}: density of each sparse layer per epoch "
-                 f"({report.get('method', '')})")
+    fig.suptitle(
+        f"{report.get('name', '')}: density of each sparse layer per epoch ({report.get('method', '')})"
+    )
     if not history or not layers:
         _no_data(heat_ax, "no epochs trained" if not history else "no sparse layers")
         _no_data(h_ax, "")
@@ -125,20 +138,38 @@ def _density_over_time(history: list[dict], num_train: int, report: dict):
 
     import numpy as np
 
-    grid = np.array([[h.get("layer_density", {}).get(n, np.nan) for h in history] for n in layers], dtype=float)
-    image = heat_ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis",
-                           vmin=0.0, vmax=max(float(np.nanmax(grid)) if np.isfinite(grid).any() else 1.0, 1e-6),
-                           extent=(0.5, total + 0.5, len(layers) - 0.5, -0.5))
+    grid = np.array(
+        [[h.get("layer_density", {}).get(n, np.nan) for h in history] for n in layers], dtype=float
+    )
+    image = heat_ax.imshow(
+        grid,
+        aspect="auto",
+        interpolation="nearest",
+        cmap="viridis",
+        vmin=0.0,
+        vmax=max(float(np.nanmax(grid)) if np.isfinite(grid).any() else 1.0, 1e-6),
+        extent=(0.5, total + 0.5, len(layers) - 0.5, -0.5),
+    )
     fig.colorbar(image, ax=heat_ax, label="density (non-zero fraction)", pad=0.01)
     if grid.size <= 120:  # few cells: print the numbers too
         top = image.norm.vmax
         for (row, col), value in np.ndenumerate(grid):
             if np.isfinite(value):
-                heat_ax.text(col + 1, row, f"{value:.1%}", ha="center", va="center", fontsize=7,
-                             color="black" if value > 0.6 * top else "white")
+                heat_ax.text(
+                    col + 1,
+                    row,
+                    f"{value:.1%}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="black" if value > 0.6 * top else "white",
+                )
     step = max(1, math.ceil(len(layers) / 40))  # keep the labels readable on deep models
-    heat_ax.set_yticks(range(0, len(layers), step), [layers[i] for i in range(0, len(layers), step)],
-                       fontsize=8 if len(layers) <= 20 else 6)
+    heat_ax.set_yticks(
+        range(0, len(layers), step),
+        [layers[i] for i in range(0, len(layers), step)],
+        fontsize=8 if len(layers) <= 20 else 6,
+    )
     heat_ax.set_ylabel("layer")
     if total > num_train:
         heat_ax.axvline(num_train + 0.5, color="white", lw=1.5, ls="--")
@@ -167,8 +198,15 @@ def _density_over_time(history: list[dict], num_train: int, report: dict):
         handles = h_ax.get_legend_handles_labels()[0] + (bars.get_legend_handles_labels()[0] if bars else [])
         h_ax.legend(handles=handles, loc="upper left", fontsize=8)
     else:
-        h_ax.text(0.5, 0.5, f"no threshold and nothing pruned (method '{report.get('method', '')}')",
-                  ha="center", va="center", transform=h_ax.transAxes, color="0.4")
+        h_ax.text(
+            0.5,
+            0.5,
+            f"no threshold and nothing pruned (method '{report.get('method', '')}')",
+            ha="center",
+            va="center",
+            transform=h_ax.transAxes,
+            color="0.4",
+        )
         h_ax.set_yticks([])
     _epoch_axis(h_ax, total)
     h_ax.grid(alpha=0.3)
@@ -187,14 +225,27 @@ def _regrowth_share(ax, history: list[dict], num_train: int, report: dict) -> No
     _mark_finetune(ax, num_train, total, label=False)
     if any(v is not None for v in shares):
         values = 100 * np.array([np.nan if v is None else v for v in shares], dtype=float)
-        ax.plot(np.arange(1, total + 1), values, "o-", ms=3, color="tab:purple",
-                label="pruned weights grown at the reallocation before (%)")
+        ax.plot(
+            np.arange(1, total + 1),
+            values,
+            "o-",
+            ms=3,
+            color="tab:purple",
+            label="pruned weights grown at the reallocation before (%)",
+        )
         ax.set_ylim(0, 100)
         ax.set_ylabel("% of pruned", color="tab:purple")
         ax.legend(loc="upper left", fontsize=8)
     else:
-        ax.text(0.5, 0.5, f"no regrowth to measure (method '{report.get('method', '')}')",
-                ha="center", va="center", transform=ax.transAxes, color="0.4")
+        ax.text(
+            0.5,
+            0.5,
+            f"no regrowth to measure (method '{report.get('method', '')}')",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+            color="0.4",
+        )
         ax.set_yticks([])
     ax.set_xlabel("epoch")
     _epoch_axis(ax, total)
@@ -225,11 +276,21 @@ def _layer_density(report: dict):
             ax.text(x, v, f"{v:.1%}", ha="center", va="bottom", fontsize=7)
     sparsity = report.get("sparsity")
     if sparsity is not None:
-        ax.axhline(1 - sparsity, color="tab:red", ls="--", lw=1.2,
-                   label=f"overall: {1 - sparsity:.1%} dense = {sparsity:.1%} sparse")
+        ax.axhline(
+            1 - sparsity,
+            color="tab:red",
+            ls="--",
+            lw=1.2,
+            label=f"overall: {1 - sparsity:.1%} dense = {sparsity:.1%} sparse",
+        )
         ax.legend(loc="upper right", fontsize=8)
-    ax.set_xticks(list(positions), names, rotation=45 if len(names) > 6 else 0,
-                  ha="right" if len(names) > 6 else "center", fontsize=8 if len(names) <= 30 else 6)
+    ax.set_xticks(
+        list(positions),
+        names,
+        rotation=45 if len(names) > 6 else 0,
+        ha="right" if len(names) > 6 else "center",
+        fontsize=8 if len(names) <= 30 else 6,
+    )
     ax.set_ylabel("density (non-zero fraction)")
     ax.set_ylim(0, min(1.1, max(values) * 1.2) or 1.0)
     ax.grid(axis="y", alpha=0.3)
@@ -249,25 +310,47 @@ def run_markdown(report: dict, train_epochs: int, finetune_epochs: int) -> str:
     rows = [
         ("method", f"`{report.get('method', 'n/a')}`"),
         ("sparsity (measured / target)", f"{_pct(report.get('sparsity'))} / {_pct(target, 1)}"),
-        ("parameters (non-zero / total)",
-         f"{report.get('nonzero_params', 0):,} / {report.get('total_params', 0):,}"),
+        (
+            "parameters (non-zero / total)",
+            f"{report.get('nonzero_params', 0):,} / {report.get('total_params', 0):,}",
+        ),
         ("top-1, torch", _pct(report.get("torch_top1"))),
         ("top-1, ONNX", _pct(report.get("onnx_top1"))),
         ("top-1 agreement, ONNX vs torch", _pct(report.get("top1_agreement"))),
         ("max \\|Δlogit\\|", "n/a" if max_diff is None else f"{max_diff:.2e}"),
-        ("latency p50 / p95 (batch 1, onnxruntime CPU)",
-         f"{latency['p50']:.3f} / {latency['p95']:.3f} ms" if latency else "n/a"),
+        (
+            "latency p50 / p95 (batch 1, onnxruntime CPU)",
+            f"{latency['p50']:.3f} / {latency['p95']:.3f} ms" if latency else "n/a",
+        ),
         ("ONNX file size", "n/a" if size is None else f"{size:,} bytes ({size / 1024:.1f} KiB)"),
-        *([("vs the dense model (bytes; p50 speed; batch-64 throughput)",
-            f"{report['size_ratio']:.3f}×; {report['speedup']['latency_p50']:.2f}×; "
-            f"{report['speedup']['throughput']:.2f}×")] if "speedup" in report else []),
-        *([("int8: top-1 float32 ONNX / agreement with it",
-            f"{_pct(report['fp32_onnx_top1'])} / {_pct(report['int8_agreement'])}")]
-          if "int8_agreement" in report else []),
+        *(
+            [
+                (
+                    "vs the dense model (bytes; p50 speed; batch-64 throughput)",
+                    f"{report['size_ratio']:.3f}×; {report['speedup']['latency_p50']:.2f}×; "
+                    f"{report['speedup']['throughput']:.2f}×",
+                )
+            ]
+            if "speedup" in report
+            else []
+        ),
+        *(
+            [
+                (
+                    "int8: top-1 float32 ONNX / agreement with it",
+                    f"{_pct(report['fp32_onnx_top1'])} / {_pct(report['int8_agreement'])}",
+                )
+            ]
+            if "int8_agreement" in report
+            else []
+        ),
         ("epochs (train + fine-tune)", f"{train_epochs} + {finetune_epochs}"),
     ]
-    status = ("**Validation passed.**" if report.get("passed", True)
-              else f"**Validation FAILED:** {report.get('failure')}")
+    status = (
+        "**Validation passed.**"
+        if report.get("passed", True)
+        else f"**Validation FAILED:** {report.get('failure')}"
+    )
     lines = [
         f"# {report.get('name', 'run')}: {report.get('method', '')} on {report.get('dataset', '')} "
         f"({report.get('model', '')})",
@@ -320,11 +403,26 @@ def write_accuracy_vs_params(path: Path, points: Sequence[dict], title: str = ""
         x = np.array([p["params"] for p in mine], dtype=float)
         y = np.array([100 * p["top1_mean"] for p in mine])
         err = np.array([100 * (p.get("top1_std") or 0.0) for p in mine])
-        ax.errorbar(x, y, yerr=err, fmt=markers[i % len(markers)] + "-", color=colors[i], capsize=3,
-                    ms=6, lw=1, label=method)
+        ax.errorbar(
+            x,
+            y,
+            yerr=err,
+            fmt=markers[i % len(markers)] + "-",
+            color=colors[i],
+            capsize=3,
+            ms=6,
+            lw=1,
+            label=method,
+        )
         for p, xi, yi in zip(mine, x, y):
-            ax.annotate(f"{p['sparsity']:g}", (xi, yi), textcoords="offset points", xytext=(5, 4),
-                        fontsize=7, color=colors[i])
+            ax.annotate(
+                f"{p['sparsity']:g}",
+                (xi, yi),
+                textcoords="offset points",
+                xytext=(5, 4),
+                fontsize=7,
+                color=colors[i],
+            )
     all_x = [p["params"] for p in points]
     if max(all_x) / min(all_x) >= 3:
         ax.set_xscale("log")
@@ -340,4 +438,3 @@ def _colors(n: int) -> list:
 
     cmap = colormaps["tab10" if n <= 10 else "tab20"]
     return [cmap(i % cmap.N) for i in range(n)]
-

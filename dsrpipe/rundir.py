@@ -22,24 +22,42 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from . import files
-from .files import not_a_checkpoint
 from .config import EXPORT_SETTINGS, FINETUNE_SETTINGS, TRAIN_SETTINGS, VALIDATE_SETTINGS, Pipeline
 from .errors import UserError
+from .files import not_a_checkpoint
 
 MISSING, UNFINISHED, COMPLETE, STALE = "missing", "unfinished", "complete", "stale"
-SETTINGS = {"train": TRAIN_SETTINGS, "finetune": FINETUNE_SETTINGS, "export": EXPORT_SETTINGS,
-            "validate": VALIDATE_SETTINGS}
+SETTINGS = {
+    "train": TRAIN_SETTINGS,
+    "finetune": FINETUNE_SETTINGS,
+    "export": EXPORT_SETTINGS,
+    "validate": VALIDATE_SETTINGS,
+}
 
 CHECKPOINT_FORMAT = 2  # 1 (dsrpipe 0.1.0) pickled the RNG states: no longer read
 CHECKPOINT_FIELDS = {
-    "format": int, "stage": str, "complete": bool, "fingerprint": str, "run_id": str, "epoch": int,
-    "model": dict, "optimizer": dict, "scheduler": dict, "sparsifier": dict, "method": str, "rng": dict,
-    "history": list, "model_spec": dict, "data_info": dict, "config": dict,
+    "format": int,
+    "stage": str,
+    "complete": bool,
+    "fingerprint": str,
+    "run_id": str,
+    "epoch": int,
+    "model": dict,
+    "optimizer": dict,
+    "scheduler": dict,
+    "sparsifier": dict,
+    "method": str,
+    "rng": dict,
+    "history": list,
+    "model_spec": dict,
+    "data_info": dict,
+    "config": dict,
 }
 
 
@@ -88,8 +106,10 @@ class RunDir:
             raise UserError(f"cannot lock {self.lock_file}: {exc.strerror or exc}") from None
         if held is None:
             pid = files.lock_holder(self.lock_file)
-            raise UserError(f"{self.path} is in use by another dsrpipe process (pid {pid or '?'}): "
-                            "wait for it to finish or stop it")
+            raise UserError(
+                f"{self.path} is in use by another dsrpipe process (pid {pid or '?'}): "
+                "wait for it to finish or stop it"
+            )
         try:
             yield
         finally:
@@ -157,11 +177,15 @@ class RunDir:
         if state == STALE and stage == "export":
             raise UserError(f"{self.onnx} was exported from another model or with other settings: run export")
         if state == STALE:
-            raise UserError(f"{self.stage_dir(stage)} holds a {stage} run made with other settings: "
-                            f"run {command} again with --force")
+            raise UserError(
+                f"{self.stage_dir(stage)} holds a {stage} run made with other settings: "
+                f"run {command} again with --force"
+            )
         if state != COMPLETE:
             where = self.onnx if stage == "export" else self.final(stage)
-            raise UserError(f"no {'exported' if stage == 'export' else 'trained'} model at {where}: run {command} first")
+            raise UserError(
+                f"no {'exported' if stage == 'export' else 'trained'} model at {where}: run {command} first"
+            )
 
     def is_complete(self, cfg: Pipeline) -> bool:
         """Whether every stage of `cfg` is complete and current, as `dsrpipe run` would find it
@@ -173,6 +197,7 @@ class RunDir:
 
 
 # -- reading and writing outputs ------------------------------------------------------------------
+
 
 def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> None:
     files.torch_save(path, {"format": CHECKPOINT_FORMAT, **checkpoint})

@@ -9,10 +9,17 @@ from typing import Any
 
 # tag -> the metrics.jsonl key it plots
 SCALARS = {
-    "loss/train": "train_loss", "loss/test": "test_loss", "top1/train": "train_top1", "top1/test": "test_top1",
-    "lr": "lr", "sparsity/threshold_H": "threshold", "sparsity/pruned": "pruned",
-    "sparsity/reallocations": "reallocations", "sparsity/active_params": "active_params",
-    "sparsity/pruned_grown_share": "pruned_grown_share", "speed/images_per_second": "images_per_second",
+    "loss/train": "train_loss",
+    "loss/test": "test_loss",
+    "top1/train": "train_top1",
+    "top1/test": "test_top1",
+    "lr": "lr",
+    "sparsity/threshold_H": "threshold",
+    "sparsity/pruned": "pruned",
+    "sparsity/reallocations": "reallocations",
+    "sparsity/active_params": "active_params",
+    "sparsity/pruned_grown_share": "pruned_grown_share",
+    "speed/images_per_second": "images_per_second",
 }
 
 
@@ -35,7 +42,9 @@ class ScalarLog:
             if record.get(key) is not None:
                 self.writer.add_scalar(tag, record[key], step)
         if record.get("reallocations"):
-            self.writer.add_scalar("sparsity/pruned_per_reallocation", record["pruned"] / record["reallocations"], step)
+            self.writer.add_scalar(
+                "sparsity/pruned_per_reallocation", record["pruned"] / record["reallocations"], step
+            )
         for layer, density in record["layer_density"].items():
             self.writer.add_scalar(f"layer_density/{layer}", density, step)
         self.writer.flush()

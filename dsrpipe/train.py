@@ -18,10 +18,11 @@ import math
 import random
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,34 +58,61 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_model(spec: dict[str, Any], device: torch.device | str = "cpu") -> torch.nn.Module:
-    return create_model(spec["name"], num_classes=spec["num_classes"], in_channels=spec["in_channels"],
-                        image_size=spec["image_size"], **spec["options"]).to(device)
+    return create_model(
+        spec["name"],
+        num_classes=spec["num_classes"],
+        in_channels=spec["in_channels"],
+        image_size=spec["image_size"],
+        **spec["options"],
+    ).to(device)
 
 
-def train_sparse(cfg: Pipeline, out: Path, *, resume: bool = False, force: bool = False,
-                 progress: bool = True) -> Path:
+def train_sparse(
+    cfg: Pipeline, out: Path, *, resume: bool = False, force: bool = False, progress: bool = True
+) -> Path:
     """Train from scratch with the configured sparse method (DSR by default); returns final.pt."""
 
     s = cfg.sparsity
 
     def make_sparsifier(model, optimizer, steps_per_epoch):
-        return s.create(model, optimizer, seed=cfg.seed, steps_per_epoch=steps_per_epoch, epochs=cfg.train.epochs)
+        return s.create(
+            model, optimizer, seed=cfg.seed, steps_per_epoch=steps_per_epoch, epochs=cfg.train.epochs
+        )
 
     def thin_spec(spec):  # thin-dense: a narrower dense model with the sparse model's parameter count
         options, params, budget = thin_model_options(
-            spec["name"], spec["options"], num_classes=spec["num_classes"], in_channels=spec["in_channels"],
-            image_size=spec["image_size"], sparsity=s.sparsity, layers=s.layers)
-        log(cfg, f"thin-dense: {options} gives {params:,} parameters for a budget of {budget:,} "
-                 f"({params / budget - 1:+.1%})")
+            spec["name"],
+            spec["options"],
+            num_classes=spec["num_classes"],
+            in_channels=spec["in_channels"],
+            image_size=spec["image_size"],
+            sparsity=s.sparsity,
+            layers=s.layers,
+        )
+        log(
+            cfg,
+            f"thin-dense: {options} gives {params:,} parameters for a budget of {budget:,} "
+            f"({params / budget - 1:+.1%})",
+        )
         return {**spec, "options": options, "thin_dense": {"params": params, "budget": budget}}
 
-    return _fit(cfg, "train", cfg.train, RunDir(out, cfg.name), make_sparsifier, start_from=None,
-                adapt_spec=thin_spec if s.method == "thin-dense" else None,
-                resume=resume, force=force, progress=progress)
+    return _fit(
+        cfg,
+        "train",
+        cfg.train,
+        RunDir(out, cfg.name),
+        make_sparsifier,
+        start_from=None,
+        adapt_spec=thin_spec if s.method == "thin-dense" else None,
+        resume=resume,
+        force=force,
+        progress=progress,
+    )
 
 
-def finetune(cfg: Pipeline, out: Path, *, resume: bool = False, force: bool = False,
-             progress: bool = True) -> Path:
+def finetune(
+    cfg: Pipeline, out: Path, *, resume: bool = False, force: bool = False, progress: bool = True
+) -> Path:
     """Continue from the trained model with its masks frozen, at a low learning rate."""
     run = RunDir(out, cfg.name)
     run.require("train", cfg)
@@ -97,16 +125,37 @@ def finetune(cfg: Pipeline, out: Path, *, resume: bool = False, force: bool = Fa
         frozen.load_masks(masks)
         return frozen
 
-    return _fit(cfg, "finetune", cfg.finetune, run, make_sparsifier,
-                start_from=trained, adapt_spec=lambda spec: trained["model_spec"],  # the model as trained
-                resume=resume, force=force, progress=progress)
+    return _fit(
+        cfg,
+        "finetune",
+        cfg.finetune,
+        run,
+        make_sparsifier,
+        start_from=trained,
+        adapt_spec=lambda spec: trained["model_spec"],  # the model as trained
+        resume=resume,
+        force=force,
+        progress=progress,
+    )
 
 
-def _fit(cfg: Pipeline, stage: str, opt_cfg: OptimConfig, run: RunDir,
-         make_sparsifier: Callable[..., Sparsifier], *, start_from: dict | None,
-         resume: bool, force: bool, progress: bool, adapt_spec: Callable[[dict], dict] | None = None) -> Path:
+def _fit(
+    cfg: Pipeline,
+    stage: str,
+    opt_cfg: OptimConfig,
+    run: RunDir,
+    make_sparsifier: Callable[..., Sparsifier],
+    *,
+    start_from: dict | None,
+    resume: bool,
+    force: bool,
+    progress: bool,
+    adapt_spec: Callable[[dict], dict] | None = None,
+) -> Path:
     final, last = run.final(stage), run.last(stage)
-    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed.active() else (0, 1)
+    rank, world = (
+        (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed.active() else (0, 1)
+    )
     main = rank == 0
     if distributed.restarted():  # torchrun restarted the job after a failure: continue, not start over
         resume = True
@@ -119,18 +168,23 @@ def _fit(cfg: Pipeline, stage: str, opt_cfg: OptimConfig, run: RunDir,
             log(cfg, f"{stage}: already complete ({final})")
             return final
         if state == STALE:
-            raise UserError(f"{run.stage_dir(stage)} holds a {stage} run with other settings: "
-                            "use --force to redo it")
+            raise UserError(
+                f"{run.stage_dir(stage)} holds a {stage} run with other settings: use --force to redo it"
+            )
         if state == UNFINISHED:
             if not resume:
-                raise UserError(f"{last} holds an unfinished {stage} run: "
-                                "use --resume to continue it or --force to start over")
+                raise UserError(
+                    f"{last} holds an unfinished {stage} run: "
+                    "use --resume to continue it or --force to start over"
+                )
             checkpoint = load_checkpoint(last)
             made_by = checkpoint.get("world_size", 1)
             if made_by != world:
-                raise UserError(f"{last} was trained by {made_by} process(es), this job has {world}: resume "
-                                f"it with {made_by} (the global batch, hence every step, depends on it) "
-                                "or use --force to start over")
+                raise UserError(
+                    f"{last} was trained by {made_by} process(es), this job has {world}: resume "
+                    f"it with {made_by} (the global batch, hence every step, depends on it) "
+                    "or use --force to start over"
+                )
             distributed.agree(f"the epoch to resume {stage} from", checkpoint["epoch"])
     fingerprint = run.fingerprint(stage, cfg)
 
@@ -141,20 +195,28 @@ def _fit(cfg: Pipeline, stage: str, opt_cfg: OptimConfig, run: RunDir,
     global_batch = opt_cfg.batch_size * world
     steps_per_epoch = train_set.num_batches(global_batch, drop_last=True)
     if steps_per_epoch == 0:
-        raise UserError(f"{stage}.batch_size {opt_cfg.batch_size}"
-                        + (f" × {world} ranks" if world > 1 else "")
-                        + f" exceeds the {len(train_set)} training images")
+        raise UserError(
+            f"{stage}.batch_size {opt_cfg.batch_size}"
+            + (f" × {world} ranks" if world > 1 else "")
+            + f" exceeds the {len(train_set)} training images"
+        )
     if world > 1:
         log(cfg, f"{stage}: {distributed.ddp_log_line(world, opt_cfg.batch_size)}")
         test_set = test_set.subset(torch.arange(rank, len(test_set), world))  # reduced in `evaluate`
     sync_bn = world > 1 and cfg.distributed.sync_bn
     if sync_bn and device.type != "cuda":
-        raise UserError("distributed.sync_bn: torch's SyncBatchNorm runs on CUDA only; "
-                        "train on GPUs or set it to false")
+        raise UserError(
+            "distributed.sync_bn: torch's SyncBatchNorm runs on CUDA only; train on GPUs or set it to false"
+        )
 
     torch.manual_seed(cfg.seed)
-    spec = {"name": cfg.model.name, "options": cfg.model.options, "num_classes": info.num_classes,
-            "in_channels": info.in_channels, "image_size": info.image_size}
+    spec = {
+        "name": cfg.model.name,
+        "options": cfg.model.options,
+        "num_classes": info.num_classes,
+        "in_channels": info.in_channels,
+        "image_size": info.image_size,
+    }
     if adapt_spec is not None:  # a model other than the configured one (thin-dense; finetune's trained one)
         spec = adapt_spec(spec)
     # Fine-tuning builds all this from the trained checkpoint: model, masks, weights.
@@ -165,9 +227,14 @@ def _fit(cfg: Pipeline, stage: str, opt_cfg: OptimConfig, run: RunDir,
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         if device.type == "cuda":  # cuDNN's fast convolutions (and bf16 tensor cores) want NHWC
             model = model.to(memory_format=torch.channels_last)
-        optimizer = torch.optim.SGD(model.parameters(), lr=opt_cfg.lr, momentum=opt_cfg.momentum,
-                                    nesterov=opt_cfg.nesterov and opt_cfg.momentum > 0,
-                                    weight_decay=opt_cfg.weight_decay, fused=device.type == "cuda" or None)
+        optimizer = torch.optim.SGD(
+            model.parameters(),
+            lr=opt_cfg.lr,
+            momentum=opt_cfg.momentum,
+            nesterov=opt_cfg.nesterov and opt_cfg.momentum > 0,
+            weight_decay=opt_cfg.weight_decay,
+            fused=device.type == "cuda" or None,
+        )
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, opt_cfg.milestones, opt_cfg.gamma)
         sparsifier = make_sparsifier(model, optimizer, steps_per_epoch)
         if world > 1:
@@ -194,73 +261,128 @@ def _fit(cfg: Pipeline, stage: str, opt_cfg: OptimConfig, run: RunDir,
     train_model = model
     if world > 1:  # every rank starts from rank 0's weights and buffers, and averages gradients
         train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     step_model = compile_for_training(train_model) if opt_cfg.compile else train_model
     batches_seed = cfg.seed + (1000 if stage == "finetune" else 0)  # a fresh data order per stage
 
     def save(path: Path, complete: bool) -> None:
-        save_checkpoint(path, {
-            "stage": stage, "complete": complete, "fingerprint": fingerprint, "run_id": run_id,
-            "epoch": len(history),
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "sparsifier": sparsifier.state_dict(),
-            "method": sparsifier.method, "rng": _rng_state(), "history": history,
-            "world_size": world, "job": distributed.job_id(),
-            "model_spec": spec, "init": init, "data_info": asdict(info), "config": cfg.model_dump(mode="json"),
-        })
+        save_checkpoint(
+            path,
+            {
+                "stage": stage,
+                "complete": complete,
+                "fingerprint": fingerprint,
+                "run_id": run_id,
+                "epoch": len(history),
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "sparsifier": sparsifier.state_dict(),
+                "method": sparsifier.method,
+                "rng": _rng_state(),
+                "history": history,
+                "world_size": world,
+                "job": distributed.job_id(),
+                "model_spec": spec,
+                "init": init,
+                "data_info": asdict(info),
+                "config": cfg.model_dump(mode="json"),
+            },
+        )
         files.write_text(run.metrics(stage), "".join(json.dumps(h) + "\n" for h in history))
 
     board = ScalarLog(run.tensorboard(stage), history) if main and cfg.log.tensorboard else None
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   console=console, disable=not progress or not main, transient=True)
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not progress or not main,
+        transient=True,
+    )
     with bar:
         for epoch in range(len(history), opt_cfg.epochs):
-            task = bar.add_task(f"{cfg.name} | {stage} {epoch + 1}/{opt_cfg.epochs}",
-                                total=steps_per_epoch)
+            task = bar.add_task(f"{cfg.name} | {stage} {epoch + 1}/{opt_cfg.epochs}", total=steps_per_epoch)
             started = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
-            batches = train_set.batches(global_batch, shuffle=True, augment=cfg.data.augment, seed=batches_seed,
-                                        epoch=epoch, device=device, drop_last=True, shard=(rank, world))
-            totals = train_one_epoch(step_model, optimizer, sparsifier, batches, autocast,
-                                     on_step=_step_callback(lambda: bar.advance(task), epoch + 1, steps_per_epoch),
-                                     on_reallocation=lambda: distributed.check_masks(sparsifier.masks,
-                                                                                     sparsifier.iteration))
+            batches = train_set.batches(
+                global_batch,
+                shuffle=True,
+                augment=cfg.data.augment,
+                seed=batches_seed,
+                epoch=epoch,
+                device=device,
+                drop_last=True,
+                shard=(rank, world),
+            )
+            totals = train_one_epoch(
+                step_model,
+                optimizer,
+                sparsifier,
+                batches,
+                autocast,
+                on_step=_step_callback(lambda task=task: bar.advance(task), epoch + 1, steps_per_epoch),
+                on_reallocation=lambda: distributed.check_masks(sparsifier.masks, sparsifier.iteration),
+            )
             loss_sum, correct, seen, pruned, reallocations = (
-                totals[k] for k in ("loss_sum", "correct", "seen", "pruned", "reallocations"))
+                totals[k] for k in ("loss_sum", "correct", "seen", "pruned", "reallocations")
+            )
             switched_off, pruned_grown = totals["switched_off"], totals["pruned_grown"]
             if world > 1:  # the global batch's figures (pruned and the like are the same on every rank)
                 loss_sum, correct, seen = distributed.all_sum(loss_sum, correct, seen)
                 seen = int(seen.item())
             train_loss = loss_sum.item() / seen
             if not math.isfinite(train_loss):  # keep last.pt of the last sound epoch; stop wasting time
-                raise UserError(f"{stage} diverged: the training loss is {train_loss} in epoch {epoch + 1}; "
-                                f"lower {stage}.lr (now {opt_cfg.lr})")
+                raise UserError(
+                    f"{stage} diverged: the training loss is {train_loss} in epoch {epoch + 1}; "
+                    f"lower {stage}.lr (now {opt_cfg.lr})"
+                )
             scheduler.step()
             train_seconds = time.perf_counter() - started
             test_loss, test_top1 = evaluate(model, test_set, device, autocast)
             density = sparsifier.layer_density()
-            history.append({
-                "stage": stage, "epoch": epoch + 1, "lr": lr,
-                "train_loss": train_loss, "train_top1": correct.item() / seen,
-                "test_loss": test_loss, "test_top1": test_top1,
-                "threshold": getattr(sparsifier, "threshold", None), "pruned": pruned,
-                "reallocations": reallocations, "active_params": sparsifier.active_count(),
-                # Of the weights reallocation switched off, the share it had grown at the one before.
-                "pruned_grown": pruned_grown if sparsifier.tracks_regrowth else None,
-                "pruned_grown_share": pruned_grown / switched_off if sparsifier.tracks_regrowth and switched_off else None,
-                "layer_density": density, "seconds": train_seconds,
-                "images_per_second": seen / train_seconds,
-            })
+            history.append(
+                {
+                    "stage": stage,
+                    "epoch": epoch + 1,
+                    "lr": lr,
+                    "train_loss": train_loss,
+                    "train_top1": correct.item() / seen,
+                    "test_loss": test_loss,
+                    "test_top1": test_top1,
+                    "threshold": getattr(sparsifier, "threshold", None),
+                    "pruned": pruned,
+                    "reallocations": reallocations,
+                    "active_params": sparsifier.active_count(),
+                    # Of the weights reallocation switched off, the share it had grown at the one before.
+                    "pruned_grown": pruned_grown if sparsifier.tracks_regrowth else None,
+                    "pruned_grown_share": pruned_grown / switched_off
+                    if sparsifier.tracks_regrowth and switched_off
+                    else None,
+                    "layer_density": density,
+                    "seconds": train_seconds,
+                    "images_per_second": seen / train_seconds,
+                }
+            )
             if main:
                 save(last, complete=False)
                 if board is not None:
                     board.add(history[-1])
             bar.remove_task(task)
-            log(cfg, f"{stage} epoch {epoch + 1}/{opt_cfg.epochs}  "
-                          f"loss {history[-1]['train_loss']:.4f}  test top-1 {test_top1:.4f}  "
-                          f"{seen / train_seconds:,.0f} img/s"
-                          + (f"  H {sparsifier.threshold:.3g}" if reallocations and hasattr(sparsifier, "threshold") else "")
-                          + (f"  pruned {pruned}" if reallocations else ""))
+            log(
+                cfg,
+                f"{stage} epoch {epoch + 1}/{opt_cfg.epochs}  "
+                f"loss {history[-1]['train_loss']:.4f}  test top-1 {test_top1:.4f}  "
+                f"{seen / train_seconds:,.0f} img/s"
+                + (
+                    f"  H {sparsifier.threshold:.3g}"
+                    if reallocations and hasattr(sparsifier, "threshold")
+                    else ""
+                )
+                + (f"  pruned {pruned}" if reallocations else ""),
+            )
     if main:
         save(final, complete=True)
         last.unlink(missing_ok=True)
@@ -274,8 +396,11 @@ def _made_by_this_job(run: RunDir, stage: str) -> bool:
     """Whether the stage's checkpoint comes from this very torchrun job (an earlier attempt of
     it): a restarted `--force` job continues what it forced instead of forcing it again."""
     path = next((p for p in (run.final(stage), run.last(stage)) if p.exists()), None)
-    return path is not None and distributed.job_id() is not None and \
-        load_checkpoint(path).get("job") == distributed.job_id()
+    return (
+        path is not None
+        and distributed.job_id() is not None
+        and load_checkpoint(path).get("job") == distributed.job_id()
+    )
 
 
 def _step_callback(on_step: Callable[[], None], epoch: int, steps: int) -> Callable[[], None]:
@@ -292,6 +417,7 @@ def _step_callback(on_step: Callable[[], None], epoch: int, steps: int) -> Calla
         done += 1
         if done > die_at:
             distributed.die()
+
     return step
 
 
@@ -304,10 +430,15 @@ def compile_for_training(model: torch.nn.Module) -> torch.nn.Module:
     return torch.compile(model, mode="reduce-overhead" if cuda else None)
 
 
-def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sparsifier: Sparsifier,
-                    batches, autocast: Callable = nullcontext,
-                    on_step: Callable[[], None] = lambda: None,
-                    on_reallocation: Callable[[], None] = lambda: None) -> dict[str, Any]:
+def train_one_epoch(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    sparsifier: Sparsifier,
+    batches,
+    autocast: Callable = nullcontext,
+    on_step: Callable[[], None] = lambda: None,
+    on_reallocation: Callable[[], None] = lambda: None,
+) -> dict[str, Any]:
     """One pass over `batches`: SGD steps, each followed by the sparsifier's step (and
     `on_reallocation` after each reallocation). Totals stay on the device, so nothing waits for
     the GPU until the caller reads them."""
@@ -338,13 +469,25 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sp
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
         on_step()
-    return {"loss_sum": loss_sum, "correct": correct, "seen": seen, "pruned": pruned,
-            "reallocations": reallocations, "switched_off": switched_off, "pruned_grown": pruned_grown}
+    return {
+        "loss_sum": loss_sum,
+        "correct": correct,
+        "seen": seen,
+        "pruned": pruned,
+        "reallocations": reallocations,
+        "switched_off": switched_off,
+        "pruned_grown": pruned_grown,
+    }
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset: Dataset, device: torch.device,
-             autocast: Callable = nullcontext, batch_size: int = 512) -> tuple[float, float]:
+def evaluate(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    device: torch.device,
+    autocast: Callable = nullcontext,
+    batch_size: int = 512,
+) -> tuple[float, float]:
     """Mean cross-entropy and top-1 accuracy on a split, without augmentation; under torchrun
     each rank holds its part of the split, and the sums are reduced over the ranks."""
     model.eval()
@@ -367,11 +510,17 @@ def _rng_state() -> dict[str, Any]:
     """Every RNG's state as tensors and numbers: nothing a checkpoint reader must unpickle."""
     version, python, gauss = random.getstate()
     _, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "python": {"version": version, "state": torch.tensor(python, dtype=torch.int64), "gauss": gauss},
-            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "torch": torch.get_rng_state(),
+        "python": {"version": version, "state": torch.tensor(python, dtype=torch.int64), "gauss": gauss},
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
@@ -379,7 +528,14 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     python = state["python"]
     random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss"]))
     numpy = state["numpy"]
-    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
-                         numpy["cached_gaussian"]))
+    np.random.set_state(
+        (
+            "MT19937",
+            numpy["keys"].numpy().astype(np.uint32),
+            numpy["pos"],
+            numpy["has_gauss"],
+            numpy["cached_gaussian"],
+        )
+    )
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -31,7 +31,9 @@ def _digests(train) -> dict[str, str]:
         torch.manual_seed(0)
         model = create_model("small-cnn", num_classes=10, in_channels=1, image_size=8, width=8)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-        s = create_sparsifier(method, model, opt, sparsity=0.9, seed=3, schedule=RewireSchedule({0: 4}), **options)
+        s = create_sparsifier(
+            method, model, opt, sparsity=0.9, seed=3, schedule=RewireSchedule({0: 4}), **options
+        )
         for x, y in train.batches(64, shuffle=True, augment=True, seed=0, epoch=0, drop_last=True):
             F.cross_entropy(model(x), y).backward()
             opt.step()

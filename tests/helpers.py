@@ -14,11 +14,16 @@ from torch import nn
 def small_net(width=16):
     """Three convs and two linears: the middle ones are sparse by default."""
     return nn.Sequential(
-        nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-        nn.Linear(8 * width, 4 * width), nn.ReLU(),
+        nn.Conv2d(1, width, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(2 * width, 2 * width, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(8 * width, 4 * width),
+        nn.ReLU(),
         nn.Linear(4 * width, 10),
     )
 
@@ -43,6 +48,7 @@ def assert_resume_is_exact(build, first_steps, second_steps):
     objects (other seeds, other settings) and train `second_steps`: the weights and the
     sparsifier's state must equal an uninterrupted run's, bit for bit. `build(fresh)` returns
     (model, optimizer, sparsifier). Returns both runs' sparsifier states, for more checks."""
+
     def run(resume):
         torch.manual_seed(0)
         model, optimizer, sparsifier = build(fresh=False)
@@ -77,8 +83,12 @@ def png(size=(12, 12), mode="RGB", seed=0) -> bytes:
 def image_tree(classes=("cat", "dog", "frog"), per_split=None, mode="RGB", top="", size=(12, 12)):
     """{relative path: bytes} of a small train/test image tree, optionally under a top folder."""
     per_split = per_split or {"train": 4, "test": 2}
-    names = [f"{top}{split}/{name}/{i}.png"
-             for split, count in per_split.items() for name in classes for i in range(count)]
+    names = [
+        f"{top}{split}/{name}/{i}.png"
+        for split, count in per_split.items()
+        for name in classes
+        for i in range(count)
+    ]
     return {name: png(size, mode, seed) for seed, name in enumerate(names)}
 
 

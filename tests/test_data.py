@@ -19,10 +19,12 @@ from dsrpipe.errors import UserError
 from .helpers import image_tree, png, write_tree
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = next((p for p in (Path("/work/shared/datasets"), REPO.parent / "shared" / "datasets")
-               if p.is_dir()), None)
+SHARED = next(
+    (p for p in (Path("/work/shared/datasets"), REPO.parent / "shared" / "datasets") if p.is_dir()), None
+)
 needs_shared = pytest.mark.skipif(
-    SHARED is None, reason="real datasets absent: neither /work/shared/datasets nor ../shared/datasets")
+    SHARED is None, reason="real datasets absent: neither /work/shared/datasets nor ../shared/datasets"
+)
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +95,9 @@ def shifted(image: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     """image moved by (dy, dx) pixels with zeros filling in: the reference for random_crop."""
     out = torch.zeros_like(image)
     h, w = image.shape[-2:]
-    out[..., max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
-        image[..., max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)]
+    out[..., max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = image[
+        ..., max(-dy, 0) : h - max(dy, 0), max(-dx, 0) : w - max(dx, 0)
+    ]
     return out
 
 
@@ -116,7 +119,7 @@ def test_colour_random_crop_is_a_reflect_padded_crop_or_its_mirror():
     assert out.shape == images.shape and 10 < int(mirrored.sum()) < 54
     padded = F.pad(images.float(), (4, 4, 4, 4), mode="reflect").to(torch.uint8)  # the reference padding
     for image, crop, (dy, dx), flip in zip(padded, out, offsets.tolist(), mirrored.tolist()):
-        expected = image[:, dy:dy + 32, dx:dx + 32]
+        expected = image[:, dy : dy + 32, dx : dx + 32]
         assert torch.equal(crop, expected.flip(2) if flip else expected)
 
 
@@ -253,8 +256,11 @@ def cifar_jpegs():
 
 def test_imagefolder_from_targz_with_top_folder(cifar_jpegs, tmp_path):
     # Like the real archive: cifar10/{train,test}/<class>/*.jpg
-    members = [(name.replace("/test/", f"/{split}/"), content)
-               for split in ("train", "test") for name, content in cifar_jpegs.items()]
+    members = [
+        (name.replace("/test/", f"/{split}/"), content)
+        for split in ("train", "test")
+        for name, content in cifar_jpegs.items()
+    ]
     archive = write_tar(tmp_path / "cifar-mini.tar.gz", members)
     train, test = load_folder(archive, tmp_path)
     assert (len(train), len(test)) == (12, 12)
@@ -286,7 +292,6 @@ def test_streaming_fallback_for_big_folders(tmp_path, monkeypatch):
     assert torch.equal(x, run()[0]) and train.num_batches(5) == 3
 
 
-
 def test_subsets_are_fixed_whatever_the_run(digits, tmp_path, monkeypatch):
     train, test = load_data("digits", max_train=300, max_test=100)
     again, _ = load_data("digits", max_train=300)
@@ -296,9 +301,11 @@ def test_subsets_are_fixed_whatever_the_run(digits, tmp_path, monkeypatch):
     assert len(set(train.labels.tolist())) == 10  # random, not the first 300 in file order
     assert load_data("digits", max_train=10**6)[0].images.shape == digits[0].images.shape
     monkeypatch.setattr(data, "MAX_IN_MEMORY_BYTES", 0)  # the streaming path subsets its file list
-    streamed, _ = load_folder(write_tree(tmp_path / "pets", image_tree()), tmp_path, image_size=8,
-                              num_workers=1, max_train=5)
+    streamed, _ = load_folder(
+        write_tree(tmp_path / "pets", image_tree()), tmp_path, image_size=8, num_workers=1, max_train=5
+    )
     assert isinstance(streamed, StreamingDataset) and len(streamed) == 5
+
 
 # --- rejected inputs -----------------------------------------------------------------------------
 
@@ -309,14 +316,17 @@ def tar_member(name, kind=tarfile.REGTYPE, target=""):
     return info
 
 
-@pytest.mark.parametrize("member, why", [
-    (("../evil.png", b"x"), "outside the archive"),
-    (("data/../../evil.png", b"x"), "outside the archive"),
-    (("/tmp/evil.png", b"x"), "outside the archive"),
-    (tar_member("data/train/link", tarfile.SYMTYPE, "/etc/passwd"), "link or special file"),
-    (tar_member("data/train/hard", tarfile.LNKTYPE, "/etc/passwd"), "link or special file"),
-    (tar_member("data/train/null", tarfile.CHRTYPE), "link or special file"),
-])
+@pytest.mark.parametrize(
+    "member, why",
+    [
+        (("../evil.png", b"x"), "outside the archive"),
+        (("data/../../evil.png", b"x"), "outside the archive"),
+        (("/tmp/evil.png", b"x"), "outside the archive"),
+        (tar_member("data/train/link", tarfile.SYMTYPE, "/etc/passwd"), "link or special file"),
+        (tar_member("data/train/hard", tarfile.LNKTYPE, "/etc/passwd"), "link or special file"),
+        (tar_member("data/train/null", tarfile.CHRTYPE), "link or special file"),
+    ],
+)
 def test_unsafe_tar_members_rejected(tmp_path, member, why):
     archive = write_tar(tmp_path / "bad.tar.gz", [("data/train/a/0.png", png()), member])
     name = member[0] if isinstance(member, tuple) else member.name

@@ -27,9 +27,18 @@ from tests.helpers import masked_weights_are_zero, small_net, train_steps
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "pipelines" / "quickstart.yaml"
 # A few short epochs (10 steps of 64 images), reallocation every 3 steps; finetune off (the stage is the same code).
-SHORT = ["train.epochs=2", "train.milestones=[]", "finetune.epochs=0", "sparsity.rewire_periods={0: 3}",
-         "data.max_train=640", "data.max_test=200", "model.options={width: 8}", "sparsity.prune_target=60",
-         "validate.latency_runs=5", "validate.min_top1=null"]
+SHORT = [
+    "train.epochs=2",
+    "train.milestones=[]",
+    "finetune.epochs=0",
+    "sparsity.rewire_periods={0: 3}",
+    "data.max_train=640",
+    "data.max_test=200",
+    "model.options={width: 8}",
+    "sparsity.prune_target=60",
+    "validate.latency_runs=5",
+    "validate.min_top1=null",
+]
 # No BatchNorm: per-rank batch statistics differ from the global batch's, and SyncBatchNorm runs on
 # CUDA only, so a model without BatchNorm is what a CPU run can compare with one process exactly.
 NO_BN = ["model.name=lenet-300-100", "model.options={}", "sparsity.prune_target=600"]
@@ -40,7 +49,13 @@ def sets(*overrides):
 
 
 def env(**extra):
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", **extra}
+    return {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "GLOO_SOCKET_IFNAME": "lo",
+        **extra,
+    }
 
 
 def torchrun(*args):
@@ -77,15 +92,54 @@ def two_and_one(tmp_path_factory):
     compare must still read the run's report rather than take it for a crash."""
     tmp = tmp_path_factory.mktemp("ddp")
     overrides = [*SHORT, *NO_BN]
-    one = subprocess.Popen([sys.executable, *dsrpipe("train-sparse", str(QUICKSTART), "--out", str(tmp / "one"),
-                                                     *sets(*overrides, "train.batch_size=64"))],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
-    grid = {"name": "g", "base": str(QUICKSTART), "methods": ["dsr"], "sparsities": [0.9], "seeds": [0],
-            "overrides": {"dsr": {key: yaml.safe_load(value) for key, value in (
-                item.split("=", 1) for item in [*overrides, "train.batch_size=32", "validate.min_top1=0.999"])}}}
+    one = subprocess.Popen(
+        [
+            sys.executable,
+            *dsrpipe(
+                "train-sparse",
+                str(QUICKSTART),
+                "--out",
+                str(tmp / "one"),
+                *sets(*overrides, "train.batch_size=64"),
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env(),
+    )
+    grid = {
+        "name": "g",
+        "base": str(QUICKSTART),
+        "methods": ["dsr"],
+        "sparsities": [0.9],
+        "seeds": [0],
+        "overrides": {
+            "dsr": {
+                key: yaml.safe_load(value)
+                for key, value in (
+                    item.split("=", 1)
+                    for item in [*overrides, "train.batch_size=32", "validate.min_top1=0.999"]
+                )
+            }
+        },
+    }
     (tmp / "grid.yaml").write_text(yaml.safe_dump(grid))
-    two = run([sys.executable, "-m", "dsrpipe", "compare", str(tmp / "grid.yaml"), "--out", str(tmp / "two"),
-               "--nproc-per-job", "2"], timeout=180, DSRPIPE_MASK_CHECKSUMS=str(tmp / "checksums"))
+    two = run(
+        [
+            sys.executable,
+            "-m",
+            "dsrpipe",
+            "compare",
+            str(tmp / "grid.yaml"),
+            "--out",
+            str(tmp / "two"),
+            "--nproc-per-job",
+            "2",
+        ],
+        timeout=180,
+        DSRPIPE_MASK_CHECKSUMS=str(tmp / "checksums"),
+    )
     _, one_err = one.communicate(timeout=120)
     assert one.returncode == 0, one_err
     assert two.returncode == 0, two.stderr
@@ -116,18 +170,25 @@ def test_masks_are_identical_across_ranks_at_every_reallocation(two_and_one):
 
 def test_two_ranks_match_one_process_with_the_same_global_batch(two_and_one):
     tmp, _ = two_and_one
-    one, two = (torch.load(run_dir / "train" / "final.pt", weights_only=True)
-                for run_dir in (tmp / "one" / "quickstart", two_and_one[1]))
+    one, two = (
+        torch.load(run_dir / "train" / "final.pt", weights_only=True)
+        for run_dir in (tmp / "one" / "quickstart", two_and_one[1])
+    )
     for name, mask in one["sparsifier"]["masks"].items():
         assert torch.equal(mask, two["sparsifier"]["masks"][name]), name
     for name, weight in one["model"].items():  # only the reduction order differs
         torch.testing.assert_close(two["model"][name], weight, rtol=0, atol=1e-5)
     assert two["world_size"] == 2 and one["world_size"] == 1
     for a, b in zip(one["history"], two["history"], strict=True):
-        assert (a["pruned"], a["reallocations"], a["threshold"]) == (b["pruned"], b["reallocations"], b["threshold"])
+        assert (a["pruned"], a["reallocations"], a["threshold"]) == (
+            b["pruned"],
+            b["reallocations"],
+            b["threshold"],
+        )
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
         assert (a["train_top1"], a["test_top1"], a["test_loss"]) == pytest.approx(
-            (b["train_top1"], b["test_top1"], b["test_loss"]), abs=1e-5)
+            (b["train_top1"], b["test_top1"], b["test_loss"]), abs=1e-5
+        )
 
 
 def test_tensorboard_event_files_hold_the_figures_of_metrics_jsonl(two_and_one):
@@ -137,9 +198,19 @@ def test_tensorboard_event_files_hold_the_figures_of_metrics_jsonl(two_and_one):
     events = EventAccumulator(str(run_dir / "tensorboard" / "train"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"loss/train", "loss/test", "top1/train", "top1/test", "lr", "sparsity/threshold_H",
-            "sparsity/pruned", "sparsity/pruned_per_reallocation", "sparsity/active_params",
-            "layer_density/fc1", "layer_density/fc2"} <= tags
+    assert {
+        "loss/train",
+        "loss/test",
+        "top1/train",
+        "top1/test",
+        "lr",
+        "sparsity/threshold_H",
+        "sparsity/pruned",
+        "sparsity/pruned_per_reallocation",
+        "sparsity/active_params",
+        "layer_density/fc1",
+        "layer_density/fc2",
+    } <= tags
     history = metrics(run_dir / "train" / "metrics.jsonl")
     for tag, key in (("top1/test", "test_top1"), ("sparsity/pruned", "pruned"), ("lr", "lr")):
         points = events.Scalars(tag)
@@ -163,12 +234,25 @@ def test_two_nodes_on_localhost_with_a_c10d_rendezvous(tmp_path):
     the quickstart's BatchNorm model (DDP keeps the ranks' buffers in step)."""
     port = free_port()
     command = lambda node: torchrun(  # noqa: E731
-        "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1", "--rdzv-backend=c10d",
-        f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=dsrpipe-test", f"--rdzv-conf=is_host={int(node == 0)}",
-        *dsrpipe("train-sparse", str(QUICKSTART), "--out", str(tmp_path),
-                 *sets(*SHORT, "train.epochs=1", "train.batch_size=32")))
-    nodes = [subprocess.Popen(command(node), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
-             for node in (0, 1)]
+        "--nnodes=2",
+        f"--node_rank={node}",
+        "--nproc_per_node=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        "--rdzv-id=dsrpipe-test",
+        f"--rdzv-conf=is_host={int(node == 0)}",
+        *dsrpipe(
+            "train-sparse",
+            str(QUICKSTART),
+            "--out",
+            str(tmp_path),
+            *sets(*SHORT, "train.epochs=1", "train.batch_size=32"),
+        ),
+    )
+    nodes = [
+        subprocess.Popen(command(node), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+        for node in (0, 1)
+    ]
     try:
         outputs = [node.communicate(timeout=120) for node in nodes]
     finally:
@@ -181,10 +265,22 @@ def test_two_nodes_on_localhost_with_a_c10d_rendezvous(tmp_path):
 
 
 def test_a_killed_rank_restarts_the_job_which_resumes_from_its_checkpoint(tmp_path):
-    result = run(torchrun("--standalone", "--nproc_per_node=2", "--max-restarts=1", "--monitor-interval=0.2",
-                          *dsrpipe("train-sparse", str(QUICKSTART), "--out", str(tmp_path),
-                                   *sets(*SHORT, "train.epochs=3", "train.batch_size=32"))),
-                 DSRPIPE_TEST_FAULT="exit:1:2")  # rank 1 dies halfway through epoch 2 of the first attempt
+    result = run(
+        torchrun(
+            "--standalone",
+            "--nproc_per_node=2",
+            "--max-restarts=1",
+            "--monitor-interval=0.2",
+            *dsrpipe(
+                "train-sparse",
+                str(QUICKSTART),
+                "--out",
+                str(tmp_path),
+                *sets(*SHORT, "train.epochs=3", "train.batch_size=32"),
+            ),
+        ),
+        DSRPIPE_TEST_FAULT="exit:1:2",
+    )  # rank 1 dies halfway through epoch 2 of the first attempt
     assert result.returncode == 0, result.stderr
     assert "train: resuming after epoch 1" in result.stderr
     history = metrics(tmp_path / "quickstart" / "train" / "metrics.jsonl")
@@ -192,10 +288,21 @@ def test_a_killed_rank_restarts_the_job_which_resumes_from_its_checkpoint(tmp_pa
 
 
 def test_a_desynchronised_mask_stops_the_run_with_a_one_line_error(tmp_path):
-    result = run(torchrun("--standalone", "--nproc_per_node=2",
-                          *dsrpipe("train-sparse", str(QUICKSTART), "--out", str(tmp_path),
-                                   *sets(*SHORT, "train.epochs=1", "train.batch_size=32"))),
-                 timeout=90, DSRPIPE_TEST_FAULT="desync:1")  # rank 1 flips a mask entry at the first reallocation
+    result = run(
+        torchrun(
+            "--standalone",
+            "--nproc_per_node=2",
+            *dsrpipe(
+                "train-sparse",
+                str(QUICKSTART),
+                "--out",
+                str(tmp_path),
+                *sets(*SHORT, "train.epochs=1", "train.batch_size=32"),
+            ),
+        ),
+        timeout=90,
+        DSRPIPE_TEST_FAULT="desync:1",
+    )  # rank 1 flips a mask entry at the first reallocation
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert errors and all(line == errors[0] for line in errors), result.stderr
@@ -219,6 +326,7 @@ def test_sharded_batches_are_the_one_process_batches_split_between_ranks():
 def test_deferred_gradient_hooks_see_the_same_gradient_in_one_process():
     """Under DDP, RigL reads the dense gradient at step time (after the all-reduce): in one
     process that is the gradient its accumulate hook saw, so training is the same bit for bit."""
+
     def train(defer):
         torch.manual_seed(0)
         net = small_net()
@@ -235,7 +343,6 @@ def test_deferred_gradient_hooks_see_the_same_gradient_in_one_process():
     assert all(torch.equal(w1[k], w2[k]) for k in w1) and all(torch.equal(m1[k], m2[k]) for k in m1)
 
 
-
 def test_watch_runs_each_job_through_torchrun_with_its_cause_on_failure(tmp_path):
     """`watch --nproc-per-job 2`: a job trains on 2 ranks inside its own process group (where the
     runner's limits apply); one that fails is failed with its ranks' cause, not torchrun's exit 1."""
@@ -246,8 +353,27 @@ def test_watch_runs_each_job_through_torchrun_with_its_cause_on_failure(tmp_path
     tiny = {"data": {"dataset": "digits", "max_train": 256, "max_test": 100}, "train": {"batch_size": 32}}
     (drop / "good.yaml").write_text(pipeline(**tiny))
     (drop / "strict.yaml").write_text(pipeline(**tiny, validate={"latency_runs": 1, "min_top1": 0.999}))
-    result = run([sys.executable, "-m", "dsrpipe", "watch", str(drop), "--out", str(tmp_path / "out"), "--once",
-                  "--quiet-period", "0.5", "--workers", "2", "--nproc-per-job", "2", "--job-timeout", "10m"], timeout=240)
+    result = run(
+        [
+            sys.executable,
+            "-m",
+            "dsrpipe",
+            "watch",
+            str(drop),
+            "--out",
+            str(tmp_path / "out"),
+            "--once",
+            "--quiet-period",
+            "0.5",
+            "--workers",
+            "2",
+            "--nproc-per-job",
+            "2",
+            "--job-timeout",
+            "10m",
+        ],
+        timeout=240,
+    )
     assert result.returncode == 0, result.stderr
     states = {job["name"]: job for job in jobs(drop)}
     assert states["good"]["state"] == "done", states

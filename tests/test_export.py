@@ -13,13 +13,13 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from dsrpipe import export as export_module
 from dsrpipe.config import ValidateConfig
-from dsrpipe.encoding import decoded_weights, encode_weights
+from dsrpipe.deploy import export as export_module
+from dsrpipe.deploy.encoding import decoded_weights, encode_weights
+from dsrpipe.deploy.export import export_onnx
+from dsrpipe.deploy.quantize import check_zeros_quantized
+from dsrpipe.deploy.validate import validate_onnx
 from dsrpipe.errors import EXIT_VALIDATION, UserError, ValidationFailed
-from dsrpipe.export import export_onnx
-from dsrpipe.quantize import check_zeros_quantized
-from dsrpipe.validate import validate_onnx
 
 
 class DigitsTestSet:
@@ -32,23 +32,40 @@ class DigitsTestSet:
         pixels = torch.tensor(digits.images / 16.0, dtype=torch.float32).unsqueeze(1)
         self.pixels, self.labels = pixels[-360:], torch.tensor(digits.target[-360:])
         mean, std = pixels[:-360].mean().item(), pixels[:-360].std().item()
-        self.info = SimpleNamespace(mean=[mean], std=[std], in_channels=1, image_size=8,
-                                    class_names=[str(i) for i in range(10)], num_classes=10)
+        self.info = SimpleNamespace(
+            mean=[mean],
+            std=[std],
+            in_channels=1,
+            image_size=8,
+            class_names=[str(i) for i in range(10)],
+            num_classes=10,
+        )
 
-    def batches(self, batch_size, shuffle=False, augment=False, seed=0, epoch=0, device="cpu", normalize=True):
+    def batches(
+        self, batch_size, shuffle=False, augment=False, seed=0, epoch=0, device="cpu", normalize=True
+    ):
         assert not shuffle and not augment
         mean, std = self.info.mean[0], self.info.std[0]
         for start in range(0, len(self.labels), batch_size):
-            x = self.pixels[start:start + batch_size]
-            yield ((x - mean) / std if normalize else x).to(device), self.labels[start:start + batch_size].to(device)
+            x = self.pixels[start : start + batch_size]
+            yield (
+                ((x - mean) / std if normalize else x).to(device),
+                self.labels[start : start + batch_size].to(device),
+            )
 
 
 def pruned_cnn(density: float = 0.1) -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
     )
     with torch.no_grad():
         for module in model.modules():
@@ -77,8 +94,15 @@ def exported(tmp_path_factory, test_set):
     model = pruned_cnn()
     path = tmp_path_factory.mktemp("export") / "model.onnx"
     metadata = {"method": "dsr", "sparsity": "0.9", "class_names": json.dumps(test_set.info.class_names)}
-    summary = export_onnx(model, path, in_channels=1, image_size=8, mean=test_set.info.mean,
-                          std=test_set.info.std, metadata=metadata)
+    summary = export_onnx(
+        model,
+        path,
+        in_channels=1,
+        image_size=8,
+        mean=test_set.info.mean,
+        std=test_set.info.std,
+        metadata=metadata,
+    )
     return SimpleNamespace(model=model, path=path, summary=summary, metadata=metadata)
 
 
@@ -114,8 +138,16 @@ def test_pruned_weights_stay_exactly_zero(exported):
 
 
 def export_as(model, path, test_set, **options):
-    return export_onnx(model, path, in_channels=1, image_size=8, mean=test_set.info.mean, std=test_set.info.std,
-                       metadata={}, **options)
+    return export_onnx(
+        model,
+        path,
+        in_channels=1,
+        image_size=8,
+        mean=test_set.info.mean,
+        std=test_set.info.std,
+        metadata={},
+        **options,
+    )
 
 
 def optimized_ops(path, level=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC) -> list[str]:
@@ -165,16 +197,28 @@ def test_compact_encoding_round_trips_any_pattern(tmp_path, dtype, density):
     array[-1, -1, -1] = 7 * (density > 0)
     other = (rng.integers(-50, 50, size=(300,)) * (rng.random(300) < density)).astype(dtype)
     graph = onnx.helper.make_graph(
-        [onnx.helper.make_node("Identity", ["w"], ["out_w"]), onnx.helper.make_node("Identity", ["v"], ["out_v"])],
-        "g", [], [onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), a.shape)
-                  for n, a in (("out_w", array), ("out_v", other))],
-        [numpy_helper.from_array(array, "w"), numpy_helper.from_array(other, "v")])
+        [
+            onnx.helper.make_node("Identity", ["w"], ["out_w"]),
+            onnx.helper.make_node("Identity", ["v"], ["out_v"]),
+        ],
+        "g",
+        [],
+        [
+            onnx.helper.make_tensor_value_info(
+                n, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), a.shape
+            )
+            for n, a in (("out_w", array), ("out_v", other))
+        ],
+        [numpy_helper.from_array(array, "w"), numpy_helper.from_array(other, "v")],
+    )
     proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
     encoded = encode_weights(proto, "compact")
     assert encoded == (0 if density == 1.0 else 2)  # stored dense where coding would not pay
     onnx.checker.check_model(proto, full_check=True)
     (tmp_path / "m.onnx").write_bytes(proto.SerializeToString())
-    out_w, out_v = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {})
+    out_w, out_v = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {}
+    )
     assert np.array_equal(out_w, array) and np.array_equal(out_v, other)
     assert np.array_equal(decoded_weights(proto)["w"], array)
 
@@ -209,16 +253,25 @@ def test_int8_loss_of_a_zero_is_refused():
     dq = onnx.helper.make_node("DequantizeLinear", ["model.fc.weight_quantized", "s"], ["w"])
     scale = numpy_helper.from_array(np.array(0.004, dtype=np.float32), "s")
     with pytest.raises(RuntimeError, match="lost 1 zeros in model.fc.weight"):
-        check_zeros_quantized(fp32, model(numpy_helper.from_array(int8_weight, "model.fc.weight_quantized"), scale,
-                                          nodes=[dq]))
+        check_zeros_quantized(
+            fp32, model(numpy_helper.from_array(int8_weight, "model.fc.weight_quantized"), scale, nodes=[dq])
+        )
     int8_weight[1, 1] = 0
-    check_zeros_quantized(fp32, model(numpy_helper.from_array(int8_weight, "model.fc.weight_quantized"), scale,
-                                      nodes=[dq]))
+    check_zeros_quantized(
+        fp32, model(numpy_helper.from_array(int8_weight, "model.fc.weight_quantized"), scale, nodes=[dq])
+    )
     dq.input.append("zp")
     zero_point = numpy_helper.from_array(np.array(3, dtype=np.int8), "zp")
     with pytest.raises(RuntimeError, match="non-zero zero point"):
-        check_zeros_quantized(fp32, model(numpy_helper.from_array(int8_weight, "model.fc.weight_quantized"), scale,
-                                          zero_point, nodes=[dq]))
+        check_zeros_quantized(
+            fp32,
+            model(
+                numpy_helper.from_array(int8_weight, "model.fc.weight_quantized"),
+                scale,
+                zero_point,
+                nodes=[dq],
+            ),
+        )
 
 
 def test_failed_export_leaves_previous_file_intact(tmp_path):
@@ -241,7 +294,9 @@ def test_failed_export_leaves_previous_file_intact(tmp_path):
 
 
 def test_validate_reports_agreement_and_enforces_thresholds(exported, test_set):
-    report = validate_onnx(exported.path, exported.model, test_set, batch_size=100, latency_runs=20, threads=1)
+    report = validate_onnx(
+        exported.path, exported.model, test_set, batch_size=100, latency_runs=20, threads=1
+    )
     assert report["top1_agreement"] == 1.0
     assert report["max_abs_logit_diff"] < 1e-4
     assert report["onnx_top1"] == report["torch_top1"]
@@ -314,13 +369,22 @@ def quickstart_like(tmp_path_factory, test_set):
     training digits). Untrained: the bytes depend on the shapes and the sparsity, not on training."""
     model = sparse_small_cnn()
     folder = tmp_path_factory.mktemp("quickstart")
-    calibration = [digits_train_pixels()[i:i + 100] for i in range(0, 300, 100)]
+    calibration = [digits_train_pixels()[i : i + 100] for i in range(0, 300, 100)]
     return SimpleNamespace(
-        model=model, folder=folder, calibration=calibration,
+        model=model,
+        folder=folder,
+        calibration=calibration,
         dense=export_as(model, folder / "dense.onnx", test_set, encoding="dense"),
         compact=export_as(model, folder / "compact.onnx", test_set),
-        int8=export_as(model, folder / "int8.onnx", test_set, quantize="int8", calibration=calibration,
-                       fp32_path=folder / "int8.fp32.onnx"))
+        int8=export_as(
+            model,
+            folder / "int8.onnx",
+            test_set,
+            quantize="int8",
+            calibration=calibration,
+            fp32_path=folder / "int8.fp32.onnx",
+        ),
+    )
 
 
 def test_size_bounds_at_90_percent_on_the_quickstart_model(quickstart_like):
@@ -349,17 +413,34 @@ def trained(test_set, tmp_path_factory):
     """A narrower quickstart model at 90 %, trained a little on digits, exported to int8."""
     model = train_masked(sparse_small_cnn(width=16), test_set)
     folder = tmp_path_factory.mktemp("trained")
-    calibration = [digits_train_pixels()[i:i + 100] for i in range(0, 300, 100)]
-    return SimpleNamespace(model=model, folder=folder, int8=export_as(
-        model, folder / "model.onnx", test_set, quantize="int8", calibration=calibration,
-        fp32_path=folder / "model.fp32.onnx"))
+    calibration = [digits_train_pixels()[i : i + 100] for i in range(0, 300, 100)]
+    return SimpleNamespace(
+        model=model,
+        folder=folder,
+        int8=export_as(
+            model,
+            folder / "model.onnx",
+            test_set,
+            quantize="int8",
+            calibration=calibration,
+            fp32_path=folder / "model.fp32.onnx",
+        ),
+    )
 
 
 def test_int8_stays_within_its_accuracy_delta_on_digits(trained, test_set):
     result = trained.int8
-    report = validate_onnx(result["path"], trained.model, test_set, fp32_path=result["fp32"]["path"],
-                           latency_runs=5, min_top1=0.8, max_abs_diff=1e-3, min_agreement=0.99,
-                           max_top1_drop=ValidateConfig().max_top1_drop)  # the default, stated in the README
+    report = validate_onnx(
+        result["path"],
+        trained.model,
+        test_set,
+        fp32_path=result["fp32"]["path"],
+        latency_runs=5,
+        min_top1=0.8,
+        max_abs_diff=1e-3,
+        min_agreement=0.99,
+        max_top1_drop=ValidateConfig().max_top1_drop,
+    )  # the default, stated in the README
     assert report["quantize"] == "int8" and report["fp32_onnx_top1"] >= 0.8
     assert report["int8_top1_drop"] <= 0.02 and report["int8_agreement"] >= 0.9
     assert report["onnx_top1"] == pytest.approx(report["fp32_onnx_top1"] - report["int8_top1_drop"])
@@ -367,8 +448,14 @@ def test_int8_stays_within_its_accuracy_delta_on_digits(trained, test_set):
     # The int8 gate's failing side: the shipped file is not the quantized fp32 model.
     other = export_as(pruned_cnn(), trained.folder / "other.onnx", test_set)
     with pytest.raises(ValidationFailed, match="max_top1_drop") as failure:
-        validate_onnx(other["path"], trained.model, test_set, fp32_path=result["fp32"]["path"], latency_runs=1,
-                      max_top1_drop=0.01)
+        validate_onnx(
+            other["path"],
+            trained.model,
+            test_set,
+            fp32_path=result["fp32"]["path"],
+            latency_runs=1,
+            max_top1_drop=0.01,
+        )
     assert failure.value.report["int8_top1_drop"] > 0.5
 
 
@@ -378,7 +465,9 @@ def test_int8_stays_within_its_accuracy_delta_on_digits(trained, test_set):
 def test_validation_refuses_another_models_file(trained, exported, test_set):
     """exported.path holds another (untrained) model of the same classes."""
     with pytest.raises(ValidationFailed, match="max_abs_diff .*min_agreement") as failure:
-        validate_onnx(exported.path, trained.model, test_set, latency_runs=1, max_abs_diff=1e-2, min_agreement=0.99)
+        validate_onnx(
+            exported.path, trained.model, test_set, latency_runs=1, max_abs_diff=1e-2, min_agreement=0.99
+        )
     assert failure.value.exit_code == EXIT_VALIDATION == 3
     assert failure.value.report["top1_agreement"] < 0.5
 
@@ -391,21 +480,37 @@ def test_validation_refuses_perturbed_weights(trained, test_set, tmp_path):
     target = next(t for t in proto.graph.initializer if t.name == "model.fc.weight")
     target.CopyFrom(numpy_helper.from_array(fc, target.name))
     onnx.save(proto, tmp_path / "perturbed.onnx")
-    validate_onnx(result["path"], trained.model, test_set, latency_runs=1, max_abs_diff=1e-3)  # the original passes
+    validate_onnx(
+        result["path"], trained.model, test_set, latency_runs=1, max_abs_diff=1e-3
+    )  # the original passes
     with pytest.raises(ValidationFailed, match="max_abs_diff") as failure:
-        validate_onnx(tmp_path / "perturbed.onnx", trained.model, test_set, latency_runs=1, max_abs_diff=1e-3,
-                      min_agreement=0.99)
+        validate_onnx(
+            tmp_path / "perturbed.onnx",
+            trained.model,
+            test_set,
+            latency_runs=1,
+            max_abs_diff=1e-3,
+            min_agreement=0.99,
+        )
     assert failure.value.report["top1_agreement"] >= 0.99  # caught by the logits, not the labels
 
 
 def test_validate_times_shipped_and_dense_side_by_side(quickstart_like, test_set):
-    report = validate_onnx(quickstart_like.compact["path"], quickstart_like.model, test_set,
-                           dense_path=quickstart_like.dense["path"], latency_runs=20, throughput_runs=3, threads=1)
+    report = validate_onnx(
+        quickstart_like.compact["path"],
+        quickstart_like.model,
+        test_set,
+        dense_path=quickstart_like.dense["path"],
+        latency_runs=20,
+        throughput_runs=3,
+        threads=1,
+    )
     assert report["size_ratio"] == report["onnx_bytes"] / report["dense_onnx_bytes"] <= 0.15
     for key in ("latency_ms", "dense_latency_ms"):
         assert 0 < report[key]["p50"] <= report[key]["p95"]
     assert report["throughput"]["batch"] == 64 and report["throughput"]["dense_images_per_s"] > 0
     assert report["speedup"]["latency_p50"] == report["dense_latency_ms"]["p50"] / report["latency_ms"]["p50"]
-    assert report["speedup"]["throughput"] == (report["throughput"]["images_per_s"]
-                                               / report["throughput"]["dense_images_per_s"])
+    assert report["speedup"]["throughput"] == (
+        report["throughput"]["images_per_s"] / report["throughput"]["dense_images_per_s"]
+    )
     assert report["encoding"] == "compact" and report["quantize"] == "none"

@@ -6,7 +6,6 @@ import json
 import random
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 import torch
@@ -18,8 +17,16 @@ from dsrpipe.data import load_data
 from dsrpipe.errors import UserError
 from dsrpipe.files import torch_load
 from dsrpipe.models import create_model
-from dsrpipe.sparse import (DeepR, GradualPrune, RewireSchedule, RigL, Units, create_sparsifier, proportional_split,
-                            split_in_units)
+from dsrpipe.sparse import (
+    DeepR,
+    GradualPrune,
+    RewireSchedule,
+    RigL,
+    Units,
+    create_sparsifier,
+    proportional_split,
+    split_in_units,
+)
 from dsrpipe.sparse.units import unit_size
 
 from .element_reference import element_digests
@@ -42,15 +49,29 @@ def digits():
 def build(method, granularity, model="small-cnn", sparsity=0.9, **options):
     """A model, its optimizer and its sparsifier. `small-cnn`: two sparse 3×3 convs; `mixed`: two
     sparse convs and a sparse Linear, so unit sizes differ (kernel 9, 9, 1; channel 144, 288, 128)."""
-    net = create_model("small-cnn", num_classes=10, in_channels=1, image_size=8, width=8) if model == "small-cnn" \
+    net = (
+        create_model("small-cnn", num_classes=10, in_channels=1, image_size=8, width=8)
+        if model == "small-cnn"
         else small_net()
+    )
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     if method == "dsr":
         options = {"prune_fraction": 0.1, "init_threshold": 0.01, **options}
     if method == "set":
         options = {"prune_fraction": 0.3, **options}  # moves a unit even where a tensor has only 2 or 3
-    return net, opt, create_sparsifier(method, net, opt, sparsity=sparsity, granularity=granularity,
-                                       schedule=RewireSchedule({0: 3}), **options)
+    return (
+        net,
+        opt,
+        create_sparsifier(
+            method,
+            net,
+            opt,
+            sparsity=sparsity,
+            granularity=granularity,
+            schedule=RewireSchedule({0: 3}),
+            **options,
+        ),
+    )
 
 
 def whole_units(s, masks=None):
@@ -60,7 +81,11 @@ def whole_units(s, masks=None):
 def test_unit_sizes_and_views():
     conv, linear = torch.Size([8, 4, 3, 3]), torch.Size([6, 5])
     assert [unit_size(conv, g) for g in ("element", "kernel", "channel")] == [1, 9, 36]
-    assert [unit_size(linear, g) for g in ("element", "kernel", "channel")] == [1, 1, 5]  # a Linear has no kernels
+    assert [unit_size(linear, g) for g in ("element", "kernel", "channel")] == [
+        1,
+        1,
+        5,
+    ]  # a Linear has no kernels
     units = Units(conv, 9)
     unit_mask = torch.zeros(units.count, dtype=torch.bool)
     unit_mask[[0, 5, 31]] = True
@@ -78,8 +103,11 @@ def test_unit_sizes_and_views():
 
 
 def brute_force(total, capacity, sizes):
-    return [c for c in itertools.product(*(range(k + 1) for k in capacity))
-            if sum(n * s for n, s in zip(c, sizes)) == total]
+    return [
+        c
+        for c in itertools.product(*(range(k + 1) for k in capacity))
+        if sum(n * s for n, s in zip(c, sizes)) == total
+    ]
 
 
 def test_split_in_units_is_exact_or_none_when_no_whole_units_fit():
@@ -102,7 +130,9 @@ def test_split_in_units_is_exact_or_none_when_no_whole_units_fit():
 
 
 def test_split_in_units_is_proportional_and_proportional_split_at_size_one():
-    assert split_in_units(7, [10, 21, 29], [10, 10, 10], [1, 1, 1]) == proportional_split(7, [10, 21, 29], [10, 10, 10])
+    assert split_in_units(7, [10, 21, 29], [10, 10, 10], [1, 1, 1]) == proportional_split(
+        7, [10, 21, 29], [10, 10, 10]
+    )
     # 9·12 weights at 1:2 over 3×3 kernels: 36 and 72 weights, 4 and 8 kernels
     assert split_in_units(108, [100, 200], [50, 50], [9, 9]) == [4, 8]
     # channels of 288 and 576 weights (the small CNN's conv2 and conv3), shares 1:3 of 2880
@@ -110,7 +140,9 @@ def test_split_in_units_is_proportional_and_proportional_split_at_size_one():
     # units first: 3.75 → 4 filters (2304 weights), then the rest exactly: 2 filters of 288.
     assert split_in_units(2880, [1, 3], [60, 120], [288, 576]) == [2, 4]
     rng = random.Random(1)
-    for _ in range(200):  # sizes that divide one another: each tensor within a unit (the largest) of its share
+    for _ in range(
+        200
+    ):  # sizes that divide one another: each tensor within a unit (the largest) of its share
         group = rng.choice([[1, 9], [1, 25], [9], [144, 288, 576], [128, 256]])
         sizes = [rng.choice(group) for _ in range(rng.randint(2, 5))]
         total = sum(rng.randint(0, 20) * s for s in sizes)
@@ -223,8 +255,19 @@ def test_state_dict_round_trip_continues_identically(method, granularity):
         options = {"prune_fraction": 0.1, "seed": 9 if fresh else 0}
         if method == "dsr":
             options["init_threshold"] = 0.5 if fresh else 0.01  # the loaded H must replace the fresh one
-        return net, opt, create_sparsifier(method, net, opt, sparsity=0.9, granularity=granularity,
-                                           schedule=RewireSchedule({0: 3}), **options)
+        return (
+            net,
+            opt,
+            create_sparsifier(
+                method,
+                net,
+                opt,
+                sparsity=0.9,
+                granularity=granularity,
+                schedule=RewireSchedule({0: 3}),
+                **options,
+            ),
+        )
 
     s1, s2 = assert_resume_is_exact(rebuild, 12, 12)
     assert s1["granularity"] == s2["granularity"] == granularity
@@ -272,18 +315,39 @@ def test_granularity_reaches_the_library_and_element_keeps_fingerprints():
     net = create_model("small-cnn", num_classes=10, in_channels=1, image_size=8, width=8)
     assert cfg.sparsity.create(net, None, seed=0, steps_per_epoch=10, epochs=2).granularity == "kernel"
     stated = parse_pipeline(tiny(sparsity={"method": "dsr", "granularity": "element"}))
-    assert stated.fingerprint("sparsity") == parse_pipeline(tiny(sparsity={"method": "dsr"})).fingerprint("sparsity")
+    assert stated.fingerprint("sparsity") == parse_pipeline(tiny(sparsity={"method": "dsr"})).fingerprint(
+        "sparsity"
+    )
     assert "granularity" not in stated.sparsity.model_dump()  # runs from before the option stay current
-    assert parse_pipeline(tiny(sparsity={"method": "dsr", "granularity": "channel"})).fingerprint("sparsity") \
-        != stated.fingerprint("sparsity")
+    assert parse_pipeline(tiny(sparsity={"method": "dsr", "granularity": "channel"})).fingerprint(
+        "sparsity"
+    ) != stated.fingerprint("sparsity")
 
 
 def test_quickstart_at_channel_granularity_exports_whole_zero_filters(tmp_path):
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, [
-        "run", str(ROOT / "pipelines" / "quickstart.yaml"), "--out", str(out), "--no-progress",
-        "--set", "sparsity.granularity=channel", "--set", "train.epochs=2", "--set", "train.milestones=[]",
-        "--set", "finetune.epochs=1", "--set", "validate.min_top1=0.5", "--set", "validate.latency_runs=5"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "run",
+            str(ROOT / "pipelines" / "quickstart.yaml"),
+            "--out",
+            str(out),
+            "--no-progress",
+            "--set",
+            "sparsity.granularity=channel",
+            "--set",
+            "train.epochs=2",
+            "--set",
+            "train.milestones=[]",
+            "--set",
+            "finetune.epochs=1",
+            "--set",
+            "validate.min_top1=0.5",
+            "--set",
+            "validate.latency_runs=5",
+        ],
+    )
     assert result.exit_code == 0, result.output[-2000:]
     run = out / "quickstart"
     report = json.loads((run / "report.json").read_text())

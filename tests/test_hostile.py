@@ -36,8 +36,14 @@ class Payload:
 
 def dsrpipe(*args, cwd, timeout=300):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "dsrpipe", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "dsrpipe", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=timeout,
+    )
 
 
 def assert_one_line_error(result, expected: str, code: int = 2):
@@ -58,14 +64,20 @@ def hostile(tmp_path):
 
 
 def small_run(tmp_path, sparsity=None, **sections):
-    raw = tiny(model={"options": {"width": 8}}, train={"epochs": 1}, finetune={"epochs": 0},
-               validate={"latency_runs": 5}, **sections)
+    raw = tiny(
+        model={"options": {"width": 8}},
+        train={"epochs": 1},
+        finetune={"epochs": 0},
+        validate={"latency_runs": 5},
+        **sections,
+    )
     if sparsity is not None:
         raw["sparsity"] = sparsity  # as given: each method takes its own options only
     return write_pipeline(tmp_path, raw)
 
 
 # -- checkpoints: never unpickled ------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("where", ["relative", "absolute"])
 @pytest.mark.parametrize("payload", ["evil.pt", "evil.pkl"])
@@ -77,23 +89,32 @@ def test_a_hostile_masks_from_is_refused_unrun(tmp_path, hostile, where, payload
     assert not hostile.exists()
 
 
-@pytest.mark.parametrize("planted, command", [
-    ("last.pt", ["run"]), ("last.pt", ["train-sparse", "--resume"]), ("final.pt", ["run"]),
-    ("final.pt", ["train-sparse", "--resume"])])
+@pytest.mark.parametrize(
+    "planted, command",
+    [
+        ("last.pt", ["run"]),
+        ("last.pt", ["train-sparse", "--resume"]),
+        ("final.pt", ["run"]),
+        ("final.pt", ["train-sparse", "--resume"]),
+    ],
+)
 def test_a_planted_checkpoint_is_refused_unrun(tmp_path, hostile, planted, command):
     path = small_run(tmp_path)
     checkpoint = tmp_path / "out" / "tiny" / "train" / planted
     checkpoint.parent.mkdir(parents=True)
     checkpoint.write_bytes((tmp_path / "evil.pt").read_bytes())
     result = dsrpipe(*command, path, "--out", tmp_path / "out", cwd=tmp_path)
-    assert_one_line_error(result, f"{Path('out/tiny/train') / planted} is not a dsrpipe checkpoint "
-                                  "(it holds Python objects")
+    assert_one_line_error(
+        result, f"{Path('out/tiny/train') / planted} is not a dsrpipe checkpoint (it holds Python objects"
+    )
     assert not hostile.exists()
     assert checkpoint.read_bytes() == (tmp_path / "evil.pt").read_bytes()  # refused, not overwritten
 
 
-@pytest.mark.parametrize("content, why", [([1, 2, 3], "it holds a list, not a dict"),
-                                          ({"fingerprint": "x"}, "missing or malformed: format")])
+@pytest.mark.parametrize(
+    "content, why",
+    [([1, 2, 3], "it holds a list, not a dict"), ({"fingerprint": "x"}, "missing or malformed: format")],
+)
 def test_a_checkpoint_that_is_not_dsrpipes_is_refused(tmp_path, content, why):
     path = small_run(tmp_path)
     checkpoint = tmp_path / "out" / "tiny" / "train" / "final.pt"
@@ -108,20 +129,39 @@ def test_a_checkpoint_with_our_keys_and_the_wrong_insides_is_refused(tmp_path):
     path = small_run(tmp_path)
     cfg = load_pipeline(path)
     run = RunDir(tmp_path / "out", cfg.name)
-    save_checkpoint(run.last("train"), {
-        "stage": "train", "complete": False, "fingerprint": run.fingerprint("train", cfg), "run_id": "x",
-        "epoch": 1, "model": {"conv1.weight": torch.zeros(1)}, "optimizer": {}, "scheduler": {},
-        "sparsifier": {}, "method": "dsr", "rng": {}, "history": [], "model_spec": {}, "data_info": {},
-        "config": {}})
-    result = CliRunner().invoke(app, ["train-sparse", str(path), "--out", str(tmp_path / "out"), "--resume",
-                                      "--no-progress"])
+    save_checkpoint(
+        run.last("train"),
+        {
+            "stage": "train",
+            "complete": False,
+            "fingerprint": run.fingerprint("train", cfg),
+            "run_id": "x",
+            "epoch": 1,
+            "model": {"conv1.weight": torch.zeros(1)},
+            "optimizer": {},
+            "scheduler": {},
+            "sparsifier": {},
+            "method": "dsr",
+            "rng": {},
+            "history": [],
+            "model_spec": {},
+            "data_info": {},
+            "config": {},
+        },
+    )
+    result = CliRunner().invoke(
+        app, ["train-sparse", str(path), "--out", str(tmp_path / "out"), "--resume", "--no-progress"]
+    )
     assert result.exit_code == 2, result.output
-    assert f"error: {run.last('train')} is not a dsrpipe checkpoint (RuntimeError: Error(s) in loading" in result.output
+    assert (
+        f"error: {run.last('train')} is not a dsrpipe checkpoint (RuntimeError: Error(s) in loading"
+        in result.output
+    )
 
 
 # -- configuration: bounded, one line ---------------------------------------------------------------
 
-ALIAS_BOMB = """name: bomb
+ALIAS_BOMB = b"""name: bomb
 model:
   name: small-cnn
   options:
@@ -131,21 +171,35 @@ model:
     d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]
     e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]
     f: [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]
-""".encode()
+"""
 
 BAD_FILES = {
     "alias bomb": (ALIAS_BOMB, "line 6 not valid YAML (aliases (*name) are not allowed)"),
     "not UTF-8": (b"name: caf\xe9\ntrain: {epochs: 1}\n", "not UTF-8 text (byte 9)"),
-    "deep nesting": (b"name: deep\nmodel: {options: {x: " + b"[" * 50_000 + b"]" * 50_000 + b"}}\n",
-                     "line 2 not valid YAML (nested deeper than 20 levels)"),
+    "deep nesting": (
+        b"name: deep\nmodel: {options: {x: " + b"[" * 50_000 + b"]" * 50_000 + b"}}\n",
+        "line 2 not valid YAML (nested deeper than 20 levels)",
+    ),
 }
 
 BAD_VALUES = {
-    "huge image size": ({"data": {"image_size": 100_000}}, "data.image_size: Input should be less than or equal to 1024"),
+    "huge image size": (
+        {"data": {"image_size": 100_000}},
+        "data.image_size: Input should be less than or equal to 1024",
+    ),
     "seed 2**70": ({"seed": 2**70}, "seed: Input should be less than or equal to 4294967295"),
-    "latency runs 1e9": ({"validate": {"latency_runs": 10**9}}, "validate.latency_runs: Input should be less than"),
-    "negative milestone": ({"train": {"epochs": 4, "milestones": [-1, 2]}}, "train: milestones must be increasing"),
-    "unsorted milestones": ({"train": {"epochs": 4, "milestones": [3, 1]}}, "train: milestones must be increasing"),
+    "latency runs 1e9": (
+        {"validate": {"latency_runs": 10**9}},
+        "validate.latency_runs: Input should be less than",
+    ),
+    "negative milestone": (
+        {"train": {"epochs": 4, "milestones": [-1, 2]}},
+        "train: milestones must be increasing",
+    ),
+    "unsorted milestones": (
+        {"train": {"epochs": 4, "milestones": [3, 1]}},
+        "train: milestones must be increasing",
+    ),
     "opset 99": ({"export": {"opset": 99}}, "export.opset: the installed onnx knows opsets up to"),
 }
 
@@ -168,15 +222,21 @@ def test_an_absurd_value_is_one_line_exit_2(tmp_path, case):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("finetune.milestones=[5]", "finetune: milestones must be increasing epochs from 0 to epochs (1)"),
-    ("train.lr=.inf", "train.lr: Input should be a finite number"),
-    ("model.options={width: {deep: [1]}}", "model.options: 'width': expected a number"),
-    (f"model.options={{width: {list(range(65))}}}", "model.options: 'width': expected a number"),
-    ('data.cache_dir="a\\0b"', "data.cache_dir: a path cannot contain a NUL"),
-    ("seed=-1", "seed: Input should be greater than or equal to 0"),
-    ("model.options={a: &a [1], b: *a}", "--set model.options: line 1 not valid YAML (aliases (*name) are not allowed)"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("finetune.milestones=[5]", "finetune: milestones must be increasing epochs from 0 to epochs (1)"),
+        ("train.lr=.inf", "train.lr: Input should be a finite number"),
+        ("model.options={width: {deep: [1]}}", "model.options: 'width': expected a number"),
+        (f"model.options={{width: {list(range(65))}}}", "model.options: 'width': expected a number"),
+        ('data.cache_dir="a\\0b"', "data.cache_dir: a path cannot contain a NUL"),
+        ("seed=-1", "seed: Input should be greater than or equal to 0"),
+        (
+            "model.options={a: &a [1], b: *a}",
+            "--set model.options: line 1 not valid YAML (aliases (*name) are not allowed)",
+        ),
+    ],
+)
 def test_set_is_bounded_like_the_file(tmp_path, override, expected):
     path = write_pipeline(tmp_path, tiny())
     result = CliRunner().invoke(app, ["check", str(path), "--set", override])
@@ -186,11 +246,14 @@ def test_set_is_bounded_like_the_file(tmp_path, override, expected):
 
 # -- one run, one owner --------------------------------------------------------------------------------
 
+
 def test_a_second_run_of_the_same_pipeline_is_refused_while_the_first_completes(tmp_path):
     path = small_run(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "dsrpipe", "run", str(path), "--out", "out", "--no-progress"]
-    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     run = RunDir(tmp_path / "out", "tiny")
     try:
         deadline = time.monotonic() + 120
@@ -213,7 +276,22 @@ def test_a_second_run_of_the_same_pipeline_is_refused_while_the_first_completes(
 
 # -- the schema, fuzzed ---------------------------------------------------------------------------------
 
-STRANGE = ["", "x" * 300, "../../etc", "/", "a\nb", "\x00", "ünï", "1e9", "-1", "null", "*", "~", "[", "{a: 1}"]
+STRANGE = [
+    "",
+    "x" * 300,
+    "../../etc",
+    "/",
+    "a\nb",
+    "\x00",
+    "ünï",
+    "1e9",
+    "-1",
+    "null",
+    "*",
+    "~",
+    "[",
+    "{a: 1}",
+]
 NUMBERS = [0, -1, 1, 2**31, 2**70, -(2**70), 10**9, 0.5, -0.5, 1e308, 3.0]
 
 
@@ -263,13 +341,20 @@ def test_fuzzed_pipelines_never_crash_check(tmp_path):
             mutate(raw, rng)
         text = yaml.safe_dump(raw, allow_unicode=True).encode()
         if case % 10 == 0:  # and now and then, the bytes themselves
-            text = text[:rng.randrange(len(text))] + bytes([rng.randrange(256)]) + text[rng.randrange(len(text)):]
+            text = (
+                text[: rng.randrange(len(text))]
+                + bytes([rng.randrange(256)])
+                + text[rng.randrange(len(text)) :]
+            )
         path = tmp_path / "fuzz.yaml"
         path.write_bytes(text)
         result = runner.invoke(app, ["check", str(path)])
         assert result.exit_code in (0, 2), (text, result.output, result.exception)
         assert result.exception is None or isinstance(result.exception, SystemExit), (text, result.exception)
-        assert "Traceback" not in result.output and "internal error" not in result.output, (text, result.output)
+        assert "Traceback" not in result.output and "internal error" not in result.output, (
+            text,
+            result.output,
+        )
         if result.exit_code == 2:
             assert len(result.output.strip().splitlines()) == 1, (text, result.output)
         codes.append(result.exit_code)

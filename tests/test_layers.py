@@ -17,8 +17,11 @@ def wrn(name="wrn-16-2"):
 def test_wrn_keeps_first_conv_shortcuts_and_classifier_dense_by_default():
     model = wrn()
     sparse = LayerSelection().select(model)
-    convs3x3 = [n for n, m in model.named_modules()
-                if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) and n != "conv1"]
+    convs3x3 = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) and n != "conv1"
+    ]
     assert list(sparse) == convs3x3  # only the 3x3 convs of the residual blocks, as in the paper
     assert len(convs3x3) == 12 and all(n.endswith((".conv1", ".conv2")) for n in sparse)
     shortcuts = [n for n, m in model.named_modules() if n.endswith(".shortcut") and m is not None]
@@ -52,7 +55,9 @@ def test_sparse_tensors_by_name_as_torch_ao_pruning_takes_them():
 
 
 def test_a_model_without_declarations_keeps_its_first_conv_and_last_linear_dense():
-    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(4, 4), nn.Linear(4, 2))
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(4, 4), nn.Linear(4, 2)
+    )
     assert list(LayerSelection().select(net)) == ["1", "3"]
     mlp = create_model("lenet-300-100", num_classes=10, in_channels=1, image_size=28)
     assert list(LayerSelection().select(mlp)) == ["fc1", "fc2"]  # an MLP's first Linear is sparse
@@ -84,7 +89,9 @@ def test_erk_densities_follow_the_formula_and_meet_the_budget_exactly(sparsity):
         assert dense  # small layers saturate at 0.5 on this net: the rest is scaled up to compensate
     densities = {n: erk[n] / numel[n] for n in shapes}
     assert densities["group1.0.conv1"] > densities["group3.0.conv2"]  # small layers denser
-    assert layer_budgets(shapes, sparsity, "uniform") == {n: max(1, round((1 - sparsity) * k)) for n, k in numel.items()}
+    assert layer_budgets(shapes, sparsity, "uniform") == {
+        n: max(1, round((1 - sparsity) * k)) for n, k in numel.items()
+    }
 
 
 def test_erk_masks_and_dense_layers_stay_out():

@@ -13,7 +13,17 @@ from dsrpipe.errors import UserError
 from dsrpipe.models import create_model
 from dsrpipe.pipeline import run_pipeline
 from dsrpipe.sparse import (
-    DSR, SET, DeepR, Frozen, GradualPrune, LayerSelection, METHODS, Prune, RewireSchedule, RigL, create_sparsifier,
+    DSR,
+    METHODS,
+    SET,
+    DeepR,
+    Frozen,
+    GradualPrune,
+    LayerSelection,
+    Prune,
+    RewireSchedule,
+    RigL,
+    create_sparsifier,
 )
 from dsrpipe.sparse.base import smallest_active
 from dsrpipe.sparse.frozen import initial_weights
@@ -65,20 +75,41 @@ def finished_run(path, method="dsr", seed=0, steps=6, **options):
     opt = sgd(net, weight_decay=0.0)
     s = create_sparsifier(method, net, opt, **options)
     train_steps(net, opt, s, steps)
-    torch.save({"complete": True, "run_id": f"{method}-{seed}", "sparsifier": s.state_dict(), "model": net.state_dict(),
-                "model_spec": SPEC, "init": init}, path)
+    torch.save(
+        {
+            "complete": True,
+            "run_id": f"{method}-{seed}",
+            "sparsifier": s.state_dict(),
+            "model": net.state_dict(),
+            "model_spec": SPEC,
+            "init": init,
+        },
+        path,
+    )
     return path, s, net
 
 
 def dsr_run(path, **options):
-    return finished_run(path, "dsr", sparsity=0.8, prune_target=50, init_threshold=0.02,
-                        schedule=RewireSchedule({0: 2}), **options)
+    return finished_run(
+        path,
+        "dsr",
+        sparsity=0.8,
+        prune_target=50,
+        init_threshold=0.02,
+        schedule=RewireSchedule({0: 2}),
+        **options,
+    )
 
 
 def make(method, net, opt, sources, **kwargs):
     """Every method with settings that make it move often on a few steps."""
     options = {
-        "dsr": {"sparsity": 0.8, "schedule": RewireSchedule({0: 3}), "prune_target": 50, "init_threshold": 0.01},
+        "dsr": {
+            "sparsity": 0.8,
+            "schedule": RewireSchedule({0: 3}),
+            "prune_target": 50,
+            "init_threshold": 0.01,
+        },
         "set": {"sparsity": 0.8, "schedule": RewireSchedule({0: 3}), "zeta": 0.3},
         "deepr": {"sparsity": 0.8, "temperature": 1e-4, "l1": 1e-3},
         "rigl": {"sparsity": 0.8, "schedule": RewireSchedule({0: 3}), "alpha": 0.3, "total_steps": 100},
@@ -90,6 +121,7 @@ def make(method, net, opt, sources, **kwargs):
 
 
 # -- options: each method owns its own ----------------------------------------------------------
+
 
 def test_unknown_method_options_are_errors_from_python():
     with pytest.raises(UserError, match="method 'static' takes no option 'prune_target'"):
@@ -109,6 +141,7 @@ def test_every_method_is_registered_by_its_name():
 
 
 # -- DSR's N_p and the regrowth diagnostic --------------------------------------------------------
+
 
 def test_dsr_takes_n_p_as_a_fraction_of_the_active_weights():
     s = DSR(small_net(), sparsity=0.8, prune_fraction=0.14)
@@ -133,6 +166,7 @@ def test_reallocation_counts_the_pruned_weights_it_had_just_grown():
 
 
 # -- SET ----------------------------------------------------------------------------------------
+
 
 def test_set_replaces_exactly_zeta_of_each_layer_and_keeps_per_layer_counts():
     torch.manual_seed(0)
@@ -199,6 +233,7 @@ def test_smallest_active_is_exact_with_ties():
 
 # -- DeepR --------------------------------------------------------------------------------------
 
+
 def test_deepr_kills_exactly_the_sign_flips_and_regrows_in_the_same_tensor():
     torch.manual_seed(0)
     net = small_net()
@@ -232,8 +267,13 @@ def test_deepr_noise_and_l1_join_the_gradient_before_the_nesterov_step():
         torch.manual_seed(0)
         net = small_net()
         opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, nesterov=True)
-        s = DeepR(net, opt, sparsity=0.8, eta=eta, **(dict(temperature=temperature, l1=l1) if deepr_terms
-                                                      else dict(temperature=0.0, l1=0.0)))
+        s = DeepR(
+            net,
+            opt,
+            sparsity=0.8,
+            eta=eta,
+            **(dict(temperature=temperature, l1=l1) if deepr_terms else dict(temperature=0.0, l1=0.0)),
+        )
         w0 = {n: s.weights[n].detach().clone() for n in s.masks}
         train_steps(net, opt, s, 1, seed=5)
         buf = {n: opt.state[s.weights[n]]["momentum_buffer"].clone() for n in s.masks}
@@ -296,12 +336,22 @@ def test_deepr_keeps_the_count_and_every_weight_on_its_signs_side_while_training
 
 def test_deepr_anneals_its_temperature_by_epoch_and_refuses_weight_decay():
     net = small_net()
-    s = DeepR(net, sgd(net, weight_decay=0.0), sparsity=0.8, temperature={0: 1e-5, 2: 1e-8},
-              schedule=RewireSchedule({0: 1}, stop_epoch=3, steps_per_epoch=10))
+    s = DeepR(
+        net,
+        sgd(net, weight_decay=0.0),
+        sparsity=0.8,
+        temperature={0: 1e-5, 2: 1e-8},
+        schedule=RewireSchedule({0: 1}, stop_epoch=3, steps_per_epoch=10),
+    )
     assert [s.temperature_at(i) for i in (1, 20, 21, 30)] == [1e-5, 1e-5, 1e-8, 1e-8]
     assert s.schedule.due(30) and not s.schedule.due(31)  # no noise and no rewiring from the stop epoch
     paper = DeepR(net, sgd(net, weight_decay=0.0), sparsity=0.8, schedule=RewireSchedule(steps_per_epoch=10))
-    assert paper.temperature == {0: 1e-5, 25: 1e-8, 80: 1e-12, 140: 1e-15}  # the DSR paper's schedule by default
+    assert paper.temperature == {
+        0: 1e-5,
+        25: 1e-8,
+        80: 1e-12,
+        140: 1e-15,
+    }  # the DSR paper's schedule by default
     with pytest.raises(UserError, match="weight decay must be 0"):
         DeepR(net, sgd(net), sparsity=0.8)
     with pytest.raises(UserError, match="weight_decay: 0"):
@@ -310,19 +360,27 @@ def test_deepr_anneals_its_temperature_by_epoch_and_refuses_weight_decay():
 
 # -- RigL ---------------------------------------------------------------------------------------
 
+
 def rigl_pair(targets_of):
     """A RigL on two 10x10 Linear layers with distinct magnitudes, whose loss Σ w·target makes
     the dense gradient `targets_of(s)` (known everywhere); reallocates at its second step."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(10, 10, bias=False), nn.Linear(10, 10, bias=False))
     opt = torch.optim.SGD(net.parameters(), lr=0.0, momentum=0.9)
-    s = RigL(net, opt, sparsity=0.8, alpha=0.3, schedule=RewireSchedule({0: 2}),
-             layers=LayerSelection(dense_first=False, dense_last=False))
+    s = RigL(
+        net,
+        opt,
+        sparsity=0.8,
+        alpha=0.3,
+        schedule=RewireSchedule({0: 2}),
+        layers=LayerSelection(dense_first=False, dense_last=False),
+    )
     distinct_magnitudes(s)
     targets = targets_of(s)
     loss = lambda: sum((w * targets[n]).sum() for n, w in s.weights.items())
     loss().backward()  # step 1 is no reallocation: no dense gradient is kept
-    opt.step(); opt.zero_grad()
+    opt.step()
+    opt.zero_grad()
     assert s.step() is None and s._dense_grad == {}
     before = {n: m.clone() for n, m in s.masks.items()}
     values = {n: s.weights[n].detach().clone() for n in s.masks}
@@ -330,14 +388,16 @@ def rigl_pair(targets_of):
     loss().backward()
     for n, w in s.weights.items():
         assert bool((w.grad[~s.masks[n]] == 0).all())  # the optimizer still sees a masked gradient
-    opt.step(); opt.zero_grad()
+    opt.step()
+    opt.zero_grad()
     return s, opt, targets, before, values, momentum, s.step()
 
 
 def test_rigl_grows_where_the_dense_gradient_is_largest_and_drops_the_smallest():
     gen = torch.Generator().manual_seed(1)
     s, opt, targets, before, values, _, stats = rigl_pair(
-        lambda s: {n: torch.randn(w.shape, generator=gen) for n, w in s.weights.items()})
+        lambda s: {n: torch.randn(w.shape, generator=gen) for n, w in s.weights.items()}
+    )
     assert stats is not None and stats["drop_fraction"] == 0.3
     k = round(0.3 * 20)
     for name, mask in s.masks.items():
@@ -381,12 +441,17 @@ def test_rigl_drop_fraction_decays_by_cosine_to_zero():
     assert s.drop_fraction(500) == pytest.approx(0.15)
     assert s.drop_fraction(250) == pytest.approx(0.15 * (1 + math.cos(math.pi / 4)))
     assert s.drop_fraction(1000) == s.drop_fraction(2000) == 0.0
-    stopped = RigL(small_net(), sparsity=0.5, total_steps=1000,
-                   schedule=RewireSchedule({0: 10}, stop_epoch=4, steps_per_epoch=100))
+    stopped = RigL(
+        small_net(),
+        sparsity=0.5,
+        total_steps=1000,
+        schedule=RewireSchedule({0: 10}, stop_epoch=4, steps_per_epoch=100),
+    )
     assert stopped.end_iteration == 400  # the schedule's stop comes first
 
 
 # -- gradual magnitude pruning: from scratch (gmp) and of a trained dense model (prune) -----------
+
 
 def test_gmp_follows_the_cubic_schedule_and_ends_exactly_at_the_target():
     torch.manual_seed(0)
@@ -394,7 +459,9 @@ def test_gmp_follows_the_cubic_schedule_and_ends_exactly_at_the_target():
     opt = sgd(net)
     s = GradualPrune(net, opt, sparsity=0.9, total_steps=40, schedule=RewireSchedule({0: 5}))
     assert s.end_iteration == 30  # 75% of training, then fine-tuning
-    assert all(bool(m.all()) for m in s.masks.values()) and all(bool((w != 0).all()) for w in s.weights.values())
+    assert all(bool(m.all()) for m in s.masks.values()) and all(
+        bool((w != 0).all()) for w in s.weights.values()
+    )
     numel = {n: m.numel() for n, m in s.masks.items()}
     for t in range(1, 41):
         before = {n: m.clone() for n, m in s.masks.items()}
@@ -449,7 +516,9 @@ def test_prune_starts_from_the_dense_weights_and_reaches_the_exact_target(tmp_pa
         if any(not torch.equal(before[n], m) for n, m in s.masks.items()):
             changed_at.append(t)
     assert changed_at == [4, 8, 12, 16]
-    assert counts(s) == s.budgets and sum(s.budgets.values()) == sum(round(0.1 * m.numel()) for m in s.masks.values())
+    assert counts(s) == s.budgets and sum(s.budgets.values()) == sum(
+        round(0.1 * m.numel()) for m in s.masks.values()
+    )
     assert masked_weights_are_zero(s)
 
 
@@ -468,6 +537,7 @@ def test_prune_refuses_sparse_and_foreign_checkpoints(tmp_path):
 
 
 # -- frozen ---------------------------------------------------------------------------------------
+
 
 def test_frozen_retrains_the_given_mask_and_never_moves_it(tmp_path):
     path, source, _ = dsr_run(tmp_path / "final.pt")
@@ -546,13 +616,21 @@ def test_frozen_rejects_missing_unfinished_and_mismatched_checkpoints(tmp_path):
 
 # -- thin dense -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,options,sparsity,in_channels,size", [
-    ("wrn-10-2", {}, 0.9, 3, 32), ("wrn-10-2", {}, 0.5, 3, 32), ("lenet5", {}, 0.5, 1, 28),
-    ("small-cnn", {"width": 32}, 0.9, 3, 32), ("small-cnn", {"width": 32}, 0.9, 1, 8),
-])
+
+@pytest.mark.parametrize(
+    "name,options,sparsity,in_channels,size",
+    [
+        ("wrn-10-2", {}, 0.9, 3, 32),
+        ("wrn-10-2", {}, 0.5, 3, 32),
+        ("lenet5", {}, 0.5, 1, 28),
+        ("small-cnn", {"width": 32}, 0.9, 3, 32),
+        ("small-cnn", {"width": 32}, 0.9, 1, 8),
+    ],
+)
 def test_thin_dense_matches_the_sparse_budget(name, options, sparsity, in_channels, size):
-    thin, achieved, budget = thin_model_options(name, options, num_classes=10, in_channels=in_channels,
-                                                image_size=size, sparsity=sparsity)
+    thin, achieved, budget = thin_model_options(
+        name, options, num_classes=10, in_channels=in_channels, image_size=size, sparsity=sparsity
+    )
     model = create_model(name, num_classes=10, in_channels=in_channels, image_size=size, **thin)
     assert sum(p.numel() for p in model.parameters()) == achieved
     assert abs(achieved - budget) <= 0.02 * budget
@@ -613,10 +691,16 @@ def test_state_dict_round_trip_continues_identically(method, sources):
 
 # -- end to end -----------------------------------------------------------------------------------
 
+
 def tiny(name, method, **sparsity):
     """test_pipeline's tiny pipeline switched to `method` at 0.8: width 8, one epoch, no fine-tuning."""
-    raw = tiny_pipeline(name, model={"options": {"width": 8}}, train={"epochs": 1}, finetune={"epochs": 0},
-                        validate={"latency_runs": 3})
+    raw = tiny_pipeline(
+        name,
+        model={"options": {"width": 8}},
+        train={"epochs": 1},
+        finetune={"epochs": 0},
+        validate={"latency_runs": 3},
+    )
     raw["sparsity"] = {**switch_method(raw["sparsity"], method), "sparsity": 0.8, **sparsity}
     return parse_pipeline(raw)
 
@@ -631,15 +715,23 @@ def test_methods_run_end_to_end_on_digits(tmp_path):
     assert sum(h["reallocations"] for h in rigl_ckpt["history"]) == (1437 // 64) // 5
     assert 0 <= rigl_ckpt["history"][0]["pruned_grown_share"] <= 1  # the regrowth diagnostic
 
-    frozen_cfg = parse_pipeline({**tiny("frozen", "frozen", masks_from=str(rigl_path), init="same").model_dump(
-        mode="json", by_alias=True), "finetune": {"epochs": 1}})
+    frozen_cfg = parse_pipeline(
+        {
+            **tiny("frozen", "frozen", masks_from=str(rigl_path), init="same").model_dump(
+                mode="json", by_alias=True
+            ),
+            "finetune": {"epochs": 1},
+        }
+    )
     frozen_ckpt = torch.load(train_sparse(frozen_cfg, tmp_path, progress=False), weights_only=True)
     for name, mask in rigl_ckpt["sparsifier"]["masks"].items():
         assert torch.equal(frozen_ckpt["sparsifier"]["masks"][name], mask)
     assert frozen_ckpt["fingerprint"].endswith(rigl_ckpt["run_id"])  # a retrained source makes it stale
     assert frozen_ckpt["init"] == rigl_ckpt["init"]  # same seed, same model: the source's initial weights
     assert frozen_ckpt["history"][0]["pruned_grown"] is None  # nothing grows
-    tuned = torch.load(finetune(frozen_cfg, tmp_path, progress=False), weights_only=True)  # accepts that fingerprint
+    tuned = torch.load(
+        finetune(frozen_cfg, tmp_path, progress=False), weights_only=True
+    )  # accepts that fingerprint
     for name, mask in rigl_ckpt["sparsifier"]["masks"].items():
         assert torch.equal(tuned["sparsifier"]["masks"][name], mask)
 
@@ -652,7 +744,9 @@ def test_methods_run_end_to_end_on_digits(tmp_path):
     assert thin["model_options"]["width"] < 8
     # the budget: the sparse model's active parameters, dense layers included
     masks = rigl_ckpt["sparsifier"]["masks"].values()
-    assert record["budget"] == rigl["total_params"] - sum(m.numel() for m in masks) + sum(int(m.sum()) for m in masks)
+    assert record["budget"] == rigl["total_params"] - sum(m.numel() for m in masks) + sum(
+        int(m.sum()) for m in masks
+    )
     assert abs(record["params"] - record["budget"]) <= 0.03 * record["budget"]  # ~2k parameters: coarse
 
 
@@ -664,15 +758,23 @@ def test_prune_pipeline_starts_from_a_dense_run_and_ships_the_exact_target(tmp_p
     trained = torch.load(tmp_path / "prune" / "train" / "final.pt", weights_only=True)
     assert trained["fingerprint"].endswith(dense["run_id"])  # retraining the dense run makes it stale
     masks = trained["sparsifier"]["masks"]
-    assert {n: int(m.sum()) for n, m in masks.items()} == {n: round(0.2 * m.numel()) for n, m in masks.items()}
-    assert sum(h["pruned"] for h in trained["history"]) == sum(m.numel() - round(0.2 * m.numel()) for m in masks.values())
+    assert {n: int(m.sum()) for n, m in masks.items()} == {
+        n: round(0.2 * m.numel()) for n, m in masks.items()
+    }
+    assert sum(h["pruned"] for h in trained["history"]) == sum(
+        m.numel() - round(0.2 * m.numel()) for m in masks.values()
+    )
     assert 0.79 <= report["sparsity"] <= 0.81
 
 
 def test_finetune_starts_from_the_trained_weights(tmp_path):
     # With a vanishing learning rate, fine-tuning must leave the trained sparse model as it was.
-    cfg = parse_pipeline({**tiny("set", "set").model_dump(mode="json", by_alias=True),
-                          "finetune": {"epochs": 1, "lr": 1e-12, "momentum": 0.0, "weight_decay": 0.0}})
+    cfg = parse_pipeline(
+        {
+            **tiny("set", "set").model_dump(mode="json", by_alias=True),
+            "finetune": {"epochs": 1, "lr": 1e-12, "momentum": 0.0, "weight_decay": 0.0},
+        }
+    )
     trained = torch.load(train_sparse(cfg, tmp_path, progress=False), weights_only=True)["model"]
     tuned = torch.load(finetune(cfg, tmp_path, progress=False), weights_only=True)["model"]
     for key, value in trained.items():

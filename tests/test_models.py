@@ -97,7 +97,15 @@ def test_any_torchvision_classification_model_by_name(name, in_channels):
 
 
 def test_names_known_and_listed():
-    for name in ["small-cnn", "lenet5", "lenet-300-100", "wrn-28-2", "wrn-16-8", "resnet50", "mobilenet_v3_small"]:
+    for name in [
+        "small-cnn",
+        "lenet5",
+        "lenet-300-100",
+        "wrn-28-2",
+        "wrn-16-8",
+        "resnet50",
+        "mobilenet_v3_small",
+    ]:
         assert is_known_model(name), name
     for name in ["xyz", "wrn-27-2", "wrn-28", "squeezenet1_0"]:
         assert not is_known_model(name), name

@@ -19,14 +19,21 @@ from dsrpipe.sparse import DSR, METHODS, RewireSchedule, method_options
 from .test_pipeline import tiny, write_pipeline
 
 
-@pytest.mark.parametrize("sparsity,override,expected", [
-    ({"method": "static", "prune_target": 5}, [], "method 'static' takes no option 'prune_target' (an option of dsr, set"),
-    ({"method": "dsr"}, ["sparsity.zeta=0.2"], "takes no option 'zeta' (an option of set"),
-    ({"method": "dsr", "prune_targte": 5}, [], "'prune_targte' (no method's option"),
-    ({"method": "set", "zeta": 0.2, "prune_fraction": 0.1}, [], "zeta or N_p"),
-    ({"method": "dsr", "prune_target": 100, "prune_fraction": 0.1}, [], "not both"),
-    ({"method": "frozen", "masks_from": "x.pt", "init": "random"}, [], "sparsity.init"),
-])
+@pytest.mark.parametrize(
+    "sparsity,override,expected",
+    [
+        (
+            {"method": "static", "prune_target": 5},
+            [],
+            "method 'static' takes no option 'prune_target' (an option of dsr, set",
+        ),
+        ({"method": "dsr"}, ["sparsity.zeta=0.2"], "takes no option 'zeta' (an option of set"),
+        ({"method": "dsr", "prune_targte": 5}, [], "'prune_targte' (no method's option"),
+        ({"method": "set", "zeta": 0.2, "prune_fraction": 0.1}, [], "zeta or N_p"),
+        ({"method": "dsr", "prune_target": 100, "prune_fraction": 0.1}, [], "not both"),
+        ({"method": "frozen", "masks_from": "x.pt", "init": "random"}, [], "sparsity.init"),
+    ],
+)
 def test_unknown_or_conflicting_method_options_are_one_line_errors(tmp_path, sparsity, override, expected):
     raw = tiny()
     raw["sparsity"] = sparsity
@@ -52,16 +59,29 @@ def test_yaml_keys_and_library_keywords_agree_for_every_method():
         cfg = parse_pipeline(raw)
         assert type(cfg.sparsity) is options
         net = model()
-        sparsifier = cfg.sparsity.create(net, torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
-                                         seed=0, steps_per_epoch=10, epochs=3)
+        sparsifier = cfg.sparsity.create(
+            net, torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), seed=0, steps_per_epoch=10, epochs=3
+        )
         assert sparsifier.method == ("dense" if method == "thin-dense" else method)
-        assert set(cfg.sparsity.sparsifier_options(steps_per_epoch=10, epochs=3)) <= set(method_options(METHODS[method]))
+        assert set(cfg.sparsity.sparsifier_options(steps_per_epoch=10, epochs=3)) <= set(
+            method_options(METHODS[method])
+        )
 
 
 def test_pipeline_options_reach_the_library_typed():
-    cfg = parse_pipeline(tiny(sparsity={"method": "dsr", "prune_fraction": 0.14, "prune_target": None,
-                                        "rewire_periods": {0: 5, 2: 10}, "stop_rewire_epoch": 3,
-                                        "distribution": "erk", "exclude": ["conv3"]}))
+    cfg = parse_pipeline(
+        tiny(
+            sparsity={
+                "method": "dsr",
+                "prune_fraction": 0.14,
+                "prune_target": None,
+                "rewire_periods": {0: 5, 2: 10},
+                "stop_rewire_epoch": 3,
+                "distribution": "erk",
+                "exclude": ["conv3"],
+            }
+        )
+    )
     net = create_model("small-cnn", num_classes=10, in_channels=1, image_size=8, width=16)
     dsr = cfg.sparsity.create(net, None, seed=0, steps_per_epoch=22, epochs=4)
     assert isinstance(dsr, DSR) and list(dsr.masks) == ["conv2"]
@@ -73,18 +93,46 @@ def test_pipeline_options_reach_the_library_typed():
 
 
 def test_switching_a_section_to_another_method_keeps_only_its_options():
-    section = {"method": "dsr", "sparsity": 0.9, "prune_target": 150, "init_threshold": 0.01,
-               "rewire_periods": {0: 5}, "exclude": ["x"], "typo": 1}
-    assert switch_method(section, "set") == {"method": "set", "sparsity": 0.9, "prune_target": 150,
-                                             "rewire_periods": {0: 5}, "exclude": ["x"], "typo": 1}
-    assert switch_method(section, "static") == {"method": "static", "sparsity": 0.9, "exclude": ["x"], "typo": 1}
+    section = {
+        "method": "dsr",
+        "sparsity": 0.9,
+        "prune_target": 150,
+        "init_threshold": 0.01,
+        "rewire_periods": {0: 5},
+        "exclude": ["x"],
+        "typo": 1,
+    }
+    assert switch_method(section, "set") == {
+        "method": "set",
+        "sparsity": 0.9,
+        "prune_target": 150,
+        "rewire_periods": {0: 5},
+        "exclude": ["x"],
+        "typo": 1,
+    }
+    assert switch_method(section, "static") == {
+        "method": "static",
+        "sparsity": 0.9,
+        "exclude": ["x"],
+        "typo": 1,
+    }
 
 
 def grid(tmp_path, methods, sparsities=(0.9,), seeds=(0, 1), overrides=None):
     base = tiny(train={"epochs": 1}, finetune={"epochs": 0})
     path = tmp_path / "grid.yaml"
-    path.write_text(yaml.safe_dump({"name": "g", "base": base, "methods": methods, "sparsities": list(sparsities),
-                                    "seeds": list(seeds), "overrides": overrides or {}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "g",
+                "base": base,
+                "methods": methods,
+                "sparsities": list(sparsities),
+                "seeds": list(seeds),
+                "overrides": overrides or {},
+            }
+        )
+    )
     loaded, name, raw_base = compare_module.load_grid(path)
     return compare_module.plan_runs(loaded, name, raw_base, tmp_path / "runs")
 
@@ -109,20 +157,26 @@ def test_compare_prunes_the_dense_run_of_each_seed_and_adds_it_when_missing(tmp_
 def test_compare_gives_deepr_its_own_overrides(tmp_path):
     with pytest.raises(UserError, match="weight_decay: 0"):
         grid(tmp_path, ["deepr"])
-    runs = grid(tmp_path, ["deepr"], overrides={"deepr": {"train.weight_decay": 0.0,
-                                                          "sparsity.temperature": {0: 1e-5, 1: 1e-8}}})
+    runs = grid(
+        tmp_path,
+        ["deepr"],
+        overrides={"deepr": {"train.weight_decay": 0.0, "sparsity.temperature": {0: 1e-5, 1: 1e-8}}},
+    )
     assert runs[0].cfg.sparsity.temperature == {0: 1e-5, 1: 1e-8}
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "bench" / "grids").glob("*.yaml")),
-                         ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parents[1] / "bench" / "grids").glob("*.yaml")), ids=lambda p: p.stem
+)
 def test_shipped_grids_give_every_method_valid_options(tmp_path, path):
     raw = yaml.safe_load(path.read_text())
     raw["base"]["data"]["root"] = str(tmp_path)  # the datasets need not be here to check the grid
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(raw))
     loaded, name, base = compare_module.load_grid(tmp_path / "grid.yaml")
     runs = compare_module.plan_runs(loaded, name, base, tmp_path / "runs")
-    assert {r.method for r in runs} == set(loaded.methods) | ({"dense"} if "prune" in loaded.methods else set())
+    assert {r.method for r in runs} == set(loaded.methods) | (
+        {"dense"} if "prune" in loaded.methods else set()
+    )
     for run in runs:
         assert run.cfg.sparsity.method == run.method
         if run.method == "deepr":
@@ -132,15 +186,35 @@ def test_shipped_grids_give_every_method_valid_options(tmp_path, path):
 
 
 def test_compare_trains_the_dense_run_first_and_prunes_it(tmp_path):
-    base = tiny(model={"name": "small-cnn", "options": {"width": 8}}, train={"epochs": 1}, finetune={"epochs": 0},
-                validate={"latency_runs": 3})
+    base = tiny(
+        model={"name": "small-cnn", "options": {"width": 8}},
+        train={"epochs": 1},
+        finetune={"epochs": 0},
+        validate={"latency_runs": 3},
+    )
     path = tmp_path / "grid.yaml"
-    path.write_text(yaml.safe_dump({"name": "g", "base": base, "methods": ["prune"], "sparsities": [0.8],
-                                    "seeds": [0], "overrides": {"prune": {"sparsity.steps": 3}}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "g",
+                "base": base,
+                "methods": ["prune"],
+                "sparsities": [0.8],
+                "seeds": [0],
+                "overrides": {"prune": {"sparsity.steps": 3}},
+            }
+        )
+    )
     result = compare_module.run_grid(path, tmp_path / "out", echo=lambda line: None)
     runs = {r.method: r for r in result["runs"]}
-    assert {m: r.status for m, r in runs.items()} == {"dense": "ok", "prune": "ok"}, [r.message for r in runs.values()]
-    dense = torch.load(tmp_path / "out" / "g" / "runs" / "g-dense-s0-seed0" / "train" / "final.pt", weights_only=True)
-    pruned = torch.load(tmp_path / "out" / "g" / "runs" / "g-prune-s0.8-seed0" / "train" / "final.pt", weights_only=True)
+    assert {m: r.status for m, r in runs.items()} == {"dense": "ok", "prune": "ok"}, [
+        r.message for r in runs.values()
+    ]
+    dense = torch.load(
+        tmp_path / "out" / "g" / "runs" / "g-dense-s0-seed0" / "train" / "final.pt", weights_only=True
+    )
+    pruned = torch.load(
+        tmp_path / "out" / "g" / "runs" / "g-prune-s0.8-seed0" / "train" / "final.pt", weights_only=True
+    )
     assert pruned["fingerprint"].endswith(dense["run_id"])
     assert 0.79 <= runs["prune"].report["sparsity"] <= 0.81

@@ -25,9 +25,22 @@ from dsrpipe.train import train_sparse
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets"
-REPORT_KEYS = {"name", "dataset", "model", "method", "sparsity", "layer_density", "nonzero_params",
-               "total_params", "torch_top1", "onnx_top1", "top1_agreement", "max_abs_logit_diff",
-               "latency_ms", "onnx_bytes"}
+REPORT_KEYS = {
+    "name",
+    "dataset",
+    "model",
+    "method",
+    "sparsity",
+    "layer_density",
+    "nonzero_params",
+    "total_params",
+    "torch_top1",
+    "onnx_top1",
+    "top1_agreement",
+    "max_abs_logit_diff",
+    "latency_ms",
+    "onnx_bytes",
+}
 
 
 def tiny(name="tiny", **sections):
@@ -37,7 +50,12 @@ def tiny(name="tiny", **sections):
         "data": {"dataset": "digits"},
         "model": {"name": "small-cnn", "options": {"width": 16}},
         "sparsity": {"method": "dsr", "sparsity": 0.9, "prune_target": 150, "rewire_periods": {0: 5}},
-        "train": {"epochs": 4, "batch_size": 64, "lr": 0.1, "milestones": [1]},  # within any epochs a test sets
+        "train": {
+            "epochs": 4,
+            "batch_size": 64,
+            "lr": 0.1,
+            "milestones": [1],
+        },  # within any epochs a test sets
         "finetune": {"epochs": 1, "lr": 0.005},
         "validate": {"latency_runs": 20},
     }
@@ -56,8 +74,18 @@ def test_quickstart_command_end_to_end(tmp_path):
     """The README's first command, as a real process: train, fine-tune, export, validate."""
     out = tmp_path / "export"
     result = subprocess.run(
-        [sys.executable, "-m", "dsrpipe", "run", str(ROOT / "pipelines" / "quickstart.yaml"), "--out", str(out)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "dsrpipe",
+            "run",
+            str(ROOT / "pipelines" / "quickstart.yaml"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((out / "quickstart" / "report.json").read_text())
@@ -84,11 +112,27 @@ def test_quickstart_command_end_to_end(tmp_path):
         assert (out / "quickstart" / shipped).stat().st_mode & 0o777 == 0o666 & ~umask
 
     # Running again skips every completed stage and leaves the outputs untouched.
-    outputs = lambda: {p: p.stat().st_mtime_ns for p in (out / "quickstart").rglob("*")
-                       if p.is_file() and p.name != "run.lock"}  # the lock holds each run's pid
+    outputs = lambda: {
+        p: p.stat().st_mtime_ns
+        for p in (out / "quickstart").rglob("*")
+        if p.is_file() and p.name != "run.lock"
+    }  # the lock holds each run's pid
     before = outputs()
-    again = subprocess.run([sys.executable, "-m", "dsrpipe", "run", str(ROOT / "pipelines" / "quickstart.yaml"),
-                            "--out", str(out), "--no-progress"], capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dsrpipe",
+            "run",
+            str(ROOT / "pipelines" / "quickstart.yaml"),
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stderr.count("already complete") == 4
     assert before == outputs()
@@ -105,7 +149,9 @@ def test_dsr_reallocates_and_keeps_the_budget_during_training(tmp_path):
     assert max(densities.values()) - min(densities.values()) > 0.01  # budget moved between layers
     lines = (tmp_path / "tiny" / "train" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3, 4]
-    assert {"train_loss", "test_top1", "threshold", "pruned", "layer_density", "lr"} <= json.loads(lines[0]).keys()
+    assert {"train_loss", "test_top1", "threshold", "pruned", "layer_density", "lr"} <= json.loads(
+        lines[0]
+    ).keys()
 
 
 def assert_same_training(reference, resumed):
@@ -151,10 +197,16 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, monkeypatch):
 def test_run_killed_mid_training_resumes_bit_identically(tmp_path):
     """`dsrpipe run` killed (SIGKILL) once an epoch is checkpointed, then run again, ends exactly
     where an uninterrupted run does; the LR drop (milestone 3) comes after the resume point."""
-    raw = tiny("killed", model={"name": "small-cnn", "options": {"width": 8}}, finetune={"epochs": 0},
-               train={"epochs": 4, "milestones": [3]}, validate={"latency_runs": 5})
-    reference = torch.load(train_sparse(parse_pipeline(raw), tmp_path / "reference", progress=False),
-                           weights_only=True)
+    raw = tiny(
+        "killed",
+        model={"name": "small-cnn", "options": {"width": 8}},
+        finetune={"epochs": 0},
+        train={"epochs": 4, "milestones": [3]},
+        validate={"latency_runs": 5},
+    )
+    reference = torch.load(
+        train_sparse(parse_pipeline(raw), tmp_path / "reference", progress=False), weights_only=True
+    )
 
     path, out = write_pipeline(tmp_path, raw), tmp_path / "out"
     command = [sys.executable, "-m", "dsrpipe", "run", str(path), "--out", str(out), "--no-progress"]
@@ -177,13 +229,18 @@ def test_run_killed_mid_training_resumes_bit_identically(tmp_path):
     resumed = torch.load(out / "killed" / "train" / "final.pt", weights_only=True)
     assert_same_training(reference, resumed)
     report = json.loads((out / "killed" / "report.json").read_text())
-    assert report["passed"] and report["final_test_top1_torch_training"] == reference["history"][-1]["test_top1"]
+    assert (
+        report["passed"] and report["final_test_top1_torch_training"] == reference["history"][-1]["test_top1"]
+    )
 
 
 @pytest.mark.parametrize("method", ["static", "dense"])
 def test_other_methods_run_end_to_end(tmp_path, method):
     raw = tiny(name=method, train={"epochs": 2})
-    raw["sparsity"] = {"method": method, **({"sparsity": 0.9} if method == "static" else {})}  # no DSR options
+    raw["sparsity"] = {
+        "method": method,
+        **({"sparsity": 0.9} if method == "static" else {}),
+    }  # no DSR options
     report = run_pipeline(parse_pipeline(raw), tmp_path, progress=False)
     assert report["method"] == method
     if method == "dense":
@@ -194,8 +251,10 @@ def test_other_methods_run_end_to_end(tmp_path, method):
 
 
 def test_validation_threshold_fails_with_exit_code_and_report(tmp_path):
-    path = write_pipeline(tmp_path, tiny(validate={"min_top1": 0.999, "latency_runs": 5},
-                                         train={"epochs": 1}, finetune={"epochs": 0}))
+    path = write_pipeline(
+        tmp_path,
+        tiny(validate={"min_top1": 0.999, "latency_runs": 5}, train={"epochs": 1}, finetune={"epochs": 0}),
+    )
     result = CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path / "out"), "--no-progress"])
     assert result.exit_code == 3
     assert "min_top1" in result.output
@@ -206,8 +265,13 @@ def test_validation_threshold_fails_with_exit_code_and_report(tmp_path):
 def test_int8_export_ships_int8_and_the_gate_refuses_a_tampered_model(tmp_path):
     """export.quantize: int8 ships model.onnx (int8) beside model.fp32.onnx; validate compares
     int8 with float32 and float32 with torch; a perturbed float32 file fails the gate: exit 3."""
-    path = write_pipeline(tmp_path, tiny(export={"quantize": "int8", "calibration_images": 200},
-                                         validate={"latency_runs": 5, "throughput_runs": 2, "max_top1_drop": None}))
+    path = write_pipeline(
+        tmp_path,
+        tiny(
+            export={"quantize": "int8", "calibration_images": 200},
+            validate={"latency_runs": 5, "throughput_runs": 2, "max_top1_drop": None},
+        ),
+    )
     out = tmp_path / "out"
     runner = CliRunner()
     result = runner.invoke(app, ["run", str(path), "--out", str(out), "--no-progress"])
@@ -215,9 +279,18 @@ def test_int8_export_ships_int8_and_the_gate_refuses_a_tampered_model(tmp_path):
     run = out / "tiny"
     report = json.loads((run / "report.json").read_text())
     assert report["quantize"] == "int8" and report["encoding"] == "compact" and report["passed"]
-    assert {"fp32_onnx_top1", "int8_agreement", "int8_top1_drop", "speedup", "size_ratio",
-            "dense_latency_ms", "throughput"} <= report.keys()
-    assert report["onnx_bytes"] == (run / "model.onnx").stat().st_size < (run / "model.fp32.onnx").stat().st_size
+    assert {
+        "fp32_onnx_top1",
+        "int8_agreement",
+        "int8_top1_drop",
+        "speedup",
+        "size_ratio",
+        "dense_latency_ms",
+        "throughput",
+    } <= report.keys()
+    assert (
+        report["onnx_bytes"] == (run / "model.onnx").stat().st_size < (run / "model.fp32.onnx").stat().st_size
+    )
     assert report["size_ratio"] == report["onnx_bytes"] / report["dense_onnx_bytes"] < 0.2
     meta = {p.key: p.value for p in onnx.load(str(run / "model.onnx")).metadata_props}
     assert meta["quantize"] == "int8" and meta["fingerprint"]
@@ -251,8 +324,12 @@ def test_stages_run_one_by_one_from_the_cli(tmp_path):
     runner = CliRunner()
     assert runner.invoke(app, ["export", str(path), "--out", str(out)]).exit_code == 2  # nothing trained yet
     for stage in ("train-sparse", "finetune", "export", "validate"):
-        result = runner.invoke(app, [stage, str(path), "--out", str(out), "--no-progress"]
-                               if stage in ("train-sparse", "finetune") else [stage, str(path), "--out", str(out)])
+        result = runner.invoke(
+            app,
+            [stage, str(path), "--out", str(out), "--no-progress"]
+            if stage in ("train-sparse", "finetune")
+            else [stage, str(path), "--out", str(out)],
+        )
         assert result.exit_code == 0, (stage, result.output)
     assert (out / "tiny" / "model.onnx").exists() and (out / "tiny" / "report.json").exists()
     # Changing a training setting makes the trained model stale: refuse rather than mix them.
@@ -272,8 +349,10 @@ BAD_INPUTS = {
     "no root": ({"data": {"dataset": "imagefolder"}}, "needs root"),
     "unknown method": ({"sparsity": {"method": "magic"}}, "unknown method 'magic'"),
     "unsafe name": ({"name": "../evil"}, "name"),
-    "replaced export key": ({"export": {"sparse_initializers": True}},
-                            "export: sparse_initializers is replaced by encoding: dense | coo | compact"),
+    "replaced export key": (
+        {"export": {"sparse_initializers": True}},
+        "export: sparse_initializers is replaced by encoding: dense | coo | compact",
+    ),
     "unknown encoding": ({"export": {"encoding": "zip"}}, "export.encoding"),
 }
 
@@ -297,8 +376,13 @@ def test_unreadable_yaml_and_missing_file_are_one_line_errors(tmp_path):
     broken = tmp_path / "broken.yaml"
     broken.write_text("name: x\ntrain: [epochs: 1\n")
     for path, expected in ((broken, "not valid YAML"), (tmp_path / "missing.yaml", "cannot read pipeline")):
-        result = subprocess.run([sys.executable, "-m", "dsrpipe", "run", str(path)], capture_output=True,
-                                text=True, cwd=tmp_path, timeout=120)
+        result = subprocess.run(
+            [sys.executable, "-m", "dsrpipe", "run", str(path)],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=120,
+        )
         assert result.returncode == 2
         assert expected in result.stderr and "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
@@ -318,11 +402,22 @@ def test_shipped_pipelines_are_valid():
         assert cfg.name == path.stem
 
 
-@pytest.mark.skipif(not (SHARED / "mnist10k").exists(), reason="needs ../shared/datasets/mnist10k (CI has it)")
+@pytest.mark.skipif(
+    not (SHARED / "mnist10k").exists(), reason="needs ../shared/datasets/mnist10k (CI has it)"
+)
 def test_lenet5_on_real_mnist10k(tmp_path):
-    cfg = load_pipeline(ROOT / "pipelines" / "mnist-lenet5-dsr.yaml", [
-        f"data.root={SHARED / 'mnist10k'}", "data.download=false", "train.epochs=2", "train.milestones=[1]",
-        "finetune.epochs=0", "validate.latency_runs=20", "validate.min_top1=0.9"])
+    cfg = load_pipeline(
+        ROOT / "pipelines" / "mnist-lenet5-dsr.yaml",
+        [
+            f"data.root={SHARED / 'mnist10k'}",
+            "data.download=false",
+            "train.epochs=2",
+            "train.milestones=[1]",
+            "finetune.epochs=0",
+            "validate.latency_runs=20",
+            "validate.min_top1=0.9",
+        ],
+    )
     report = run_pipeline(cfg, tmp_path, progress=False)
     assert report["onnx_top1"] >= 0.9 and report["top1_agreement"] >= 0.99
     assert 0.94 <= report["sparsity"] <= 0.96

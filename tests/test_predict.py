@@ -15,7 +15,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from dsrpipe.cli import app
-from dsrpipe.export import export_onnx
+from dsrpipe.deploy.export import export_onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -48,12 +48,22 @@ def digits_model(tmp_path_factory):
     mean, std = [0.3], [0.4]
     model = Oracle((pixels - mean[0]) / std[0], torch.tensor(digits.target[pick]))
     path = folder / "model.onnx"
-    export_onnx(model, path, in_channels=1, image_size=8, mean=mean, std=std,
-                metadata={"class_names": json.dumps(NAMES)}, encoding="dense")
+    export_onnx(
+        model,
+        path,
+        in_channels=1,
+        image_size=8,
+        mean=mean,
+        std=std,
+        metadata={"class_names": json.dumps(NAMES)},
+        encoding="dense",
+    )
     images = folder / "images"
     images.mkdir()
     for i in pick:
-        Image.fromarray(np.round(digits.images[i] * 255 / 16).astype(np.uint8), "L").save(images / f"{i:04d}.png")
+        Image.fromarray(np.round(digits.images[i] * 255 / 16).astype(np.uint8), "L").save(
+            images / f"{i:04d}.png"
+        )
     return path, images, [NAMES[t] for t in digits.target[pick]]
 
 
@@ -83,8 +93,9 @@ def test_colour_and_larger_images_are_converted_like_the_training_data(digits_mo
     assert result.exit_code == 0 and result.output.split("\t")[1].startswith(expected[0])
 
 
-@pytest.mark.parametrize("case", ["bad image", "not onnx", "no metadata", "missing image", "empty folder",
-                                  "bad top-k"])
+@pytest.mark.parametrize(
+    "case", ["bad image", "not onnx", "no metadata", "missing image", "empty folder", "bad top-k"]
+)
 def test_bad_input_is_one_line_and_a_nonzero_exit(digits_model, tmp_path, case):
     path, images, _ = digits_model
     image = str(sorted(images.iterdir())[0])
@@ -113,15 +124,23 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(digits_model, tmp_path, case):
 def test_predict_never_imports_torch(digits_model):
     """The deployer's side: the command runs with onnxruntime, numpy and Pillow only."""
     path, images, expected = digits_model
-    code = ("import sys\n"
-            "from dsrpipe.cli import app\n"
-            "try:\n"
-            f"    app(['predict', {str(path)!r}, {str(images)!r}])\n"
-            "except SystemExit as exit:\n"
-            "    assert not exit.code, exit.code\n"
-            "print('torch imported' if 'torch' in sys.modules else 'no torch')\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                            cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    code = (
+        "import sys\n"
+        "from dsrpipe.cli import app\n"
+        "try:\n"
+        f"    app(['predict', {str(path)!r}, {str(images)!r}])\n"
+        "except SystemExit as exit:\n"
+        "    assert not exit.code, exit.code\n"
+        "print('torch imported' if 'torch' in sys.modules else 'no torch')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.strip().splitlines()
     assert lines[-1] == "no torch"

@@ -32,8 +32,9 @@ def assert_png(path: Path, min_bytes: int = 5_000) -> None:
 
 def small(name, **sections):
     """tiny(), smaller still: width 8, a short latency measurement."""
-    return tiny(name, model={"name": "small-cnn", "options": {"width": 8}},
-                validate={"latency_runs": 5}, **sections)
+    return tiny(
+        name, model={"name": "small-cnn", "options": {"width": 8}}, validate={"latency_runs": 5}, **sections
+    )
 
 
 def test_run_writes_pictures_and_report_md(tmp_path):
@@ -70,14 +71,33 @@ def test_pictures_cope_with_empty_and_large_runs(tmp_path):
 
     layers = [f"stage{i // 10}.block{i % 10}.conv" for i in range(60)]
     epoch = lambda e, stage: {
-        "stage": stage, "epoch": e, "train_loss": 1 / e, "test_loss": 1.2 / e, "train_top1": 1 - 1 / (e + 1),
-        "test_top1": 1 - 1.2 / (e + 2), "lr": 0.1, "threshold": None if stage == "finetune" else 1e-3 * e,
-        "pruned": 0 if stage == "finetune" else 100 * e, "seconds": 1.0,
-        "layer_density": {n: (i % 7 + e % 3) / 20 for i, n in enumerate(layers)}}
-    report = {"name": "deep", "method": "dsr", "sparsity": 0.9, "layer_density": epoch(1, "train")["layer_density"],
-              "onnx_top1": 0.5, "nonzero_params": 10, "total_params": 100}
-    paths = write_run_plots(tmp_path / "deep", [epoch(e, "train") for e in range(1, 41)],
-                            [epoch(e, "finetune") for e in range(1, 6)], report)
+        "stage": stage,
+        "epoch": e,
+        "train_loss": 1 / e,
+        "test_loss": 1.2 / e,
+        "train_top1": 1 - 1 / (e + 1),
+        "test_top1": 1 - 1.2 / (e + 2),
+        "lr": 0.1,
+        "threshold": None if stage == "finetune" else 1e-3 * e,
+        "pruned": 0 if stage == "finetune" else 100 * e,
+        "seconds": 1.0,
+        "layer_density": {n: (i % 7 + e % 3) / 20 for i, n in enumerate(layers)},
+    }
+    report = {
+        "name": "deep",
+        "method": "dsr",
+        "sparsity": 0.9,
+        "layer_density": epoch(1, "train")["layer_density"],
+        "onnx_top1": 0.5,
+        "nonzero_params": 10,
+        "total_params": 100,
+    }
+    paths = write_run_plots(
+        tmp_path / "deep",
+        [epoch(e, "train") for e in range(1, 41)],
+        [epoch(e, "finetune") for e in range(1, 6)],
+        report,
+    )
     for path in paths[:3]:
         assert_png(path)
     assert_png(write_accuracy_vs_params(tmp_path / "none.png", []), min_bytes=1_000)
@@ -87,8 +107,14 @@ def write_grid(tmp_path, **changes):
     base = small("unused", train={"epochs": 1}, finetune={"epochs": 0})
     (tmp_path / "pipelines").mkdir(exist_ok=True)
     (tmp_path / "pipelines" / "base.yaml").write_text(yaml.safe_dump(base))
-    grid = {"name": "g", "base": "pipelines/base.yaml", "methods": ["dsr", "static"], "sparsities": [0.9],
-            "seeds": [0, 1], "overrides": {"static": {"validate.min_top1": 0.999}}}
+    grid = {
+        "name": "g",
+        "base": "pipelines/base.yaml",
+        "methods": ["dsr", "static"],
+        "sparsities": [0.9],
+        "seeds": [0, 1],
+        "overrides": {"static": {"validate.min_top1": 0.999}},
+    }
     grid.update(changes)
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(grid))
@@ -98,18 +124,29 @@ def write_grid(tmp_path, **changes):
 def test_compare_runs_the_grid_in_parallel_and_resumes(tmp_path):
     # DSR reallocating at an epoch's last step (22 per epoch) ends with its just-grown weights still
     # 0, so its seeds differ in non-zero params too, and the table's means can be told from one run's.
-    grid = write_grid(tmp_path, overrides={"static": {"validate.min_top1": 0.999},
-                                           "dsr": {"sparsity.rewire_periods": {0: 11}}})
+    grid = write_grid(
+        tmp_path,
+        overrides={"static": {"validate.min_top1": 0.999}, "dsr": {"sparsity.rewire_periods": {0: 11}}},
+    )
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "-m", "dsrpipe", "compare", str(grid), "--out", str(out), "--jobs", "2"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "dsrpipe", "compare", str(grid), "--out", str(out), "--jobs", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     folder = out / "g"
     assert result.stdout.strip() == str(folder / "results.md")
 
     rows = list(csv.DictReader((folder / "results.csv").open()))
     assert len(rows) == 4
-    assert {(r["method"], r["seed"]) for r in rows} == {("dsr", "0"), ("dsr", "1"), ("static", "0"), ("static", "1")}
+    assert {(r["method"], r["seed"]) for r in rows} == {
+        ("dsr", "0"),
+        ("dsr", "1"),
+        ("static", "0"),
+        ("static", "1"),
+    }
     # static misses its (overridden) min_top1: exit 3, still counted with its report
     assert {r["method"]: r["status"] for r in rows} == {"dsr": "ok", "static": "validation-failed"}
     for row in rows:
@@ -127,8 +164,10 @@ def test_compare_runs_the_grid_in_parallel_and_resumes(tmp_path):
         group = [r for r in rows if r["method"] == method]
         params = statistics.mean(int(r["nonzero_params"]) for r in group)
         top1 = [100 * float(r["onnx_top1"]) for r in group]
-        assert line.startswith(f"| {method} | 0.9 | {round(params):,} | "
-                               f"{statistics.mean(top1):.2f} ± {statistics.stdev(top1):.2f} | ")
+        assert line.startswith(
+            f"| {method} | 0.9 | {round(params):,} | "
+            f"{statistics.mean(top1):.2f} ± {statistics.stdev(top1):.2f} | "
+        )
     # Seeds that differ make the check above tell a sample std from a population one, a mean from one run's value.
     assert len({r["onnx_top1"] for r in rows if r["method"] == "dsr"}) == 2
     assert len({r["nonzero_params"] for r in rows if r["method"] == "dsr"}) == 2
@@ -155,7 +194,10 @@ def test_compare_runs_the_grid_in_parallel_and_resumes(tmp_path):
     (stale / "report.json").unlink()
     again = CliRunner().invoke(app, ["compare", str(grid), "--out", str(out)])
     assert again.exit_code == 0, again.output
-    assert "3 already complete, 1 to run" in again.output and "g-dsr-s0.9-seed0: its outputs were made" in again.output
+    assert (
+        "3 already complete, 1 to run" in again.output
+        and "g-dsr-s0.9-seed0: its outputs were made" in again.output
+    )
     assert json.loads((stale / "report.json").read_text())["passed"]
 
 
@@ -163,7 +205,9 @@ def test_a_crashing_run_is_a_row_not_a_crash(tmp_path, monkeypatch):
     real_popen = subprocess.Popen
 
     def crash(args, **kwargs):  # stands in for a `dsrpipe run` that dies
-        return real_popen([sys.executable, "-c", "import sys; print('boom: out of memory'); sys.exit(1)"], **kwargs)
+        return real_popen(
+            [sys.executable, "-c", "import sys; print('boom: out of memory'); sys.exit(1)"], **kwargs
+        )
 
     monkeypatch.setattr(compare_module.subprocess, "Popen", crash)
     grid, out = write_grid(tmp_path, methods=["dsr"], seeds=[0], overrides={}), tmp_path / "out"
@@ -185,7 +229,10 @@ BAD_GRIDS = {
     "repeated seed": ({"seeds": [0, 0]}, "listed twice"),
     "override for another method": ({"overrides": {"dense": {"train.lr": 0.1}}}, "'dense' is not one of"),
     "override of a grid axis": ({"overrides": {"dsr": {"sparsity.sparsity": 0.5}}}, "set by the grid"),
-    "bad override value": ({"overrides": {"dsr": {"train.epochs": "many"}}}, "g-dsr-s0.9-seed0: train.epochs"),
+    "bad override value": (
+        {"overrides": {"dsr": {"train.epochs": "many"}}},
+        "g-dsr-s0.9-seed0: train.epochs",
+    ),
     "missing base": ({"base": "nowhere.yaml"}, "cannot read base pipeline"),
     "no methods": ({"methods": []}, "methods"),
 }
@@ -205,8 +252,9 @@ def test_bad_grid_is_one_line_exit_2_and_runs_nothing(tmp_path, case):
 def test_frozen_runs_wait_for_the_dsr_masks_and_dense_runs_once_per_seed(tmp_path):
     """Planning only: frozen runs come after the DSR runs and read the DSR run's trained masks;
     dense runs once per seed, not once per sparsity."""
-    grid_path = write_grid(tmp_path, methods=["frozen", "static", "dsr", "dense"], sparsities=[0.9, 0.95],
-                           overrides={})
+    grid_path = write_grid(
+        tmp_path, methods=["frozen", "static", "dsr", "dense"], sparsities=[0.9, 0.95], overrides={}
+    )
     grid, name, base = compare_module.load_grid(grid_path)
     runs = compare_module.plan_runs(grid, name, base, tmp_path / "runs")
     assert [r.method for r in runs] == ["static"] * 4 + ["dsr"] * 4 + ["dense"] * 2 + ["frozen"] * 4

@@ -13,13 +13,13 @@ from onnx import numpy_helper
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from dsrpipe import shrink
 from dsrpipe.config import parse_pipeline
+from dsrpipe.deploy import shrink
+from dsrpipe.deploy.shrink import shrink_model
 from dsrpipe.errors import UserError
 from dsrpipe.models import create_model
 from dsrpipe.pipeline import export_stage, validate_stage
 from dsrpipe.rundir import RunDir, load_checkpoint, save_checkpoint
-from dsrpipe.shrink import shrink_model
 from dsrpipe.train import train_sparse
 
 
@@ -61,7 +61,9 @@ def assert_same_logits(original: nn.Module, shrunk: nn.Module, shape: tuple[int,
 def shrunk_checked(model: nn.Module, shape: tuple[int, ...]):
     before = copy.deepcopy(model.state_dict())
     shrunk, summary = shrink_model(model, shape)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the original is left as it was
+    assert all(
+        torch.equal(before[k], v) for k, v in model.state_dict().items()
+    )  # the original is left as it was
     assert_same_logits(model, shrunk, shape)
     return shrunk, summary
 
@@ -69,13 +71,15 @@ def shrunk_checked(model: nn.Module, shape: tuple[int, ...]):
 def plain_cnn() -> nn.Module:
     """small-cnn (8/16/32 channels) with dead filters whose BN constants are zero after ReLU,
     positive into a padded 3x3 conv (merged into one that stays) and positive into the classifier."""
-    model = with_trained_bn(create_model("small-cnn", num_classes=10, in_channels=1, image_size=8, width=8), (1, 8, 8))
+    model = with_trained_bn(
+        create_model("small-cnn", num_classes=10, in_channels=1, image_size=8, width=8), (1, 8, 8)
+    )
     kill(model.conv2, 1, 3, 5)
-    set_constant(model.bn2, 1, 0.7)   # the largest positive constant: kept, stands in for channel 5
+    set_constant(model.bn2, 1, 0.7)  # the largest positive constant: kept, stands in for channel 5
     set_constant(model.bn2, 3, -0.4)  # ReLU makes it 0: removed as is
-    set_constant(model.bn2, 5, 0.3)   # merged into channel 1's weights in conv3
+    set_constant(model.bn2, 5, 0.3)  # merged into channel 1's weights in conv3
     kill(model.conv3, 0, 7)
-    set_constant(model.bn3, 0, 0.9)   # pooled, then folded into the classifier's bias
+    set_constant(model.bn3, 0, 0.9)  # pooled, then folded into the classifier's bias
     set_constant(model.bn3, 7, -0.2)
     return model
 
@@ -110,15 +114,20 @@ def test_a_model_the_dependency_graph_cannot_trace_is_a_one_line_error(monkeypat
         raise RuntimeError("unsupported operator\nand pages of detail")
 
     monkeypatch.setattr(shrink.tp.DependencyGraph, "build_dependency", fail)
-    with pytest.raises(UserError, match=r"^cannot shrink SmallCNN: .* \(unsupported operator\); export without "
-                                        r"shrinking \(export.shrink: false\)$"):
+    with pytest.raises(
+        UserError,
+        match=r"^cannot shrink SmallCNN: .* \(unsupported operator\); export without "
+        r"shrinking \(export.shrink: false\)$",
+    ):
         shrink_model(plain_cnn(), (1, 8, 8))
 
 
 def test_a_zero_padded_conv_keeps_a_lone_positive_constant_channel():
     """One dead filter whose constant reaches a padded 3x3 conv non-zero: border pixels see the
     padding's zeros, not the constant, so no bias can stand in and there is nothing to merge into."""
-    model = with_trained_bn(create_model("small-cnn", num_classes=10, in_channels=1, image_size=8, width=8), (1, 8, 8))
+    model = with_trained_bn(
+        create_model("small-cnn", num_classes=10, in_channels=1, image_size=8, width=8), (1, 8, 8)
+    )
     kill(model.conv1, 2)
     set_constant(model.bn1, 2, 0.5)
     shrunk, summary = shrunk_checked(model, (1, 8, 8))
@@ -130,7 +139,9 @@ def test_a_zero_padded_conv_keeps_a_lone_positive_constant_channel():
 def test_a_channel_only_silent_on_the_probe_inputs_stays():
     """A live filter behind a very negative BN shift is 0 after ReLU for random inputs, yet not for
     every input: only filters that are zero decide what goes."""
-    model = with_trained_bn(create_model("small-cnn", num_classes=10, in_channels=1, image_size=8, width=8), (1, 8, 8))
+    model = with_trained_bn(
+        create_model("small-cnn", num_classes=10, in_channels=1, image_size=8, width=8), (1, 8, 8)
+    )
     set_constant(model.bn1, 4, -1e3)
     kill(model.conv3, 0)  # a truly dead filter elsewhere, so there is something to shrink
     shrunk, summary = shrunk_checked(model, (1, 8, 8))
@@ -141,11 +152,18 @@ def resnet_style() -> nn.Module:
     """A stem and two torchvision BasicBlocks: the first with a 1x1 downsample, the second an
     identity; both add into one 16-channel stream that the classifier reads."""
     downsample = nn.Sequential(nn.Conv2d(8, 16, 1, 2, bias=False), nn.BatchNorm2d(16))
-    return nn.Sequential(OrderedDict(
-        conv=nn.Conv2d(1, 8, 3, padding=1, bias=False), bn=nn.BatchNorm2d(8), relu=nn.ReLU(),
-        block1=BasicBlock(8, 16, 2, downsample), block2=BasicBlock(16, 16),
-        pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(), fc=nn.Linear(16, 10),
-    ))
+    return nn.Sequential(
+        OrderedDict(
+            conv=nn.Conv2d(1, 8, 3, padding=1, bias=False),
+            bn=nn.BatchNorm2d(8),
+            relu=nn.ReLU(),
+            block1=BasicBlock(8, 16, 2, downsample),
+            block2=BasicBlock(16, 16),
+            pool=nn.AdaptiveAvgPool2d(1),
+            flatten=nn.Flatten(),
+            fc=nn.Linear(16, 10),
+        )
+    )
 
 
 def test_residual_channels_go_only_when_dead_in_every_branch():
@@ -163,7 +181,12 @@ def test_residual_channels_go_only_when_dead_in_every_branch():
     shrunk, summary = shrunk_checked(model, (1, 8, 8))
     assert summary["removed_channels"] == {"block1.conv2": 1, "block1.downsample.0": 1, "block2.conv2": 1}
     assert shrunk.block2.conv1.in_channels == shrunk.fc.in_features == 15
-    assert shrunk.block1.bn2.num_features == shrunk.block1.downsample[1].num_features == shrunk.block2.bn2.num_features == 15
+    assert (
+        shrunk.block1.bn2.num_features
+        == shrunk.block1.downsample[1].num_features
+        == shrunk.block2.bn2.num_features
+        == 15
+    )
 
 
 def test_wrn_preactivation_blocks():
@@ -198,16 +221,22 @@ def test_lenet_linear_rows_and_biased_conv_filters():
 
 
 def test_a_model_without_dead_filters_comes_back_unchanged():
-    model = with_trained_bn(create_model("small-cnn", num_classes=10, in_channels=1, image_size=8, width=8), (1, 8, 8))
+    model = with_trained_bn(
+        create_model("small-cnn", num_classes=10, in_channels=1, image_size=8, width=8), (1, 8, 8)
+    )
     kill(model.fc, 3)  # a dead logit is still a logit
     shrunk, summary = shrunk_checked(model, (1, 8, 8))
     assert summary["removed_channels"] == {}
-    assert summary["params_after"] == summary["params_before"] and summary["macs_after"] == summary["macs_before"]
+    assert (
+        summary["params_after"] == summary["params_before"]
+        and summary["macs_after"] == summary["macs_before"]
+    )
     assert shrunk.state_dict().keys() == model.state_dict().keys()
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in shrunk.state_dict().items())
 
 
 # -- end to end -------------------------------------------------------------------------------------
+
 
 def onnx_weight_shapes(path) -> dict[str, list[int]]:
     """Shapes of the file's tensors, stored as initializers or as Constant nodes (dense or sparse)."""
@@ -224,7 +253,9 @@ def onnx_weight_shapes(path) -> dict[str, list[int]]:
 
 def test_pipeline_exports_the_shrunk_model_and_validates_it_against_the_trained_one(tmp_path):
     raw = {
-        "name": "shrunk", "data": {"dataset": "digits"}, "model": {"name": "small-cnn", "options": {"width": 8}},
+        "name": "shrunk",
+        "data": {"dataset": "digits"},
+        "model": {"name": "small-cnn", "options": {"width": 8}},
         "sparsity": {"method": "dsr", "sparsity": 0.8, "prune_target": 50, "rewire_periods": {0: 5}},
         "train": {"epochs": 1, "batch_size": 64, "lr": 0.1, "milestones": [1]},
         "finetune": {"epochs": 0},

@@ -11,7 +11,6 @@ from dsrpipe.sparse.base import sample_free_positions, select_sparse_weights
 from .helpers import assert_resume_is_exact, masked_weights_are_zero, small_net, train_steps
 
 
-
 def test_selects_conv_and_linear_weights_except_first_conv_and_last_linear():
     net = small_net()
     assert list(select_sparse_weights(net)) == ["2", "4", "8"]
@@ -24,7 +23,7 @@ def test_selects_conv_and_linear_weights_except_first_conv_and_last_linear():
 def test_initial_masks_have_the_requested_sparsity_per_tensor():
     torch.manual_seed(0)
     s = Sparsifier(small_net(), sparsity=0.9)
-    for name, mask in s.masks.items():
+    for mask in s.masks.values():
         assert int(mask.sum()) == round(0.1 * mask.numel())
     assert masked_weights_are_zero(s)
 
@@ -35,16 +34,21 @@ def test_scale_init_keeps_the_dense_signal_variance():
     sparse = nn.Linear(2000, 500)
     sparse.load_state_dict(dense.state_dict())
     initial = sparse.weight.detach().clone()
-    s = Sparsifier(nn.Sequential(nn.Linear(4, 2000), sparse, nn.Linear(500, 10)), sparsity=0.98,
-                   scale_init=True)
+    s = Sparsifier(
+        nn.Sequential(nn.Linear(4, 2000), sparse, nn.Linear(500, 10)), sparsity=0.98, scale_init=True
+    )
     mask = s.masks["1"]
     assert torch.allclose(sparse.weight, initial * mask / mask.float().mean().sqrt())
     x = torch.randn(256, 2000)
     with torch.no_grad():
         ratio = (sparse(x) - sparse.bias).var() / (dense(x) - dense.bias).var()
     assert 0.9 < ratio < 1.1  # unscaled, it would be the density: 0.02
-    assert Sparsifier(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)), sparsity=0.0,
-                      scale_init=True).masks == {}  # dense: nothing to scale
+    assert (
+        Sparsifier(
+            nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)), sparsity=0.0, scale_init=True
+        ).masks
+        == {}
+    )  # dense: nothing to scale
 
 
 def test_sparsity_out_of_range_is_a_user_error():
@@ -125,12 +129,20 @@ def test_growth_is_proportional_to_survivors_and_exact():
         assert abs(grown - stats["pruned"] * survivors / sum(kept)) < 1
 
 
-@pytest.mark.parametrize("total, weights, capacity, expected", [
-    (4, [1, 2], [10, 10], [1, 3]),  # exact 1.33, 2.67: the one leftover goes to the larger remainder
-    (7, [10, 21, 29], [10, 10, 10], [1, 3, 3]),  # 1.17, 2.45, 3.38: to the middle one, not the first
-    (5, [1, 2, 4], [10, 10, 10], [1, 1, 3]),  # 0.71, 1.43, 2.86: two leftovers, to the third and the first
-    (10, [1, 1, 2], [1, 100, 100], [1, 3, 6]),  # [3, 2, 5] overflows the first: its 2 go 0.67 : 1.33
-])
+@pytest.mark.parametrize(
+    "total, weights, capacity, expected",
+    [
+        (4, [1, 2], [10, 10], [1, 3]),  # exact 1.33, 2.67: the one leftover goes to the larger remainder
+        (7, [10, 21, 29], [10, 10, 10], [1, 3, 3]),  # 1.17, 2.45, 3.38: to the middle one, not the first
+        (
+            5,
+            [1, 2, 4],
+            [10, 10, 10],
+            [1, 1, 3],
+        ),  # 0.71, 1.43, 2.86: two leftovers, to the third and the first
+        (10, [1, 1, 2], [1, 100, 100], [1, 3, 6]),  # [3, 2, 5] overflows the first: its 2 go 0.67 : 1.33
+    ],
+)
 def test_proportional_split_rounds_by_largest_remainder(total, weights, capacity, expected):
     assert proportional_split(total, weights, capacity) == expected
 
@@ -149,7 +161,9 @@ def test_grown_weights_and_their_momentum_start_at_zero():
     torch.manual_seed(0)
     net = small_net()
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-    s = DSR(net, opt, sparsity=0.9, prune_target=100, init_threshold=0.02, schedule=RewireSchedule({0: 10**9}))
+    s = DSR(
+        net, opt, sparsity=0.9, prune_target=100, init_threshold=0.02, schedule=RewireSchedule({0: 10**9})
+    )
     train_steps(net, opt, s, 5)
     before = {n: m.clone() for n, m in s.masks.items()}
     stats = s.reallocate()
@@ -187,7 +201,7 @@ def _set_active_weights(sparsifier, value, small_per_tensor):
         for name, w in sparsifier.weights.items():
             mask = sparsifier.masks[name]
             w.copy_(mask.float() * value)
-            w.view(-1)[mask.view(-1).nonzero().squeeze(1)[:small_per_tensor.get(name, 0)]] = 1e-4
+            w.view(-1)[mask.view(-1).nonzero().squeeze(1)[: small_per_tensor.get(name, 0)]] = 1e-4
 
 
 # N_p = 500 and δ = 0.1 make (1 ± δ)·N_p exactly 450 and 550 in floating point (with N_p = 100,
@@ -213,7 +227,9 @@ def _scarce_reallocation():
     torch.manual_seed(0)
     net = small_net()
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-    s = DSR(net, opt, sparsity=0.02, prune_target=1000, init_threshold=1e-3, schedule=RewireSchedule({0: 10**9}))
+    s = DSR(
+        net, opt, sparsity=0.02, prune_target=1000, init_threshold=1e-3, schedule=RewireSchedule({0: 10**9})
+    )
     train_steps(net, opt, s, 2)  # every active weight now has momentum
     assert sum(int((~m).sum()) for m in s.masks.values()) == 440
     budget = s.active_count()
@@ -275,7 +291,9 @@ def test_grown_weights_and_their_momentum_are_zero_after_every_reallocation():
     torch.manual_seed(0)
     net = small_net()
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    s = DSR(net, opt, sparsity=0.5, prune_target=500, init_threshold=0.02, schedule=RewireSchedule({0: 10**9}))
+    s = DSR(
+        net, opt, sparsity=0.5, prune_target=500, init_threshold=0.02, schedule=RewireSchedule({0: 10**9})
+    )
     held_a_weight = {n: m.clone() for n, m in s.masks.items()}
     regrown_after_training = 0
     for round_ in range(5):
@@ -300,7 +318,9 @@ def test_a_layer_of_tiny_weights_is_never_emptied():
     torch.manual_seed(0)
     net = small_net()
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-    s = DSR(net, opt, sparsity=0.9, prune_target=100, init_threshold=1e-3, schedule=RewireSchedule({0: 10**9}))
+    s = DSR(
+        net, opt, sparsity=0.9, prune_target=100, init_threshold=1e-3, schedule=RewireSchedule({0: 10**9})
+    )
     tiny = s.weights["4"]
     with torch.no_grad():
         tiny.mul_(1e-6)  # all ~1e-7, far below H; the other layers' weights are ~0.05
@@ -362,8 +382,18 @@ def test_state_dict_round_trip_continues_identically():
         net = small_net()
         opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
         threshold = 0.5 if fresh else 0.01  # the loaded H must replace the fresh one
-        return net, opt, DSR(net, opt, sparsity=0.9, prune_target=50, init_threshold=threshold,
-                             schedule=RewireSchedule({0: 3}))
+        return (
+            net,
+            opt,
+            DSR(
+                net,
+                opt,
+                sparsity=0.9,
+                prune_target=50,
+                init_threshold=threshold,
+                schedule=RewireSchedule({0: 3}),
+            ),
+        )
 
     s1, s2 = assert_resume_is_exact(build, 12, 12)
     assert s1["threshold"] == s2["threshold"]

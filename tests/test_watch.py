@@ -54,13 +54,15 @@ def pipeline(name=None, *, epochs=1, width=4, seed=0, **sections):
     return yaml.safe_dump(raw)
 
 
-TEMPLATE = yaml.safe_dump({  # for dataset drops: 3 classes x 6 images of 8x8 train in a blink
-    "model": {"name": "small-cnn", "options": {"width": 4}},
-    "sparsity": {"method": "dsr", "sparsity": 0.9, "prune_target": 20, "rewire_periods": {0: 2}},
-    "train": {"epochs": 1, "batch_size": 6},
-    "finetune": {"epochs": 0},
-    "validate": {"latency_runs": 1},
-})
+TEMPLATE = yaml.safe_dump(
+    {  # for dataset drops: 3 classes x 6 images of 8x8 train in a blink
+        "model": {"name": "small-cnn", "options": {"width": 4}},
+        "sparsity": {"method": "dsr", "sparsity": 0.9, "prune_target": 20, "rewire_periods": {0: 2}},
+        "train": {"epochs": 1, "batch_size": 6},
+        "finetune": {"epochs": 0},
+        "validate": {"latency_runs": 1},
+    }
+)
 
 
 def png(seed):
@@ -98,8 +100,13 @@ def job_log(drop, name):
 
 
 def cli(*args, timeout=60):
-    return subprocess.run([sys.executable, "-m", "dsrpipe", *map(str, args)], capture_output=True, text=True,
-                          env=ENV, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "dsrpipe", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=timeout,
+    )
 
 
 class Watcher:
@@ -110,9 +117,23 @@ class Watcher:
         self.log_path = tmp_path / f"daemon-{time.monotonic_ns()}.log"
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dsrpipe", "watch", str(drop), "--out", str(out), "--quiet-period",
-                 str(quiet), *map(str, args)], stdout=log, stderr=subprocess.STDOUT, env={**ENV, **(env or {})},
-                cwd=tmp_path)
+                [
+                    sys.executable,
+                    "-m",
+                    "dsrpipe",
+                    "watch",
+                    str(drop),
+                    "--out",
+                    str(out),
+                    "--quiet-period",
+                    str(quiet),
+                    *map(str, args),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**ENV, **(env or {})},
+                cwd=tmp_path,
+            )
 
     def log(self):
         return self.log_path.read_text(errors="strict")  # the log is text: names in it are escaped
@@ -124,7 +145,9 @@ class Watcher:
             if value:
                 return value
             if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited ({self.proc.returncode}) waiting for {what}:\n{self.log()}")
+                raise AssertionError(
+                    f"daemon exited ({self.proc.returncode}) waiting for {what}:\n{self.log()}"
+                )
             time.sleep(0.1)
         raise AssertionError(f"timed out waiting for {what}:\n{self.log()}")
 
@@ -132,8 +155,11 @@ class Watcher:
         return self.wait_for(lambda: re.search(pattern, self.log()), f"/{pattern}/ in the log", timeout)
 
     def wait_state(self, name, state, timeout=90):
-        return self.wait_for(lambda: any(j["name"] == name and j["state"] == state for j in jobs(self.drop)),
-                             f"job {name} {state}", timeout)
+        return self.wait_for(
+            lambda: any(j["name"] == name and j["state"] == state for j in jobs(self.drop)),
+            f"job {name} {state}",
+            timeout,
+        )
 
     def stop(self, sig=signal.SIGTERM, timeout=60):
         self.proc.send_signal(sig)
@@ -172,7 +198,9 @@ def drop(tmp_path):
 
 
 def test_names_sizes_and_content_hashes(tmp_path):
-    assert slug("My Photos (2024)") == "My-Photos-2024" and slug("../../evil") == "evil" and slug("???") == "job"
+    assert (
+        slug("My Photos (2024)") == "My-Photos-2024" and slug("../../evil") == "evil" and slug("???") == "job"
+    )
     assert slug("a" * 200) == "a" * 80
     assert [drop_stem(n) for n in ("a.yaml", "b.YML", "c.tar.gz", "d.tgz", "e.zip", "f")] == list("abcdef")
     assert parse_size("1M") == 2**20 and parse_size("1.5G") == 3 * 2**29 and parse_size("512") == 512
@@ -225,11 +253,13 @@ def test_paths_a_pipeline_names_must_stay_inside_the_roots(tmp_path, monkeypatch
 
     check(data={"dataset": "imagefolder", "root": "data", "cache_dir": str(out / "cache")})
     check(sparsity={"method": "frozen", "masks_from": str(out / "run/train/final.pt")})
-    for sections, where in (({"sparsity": {"method": "frozen", "masks_from": "../evil.pt"}}, "sparsity.masks_from"),
-                            ({"sparsity": {"method": "frozen", "masks_from": "/etc/evil.pt"}}, "sparsity.masks_from"),
-                            ({"data": {"dataset": "imagefolder", "root": str(tmp_path)}}, "data.root"),
-                            ({"data": {"dataset": "imagefolder", "root": "link"}}, "data.root"),
-                            ({"data": {"cache_dir": "~/cache"}}, "data.cache_dir")):
+    for sections, where in (
+        ({"sparsity": {"method": "frozen", "masks_from": "../evil.pt"}}, "sparsity.masks_from"),
+        ({"sparsity": {"method": "frozen", "masks_from": "/etc/evil.pt"}}, "sparsity.masks_from"),
+        ({"data": {"dataset": "imagefolder", "root": str(tmp_path)}}, "data.root"),
+        ({"data": {"dataset": "imagefolder", "root": "link"}}, "data.root"),
+        ({"data": {"cache_dir": "~/cache"}}, "data.cache_dir"),
+    ):
         with pytest.raises(UserError, match=f"^{where}: .* is outside {drop} and {out}"):
             check(**sections)
 
@@ -237,9 +267,11 @@ def test_paths_a_pipeline_names_must_stay_inside_the_roots(tmp_path, monkeypatch
 def test_a_process_groups_memory_is_measured(tmp_path):
     """The supervisor's measure: a process group's memory, its children's included, the pages they
     share counted once."""
-    code = ("import os, time; shared = b'x' * (150 * 2**20)\n"
-            "if os.fork() == 0: own = b'y' * (100 * 2**20)\n"
-            "time.sleep(60)")
+    code = (
+        "import os, time; shared = b'x' * (150 * 2**20)\n"
+        "if os.fork() == 0: own = b'y' * (100 * 2**20)\n"
+        "time.sleep(60)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
     try:
         deadline = time.monotonic() + 30
@@ -253,14 +285,16 @@ def test_a_process_groups_memory_is_measured(tmp_path):
 
 
 def test_bad_command_lines_are_one_line_errors_and_a_second_daemon_is_refused(tmp_path, drop, watchers):
-    for args, expected in ((["watch", tmp_path / "nowhere"], "does not exist"),
-                           (["watch", drop, "--out", drop], "must not be the drop folder"),
-                           (["watch", drop, "--template", tmp_path / "none.yaml"], "template"),
-                           (["watch", drop, "--max-unpacked", "lots"], "cannot read size"),
-                           (["watch", drop, "--job-memory", "lots"], "cannot read size"),
-                           (["watch", drop, "--job-timeout", "soon"], "cannot read duration"),
-                           (["watch", drop, "--job-timeout", "0"], "must be more than 0"),
-                           (["status", tmp_path / "nowhere"], "does not exist")):
+    for args, expected in (
+        (["watch", tmp_path / "nowhere"], "does not exist"),
+        (["watch", drop, "--out", drop], "must not be the drop folder"),
+        (["watch", drop, "--template", tmp_path / "none.yaml"], "template"),
+        (["watch", drop, "--max-unpacked", "lots"], "cannot read size"),
+        (["watch", drop, "--job-memory", "lots"], "cannot read size"),
+        (["watch", drop, "--job-timeout", "soon"], "cannot read duration"),
+        (["watch", drop, "--job-timeout", "0"], "must be more than 0"),
+        (["status", tmp_path / "nowhere"], "does not exist"),
+    ):
         result = cli(*args)
         assert result.returncode == 2, (args, result.stderr)
         assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
@@ -268,7 +302,9 @@ def test_bad_command_lines_are_one_line_errors_and_a_second_daemon_is_refused(tm
     first = watchers(drop, tmp_path / "out")
     first.wait_log("watching")
     second = cli("watch", drop, "--out", tmp_path / "out")
-    assert second.returncode == 2 and "already watched" in second.stderr and str(first.proc.pid) in second.stderr
+    assert (
+        second.returncode == 2 and "already watched" in second.stderr and str(first.proc.pid) in second.stderr
+    )
     assert len(second.stderr.strip().splitlines()) == 1
     status = cli("status", drop)
     assert status.returncode == 0 and f"watched (dsrpipe watch pid {first.proc.pid})" in status.stdout
@@ -306,18 +342,45 @@ def test_a_dropped_pipeline_runs_once_and_changed_content_is_a_new_job(tmp_path,
     assert json.loads((out / second / "report.json").read_text())["name"] == second
     assert w.log().count("ignored README.md") == 1
     assert [(j["name"], j["drop_path"], j["state"]) for j in jobs(drop)] == [
-        ("exp", "exp.yaml", "done"), ("exp", "copy.yaml", "skipped"), (second, "exp.yaml", "done")]
+        ("exp", "exp.yaml", "done"),
+        ("exp", "copy.yaml", "skipped"),
+        (second, "exp.yaml", "done"),
+    ]
 
     status = cli("status", drop)
     assert status.returncode == 0
-    assert re.search(rf"{second}\s+done\s+exp.yaml", status.stdout) and "3 drops: 2 done, 1 skipped" in status.stdout
-    assert [j["state"] for j in json.loads(cli("status", drop, "--json").stdout)["jobs"]] == ["done", "skipped", "done"]
+    assert (
+        re.search(rf"{second}\s+done\s+exp.yaml", status.stdout)
+        and "3 drops: 2 done, 1 skipped" in status.stdout
+    )
+    assert [j["state"] for j in json.loads(cli("status", drop, "--json").stdout)["jobs"]] == [
+        "done",
+        "skipped",
+        "done",
+    ]
     assert w.stop() == 0
 
     # --rerun: content dropped again runs again (fresh) under its old name; unchanged drops do not.
     (drop / "copy.yaml").write_text(pipeline())
-    rerun = subprocess.run([sys.executable, "-m", "dsrpipe", "watch", drop, "--out", out, "--once", "--rerun",
-                            "--quiet-period", "0.5"], capture_output=True, text=True, env=ENV, timeout=120)
+    rerun = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dsrpipe",
+            "watch",
+            drop,
+            "--out",
+            out,
+            "--once",
+            "--rerun",
+            "--quiet-period",
+            "0.5",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
+    )
     assert rerun.returncode == 0, rerun.stderr
     assert re.search(r"job=exp state=queued id=4 drop=copy.yaml rerun=yes", rerun.stderr)
     assert [(j["name"], j["state"]) for j in jobs(drop)][3:] == [("exp", "done")]
@@ -333,14 +396,14 @@ def test_datasets_are_taken_only_once_fully_copied(tmp_path, drop, watchers):
     # A folder copied in file by file, with pauses shorter than the quiet period.
     tree = list(image_tree().items())
     for i in range(0, len(tree), 9):
-        write_tree(drop / "Flower Photos", dict(tree[i:i + 9]))
+        write_tree(drop / "Flower Photos", dict(tree[i : i + 9]))
         time.sleep(0.4)
     folder_copied = time.time()
     # An archive written in chunks, with pauses.
     archive = targz_bytes(image_tree("leaves/"))
     with open(drop / "leaves.tar.gz", "wb") as f:
         for i in range(0, len(archive), len(archive) // 4 + 1):
-            f.write(archive[i:i + len(archive) // 4 + 1])
+            f.write(archive[i : i + len(archive) // 4 + 1])
             f.flush()
             time.sleep(0.4)
     archive_copied = time.time()
@@ -370,15 +433,24 @@ def zip_with_corrupt_first_member(members):
     with zipfile.ZipFile(io.BytesIO(bytes(raw))) as zf:
         first = zf.infolist()[0]
     start = first.header_offset + 30 + len(first.filename.encode()) + len(first.extra)
-    raw[start:start + first.compress_size] = os.urandom(first.compress_size)
+    raw[start : start + first.compress_size] = os.urandom(first.compress_size)
     return bytes(raw)
 
 
 def test_hostile_drops_fail_cleanly_and_the_daemon_keeps_serving(tmp_path, drop, watchers):
     out = tmp_path / "out"
     (drop / "template.yaml").write_text(TEMPLATE)
-    w = watchers(drop, out, "--workers", "2", "--max-unpacked", "1M", "--job-memory", "800M",
-                 env={"DSRPIPE_WATCH_FAULT": "fault.yaml"})
+    w = watchers(
+        drop,
+        out,
+        "--workers",
+        "2",
+        "--max-unpacked",
+        "1M",
+        "--job-memory",
+        "800M",
+        env={"DSRPIPE_WATCH_FAULT": "fault.yaml"},
+    )
     w.wait_log("watching")
     pwned = tmp_path / "pwned"
     outside = write_tree(tmp_path / "outside", image_tree())
@@ -391,8 +463,9 @@ def test_hostile_drops_fail_cleanly_and_the_daemon_keeps_serving(tmp_path, drop,
     (escape / "train/ant/secret.png").symlink_to("/etc/passwd")
     # Refused by the sizes they declare, before a byte is unpacked: unpacking the zip's first
     # member would fail on its garbage data; the tar declares 2 GiB and holds none of it.
-    (drop / "bomb.zip").write_bytes(zip_with_corrupt_first_member(
-        {**image_tree(), "train/ant/zeros.png": bytes(5 * 2**20)}))  # 5 MiB unpacked from ~5 KiB
+    (drop / "bomb.zip").write_bytes(
+        zip_with_corrupt_first_member({**image_tree(), "train/ant/zeros.png": bytes(5 * 2**20)})
+    )  # 5 MiB unpacked from ~5 KiB
     huge = tarfile.TarInfo("train/ant/huge.png")
     huge.size = 2**31
     (drop / "liar.tar.gz").write_bytes(gzip.compress(huge.tobuf(tarfile.GNU_FORMAT)))
@@ -434,13 +507,17 @@ def test_hostile_drops_fail_cleanly_and_the_daemon_keeps_serving(tmp_path, drop,
         error = (drop / f"{name}.error.txt").read_text().splitlines()
         assert cause in error[0], (name, error[0])
         assert "Traceback" not in error[0]
-        assert any(line.startswith("=== ") for line in error) == (name not in refused_at_intake)  # the log tail
+        assert any(line.startswith("=== ") for line in error) == (
+            name not in refused_at_intake
+        )  # the log tail
     assert any(line.startswith("Traceback") for line in (drop / "fault.error.txt").read_text().splitlines())
     assert not pwned.exists() and not (tmp_path / "evil.png").exists()
     assert "ignored junk.bin" in w.log() and r"ignored junk\xff.bin" in w.log()
     assert r"job=caf state=failed id=" in w.log() and r"drop=caf\xe9.yaml" in w.log()
     status = cli("status", drop)
-    assert status.returncode == 0 and re.search(r"latin\s+failed\s+latin .* is not a UTF-8 name", status.stdout)
+    assert status.returncode == 0 and re.search(
+        r"latin\s+failed\s+latin .* is not a UTF-8 name", status.stdout
+    )
     assert re.search(r"caf\s+failed\s+caf\\xe9.yaml", status.stdout)
     assert re.search(r"hog\s+failed .* exceeded --job-memory 800M", status.stdout)
 
@@ -455,10 +532,22 @@ def test_hostile_drops_fail_cleanly_and_the_daemon_keeps_serving(tmp_path, drop,
 def test_a_job_over_its_time_limit_is_killed_and_failed(tmp_path, drop):
     # (A job over --job-memory is among the hostile drops above, whose daemon serves on.)
     (drop / "slow.yaml").write_text(pipeline(epochs=10_000))
-    result = cli("watch", drop, "--out", tmp_path / "out", "--once", "--quiet-period", "0.5", "--job-timeout", "3s",
-                 timeout=120)
+    result = cli(
+        "watch",
+        drop,
+        "--out",
+        tmp_path / "out",
+        "--once",
+        "--quiet-period",
+        "0.5",
+        "--job-timeout",
+        "3s",
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
-    assert re.search(r"job=slow state=killing id=1 pid=\d+ reason=\"exceeded --job-timeout 3s\"", result.stderr)
+    assert re.search(
+        r"job=slow state=killing id=1 pid=\d+ reason=\"exceeded --job-timeout 3s\"", result.stderr
+    )
     assert (drop / "slow.error.txt").read_text().startswith("exceeded --job-timeout 3s\n")
     [job] = jobs(drop)
     assert (job["state"], job["cause"], job["attempts"]) == ("failed", "exceeded --job-timeout 3s", 1)
@@ -470,10 +559,18 @@ def test_a_corrupt_journal_is_one_line_that_says_how_to_recover(tmp_path, drop):
     journal_path.parent.mkdir()
     journal = Journal(journal_path)  # a real journal, then cut short: SQLite finds it malformed
     for i in range(200):
-        journal.add(name=f"job{i}", drop_path=f"job{i}.yaml", kind="pipeline", sha256=f"{i}" * 64, stamp="1:1",
-                    state="done", out="out", cause="x" * 200)
+        journal.add(
+            name=f"job{i}",
+            drop_path=f"job{i}.yaml",
+            kind="pipeline",
+            sha256=f"{i}" * 64,
+            stamp="1:1",
+            state="done",
+            out="out",
+            cause="x" * 200,
+        )
     journal.close()
-    truncated = journal_path.read_bytes()[:len(journal_path.read_bytes()) // 2]
+    truncated = journal_path.read_bytes()[: len(journal_path.read_bytes()) // 2]
     for garbage in (b"not a database\n" * 300, truncated):
         journal_path.write_bytes(garbage)
         for args in (["watch", drop, "--out", tmp_path / "out", "--once"], ["status", drop]):
@@ -495,8 +592,9 @@ def epochs_done(out, name):
 
 def test_kill_9_mid_training_resumes_from_the_checkpoint_and_finishes_once(tmp_path, drop, watchers):
     out = tmp_path / "out"
-    (drop / "slow.yaml").write_text(pipeline(epochs=40, width=24, train={"batch_size": 32},
-                                             sparsity={"prune_target": 150}))
+    (drop / "slow.yaml").write_text(
+        pipeline(epochs=40, width=24, train={"batch_size": 32}, sparsity={"prune_target": 150})
+    )
 
     # 1. kill -9 the daemon and the job's process group mid-training.
     w = watchers(drop, out)
@@ -518,14 +616,17 @@ def test_kill_9_mid_training_resumes_from_the_checkpoint_and_finishes_once(tmp_p
     # 3. Restart: the orphan is stopped, the job resumes once more and completes.
     w = watchers(drop, out)
     w.wait_state("slow", "done", timeout=120)
-    assert re.search(r"job=slow state=stopping id=1 pid=\d+ reason=\"a job process from an earlier daemon",
-                     w.log())
+    assert re.search(
+        r"job=slow state=stopping id=1 pid=\d+ reason=\"a job process from an earlier daemon", w.log()
+    )
     log = job_log(drop, "slow")
     resumes = [int(n) for n in re.findall(r"train: resuming after epoch (\d+)", log)]
     assert len(resumes) == 2 and 2 <= resumes[0] < resumes[1], log
     metrics = (out / "slow" / "train" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in metrics] == list(range(1, 41))  # each epoch once
-    assert len(re.findall(r"\| export: (?!already|shrink)", log)) == 1 and (out / "slow" / "model.onnx").exists()
+    assert (
+        len(re.findall(r"\| export: (?!already|shrink)", log)) == 1 and (out / "slow" / "model.onnx").exists()
+    )
     [job] = jobs(drop)
     assert (job["state"], job["attempts"]) == ("done", 3)
     assert w.stop() == 0
@@ -546,8 +647,26 @@ def test_burst_of_20_drops_sigterm_and_restart_with_pending_drops(tmp_path, drop
 
     # Drops made while the daemon is down, and the unfinished ones, are all processed once.
     (drop / "late.yaml").write_text(pipeline(seed=99))
-    again = subprocess.run([sys.executable, "-m", "dsrpipe", "watch", drop, "--out", out, "--once", "--workers",
-                            "2", "--quiet-period", "0.5"], capture_output=True, text=True, env=ENV, timeout=240)
+    again = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dsrpipe",
+            "watch",
+            drop,
+            "--out",
+            out,
+            "--once",
+            "--workers",
+            "2",
+            "--quiet-period",
+            "0.5",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=240,
+    )
     assert again.returncode == 0, again.stderr
     rows = jobs(drop)
     names = [f"b{i:02d}" for i in range(20)] + ["late"]

@@ -48,8 +48,14 @@ _MODELS: dict[str, tuple[ModelFactory, DenseDefaults]] = {}
 _FAMILIES: dict[str, tuple[NameParser, ModelFactory, DenseDefaults]] = {}
 
 
-def register_model(name: str, *, parse_name: NameParser | None = None, first_conv: str | None = None,
-                   classifier: str | None = None, dense: tuple[str, ...] = ()):
+def register_model(
+    name: str,
+    *,
+    parse_name: NameParser | None = None,
+    first_conv: str | None = None,
+    classifier: str | None = None,
+    dense: tuple[str, ...] = (),
+):
     """Decorator registering a model factory under ``name``, with its ``DenseDefaults``.
 
     With ``parse_name`` the factory serves a family of names (``wrn-28-2``, ``wrn-16-8``, ...): ``name``
@@ -81,7 +87,9 @@ def _resolve(name: str) -> tuple[ModelFactory, dict, DenseDefaults]:
     candidates = [*_MODELS, *torchvision_models.classification_model_names()]
     close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.75)
     hint = f"; did you mean '{close[0]}'?" if close else ""
-    raise UserError(f"unknown model '{name}' (known: {registered}, or any torchvision classification model){hint}")
+    raise UserError(
+        f"unknown model '{name}' (known: {registered}, or any torchvision classification model){hint}"
+    )
 
 
 def is_known_model(name: str) -> bool:

@@ -42,7 +42,9 @@ def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
     setattr(model.get_submodule(parent_name), attribute, replacement)
 
 
-def build_torchvision_model(*, name: str, num_classes: int, in_channels: int, image_size: int, **options) -> nn.Module:
+def build_torchvision_model(
+    *, name: str, num_classes: int, in_channels: int, image_size: int, **options
+) -> nn.Module:
     import torchvision
 
     try:
@@ -55,7 +57,9 @@ def build_torchvision_model(*, name: str, num_classes: int, in_channels: int, im
         # The usual CIFAR stem: ImageNet's 7x7/2 conv and 3x3/2 max pool would leave a 32x32 input 1x1 by
         # the last stage.
         model.conv1 = nn.Conv2d(in_channels, model.conv1.out_channels, 3, padding=1, bias=False)
-        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")  # as torchvision does
+        nn.init.kaiming_normal_(
+            model.conv1.weight, mode="fan_out", nonlinearity="relu"
+        )  # as torchvision does
         model.maxpool = nn.Identity()
     elif in_channels != 3:
         _replace_first_conv(model, in_channels)

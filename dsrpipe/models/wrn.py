@@ -31,7 +31,9 @@ class PreActBlock(nn.Module):
         return out + shortcut
 
 
-def _group(in_channels: int, out_channels: int, num_blocks: int, stride: int, dropout: float) -> nn.Sequential:
+def _group(
+    in_channels: int, out_channels: int, num_blocks: int, stride: int, dropout: float
+) -> nn.Sequential:
     return nn.Sequential(
         PreActBlock(in_channels, out_channels, stride, dropout),
         *(PreActBlock(out_channels, out_channels, 1, dropout) for _ in range(num_blocks - 1)),
@@ -83,13 +85,26 @@ def parse_wrn_name(name: str) -> dict | None:
 # As in the DSR paper's WRN-28-2 runs, only the 3x3 convs of the residual blocks are sparse by default:
 # the first conv, the 1x1 shortcut convs (few weights, each carrying a whole block's input) and the classifier
 # stay dense.
-@register_model("wrn-<depth>-<width>", parse_name=parse_wrn_name, first_conv="conv1", classifier="fc",
-                dense=("*.shortcut",))
+@register_model(
+    "wrn-<depth>-<width>",
+    parse_name=parse_wrn_name,
+    first_conv="conv1",
+    classifier="fc",
+    dense=("*.shortcut",),
+)
 def wide_resnet(
-    *, num_classes: int, in_channels: int, image_size: int, depth: int, width: int, dropout: float = 0.0,
+    *,
+    num_classes: int,
+    in_channels: int,
+    image_size: int,
+    depth: int,
+    width: int,
+    dropout: float = 0.0,
     widen_factor: float | None = None,
 ) -> nn.Module:
     # widen_factor: a real-valued width overriding the name's (group channels round(16k), round(32k), round(64k))
     if widen_factor is not None and widen_factor <= 0:
         raise UserError(f"model option widen_factor must be > 0, got {widen_factor}")
-    return WideResNet(depth, width if widen_factor is None else widen_factor, num_classes, in_channels, dropout)
+    return WideResNet(
+        depth, width if widen_factor is None else widen_factor, num_classes, in_channels, dropout
+    )

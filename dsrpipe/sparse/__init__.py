@@ -5,8 +5,16 @@ from __future__ import annotations
 import inspect
 
 from ..errors import UserError
-from .base import (Dense, LayerSelection, RewireSchedule, Sparsifier, layer_budgets, proportional_split,
-                   sample_free_positions, split_in_units)
+from .base import (
+    Dense,
+    LayerSelection,
+    RewireSchedule,
+    Sparsifier,
+    layer_budgets,
+    proportional_split,
+    sample_free_positions,
+    split_in_units,
+)
 from .deepr import DeepR
 from .dsr import DSR
 from .frozen import Frozen
@@ -17,8 +25,16 @@ from .units import GRANULARITIES, Units
 
 # "thin-dense" trains densely like "dense", on a narrower model with the sparse budget (see thin.py).
 METHODS: dict[str, type[Sparsifier]] = {
-    "dense": Dense, "static": Sparsifier, "dsr": DSR, "set": SET, "deepr": DeepR, "rigl": RigL,
-    "prune": Prune, "gmp": GradualPrune, "frozen": Frozen, "thin-dense": Dense,
+    "dense": Dense,
+    "static": Sparsifier,
+    "dsr": DSR,
+    "set": SET,
+    "deepr": DeepR,
+    "rigl": RigL,
+    "prune": Prune,
+    "gmp": GradualPrune,
+    "frozen": Frozen,
+    "thin-dense": Dense,
 }
 
 
@@ -50,7 +66,24 @@ def create_sparsifier(method: str, model, optimizer=None, **options) -> Sparsifi
 
 
 __all__ = [
-    "DSR", "GRANULARITIES", "SET", "DeepR", "Dense", "Frozen", "GradualPrune", "LayerSelection", "METHODS",
-    "Prune", "RewireSchedule", "RigL", "Sparsifier", "Units", "create_sparsifier", "layer_budgets",
-    "method_options", "proportional_split", "sample_free_positions", "split_in_units",
+    "DSR",
+    "GRANULARITIES",
+    "SET",
+    "DeepR",
+    "Dense",
+    "Frozen",
+    "GradualPrune",
+    "LayerSelection",
+    "METHODS",
+    "Prune",
+    "RewireSchedule",
+    "RigL",
+    "Sparsifier",
+    "Units",
+    "create_sparsifier",
+    "layer_budgets",
+    "method_options",
+    "proportional_split",
+    "sample_free_positions",
+    "split_in_units",
 ]

@@ -88,9 +88,13 @@ class LayerSelection:
                 if isinstance(value, str):
                     raise UserError(f"{name} expects a list of names, got the string '{value}'")
                 object.__setattr__(self, name, tuple(value))
-        if self.tensors is not None and (self.exclude is not None or not self.dense_first or not self.dense_last):
-            raise UserError("give either the sparse tensors by name or the rule (dense_first, dense_last, "
-                            "exclude), not both")
+        if self.tensors is not None and (
+            self.exclude is not None or not self.dense_first or not self.dense_last
+        ):
+            raise UserError(
+                "give either the sparse tensors by name or the rule (dense_first, dense_last, "
+                "exclude), not both"
+            )
 
     def select(self, model: nn.Module) -> dict[str, nn.Parameter]:
         """The sparse weights, by module name, in model order."""
@@ -100,8 +104,10 @@ class LayerSelection:
             for tensor in self.tensors:
                 if tensor not in by_tensor:
                     example = next(iter(by_tensor), "none")
-                    raise UserError(f"sparse tensor '{tensor}' is no Conv2d/Linear weight of this model "
-                                    f"(they are named like '{example}')")
+                    raise UserError(
+                        f"sparse tensor '{tensor}' is no Conv2d/Linear weight of this model "
+                        f"(they are named like '{example}')"
+                    )
             chosen = {by_tensor[t] for t in self.tensors}
             return {n: m.weight for n, m in layers if n in chosen}
         declared = getattr(model, "dense_defaults", None)
@@ -111,11 +117,16 @@ class LayerSelection:
         classifier = getattr(declared, "classifier", None) or (linears[-1] if linears else None)
         dense = ({first} if self.dense_first else set()) | ({classifier} if self.dense_last else set())
         patterns = self.exclude if self.exclude is not None else getattr(declared, "dense", ())
-        return {n: m.weight for n, m in layers
-                if n not in dense and not any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+        return {
+            n: m.weight
+            for n, m in layers
+            if n not in dense and not any(fnmatch.fnmatchcase(n, p) for p in patterns)
+        }
 
 
-def select_sparse_weights(model: nn.Module, layers: LayerSelection | None = None, **rule) -> dict[str, nn.Parameter]:
+def select_sparse_weights(
+    model: nn.Module, layers: LayerSelection | None = None, **rule
+) -> dict[str, nn.Parameter]:
     """Conv2d/Linear weights to make sparse, by module name: `layers`, or a LayerSelection made of
     the keywords (`dense_first`, `dense_last`, `exclude`, `tensors`)."""
     if layers is not None and rule:
@@ -184,7 +195,9 @@ def proportional_split(total: int, weights: list[float], capacity: list[int]) ->
     return share
 
 
-def split_in_units(total: int, weights: list[float], capacity: list[int], sizes: list[int]) -> list[int] | None:
+def split_in_units(
+    total: int, weights: list[float], capacity: list[int], sizes: list[int]
+) -> list[int] | None:
     """Whole units per tensor, `capacity[i]` at most, of `sizes[i]` elements each, holding exactly
     `total` elements in all, each tensor's share of elements close to proportional to `weights`;
     None when no choice of whole units holds exactly `total`.
@@ -215,7 +228,7 @@ def split_in_units(total: int, weights: list[float], capacity: list[int], sizes:
         while left > 0 and size <= goal:  # bounded counts as pieces of 1, 2, 4, ... units
             take = min(piece, left)
             if take * size <= goal:
-                now[take * size:] |= now[: goal + 1 - take * size].copy()
+                now[take * size :] |= now[: goal + 1 - take * size].copy()
             left -= take
             piece *= 2
         reachable[k] = now
@@ -224,14 +237,21 @@ def split_in_units(total: int, weights: list[float], capacity: list[int], sizes:
     units, remaining = [0] * len(sizes), goal
     for k, i in enumerate(order):
         rest = order[k:]
-        share = proportional_split(remaining * step, [weights[j] for j in rest],
-                                   [capacity[j] * sizes[j] for j in rest])[0]
+        share = proportional_split(
+            remaining * step, [weights[j] for j in rest], [capacity[j] * sizes[j] for j in rest]
+        )[0]
         size = sizes[i] // step
         most = min(capacity[i], remaining // size)
         nearest = min(max(round(share / sizes[i]), 0), most)
         for offset in range(most + 1):  # nearest first; one is feasible, as reachable[k][remaining] is
-            found = next((n for n in (nearest - offset, nearest + offset)
-                          if 0 <= n <= most and reachable[k + 1][remaining - n * size]), None)
+            found = next(
+                (
+                    n
+                    for n in (nearest - offset, nearest + offset)
+                    if 0 <= n <= most and reachable[k + 1][remaining - n * size]
+                ),
+                None,
+            )
             if found is not None:
                 break
         units[i] = found
@@ -245,8 +265,9 @@ def active_budget(numel: int, sparsity: float) -> int:
     return max(1, round((1 - sparsity) * numel))
 
 
-def layer_budgets(shapes: dict[str, tuple[int, ...]], sparsity: float,
-                  distribution: str = "uniform") -> dict[str, int]:
+def layer_budgets(
+    shapes: dict[str, tuple[int, ...]], sparsity: float, distribution: str = "uniform"
+) -> dict[str, int]:
     """Active weights per sparse tensor at `sparsity`.
 
     `uniform`: each tensor keeps `active_budget(numel, sparsity)`. `erk` (Erdős–Rényi-kernel, Evci
@@ -286,15 +307,21 @@ def read_finished_run(path: str | Path, option: str) -> dict[str, Any]:
         checkpoint = files.torch_load(path)
     except Exception as exc:  # whatever a foreign, truncated or hostile file makes the loader raise
         raise UserError(f"{option}: {files.not_a_checkpoint(path, exc)}") from None
-    if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("sparsifier"), dict)
-            and isinstance(checkpoint["sparsifier"].get("masks"), dict) and isinstance(checkpoint.get("model"), dict)):
+    if not (
+        isinstance(checkpoint, dict)
+        and isinstance(checkpoint.get("sparsifier"), dict)
+        and isinstance(checkpoint["sparsifier"].get("masks"), dict)
+        and isinstance(checkpoint.get("model"), dict)
+    ):
         raise UserError(f"{option}: {files.not_a_checkpoint(path, 'not a training run: no model and masks')}")
     if checkpoint.get("complete") is False:
         raise UserError(f"{option}: {path} is an unfinished run; use its final.pt")
     return checkpoint
 
 
-def smallest_active(weight: torch.Tensor, mask: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+def smallest_active(
+    weight: torch.Tensor, mask: torch.Tensor, count: int, generator: torch.Generator
+) -> torch.Tensor:
     """Bool mask of exactly `count` active entries of smallest magnitude (of `weight`, or of unit
     magnitudes with a unit mask).
 
@@ -353,14 +380,18 @@ class Sparsifier:
         if granularity not in GRANULARITIES:
             raise UserError(f"unknown granularity '{granularity}' (known: {', '.join(GRANULARITIES)})")
         if granularity not in self.granularities:
-            raise UserError(f"method '{self.method}' prunes and grows single weights only: granularity "
-                            f"'{granularity}' is for static, dsr and set")
+            raise UserError(
+                f"method '{self.method}' prunes and grows single weights only: granularity "
+                f"'{granularity}' is for static, dsr and set"
+            )
         self.granularity = granularity
         self.model, self.optimizer, self.sparsity = model, optimizer, sparsity
         self.layers = layers or LayerSelection()
         self.distribution = distribution
         self.weights = self.layers.select(model)
-        self.units = {n: Units(w.shape, unit_size(tuple(w.shape), granularity)) for n, w in self.weights.items()}
+        self.units = {
+            n: Units(w.shape, unit_size(tuple(w.shape), granularity)) for n, w in self.weights.items()
+        }
         self.schedule = schedule or RewireSchedule()
         self.iteration = 0
         device = next(iter(self.weights.values())).device if self.weights else torch.device("cpu")
@@ -368,28 +399,40 @@ class Sparsifier:
         self.generator.manual_seed(seed)
         self.masks: dict[str, torch.Tensor] = {}
         # The active count each sparse tensor starts with (or, pruning, ends with).
-        self.budgets = layer_budgets({n: tuple(w.shape) for n, w in self.weights.items()}, sparsity,
-                                     distribution) if sparsity > 0 else {}
+        self.budgets = (
+            layer_budgets({n: tuple(w.shape) for n, w in self.weights.items()}, sparsity, distribution)
+            if sparsity > 0
+            else {}
+        )
         if granularity != "element":
-            self.budgets = {n: max(1, round(b / self.units[n].size)) * self.units[n].size for n, b in self.budgets.items()}
+            self.budgets = {
+                n: max(1, round(b / self.units[n].size)) * self.units[n].size for n, b in self.budgets.items()
+            }
         if sparsity > 0:
             for name, w in self.weights.items():
                 # Contiguous whatever the weight's memory format: the methods index masks flat.
                 self.masks[name] = self.initial_mask(name, w).contiguous()
         if scale_init:
             self.scale_initial_weights()
-        if optimizer is not None and type(self)._masked_gradient is Sparsifier._masked_gradient and self.masks:
+        if (
+            optimizer is not None
+            and type(self)._masked_gradient is Sparsifier._masked_gradient
+            and self.masks
+        ):
             # One fused multiply of all the sparse gradients just before each optimizer step,
             # rather than a hook call per tensor: on a GPU the launches cost more than the math.
             self._hooks = [optimizer.register_step_pre_hook(lambda *_: self._mask_gradients())]
         else:
             self._hooks = [
                 self.weights[name].register_post_accumulate_grad_hook(
-                    lambda weight, name=name: self._masked_gradient(name, weight))
+                    lambda weight, name=name: self._masked_gradient(name, weight)
+                )
                 for name in self.masks
             ]
         # Positions grown at the latest reallocation, for the regrowth diagnostic.
-        self.last_grown = {n: torch.zeros_like(m) for n, m in self.masks.items()} if self.tracks_regrowth else {}
+        self.last_grown = (
+            {n: torch.zeros_like(m) for n, m in self.masks.items()} if self.tracks_regrowth else {}
+        )
         self.apply_masks()
 
     def initial_mask(self, name: str, weight: torch.Tensor) -> torch.Tensor:
@@ -488,9 +531,13 @@ class Sparsifier:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["method"] != self.method:
             raise UserError(f"checkpoint was trained with method '{state['method']}', not '{self.method}'")
-        granularity = state.get("granularity", "element")  # checkpoints from before granularity were elementwise
+        granularity = state.get(
+            "granularity", "element"
+        )  # checkpoints from before granularity were elementwise
         if granularity != self.granularity:
-            raise UserError(f"checkpoint was trained at granularity '{granularity}', not '{self.granularity}'")
+            raise UserError(
+                f"checkpoint was trained at granularity '{granularity}', not '{self.granularity}'"
+            )
         self.iteration = state["iteration"]
         self.generator.set_state(state["generator"])
         self.load_masks(state["masks"])
@@ -503,8 +550,10 @@ class Sparsifier:
             raise UserError("the masks do not match this model's sparse layers")
         for name, mask in masks.items():
             if mask.shape != self.masks[name].shape or not self.units[name].whole(mask):
-                raise UserError(f"the mask of '{name}' does not fit its weight at granularity '{self.granularity}' "
-                                f"(shape {tuple(mask.shape)}, whole units of {self.units[name].size} weights)")
+                raise UserError(
+                    f"the mask of '{name}' does not fit its weight at granularity '{self.granularity}' "
+                    f"(shape {tuple(mask.shape)}, whole units of {self.units[name].size} weights)"
+                )
         for name, mask in masks.items():
             self.masks[name].copy_(mask)  # in place: the gradient hooks hold these tensors
         self.apply_masks()
@@ -528,7 +577,9 @@ class Sparsifier:
         if units.size == 1:
             dropped = smallest_active(weight, mask, count, self.generator)
         else:
-            dropped = units.expand(smallest_active(units.magnitude(weight), units.of(mask), count, self.generator))
+            dropped = units.expand(
+                smallest_active(units.magnitude(weight), units.of(mask), count, self.generator)
+            )
         mask.logical_and_(~dropped)
         weight.masked_fill_(dropped, 0.0)
         return dropped

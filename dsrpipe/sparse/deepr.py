@@ -36,8 +36,16 @@ class DeepR(Sparsifier):
     method = "deepr"
     granularities = ("element",)
 
-    def __init__(self, model, optimizer=None, *, temperature: float | dict[int, float] | None = None,
-                 eta: float = 0.01, l1: float = 1e-5, **kwargs):
+    def __init__(
+        self,
+        model,
+        optimizer=None,
+        *,
+        temperature: float | dict[int, float] | None = None,
+        eta: float = 0.01,
+        l1: float = 1e-5,
+        **kwargs,
+    ):
         if optimizer is None:
             raise ValueError("DeepR needs the optimizer: its terms join the gradient before each step")
         if eta < 0 or l1 < 0:
@@ -56,8 +64,10 @@ class DeepR(Sparsifier):
         sparse = {id(w) for w in self.weights.values()}
         for group in optimizer.param_groups:
             if group.get("weight_decay", 0) and any(id(p) in sparse for p in group["params"]):
-                raise UserError("deepr: its L1 term is the regulariser, so weight decay must be 0 "
-                                f"(train.weight_decay: 0), got {group['weight_decay']}")
+                raise UserError(
+                    "deepr: its L1 term is the regulariser, so weight decay must be 0 "
+                    f"(train.weight_decay: 0), got {group['weight_decay']}"
+                )
         self.eta, self.l1 = eta, l1
         # Rewire after every step, up to the schedule's stop epoch.
         self.schedule = RewireSchedule({0: 1}, self.schedule.stop_epoch, per_epoch)
@@ -75,10 +85,14 @@ class DeepR(Sparsifier):
         coming = self.iteration + 1  # the hook runs before this step's step()
         if self.l1:
             weight.grad.add_(torch.sign(weight), alpha=self.l1)
-        noise_std = math.sqrt(2 * self.eta * self.temperature_at(coming)) if self.schedule.due(coming) else 0.0
+        noise_std = (
+            math.sqrt(2 * self.eta * self.temperature_at(coming)) if self.schedule.due(coming) else 0.0
+        )
         if noise_std:
-            weight.grad.add_(torch.randn(weight.shape, generator=self.generator, device=weight.device,
-                                         dtype=weight.dtype), alpha=noise_std)
+            weight.grad.add_(
+                torch.randn(weight.shape, generator=self.generator, device=weight.device, dtype=weight.dtype),
+                alpha=noise_std,
+            )
         super()._masked_gradient(name, weight)  # masked weights get neither term
 
     @torch.no_grad()

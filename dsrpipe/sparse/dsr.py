@@ -32,7 +32,9 @@ def prune_count(sparsifier: Sparsifier, prune_target: int | None, prune_fraction
     """N_p from a count or a fraction of the sparsifier's active weights (the paper's count when
     neither is given)."""
     if prune_target is not None and prune_fraction is not None:
-        raise UserError("give N_p as prune_target (a count) or prune_fraction (of the active weights), not both")
+        raise UserError(
+            "give N_p as prune_target (a count) or prune_fraction (of the active weights), not both"
+        )
     if prune_fraction is not None:
         if not 0.0 < prune_fraction <= 1.0:
             raise UserError(f"prune_fraction must be in (0, 1], got {prune_fraction}")

@@ -47,8 +47,13 @@ def _rebuild(spec: dict[str, Any], seed: int) -> nn.Module:
 
     with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
         torch.manual_seed(seed)
-        return create_model(spec["name"], num_classes=spec["num_classes"], in_channels=spec["in_channels"],
-                            image_size=spec["image_size"], **spec["options"])
+        return create_model(
+            spec["name"],
+            num_classes=spec["num_classes"],
+            in_channels=spec["in_channels"],
+            image_size=spec["image_size"],
+            **spec["options"],
+        )
 
 
 def _fresh_seed(seed: int, source_seed: int | None) -> int:
@@ -61,10 +66,21 @@ class Frozen(Sparsifier):
     method = "frozen"
     granularities = ("element",)  # the masks come as they are
 
-    def __init__(self, model, optimizer=None, *, masks_from: str | Path | None = None, init: str = "fresh",
-                 layers: LayerSelection | None = None, seed: int = 0, scale_init: bool = False):
+    def __init__(
+        self,
+        model,
+        optimizer=None,
+        *,
+        masks_from: str | Path | None = None,
+        init: str = "fresh",
+        layers: LayerSelection | None = None,
+        seed: int = 0,
+        scale_init: bool = False,
+    ):
         if masks_from is None:
-            raise UserError("method 'frozen' needs masks_from: the final.pt of the run whose masks to retrain")
+            raise UserError(
+                "method 'frozen' needs masks_from: the final.pt of the run whose masks to retrain"
+            )
         if init not in INITS:
             raise UserError(f"frozen: init must be one of {', '.join(INITS)}, got '{init}'")
         source = read_finished_run(masks_from, "masks_from")
@@ -78,34 +94,46 @@ class Frozen(Sparsifier):
         sparsity = 1 - active / sum(m.numel() for m in masks.values())  # as found
         super().__init__(model, optimizer, sparsity=sparsity, layers=layers, seed=seed, scale_init=scale_init)
         if set(masks) != set(self.masks):
-            raise UserError(f"masks_from: {masks_from} has masks for layers {sorted(masks)}, but this "
-                            f"model's sparse layers are {sorted(self.masks)} (same model, dense_first, "
-                            "dense_last, exclude and sparse_tensors?)")
+            raise UserError(
+                f"masks_from: {masks_from} has masks for layers {sorted(masks)}, but this "
+                f"model's sparse layers are {sorted(self.masks)} (same model, dense_first, "
+                "dense_last, exclude and sparse_tensors?)"
+            )
         del self._source
 
     def _initialise(self, model: nn.Module, source: dict[str, Any], seed: int) -> None:
         """Give `model` the source model's initial weights (`same`) or fresh ones."""
         path, spec, record = self._source_path, source.get("model_spec"), source.get("init")
         if not isinstance(spec, dict):
-            raise UserError(f"masks_from: {path} does not record its model (made by an older dsrpipe?): retrain it")
+            raise UserError(
+                f"masks_from: {path} does not record its model (made by an older dsrpipe?): retrain it"
+            )
         if self.init == "same" and not isinstance(record, dict):
-            raise UserError(f"masks_from: {path} does not record its initial weights (made by an older "
-                            "dsrpipe?): retrain it, or use init: fresh")
+            raise UserError(
+                f"masks_from: {path} does not record its initial weights (made by an older "
+                "dsrpipe?): retrain it, or use init: fresh"
+            )
         source_seed = record.get("seed") if isinstance(record, dict) else None
         built = _rebuild(spec, source_seed if self.init == "same" else _fresh_seed(seed, source_seed))
         if self.init == "same" and state_digest(built) != record.get("digest"):
-            raise UserError(f"masks_from: rebuilding {path}'s initial weights gave other values "
-                            "(another torch or torchvision version?): use init: fresh")
+            raise UserError(
+                f"masks_from: rebuilding {path}'s initial weights gave other values "
+                "(another torch or torchvision version?): use init: fresh"
+            )
         state, initial = model.state_dict(), built.state_dict()
         if set(state) != set(initial) or any(state[k].shape != initial[k].shape for k in state):
-            raise UserError(f"masks_from: {path} was trained with another model ({spec['name']}, options "
-                            f"{spec['options']}) than this one")
+            raise UserError(
+                f"masks_from: {path} was trained with another model ({spec['name']}, options "
+                f"{spec['options']}) than this one"
+            )
         model.load_state_dict(initial)
 
     def initial_mask(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         mask = self._source.get(name)
         if mask is None or mask.shape != weight.shape:
             found = "no mask" if mask is None else f"a mask of shape {tuple(mask.shape)}"
-            raise UserError(f"masks_from: {self._source_path} has {found} for layer '{name}' "
-                            f"(weight shape {tuple(weight.shape)}): was it trained with this model?")
+            raise UserError(
+                f"masks_from: {self._source_path} has {found} for layer '{name}' "
+                f"(weight shape {tuple(weight.shape)}): was it trained with this model?"
+            )
         return mask.to(device=weight.device, dtype=torch.bool).clone()

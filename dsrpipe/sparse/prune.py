@@ -31,31 +31,50 @@ class GradualPrune(Sparsifier):
     granularities = ("element",)  # prune inherits this
     default_end = 0.75  # of training, when end_iteration is not given
 
-    def __init__(self, model, optimizer=None, *, begin_iteration: int = 0, end_iteration: int | None = None,
-                 total_steps: int | None = None, steps: int | None = None, **kwargs):
+    def __init__(
+        self,
+        model,
+        optimizer=None,
+        *,
+        begin_iteration: int = 0,
+        end_iteration: int | None = None,
+        total_steps: int | None = None,
+        steps: int | None = None,
+        **kwargs,
+    ):
         super().__init__(model, optimizer, **kwargs)
         if end_iteration is None:
             if total_steps is None:
                 raise ValueError("gradual pruning needs end_iteration or total_steps")
             end_iteration = round(self.default_end * total_steps)  # then fine-tune the rest
         if not 0 <= begin_iteration < end_iteration:
-            raise UserError(f"gradual pruning needs 0 <= begin_iteration < end_iteration, got {begin_iteration}, {end_iteration}")
+            raise UserError(
+                f"gradual pruning needs 0 <= begin_iteration < end_iteration, got {begin_iteration}, {end_iteration}"
+            )
         if total_steps is not None and end_iteration > total_steps:
-            raise UserError(f"gradual pruning ends at iteration {end_iteration}, after training ({total_steps} "
-                            "iterations): it would never reach the target sparsity")
+            raise UserError(
+                f"gradual pruning ends at iteration {end_iteration}, after training ({total_steps} "
+                "iterations): it would never reach the target sparsity"
+            )
         if steps is not None and not 1 <= steps <= end_iteration - begin_iteration:
-            raise UserError(f"gradual pruning needs 1 <= steps <= {end_iteration - begin_iteration} (its iterations), got {steps}")
+            raise UserError(
+                f"gradual pruning needs 1 <= steps <= {end_iteration - begin_iteration} (its iterations), got {steps}"
+            )
         self.begin_iteration, self.end_iteration = begin_iteration, end_iteration
         span = end_iteration - begin_iteration
         # With `steps`, prune at n evenly spaced iterations, the last at the end; else on the schedule.
-        self.prune_at = {begin_iteration + round(k * span / steps) for k in range(1, steps + 1)} if steps else None
+        self.prune_at = (
+            {begin_iteration + round(k * span / steps) for k in range(1, steps + 1)} if steps else None
+        )
 
     def initial_mask(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         return torch.ones_like(weight, dtype=torch.bool)  # start dense
 
     def progress(self, iteration: int) -> float:
         """1 - (1 - p)³ of the cubic, p the fraction of the pruning span done (0 before, 1 after)."""
-        p = min(max((iteration - self.begin_iteration) / (self.end_iteration - self.begin_iteration), 0.0), 1.0)
+        p = min(
+            max((iteration - self.begin_iteration) / (self.end_iteration - self.begin_iteration), 0.0), 1.0
+        )
         return 1 - (1 - p) ** 3
 
     def target_sparsity(self, iteration: int) -> float:
@@ -71,7 +90,11 @@ class GradualPrune(Sparsifier):
         t = self.iteration
         if not self.masks or not self.begin_iteration < t <= self.end_iteration:
             return None
-        due = t in self.prune_at if self.prune_at is not None else (t == self.end_iteration or self.schedule.due(t))
+        due = (
+            t in self.prune_at
+            if self.prune_at is not None
+            else (t == self.end_iteration or self.schedule.due(t))
+        )
         return self.reallocate() if due else None
 
     @torch.no_grad()
@@ -82,8 +105,12 @@ class GradualPrune(Sparsifier):
             self.drop_smallest(name, count)
             pruned[name] = count
         self.clear_optimizer_state()
-        return {"iteration": self.iteration, "target_sparsity": self.target_sparsity(self.iteration),
-                "pruned": sum(pruned.values()), "pruned_per_tensor": pruned}
+        return {
+            "iteration": self.iteration,
+            "target_sparsity": self.target_sparsity(self.iteration),
+            "pruned": sum(pruned.values()),
+            "pruned_per_tensor": pruned,
+        }
 
 
 class Prune(GradualPrune):
@@ -92,20 +119,45 @@ class Prune(GradualPrune):
     method = "prune"
     default_end = 0.8
 
-    def __init__(self, model, optimizer=None, *, prune_from: str | Path | None = None, steps: int = 20,
-                 begin_iteration: int = 0, end_iteration: int | None = None, total_steps: int | None = None,
-                 sparsity: float = 0.9, layers=None, distribution: str = "uniform", seed: int = 0):
+    def __init__(
+        self,
+        model,
+        optimizer=None,
+        *,
+        prune_from: str | Path | None = None,
+        steps: int = 20,
+        begin_iteration: int = 0,
+        end_iteration: int | None = None,
+        total_steps: int | None = None,
+        sparsity: float = 0.9,
+        layers=None,
+        distribution: str = "uniform",
+        seed: int = 0,
+    ):
         if prune_from is None:
             raise UserError("method 'prune' needs prune_from: the train/final.pt of a dense run to prune")
         source = read_finished_run(prune_from, "prune_from")
         if source["sparsifier"]["masks"]:
-            raise UserError(f"prune_from: {prune_from} is a sparse run ({source['sparsifier'].get('method')}); "
-                            "prune starts from a dense one")
+            raise UserError(
+                f"prune_from: {prune_from} is a sparse run ({source['sparsifier'].get('method')}); "
+                "prune starts from a dense one"
+            )
         state = model.state_dict()
         weights = source["model"]
         if set(weights) != set(state) or any(weights[k].shape != state[k].shape for k in state):
-            raise UserError(f"prune_from: {prune_from} holds another model's weights (same model and options?)")
+            raise UserError(
+                f"prune_from: {prune_from} holds another model's weights (same model and options?)"
+            )
         model.load_state_dict(weights)  # before the masks: they start all ones anyway
-        super().__init__(model, optimizer, begin_iteration=begin_iteration, end_iteration=end_iteration,
-                         total_steps=total_steps, steps=steps, sparsity=sparsity, layers=layers,
-                         distribution=distribution, seed=seed)
+        super().__init__(
+            model,
+            optimizer,
+            begin_iteration=begin_iteration,
+            end_iteration=end_iteration,
+            total_steps=total_steps,
+            steps=steps,
+            sparsity=sparsity,
+            layers=layers,
+            distribution=distribution,
+            seed=seed,
+        )

@@ -31,8 +31,16 @@ class RigL(Sparsifier):
     granularities = ("element",)
     tracks_regrowth = True
 
-    def __init__(self, model, optimizer=None, *, alpha: float = 0.3, decay_end_iteration: int | None = None,
-                 total_steps: int | None = None, **kwargs):
+    def __init__(
+        self,
+        model,
+        optimizer=None,
+        *,
+        alpha: float = 0.3,
+        decay_end_iteration: int | None = None,
+        total_steps: int | None = None,
+        **kwargs,
+    ):
         if not 0.0 <= alpha <= 1.0:
             raise UserError(f"alpha must be in [0, 1], got {alpha}")
         super().__init__(model, optimizer, **kwargs)
@@ -64,8 +72,10 @@ class RigL(Sparsifier):
         if fraction == 0.0:
             return None
         if set(scores) != set(self.masks):
-            raise RuntimeError("RigL reallocates from the dense gradient of the step just before: "
-                               "call backward() and then step() on a reallocation iteration")
+            raise RuntimeError(
+                "RigL reallocates from the dense gradient of the step just before: "
+                "call backward() and then step() on a reallocation iteration"
+            )
         grown = {}
         for name, num_active in self.active_per_tensor().items():
             w, m = self.weights[name], self.masks[name]
@@ -83,5 +93,9 @@ class RigL(Sparsifier):
             w.masked_fill_(dropped & ~grow, 0.0)  # a regrown just-dropped weight keeps its value
             grown[name] = count
         self.clear_optimizer_state()  # the dropped lose their momentum; new ones never had any
-        return {"iteration": self.iteration, "drop_fraction": fraction, "pruned": sum(grown.values()),
-                "grown": grown}
+        return {
+            "iteration": self.iteration,
+            "drop_fraction": fraction,
+            "pruned": sum(grown.values()),
+            "grown": grown,
+        }

@@ -31,8 +31,16 @@ class SET(Sparsifier):
     method = "set"
     tracks_regrowth = True
 
-    def __init__(self, model, optimizer=None, *, prune_target: int | None = None,
-                 prune_fraction: float | None = None, zeta: float | None = None, **kwargs):
+    def __init__(
+        self,
+        model,
+        optimizer=None,
+        *,
+        prune_target: int | None = None,
+        prune_fraction: float | None = None,
+        zeta: float | None = None,
+        **kwargs,
+    ):
         super().__init__(model, optimizer, **kwargs)
         if zeta is None:
             if prune_target is None and prune_fraction is not None:
@@ -41,8 +49,10 @@ class SET(Sparsifier):
                 active = self.active_count()
                 n_p = prune_count(self, prune_target, prune_fraction)
                 if self.masks and n_p > active:
-                    raise UserError(f"set: N_p = {n_p} is more than the {active} active weights; "
-                                    "give a smaller prune_target or a prune_fraction")
+                    raise UserError(
+                        f"set: N_p = {n_p} is more than the {active} active weights; "
+                        "give a smaller prune_target or a prune_fraction"
+                    )
                 zeta = n_p / active if active else 0.0
         elif prune_target is not None or prune_fraction is not None:
             raise UserError("set: give zeta or N_p (prune_target / prune_fraction), not both")
@@ -54,7 +64,10 @@ class SET(Sparsifier):
     def reallocate(self) -> dict[str, Any]:
         grown = {}
         for name, num_active in self.active_per_tensor().items():
-            u, m = self.units[name], self.masks[name]  # single weights, or whole kernels or filters (units.py)
+            u, m = (
+                self.units[name],
+                self.masks[name],
+            )  # single weights, or whole kernels or filters (units.py)
             active_units = num_active // u.size
             count = round(self.zeta * active_units)
             # 1. Prune exactly `count` smallest-magnitude active units.

@@ -27,13 +27,21 @@ def _width_knob(model_name: str, options: dict[str, Any]) -> tuple[str, float]:
         return "scale", float(options.get("scale", 1.0))
     if model_name.startswith("wrn-") and (parsed := parse_wrn_name(model_name)) is not None:
         return "widen_factor", float(options.get("widen_factor", parsed["width"]))
-    raise UserError(f"thin-dense: model '{model_name}' has no width option to scale "
-                    "(supported: small-cnn, lenet5, wrn-<depth>-<width>)")
+    raise UserError(
+        f"thin-dense: model '{model_name}' has no width option to scale "
+        "(supported: small-cnn, lenet5, wrn-<depth>-<width>)"
+    )
 
 
 def thin_model_options(
-    model_name: str, options: dict[str, Any], *, num_classes: int, in_channels: int, image_size: int,
-    sparsity: float, layers: LayerSelection | None = None,
+    model_name: str,
+    options: dict[str, Any],
+    *,
+    num_classes: int,
+    in_channels: int,
+    image_size: int,
+    sparsity: float,
+    layers: LayerSelection | None = None,
 ) -> tuple[dict[str, Any], int, int]:
     """Model options for a dense model as close as the width allows to the sparse budget.
 
@@ -43,8 +51,13 @@ def thin_model_options(
 
     def build(value) -> torch.nn.Module:
         with torch.device("meta"):
-            return create_model(model_name, num_classes=num_classes, in_channels=in_channels,
-                                image_size=image_size, **{**options, knob: value})
+            return create_model(
+                model_name,
+                num_classes=num_classes,
+                in_channels=in_channels,
+                image_size=image_size,
+                **{**options, knob: value},
+            )
 
     def count(value) -> int:
         return sum(p.numel() for p in build(value).parameters())

@@ -9,10 +9,9 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
-from ..files import shown
+from ..files import exclusive_lock, shown
 from . import limits
 from .drops import STATE_DIR, TEMPLATE_NAME
-from ..files import exclusive_lock
 from .folder import DropFolder, log
 from .intake import Intake
 from .options import WatchOptions, default_job_memory, format_size
@@ -41,8 +40,10 @@ class Daemon:
         lock = exclusive_lock(self.folder.state / "lock")
         if lock is None:
             pid = (self.folder.state / "lock").read_text().strip() or "?"
-            raise UserError(f"{shown(self.opts.drop)} is already watched by another dsrpipe watch (pid {pid}); "
-                            "stop it first")
+            raise UserError(
+                f"{shown(self.opts.drop)} is already watched by another dsrpipe watch (pid {pid}); "
+                "stop it first"
+            )
         try:
             journal = self.folder.open_journal()
             previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -64,9 +65,11 @@ class Daemon:
     def _serve(self) -> None:
         o = self.opts
         timeout = f", job timeout {o.job_timeout:g}s" if o.job_timeout else ""
-        log.info(f"watching {shown(o.drop)} -> {shown(o.out)} ({o.workers} worker(s), quiet period {o.quiet:g}s, "
-                 f"job memory {format_size(o.job_memory)}{timeout}{', once' if o.once else ''}"
-                 f"{', rerun' if o.rerun else ''})")
+        log.info(
+            f"watching {shown(o.drop)} -> {shown(o.out)} ({o.workers} worker(s), quiet period {o.quiet:g}s, "
+            f"job memory {format_size(o.job_memory)}{timeout}{', once' if o.once else ''}"
+            f"{', rerun' if o.rerun else ''})"
+        )
         self.runner.recover()
         self.readiness.start()
         self.readiness.scan()
@@ -83,7 +86,9 @@ class Daemon:
                         self.runner.warm_up()
             self.runner.poll()
             self.runner.start_jobs()
-            if o.once and not (self.readiness.pending or self.runner.running or self.folder.journal.jobs("queued")):
+            if o.once and not (
+                self.readiness.pending or self.runner.running or self.folder.journal.jobs("queued")
+            ):
                 break
         if self.signal_name:
             log.info(f"{self.signal_name}: stopping; no new jobs")
@@ -97,7 +102,9 @@ def watch(opts: WatchOptions) -> int:
     """`dsrpipe watch`: check the options, then serve the drop folder until signalled."""
     drop = Path(opts.drop).expanduser()
     if not drop.is_dir():
-        raise UserError(f"drop folder {shown(drop)} {'is not a folder' if drop.exists() else 'does not exist'}")
+        raise UserError(
+            f"drop folder {shown(drop)} {'is not a folder' if drop.exists() else 'does not exist'}"
+        )
     drop = drop.resolve()
     out = Path(opts.out).expanduser().resolve()
     if out == drop:
@@ -107,7 +114,9 @@ def watch(opts: WatchOptions) -> int:
         raise UserError(f"template {shown(template)} does not exist")
     if opts.workers < 1 or opts.quiet < 0:
         raise UserError("--workers must be at least 1 and --quiet-period at least 0")
-    if (opts.job_memory is not None and opts.job_memory <= 0) or (opts.job_timeout is not None and opts.job_timeout <= 0):
+    if (opts.job_memory is not None and opts.job_memory <= 0) or (
+        opts.job_timeout is not None and opts.job_timeout <= 0
+    ):
         raise UserError("--job-memory and --job-timeout must be more than 0")
     try:
         (drop / STATE_DIR).mkdir(exist_ok=True)
@@ -118,8 +127,18 @@ def watch(opts: WatchOptions) -> int:
     job_memory = opts.job_memory or default_job_memory(opts.workers)
     if not limits.AVAILABLE:
         log.warning("no /proc here: --job-memory is not enforced")
-    return Daemon(WatchOptions(**{**opts.__dict__, "drop": drop, "out": out, "template": template,
-                                  "log_file": log_file, "job_memory": job_memory})).run()
+    return Daemon(
+        WatchOptions(
+            **{
+                **opts.__dict__,
+                "drop": drop,
+                "out": out,
+                "template": template,
+                "log_file": log_file,
+                "job_memory": job_memory,
+            }
+        )
+    ).run()
 
 
 def _setup_logging(log_file: Path | None) -> None:

@@ -11,8 +11,8 @@ import hashlib
 import os
 import re
 import stat
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..files import is_text, shown
 from ..imagefolder import ARCHIVE_SUFFIXES, archive_suffix, find_splits
@@ -66,7 +66,7 @@ def slug(text: str) -> str:
 def drop_stem(name: str) -> str:
     lower = name.lower()
     suffix = archive_suffix(name) or next((s for s in PIPELINE_SUFFIXES if lower.endswith(s)), "")
-    return name[:len(name) - len(suffix)]
+    return name[: len(name) - len(suffix)]
 
 
 def job_kind(name: str) -> str:
@@ -87,8 +87,9 @@ def entry_kind(path: Path, st: os.stat_result) -> tuple[str | None, str]:
         return "pipeline", ""
     if archive_suffix(name):
         return "archive", ""
-    return None, ("not a pipeline (.yaml/.yml), a dataset folder or a dataset archive "
-                  f"({'/'.join(ARCHIVE_SUFFIXES)})")
+    return None, (
+        f"not a pipeline (.yaml/.yml), a dataset folder or a dataset archive ({'/'.join(ARCHIVE_SUFFIXES)})"
+    )
 
 
 def is_dataset_folder(path: Path) -> bool:
@@ -157,7 +158,9 @@ def content_hash(path: Path, should_stop: Callable[[], bool] = lambda: False) ->
 def _check_entry(folder: Path, rel: str, st: os.stat_result, entry: Path) -> None:
     where = f"unsafe dataset folder {shown(folder.name)}: '{shown(rel)}'"
     if not is_text(rel):
-        raise IntakeError(f"dataset folder {shown(folder.name)}: '{shown(rel)}' is not a UTF-8 name; rename it")
+        raise IntakeError(
+            f"dataset folder {shown(folder.name)}: '{shown(rel)}' is not a UTF-8 name; rename it"
+        )
     if stat.S_ISLNK(st.st_mode):
         target = os.readlink(entry)
         try:

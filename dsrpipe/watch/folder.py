@@ -6,7 +6,6 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
-import os
 import re
 import shutil
 import time
@@ -59,11 +58,14 @@ class DropFolder:
         cause = shown(" ".join(cause.splitlines()))
         shutil.rmtree(self.job_dir(job) / "cache", ignore_errors=True)
         error = self.write_error(job["name"], job["drop_path"], cause, code, self.job_dir(job) / "job.log")
-        self.journal.update(job["id"], state="failed", exit_code=code, pid=None, finished=time.time(), cause=cause)
+        self.journal.update(
+            job["id"], state="failed", exit_code=code, pid=None, finished=time.time(), cause=cause
+        )
         self.event(job["name"], "failed", id=job["id"], duration=seconds, cause=cause, error=error)
 
-    def write_error(self, job_name: str, drop: str, cause: str, code: int | None, log_path: Path | None,
-                    detail: str = "") -> Path:
+    def write_error(
+        self, job_name: str, drop: str, cause: str, code: int | None, log_path: Path | None, detail: str = ""
+    ) -> Path:
         lines = [cause, "", f"job: {job_name}", f"drop: {shown(drop)}"]
         if code is not None:
             lines.append(f"exit code: {code}")
@@ -85,4 +87,3 @@ def try_lock(f) -> bool:
         return False
     fcntl.flock(f, fcntl.LOCK_UN)
     return True
-

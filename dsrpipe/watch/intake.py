@@ -15,16 +15,28 @@ import os
 import re
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 from .. import files
 from ..config import SAFE_NAME, parse_yaml
 from ..errors import UserError
 from ..files import is_text, shown
-from .drops import (DEFAULT_TEMPLATE, MAX_PIPELINE_BYTES, TEMPLATE_NAME, IntakeError, Stopped, content_hash,
-                    drop_stem, entry_kind, is_dataset_folder, job_kind, slug, stamp)
+from .drops import (
+    DEFAULT_TEMPLATE,
+    MAX_PIPELINE_BYTES,
+    TEMPLATE_NAME,
+    IntakeError,
+    Stopped,
+    content_hash,
+    drop_stem,
+    entry_kind,
+    is_dataset_folder,
+    job_kind,
+    slug,
+    stamp,
+)
 from .folder import DropFolder, log
 from .journal import ACTIVE
 
@@ -71,14 +83,18 @@ class Intake:
             if latest is not None and latest["stamp"] == before:
                 return None  # seen exactly like this already
             if not is_text(name):
-                return self._reject(name, kind, before, f"the drop's name '{shown(name)}' is not UTF-8; rename it")
+                return self._reject(
+                    name, kind, before, f"the drop's name '{shown(name)}' is not UTF-8; rename it"
+                )
             content = None
             try:
                 if kind == "pipeline":
                     size = path.stat().st_size
                     if size > MAX_PIPELINE_BYTES:
-                        raise IntakeError(f"{name}: {size:,} bytes is too big for a pipeline file "
-                                          f"(at most {MAX_PIPELINE_BYTES:,})")
+                        raise IntakeError(
+                            f"{name}: {size:,} bytes is too big for a pipeline file "
+                            f"(at most {MAX_PIPELINE_BYTES:,})"
+                        )
                     content = path.read_bytes()
                     sha = hashlib.sha256(content).hexdigest()
                 else:
@@ -86,7 +102,11 @@ class Intake:
             except (IntakeError, PermissionError) as exc:
                 if stamp(path) != before:
                     return "again"
-                cause = str(exc) if isinstance(exc, IntakeError) else f"cannot read {exc.filename}: {exc.strerror}"
+                cause = (
+                    str(exc)
+                    if isinstance(exc, IntakeError)
+                    else f"cannot read {exc.filename}: {exc.strerror}"
+                )
                 return self._reject(name, kind, before, cause)
             if stamp(path) != before:  # changed while being read
                 return "again"
@@ -107,14 +127,25 @@ class Intake:
             if latest is not None and latest["sha256"] == sha:  # the same drop, touched or copied again
                 journal.update(latest["id"], stamp=before)
             else:
-                journal.add(name=same["name"], drop_path=name, kind=kind, sha256=sha, stamp=before,
-                            state="skipped", out=same["out"], cause=why, finished=time.time())
+                journal.add(
+                    name=same["name"],
+                    drop_path=name,
+                    kind=kind,
+                    sha256=sha,
+                    stamp=before,
+                    state="skipped",
+                    out=same["out"],
+                    cause=why,
+                    finished=time.time(),
+                )
             return self.folder.event(None, "skipped", drop=name, reason=why)
         try:
             template = None if kind == "pipeline" else self._read_template()
         except IntakeError as exc:
             return self._reject(name, kind, before, str(exc))
-        job_name = same["name"] if same is not None else self._unique_name(self._base_name(name, content), sha)
+        job_name = (
+            same["name"] if same is not None else self._unique_name(self._base_name(name, content), sha)
+        )
         self._queue(name, kind, sha, before, content, template, job_name, rerun=same is not None)
         return "queued"
 
@@ -136,7 +167,7 @@ class Intake:
         for n in (8, 16, 64):
             if not self.folder.journal.name_taken(name, sha):
                 break
-            name = f"{base[:99 - n]}-{digits[:n]}"
+            name = f"{base[: 99 - n]}-{digits[:n]}"
         return name
 
     def _read_template(self) -> tuple[bytes, str]:
@@ -148,8 +179,17 @@ class Intake:
         except OSError as exc:
             raise IntakeError(f"cannot read the template {path}: {exc.strerror}") from None
 
-    def _queue(self, name: str, kind: str, sha: str, before: str, content: bytes | None,
-               template: tuple[bytes, str] | None, job_name: str, rerun: bool) -> None:
+    def _queue(
+        self,
+        name: str,
+        kind: str,
+        sha: str,
+        before: str,
+        content: bytes | None,
+        template: tuple[bytes, str] | None,
+        job_name: str,
+        rerun: bool,
+    ) -> None:
         folder = self.folder
         job_dir = folder.jobs_dir / job_name
         if kind == "pipeline":
@@ -161,21 +201,49 @@ class Intake:
             overrides = ["data.dataset=imagefolder", f"data.root={json.dumps(str(folder.drop / name))}"]
         # Always: the safe job name, and the job's own cache (never a folder a config picks).
         overrides += [f"name={json.dumps(job_name)}", f"data.cache_dir={json.dumps(str(job_dir / 'cache'))}"]
-        files.write_json(job_dir / "job.json", {
-            "name": job_name, "drop": name, "config": str(config), "shown_as": shown_as,
-            "overrides": overrides, "out": str(folder.out), "cwd": str(folder.drop)})
-        job_id = folder.journal.add(name=job_name, drop_path=name, kind=kind, sha256=sha, stamp=before,
-                                    state="queued", out=str(folder.out), fresh=int(rerun))
+        files.write_json(
+            job_dir / "job.json",
+            {
+                "name": job_name,
+                "drop": name,
+                "config": str(config),
+                "shown_as": shown_as,
+                "overrides": overrides,
+                "out": str(folder.out),
+                "cwd": str(folder.drop),
+            },
+        )
+        job_id = folder.journal.add(
+            name=job_name,
+            drop_path=name,
+            kind=kind,
+            sha256=sha,
+            stamp=before,
+            state="queued",
+            out=str(folder.out),
+            fresh=int(rerun),
+        )
         folder.event(job_name, "queued", id=job_id, drop=name, rerun="yes" if rerun else None)
 
     def _reject(self, name: str, kind: str, before: str, cause: str, detail: str = "") -> None:
         """A drop that cannot run at all: failed at once, with its error file."""
         cause = shown(" ".join(cause.splitlines()))
-        pseudo = "x:" + hashlib.sha256(os.fsencode(name) + f"\0{before}".encode()).hexdigest()  # no content hash
+        pseudo = (
+            "x:" + hashlib.sha256(os.fsencode(name) + f"\0{before}".encode()).hexdigest()
+        )  # no content hash
         job_name = self._unique_name(slug(drop_stem(name)), pseudo)
         error = self.folder.write_error(job_name, name, cause, None, None, detail)
         now = time.time()
-        job_id = self.folder.journal.add(name=job_name, drop_path=name, kind=kind, sha256=pseudo, stamp=before,
-                                         state="failed", out=str(self.folder.out), cause=cause, started=now,
-                                         finished=now)
+        job_id = self.folder.journal.add(
+            name=job_name,
+            drop_path=name,
+            kind=kind,
+            sha256=pseudo,
+            stamp=before,
+            state="failed",
+            out=str(self.folder.out),
+            cause=cause,
+            started=now,
+            finished=now,
+        )
         self.folder.event(job_name, "failed", id=job_id, drop=name, cause=cause, error=error)

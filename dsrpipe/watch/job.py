@@ -14,8 +14,7 @@ from typing import Any
 
 from .. import files
 from ..errors import EXIT_BUG, EXIT_BUSY, EXIT_INTERRUPTED, UserError
-from ..files import shown
-from ..files import exclusive_lock
+from ..files import exclusive_lock, shown
 
 
 def job_process(job_dir: str, settings: dict[str, Any]) -> None:
@@ -73,8 +72,11 @@ def job_main(job_dir: Path, settings: dict[str, Any] | None = None) -> int:
     except UserError as exc:
         cause, code = str(exc).replace(spec["config"], spec["shown_as"]), exc.exit_code
     except KeyboardInterrupt:
-        print("interrupted: completed epochs are checkpointed; the job resumes from there",
-              file=sys.stderr, flush=True)
+        print(
+            "interrupted: completed epochs are checkpointed; the job resumes from there",
+            file=sys.stderr,
+            flush=True,
+        )
         return EXIT_INTERRUPTED
     except Exception as exc:  # a bug: the traceback goes to the job log
         traceback.print_exc()
@@ -98,8 +100,15 @@ def _run_through_torchrun(spec: dict[str, Any], nproc: int, threads: int | None)
     for override in spec["overrides"]:
         args += ["--set", override]
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    process = subprocess.Popen(launch_command(nproc, args), stdout=sys.stdout, stderr=subprocess.PIPE,
-                               stdin=subprocess.DEVNULL, text=True, errors="replace", env=env)
+    process = subprocess.Popen(
+        launch_command(nproc, args),
+        stdout=sys.stdout,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        errors="replace",
+        env=env,
+    )
     error = None
     try:
         for line in process.stderr:

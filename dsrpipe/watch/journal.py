@@ -79,7 +79,9 @@ class Journal:
         fields["drop_path"] = shown(fields["drop_path"])
         keys = ", ".join(fields)
         marks = ", ".join("?" * len(fields))
-        return self.db.execute(f"INSERT INTO jobs ({keys}) VALUES ({marks})", tuple(fields.values())).lastrowid
+        return self.db.execute(
+            f"INSERT INTO jobs ({keys}) VALUES ({marks})", tuple(fields.values())
+        ).lastrowid
 
     def update(self, job_id: int, **fields: Any) -> None:
         assignments = ", ".join(f"{key} = ?" for key in fields)
@@ -95,31 +97,41 @@ class Journal:
         return [dict(r) for r in self.db.execute("SELECT * FROM jobs ORDER BY id")]
 
     def latest_for_path(self, drop_path: str) -> dict[str, Any] | None:
-        row = self.db.execute("SELECT * FROM jobs WHERE drop_path = ? ORDER BY id DESC LIMIT 1",
-                              (shown(drop_path),)).fetchone()
+        row = self.db.execute(
+            "SELECT * FROM jobs WHERE drop_path = ? ORDER BY id DESC LIMIT 1", (shown(drop_path),)
+        ).fetchone()
         return dict(row) if row else None
 
     def job_for_content(self, sha256: str) -> dict[str, Any] | None:
         """The latest job (not a skipped drop) that ran or will run this content."""
-        row = self.db.execute("SELECT * FROM jobs WHERE sha256 = ? AND state != 'skipped' ORDER BY id DESC LIMIT 1",
-                              (sha256,)).fetchone()
+        row = self.db.execute(
+            "SELECT * FROM jobs WHERE sha256 = ? AND state != 'skipped' ORDER BY id DESC LIMIT 1", (sha256,)
+        ).fetchone()
         return dict(row) if row else None
 
     def name_taken(self, name: str, sha256: str) -> bool:
         """Whether another content already owns this job name (and so its output folder)."""
-        return self.db.execute("SELECT 1 FROM jobs WHERE name = ? AND sha256 != ? LIMIT 1",
-                               (name, sha256)).fetchone() is not None
+        return (
+            self.db.execute(
+                "SELECT 1 FROM jobs WHERE name = ? AND sha256 != ? LIMIT 1", (name, sha256)
+            ).fetchone()
+            is not None
+        )
 
     def first_ignore(self, path: str, reason: str) -> bool:
         """Record an ignored entry; True the first time only, so each is reported once."""
-        cursor = self.db.execute("INSERT OR IGNORE INTO ignored (path, reason, at) VALUES (?, ?, ?)",
-                                 (shown(path), reason, time.time()))
+        cursor = self.db.execute(
+            "INSERT OR IGNORE INTO ignored (path, reason, at) VALUES (?, ?, ?)",
+            (shown(path), reason, time.time()),
+        )
         return cursor.rowcount == 1
 
 
 def unreadable(path: Path, exc: Exception) -> str:
     """How to recover from a journal SQLite cannot read (corrupt, truncated, not a database)."""
-    return (f"cannot read the watch journal {path} ({exc}): stop `dsrpipe watch`, move the file aside "
-            f"(mv {path} {path}.corrupt) and start it again: it starts a new journal and takes every drop "
-            "in the folder as new; a job whose outputs are complete in --out finishes without training again, "
-            "the others run (from their last checkpoint), failed drops fail again")
+    return (
+        f"cannot read the watch journal {path} ({exc}): stop `dsrpipe watch`, move the file aside "
+        f"(mv {path} {path}.corrupt) and start it again: it starts a new journal and takes every drop "
+        "in the folder as new; a job whose outputs are complete in --out finishes without training again, "
+        "the others run (from their last checkpoint), failed drops fail again"
+    )

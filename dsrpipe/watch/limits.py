@@ -17,7 +17,7 @@ on kernels without smaps_rollup (before 4.14).
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 AVAILABLE = os.path.exists("/proc/self/stat")
 _PAGE = os.sysconf("SC_PAGE_SIZE")

@@ -13,8 +13,10 @@ import os
 import queue
 import stat
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager
+from typing import Any
 
 from ..errors import UserError
 from ..files import shown
@@ -33,8 +35,9 @@ def _look(st: os.stat_result) -> tuple:
 
 
 class Readiness:
-    def __init__(self, folder: DropFolder, quiet: float, own: set[str],
-                 guard: Callable[[str], ContextManager]):
+    def __init__(
+        self, folder: DropFolder, quiet: float, own: set[str], guard: Callable[[str], AbstractContextManager]
+    ):
         self.folder, self.quiet = folder, quiet
         self.own = own  # top-level names that are ours, not drops: never reported
         self.guard = guard  # guard(name): an unexpected error inside fails that drop, not the daemon
@@ -44,9 +47,18 @@ class Readiness:
         self.observer = None
 
     def start(self) -> None:
-        from watchdog.events import (DirCreatedEvent, DirDeletedEvent, DirModifiedEvent, DirMovedEvent,
-                                     FileClosedEvent, FileCreatedEvent, FileDeletedEvent, FileModifiedEvent,
-                                     FileMovedEvent, FileSystemEventHandler)
+        from watchdog.events import (
+            DirCreatedEvent,
+            DirDeletedEvent,
+            DirModifiedEvent,
+            DirMovedEvent,
+            FileClosedEvent,
+            FileCreatedEvent,
+            FileDeletedEvent,
+            FileModifiedEvent,
+            FileMovedEvent,
+            FileSystemEventHandler,
+        )
         from watchdog.observers import Observer
 
         events = self.events
@@ -57,13 +69,23 @@ class Readiness:
                 if event.dest_path:
                     events.put((event.event_type, os.fsdecode(event.dest_path)))
 
-        self._event_filter = [FileCreatedEvent, FileModifiedEvent, FileMovedEvent, FileDeletedEvent,
-                              FileClosedEvent, DirCreatedEvent, DirModifiedEvent, DirMovedEvent, DirDeletedEvent]
+        self._event_filter = [
+            FileCreatedEvent,
+            FileModifiedEvent,
+            FileMovedEvent,
+            FileDeletedEvent,
+            FileClosedEvent,
+            DirCreatedEvent,
+            DirModifiedEvent,
+            DirMovedEvent,
+            DirDeletedEvent,
+        ]
         self._handler = Forward()
         self.observer = Observer()
         try:
-            self.observer.schedule(self._handler, str(self.folder.drop), recursive=False,
-                                   event_filter=self._event_filter)
+            self.observer.schedule(
+                self._handler, str(self.folder.drop), recursive=False, event_filter=self._event_filter
+            )
         except OSError as exc:  # e.g. out of inotify instances
             raise UserError(f"cannot watch {shown(self.folder.drop)}: {exc}") from None
         self.observer.start()
@@ -173,7 +195,11 @@ class Readiness:
         if name not in self.dir_watches:
             try:
                 self.dir_watches[name] = self.observer.schedule(
-                    self._handler, str(self.folder.drop / name), recursive=True, event_filter=self._event_filter)
+                    self._handler,
+                    str(self.folder.drop / name),
+                    recursive=True,
+                    event_filter=self._event_filter,
+                )
             except OSError as exc:  # e.g. out of inotify watches: readiness falls back to the quiet period
                 log.warning(f"cannot watch {shown(name)}/ for changes: {exc}")
 

@@ -14,9 +14,10 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import EXIT_BUSY, EXIT_INTERRUPTED, EXIT_USER_ERROR, EXIT_VALIDATION
 from .drops import ERROR_SUFFIX
@@ -26,14 +27,23 @@ from .options import WatchOptions, format_size
 
 MAX_ATTEMPTS = 10  # starts of one job (each interruption costs one) before it is failed
 STOP_TIMEOUT = 30.0  # seconds a job gets to stop on SIGTERM before SIGKILL
-LIMITS_PERIOD = 0.5  # seconds between two looks at the jobs' memory and time (a look costs ~1 ms per 20 processes)
+LIMITS_PERIOD = (
+    0.5  # seconds between two looks at the jobs' memory and time (a look costs ~1 ms per 20 processes)
+)
 BUSY_WAIT = 5.0  # seconds before a job found busy (an orphan not yet gone) is tried again
 INTERRUPTED = {EXIT_INTERRUPTED, -signal.SIGTERM, -signal.SIGINT, 255}  # 255: the fork server died
 # Imported once by the fork server, so that a job process starts in milliseconds, not seconds
 # (the server skips any that fail to import: the job then imports them itself).
-PRELOAD = ["dsrpipe.watch.job", "dsrpipe.pipeline", "sklearn.datasets", "sklearn.model_selection",
-           "matplotlib.figure", "matplotlib.backends.backend_agg", "onnxscript",
-           "torch.onnx._internal.exporter._core"]
+PRELOAD = [
+    "dsrpipe.watch.job",
+    "dsrpipe.pipeline",
+    "sklearn.datasets",
+    "sklearn.model_selection",
+    "matplotlib.figure",
+    "matplotlib.backends.backend_agg",
+    "onnxscript",
+    "torch.onnx._internal.exporter._core",
+]
 
 
 @dataclass
@@ -57,8 +67,12 @@ class Runner:
         for job in self.folder.journal.jobs("running"):
             self._stop_orphan(job)
             self.folder.journal.update(job["id"], state="queued", pid=None)
-            self.folder.event(job["name"], "queued", id=job["id"], reason="was running when the daemon stopped; "
-                              "resumes from its last checkpoint")
+            self.folder.event(
+                job["name"],
+                "queued",
+                id=job["id"],
+                reason="was running when the daemon stopped; resumes from its last checkpoint",
+            )
 
     def warm_up(self) -> None:
         """Start the fork server (it imports torch & co.) now, while a queued drop waits its turn."""
@@ -70,8 +84,14 @@ class Runner:
     def start_jobs(self) -> None:
         now = time.monotonic()
         while not self.stopping() and len(self.running) < self.opts.workers:
-            job = next((j for j in self.folder.journal.jobs("queued")
-                        if j["id"] not in self.running and self.hold.get(j["id"], 0) <= now), None)
+            job = next(
+                (
+                    j
+                    for j in self.folder.journal.jobs("queued")
+                    if j["id"] not in self.running and self.hold.get(j["id"], 0) <= now
+                ),
+                None,
+            )
             if job is None:
                 return
             self._start(job)
@@ -92,8 +112,10 @@ class Runner:
         """Stop the running jobs (SIGTERM, then SIGKILL after STOP_TIMEOUT or a second signal)."""
         if not self.running:
             return
-        log.info(f"stopping {len(self.running)} running job(s); they resume from their last checkpoint "
-                 "on the next start")
+        log.info(
+            f"stopping {len(self.running)} running job(s); they resume from their last checkpoint "
+            "on the next start"
+        )
         for r in self.running.values():
             signal_group(r.proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT
@@ -127,14 +149,24 @@ class Runner:
             RunDir(Path(job["out"]), job["name"]).clear()
             shutil.rmtree(job_dir / "cache", ignore_errors=True)
         attempt = job["attempts"] + 1
-        self.folder.journal.update(job["id"], state="running", attempts=attempt, started=time.time(), pid=None,
-                                   exit_code=None, finished=None)
+        self.folder.journal.update(
+            job["id"],
+            state="running",
+            attempts=attempt,
+            started=time.time(),
+            pid=None,
+            exit_code=None,
+            finished=None,
+        )
         with open(job_dir / "job.log", "a") as f:
-            f.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} job {job['name']} (#{job['id']}) "
-                    f"attempt {attempt} ===\n")
+            f.write(
+                f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} job {job['name']} (#{job['id']}) "
+                f"attempt {attempt} ===\n"
+            )
         (job_dir / "cause.txt").unlink(missing_ok=True)
-        proc = self._process_context().Process(target=job_process, args=(str(job_dir), self._job_settings()),
-                                               name=f"dsrpipe-job-{job['name']}")
+        proc = self._process_context().Process(
+            target=job_process, args=(str(job_dir), self._job_settings()), name=f"dsrpipe-job-{job['name']}"
+        )
         proc.start()
         self.folder.journal.update(job["id"], pid=proc.pid)
         self.running[job["id"]] = _Running(proc, {**job, "attempts": attempt}, time.monotonic())
@@ -143,9 +175,15 @@ class Runner:
     def _job_settings(self) -> dict[str, Any]:
         workers = self.opts.workers
         nproc = self.opts.nproc_per_job
-        threads = None if "OMP_NUM_THREADS" in os.environ else max(1, (os.cpu_count() or 1) // (workers * nproc))
-        return {"threads": threads, "max_unpacked": self.opts.max_unpacked, "max_files": self.opts.max_files,
-                "nproc": nproc}
+        threads = (
+            None if "OMP_NUM_THREADS" in os.environ else max(1, (os.cpu_count() or 1) // (workers * nproc))
+        )
+        return {
+            "threads": threads,
+            "max_unpacked": self.opts.max_unpacked,
+            "max_files": self.opts.max_files,
+            "nproc": nproc,
+        }
 
     def _enforce_limits(self) -> None:
         live = [r for r in self.running.values() if r.killed is None]
@@ -156,8 +194,9 @@ class Runner:
             if self.opts.job_timeout and time.monotonic() - r.started > self.opts.job_timeout:
                 self._kill(r, f"exceeded --job-timeout {self.opts.job_timeout:g}s")
             elif self.opts.job_memory and used > self.opts.job_memory:
-                self._kill(r, f"exceeded --job-memory {format_size(self.opts.job_memory)} "
-                              f"(used {format_size(used)})")
+                self._kill(
+                    r, f"exceeded --job-memory {format_size(self.opts.job_memory)} (used {format_size(used)})"
+                )
 
     def _kill(self, r: _Running, cause: str) -> None:
         r.killed = cause
@@ -170,28 +209,44 @@ class Runner:
         if code == 0:  # cleaned up first: a job `done` in the journal is done with
             shutil.rmtree(job_dir / "cache", ignore_errors=True)
             (self.folder.drop / f"{job['name']}{ERROR_SUFFIX}").unlink(missing_ok=True)  # from an earlier run
-            self.folder.journal.update(job["id"], state="done", exit_code=0, pid=None, finished=time.time(),
-                                       cause=None)
-            return self.folder.event(job["name"], "done", id=job["id"], duration=seconds,
-                                     model=Path(job["out"]) / job["name"] / "model.onnx")
+            self.folder.journal.update(
+                job["id"], state="done", exit_code=0, pid=None, finished=time.time(), cause=None
+            )
+            return self.folder.event(
+                job["name"],
+                "done",
+                id=job["id"],
+                duration=seconds,
+                model=Path(job["out"]) / job["name"] / "model.onnx",
+            )
         if r.killed:
             return self.folder.fail(job, r.killed, code, seconds)
         if code == 255:  # the fork server went away: its job may still be running
             self._stop_orphan(job)
-        interrupted = code not in (EXIT_USER_ERROR, EXIT_VALIDATION) and (self.stopping() or code in INTERRUPTED)
+        interrupted = code not in (EXIT_USER_ERROR, EXIT_VALIDATION) and (
+            self.stopping() or code in INTERRUPTED
+        )
         if code == EXIT_BUSY or interrupted:
             self.folder.journal.update(job["id"], state="queued", pid=None, exit_code=code)
             if code == EXIT_BUSY:
                 self.hold[job["id"]] = time.monotonic() + BUSY_WAIT
-            return self.folder.event(job["name"], "queued", id=job["id"], duration=seconds,
-                                     reason="interrupted; resumes from its last checkpoint")
+            return self.folder.event(
+                job["name"],
+                "queued",
+                id=job["id"],
+                duration=seconds,
+                reason="interrupted; resumes from its last checkpoint",
+            )
         try:
             cause = (job_dir / "cause.txt").read_text().strip()
         except OSError:
             cause = ""
         if not cause:
-            cause = (f"the job process was killed by {signal.Signals(-code).name}" if code < 0 else
-                     f"the job process exited with code {code}")
+            cause = (
+                f"the job process was killed by {signal.Signals(-code).name}"
+                if code < 0
+                else f"the job process exited with code {code}"
+            )
         self.folder.fail(job, cause, code, seconds)
 
     def _stop_orphan(self, job: dict[str, Any]) -> None:
@@ -206,8 +261,13 @@ class Runner:
             f.seek(0)
             text = f.read().strip()
             pid = int(text) if text.isdigit() else job["pid"]
-            self.folder.event(job["name"], "stopping", id=job["id"], pid=pid,
-                              reason="a job process from an earlier daemon is still running")
+            self.folder.event(
+                job["name"],
+                "stopping",
+                id=job["id"],
+                pid=pid,
+                reason="a job process from an earlier daemon is still running",
+            )
             for sig, wait in ((signal.SIGTERM, STOP_TIMEOUT), (signal.SIGKILL, 10.0)):
                 if pid:
                     signal_group(pid, sig)

@@ -51,11 +51,14 @@ def status_report(drop: Path, *, as_json: bool = False) -> str:
     for r in rows:
         end = r["finished"] or (now if r["state"] == "running" else None)
         duration = f"{end - r['started']:.1f}s" if r["started"] and end and r["state"] != "skipped" else ""
-        updated = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["finished"] or r["started"] or r["created"]))
-        detail = {"done": str(Path(r["out"]) / r["name"] / "model.onnx"),
-                  "running": f"attempt {r['attempts']}, pid {r['pid']}",
-                  "queued": f"attempt {r['attempts'] + 1}" if r["attempts"] else "waiting",
-                  }.get(r["state"], r["cause"] or "")
+        updated = time.strftime(
+            "%Y-%m-%d %H:%M:%S", time.localtime(r["finished"] or r["started"] or r["created"])
+        )
+        detail = {
+            "done": str(Path(r["out"]) / r["name"] / "model.onnx"),
+            "running": f"attempt {r['attempts']}, pid {r['pid']}",
+            "queued": f"attempt {r['attempts'] + 1}" if r["attempts"] else "waiting",
+        }.get(r["state"], r["cause"] or "")
         table.append((str(r["id"]), r["name"], r["state"], r["drop_path"], updated, duration, detail))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in table]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 BATCH = 64
@@ -38,14 +38,22 @@ def load_classifier(path: str | Path):
     try:
         names = json.loads(meta["class_names"])
     except KeyError:
-        raise UserError(f"{path}: no class_names in the model's metadata (not exported by dsrpipe?)") from None
+        raise UserError(
+            f"{path}: no class_names in the model's metadata (not exported by dsrpipe?)"
+        ) from None
     except ValueError:
         raise UserError(f"{path}: the model's class_names metadata is not JSON") from None
     shape = session.get_inputs()[0].shape
-    if (not isinstance(names, list) or len(shape) != 4
-            or not all(isinstance(d, int) and d > 0 for d in shape[1:]) or shape[1] not in (1, 3)):
-        raise UserError(f"{path}: expected a classifier of [N, 1 or 3, H, W] images with a class_names list, "
-                        f"got input {shape}")
+    if (
+        not isinstance(names, list)
+        or len(shape) != 4
+        or not all(isinstance(d, int) and d > 0 for d in shape[1:])
+        or shape[1] not in (1, 3)
+    ):
+        raise UserError(
+            f"{path}: expected a classifier of [N, 1 or 3, H, W] images with a class_names list, "
+            f"got input {shape}"
+        )
     return session, [str(n) for n in names], tuple(shape[1:])
 
 
@@ -80,7 +88,9 @@ def image_paths(inputs: list[Path]) -> list[Path]:
     return paths
 
 
-def predict(model: str | Path, inputs: list[Path], top_k: int = 1) -> list[tuple[Path, list[tuple[str, float]]]]:
+def predict(
+    model: str | Path, inputs: list[Path], top_k: int = 1
+) -> list[tuple[Path, list[tuple[str, float]]]]:
     """For each image, its `top_k` (class name, probability) pairs, most likely first."""
     if top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}")
@@ -89,7 +99,7 @@ def predict(model: str | Path, inputs: list[Path], top_k: int = 1) -> list[tuple
     input_name = session.get_inputs()[0].name
     results = []
     for start in range(0, len(paths), BATCH):
-        chunk = paths[start:start + BATCH]
+        chunk = paths[start : start + BATCH]
         pixels = np.stack([read_image(p, channels, height, width) for p in chunk])
         logits = session.run(None, {input_name: pixels})[0].astype(np.float64)
         if logits.ndim != 2 or logits.shape[1] != len(names):

@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from .errors import UserError, ValidationFailed
+from ..errors import UserError, ValidationFailed
 
 WARMUP_RUNS = 10
 THROUGHPUT_BATCH = 64
@@ -54,8 +54,12 @@ def validate_onnx(
     try:
         # Same order twice (no shuffle): raw pixels for ONNX, the training normalisation for torch,
         # so a mismatch between the in-graph and the dataset normalisation shows up as a diff.
-        raw_batches = test_set.batches(batch_size, shuffle=False, augment=False, seed=0, epoch=0, normalize=False)
-        normalized_batches = test_set.batches(batch_size, shuffle=False, augment=False, seed=0, epoch=0, normalize=True)
+        raw_batches = test_set.batches(
+            batch_size, shuffle=False, augment=False, seed=0, epoch=0, normalize=False
+        )
+        normalized_batches = test_set.batches(
+            batch_size, shuffle=False, augment=False, seed=0, epoch=0, normalize=True
+        )
         samples = []
         for (raw, labels), (normalized, _) in zip(raw_batches, normalized_batches):
             pixels = raw.cpu().numpy().astype(np.float32)
@@ -89,8 +93,14 @@ def validate_onnx(
         "max_abs_logit_diff": max_diff,  # float32 ONNX vs torch
         "encoding": meta.get("encoding"),
         "quantize": meta.get("quantize", "none"),
-        **({"int8_agreement": shipped_agree / num_test,
-            "int8_top1_drop": (fp32_correct - shipped_correct) / num_test} if quantized else {}),
+        **(
+            {
+                "int8_agreement": shipped_agree / num_test,
+                "int8_top1_drop": (fp32_correct - shipped_correct) / num_test,
+            }
+            if quantized
+            else {}
+        ),
         "onnx_bytes": onnx_path.stat().st_size,
         "num_test": num_test,
         "providers": shipped.get_providers(),
@@ -101,8 +111,16 @@ def validate_onnx(
     if dense_path is None:
         report["latency_ms"] = _latency_ms([shipped], images[:1], latency_runs)[0]
     else:
-        report.update(_side_by_side(shipped, _open_session(Path(dense_path), threads), images[:1], batch,
-                                    latency_runs, throughput_runs))
+        report.update(
+            _side_by_side(
+                shipped,
+                _open_session(Path(dense_path), threads),
+                images[:1],
+                batch,
+                latency_runs,
+                throughput_runs,
+            )
+        )
         report["dense_onnx_bytes"] = Path(dense_path).stat().st_size
         report["size_ratio"] = report["onnx_bytes"] / report["dense_onnx_bytes"]
 
@@ -110,13 +128,19 @@ def validate_onnx(
     if min_top1 is not None and report["onnx_top1"] < min_top1:
         failures.append(f"ONNX top-1 {report['onnx_top1']:.4f} is below min_top1 {min_top1}")
     if max_abs_diff is not None and max_diff > max_abs_diff:
-        failures.append(f"max abs logit diff {max_diff:.3g} (float32 ONNX vs torch) exceeds max_abs_diff {max_abs_diff}")
+        failures.append(
+            f"max abs logit diff {max_diff:.3g} (float32 ONNX vs torch) exceeds max_abs_diff {max_abs_diff}"
+        )
     if min_agreement is not None and report["top1_agreement"] < min_agreement:
-        failures.append(f"top-1 agreement {report['top1_agreement']:.4f} (float32 ONNX vs torch) is below "
-                        f"min_agreement {min_agreement}")
+        failures.append(
+            f"top-1 agreement {report['top1_agreement']:.4f} (float32 ONNX vs torch) is below "
+            f"min_agreement {min_agreement}"
+        )
     if quantized and max_top1_drop is not None and report["int8_top1_drop"] > max_top1_drop:
-        failures.append(f"int8 top-1 is {report['int8_top1_drop']:.4f} below float32's, more than "
-                        f"max_top1_drop {max_top1_drop}")
+        failures.append(
+            f"int8 top-1 is {report['int8_top1_drop']:.4f} below float32's, more than "
+            f"max_top1_drop {max_top1_drop}"
+        )
     if failures:
         error = ValidationFailed(f"{onnx_path}: " + "; ".join(failures))
         error.report = report
@@ -138,25 +162,39 @@ def _open_session(onnx_path: Path, threads: int | None) -> ort.InferenceSession:
         raise UserError(f"cannot load ONNX model {onnx_path}: {reason}") from err
 
 
-def _side_by_side(shipped, dense, one_image: np.ndarray, batch: np.ndarray, latency_runs: int,
-                  throughput_runs: int) -> dict:
+def _side_by_side(
+    shipped, dense, one_image: np.ndarray, batch: np.ndarray, latency_runs: int, throughput_runs: int
+) -> dict:
     """Batch-1 latency and batch-64 throughput of the shipped and the dense model, measured in
     alternation so that a noisy machine slows both alike."""
     latency, dense_latency = _latency_ms([shipped, dense], one_image, latency_runs)
     seconds = _timings([shipped, dense], batch, throughput_runs)
     throughput, dense_throughput = (float(len(batch) / np.median(s)) for s in seconds)
     return {
-        "latency_ms": latency, "dense_latency_ms": dense_latency,
-        "throughput": {"batch": len(batch), "images_per_s": throughput, "dense_images_per_s": dense_throughput},
-        "speedup": {"latency_p50": dense_latency["p50"] / latency["p50"],
-                    "throughput": throughput / dense_throughput},
+        "latency_ms": latency,
+        "dense_latency_ms": dense_latency,
+        "throughput": {
+            "batch": len(batch),
+            "images_per_s": throughput,
+            "dense_images_per_s": dense_throughput,
+        },
+        "speedup": {
+            "latency_p50": dense_latency["p50"] / latency["p50"],
+            "throughput": throughput / dense_throughput,
+        },
     }
 
 
 def _latency_ms(sessions: list, one_image: np.ndarray, runs: int) -> list[dict]:
     """Single-image latency, the figure that matters for on-device inference."""
-    return [{"p50": float(np.percentile(t * 1000, 50)), "p95": float(np.percentile(t * 1000, 95)),
-             "mean": float(t.mean() * 1000)} for t in _timings(sessions, one_image, runs)]
+    return [
+        {
+            "p50": float(np.percentile(t * 1000, 50)),
+            "p95": float(np.percentile(t * 1000, 95)),
+            "mean": float(t.mean() * 1000),
+        }
+        for t in _timings(sessions, one_image, runs)
+    ]
 
 
 def _timings(sessions: list, pixels: np.ndarray, runs: int) -> list[np.ndarray]:

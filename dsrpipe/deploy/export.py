@@ -6,7 +6,7 @@ compact, the smallest, by default), which onnxruntime turns back into the exact 
 at session creation: outputs are bit-identical to the dense export's.
 
 With `quantize="int8"` the shipped file holds int8 QDQ weights and activations
-(dsrpipe.quantize), encoded the same way, and the float32 model is written beside it
+(dsrpipe.deploy.quantize), encoded the same way, and the float32 model is written beside it
 (`fp32_path`) as the reference that validation checks it against.
 """
 
@@ -16,8 +16,8 @@ import contextlib
 import io
 import re
 import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import onnx
@@ -25,10 +25,10 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
-from . import __version__
+from .. import __version__
+from ..errors import UserError
+from ..files import atomic_path
 from .encoding import ENCODINGS, drop_default_attributes, encode_weights, shorten_names
-from .errors import UserError
-from .files import atomic_path
 from .quantize import QUANTIZED_SUFFIX, quantize_int8
 
 INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
@@ -79,8 +79,10 @@ def export_onnx(
     _check_zeros_kept(model, proto)
     _strip_exporter_metadata(proto)
     proto.producer_name, proto.producer_version = "dsrpipe", __version__
-    proto.doc_string = (f"dsrpipe classifier: {INPUT_NAME} float32 [N,{in_channels},{image_size},{image_size}] "
-                        f"in [0,1] -> {OUTPUT_NAME} [N,classes]")
+    proto.doc_string = (
+        f"dsrpipe classifier: {INPUT_NAME} float32 [N,{in_channels},{image_size},{image_size}] "
+        f"in [0,1] -> {OUTPUT_NAME} [N,classes]"
+    )
     existing = {p.key: p.value for p in proto.metadata_props}
     helper.set_model_props(proto, {**existing, **metadata, "encoding": encoding, "quantize": "none"})
 
@@ -89,12 +91,19 @@ def export_onnx(
     shipped = proto
     if quantize == "int8":
         shipped = quantize_int8(proto, calibration, INPUT_NAME)
-        helper.set_model_props(shipped, {**{p.key: p.value for p in proto.metadata_props}, "quantize": quantize})
+        helper.set_model_props(
+            shipped, {**{p.key: p.value for p in proto.metadata_props}, "quantize": quantize}
+        )
     # The weights keep their names, float32 and int8 alike: the name says which layer it is.
     weight_names = {t.name for t in _weights(proto)}
     weight_names |= {name + QUANTIZED_SUFFIX for name in weight_names}
-    result = {"path": str(path), "encoding": encoding, "quantize": quantize,
-              "dense_onnx_bytes": dense_bytes, "zero_weights": zero_weights}
+    result = {
+        "path": str(path),
+        "encoding": encoding,
+        "quantize": quantize,
+        "dense_onnx_bytes": dense_bytes,
+        "zero_weights": zero_weights,
+    }
     if quantize == "int8":
         result["fp32"] = _encode_and_save(proto, Path(fp32_path), encoding, weight_names)
     return {**result, **_encode_and_save(shipped, path, encoding, weight_names)}
@@ -119,7 +128,9 @@ def _trace_to_onnx(model, in_channels, image_size, mean, std, opset) -> onnx.Mod
     wrapped = PixelClassifier(model, mean, std).to(device)
     # Per-module modes, so a caller's deliberate mix (say, frozen BN in training) comes back as it was.
     modes = {m: m.training for m in model.modules()}
-    example = torch.rand(2, in_channels, image_size, image_size, device=device)  # batch 1 would be specialised
+    example = torch.rand(
+        2, in_channels, image_size, image_size, device=device
+    )  # batch 1 would be specialised
     try:
         wrapped.eval()
         # Exporter internals the user cannot act on: warnings, and on failure torch.export prints

@@ -33,7 +33,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from .errors import UserError
+from ..errors import UserError
 
 PROBE_BATCH = 4
 # Logits may move by float rounding only: the folds change the order of the sums.
@@ -56,8 +56,9 @@ class _Plan:
     merges: list[tuple[nn.Module, int, int, float]] = field(default_factory=list)
 
 
-def shrink_model(model: nn.Module, input_shape: tuple[int, ...], *,
-                 tolerance: float = DEFAULT_TOLERANCE, seed: int = 0) -> tuple[nn.Module, dict]:
+def shrink_model(
+    model: nn.Module, input_shape: tuple[int, ...], *, tolerance: float = DEFAULT_TOLERANCE, seed: int = 0
+) -> tuple[nn.Module, dict]:
     """A copy of `model` (eval mode) without the channels that dead filters leave constant, and a
     summary: {"removed_channels": {layer: count}, "params_before", "params_after", "macs_before",
     "macs_after"} (MACs for one input of `input_shape`, the shape of one normalised input sample).
@@ -74,8 +75,13 @@ def shrink_model(model: nn.Module, input_shape: tuple[int, ...], *,
         removed = _remove_dead_channels(shrunk, probe)
         _verify(reference, shrunk, check, tolerance)
     (params_before, macs_before), (params_after, macs_after) = _cost(reference, probe), _cost(shrunk, probe)
-    return shrunk, {"removed_channels": removed, "params_before": params_before, "params_after": params_after,
-                    "macs_before": macs_before, "macs_after": macs_after}
+    return shrunk, {
+        "removed_channels": removed,
+        "params_before": params_before,
+        "params_after": params_after,
+        "macs_before": macs_before,
+        "macs_after": macs_after,
+    }
 
 
 def _remove_dead_channels(model: nn.Module, probe: torch.Tensor) -> dict[str, int]:
@@ -85,13 +91,18 @@ def _remove_dead_channels(model: nn.Module, probe: torch.Tensor) -> dict[str, in
         graph = tp.DependencyGraph().build_dependency(model, example_inputs=probe, verbose=False)
     except Exception as exc:  # a model Torch-Pruning cannot trace: say so, not a page of its internals
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"cannot shrink {type(model).__name__}: its channel dependencies could not be traced "
-                        f"({message}); export without shrinking (export.shrink: false)") from None
+        raise UserError(
+            f"cannot shrink {type(model).__name__}: its channel dependencies could not be traced "
+            f"({message}); export without shrinking (export.shrink: false)"
+        ) from None
     inputs = _constant_inputs(model, probe)
     # Every plan is made on the unchanged model: a removal with its folds leaves every remaining
     # layer's output as it was, so what was read for one group stays true after another's.
-    plans = [plan for group in list(graph.get_all_groups(root_module_types=_LAYERS))
-             if (plan := _plan_group(graph, group, inputs))]
+    plans = [
+        plan
+        for group in list(graph.get_all_groups(root_module_types=_LAYERS))
+        if (plan := _plan_group(graph, group, inputs))
+    ]
     with torch.no_grad():
         for plan in plans:
             _fold(plan)
@@ -99,7 +110,9 @@ def _remove_dead_channels(model: nn.Module, probe: torch.Tensor) -> dict[str, in
     for plan in plans:
         group = graph.get_pruning_group(plan.root, plan.prune_fn, plan.removed)
         for item in group:
-            if isinstance(item.dep.target.module, _LAYERS) and graph.is_out_channel_pruning_fn(item.dep.handler):
+            if isinstance(item.dep.target.module, _LAYERS) and graph.is_out_channel_pruning_fn(
+                item.dep.handler
+            ):
                 removed[names[item.dep.target.module]] += len(item.idxs)
         group.prune()
     return dict(sorted(removed.items()))
@@ -116,14 +129,18 @@ def _cost(model: nn.Module, probe: torch.Tensor) -> tuple[int, int]:
     return sum(p.numel() for p in model.parameters()), int(macs)
 
 
-def _constant_inputs(model: nn.Module, probe: torch.Tensor) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+def _constant_inputs(
+    model: nn.Module, probe: torch.Tensor
+) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
     """Per Conv2d / Linear: which input channels (features) hold one value across the random
     probe batch and every position, and that value, exactly as the layer receives it."""
     seen: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def record(module, args, _output):
         x = args[0].detach()
-        per_channel = x.transpose(0, 1).flatten(1) if isinstance(module, nn.Conv2d) else x.reshape(-1, x.shape[-1]).T
+        per_channel = (
+            x.transpose(0, 1).flatten(1) if isinstance(module, nn.Conv2d) else x.reshape(-1, x.shape[-1]).T
+        )
         constant = per_channel.eq(per_channel[:, :1]).all(1)
         if module in seen:  # called more than once: constant only if it was so each time, with one value
             was_constant, value = seen[module]
@@ -161,7 +178,8 @@ def _plan_group(graph: tp.DependencyGraph, group, inputs) -> _Plan | None:
             is_out = graph.is_out_channel_pruning_fn(item.dep.handler)
             (producers if is_out else consumers).append(position)
         elif isinstance(module, tp.ops._OutputOp) or (
-                not isinstance(module, _PER_CHANNEL) and any(True for _ in module.parameters(recurse=False))):
+            not isinstance(module, _PER_CHANNEL) and any(True for _ in module.parameters(recurse=False))
+        ):
             return None  # a model output, or a layer with per-channel parameters of a kind not handled here
         for idx, root in zip(item.idxs, item.root_idxs):
             by_root[root][position].append(idx)
@@ -188,8 +206,11 @@ def _plan_group(graph: tp.DependencyGraph, group, inputs) -> _Plan | None:
         return None
 
     def merged_into(root):  # consumers where this channel would need a representative
-        return {p for p, values in removable[root].items()
-                if _needs_merge(items[p].dep.target.module) and any(v != 0 for _, v in values)}
+        return {
+            p
+            for p, values in removable[root].items()
+            if _needs_merge(items[p].dep.target.module) and any(v != 0 for _, v in values)
+        }
 
     needy = {root for root in removable if merged_into(root)}
     # A representative stands in for a channel only through a one-to-one index mapping.
@@ -200,8 +221,10 @@ def _plan_group(graph: tp.DependencyGraph, group, inputs) -> _Plan | None:
     if needy_ok:
         # The representative must be non-zero wherever something is merged into it; the largest
         # such value keeps the scaling ratios small.
-        score = {r: min(abs(removable[r][p][0][1]) if len(removable[r][p]) == 1 else 0.0 for p in merge_at)
-                 for r in needy_ok}
+        score = {
+            r: min(abs(removable[r][p][0][1]) if len(removable[r][p]) == 1 else 0.0 for p in merge_at)
+            for r in needy_ok
+        }
         representative = max(needy_ok, key=lambda r: (score[r], -r))
         if score[representative] == 0:
             keep |= needy_ok
@@ -224,7 +247,7 @@ def _plan_group(graph: tp.DependencyGraph, group, inputs) -> _Plan | None:
                 if value == 0:
                     continue
                 if _needs_merge(layer):
-                    (rep_idx, rep_value), = removable[representative][p]
+                    ((rep_idx, rep_value),) = removable[representative][p]
                     plan.merges.append((layer, idx, rep_idx, value / rep_value))
                 else:
                     plan.bias_folds.append((layer, idx, value))
@@ -237,8 +260,9 @@ def _fold(plan: _Plan) -> None:
         weights = layer.weight[:, idx].double()
         contribution = value * (weights.flatten(1).sum(1) if weights.dim() > 1 else weights)
         if layer.bias is None:
-            layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype,
-                                                  device=layer.weight.device))
+            layer.bias = nn.Parameter(
+                torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype, device=layer.weight.device)
+            )
         layer.bias.copy_(layer.bias.double() + contribution)
     for layer, idx, rep_idx, ratio in plan.merges:
         layer.weight[:, rep_idx] = layer.weight[:, rep_idx].double() + ratio * layer.weight[:, idx].double()
@@ -251,10 +275,14 @@ def _verify(reference: nn.Module, shrunk: nn.Module, batch: torch.Tensor, tolera
         try:
             got = shrunk(batch)
         except RuntimeError as exc:
-            raise UserError(f"shrinking broke the model ({str(exc).splitlines()[0]}); "
-                            "export without shrinking (export.shrink: false)") from None
+            raise UserError(
+                f"shrinking broke the model ({str(exc).splitlines()[0]}); "
+                "export without shrinking (export.shrink: false)"
+            ) from None
     scale = max(1.0, float(expected.abs().max()))
     diff = float((got - expected).abs().max()) if got.shape == expected.shape else float("inf")
     if not diff <= tolerance * scale:
-        raise UserError(f"shrinking changed the logits by {diff:.3g} (allowed {tolerance * scale:.3g}); "
-                        "export without shrinking (export.shrink: false)")
+        raise UserError(
+            f"shrinking changed the logits by {diff:.3g} (allowed {tolerance * scale:.3g}); "
+            "export without shrinking (export.shrink: false)"
+        )

@@ -37,8 +37,24 @@ ENCODINGS = ("dense", "coo", "compact")
 CODE_BITS = (1, 2, 4, 8)
 # Below this many elements an encoding cannot save enough to pay for its decoder's nodes.
 MIN_ENCODED_NUMEL = 256
-DECODER_OPS = {"Constant", "Unsqueeze", "BitShift", "BitwiseAnd", "Reshape", "Cast", "Equal", "Where", "CumSum",
-               "Sub", "Min", "Mul", "Gather", "ConstantOfShape", "ScatterElements", "Slice"}
+DECODER_OPS = {
+    "Constant",
+    "Unsqueeze",
+    "BitShift",
+    "BitwiseAnd",
+    "Reshape",
+    "Cast",
+    "Equal",
+    "Where",
+    "CumSum",
+    "Sub",
+    "Min",
+    "Mul",
+    "Gather",
+    "ConstantOfShape",
+    "ScatterElements",
+    "Slice",
+}
 COO_INDEX_BYTES = 8  # ONNX requires int64 indices in a SparseTensorProto
 
 
@@ -99,8 +115,13 @@ def decoded_weights(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
     if not decoder:
         return tensors
     outputs = [o for n in decoder for o in n.output]
-    graph = helper.make_graph(decoder, "decoders", [], [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None)
-                                                        for o in outputs], list(proto.graph.initializer))
+    graph = helper.make_graph(
+        decoder,
+        "decoders",
+        [],
+        [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in outputs],
+        list(proto.graph.initializer),
+    )
     model = helper.make_model(graph, opset_imports=list(proto.opset_import))
     values = ReferenceEvaluator(model).run(None, {})
     return {**tensors, **dict(zip(outputs, values))}
@@ -131,8 +152,8 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     """`codes` packed into uint8, the first code in the lowest bits; the tail padded with 0s."""
     per_byte = 8 // bits
     padded = np.zeros(-(-codes.size // per_byte) * per_byte, dtype=np.uint8)
-    padded[:codes.size] = codes
-    shifts = (np.arange(per_byte, dtype=np.uint8) * bits)
+    padded[: codes.size] = codes
+    shifts = np.arange(per_byte, dtype=np.uint8) * bits
     return np.bitwise_or.reduce(padded.reshape(-1, per_byte) << shifts, axis=1).astype(np.uint8)
 
 
@@ -158,8 +179,10 @@ def _compact(arrays: dict[str, np.ndarray], tag: str):
     nodes = []
     unpacked = f"{t}.codes"
     if bits < 8:
-        inits += [numpy_helper.from_array(np.arange(8 // bits, dtype=np.uint8) * bits, f"{t}.shifts"),
-                  numpy_helper.from_array(np.array(most, dtype=np.uint8), f"{t}.mask")]
+        inits += [
+            numpy_helper.from_array(np.arange(8 // bits, dtype=np.uint8) * bits, f"{t}.shifts"),
+            numpy_helper.from_array(np.array(most, dtype=np.uint8), f"{t}.mask"),
+        ]
         nodes += [
             helper.make_node("Unsqueeze", [f"{t}.codes", f"{SHARED}.one"], [f"{t}.column"]),
             helper.make_node("BitShift", [f"{t}.column", f"{t}.shifts"], [f"{t}.shifted"], direction="RIGHT"),
@@ -178,14 +201,17 @@ def _compact(arrays: dict[str, np.ndarray], tag: str):
         helper.make_node("Mul", [f"{t}.rank", f"{t}.landing"], [f"{t}.pick"]),
         helper.make_node("Gather", [f"{t}.values", f"{t}.pick"], [f"{t}.placed"], axis=0),
         helper.make_node("ConstantOfShape", [f"{t}.span"], [f"{t}.zeros"], value=zero),
-        helper.make_node("ScatterElements", [f"{t}.zeros", f"{t}.position", f"{t}.placed"], [f"{t}.stream"],
-                         axis=0),
+        helper.make_node(
+            "ScatterElements", [f"{t}.zeros", f"{t}.position", f"{t}.placed"], [f"{t}.stream"], axis=0
+        ),
     ]
     start = 0
     for i, (name, array) in enumerate(arrays.items()):
-        inits += [numpy_helper.from_array(np.array([start], dtype=np.int64), f"{t}.{i}.start"),
-                  numpy_helper.from_array(np.array([start + array.size], dtype=np.int64), f"{t}.{i}.end"),
-                  numpy_helper.from_array(np.array(array.shape, dtype=np.int64), f"{t}.{i}.shape")]
+        inits += [
+            numpy_helper.from_array(np.array([start], dtype=np.int64), f"{t}.{i}.start"),
+            numpy_helper.from_array(np.array([start + array.size], dtype=np.int64), f"{t}.{i}.end"),
+            numpy_helper.from_array(np.array(array.shape, dtype=np.int64), f"{t}.{i}.shape"),
+        ]
         nodes += [
             helper.make_node("Slice", [f"{t}.stream", f"{t}.{i}.start", f"{t}.{i}.end"], [f"{t}.{i}.flat"]),
             helper.make_node("Reshape", [f"{t}.{i}.flat", f"{t}.{i}.shape"], [name]),
@@ -198,9 +224,11 @@ SHARED = "dsr"  # the decoders' common constants
 
 
 def _shared_constants() -> list[onnx.TensorProto]:
-    return [numpy_helper.from_array(np.array(0, dtype=np.int64), f"{SHARED}.zero"),
-            numpy_helper.from_array(np.array(1, dtype=np.int64), f"{SHARED}.one"),
-            numpy_helper.from_array(np.array([-1], dtype=np.int64), f"{SHARED}.flat")]
+    return [
+        numpy_helper.from_array(np.array(0, dtype=np.int64), f"{SHARED}.zero"),
+        numpy_helper.from_array(np.array(1, dtype=np.int64), f"{SHARED}.one"),
+        numpy_helper.from_array(np.array([-1], dtype=np.int64), f"{SHARED}.flat"),
+    ]
 
 
 def shorten_names(proto: onnx.ModelProto, keep: set[str]) -> None:
@@ -239,19 +267,28 @@ def drop_default_attributes(proto: onnx.ModelProto) -> None:
         if node.domain not in ("", "ai.onnx") or opset is None:
             continue
         schema = onnx.defs.get_schema(node.op_type, opset)
-        kept = [a for a in node.attribute
-                if not _default_per_axis(a, schema) and (
+        kept = [
+            a
+            for a in node.attribute
+            if not _default_per_axis(a, schema)
+            and (
                 a.name not in schema.attributes
                 or not schema.attributes[a.name].default_value.name  # no default: required or unset
-                or _attribute_value(a) != _attribute_value(schema.attributes[a.name].default_value))]
+                or _attribute_value(a) != _attribute_value(schema.attributes[a.name].default_value)
+            )
+        ]
         del node.attribute[:]
         node.attribute.extend(kept)
 
 
 def _default_per_axis(attribute: onnx.AttributeProto, schema) -> bool:
     default = PER_AXIS_DEFAULTS.get(attribute.name)
-    return (default is not None and attribute.name in schema.attributes
-            and attribute.type == onnx.AttributeProto.INTS and set(attribute.ints) <= {default})
+    return (
+        default is not None
+        and attribute.name in schema.attributes
+        and attribute.type == onnx.AttributeProto.INTS
+        and set(attribute.ints) <= {default}
+    )
 
 
 def _attribute_value(attribute: onnx.AttributeProto):

@@ -10,23 +10,30 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .errors import UserError
+from ..errors import UserError
 
 QUANTIZED_SUFFIX = "_quantized"  # what onnxruntime names a quantized initializer
 
 
-def quantize_int8(proto: onnx.ModelProto, calibration: Iterable[np.ndarray], input_name: str) -> onnx.ModelProto:
+def quantize_int8(
+    proto: onnx.ModelProto, calibration: Iterable[np.ndarray], input_name: str
+) -> onnx.ModelProto:
     """`proto` (float32) with int8 QDQ weights and activations, calibrated on the batches of
     `calibration` (float32 NCHW pixels in [0,1])."""
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -40,12 +47,22 @@ def quantize_int8(proto: onnx.ModelProto, calibration: Iterable[np.ndarray], inp
         source, out = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         onnx.save_model(proto, source)  # a path, not the proto: quantize_static rewrites a proto it is given
         root = logging.getLogger()
-        level, root.level = root.level, logging.ERROR  # its advice to pre-process the graph is not the user's to act on
+        level, root.level = (
+            root.level,
+            logging.ERROR,
+        )  # its advice to pre-process the graph is not the user's to act on
         try:
-            quantize_static(source, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax,
-                            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False, "QuantizeBias": False})
+            quantize_static(
+                source,
+                out,
+                Reader(),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax,
+                extra_options={"WeightSymmetric": True, "ActivationSymmetric": False, "QuantizeBias": False},
+            )
         except Exception as err:  # onnxruntime raises assorted types for graphs it cannot handle
             raise UserError(f"int8 quantization failed: {type(err).__name__}: {err}") from err
         finally:
@@ -113,7 +130,9 @@ def check_zeros_quantized(fp32: onnx.ModelProto, int8: onnx.ModelProto) -> None:
         node = consumers.get(tensor.name)
         zero_point = stored.get(node.input[2]) if node is not None and len(node.input) > 2 else None
         if zero_point is not None and np.any(numpy_helper.to_array(zero_point) != 0):
-            raise RuntimeError(f"int8 quantization of {name} has a non-zero zero point: its zeros are not zeros")
+            raise RuntimeError(
+                f"int8 quantization of {name} has a non-zero zero point: its zeros are not zeros"
+            )
         quantized = numpy_helper.to_array(tensor)
         lost = int(np.count_nonzero(quantized[weight == 0]))
         if lost:
