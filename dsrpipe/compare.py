@@ -128,9 +128,8 @@ class Run:
     seed: int
     raw: dict[str, Any]
     cfg: Pipeline | None = None
-    depends_on: str | None = (
-        None  # a run whose trained model this one starts from (frozen ← dsr, prune ← dense)
-    )
+    # A run whose trained model this one starts from (frozen ← dsr, prune ← dense).
+    depends_on: str | None = None
     status: str = "pending"  # pending, running, ok, validation-failed, crashed
     reused: bool = False
     report: dict[str, Any] | None = None
