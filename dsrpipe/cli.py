@@ -33,6 +33,23 @@ NprocOption = typer.Option(
 SetOption = typer.Option([], "--set", help="Override a setting: --set train.epochs=5 (repeatable).")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"dsrpipe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+):
+    pass
+
+
 def _user_errors(command: Callable) -> Callable:
     """Bad input ends in one line on stderr and a non-zero exit, never a traceback."""
 
@@ -59,8 +76,9 @@ def _user_errors(command: Callable) -> Callable:
 
 def _load(pipeline: Path, overrides: list[str]):
     from .config import load_pipeline
+    from .distributed import is_main
 
-    return load_pipeline(pipeline, overrides)
+    return load_pipeline(pipeline, overrides, note=lambda m: is_main() and typer.echo(f"note: {m}", err=True))
 
 
 def _run_dir(out: Path, cfg):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -509,13 +510,16 @@ class OptimConfig(Section):
     compile: bool = False  # torch.compile the training step (CUDA: also as CUDA graphs); slower to start
 
     @model_validator(mode="after")
-    def _milestones_within_epochs(self):
+    def _increasing_milestones(self):
         m = self.milestones
-        if m != sorted(set(m)) or (m and not 0 <= m[0] <= m[-1] <= self.epochs):
-            raise ValueError(
-                f"milestones must be increasing epochs from 0 to epochs ({self.epochs}), got {m}"
-            )
+        if m != sorted(set(m)) or (m and m[0] < 0):
+            raise ValueError(f"milestones must be increasing epochs from 0, got {m}")
         return self
+
+    def unreached_milestones(self) -> list[int]:
+        """Milestones at or beyond `epochs`, which the LR schedule never reaches: a shorter run
+        (`--set train.epochs=3`) of a pipeline made for a long one."""
+        return [m for m in self.milestones if m >= self.epochs]
 
 
 class FinetuneConfig(OptimConfig):
@@ -700,8 +704,15 @@ def parse_pipeline(raw: Any, source: str = "pipeline") -> Pipeline:
         raise UserError(f"{source}: {where or '(top level)'}: {what}") from None
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """`section.key=value` settings from the command line; values are read as YAML."""
+def apply_overrides(raw: dict, overrides: list[str]) -> list[str]:
+    """`section.key=value` settings from the command line, values read as YAML, applied to `raw`.
+
+    An override of `sparsity.method` drops the file's sparsity options that the new method does
+    not take (as `compare` does for a grid's base), so that `--set sparsity.method=static` just
+    works; options given in the overrides themselves, and keys no method knows, stay for
+    validation to name. Returns a note for each change the user did not spell out."""
+    before = raw.get("sparsity")
+    given: set[str] = set()
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -713,16 +724,53 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             if not isinstance(node, dict):
                 raise UserError(f"--set {key}: '{part}' is not a section")
         node[leaf] = parse_yaml(value, f"--set {key}")
-    return raw
+        if parents == ["sparsity"]:
+            given.add(leaf)
+    section = raw.get("sparsity")
+    if "method" not in given or not isinstance(section, dict) or not isinstance(before, dict):
+        return []
+    method = section["method"]
+    if not isinstance(method, str) or method not in METHOD_OPTIONS:
+        return []  # validation names the unknown method
+    kept = switch_method(section, method)
+    dropped = [k for k in section if k not in kept and k not in given]
+    raw["sparsity"] = section = {k: v for k, v in section.items() if k not in dropped}
+    notes = []
+    if dropped:
+        notes.append(
+            f"sparsity.method={method}: dropped the file's {', '.join(dropped)} ({method} takes no such option)"
+        )
+    if method == "dense" and "sparsity" not in given and section.get("sparsity", 0) != 0:
+        notes.append(
+            f"sparsity.method=dense: trains every weight, so sparsity {section['sparsity']} is now 0"
+        )
+        section["sparsity"] = 0.0
+    return notes
 
 
-def load_pipeline(path: str | Path, overrides: list[str] = ()) -> Pipeline:
+def load_pipeline(
+    path: str | Path, overrides: list[str] = (), note: Callable[[str], None] | None = None
+) -> Pipeline:
+    """The pipeline file with its `--set` overrides, validated. `note` hears of what was
+    adjusted or will not take effect (dropped options, milestones past the last epoch)."""
     path = Path(path)
     raw = read_yaml(path, "pipeline")
+    notes = []
     if isinstance(raw, dict):
         raw.setdefault("name", path.stem)  # a pipeline is named after its file unless it says
-        apply_overrides(raw, list(overrides))
-    return parse_pipeline(raw, str(path))
+        notes = apply_overrides(raw, list(overrides))
+    cfg = parse_pipeline(raw, str(path))
+    for stage in ("train", "finetune"):
+        options = getattr(cfg, stage)
+        unreached = options.unreached_milestones()
+        if unreached and options.epochs:
+            notes.append(
+                f"{stage}.milestones {unreached} are not reached in {options.epochs} epochs: "
+                "the LR schedule never gets to them"
+            )
+    for message in notes if note else ():
+        note(message)
+    return cfg
 
 
 def _path_settings(section: BaseModel, prefix: str = "") -> list[tuple[str, Path]]:

@@ -104,7 +104,9 @@ class Reference:
             if count:  # exactly `count` smallest: all below the cut, and random ties at it
                 cut = magnitudes[count - 1]
                 below, at = m & (w.abs() < cut), m & (w.abs() == cut)
-                ties = sample_free_positions(at.view(-1), count - int(below.sum()), int(at.sum()), self.generator)
+                ties = sample_free_positions(
+                    at.view(-1), count - int(below.sum()), int(at.sum()), self.generator
+                )
                 below.view(-1)[ties] = True
                 self.switch_off(i, below)
             self.grow(i, count, not_these=before)

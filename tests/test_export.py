@@ -160,6 +160,7 @@ def optimized_ops(path, level=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC) -> li
     return sorted(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
 
 
+@pytest.mark.numerics
 def test_encodings_shrink_the_file_without_changing_outputs(exported, tmp_path, test_set):
     summary = exported.summary
     assert summary["encoding"] == "compact" and summary["quantize"] == "none"

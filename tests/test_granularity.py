@@ -267,6 +267,7 @@ def test_dsr_never_empties_a_tensor_of_tiny_units(granularity):
         assert torch.equal(kept, before[name].reshape(-1, size)[unit]) and bool((kept != 0).any())
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("granularity", UNITS)
 @pytest.mark.parametrize("method", ["dsr", "set"])
 def test_state_dict_round_trip_continues_identically(method, granularity):

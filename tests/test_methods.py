@@ -679,6 +679,7 @@ def test_masked_weights_stay_zero_through_momentum_and_weight_decay(method, sour
     assert moved == (method != "frozen")
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("method", SPARSE_METHODS)
 def test_state_dict_round_trip_continues_identically(method, sources):
     def build(fresh):

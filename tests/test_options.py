@@ -218,3 +218,59 @@ def test_compare_trains_the_dense_run_first_and_prunes_it(tmp_path):
     )
     assert pruned["fingerprint"].endswith(dense["run_id"])
     assert 0.79 <= runs["prune"].report["sparsity"] <= 0.81
+
+
+QUICKSTART = Path(__file__).resolve().parent.parent / "pipelines" / "quickstart.yaml"
+
+
+def check_quickstart(*overrides: str):
+    return CliRunner().invoke(app, ["check", str(QUICKSTART), *[a for o in overrides for a in ("--set", o)]])
+
+
+@pytest.mark.parametrize(
+    "method,dropped",
+    [
+        ("static", "prune_target, init_threshold, tolerance, rewire_periods, stop_rewire_epoch"),
+        ("set", "init_threshold, tolerance"),
+        ("dense", "prune_target, init_threshold, tolerance, rewire_periods, stop_rewire_epoch"),
+    ],
+)
+def test_switching_the_method_drops_the_files_options_it_does_not_take(method, dropped):
+    result = check_quickstart(f"sparsity.method={method}")
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.output.splitlines() if line.startswith("note: ")]
+    assert (
+        notes[0]
+        == f"note: sparsity.method={method}: dropped the file's {dropped} ({method} takes no such option)"
+    )
+    sparsity = "0.0" if method == "dense" else "0.9"
+    assert result.output.splitlines()[-1].endswith(f"{method} at sparsity {sparsity})")
+    assert (len(notes) == 2) == (method == "dense")  # dense also says that sparsity went to 0
+
+
+def test_a_switched_method_still_refuses_options_given_with_it_and_options_no_method_takes(tmp_path):
+    result = check_quickstart("sparsity.method=static", "sparsity.prune_target=3")
+    assert result.exit_code == 2 and "method 'static' takes no option 'prune_target'" in result.output
+    raw = yaml.safe_load(QUICKSTART.read_text())
+    raw["sparsity"]["bogus"] = 1
+    path = tmp_path / "bogus.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(app, ["check", str(path), "--set", "sparsity.method=static"])
+    assert result.exit_code == 2 and "takes no option 'bogus' (no method's option" in result.output
+
+
+def test_milestones_past_the_last_epoch_are_a_note_and_bad_ones_an_error():
+    result = check_quickstart("train.epochs=3")
+    assert result.exit_code == 0, result.output
+    assert "note: train.milestones [20, 30, 36] are not reached in 3 epochs" in result.output
+    assert "note:" not in check_quickstart().output  # the file as it is reaches all of its milestones
+    for bad in ("[30, 20]", "[-1, 20]", "[20, 20]"):
+        result = check_quickstart(f"train.milestones={bad}")
+        assert result.exit_code == 2 and "milestones must be increasing epochs from 0" in result.output
+
+
+def test_version():
+    from dsrpipe import __version__
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output == f"dsrpipe {__version__}\n"

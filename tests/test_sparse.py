@@ -377,6 +377,7 @@ def test_schedule_follows_epoch_milestones_and_stop_epoch():
         RewireSchedule({0: 2, 5: 4})  # milestones without steps_per_epoch
 
 
+@pytest.mark.numerics
 def test_state_dict_round_trip_continues_identically():
     def build(fresh):
         net = small_net()
