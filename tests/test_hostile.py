@@ -225,7 +225,7 @@ def test_an_absurd_value_is_one_line_exit_2(tmp_path, case):
 @pytest.mark.parametrize(
     "override, expected",
     [
-        ("finetune.milestones=[5]", "finetune: milestones must be increasing epochs from 0 to epochs (1)"),
+        ("finetune.milestones=[2, 1]", "finetune: milestones must be increasing epochs from 0"),
         ("train.lr=.inf", "train.lr: Input should be a finite number"),
         ("model.options={width: {deep: [1]}}", "model.options: 'width': expected a number"),
         (f"model.options={{width: {list(range(65))}}}", "model.options: 'width': expected a number"),
