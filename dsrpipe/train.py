@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -152,48 +152,136 @@ def _fit(
     progress: bool,
     adapt_spec: Callable[[dict], dict] | None = None,
 ) -> Path:
-    final, last = run.final(stage), run.last(stage)
+    """The recipe every stage follows: where to start, build, restore, train epoch by epoch
+    (each recorded and checkpointed), finish."""
     rank, world = (
         (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed.active() else (0, 1)
     )
-    main = rank == 0
     if distributed.restarted():  # torchrun restarted the job after a failure: continue, not start over
         resume = True
         force = force and not _made_by_this_job(run, stage)
-    checkpoint = None
-    if not force:
-        state = run.state(stage, cfg)
-        distributed.agree(f"the state of {stage}", state)
-        if state == COMPLETE:
-            log(cfg, f"{stage}: already complete ({final})")
-            return final
-        if state == STALE:
-            raise UserError(
-                f"{run.stage_dir(stage)} holds a {stage} run with other settings: use --force to redo it"
-            )
-        if state == UNFINISHED:
-            if not resume:
-                raise UserError(
-                    f"{last} holds an unfinished {stage} run: "
-                    "use --resume to continue it or --force to start over"
-                )
-            checkpoint = load_checkpoint(last)
-            made_by = checkpoint.get("world_size", 1)
-            if made_by != world:
-                raise UserError(
-                    f"{last} was trained by {made_by} process(es), this job has {world}: resume "
-                    f"it with {made_by} (the global batch, hence every step, depends on it) "
-                    "or use --force to start over"
-                )
-            distributed.agree(f"the epoch to resume {stage} from", checkpoint["epoch"])
-    fingerprint = run.fingerprint(stage, cfg)
+    start = _starting_point(cfg, stage, run, world, resume=resume, force=force)
+    if start == COMPLETE:
+        log(cfg, f"{stage}: already complete ({run.final(stage)})")
+        return run.final(stage)
+    t = _build(cfg, stage, opt_cfg, run, make_sparsifier, start_from, adapt_spec, rank, world)
+    if start is not None:
+        _restore(t, start)
+    board = ScalarLog(run.tensorboard(stage), t.history) if t.main and cfg.log.tensorboard else None
+    with _progress_bar(progress and t.main) as bar:
+        for epoch in range(len(t.history), opt_cfg.epochs):
+            t.history.append(_one_epoch(t, epoch, bar))
+            if t.main:
+                t.save(run.last(stage), complete=False)
+                if board is not None:
+                    board.add(t.history[-1])
+            _log_epoch(t)
+    if t.main:
+        t.save(run.final(stage), complete=True)
+        run.last(stage).unlink(missing_ok=True)
+        if board is not None:
+            board.close()
+    distributed.barrier()  # the next stage, on every rank, reads final.pt
+    return run.final(stage)
 
+
+def _starting_point(cfg: Pipeline, stage: str, run: RunDir, world: int, *, resume: bool, force: bool):
+    """COMPLETE, the checkpoint to resume from, or None to start afresh; a stale or unfinished run
+    that the options do not allow to replace or continue is an error."""
+    if force:
+        return None
+    state = run.state(stage, cfg)
+    distributed.agree(f"the state of {stage}", state)
+    if state == COMPLETE:
+        return COMPLETE
+    if state == STALE:
+        raise UserError(
+            f"{run.stage_dir(stage)} holds a {stage} run with other settings: use --force to redo it"
+        )
+    if state != UNFINISHED:
+        return None
+    last = run.last(stage)
+    if not resume:
+        raise UserError(
+            f"{last} holds an unfinished {stage} run: use --resume to continue it or --force to start over"
+        )
+    checkpoint = load_checkpoint(last)
+    made_by = checkpoint.get("world_size", 1)
+    if made_by != world:
+        raise UserError(
+            f"{last} was trained by {made_by} process(es), this job has {world}: resume "
+            f"it with {made_by} (the global batch, hence every step, depends on it) "
+            "or use --force to start over"
+        )
+    distributed.agree(f"the epoch to resume {stage} from", checkpoint["epoch"])
+    return checkpoint
+
+
+@dataclass
+class _Training:
+    """One stage's run as it trains: what it was built from, what it trains, what it has recorded."""
+
+    cfg: Pipeline
+    stage: str
+    opt_cfg: OptimConfig
+    run: RunDir
+    rank: int
+    world: int
+    fingerprint: str
+    device: torch.device
+    train_set: Dataset
+    test_set: Dataset
+    steps_per_epoch: int
+    spec: dict[str, Any]
+    init: dict[str, torch.Tensor]
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    sparsifier: Sparsifier
+    step_model: torch.nn.Module = None
+    autocast: Callable = nullcontext
+    history: list[dict[str, Any]] = field(default_factory=list)
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def save(self, path: Path, complete: bool) -> None:
+        save_checkpoint(
+            path,
+            {
+                "stage": self.stage,
+                "complete": complete,
+                "fingerprint": self.fingerprint,
+                "run_id": self.run_id,
+                "epoch": len(self.history),
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "sparsifier": self.sparsifier.state_dict(),
+                "method": self.sparsifier.method,
+                "rng": _rng_state(),
+                "history": self.history,
+                "world_size": self.world,
+                "job": distributed.job_id(),
+                "model_spec": self.spec,
+                "init": self.init,
+                "data_info": asdict(self.train_set.info),
+                "config": self.cfg.model_dump(mode="json"),
+            },
+        )
+        files.write_text(self.run.metrics(self.stage), "".join(json.dumps(h) + "\n" for h in self.history))
+
+
+def _build(cfg, stage, opt_cfg, run, make_sparsifier, start_from, adapt_spec, rank, world) -> _Training:
+    """Data, model, optimizer, LR schedule and sparsifier for the stage, on its device and ranks."""
+    fingerprint = run.fingerprint(stage, cfg)
     device = distributed.device_for(resolve_device(cfg.device))
     with distributed.node_leader_first():
         train_set, test_set = cfg.data.load()
     info = train_set.info
-    global_batch = opt_cfg.batch_size * world
-    steps_per_epoch = train_set.num_batches(global_batch, drop_last=True)
+    steps_per_epoch = train_set.num_batches(opt_cfg.batch_size * world, drop_last=True)
     if steps_per_epoch == 0:
         raise UserError(
             f"{stage}.batch_size {opt_cfg.batch_size}"
@@ -241,155 +329,136 @@ def _fit(
             sparsifier.defer_gradient_hooks()  # to see the gradients DDP has averaged
         if start_from is not None:  # after the sparsifier: its initial random mask would zero trained weights
             model.load_state_dict(start_from["model"])
-    history: list[dict[str, Any]] = []
-    run_id = uuid.uuid4().hex
-    if checkpoint is not None:
-        with restoring(last):
-            run_id = checkpoint["run_id"]
-            model.load_state_dict(checkpoint["model"])
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            scheduler.load_state_dict(checkpoint["scheduler"])
-            sparsifier.load_state_dict(checkpoint["sparsifier"])
-            _set_rng_state(checkpoint["rng"])
-            history = checkpoint["history"]
-        log(cfg, f"{stage}: resuming after epoch {len(history)}")
 
     use_bf16 = cfg.bf16 and device.type == "cuda"
     if cfg.bf16 and not use_bf16:
         log(cfg, "bf16 autocast applies on CUDA only; training in float32")
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
     train_model = model
     if world > 1:  # every rank starts from rank 0's weights and buffers, and averages gradients
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    step_model = compile_for_training(train_model) if opt_cfg.compile else train_model
-    batches_seed = cfg.seed + (1000 if stage == "finetune" else 0)  # a fresh data order per stage
+    return _Training(
+        cfg,
+        stage,
+        opt_cfg,
+        run,
+        rank,
+        world,
+        fingerprint,
+        device,
+        train_set,
+        test_set,
+        steps_per_epoch,
+        spec,
+        init,
+        model,
+        optimizer,
+        scheduler,
+        sparsifier,
+        step_model=compile_for_training(train_model) if opt_cfg.compile else train_model,
+        autocast=(lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext,
+    )
 
-    def save(path: Path, complete: bool) -> None:
-        save_checkpoint(
-            path,
-            {
-                "stage": stage,
-                "complete": complete,
-                "fingerprint": fingerprint,
-                "run_id": run_id,
-                "epoch": len(history),
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "sparsifier": sparsifier.state_dict(),
-                "method": sparsifier.method,
-                "rng": _rng_state(),
-                "history": history,
-                "world_size": world,
-                "job": distributed.job_id(),
-                "model_spec": spec,
-                "init": init,
-                "data_info": asdict(info),
-                "config": cfg.model_dump(mode="json"),
-            },
-        )
-        files.write_text(run.metrics(stage), "".join(json.dumps(h) + "\n" for h in history))
 
-    board = ScalarLog(run.tensorboard(stage), history) if main and cfg.log.tensorboard else None
-    bar = Progress(
+def _restore(t: _Training, checkpoint: dict[str, Any]) -> None:
+    """Continue an unfinished run exactly where its last checkpoint left it."""
+    with restoring(t.run.last(t.stage)):
+        t.run_id = checkpoint["run_id"]
+        t.model.load_state_dict(checkpoint["model"])
+        t.optimizer.load_state_dict(checkpoint["optimizer"])
+        t.scheduler.load_state_dict(checkpoint["scheduler"])
+        t.sparsifier.load_state_dict(checkpoint["sparsifier"])
+        _set_rng_state(checkpoint["rng"])
+        t.history = checkpoint["history"]
+    log(t.cfg, f"{t.stage}: resuming after epoch {len(t.history)}")
+
+
+def _progress_bar(enabled: bool) -> Progress:
+    return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
         console=console,
-        disable=not progress or not main,
+        disable=not enabled,
         transient=True,
     )
-    with bar:
-        for epoch in range(len(history), opt_cfg.epochs):
-            task = bar.add_task(f"{cfg.name} | {stage} {epoch + 1}/{opt_cfg.epochs}", total=steps_per_epoch)
-            started = time.perf_counter()
-            lr = optimizer.param_groups[0]["lr"]
-            batches = train_set.batches(
-                global_batch,
-                shuffle=True,
-                augment=cfg.data.augment,
-                seed=batches_seed,
-                epoch=epoch,
-                device=device,
-                drop_last=True,
-                shard=(rank, world),
-            )
-            totals = train_one_epoch(
-                step_model,
-                optimizer,
-                sparsifier,
-                batches,
-                autocast,
-                on_step=_step_callback(lambda task=task: bar.advance(task), epoch + 1, steps_per_epoch),
-                on_reallocation=lambda: distributed.check_masks(sparsifier.masks, sparsifier.iteration),
-            )
-            loss_sum, correct, seen, pruned, reallocations = (
-                totals[k] for k in ("loss_sum", "correct", "seen", "pruned", "reallocations")
-            )
-            switched_off, pruned_grown = totals["switched_off"], totals["pruned_grown"]
-            if world > 1:  # the global batch's figures (pruned and the like are the same on every rank)
-                loss_sum, correct, seen = distributed.all_sum(loss_sum, correct, seen)
-                seen = int(seen.item())
-            train_loss = loss_sum.item() / seen
-            if not math.isfinite(train_loss):  # keep last.pt of the last sound epoch; stop wasting time
-                raise UserError(
-                    f"{stage} diverged: the training loss is {train_loss} in epoch {epoch + 1}; "
-                    f"lower {stage}.lr (now {opt_cfg.lr})"
-                )
-            scheduler.step()
-            train_seconds = time.perf_counter() - started
-            test_loss, test_top1 = evaluate(model, test_set, device, autocast)
-            density = sparsifier.layer_density()
-            history.append(
-                {
-                    "stage": stage,
-                    "epoch": epoch + 1,
-                    "lr": lr,
-                    "train_loss": train_loss,
-                    "train_top1": correct.item() / seen,
-                    "test_loss": test_loss,
-                    "test_top1": test_top1,
-                    "threshold": getattr(sparsifier, "threshold", None),
-                    "pruned": pruned,
-                    "reallocations": reallocations,
-                    "active_params": sparsifier.active_count(),
-                    # Of the weights reallocation switched off, the share it had grown at the one before.
-                    "pruned_grown": pruned_grown if sparsifier.tracks_regrowth else None,
-                    "pruned_grown_share": pruned_grown / switched_off
-                    if sparsifier.tracks_regrowth and switched_off
-                    else None,
-                    "layer_density": density,
-                    "seconds": train_seconds,
-                    "images_per_second": seen / train_seconds,
-                }
-            )
-            if main:
-                save(last, complete=False)
-                if board is not None:
-                    board.add(history[-1])
-            bar.remove_task(task)
-            log(
-                cfg,
-                f"{stage} epoch {epoch + 1}/{opt_cfg.epochs}  "
-                f"loss {history[-1]['train_loss']:.4f}  test top-1 {test_top1:.4f}  "
-                f"{seen / train_seconds:,.0f} img/s"
-                + (
-                    f"  H {sparsifier.threshold:.3g}"
-                    if reallocations and hasattr(sparsifier, "threshold")
-                    else ""
-                )
-                + (f"  pruned {pruned}" if reallocations else ""),
-            )
-    if main:
-        save(final, complete=True)
-        last.unlink(missing_ok=True)
-        if board is not None:
-            board.close()
-    distributed.barrier()  # the next stage, on every rank, reads final.pt
-    return final
+
+
+def _one_epoch(t: _Training, epoch: int, bar: Progress) -> dict[str, Any]:
+    """Train one epoch, evaluate, and return its record for metrics.jsonl and TensorBoard."""
+    stage, opt_cfg, sparsifier = t.stage, t.opt_cfg, t.sparsifier
+    task = bar.add_task(f"{t.cfg.name} | {stage} {epoch + 1}/{opt_cfg.epochs}", total=t.steps_per_epoch)
+    started = time.perf_counter()
+    lr = t.optimizer.param_groups[0]["lr"]
+    batches = t.train_set.batches(
+        opt_cfg.batch_size * t.world,
+        shuffle=True,
+        augment=t.cfg.data.augment,
+        seed=t.cfg.seed + (1000 if stage == "finetune" else 0),  # a fresh data order per stage
+        epoch=epoch,
+        device=t.device,
+        drop_last=True,
+        shard=(t.rank, t.world),
+    )
+    totals = train_one_epoch(
+        t.step_model,
+        t.optimizer,
+        sparsifier,
+        batches,
+        t.autocast,
+        on_step=_step_callback(lambda: bar.advance(task), epoch + 1, t.steps_per_epoch),
+        on_reallocation=lambda: distributed.check_masks(sparsifier.masks, sparsifier.iteration),
+    )
+    loss_sum, correct, seen = totals["loss_sum"], totals["correct"], totals["seen"]
+    if t.world > 1:  # the global batch's figures (pruned and the like are the same on every rank)
+        loss_sum, correct, seen = distributed.all_sum(loss_sum, correct, seen)
+        seen = int(seen.item())
+    train_loss = loss_sum.item() / seen
+    if not math.isfinite(train_loss):  # keep last.pt of the last sound epoch; stop wasting time
+        raise UserError(
+            f"{stage} diverged: the training loss is {train_loss} in epoch {epoch + 1}; "
+            f"lower {stage}.lr (now {opt_cfg.lr})"
+        )
+    t.scheduler.step()
+    train_seconds = time.perf_counter() - started
+    test_loss, test_top1 = evaluate(t.model, t.test_set, t.device, t.autocast)
+    bar.remove_task(task)
+    regrows = sparsifier.tracks_regrowth
+    switched_off, pruned_grown = totals["switched_off"], totals["pruned_grown"]
+    return {
+        "stage": stage,
+        "epoch": epoch + 1,
+        "lr": lr,
+        "train_loss": train_loss,
+        "train_top1": correct.item() / seen,
+        "test_loss": test_loss,
+        "test_top1": test_top1,
+        "threshold": getattr(sparsifier, "threshold", None),
+        "pruned": totals["pruned"],
+        "reallocations": totals["reallocations"],
+        "active_params": sparsifier.active_count(),
+        # Of the weights reallocation switched off, the share it had grown at the one before.
+        "pruned_grown": pruned_grown if regrows else None,
+        "pruned_grown_share": pruned_grown / switched_off if regrows and switched_off else None,
+        "layer_density": sparsifier.layer_density(),
+        "seconds": train_seconds,
+        "images_per_second": seen / train_seconds,
+    }
+
+
+def _log_epoch(t: _Training) -> None:
+    h = t.history[-1]
+    line = (
+        f"{t.stage} epoch {h['epoch']}/{t.opt_cfg.epochs}  loss {h['train_loss']:.4f}  "
+        f"test top-1 {h['test_top1']:.4f}  {h['images_per_second']:,.0f} img/s"
+    )
+    if h["reallocations"]:
+        if h["threshold"] is not None:
+            line += f"  H {t.sparsifier.threshold:.3g}"
+        line += f"  pruned {h['pruned']}"
+    log(t.cfg, line)
 
 
 def _made_by_this_job(run: RunDir, stage: str) -> bool:
