@@ -55,12 +55,15 @@ def tiny(name="tiny", **sections):
             "batch_size": 64,
             "lr": 0.1,
             "milestones": [1],
-        },  # within any epochs a test sets
+        },
         "finetune": {"epochs": 1, "lr": 0.005},
         "validate": {"latency_runs": 20},
     }
     for section, values in sections.items():
         raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
+    train = raw["train"]
+    if "milestones" not in sections.get("train", {}):  # the default one only where it is reached
+        train["milestones"] = [m for m in train["milestones"] if m < train["epochs"]]
     return raw
 
 
