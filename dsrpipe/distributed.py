@@ -13,7 +13,7 @@ What this module owns:
     checksum all-reduce (MIN and MAX must agree), so a divergence stops the run naming the tensor;
   - the torchrun command line that `compare` and `watch` launch jobs with.
 
-For tests only (documented in the README): DSRPIPE_TEST_FAULT=exit:<rank>:<epoch> makes that
+For tests only (documented in docs/distributed.md): DSRPIPE_TEST_FAULT=exit:<rank>:<epoch> makes that
 rank die (os._exit) halfway through that epoch (1-based) of the first attempt, as a killed node
 would; DSRPIPE_TEST_FAULT=desync:<rank> flips one mask entry on that rank at the first
 reallocation. DSRPIPE_MASK_CHECKSUMS=<prefix> makes each rank append its mask checksums to
