@@ -730,9 +730,8 @@ def test_methods_run_end_to_end_on_digits(tmp_path):
     assert frozen_ckpt["fingerprint"].endswith(rigl_ckpt["run_id"])  # a retrained source makes it stale
     assert frozen_ckpt["init"] == rigl_ckpt["init"]  # same seed, same model: the source's initial weights
     assert frozen_ckpt["history"][0]["pruned_grown"] is None  # nothing grows
-    tuned = torch.load(
-        finetune(frozen_cfg, tmp_path, progress=False), weights_only=True
-    )  # accepts that fingerprint
+    # Accepts that fingerprint
+    tuned = torch.load(finetune(frozen_cfg, tmp_path, progress=False), weights_only=True)
     for name, mask in rigl_ckpt["sparsifier"]["masks"].items():
         assert torch.equal(tuned["sparsifier"]["masks"][name], mask)
 

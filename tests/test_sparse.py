@@ -43,12 +43,13 @@ def test_scale_init_keeps_the_dense_signal_variance():
     with torch.no_grad():
         ratio = (sparse(x) - sparse.bias).var() / (dense(x) - dense.bias).var()
     assert 0.9 < ratio < 1.1  # unscaled, it would be the density: 0.02
+    # Dense: nothing to scale
     assert (
         Sparsifier(
             nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)), sparsity=0.0, scale_init=True
         ).masks
         == {}
-    )  # dense: nothing to scale
+    )
 
 
 def test_sparsity_out_of_range_is_a_user_error():
@@ -134,12 +135,8 @@ def test_growth_is_proportional_to_survivors_and_exact():
     [
         (4, [1, 2], [10, 10], [1, 3]),  # exact 1.33, 2.67: the one leftover goes to the larger remainder
         (7, [10, 21, 29], [10, 10, 10], [1, 3, 3]),  # 1.17, 2.45, 3.38: to the middle one, not the first
-        (
-            5,
-            [1, 2, 4],
-            [10, 10, 10],
-            [1, 1, 3],
-        ),  # 0.71, 1.43, 2.86: two leftovers, to the third and the first
+        # 0.71, 1.43, 2.86: two leftovers, to the third and the first
+        (5, [1, 2, 4], [10, 10, 10], [1, 1, 3]),
         (10, [1, 1, 2], [1, 100, 100], [1, 3, 6]),  # [3, 2, 5] overflows the first: its 2 go 0.67 : 1.33
     ],
 )

@@ -128,9 +128,8 @@ def _trace_to_onnx(model, in_channels, image_size, mean, std, opset) -> onnx.Mod
     wrapped = PixelClassifier(model, mean, std).to(device)
     # Per-module modes, so a caller's deliberate mix (say, frozen BN in training) comes back as it was.
     modes = {m: m.training for m in model.modules()}
-    example = torch.rand(
-        2, in_channels, image_size, image_size, device=device
-    )  # batch 1 would be specialised
+    # Batch 1 would be specialised
+    example = torch.rand(2, in_channels, image_size, image_size, device=device)
     try:
         wrapped.eval()
         # Exporter internals the user cannot act on: warnings, and on failure torch.export prints

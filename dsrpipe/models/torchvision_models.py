@@ -57,9 +57,8 @@ def build_torchvision_model(
         # The usual CIFAR stem: ImageNet's 7x7/2 conv and 3x3/2 max pool would leave a 32x32 input 1x1 by
         # the last stage.
         model.conv1 = nn.Conv2d(in_channels, model.conv1.out_channels, 3, padding=1, bias=False)
-        nn.init.kaiming_normal_(
-            model.conv1.weight, mode="fan_out", nonlinearity="relu"
-        )  # as torchvision does
+        # As torchvision does
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
         model.maxpool = nn.Identity()
     elif in_channels != 3:
         _replace_first_conv(model, in_channels)

@@ -531,9 +531,8 @@ class Sparsifier:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["method"] != self.method:
             raise UserError(f"checkpoint was trained with method '{state['method']}', not '{self.method}'")
-        granularity = state.get(
-            "granularity", "element"
-        )  # checkpoints from before granularity were elementwise
+        # Checkpoints from before granularity were elementwise
+        granularity = state.get("granularity", "element")
         if granularity != self.granularity:
             raise UserError(
                 f"checkpoint was trained at granularity '{granularity}', not '{self.granularity}'"

@@ -64,10 +64,8 @@ class SET(Sparsifier):
     def reallocate(self) -> dict[str, Any]:
         grown = {}
         for name, num_active in self.active_per_tensor().items():
-            u, m = (
-                self.units[name],
-                self.masks[name],
-            )  # single weights, or whole kernels or filters (units.py)
+            # Single weights, or whole kernels or filters (units.py)
+            u, m = self.units[name], self.masks[name]
             active_units = num_active // u.size
             count = round(self.zeta * active_units)
             # 1. Prune exactly `count` smallest-magnitude active units.
