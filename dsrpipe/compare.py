@@ -44,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from . import __version__, files
 from .config import Pipeline, apply_overrides, first_error, parse_pipeline, read_yaml, switch_method
-from .distributed import launch_command
+from .distributed import Launch
 from .errors import UserError
 from .rundir import STALE, RunDir, read_report
 
@@ -139,6 +139,7 @@ class Run:
     started: float = 0.0
     ended: float = 0.0
     process: subprocess.Popen | None = field(default=None, repr=False)
+    launch: Launch | None = field(default=None, repr=False)
 
 
 # -- reading the grid -------------------------------------------------------------------------
@@ -337,14 +338,15 @@ def run_grid(
                 f"# {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode()
             )
             log.flush()
+            run.launch = Launch(
+                nproc_per_job, ["run", str(pipeline_file), "--out", str(runs_dir), "--no-progress"]
+            )
             run.process = subprocess.Popen(
-                launch_command(
-                    nproc_per_job, ["run", str(pipeline_file), "--out", str(runs_dir), "--no-progress"]
-                ),
+                run.launch.command,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=env,
+                env={**env, **run.launch.env},
             )
         run.status, run.started = "running", time.perf_counter()
         running.append(run)
@@ -374,6 +376,7 @@ def run_grid(
                 if code is None:
                     continue
                 running.remove(run)
+                run.launch.close()
                 run.ended = time.perf_counter()
                 # torchrun exits 1 whatever its ranks' codes: a failed validation (3) is told by its report
                 report = _complete(run, runs_dir) if code in (0, 3) or nproc_per_job > 1 else None

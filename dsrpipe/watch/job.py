@@ -94,14 +94,15 @@ def _run_through_torchrun(spec: dict[str, Any], nproc: int, threads: int | None)
     codes, so the cause is their last `error:` line, which also tells bad input from a bug."""
     import subprocess
 
-    from ..distributed import launch_command
+    from ..distributed import Launch
 
     args = ["run", spec["config"], "--out", spec["out"], "--no-progress"]
     for override in spec["overrides"]:
         args += ["--set", override]
-    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    launch = Launch(nproc, args)  # its rendezvous store lives as long as this process
+    env = {**os.environ, **launch.env, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     process = subprocess.Popen(
-        launch_command(nproc, args),
+        launch.command,
         stdout=sys.stdout,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
