@@ -146,7 +146,8 @@ class Run:
 def load_grid(path: str | Path) -> tuple[Grid, str, dict[str, Any]]:
     """The validated grid, its name and the base pipeline's raw settings."""
     path = Path(path)
-    raw = read_yaml(path, "grid")
+    # Neither file is followed through a final symbolic link, nor waited on (a FIFO): see files.open_regular.
+    raw = read_yaml(path, "grid", follow=False)
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping with base, methods, sparsities and seeds")
     try:
@@ -159,12 +160,19 @@ def load_grid(path: str | Path) -> tuple[Grid, str, dict[str, Any]]:
         raise UserError(f"{path}: the file name '{name}' is no safe folder name: set name: in the grid")
     if isinstance(grid.base, str):
         base_path = (path.parent / grid.base) if not Path(grid.base).is_absolute() else Path(grid.base)
-        base = read_yaml(base_path, "base pipeline")
+        # base: may name any file this process can read: its errors never quote it.
+        base = read_yaml(base_path, "base pipeline", follow=False, quote=False)
         if not isinstance(base, dict):
             raise UserError(f"{base_path}: expected a mapping of settings at the top level")
     else:
         base = grid.base
     return grid, name, base
+
+
+def _quotes_base(grid: Grid) -> bool:
+    """Whether a run's errors may repeat its settings: only when the base is inline in the grid
+    (a file the user named), not read from the file that `base:` names."""
+    return not isinstance(grid.base, str)
 
 
 def run_name(grid_name: str, method: str, sparsity: float, seed: int) -> str:
@@ -213,7 +221,7 @@ def plan_runs(
                     run.depends_on = run_name(grid_name, needed, 0.0 if needed == "dense" else sparsity, seed)
                     section[option] = str(runs_dir / run.depends_on / "train" / "final.pt")
                 try:
-                    run.cfg = parse_pipeline(raw, f"{source}: {name}")
+                    run.cfg = parse_pipeline(raw, f"{source}: {name}", _quotes_base(grid))
                 except UserError:
                     # A run may only validate once the run it starts from is done: checked at launch.
                     if run.depends_on is None or Path(section[sources[method][1]]).exists():
@@ -317,7 +325,7 @@ def run_grid(
     def start(run: Run) -> None:
         try:
             if run.cfg is None:  # a frozen run whose masks now exist
-                run.cfg = parse_pipeline(run.raw, f"{grid_path}: {run.name}")
+                run.cfg = parse_pipeline(run.raw, f"{grid_path}: {run.name}", _quotes_base(grid))
             if _start_over_if_stale(run, runs_dir):
                 echo(
                     f"{run.name}: its outputs were made with other settings (an edited grid, another "

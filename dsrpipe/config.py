@@ -7,6 +7,7 @@ nesting (see `parse_yaml`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -25,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from . import files
 from .errors import UserError
 
 MAX_YAML_BYTES = 2**20
@@ -625,18 +627,39 @@ EXPORT_SETTINGS = FINETUNE_SETTINGS + ("export",)
 VALIDATE_SETTINGS = EXPORT_SETTINGS + ("validation",)
 
 
-def first_error(exc: ValidationError) -> tuple[str, str]:
+def first_error(exc: ValidationError, quote: bool = True) -> tuple[str, str]:
     """(where, what) of a validation error, for a one-line message: the dotted path of the first
-    problem ("" at the top level) and what is wrong, with a count of any others."""
+    problem ("" at the top level) and what is wrong, with a count of any others. Unless `quote`,
+    nothing of the input is repeated: only setting names of the schema, and pydantic's own
+    messages (which state the rule, not the value), never an unknown key or a message of ours."""
     first = exc.errors()[0]
-    where = ".".join(str(part) for part in first["loc"])
-    message = (
-        "unknown setting"
-        if first["type"] == "extra_forbidden"
-        else first["msg"].removeprefix("Value error, ")
-    )
+    loc = [str(part) for part in first["loc"]]
+    if first["type"] == "extra_forbidden":
+        message = "unknown setting"
+    elif first["type"] == "value_error" and not quote:
+        message = "invalid value"
+    else:
+        message = first["msg"].removeprefix("Value error, ")
+    if not quote:
+        loc = [part if part in _setting_names() else "…" for part in loc]
+        if first["type"] == "extra_forbidden":
+            loc[-1:] = ["…"]
     more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return where, f"{message}{more}"
+    return ".".join(loc), f"{message}{more}"
+
+
+@functools.cache
+def _setting_names() -> frozenset[str]:
+    """Every setting name of the pipeline schema (its sections' fields and aliases)."""
+    names, todo = set(), [Pipeline, *METHOD_OPTIONS.values()]
+    while todo:
+        model = todo.pop()
+        for name, field in model.model_fields.items():
+            names |= {name, field.alias or name}
+            kind = field.annotation
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                todo.append(kind)
+    return frozenset(names)
 
 
 class _Loader(yaml.SafeLoader):
@@ -658,9 +681,13 @@ class _Loader(yaml.SafeLoader):
             self.depth -= 1
 
 
-def parse_yaml(data: bytes | str, source: str) -> Any:
+NOT_QUOTED = "its text is not quoted: it is not a pipeline named on the command line or dropped"
+
+
+def parse_yaml(data: bytes | str, source: str, quote: bool = True) -> Any:
     """YAML (UTF-8 text, no aliases, nesting bounded) as plain data, or a one-line UserError
-    naming `source` (and the line)."""
+    naming `source` (and the line). Unless `quote`, the error repeats nothing the text holds:
+    for a file nobody named as a pipeline, which may be any file this process can read."""
     try:
         text = data.decode() if isinstance(data, bytes) else data
     except UnicodeDecodeError as exc:
@@ -671,33 +698,34 @@ def parse_yaml(data: bytes | str, source: str) -> Any:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
-        raise UserError(f"{source}:{where} not valid YAML ({problem})") from None
+        raise UserError(f"{source}:{where} not valid YAML ({problem if quote else NOT_QUOTED})") from None
     except Exception as exc:  # what the constructors let through, e.g. a date that is no date
-        raise UserError(
-            f"{source}: not valid YAML ({type(exc).__name__}: {' '.join(str(exc).split())})"
-        ) from None
+        problem = f"{type(exc).__name__}: {' '.join(str(exc).split())}" if quote else NOT_QUOTED
+        raise UserError(f"{source}: not valid YAML ({problem})") from None
 
 
-def read_yaml(path: Path, what: str) -> Any:
-    """A YAML file's data (see `parse_yaml`), or a one-line UserError naming the file."""
+def read_yaml(path: Path, what: str, *, follow: bool = True, quote: bool = True) -> Any:
+    """A YAML file's data (see `parse_yaml`), or a one-line UserError naming the file. It must be
+    a regular file (a FIFO fails at once, see files.open_regular); `follow`: whether a final
+    symbolic link is followed."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_YAML_BYTES + 1)
-    except OSError as exc:
-        raise UserError(f"cannot read {what} {path}: {exc.strerror}") from None
-    if len(data) > MAX_YAML_BYTES:
-        raise UserError(f"{path}: larger than {MAX_YAML_BYTES // 1024} KiB, too large for a {what}")
-    return parse_yaml(data, str(path))
+        data = files.read_regular(path, what, MAX_YAML_BYTES, follow=follow)
+    except FileNotFoundError:
+        raise UserError(f"cannot read {what} {path}: No such file or directory") from None
+    return parse_yaml(data, str(path), quote)
 
 
-def parse_pipeline(raw: Any, source: str = "pipeline") -> Pipeline:
+def parse_pipeline(raw: Any, source: str = "pipeline", quote: bool = True) -> Pipeline:
+    """The validated pipeline, or a one-line UserError (quoting nothing of `raw` unless `quote`)."""
     if not isinstance(raw, dict):
         raise UserError(f"{source}: expected a mapping of settings at the top level")
     try:
         return Pipeline.model_validate(raw)
     except ValidationError as exc:
-        where, what = first_error(exc)
-        raise UserError(f"{source}: {where or '(top level)'}: {what}") from None
+        where, what = first_error(exc, quote)
+        raise UserError(
+            f"{source}: {where or '(top level)'}: {what}{'' if quote else f' ({NOT_QUOTED})'}"
+        ) from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -716,13 +744,14 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def load_pipeline(path: str | Path, overrides: list[str] = ()) -> Pipeline:
+def load_pipeline(path: str | Path, overrides: list[str] = (), quote: bool = True) -> Pipeline:
+    """The pipeline file with `--set` overrides; `quote`: whether errors may repeat its text."""
     path = Path(path)
-    raw = read_yaml(path, "pipeline")
+    raw = read_yaml(path, "pipeline", quote=quote)
     if isinstance(raw, dict):
         raw.setdefault("name", path.stem)  # a pipeline is named after its file unless it says
         apply_overrides(raw, list(overrides))
-    return parse_pipeline(raw, str(path))
+    return parse_pipeline(raw, str(path), quote)
 
 
 def _path_settings(section: BaseModel, prefix: str = "") -> list[tuple[str, Path]]:

@@ -47,7 +47,7 @@ def job_main(job_dir: Path, settings: dict[str, Any] | None = None) -> int:
     try:
         from ..config import confine_paths, load_pipeline
 
-        cfg = load_pipeline(spec["config"], spec["overrides"])
+        cfg = load_pipeline(spec["config"], spec["overrides"], quote=spec.get("quote", True))
         confine_paths(cfg, [Path(spec["cwd"]), Path(spec["out"])])  # before anything is read
         import torch
 
