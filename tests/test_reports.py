@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -266,3 +267,38 @@ def test_frozen_runs_wait_for_the_dsr_masks_and_dense_runs_once_per_seed(tmp_pat
             assert run.raw["sparsity"]["masks_from"] == str(tmp_path / "runs" / dsr / "train" / "final.pt")
         else:
             assert run.depends_on is None and "masks_from" not in run.raw["sparsity"]
+
+
+SECRET = "root:$6$s3cr3tSALT$HASHED-PASSWORD:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\n"
+
+
+def _hostile_base(tmp_path, kind):
+    """The grid's base: a link to a secret file, the secret file itself, a FIFO; or the grid a link."""
+    (tmp_path / "shadow").write_text(SECRET)
+    if kind == "base-link":
+        (tmp_path / "linked.yaml").symlink_to(tmp_path / "shadow")
+        return write_grid(tmp_path, base="linked.yaml"), "is a symbolic link, which is not followed"
+    if kind == "base-secret":
+        return write_grid(tmp_path, base=str(tmp_path / "shadow")), "unknown setting"
+    if kind == "base-fifo":
+        os.mkfifo(tmp_path / "fifo.yaml")
+        return write_grid(tmp_path, base="fifo.yaml"), "is a FIFO, not a regular file"
+    grid = write_grid(tmp_path)
+    (tmp_path / "grid-link.yaml").symlink_to(grid)
+    return tmp_path / "grid-link.yaml", "is a symbolic link, which is not followed"
+
+
+@pytest.mark.parametrize("kind", ["base-link", "base-secret", "base-fifo", "grid-link"])
+def test_a_hostile_base_or_grid_is_one_line_quoting_nothing_and_never_hangs(tmp_path, kind):
+    grid, expected = _hostile_base(tmp_path, kind)
+    result = subprocess.run(
+        [sys.executable, "-m", "dsrpipe", "compare", str(grid), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=60,  # a FIFO opened for reading blocks until a writer comes: it must not be opened so
+    )
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: ") and expected in line, line
+    assert "s3cr3t" not in line and "root:" not in line and "daemon:*" not in line
+    assert not (tmp_path / "out").exists()
