@@ -191,12 +191,18 @@ def predict(
     model: Path = typer.Argument(..., help="An exported model.onnx.", show_default=False),
     images: list[Path] = typer.Argument(..., help="Image files, or folders of them.", show_default=False),
     top_k: int = typer.Option(1, "--top-k", "-k", help="Classes to list per image."),
+    max_side: int = typer.Option(
+        None,
+        "--max-side",
+        show_default=False,
+        help="Largest image side a model may declare, in pixels (default: 1024, data.image_size's bound).",
+    ),
 ):
     """Classify images with an exported model (onnxruntime, numpy and Pillow only)."""
     from .deploy.predict import format_predictions
     from .deploy.predict import predict as classify
 
-    typer.echo(format_predictions(classify(model, images, top_k)))
+    typer.echo(format_predictions(classify(model, images, top_k, max_side)))
 
 
 @app.command()
