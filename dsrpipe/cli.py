@@ -239,7 +239,14 @@ def compare(
     """Run a grid of pipelines and tabulate top-1 against non-zero parameters."""
     from .compare import run_grid
 
-    typer.echo(str(run_grid(grid, out, jobs=jobs, nproc_per_job=nproc_per_job)["md"]))
+    result = run_grid(grid, out, jobs=jobs, nproc_per_job=nproc_per_job)
+    typer.echo(str(result["md"]))
+    crashed = [r.name for r in result["runs"] if r.status == "crashed"]
+    if crashed:  # the table is written, but the grid is not complete: a script must see that
+        raise UserError(
+            f"{len(crashed)} of {len(result['runs'])} runs crashed ({', '.join(crashed[:5])}"
+            f"{', ...' if len(crashed) > 5 else ''}): see {result['md']}"
+        )
 
 
 @app.command()

@@ -49,6 +49,7 @@ from .errors import UserError
 from .rundir import STALE, RunDir, read_report
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$"
+MAX_RUNS = 10_000  # runs in one grid (methods × sparsities × seeds), checked before any is planned
 GRID_AXES = {"name", "seed", "sparsity.method", "sparsity.sparsity"}  # set per run by the grid
 CSV_COLUMNS = [
     "method",
@@ -74,9 +75,9 @@ class Grid(BaseModel):
 
     name: str | None = Field(None, pattern=NAME_PATTERN)
     base: dict[str, Any] | str
-    methods: list[str] = Field(min_length=1)
-    sparsities: list[float] = Field(min_length=1)
-    seeds: list[int] = Field([0], min_length=1)
+    methods: list[str] = Field(min_length=1, max_length=MAX_RUNS)
+    sparsities: list[float] = Field(min_length=1, max_length=MAX_RUNS)
+    seeds: list[int] = Field([0], min_length=1, max_length=MAX_RUNS)
     overrides: dict[str, dict[str, Any]] = {}
 
     @field_validator("methods")
@@ -103,6 +104,16 @@ class Grid(BaseModel):
         return _unique(seeds)
 
     @model_validator(mode="after")
+    def _at_most_max_runs(self):
+        runs = len(self.methods) * len(self.sparsities) * len(self.seeds)
+        if runs > MAX_RUNS:
+            raise ValueError(
+                f"{len(self.methods)} methods × {len(self.sparsities)} sparsities × {len(self.seeds)} seeds "
+                f"make {runs:,} runs, more than the {MAX_RUNS:,} a grid may have: split it"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _overrides_for_grid_methods(self):
         for method, settings in self.overrides.items():
             if method not in self.methods:
@@ -114,9 +125,12 @@ class Grid(BaseModel):
 
 
 def _unique(values: list) -> list:
-    seen = [v for i, v in enumerate(values) if v in values[:i]]
-    if seen:
-        raise ValueError(f"'{seen[0]}' is listed twice")
+    """`values`, unless one is listed twice (one pass, with a set: grids may be long)."""
+    seen = set()
+    for value in values:
+        if value in seen:
+            raise ValueError(f"'{value}' is listed twice")
+        seen.add(value)
     return values
 
 
@@ -300,6 +314,32 @@ def run_grid(
     runs_dir = folder / "runs"
     runs = plan_runs(grid, grid_name, base, runs_dir, source=str(grid_path))
     by_name = {r.name: r for r in runs}
+    lock = _lock(folder)
+    try:
+        return _run_planned(
+            grid, runs, by_name, folder, grid_path, grid_name, command, jobs, nproc_per_job, echo
+        )
+    finally:
+        lock.close()
+
+
+def _lock(folder: Path):
+    """The grid folder's lock, for the whole compare: a second compare of the same grid into the
+    same --out would start the same runs and write the same results."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "compare.lock"
+    lock = files.exclusive_lock(path)
+    if lock is None:
+        pid = files.lock_holder(path)
+        raise UserError(
+            f"{folder} is in use by another dsrpipe compare (pid {pid or '?'}): wait for it to finish or stop it"
+        )
+    return lock
+
+
+def _run_planned(grid, runs, by_name, folder, grid_path, grid_name, command, jobs, nproc_per_job, echo):
+    """run_grid's work once the grid is planned and its folder locked."""
+    runs_dir = folder / "runs"
 
     env = dict(os.environ)
     processes = jobs * nproc_per_job

@@ -213,8 +213,11 @@ def test_a_crashing_run_is_a_row_not_a_crash(tmp_path, monkeypatch):
     monkeypatch.setattr(compare_module.subprocess, "Popen", crash)
     grid, out = write_grid(tmp_path, methods=["dsr"], seeds=[0], overrides={}), tmp_path / "out"
     result = CliRunner().invoke(app, ["compare", str(grid), "--out", str(out)])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 2, result.output  # the table is written, and the exit says it is incomplete
     assert "1 of 1 runs crashed" in result.output
+    assert result.output.strip().splitlines()[-1] == (
+        f"error: 1 of 1 runs crashed (g-dsr-s0.9-seed0): see {out / 'g' / 'results.md'}"
+    )
     (row,) = csv.DictReader((out / "g" / "results.csv").open())
     assert row["status"] == "crashed" and "boom: out of memory" in row["message"] and row["onnx_top1"] == ""
     md = (out / "g" / "results.md").read_text()
@@ -302,3 +305,61 @@ def test_a_hostile_base_or_grid_is_one_line_quoting_nothing_and_never_hangs(tmp_
     assert line.startswith("error: ") and expected in line, line
     assert "s3cr3t" not in line and "root:" not in line and "daemon:*" not in line
     assert not (tmp_path / "out").exists()
+
+
+def test_a_second_compare_of_the_grid_is_refused_naming_the_first(tmp_path):
+    """While one compare holds <out>/<grid>/, another of the same grid exits 2 naming its pid,
+    and writes nothing there."""
+    grid, out = write_grid(tmp_path, methods=["dsr"], seeds=[0], overrides={}), tmp_path / "out"
+    (out / "g").mkdir(parents=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from dsrpipe import files; "
+            f"lock = files.exclusive_lock({str(out / 'g' / 'compare.lock')!r}); print('held', flush=True); "
+            "time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = subprocess.run(
+            [sys.executable, "-m", "dsrpipe", "compare", str(grid), "--out", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert (
+        line
+        == f"error: {out / 'g'} is in use by another dsrpipe compare (pid {holder.pid}): wait for it to finish or stop it"
+    )
+    assert sorted(p.name for p in (out / "g").iterdir()) == ["compare.lock"]
+
+
+def test_a_grid_is_capped_before_it_is_planned(tmp_path):
+    """100,000 seeds: refused at once (no planning, no quadratic duplicate check)."""
+    for seeds, expected in (
+        (100_000, "seeds: List should have at most 10000 items"),
+        (
+            6_000,
+            "2 methods × 1 sparsities × 6000 seeds make 12,000 runs, more than the 10,000 a grid may have",
+        ),
+    ):
+        grid = write_grid(tmp_path, seeds=list(range(seeds)))
+        started = time.perf_counter()
+        result = CliRunner().invoke(app, ["compare", str(grid), "--out", str(tmp_path / "out")])
+        assert result.exit_code == 2 and expected in result.output, result.output
+        assert time.perf_counter() - started < 10
+    # Under the cap, the duplicate check stays linear: 9,999 seeds and one repeated at the end.
+    grid = write_grid(tmp_path, methods=["dsr"], seeds=[*range(9_999), 0])
+    started = time.perf_counter()
+    result = CliRunner().invoke(app, ["compare", str(grid), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "'0' is listed twice" in result.output, result.output
+    assert time.perf_counter() - started < 10
