@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -18,8 +19,10 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    Strict,
     ValidationError,
     field_validator,
     model_serializer,
@@ -42,10 +45,15 @@ MAX_LATENCY_RUNS = 10_000
 MIN_OPSET = 18  # the torch.export-based exporter writes opset 18 at least, whatever it is asked
 MAX_LIST = 100  # milestones, rewire periods, exclude patterns
 MAX_OPTIONS, MAX_OPTION_ITEMS, MAX_STRING = 32, 64, 256  # model.options
+# Rates, strengths, factors, thresholds: bounded so that no product of them overflows float32 in
+# training (train.lr=1e308 used to pass `check` and fail mid-run); far above any useful value.
+MAX_FACTOR = 1e6
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
+    # strict: a number is a number (`sparsity: false` is no 0.0, `epochs: true` no 1, "3" no 3);
+    # an int is still taken where a float is expected (`lr: 1`).
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False, strict=True)
 
 
 SAFE_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"  # a run name is a folder name: no paths, no surprises
@@ -57,7 +65,15 @@ def _no_nul(path: Path) -> Path:
     return path
 
 
-FilePath = Annotated[Path, AfterValidator(_no_nul)]
+# An epoch as a mapping key: also its text, which is what a key becomes in JSON (a dumped config read back).
+EpochKey = Annotated[int, Strict(False)]
+
+
+def _path(value: Any) -> Any:
+    return Path(value) if isinstance(value, str) else value  # strict mode takes only Path objects
+
+
+FilePath = Annotated[Path, BeforeValidator(_path), AfterValidator(_no_nul)]
 
 
 def _plain_value(value: Any) -> bool:
@@ -260,14 +276,14 @@ class StaticOptions(GranularityOption, FromScratchOptions):
 
 
 class RewiringOptions(FromScratchOptions):
-    rewire_periods: dict[int, int] = Field(
+    rewire_periods: dict[EpochKey, int] = Field(
         {0: 100}, max_length=MAX_LIST
     )  # start epoch -> reallocation period (iterations)
     stop_rewire_epoch: int | None = Field(None, ge=0, le=MAX_EPOCHS)  # no reallocation from this epoch on
 
     @field_validator("rewire_periods")
     @classmethod
-    def _periods_from_epoch_zero(cls, periods: dict[int, int]) -> dict[int, int]:
+    def _periods_from_epoch_zero(cls, periods: dict[EpochKey, int]) -> dict[EpochKey, int]:
         if 0 not in periods:
             raise ValueError("needs an entry for epoch 0")
         if any(not 0 <= e <= MAX_EPOCHS or not 1 <= p <= MAX_STEPS for e, p in periods.items()):
@@ -308,7 +324,7 @@ class NpOptions(RewiringOptions):
 
 class DSROptions(GranularityOption, NpOptions):
     method: Literal["dsr"] = "dsr"
-    init_threshold: float = Field(0.001, gt=0)  # initial H
+    init_threshold: float = Field(0.001, gt=0, le=MAX_FACTOR)  # initial H
     tolerance: float = Field(0.1, ge=0, lt=1)  # δ
 
     def sparsifier_options(self, **shape) -> dict[str, Any]:
@@ -350,9 +366,9 @@ class RigLOptions(RewiringOptions):
 class DeepROptions(FromScratchOptions):
     method: Literal["deepr"] = "deepr"
     # Noise temperature T, annealed by epoch (epoch -> T), or one value; default: the DSR paper's.
-    temperature: float | dict[int, float] = {0: 1e-5, 25: 1e-8, 80: 1e-12, 140: 1e-15}
-    eta: float = Field(0.01, ge=0)  # noise std sqrt(2·eta·T)
-    l1: float = Field(1e-5, ge=0)  # L1 strength (its gradient joins the loss gradient)
+    temperature: float | dict[EpochKey, float] = {0: 1e-5, 25: 1e-8, 80: 1e-12, 140: 1e-15}
+    eta: float = Field(0.01, ge=0, le=MAX_FACTOR)  # noise std sqrt(2·eta·T)
+    l1: float = Field(1e-5, ge=0, le=MAX_FACTOR)  # L1 strength (its gradient joins the loss gradient)
     stop_rewire_epoch: int | None = Field(
         None, ge=0, le=MAX_EPOCHS
     )  # no noise and no rewiring from this epoch on
@@ -363,8 +379,10 @@ class DeepROptions(FromScratchOptions):
         values = temperature.values() if isinstance(temperature, dict) else [temperature]
         if isinstance(temperature, dict) and 0 not in temperature:
             raise ValueError("needs an entry for epoch 0")
-        if any(v < 0 for v in values) or (isinstance(temperature, dict) and any(e < 0 for e in temperature)):
-            raise ValueError("epochs and temperatures must be >= 0")
+        if any(not 0 <= v <= MAX_FACTOR for v in values) or (
+            isinstance(temperature, dict) and any(not 0 <= e <= MAX_EPOCHS for e in temperature)
+        ):
+            raise ValueError(f"epochs must be in 0..{MAX_EPOCHS} and temperatures in 0..{MAX_FACTOR:g}")
         return dict(sorted(temperature.items())) if isinstance(temperature, dict) else temperature
 
     def sparsifier_options(self, *, steps_per_epoch: int, epochs: int) -> dict[str, Any]:
@@ -502,12 +520,12 @@ def switch_method(section: dict[str, Any], method: str) -> dict[str, Any]:
 class OptimConfig(Section):
     epochs: int = Field(30, ge=0, le=MAX_EPOCHS)
     batch_size: int = Field(128, ge=1, le=MAX_BATCH)
-    lr: float = Field(0.1, gt=0)
+    lr: float = Field(0.1, gt=0, le=MAX_FACTOR)
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
-    weight_decay: float = Field(5e-4, ge=0)
+    weight_decay: float = Field(5e-4, ge=0, le=MAX_FACTOR)
     milestones: list[int] = Field([], max_length=MAX_LIST)  # epochs at which the LR is multiplied by gamma
-    gamma: float = Field(0.1, gt=0)
+    gamma: float = Field(0.1, gt=0, le=MAX_FACTOR)
     compile: bool = False  # torch.compile the training step (CUDA: also as CUDA graphs); slower to start
 
     @model_validator(mode="after")
@@ -522,7 +540,7 @@ class OptimConfig(Section):
 
 class FinetuneConfig(OptimConfig):
     epochs: int = Field(0, ge=0, le=MAX_EPOCHS)  # 0 skips the stage
-    lr: float = Field(0.001, gt=0)
+    lr: float = Field(0.001, gt=0, le=MAX_FACTOR)
 
 
 class ExportConfig(Section):
@@ -557,7 +575,7 @@ class ExportConfig(Section):
 class ValidateConfig(Section):
     min_top1: float | None = Field(None, ge=0, le=1)  # the shipped model's (int8 if quantized)
     # float32 ONNX against torch, on the whole test split: on by default, off with null.
-    max_abs_diff: float | None = Field(1e-2, gt=0)
+    max_abs_diff: float | None = Field(1e-2, gt=0, le=MAX_FACTOR)
     min_agreement: float | None = Field(0.99, ge=0, le=1)
     max_top1_drop: float | None = Field(0.02, ge=0, le=1)  # int8 top-1 below float32 ONNX top-1
     latency_runs: int = Field(200, ge=1, le=MAX_LATENCY_RUNS)  # batch 1, per model
@@ -579,7 +597,7 @@ class DistributedConfig(Section):
 
 class Pipeline(Section):
     model_config = ConfigDict(
-        extra="forbid", protected_namespaces=(), allow_inf_nan=False, populate_by_name=True
+        extra="forbid", protected_namespaces=(), allow_inf_nan=False, populate_by_name=True, strict=True
     )
 
     name: str = Field(pattern=f"^{SAFE_NAME}$")
@@ -682,6 +700,14 @@ class _Loader(yaml.SafeLoader):
 
 
 NOT_QUOTED = "its text is not quoted: it is not a pipeline named on the command line or dropped"
+
+
+# YAML 1.1 (PyYAML) reads 1e-3 as a string, which strict settings would refuse: read it as YAML 1.2 does.
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 def parse_yaml(data: bytes | str, source: str, quote: bool = True) -> Any:

@@ -231,6 +231,14 @@ def test_an_absurd_value_is_one_line_exit_2(tmp_path, case):
         (f"model.options={{width: {list(range(65))}}}", "model.options: 'width': expected a number"),
         ('data.cache_dir="a\\0b"', "data.cache_dir: a path cannot contain a NUL"),
         ("seed=-1", "seed: Input should be greater than or equal to 0"),
+        # Numbers are strict: no bool or string stands for one (false trained dense, true one epoch).
+        ("sparsity.sparsity=false", "sparsity.sparsity: Input should be a valid number"),
+        ("train.epochs=true", "train.epochs: Input should be a valid integer"),
+        ('train.epochs="3"', "train.epochs: Input should be a valid integer"),
+        ("train.batch_size=8.0", "train.batch_size: Input should be a valid integer"),
+        # Bounded where a value overflows in training: 1e308 used to pass check and fail mid-run.
+        ("train.lr=1e308", "train.lr: Input should be less than or equal to 1000000"),
+        ("train.weight_decay=1e300", "train.weight_decay: Input should be less than or equal to 1000000"),
         (
             "model.options={a: &a [1], b: *a}",
             "--set model.options: line 1 not valid YAML (aliases (*name) are not allowed)",
@@ -242,6 +250,15 @@ def test_set_is_bounded_like_the_file(tmp_path, override, expected):
     result = CliRunner().invoke(app, ["check", str(path), "--set", override])
     assert result.exit_code == 2 and expected in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_numbers_written_as_yaml_numbers_are_taken(tmp_path):
+    """Strict numbers still take an int for a float, and 1e-3 (a string to YAML 1.1) as a float."""
+    path = write_pipeline(tmp_path, tiny())
+    sets = ["train.epochs=1", "train.lr=1", "finetune.lr=1e-3", "sparsity.sparsity=0"]
+    cfg = load_pipeline(path, sets)
+    assert (cfg.train.epochs, cfg.train.lr, cfg.finetune.lr, cfg.sparsity.sparsity) == (1, 1.0, 0.001, 0.0)
+    assert isinstance(cfg.train.lr, float)
 
 
 # -- one run, one owner --------------------------------------------------------------------------------
