@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import typer
 
-from .errors import EXIT_BUG, EXIT_INTERRUPTED, UserError
+from .errors import EXIT_BUG, EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, UserError, raise_terminated
 
 app = typer.Typer(
     add_completion=False,
@@ -38,23 +40,52 @@ def _user_errors(command: Callable) -> Callable:
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        main = threading.current_thread() is threading.main_thread()  # signal handlers: main thread only
+        previous = signal.signal(signal.SIGTERM, raise_terminated) if main else None
         try:
             return command(*args, **kwargs)
         except UserError as exc:  # one line, even where the message quotes input with line breaks
             typer.echo(f"error: {' '.join(str(exc).splitlines())}", err=True)
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            typer.echo("interrupted: completed epochs are checkpointed; rerun to resume", err=True)
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
+            _stopped(exc)
         except Exception as exc:  # a bug, not bad input: one line unless asked for the traceback
+            signalled = _signal_within(exc)
+            if signalled is not None:  # e.g. an ImportError: the signal came while a C extension initialised
+                _stopped(signalled)
             if os.environ.get("DSRPIPE_DEBUG"):
                 raise
             typer.echo(
                 f"internal error: {type(exc).__name__}: {exc} (set DSRPIPE_DEBUG=1 for a traceback)", err=True
             )
             raise typer.Exit(EXIT_BUG) from None
+        finally:
+            if (
+                previous is not None
+            ):  # the command is done: the caller's own handler again (tests call in-process)
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
+
+
+def _stopped(exc: KeyboardInterrupt):
+    terminated = isinstance(exc, Terminated)
+    typer.echo(
+        f"{'terminated' if terminated else 'interrupted'}: completed epochs are checkpointed; rerun to resume",
+        err=True,
+    )
+    raise typer.Exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED) from None
+
+
+def _signal_within(exc: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt (or Terminated) an error was raised while handling, if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _load(pipeline: Path, overrides: list[str]):

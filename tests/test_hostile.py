@@ -376,3 +376,58 @@ def test_fuzzed_pipelines_never_crash_check(tmp_path):
             assert len(result.output.strip().splitlines()) == 1, (text, result.output)
         codes.append(result.exit_code)
     assert 0 < codes.count(0) < codes.count(2)  # both outcomes happen: the mutations reach the validators
+
+
+# -- signals ---------------------------------------------------------------------------------------
+
+
+def _start(args, cwd, tmpdir):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmpdir), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "dsrpipe", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=cwd,
+        env=env,
+    )
+
+
+def _wait_for(predicate, proc, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_sigterm_is_a_clean_exit_143_and_validate_leaves_no_temporary_model(tmp_path):
+    """SIGTERM of `run` mid-training: exit 143 and one line, like Ctrl-C's 130; SIGTERM of
+    `validate` while its temporary dense model exists: the same, and the model is removed."""
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    path = small_run(tmp_path)
+    done = dsrpipe("run", path, "--out", "out", "--no-progress", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    validate = _start(
+        ["validate", path, "--out", "out", "--force", "--set", "validate.latency_runs=10000"],
+        tmp_path,
+        tmpdir,
+    )
+    _wait_for(lambda: any(tmpdir.glob("dsrpipe-dense-*/dense.onnx")), validate)
+    validate.send_signal(signal.SIGTERM)
+    _, err = validate.communicate(timeout=60)
+    assert validate.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("terminated: ") and "Traceback" not in err
+    assert not list(tmpdir.glob("dsrpipe-dense-*"))
+
+    training = _start(
+        ["run", path, "--out", "long", "--no-progress", "--set", "train.epochs=1000"], tmp_path, tmpdir
+    )
+    _wait_for(lambda: (tmp_path / "long").exists() and any((tmp_path / "long").rglob("*.pt")), training)
+    training.send_signal(signal.SIGTERM)
+    _, err = training.communicate(timeout=60)
+    assert training.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1] == "terminated: completed epochs are checkpointed; rerun to resume"
+    assert "Traceback" not in err

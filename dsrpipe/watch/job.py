@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import files
-from ..errors import EXIT_BUG, EXIT_BUSY, EXIT_INTERRUPTED, UserError
+from ..errors import EXIT_BUG, EXIT_BUSY, EXIT_INTERRUPTED, UserError, raise_terminated
 from ..files import exclusive_lock, shown
 
 
@@ -28,10 +28,6 @@ def job_process(job_dir: str, settings: dict[str, Any]) -> None:
     sys.exit(job_main(Path(job_dir), settings))
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def job_main(job_dir: Path, settings: dict[str, Any] | None = None) -> int:
     """Run one job and return its exit code (dsrpipe.errors: 0 done, 2 bad input, 3 validation
     failed, 130 interrupted, 75 job busy, 1 a bug). The cause of a failure goes to cause.txt."""
@@ -41,8 +37,8 @@ def job_main(job_dir: Path, settings: dict[str, Any] | None = None) -> int:
     if lock is None:
         print("error: another process is running this job", file=sys.stderr, flush=True)
         return EXIT_BUSY
-    signal.signal(signal.SIGTERM, _interrupt)  # stop between two steps; epochs are checkpointed
-    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, raise_terminated)  # stop between two steps; epochs are checkpointed
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     os.chdir(spec["cwd"])  # a pipeline's relative paths are relative to the drop folder
     try:
         from ..config import confine_paths, load_pipeline
