@@ -13,7 +13,16 @@ from pathlib import Path
 
 import typer
 
-from .errors import EXIT_BUG, EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, UserError, raise_terminated
+from .errors import (
+    EXIT_BUG,
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    EXIT_USER_ERROR,
+    Terminated,
+    UserError,
+    raise_terminated,
+)
+from .files import disk_full, shown
 
 app = typer.Typer(
     add_completion=False,
@@ -53,6 +62,10 @@ def _user_errors(command: Callable) -> Callable:
             signalled = _signal_within(exc)
             if signalled is not None:  # e.g. an ImportError: the signal came while a C extension initialised
                 _stopped(signalled)
+            if disk_full(exc):  # a write outside files.atomic_path (which names its file itself)
+                where = f" writing {shown(exc.filename)}" if getattr(exc, "filename", None) else ""
+                typer.echo(f"error: the disk is full{where}: free some space and run again", err=True)
+                raise typer.Exit(EXIT_USER_ERROR) from None
             if os.environ.get("DSRPIPE_DEBUG"):
                 raise
             typer.echo(

@@ -60,8 +60,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it 0600; a deployed model must be readable by others
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        if disk_full(exc):  # the old file, if any, is still whole: a rerun once there is space picks up
+            raise UserError(
+                f"cannot write {shown(path)}: the disk is full (free some space and run again)"
+            ) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether an error says the disk (or the quota) is full: ENOSPC/EDQUOT, or torch.save's
+    RuntimeError for the same ("unexpected pos", its zip writer's short write)."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, RuntimeError) and "unexpected pos" in str(exc)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -431,3 +431,40 @@ def test_sigterm_is_a_clean_exit_143_and_validate_leaves_no_temporary_model(tmp_
     assert training.returncode == 143, err[-2000:]
     assert err.strip().splitlines()[-1] == "terminated: completed epochs are checkpointed; rerun to resume"
     assert "Traceback" not in err
+
+
+# -- a full disk -----------------------------------------------------------------------------------
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    """torch.save's "unexpected pos" and a bare ENOSPC: one line naming the file being written
+    and saying the disk is full (exit 2 at the CLI); the file that was there is untouched."""
+    import errno
+
+    from dsrpipe.errors import UserError
+
+    target = tmp_path / "last.pt"
+    target.write_bytes(b"the previous checkpoint")
+
+    def full(obj, path):
+        Path(path).write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 512 vs 448")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(UserError, match=f"^cannot write {target}: the disk is full"):
+        files.torch_save(target, {"x": 1})
+    with pytest.raises(UserError, match=f"^cannot write {target}: the disk is full"):
+        with files.atomic_path(target):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert target.read_bytes() == b"the previous checkpoint" and os.listdir(tmp_path) == ["last.pt"]
+
+    def check(*args, **kwargs):  # a write elsewhere (a log, metrics): the CLI's own line
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "metrics.jsonl"))
+
+    monkeypatch.setattr("dsrpipe.config.load_pipeline", check)
+    result = CliRunner().invoke(app, ["check", str(tmp_path / "p.yaml")])
+    assert result.exit_code == 2, result.output
+    assert (
+        result.output
+        == f"error: the disk is full writing {tmp_path / 'metrics.jsonl'}: free some space and run again\n"
+    )
