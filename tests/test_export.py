@@ -272,6 +272,18 @@ def test_int8_loss_of_a_zero_is_refused():
                 nodes=[dq],
             ),
         )
+    # Per channel: one non-zero zero point among zeros is enough to lose that channel's zeros.
+    per_channel = numpy_helper.from_array(np.array([0, 3], dtype=np.int8), "zp")
+    with pytest.raises(RuntimeError, match="non-zero zero point"):
+        check_zeros_quantized(
+            fp32,
+            model(
+                numpy_helper.from_array(int8_weight, "model.fc.weight_quantized"),
+                scale,
+                per_channel,
+                nodes=[dq],
+            ),
+        )
 
 
 def test_failed_export_leaves_previous_file_intact(tmp_path):
@@ -402,6 +414,8 @@ def test_int8_keeps_zeros_and_runs_integer_kernels(quickstart_like):
             assert quantized.dtype == np.int8 and not quantized[weight.detach().numpy() == 0].any(), name
     ops = optimized_ops(quickstart_like.int8["path"], ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
     assert "QLinearConv" in ops and "Conv" not in ops and "ScatterElements" not in ops
+    # The classifier too: onnxruntime fuses its Gemm into QGemm only with its zero point kept.
+    assert "QGemm" in ops and "Gemm" not in ops, ops
     props = {p.key: p.value for p in onnx.load(quickstart_like.int8["path"]).metadata_props}
     assert props["quantize"] == "int8" and props["encoding"] == "compact"
     fp32_props = {p.key: p.value for p in onnx.load(quickstart_like.int8["fp32"]["path"]).metadata_props}
