@@ -321,6 +321,54 @@ def test_validate_reports_agreement_and_enforces_thresholds(exported, test_set):
     assert failure.value.report["top1_agreement"] == 1.0
 
 
+class OneLogitOff(nn.Module):
+    """`model`, with logit 0 of the first sample of every batch moved by `delta`."""
+
+    def __init__(self, model: nn.Module, delta: float):
+        super().__init__()
+        self.model, self.delta = model, delta
+
+    def forward(self, x):
+        out = self.model(x).clone()
+        out[0, 0] += self.delta
+        return out
+
+
+class Negated(nn.Module):
+    """`model` with its logits negated: its top-1 is the other model's least likely class."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return -self.model(x)
+
+
+def test_validate_catches_one_corrupted_logit_of_one_sample(exported, test_set):
+    """max_abs_diff is a max over every sample and logit: one logit of one sample per batch off
+    by 0.5 fails a 0.01 bound (a mean over the 360 x 10 logits would be ~0.0003)."""
+    with pytest.raises(ValidationFailed, match="max abs logit diff 0.5") as failure:
+        validate_onnx(
+            exported.path,
+            OneLogitOff(exported.model, 0.5),
+            test_set,
+            batch_size=360,
+            latency_runs=1,
+            max_abs_diff=0.01,
+        )
+    assert abs(failure.value.report["max_abs_logit_diff"] - 0.5) < 1e-4
+
+
+def test_int8_agreement_is_float32_against_torch(exported, test_set, tmp_path):
+    """With a shipped model beside its float32 one, top1_agreement and max_abs_logit_diff compare
+    the float32 model with torch: here the shipped one disagrees everywhere, the float32 nowhere."""
+    shipped = export_as(Negated(exported.model), tmp_path / "shipped.onnx", test_set)["path"]
+    report = validate_onnx(shipped, exported.model, test_set, fp32_path=exported.path, latency_runs=1)
+    assert report["top1_agreement"] == 1.0 and report["max_abs_logit_diff"] < 1e-4
+    assert report["int8_agreement"] < 1.0
+
+
 def test_unreadable_onnx_is_a_user_error(exported, test_set, tmp_path):
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(b"not a protobuf")
