@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import typer
 
-from .errors import EXIT_BUG, EXIT_INTERRUPTED, UserError
+from .errors import (
+    EXIT_BUG,
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    EXIT_USER_ERROR,
+    Terminated,
+    UserError,
+    raise_terminated,
+)
+from .files import disk_full, shown
 
 app = typer.Typer(
     add_completion=False,
@@ -55,23 +66,56 @@ def _user_errors(command: Callable) -> Callable:
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        main = threading.current_thread() is threading.main_thread()  # signal handlers: main thread only
+        previous = signal.signal(signal.SIGTERM, raise_terminated) if main else None
         try:
             return command(*args, **kwargs)
         except UserError as exc:  # one line, even where the message quotes input with line breaks
             typer.echo(f"error: {' '.join(str(exc).splitlines())}", err=True)
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            typer.echo("interrupted: completed epochs are checkpointed; rerun to resume", err=True)
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
+            _stopped(exc)
         except Exception as exc:  # a bug, not bad input: one line unless asked for the traceback
+            signalled = _signal_within(exc)
+            if signalled is not None:  # e.g. an ImportError: the signal came while a C extension initialised
+                _stopped(signalled)
+            if disk_full(exc):  # a write outside files.atomic_path (which names its file itself)
+                where = f" writing {shown(exc.filename)}" if getattr(exc, "filename", None) else ""
+                typer.echo(f"error: the disk is full{where}: free some space and run again", err=True)
+                raise typer.Exit(EXIT_USER_ERROR) from None
             if os.environ.get("DSRPIPE_DEBUG"):
                 raise
             typer.echo(
                 f"internal error: {type(exc).__name__}: {exc} (set DSRPIPE_DEBUG=1 for a traceback)", err=True
             )
             raise typer.Exit(EXIT_BUG) from None
+        finally:
+            if (
+                previous is not None
+            ):  # the command is done: the caller's own handler again (tests call in-process)
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
+
+
+def _stopped(exc: KeyboardInterrupt):
+    terminated = isinstance(exc, Terminated)
+    typer.echo(
+        f"{'terminated' if terminated else 'interrupted'}: completed epochs are checkpointed; rerun to resume",
+        err=True,
+    )
+    raise typer.Exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED) from None
+
+
+def _signal_within(exc: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt (or Terminated) an error was raised while handling, if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _load(pipeline: Path, overrides: list[str]):
@@ -209,12 +253,18 @@ def predict(
     model: Path = typer.Argument(..., help="An exported model.onnx.", show_default=False),
     images: list[Path] = typer.Argument(..., help="Image files, or folders of them.", show_default=False),
     top_k: int = typer.Option(1, "--top-k", "-k", help="Classes to list per image."),
+    max_side: int = typer.Option(
+        None,
+        "--max-side",
+        show_default=False,
+        help="Largest image side a model may declare, in pixels (default: 1024, data.image_size's bound).",
+    ),
 ):
     """Classify images with an exported model (onnxruntime, numpy and Pillow only)."""
     from .deploy.predict import format_predictions
     from .deploy.predict import predict as classify
 
-    typer.echo(format_predictions(classify(model, images, top_k)))
+    typer.echo(format_predictions(classify(model, images, top_k, max_side)))
 
 
 @app.command()
@@ -251,7 +301,14 @@ def compare(
     """Run a grid of pipelines and tabulate top-1 against non-zero parameters."""
     from .compare import run_grid
 
-    typer.echo(str(run_grid(grid, out, jobs=jobs, nproc_per_job=nproc_per_job)["md"]))
+    result = run_grid(grid, out, jobs=jobs, nproc_per_job=nproc_per_job)
+    typer.echo(str(result["md"]))
+    crashed = [r.name for r in result["runs"] if r.status == "crashed"]
+    if crashed:  # the table is written, but the grid is not complete: a script must see that
+        raise UserError(
+            f"{len(crashed)} of {len(result['runs'])} runs crashed ({', '.join(crashed[:5])}"
+            f"{', ...' if len(crashed) > 5 else ''}): see {result['md']}"
+        )
 
 
 @app.command()

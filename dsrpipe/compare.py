@@ -44,11 +44,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from . import __version__, files
 from .config import Pipeline, apply_overrides, first_error, parse_pipeline, read_yaml, switch_method
-from .distributed import launch_command
+from .distributed import Launch
 from .errors import UserError
 from .rundir import STALE, RunDir, read_report
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$"
+MAX_RUNS = 10_000  # runs in one grid (methods × sparsities × seeds), checked before any is planned
 GRID_AXES = {"name", "seed", "sparsity.method", "sparsity.sparsity"}  # set per run by the grid
 CSV_COLUMNS = [
     "method",
@@ -74,9 +75,9 @@ class Grid(BaseModel):
 
     name: str | None = Field(None, pattern=NAME_PATTERN)
     base: dict[str, Any] | str
-    methods: list[str] = Field(min_length=1)
-    sparsities: list[float] = Field(min_length=1)
-    seeds: list[int] = Field([0], min_length=1)
+    methods: list[str] = Field(min_length=1, max_length=MAX_RUNS)
+    sparsities: list[float] = Field(min_length=1, max_length=MAX_RUNS)
+    seeds: list[int] = Field([0], min_length=1, max_length=MAX_RUNS)
     overrides: dict[str, dict[str, Any]] = {}
 
     @field_validator("methods")
@@ -103,6 +104,16 @@ class Grid(BaseModel):
         return _unique(seeds)
 
     @model_validator(mode="after")
+    def _at_most_max_runs(self):
+        runs = len(self.methods) * len(self.sparsities) * len(self.seeds)
+        if runs > MAX_RUNS:
+            raise ValueError(
+                f"{len(self.methods)} methods × {len(self.sparsities)} sparsities × {len(self.seeds)} seeds "
+                f"make {runs:,} runs, more than the {MAX_RUNS:,} a grid may have: split it"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _overrides_for_grid_methods(self):
         for method, settings in self.overrides.items():
             if method not in self.methods:
@@ -114,9 +125,12 @@ class Grid(BaseModel):
 
 
 def _unique(values: list) -> list:
-    seen = [v for i, v in enumerate(values) if v in values[:i]]
-    if seen:
-        raise ValueError(f"'{seen[0]}' is listed twice")
+    """`values`, unless one is listed twice (one pass, with a set: grids may be long)."""
+    seen = set()
+    for value in values:
+        if value in seen:
+            raise ValueError(f"'{value}' is listed twice")
+        seen.add(value)
     return values
 
 
@@ -138,13 +152,15 @@ class Run:
     started: float = 0.0
     ended: float = 0.0
     process: subprocess.Popen | None = field(default=None, repr=False)
+    launch: Launch | None = field(default=None, repr=False)
 
 
 # -- reading the grid -------------------------------------------------------------------------
 def load_grid(path: str | Path) -> tuple[Grid, str, dict[str, Any]]:
     """The validated grid, its name and the base pipeline's raw settings."""
     path = Path(path)
-    raw = read_yaml(path, "grid")
+    # Neither file is followed through a final symbolic link, nor waited on (a FIFO): see files.open_regular.
+    raw = read_yaml(path, "grid", follow=False)
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping with base, methods, sparsities and seeds")
     try:
@@ -157,12 +173,19 @@ def load_grid(path: str | Path) -> tuple[Grid, str, dict[str, Any]]:
         raise UserError(f"{path}: the file name '{name}' is no safe folder name: set name: in the grid")
     if isinstance(grid.base, str):
         base_path = (path.parent / grid.base) if not Path(grid.base).is_absolute() else Path(grid.base)
-        base = read_yaml(base_path, "base pipeline")
+        # base: may name any file this process can read: its errors never quote it.
+        base = read_yaml(base_path, "base pipeline", follow=False, quote=False)
         if not isinstance(base, dict):
             raise UserError(f"{base_path}: expected a mapping of settings at the top level")
     else:
         base = grid.base
     return grid, name, base
+
+
+def _quotes_base(grid: Grid) -> bool:
+    """Whether a run's errors may repeat its settings: only when the base is inline in the grid
+    (a file the user named), not read from the file that `base:` names."""
+    return not isinstance(grid.base, str)
 
 
 def run_name(grid_name: str, method: str, sparsity: float, seed: int) -> str:
@@ -211,7 +234,7 @@ def plan_runs(
                     run.depends_on = run_name(grid_name, needed, 0.0 if needed == "dense" else sparsity, seed)
                     section[option] = str(runs_dir / run.depends_on / "train" / "final.pt")
                 try:
-                    run.cfg = parse_pipeline(raw, f"{source}: {name}")
+                    run.cfg = parse_pipeline(raw, f"{source}: {name}", _quotes_base(grid))
                 except UserError:
                     # A run may only validate once the run it starts from is done: checked at launch.
                     if run.depends_on is None or Path(section[sources[method][1]]).exists():
@@ -290,6 +313,32 @@ def run_grid(
     runs_dir = folder / "runs"
     runs = plan_runs(grid, grid_name, base, runs_dir, source=str(grid_path))
     by_name = {r.name: r for r in runs}
+    lock = _lock(folder)
+    try:
+        return _run_planned(
+            grid, runs, by_name, folder, grid_path, grid_name, command, jobs, nproc_per_job, echo
+        )
+    finally:
+        lock.close()
+
+
+def _lock(folder: Path):
+    """The grid folder's lock, for the whole compare: a second compare of the same grid into the
+    same --out would start the same runs and write the same results."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "compare.lock"
+    lock = files.exclusive_lock(path)
+    if lock is None:
+        pid = files.lock_holder(path)
+        raise UserError(
+            f"{folder} is in use by another dsrpipe compare (pid {pid or '?'}): wait for it to finish or stop it"
+        )
+    return lock
+
+
+def _run_planned(grid, runs, by_name, folder, grid_path, grid_name, command, jobs, nproc_per_job, echo):
+    """run_grid's work once the grid is planned and its folder locked."""
+    runs_dir = folder / "runs"
 
     env = dict(os.environ)
     processes = jobs * nproc_per_job
@@ -315,7 +364,7 @@ def run_grid(
     def start(run: Run) -> None:
         try:
             if run.cfg is None:  # a frozen run whose masks now exist
-                run.cfg = parse_pipeline(run.raw, f"{grid_path}: {run.name}")
+                run.cfg = parse_pipeline(run.raw, f"{grid_path}: {run.name}", _quotes_base(grid))
             if _start_over_if_stale(run, runs_dir):
                 echo(
                     f"{run.name}: its outputs were made with other settings (an edited grid, another "
@@ -336,14 +385,15 @@ def run_grid(
                 f"# {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode()
             )
             log.flush()
+            run.launch = Launch(
+                nproc_per_job, ["run", str(pipeline_file), "--out", str(runs_dir), "--no-progress"]
+            )
             run.process = subprocess.Popen(
-                launch_command(
-                    nproc_per_job, ["run", str(pipeline_file), "--out", str(runs_dir), "--no-progress"]
-                ),
+                run.launch.command,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=env,
+                env={**env, **run.launch.env},
             )
         run.status, run.started = "running", time.perf_counter()
         running.append(run)
@@ -373,6 +423,7 @@ def run_grid(
                 if code is None:
                     continue
                 running.remove(run)
+                run.launch.close()
                 run.ended = time.perf_counter()
                 # torchrun exits 1 whatever its ranks' codes: a failed validation (3) is told by its report
                 report = _complete(run, runs_dir) if code in (0, 3) or nproc_per_job > 1 else None

@@ -7,9 +7,11 @@ nesting (see `parse_yaml`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -18,14 +20,17 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    Strict,
     ValidationError,
     field_validator,
     model_serializer,
     model_validator,
 )
 
+from . import files
 from .errors import UserError
 
 MAX_YAML_BYTES = 2**20
@@ -41,10 +46,15 @@ MAX_LATENCY_RUNS = 10_000
 MIN_OPSET = 18  # the torch.export-based exporter writes opset 18 at least, whatever it is asked
 MAX_LIST = 100  # milestones, rewire periods, exclude patterns
 MAX_OPTIONS, MAX_OPTION_ITEMS, MAX_STRING = 32, 64, 256  # model.options
+# Rates, strengths, factors, thresholds: bounded so that no product of them overflows float32 in
+# training (train.lr=1e308 used to pass `check` and fail mid-run); far above any useful value.
+MAX_FACTOR = 1e6
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
+    # strict: a number is a number (`sparsity: false` is no 0.0, `epochs: true` no 1, "3" no 3);
+    # an int is still taken where a float is expected (`lr: 1`).
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False, strict=True)
 
 
 SAFE_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"  # a run name is a folder name: no paths, no surprises
@@ -56,7 +66,15 @@ def _no_nul(path: Path) -> Path:
     return path
 
 
-FilePath = Annotated[Path, AfterValidator(_no_nul)]
+# An epoch as a mapping key: also its text, which is what a key becomes in JSON (a dumped config read back).
+EpochKey = Annotated[int, Strict(False)]
+
+
+def _path(value: Any) -> Any:
+    return Path(value) if isinstance(value, str) else value  # strict mode takes only Path objects
+
+
+FilePath = Annotated[Path, BeforeValidator(_path), AfterValidator(_no_nul)]
 
 
 def _plain_value(value: Any) -> bool:
@@ -259,14 +277,14 @@ class StaticOptions(GranularityOption, FromScratchOptions):
 
 
 class RewiringOptions(FromScratchOptions):
-    rewire_periods: dict[int, int] = Field(
+    rewire_periods: dict[EpochKey, int] = Field(
         {0: 100}, max_length=MAX_LIST
     )  # start epoch -> reallocation period (iterations)
     stop_rewire_epoch: int | None = Field(None, ge=0, le=MAX_EPOCHS)  # no reallocation from this epoch on
 
     @field_validator("rewire_periods")
     @classmethod
-    def _periods_from_epoch_zero(cls, periods: dict[int, int]) -> dict[int, int]:
+    def _periods_from_epoch_zero(cls, periods: dict[EpochKey, int]) -> dict[EpochKey, int]:
         if 0 not in periods:
             raise ValueError("needs an entry for epoch 0")
         if any(not 0 <= e <= MAX_EPOCHS or not 1 <= p <= MAX_STEPS for e, p in periods.items()):
@@ -307,7 +325,7 @@ class NpOptions(RewiringOptions):
 
 class DSROptions(GranularityOption, NpOptions):
     method: Literal["dsr"] = "dsr"
-    init_threshold: float = Field(0.001, gt=0)  # initial H
+    init_threshold: float = Field(0.001, gt=0, le=MAX_FACTOR)  # initial H
     tolerance: float = Field(0.1, ge=0, lt=1)  # δ
 
     def sparsifier_options(self, **shape) -> dict[str, Any]:
@@ -349,9 +367,9 @@ class RigLOptions(RewiringOptions):
 class DeepROptions(FromScratchOptions):
     method: Literal["deepr"] = "deepr"
     # Noise temperature T, annealed by epoch (epoch -> T), or one value; default: the DSR paper's.
-    temperature: float | dict[int, float] = {0: 1e-5, 25: 1e-8, 80: 1e-12, 140: 1e-15}
-    eta: float = Field(0.01, ge=0)  # noise std sqrt(2·eta·T)
-    l1: float = Field(1e-5, ge=0)  # L1 strength (its gradient joins the loss gradient)
+    temperature: float | dict[EpochKey, float] = {0: 1e-5, 25: 1e-8, 80: 1e-12, 140: 1e-15}
+    eta: float = Field(0.01, ge=0, le=MAX_FACTOR)  # noise std sqrt(2·eta·T)
+    l1: float = Field(1e-5, ge=0, le=MAX_FACTOR)  # L1 strength (its gradient joins the loss gradient)
     stop_rewire_epoch: int | None = Field(
         None, ge=0, le=MAX_EPOCHS
     )  # no noise and no rewiring from this epoch on
@@ -362,8 +380,10 @@ class DeepROptions(FromScratchOptions):
         values = temperature.values() if isinstance(temperature, dict) else [temperature]
         if isinstance(temperature, dict) and 0 not in temperature:
             raise ValueError("needs an entry for epoch 0")
-        if any(v < 0 for v in values) or (isinstance(temperature, dict) and any(e < 0 for e in temperature)):
-            raise ValueError("epochs and temperatures must be >= 0")
+        if any(not 0 <= v <= MAX_FACTOR for v in values) or (
+            isinstance(temperature, dict) and any(not 0 <= e <= MAX_EPOCHS for e in temperature)
+        ):
+            raise ValueError(f"epochs must be in 0..{MAX_EPOCHS} and temperatures in 0..{MAX_FACTOR:g}")
         return dict(sorted(temperature.items())) if isinstance(temperature, dict) else temperature
 
     def sparsifier_options(self, *, steps_per_epoch: int, epochs: int) -> dict[str, Any]:
@@ -501,12 +521,12 @@ def switch_method(section: dict[str, Any], method: str) -> dict[str, Any]:
 class OptimConfig(Section):
     epochs: int = Field(30, ge=0, le=MAX_EPOCHS)
     batch_size: int = Field(128, ge=1, le=MAX_BATCH)
-    lr: float = Field(0.1, gt=0)
+    lr: float = Field(0.1, gt=0, le=MAX_FACTOR)
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
-    weight_decay: float = Field(5e-4, ge=0)
+    weight_decay: float = Field(5e-4, ge=0, le=MAX_FACTOR)
     milestones: list[int] = Field([], max_length=MAX_LIST)  # epochs at which the LR is multiplied by gamma
-    gamma: float = Field(0.1, gt=0)
+    gamma: float = Field(0.1, gt=0, le=MAX_FACTOR)
     compile: bool = False  # torch.compile the training step (CUDA: also as CUDA graphs); slower to start
 
     @model_validator(mode="after")
@@ -524,7 +544,7 @@ class OptimConfig(Section):
 
 class FinetuneConfig(OptimConfig):
     epochs: int = Field(0, ge=0, le=MAX_EPOCHS)  # 0 skips the stage
-    lr: float = Field(0.001, gt=0)
+    lr: float = Field(0.001, gt=0, le=MAX_FACTOR)
 
 
 class ExportConfig(Section):
@@ -559,7 +579,7 @@ class ExportConfig(Section):
 class ValidateConfig(Section):
     min_top1: float | None = Field(None, ge=0, le=1)  # the shipped model's (int8 if quantized)
     # float32 ONNX against torch, on the whole test split: on by default, off with null.
-    max_abs_diff: float | None = Field(1e-2, gt=0)
+    max_abs_diff: float | None = Field(1e-2, gt=0, le=MAX_FACTOR)
     min_agreement: float | None = Field(0.99, ge=0, le=1)
     max_top1_drop: float | None = Field(0.02, ge=0, le=1)  # int8 top-1 below float32 ONNX top-1
     latency_runs: int = Field(200, ge=1, le=MAX_LATENCY_RUNS)  # batch 1, per model
@@ -581,7 +601,7 @@ class DistributedConfig(Section):
 
 class Pipeline(Section):
     model_config = ConfigDict(
-        extra="forbid", protected_namespaces=(), allow_inf_nan=False, populate_by_name=True
+        extra="forbid", protected_namespaces=(), allow_inf_nan=False, populate_by_name=True, strict=True
     )
 
     name: str = Field(pattern=f"^{SAFE_NAME}$")
@@ -629,18 +649,39 @@ EXPORT_SETTINGS = FINETUNE_SETTINGS + ("export",)
 VALIDATE_SETTINGS = EXPORT_SETTINGS + ("validation",)
 
 
-def first_error(exc: ValidationError) -> tuple[str, str]:
+def first_error(exc: ValidationError, quote: bool = True) -> tuple[str, str]:
     """(where, what) of a validation error, for a one-line message: the dotted path of the first
-    problem ("" at the top level) and what is wrong, with a count of any others."""
+    problem ("" at the top level) and what is wrong, with a count of any others. Unless `quote`,
+    nothing of the input is repeated: only setting names of the schema, and pydantic's own
+    messages (which state the rule, not the value), never an unknown key or a message of ours."""
     first = exc.errors()[0]
-    where = ".".join(str(part) for part in first["loc"])
-    message = (
-        "unknown setting"
-        if first["type"] == "extra_forbidden"
-        else first["msg"].removeprefix("Value error, ")
-    )
+    loc = [str(part) for part in first["loc"]]
+    if first["type"] == "extra_forbidden":
+        message = "unknown setting"
+    elif first["type"] == "value_error" and not quote:
+        message = "invalid value"
+    else:
+        message = first["msg"].removeprefix("Value error, ")
+    if not quote:
+        loc = [part if part in _setting_names() else "…" for part in loc]
+        if first["type"] == "extra_forbidden":
+            loc[-1:] = ["…"]
     more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return where, f"{message}{more}"
+    return ".".join(loc), f"{message}{more}"
+
+
+@functools.cache
+def _setting_names() -> frozenset[str]:
+    """Every setting name of the pipeline schema (its sections' fields and aliases)."""
+    names, todo = set(), [Pipeline, *METHOD_OPTIONS.values()]
+    while todo:
+        model = todo.pop()
+        for name, field in model.model_fields.items():
+            names |= {name, field.alias or name}
+            kind = field.annotation
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                todo.append(kind)
+    return frozenset(names)
 
 
 class _Loader(yaml.SafeLoader):
@@ -662,9 +703,21 @@ class _Loader(yaml.SafeLoader):
             self.depth -= 1
 
 
-def parse_yaml(data: bytes | str, source: str) -> Any:
+NOT_QUOTED = "its text is not quoted: it is not a pipeline named on the command line or dropped"
+
+
+# YAML 1.1 (PyYAML) reads 1e-3 as a string, which strict settings would refuse: read it as YAML 1.2 does.
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_yaml(data: bytes | str, source: str, quote: bool = True) -> Any:
     """YAML (UTF-8 text, no aliases, nesting bounded) as plain data, or a one-line UserError
-    naming `source` (and the line)."""
+    naming `source` (and the line). Unless `quote`, the error repeats nothing the text holds:
+    for a file nobody named as a pipeline, which may be any file this process can read."""
     try:
         text = data.decode() if isinstance(data, bytes) else data
     except UnicodeDecodeError as exc:
@@ -675,33 +728,34 @@ def parse_yaml(data: bytes | str, source: str) -> Any:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
-        raise UserError(f"{source}:{where} not valid YAML ({problem})") from None
+        raise UserError(f"{source}:{where} not valid YAML ({problem if quote else NOT_QUOTED})") from None
     except Exception as exc:  # what the constructors let through, e.g. a date that is no date
-        raise UserError(
-            f"{source}: not valid YAML ({type(exc).__name__}: {' '.join(str(exc).split())})"
-        ) from None
+        problem = f"{type(exc).__name__}: {' '.join(str(exc).split())}" if quote else NOT_QUOTED
+        raise UserError(f"{source}: not valid YAML ({problem})") from None
 
 
-def read_yaml(path: Path, what: str) -> Any:
-    """A YAML file's data (see `parse_yaml`), or a one-line UserError naming the file."""
+def read_yaml(path: Path, what: str, *, follow: bool = True, quote: bool = True) -> Any:
+    """A YAML file's data (see `parse_yaml`), or a one-line UserError naming the file. It must be
+    a regular file (a FIFO fails at once, see files.open_regular); `follow`: whether a final
+    symbolic link is followed."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_YAML_BYTES + 1)
-    except OSError as exc:
-        raise UserError(f"cannot read {what} {path}: {exc.strerror}") from None
-    if len(data) > MAX_YAML_BYTES:
-        raise UserError(f"{path}: larger than {MAX_YAML_BYTES // 1024} KiB, too large for a {what}")
-    return parse_yaml(data, str(path))
+        data = files.read_regular(path, what, MAX_YAML_BYTES, follow=follow)
+    except FileNotFoundError:
+        raise UserError(f"cannot read {what} {path}: No such file or directory") from None
+    return parse_yaml(data, str(path), quote)
 
 
-def parse_pipeline(raw: Any, source: str = "pipeline") -> Pipeline:
+def parse_pipeline(raw: Any, source: str = "pipeline", quote: bool = True) -> Pipeline:
+    """The validated pipeline, or a one-line UserError (quoting nothing of `raw` unless `quote`)."""
     if not isinstance(raw, dict):
         raise UserError(f"{source}: expected a mapping of settings at the top level")
     try:
         return Pipeline.model_validate(raw)
     except ValidationError as exc:
-        where, what = first_error(exc)
-        raise UserError(f"{source}: {where or '(top level)'}: {what}") from None
+        where, what = first_error(exc, quote)
+        raise UserError(
+            f"{source}: {where or '(top level)'}: {what}{'' if quote else f' ({NOT_QUOTED})'}"
+        ) from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> list[str]:
@@ -749,17 +803,21 @@ def apply_overrides(raw: dict, overrides: list[str]) -> list[str]:
 
 
 def load_pipeline(
-    path: str | Path, overrides: list[str] = (), note: Callable[[str], None] | None = None
+    path: str | Path,
+    overrides: list[str] = (),
+    quote: bool = True,
+    note: Callable[[str], None] | None = None,
 ) -> Pipeline:
-    """The pipeline file with its `--set` overrides, validated. `note` hears of what was
-    adjusted or will not take effect (dropped options, milestones past the last epoch)."""
+    """The pipeline file with its `--set` overrides, validated. `quote`: whether errors may repeat
+    its text. `note` hears of what was adjusted or will not take effect (dropped options,
+    milestones past the last epoch)."""
     path = Path(path)
-    raw = read_yaml(path, "pipeline")
+    raw = read_yaml(path, "pipeline", quote=quote)
     notes = []
     if isinstance(raw, dict):
         raw.setdefault("name", path.stem)  # a pipeline is named after its file unless it says
         notes = apply_overrides(raw, list(overrides))
-    cfg = parse_pipeline(raw, str(path))
+    cfg = parse_pipeline(raw, str(path), quote)
     for stage in ("train", "finetune"):
         options = getattr(cfg, stage)
         unreached = options.unreached_milestones()

@@ -11,7 +11,8 @@ What this module owns:
   - who does what: rank 0 owns the run folder (its lock, checkpoints, metrics, reports);
   - the cross-rank checks: after every reallocation each rank's masks are compared through a
     checksum all-reduce (MIN and MAX must agree), so a divergence stops the run naming the tensor;
-  - the torchrun command line that `compare` and `watch` launch jobs with.
+  - the torchrun command line that `compare` and `watch` launch jobs with, and the stores that
+    keep such a job's listening sockets on loopback (`Launch`).
 
 For tests only (documented in docs/distributed.md): DSRPIPE_TEST_FAULT=exit:<rank>:<epoch> makes that
 rank die (os._exit) halfway through that epoch (1-based) of the first attempt, as a killed node
@@ -23,9 +24,12 @@ reallocation. DSRPIPE_MASK_CHECKSUMS=<prefix> makes each rank append its mask ch
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import json
 import os
+import socket
 import sys
+import uuid
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -104,7 +108,7 @@ def process_group(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator
             )
         torch.cuda.set_device(where.local_rank)
     timeout = datetime.timedelta(seconds=timeout_s)
-    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    store, rank, world_size = _job_store(where, timeout)
     # torchrun's store outlives a restart: without a prefix of its own, a restarted rank may read
     # the address a dead rank of the previous attempt published, and fail to connect to it.
     store = dist.PrefixStore(f"dsrpipe/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
@@ -115,6 +119,24 @@ def process_group(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator
         yield where
     finally:
         dist.destroy_process_group()
+
+
+def _job_store(where: Layout, timeout: datetime.timedelta):
+    """The store the process group starts from: torchrun's (env://), except when the job's
+    MASTER_ADDR is a loopback address and no agent store serves it (a job `Launch` started):
+    rank 0 then hosts it bound to that address alone, where torch would bind every interface."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT", "")
+    if (
+        os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        or not is_loopback(addr)
+        or not port.isdigit()
+    ):
+        return next(dist.rendezvous("env://", timeout=timeout))
+    if where.rank == 0:
+        store = loopback_store(addr, int(port), where.world_size, timeout.total_seconds())
+    else:
+        store = dist.TCPStore(addr.strip("[]"), int(port), where.world_size, is_master=False, timeout=timeout)
+    return store, where.rank, where.world_size
 
 
 def active() -> bool:
@@ -217,22 +239,83 @@ def ddp_log_line(world_size: int, batch_size: int) -> str:
     )
 
 
-def launch_command(nproc: int, args: list[str]) -> list[str]:
-    """The command that runs `python -m dsrpipe <args>` as `nproc` processes through torchrun
-    (or plainly when nproc is 1). --standalone: a rendezvous of its own on a free port, so that
-    jobs running side by side never meet."""
-    if nproc <= 1:
-        return [sys.executable, "-m", "dsrpipe", *args]
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        "dsrpipe",
-        *args,
-    ]
+LOOPBACK = "127.0.0.1"
+# torch's TCPStore binds the wildcard address (every interface) whatever host it is given, unless
+# handed a socket already bound: torchrun's own stores (--standalone's rendezvous, the agent's
+# shared store) are therefore replaced, for the jobs dsrpipe launches, by stores bound here.
+LOOPBACK_ENV = {
+    "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",  # no agent store: rank 0 hosts the job's (process_group)
+    "GLOO_SOCKET_IFNAME": "lo",  # Gloo's and NCCL's own listeners: on loopback, not the host's address
+    "NCCL_SOCKET_IFNAME": "lo",
+}
+
+
+def is_loopback(host: str | None) -> bool:
+    try:
+        return host is not None and ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def loopback_store(
+    host: str = LOOPBACK, port: int = 0, world_size: int | None = None, timeout_s: float = 300
+):
+    """A TCPStore server that listens on `host` alone (a loopback address): its socket is bound
+    here and handed over, so the store cannot widen it to every interface."""
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    sock = socket.create_server((host.strip("[]"), port), family=family, backlog=128)
+    try:
+        store = dist.TCPStore(
+            host.strip("[]"),
+            sock.getsockname()[1],
+            world_size,
+            is_master=True,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            wait_for_workers=False,
+            multi_tenant=True,
+            master_listen_fd=sock.fileno(),
+        )
+    except BaseException:
+        sock.close()
+        raise
+    sock.detach()  # the store owns the descriptor now, and closes it
+    return store
+
+
+class Launch:
+    """How `compare` and `watch` run `python -m dsrpipe <args>` as `nproc` processes: through
+    torchrun (or plainly when nproc is 1), on this machine only. The job's rendezvous store is
+    hosted by this object, on loopback, for as long as it lives (close() or garbage collection
+    ends it); torchrun only connects to it. Each job gets its own store and id: jobs running side
+    by side never meet. Every listener of the job stays on loopback (see LOOPBACK_ENV and
+    process_group); a multi-node run is started by the user's own torchrun, with the addresses
+    the user names."""
+
+    def __init__(self, nproc: int, args: list[str]):
+        self.store, self.env = None, {}
+        if nproc <= 1:
+            self.command = [sys.executable, "-m", "dsrpipe", *args]
+            return
+        self.store = loopback_store()
+        self.env = dict(LOOPBACK_ENV)
+        self.command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=1",
+            f"--nproc-per-node={nproc}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={LOOPBACK}:{self.store.port}",
+            f"--rdzv-id=dsrpipe-{uuid.uuid4().hex}",
+            "--rdzv-conf=is_host=false",  # the store above is the host
+            f"--local-addr={LOOPBACK}",  # what rank 0 publishes as MASTER_ADDR
+            "-m",
+            "dsrpipe",
+            *args,
+        ]
+
+    def close(self) -> None:
+        self.store = None
 
 
 # -- fault injection, for the tests of failure handling (see the module docstring) --------------

@@ -6,6 +6,17 @@ EXIT_USER_ERROR = 2  # bad input or an unmet requirement (UserError)
 EXIT_VALIDATION = 3  # the exported model missed a threshold (ValidationFailed)
 EXIT_BUSY = 75  # EX_TEMPFAIL: another process holds the job; try again later
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: stopped by a signal; completed epochs are checkpointed
+EXIT_TERMINATED = 143  # 128 + SIGTERM: the same clean stop, asked by kill or a service manager
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, like Ctrl-C's KeyboardInterrupt (and caught with it):
+    every `finally` and `with` on the way out runs, so checkpoints stay whole and temporary
+    files are removed."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated
 
 
 class UserError(Exception):

@@ -1,15 +1,18 @@
 """Atomic writes (a reader sees the old file or the complete new one, never half of either),
 the exclusive lock that makes one process the owner of a run or a folder, the data-only
-reading of a torch file someone else made, and file names as text (a name is whatever bytes
-the filesystem allows, not always UTF-8)."""
+reading of a torch file someone else made, file names as text (a name is whatever bytes
+the filesystem allows, not always UTF-8), and the opening of files someone else may have put in
+place (`open_regular`: no final symbolic link followed, no FIFO or device waited on)."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import pickle
 import re
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -57,8 +60,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it 0600; a deployed model must be readable by others
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        if disk_full(exc):  # the old file, if any, is still whole: a rerun once there is space picks up
+            raise UserError(
+                f"cannot write {shown(path)}: the disk is full (free some space and run again)"
+            ) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether an error says the disk (or the quota) is full: ENOSPC/EDQUOT, or torch.save's
+    RuntimeError for the same ("unexpected pos", its zip writer's short write)."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, RuntimeError) and "unexpected pos" in str(exc)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -81,11 +98,60 @@ def torch_save(path: str | os.PathLike, obj: Any) -> None:
         torch.save(obj, tmp)
 
 
+_KINDS = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket"}
+
+
+def open_regular(
+    path: str | os.PathLike, what: str, *, follow: bool = False, write: bool = False, limit: int | None = None
+) -> int:
+    """A descriptor of `path`, which must be a regular file, else a one-line UserError naming the
+    path and what it is (never anything it holds). A final symbolic link is not followed unless
+    `follow` (a file the user named may be a link; one that others can put in place may not: it
+    could lead to any file this process can read). O_NONBLOCK: a FIFO or a device fails here
+    instead of blocking the process in open() or read() for good. `write` opens it read-write,
+    created if missing; `limit` bounds its size in bytes. FileNotFoundError passes through."""
+    flags = os.O_CLOEXEC | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW)
+    flags |= (os.O_RDWR | os.O_CREAT) if write else os.O_RDONLY
+    try:
+        fd = os.open(path, flags, 0o666)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and not follow:
+            raise UserError(f"{what} {shown(path)} is a symbolic link, which is not followed here") from None
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise UserError(f"cannot open {what} {shown(path)}: permission denied") from None
+        raise UserError(f"cannot open {what} {shown(path)}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = _KINDS.get(stat.S_IFMT(st.st_mode), "a device")
+            raise UserError(f"{what} {shown(path)} is {kind}, not a regular file")
+        if limit is not None and st.st_size > limit:
+            raise UserError(f"{what} {shown(path)} is {st.st_size:,} bytes, more than the {limit:,} allowed")
+        os.set_blocking(fd, True)  # a regular file never blocks; reads must not stop short
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_regular(path: str | os.PathLike, what: str, limit: int, *, follow: bool = False) -> bytes:
+    """The bytes of a regular file (see `open_regular`), at most `limit` of them (one that grew
+    past it since its size was checked is refused too)."""
+    with os.fdopen(open_regular(path, what, follow=follow, limit=limit), "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise UserError(f"{what} {shown(path)} is more than the {limit:,} bytes allowed")
+    return data
+
+
 def exclusive_lock(path: str | os.PathLike) -> IO | None:
     """Open `path` and take its exclusive lock for as long as the file stays open, with our pid
     written in it (to say who holds it, and to stop an orphan); None if another process holds it.
-    The kernel drops the lock when the holder exits, however it exits: no stale locks."""
-    f = open(path, "a+")
+    The kernel drops the lock when the holder exits, however it exits: no stale locks. The file
+    must be a regular file, not a link (see `open_regular`): it is truncated and written."""
+    f = os.fdopen(open_regular(path, "the lock file", write=True), "r+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -101,8 +167,8 @@ def exclusive_lock(path: str | os.PathLike) -> IO | None:
 def lock_holder(path: str | os.PathLike) -> int | None:
     """The pid written in a lock file by its holder, if any."""
     try:
-        text = Path(path).read_text().strip()
-    except OSError:
+        text = read_regular(path, "the lock file", 64).decode(errors="replace").strip()
+    except (OSError, UserError):
         return None
     return int(text) if text.isdigit() else None
 

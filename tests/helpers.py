@@ -1,7 +1,12 @@
 """Shared by the tests: a small CNN, random-data training steps, the masked-weights-are-zero
-and exact-resume checks, and small image-folder datasets written to disk."""
+and exact-resume checks, small image-folder datasets written to disk, and the sockets a
+command's processes listen on."""
 
 import io
+import ipaddress
+import os
+import subprocess
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -97,3 +102,85 @@ def write_tree(root: Path, tree: dict) -> Path:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(content)
     return root
+
+
+def _listening_inodes() -> dict[str, str]:
+    """Socket inode -> local address ('7F000001:1F90' style hex) of every listening TCP socket."""
+    found = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A":  # TCP_LISTEN
+                found[fields[9]] = fields[1]
+    return found
+
+
+def _tree(root: int) -> list[int]:
+    """`root` and every process descended from it (a job's setsid does not hide it here)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    return tree
+
+
+def address(hex_address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The IP of a /proc/net/tcp{,6} local address (little-endian 32-bit words)."""
+    host = bytes.fromhex(hex_address.split(":")[0])
+    host = b"".join(host[i : i + 4][::-1] for i in range(0, len(host), 4))
+    return ipaddress.ip_address(host)
+
+
+def run_listening(command, timeout, **popen):
+    """Run `command` to its end, sampling every 50 ms the TCP sockets that it or any process
+    under it listens on. Returns (CompletedProcess, {IP address: command line of a holder})."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    seen: dict = {}
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            listening = _listening_inodes()
+            for pid in _tree(proc.pid):
+                try:
+                    fds = os.listdir(f"/proc/{pid}/fd")
+                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+                except OSError:
+                    continue
+                for fd in fds:
+                    try:
+                        target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    except OSError:
+                        continue
+                    inode = target.removeprefix("socket:[").removesuffix("]")
+                    if target.startswith("socket:[") and inode in listening:
+                        seen[address(listening[inode])] = cmdline[:200]
+            done.wait(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        done.set()
+        sampler.join()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr), seen
+
+
+def assert_loopback_only(seen: dict) -> None:
+    """Some listener was seen (the job's stores), and every one is on 127.0.0.0/8 or ::1."""
+    assert seen, "no listening socket seen at all: the sampling missed the job"
+    wide = {str(ip): holder for ip, holder in seen.items() if not ip.is_loopback}
+    assert not wide, f"listening beyond loopback: {wide}"

@@ -22,7 +22,7 @@ from dsrpipe.data import load_data
 from dsrpipe.errors import UserError
 from dsrpipe.sparse import RewireSchedule, RigL
 from dsrpipe.train import train_sparse
-from tests.helpers import masked_weights_are_zero, small_net, train_steps
+from tests.helpers import assert_loopback_only, masked_weights_are_zero, run_listening, small_net, train_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "pipelines" / "quickstart.yaml"
@@ -70,6 +70,11 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def unpinned_env(**extra):
+    """The tests' environment without GLOO_SOCKET_IFNAME: what dsrpipe's own launches must set."""
+    return {k: v for k, v in env(**extra).items() if k != "GLOO_SOCKET_IFNAME"}
 
 
 def run(command, timeout=120, **extra_env):
@@ -125,7 +130,7 @@ def two_and_one(tmp_path_factory):
         },
     }
     (tmp / "grid.yaml").write_text(yaml.safe_dump(grid))
-    two = run(
+    two, listeners = run_listening(
         [
             sys.executable,
             "-m",
@@ -138,16 +143,16 @@ def two_and_one(tmp_path_factory):
             "2",
         ],
         timeout=180,
-        DSRPIPE_MASK_CHECKSUMS=str(tmp / "checksums"),
+        env=unpinned_env(DSRPIPE_MASK_CHECKSUMS=str(tmp / "checksums")),
     )
     _, one_err = one.communicate(timeout=120)
     assert one.returncode == 0, one_err
     assert two.returncode == 0, two.stderr
-    return tmp, tmp / "two" / "g" / "runs" / RUN_2
+    return tmp, tmp / "two" / "g" / "runs" / RUN_2, listeners
 
 
 def test_two_ranks_complete_with_one_set_of_outputs(two_and_one):
-    tmp, run_dir = two_and_one
+    tmp, run_dir, _ = two_and_one
     log = (tmp / "two" / "g" / "logs" / f"{RUN_2}.log").read_text()
     assert "DDP: 2 ranks × 32 = global batch 64" in log
     assert log.count(str(run_dir / "model.onnx")) == 2  # rank 0 alone reports: its export line and its stdout
@@ -159,8 +164,14 @@ def test_two_ranks_complete_with_one_set_of_outputs(two_and_one):
     assert "--nproc-per-job 2" in (tmp / "two" / "g" / "results.md").read_text()
 
 
+def test_a_compare_job_on_two_ranks_listens_on_loopback_only(two_and_one):
+    """Every TCP socket the compare process and its torchrun job listened on while it ran (the
+    rendezvous store, rank 0's store, Gloo's pairs) was on 127.0.0.0/8 or ::1."""
+    assert_loopback_only(two_and_one[2])
+
+
 def test_masks_are_identical_across_ranks_at_every_reallocation(two_and_one):
-    tmp, _ = two_and_one
+    tmp, _, _ = two_and_one
     ranks = [metrics(tmp / f"checksums.rank{r}.jsonl") for r in (0, 1)]
     history = metrics(two_and_one[1] / "train" / "metrics.jsonl")
     assert len(ranks[0]) == sum(h["reallocations"] for h in history) > 5
@@ -169,7 +180,7 @@ def test_masks_are_identical_across_ranks_at_every_reallocation(two_and_one):
 
 
 def test_two_ranks_match_one_process_with_the_same_global_batch(two_and_one):
-    tmp, _ = two_and_one
+    tmp, _, _ = two_and_one
     one, two = (
         torch.load(run_dir / "train" / "final.pt", weights_only=True)
         for run_dir in (tmp / "one" / "quickstart", two_and_one[1])
@@ -194,7 +205,7 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(two_and_one):
 def test_tensorboard_event_files_hold_the_figures_of_metrics_jsonl(two_and_one):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    _, run_dir = two_and_one
+    _, run_dir, _ = two_and_one
     events = EventAccumulator(str(run_dir / "tensorboard" / "train"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
@@ -220,7 +231,7 @@ def test_tensorboard_event_files_hold_the_figures_of_metrics_jsonl(two_and_one):
 
 
 def test_resuming_with_another_number_of_processes_is_refused(two_and_one, tmp_path):
-    _, run_dir = two_and_one
+    _, run_dir, _ = two_and_one
     shutil.copytree(run_dir, tmp_path / "out" / RUN_2)
     train = tmp_path / "out" / RUN_2 / "train"
     (train / "final.pt").rename(train / "last.pt")  # as if interrupted after its last epoch
@@ -353,7 +364,7 @@ def test_watch_runs_each_job_through_torchrun_with_its_cause_on_failure(tmp_path
     tiny = {"data": {"dataset": "digits", "max_train": 256, "max_test": 100}, "train": {"batch_size": 32}}
     (drop / "good.yaml").write_text(pipeline(**tiny))
     (drop / "strict.yaml").write_text(pipeline(**tiny, validate={"latency_runs": 1, "min_top1": 0.999}))
-    result = run(
+    result, listeners = run_listening(
         [
             sys.executable,
             "-m",
@@ -373,8 +384,10 @@ def test_watch_runs_each_job_through_torchrun_with_its_cause_on_failure(tmp_path
             "10m",
         ],
         timeout=240,
+        env=unpinned_env(),
     )
     assert result.returncode == 0, result.stderr
+    assert_loopback_only(listeners)  # the daemon, its jobs and their ranks: nothing beyond loopback
     states = {job["name"]: job for job in jobs(drop)}
     assert states["good"]["state"] == "done", states
     assert (tmp_path / "out" / "good" / "model.onnx").exists()

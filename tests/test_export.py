@@ -273,6 +273,18 @@ def test_int8_loss_of_a_zero_is_refused():
                 nodes=[dq],
             ),
         )
+    # Per channel: one non-zero zero point among zeros is enough to lose that channel's zeros.
+    per_channel = numpy_helper.from_array(np.array([0, 3], dtype=np.int8), "zp")
+    with pytest.raises(RuntimeError, match="non-zero zero point"):
+        check_zeros_quantized(
+            fp32,
+            model(
+                numpy_helper.from_array(int8_weight, "model.fc.weight_quantized"),
+                scale,
+                per_channel,
+                nodes=[dq],
+            ),
+        )
 
 
 def test_failed_export_leaves_previous_file_intact(tmp_path):
@@ -308,6 +320,54 @@ def test_validate_reports_agreement_and_enforces_thresholds(exported, test_set):
     with pytest.raises(ValidationFailed, match="min_top1") as failure:
         validate_onnx(exported.path, exported.model, test_set, latency_runs=1, min_top1=1.01)
     assert failure.value.report["top1_agreement"] == 1.0
+
+
+class OneLogitOff(nn.Module):
+    """`model`, with logit 0 of the first sample of every batch moved by `delta`."""
+
+    def __init__(self, model: nn.Module, delta: float):
+        super().__init__()
+        self.model, self.delta = model, delta
+
+    def forward(self, x):
+        out = self.model(x).clone()
+        out[0, 0] += self.delta
+        return out
+
+
+class Negated(nn.Module):
+    """`model` with its logits negated: its top-1 is the other model's least likely class."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return -self.model(x)
+
+
+def test_validate_catches_one_corrupted_logit_of_one_sample(exported, test_set):
+    """max_abs_diff is a max over every sample and logit: one logit of one sample per batch off
+    by 0.5 fails a 0.01 bound (a mean over the 360 x 10 logits would be ~0.0003)."""
+    with pytest.raises(ValidationFailed, match="max abs logit diff 0.5") as failure:
+        validate_onnx(
+            exported.path,
+            OneLogitOff(exported.model, 0.5),
+            test_set,
+            batch_size=360,
+            latency_runs=1,
+            max_abs_diff=0.01,
+        )
+    assert abs(failure.value.report["max_abs_logit_diff"] - 0.5) < 1e-4
+
+
+def test_int8_agreement_is_float32_against_torch(exported, test_set, tmp_path):
+    """With a shipped model beside its float32 one, top1_agreement and max_abs_logit_diff compare
+    the float32 model with torch: here the shipped one disagrees everywhere, the float32 nowhere."""
+    shipped = export_as(Negated(exported.model), tmp_path / "shipped.onnx", test_set)["path"]
+    report = validate_onnx(shipped, exported.model, test_set, fp32_path=exported.path, latency_runs=1)
+    assert report["top1_agreement"] == 1.0 and report["max_abs_logit_diff"] < 1e-4
+    assert report["int8_agreement"] < 1.0
 
 
 def test_unreadable_onnx_is_a_user_error(exported, test_set, tmp_path):
@@ -403,6 +463,8 @@ def test_int8_keeps_zeros_and_runs_integer_kernels(quickstart_like):
             assert quantized.dtype == np.int8 and not quantized[weight.detach().numpy() == 0].any(), name
     ops = optimized_ops(quickstart_like.int8["path"], ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
     assert "QLinearConv" in ops and "Conv" not in ops and "ScatterElements" not in ops
+    # The classifier too: onnxruntime fuses its Gemm into QGemm only with its zero point kept.
+    assert "QGemm" in ops and "Gemm" not in ops, ops
     props = {p.key: p.value for p in onnx.load(quickstart_like.int8["path"]).metadata_props}
     assert props["quantize"] == "int8" and props["encoding"] == "compact"
     fp32_props = {p.key: p.value for p in onnx.load(quickstart_like.int8["fp32"]["path"]).metadata_props}

@@ -231,6 +231,14 @@ def test_an_absurd_value_is_one_line_exit_2(tmp_path, case):
         (f"model.options={{width: {list(range(65))}}}", "model.options: 'width': expected a number"),
         ('data.cache_dir="a\\0b"', "data.cache_dir: a path cannot contain a NUL"),
         ("seed=-1", "seed: Input should be greater than or equal to 0"),
+        # Numbers are strict: no bool or string stands for one (false trained dense, true one epoch).
+        ("sparsity.sparsity=false", "sparsity.sparsity: Input should be a valid number"),
+        ("train.epochs=true", "train.epochs: Input should be a valid integer"),
+        ('train.epochs="3"', "train.epochs: Input should be a valid integer"),
+        ("train.batch_size=8.0", "train.batch_size: Input should be a valid integer"),
+        # Bounded where a value overflows in training: 1e308 used to pass check and fail mid-run.
+        ("train.lr=1e308", "train.lr: Input should be less than or equal to 1000000"),
+        ("train.weight_decay=1e300", "train.weight_decay: Input should be less than or equal to 1000000"),
         (
             "model.options={a: &a [1], b: *a}",
             "--set model.options: line 1 not valid YAML (aliases (*name) are not allowed)",
@@ -242,6 +250,15 @@ def test_set_is_bounded_like_the_file(tmp_path, override, expected):
     result = CliRunner().invoke(app, ["check", str(path), "--set", override])
     assert result.exit_code == 2 and expected in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_numbers_written_as_yaml_numbers_are_taken(tmp_path):
+    """Strict numbers still take an int for a float, and 1e-3 (a string to YAML 1.1) as a float."""
+    path = write_pipeline(tmp_path, tiny())
+    sets = ["train.epochs=1", "train.lr=1", "finetune.lr=1e-3", "sparsity.sparsity=0"]
+    cfg = load_pipeline(path, sets)
+    assert (cfg.train.epochs, cfg.train.lr, cfg.finetune.lr, cfg.sparsity.sparsity) == (1, 1.0, 0.001, 0.0)
+    assert isinstance(cfg.train.lr, float)
 
 
 # -- one run, one owner --------------------------------------------------------------------------------
@@ -359,3 +376,95 @@ def test_fuzzed_pipelines_never_crash_check(tmp_path):
             assert len(result.output.strip().splitlines()) == 1, (text, result.output)
         codes.append(result.exit_code)
     assert 0 < codes.count(0) < codes.count(2)  # both outcomes happen: the mutations reach the validators
+
+
+# -- signals ---------------------------------------------------------------------------------------
+
+
+def _start(args, cwd, tmpdir):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmpdir), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "dsrpipe", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=cwd,
+        env=env,
+    )
+
+
+def _wait_for(predicate, proc, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_sigterm_is_a_clean_exit_143_and_validate_leaves_no_temporary_model(tmp_path):
+    """SIGTERM of `run` mid-training: exit 143 and one line, like Ctrl-C's 130; SIGTERM of
+    `validate` while its temporary dense model exists: the same, and the model is removed."""
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    path = small_run(tmp_path)
+    done = dsrpipe("run", path, "--out", "out", "--no-progress", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    validate = _start(
+        ["validate", path, "--out", "out", "--force", "--set", "validate.latency_runs=10000"],
+        tmp_path,
+        tmpdir,
+    )
+    _wait_for(lambda: any(tmpdir.glob("dsrpipe-dense-*/dense.onnx")), validate)
+    validate.send_signal(signal.SIGTERM)
+    _, err = validate.communicate(timeout=60)
+    assert validate.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("terminated: ") and "Traceback" not in err
+    assert not list(tmpdir.glob("dsrpipe-dense-*"))
+
+    training = _start(
+        ["run", path, "--out", "long", "--no-progress", "--set", "train.epochs=1000"], tmp_path, tmpdir
+    )
+    _wait_for(lambda: (tmp_path / "long").exists() and any((tmp_path / "long").rglob("*.pt")), training)
+    training.send_signal(signal.SIGTERM)
+    _, err = training.communicate(timeout=60)
+    assert training.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1] == "terminated: completed epochs are checkpointed; rerun to resume"
+    assert "Traceback" not in err
+
+
+# -- a full disk -----------------------------------------------------------------------------------
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    """torch.save's "unexpected pos" and a bare ENOSPC: one line naming the file being written
+    and saying the disk is full (exit 2 at the CLI); the file that was there is untouched."""
+    import errno
+
+    from dsrpipe.errors import UserError
+
+    target = tmp_path / "last.pt"
+    target.write_bytes(b"the previous checkpoint")
+
+    def full(obj, path):
+        Path(path).write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 512 vs 448")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(UserError, match=f"^cannot write {target}: the disk is full"):
+        files.torch_save(target, {"x": 1})
+    with pytest.raises(UserError, match=f"^cannot write {target}: the disk is full"):
+        with files.atomic_path(target):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert target.read_bytes() == b"the previous checkpoint" and os.listdir(tmp_path) == ["last.pt"]
+
+    def check(*args, **kwargs):  # a write elsewhere (a log, metrics): the CLI's own line
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "metrics.jsonl"))
+
+    monkeypatch.setattr("dsrpipe.config.load_pipeline", check)
+    result = CliRunner().invoke(app, ["check", str(tmp_path / "p.yaml")])
+    assert result.exit_code == 2, result.output
+    assert (
+        result.output
+        == f"error: the disk is full writing {tmp_path / 'metrics.jsonl'}: free some space and run again\n"
+    )

@@ -780,3 +780,28 @@ def test_finetune_starts_from_the_trained_weights(tmp_path):
     for key, value in trained.items():
         if value.is_floating_point() and "running" not in key:
             assert torch.allclose(tuned[key], value, atol=1e-6), key
+
+
+def test_deepr_with_scarce_free_slots_lets_the_just_died_regrow():
+    """Sparsity 0.02 and a high LR: more weights die in a step than there are other free slots,
+    so the just-died positions must be offered again (without that, sampling fails with
+    `cannot place N weights in M free slots`). Every step keeps the active count."""
+    torch.manual_seed(0)
+    net = small_net()
+    opt = torch.optim.SGD(net.parameters(), lr=5.0, momentum=0.9)
+    s = DeepR(net, opt, sparsity=0.02, temperature=1e-3, eta=1.0, l1=0.0)
+    per_layer = counts(s)
+    scarce = 0
+    for step in range(6):
+        with torch.no_grad():  # many cross zero against their sign, in every layer
+            for name, mask in s.masks.items():
+                w = s.weights[name].view(-1)
+                active = mask.view(-1).nonzero().squeeze(1)
+                flip = active[torch.randperm(active.numel(), generator=torch.Generator().manual_seed(step))]
+                w[flip[: active.numel() // 20]] *= -1
+        dead = {n: int((s.masks[n] & (torch.sign(s.weights[n]) * s.signs[n] < 0)).sum()) for n in s.masks}
+        free = {n: s.masks[n].numel() - int(s.masks[n].sum()) for n in s.masks}
+        scarce += sum(free[n] < dead[n] for n in s.masks)
+        train_steps(net, opt, s, 1, seed=step)
+        assert counts(s) == per_layer and masked_weights_are_zero(s)
+    assert scarce, "no step had fewer other free slots than dead weights: the branch went unrun"

@@ -145,3 +145,81 @@ def test_predict_never_imports_torch(digits_model):
     lines = result.stdout.strip().splitlines()
     assert lines[-1] == "no torch"
     assert [line.split("\t")[1].split(" ")[0] for line in lines[:-1]] == expected
+
+
+def test_each_images_probabilities_sum_to_one(digits_model):
+    """Several images in one batch: each row is a distribution of its own (a softmax over the
+    whole batch would give rows that sum to 1/6)."""
+    from dsrpipe.deploy.predict import predict
+
+    path, images, expected = digits_model
+    results = predict(path, [images], top_k=len(NAMES))
+    assert len(results) == len(expected) > 1
+    for _, top in results:
+        assert len(top) == len(NAMES) and abs(sum(p for _, p in top) - 1) < 1e-9
+
+
+def _with_input(path: Path, to: Path, dims) -> Path:
+    """The model file with other declared input dims [N, C, H, W] (its graph left as it is)."""
+    import onnx
+
+    model = onnx.load(path)
+    for dim, value in zip(model.graph.input[0].type.tensor_type.shape.dim[1:], dims):
+        dim.dim_value = value
+    onnx.save(model, to)
+    return to
+
+
+def _with_class_names(path: Path, to: Path, names: str) -> Path:
+    import onnx
+
+    model = onnx.load(path)
+    for entry in model.metadata_props:
+        if entry.key == "class_names":
+            entry.value = names
+    onnx.save(model, to)
+    return to
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("side 100000", "declares 100000x100000 images, larger than the 1024 pixels per side"),
+        ("side 2**40", "larger than the 1024 pixels per side"),
+        ("channels 3", "m.onnx: "),  # onnxruntime fails, or the graph gives the wrong shape
+        ("max-side 4", "declares 8x8 images, larger than the 4 pixels per side"),
+        ("names nested", "class_names metadata is not a JSON list"),
+        ("name with a newline", "class_names must be a list of names"),
+        ("a name that is no string", "class_names must be a list of names"),
+    ],
+)
+def test_what_a_model_declares_is_bounded_one_line_exit_2(digits_model, tmp_path, case, expected):
+    """Before any image is resized: a model declaring huge sides (which made predict allocate
+    until the OOM killer came, or overflow), channels its graph does not take, class names
+    nested 100k deep or holding a line break."""
+    path, images, _ = digits_model
+    args = []
+    if case.startswith("side"):
+        side = 100_000 if case == "side 100000" else 2**40
+        path = _with_input(path, tmp_path / "m.onnx", [1, side, side])
+    elif case == "channels 3":
+        path = _with_input(path, tmp_path / "m.onnx", [3, 8, 8])
+    elif case == "max-side 4":
+        args = ["--max-side", "4"]
+    elif case == "names nested":
+        path = _with_class_names(path, tmp_path / "m.onnx", "[" * 100_000 + "]" * 100_000)
+    elif case == "name with a newline":
+        path = _with_class_names(path, tmp_path / "m.onnx", json.dumps(["zero\nfake\t0.99", *NAMES[1:]]))
+    else:
+        path = _with_class_names(path, tmp_path / "m.onnx", json.dumps([["zero"], *NAMES[1:]]))
+    result = subprocess.run(
+        [sys.executable, "-m", "dsrpipe", "predict", str(path), str(images), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: ") and expected in line and "internal error" not in line, line
+    assert not result.stdout

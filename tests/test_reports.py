@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -226,8 +227,11 @@ def test_a_crashing_run_is_a_row_not_a_crash(tmp_path, monkeypatch):
     monkeypatch.setattr(compare_module.subprocess, "Popen", crash)
     grid, out = write_grid(tmp_path, methods=["dsr"], seeds=[0], overrides={}), tmp_path / "out"
     result = CliRunner().invoke(app, ["compare", str(grid), "--out", str(out)])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 2, result.output  # the table is written, and the exit says it is incomplete
     assert "1 of 1 runs crashed" in result.output
+    assert result.output.strip().splitlines()[-1] == (
+        f"error: 1 of 1 runs crashed (g-dsr-s0.9-seed0): see {out / 'g' / 'results.md'}"
+    )
     (row,) = csv.DictReader((out / "g" / "results.csv").open())
     assert row["status"] == "crashed" and "boom: out of memory" in row["message"] and row["onnx_top1"] == ""
     md = (out / "g" / "results.md").read_text()
@@ -280,3 +284,96 @@ def test_frozen_runs_wait_for_the_dsr_masks_and_dense_runs_once_per_seed(tmp_pat
             assert run.raw["sparsity"]["masks_from"] == str(tmp_path / "runs" / dsr / "train" / "final.pt")
         else:
             assert run.depends_on is None and "masks_from" not in run.raw["sparsity"]
+
+
+SECRET = "root:$6$s3cr3tSALT$HASHED-PASSWORD:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\n"
+
+
+def _hostile_base(tmp_path, kind):
+    """The grid's base: a link to a secret file, the secret file itself, a FIFO; or the grid a link."""
+    (tmp_path / "shadow").write_text(SECRET)
+    if kind == "base-link":
+        (tmp_path / "linked.yaml").symlink_to(tmp_path / "shadow")
+        return write_grid(tmp_path, base="linked.yaml"), "is a symbolic link, which is not followed"
+    if kind == "base-secret":
+        return write_grid(tmp_path, base=str(tmp_path / "shadow")), "unknown setting"
+    if kind == "base-fifo":
+        os.mkfifo(tmp_path / "fifo.yaml")
+        return write_grid(tmp_path, base="fifo.yaml"), "is a FIFO, not a regular file"
+    grid = write_grid(tmp_path)
+    (tmp_path / "grid-link.yaml").symlink_to(grid)
+    return tmp_path / "grid-link.yaml", "is a symbolic link, which is not followed"
+
+
+@pytest.mark.parametrize("kind", ["base-link", "base-secret", "base-fifo", "grid-link"])
+def test_a_hostile_base_or_grid_is_one_line_quoting_nothing_and_never_hangs(tmp_path, kind):
+    grid, expected = _hostile_base(tmp_path, kind)
+    result = subprocess.run(
+        [sys.executable, "-m", "dsrpipe", "compare", str(grid), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=60,  # a FIFO opened for reading blocks until a writer comes: it must not be opened so
+    )
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: ") and expected in line, line
+    assert "s3cr3t" not in line and "root:" not in line and "daemon:*" not in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_second_compare_of_the_grid_is_refused_naming_the_first(tmp_path):
+    """While one compare holds <out>/<grid>/, another of the same grid exits 2 naming its pid,
+    and writes nothing there."""
+    grid, out = write_grid(tmp_path, methods=["dsr"], seeds=[0], overrides={}), tmp_path / "out"
+    (out / "g").mkdir(parents=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from dsrpipe import files; "
+            f"lock = files.exclusive_lock({str(out / 'g' / 'compare.lock')!r}); print('held', flush=True); "
+            "time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = subprocess.run(
+            [sys.executable, "-m", "dsrpipe", "compare", str(grid), "--out", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert (
+        line
+        == f"error: {out / 'g'} is in use by another dsrpipe compare (pid {holder.pid}): wait for it to finish or stop it"
+    )
+    assert sorted(p.name for p in (out / "g").iterdir()) == ["compare.lock"]
+
+
+def test_a_grid_is_capped_before_it_is_planned(tmp_path):
+    """100,000 seeds: refused at once (no planning, no quadratic duplicate check)."""
+    for seeds, expected in (
+        (100_000, "seeds: List should have at most 10000 items"),
+        (
+            6_000,
+            "2 methods × 1 sparsities × 6000 seeds make 12,000 runs, more than the 10,000 a grid may have",
+        ),
+    ):
+        grid = write_grid(tmp_path, seeds=list(range(seeds)))
+        started = time.perf_counter()
+        result = CliRunner().invoke(app, ["compare", str(grid), "--out", str(tmp_path / "out")])
+        assert result.exit_code == 2 and expected in result.output, result.output
+        assert time.perf_counter() - started < 10
+    # Under the cap, the duplicate check stays linear: 9,999 seeds and one repeated at the end.
+    grid = write_grid(tmp_path, methods=["dsr"], seeds=[*range(9_999), 0])
+    started = time.perf_counter()
+    result = CliRunner().invoke(app, ["compare", str(grid), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "'0' is listed twice" in result.output, result.output
+    assert time.perf_counter() - started < 10

@@ -109,6 +109,26 @@ def test_safety_net_refuses_a_model_that_no_longer_runs():
         shrink._verify(nn.Linear(4, 2), nn.Linear(3, 2), torch.randn(2, 4), 1e-4)
 
 
+def test_safety_net_refuses_one_corrupted_logit():
+    """One logit of one sample off by 0.01 among 64 x 2: refused (the check is a max, not a mean)."""
+
+    class OneOff(nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            out = self.model(x).clone()
+            out[5, 1] += 0.01
+            return out
+
+    torch.manual_seed(0)
+    reference = nn.Linear(4, 2)
+    with pytest.raises(UserError, match="shrinking changed the logits by 0.01"):
+        shrink._verify(reference, OneOff(reference), torch.randn(64, 4) * 0.1, 1e-4)
+    shrink._verify(reference, reference, torch.randn(64, 4), 1e-4)
+
+
 def test_a_model_the_dependency_graph_cannot_trace_is_a_one_line_error(monkeypatch):
     def fail(*args, **kwargs):
         raise RuntimeError("unsupported operator\nand pages of detail")

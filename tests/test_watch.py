@@ -675,3 +675,74 @@ def test_burst_of_20_drops_sigterm_and_restart_with_pending_drops(tmp_path, drop
     for name in names:
         assert json.loads((out / name / "report.json").read_text())["name"] == name
         assert len(re.findall(r"\| export: (?!already|shrink)", job_log(drop, name))) <= 1
+
+
+# --- files put in place by whoever writes drops ----------------------------------------------------
+
+SECRET = "root:$6$s3cr3tSALT$HASHED-PASSWORD:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\n"
+
+
+def test_a_template_that_is_a_link_or_a_fifo_fails_its_job_and_quotes_nothing(tmp_path, drop):
+    """DROP/template.yaml as a symbolic link to a secret file, then as a FIFO: the dataset drop
+    fails with one line naming what the template is, and nothing of the secret reaches the
+    error file, the log or `dsrpipe status`; the daemon never blocks, and serves the next drop."""
+    out = tmp_path / "out"
+    (tmp_path / "shadow").write_text(SECRET)
+    (drop / "template.yaml").symlink_to(tmp_path / "shadow")
+    write_tree(drop / "linked", image_tree())
+    first = cli("watch", drop, "--out", out, "--once", "--quiet-period", "0.2", timeout=120)
+    (drop / "template.yaml").unlink()
+    os.mkfifo(drop / "template.yaml")
+    write_tree(drop / "fifo", image_tree())
+    (drop / "good.yaml").write_text(pipeline())
+    second = cli("watch", drop, "--out", out, "--once", "--quiet-period", "0.2", timeout=120)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    status = cli("status", drop)
+    states = {job["name"]: job for job in jobs(drop)}
+    assert states["good"]["state"] == "done" and (out / "good" / "model.onnx").exists()
+    for name, what in (
+        ("linked", "a symbolic link, which is not followed"),
+        ("fifo", "a FIFO, not a regular file"),
+    ):
+        assert states[name]["state"] == "failed"
+        assert states[name]["cause"].startswith(f"the template {drop / 'template.yaml'} is {what}"), states[
+            name
+        ]
+        error = (drop / f"{name}.error.txt").read_text()
+        assert error.splitlines()[0] == states[name]["cause"]
+    everything = first.stderr + second.stderr + status.stdout
+    everything += "".join(p.read_text() for p in drop.glob("*.error.txt"))
+    assert "s3cr3t" not in everything and "root:" not in everything and "daemon:*" not in everything
+
+
+def test_a_template_that_quotes_a_readable_file_is_never_quoted(tmp_path, drop):
+    """A regular template.yaml holding another file's lines: its job fails on them without
+    repeating any (it is no pipeline anyone named); a dropped pipeline's own errors still say
+    which setting is wrong."""
+    (drop / "template.yaml").write_text(SECRET)
+    write_tree(drop / "data", image_tree())
+    (drop / "mine.yaml").write_text(pipeline(train={"bogus_setting": 1}))
+    result = cli("watch", drop, "--out", tmp_path / "out", "--once", "--quiet-period", "0.2", timeout=120)
+    assert result.returncode == 0, result.stderr
+    states = {job["name"]: job for job in jobs(drop)}
+    assert states["data"]["state"] == "failed" and "unknown setting" in states["data"]["cause"]
+    assert "s3cr3t" not in states["data"]["cause"] and "root" not in states["data"]["cause"]
+    everything = result.stderr + cli("status", drop).stdout + (drop / "data.error.txt").read_text()
+    assert "s3cr3t" not in everything and "daemon:*" not in everything
+    assert "train.bogus_setting: unknown setting" in states["mine"]["cause"]
+
+
+@pytest.mark.parametrize("name", ["journal.sqlite", "lock"])
+def test_a_state_file_that_is_a_link_is_refused_and_left_alone(tmp_path, drop, name):
+    (tmp_path / "victim").write_text("precious\n")
+    (drop / ".dsrpipe").mkdir()
+    (drop / ".dsrpipe" / name).symlink_to(tmp_path / "victim")
+    for args in (["watch", drop, "--out", tmp_path / "out", "--once"], ["status", drop]):
+        result = cli(*args)
+        if name == "lock" and args[0] == "status":
+            assert result.returncode == 0 and "not watched now" in result.stdout  # the link is not read
+            continue
+        assert result.returncode == 2, result.stderr
+        [line] = result.stderr.strip().splitlines()
+        assert line.startswith("error: ") and "is a symbolic link, which is not followed" in line, line
+    assert (tmp_path / "victim").read_text() == "precious\n"

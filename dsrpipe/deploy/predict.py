@@ -14,47 +14,94 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import MAX_IMAGE_SIZE
 from ..errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 BATCH = 64
 
 
-def load_classifier(path: str | Path):
-    """(session, class names, (channels, height, width)) of an exported model, or UserError."""
+# The largest image side a model may declare: data.image_size's bound, the largest dsrpipe trains.
+MAX_SIDE = MAX_IMAGE_SIZE
+MAX_CLASS_NAME = 256
+
+
+def open_session(path: str | Path, threads: int | None = None):
+    """An onnxruntime CPU session of the model file, or UserError (onnxruntime raises its own
+    types: InvalidProtobuf, Fail, ...)."""
     import onnxruntime as ort
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"ONNX model not found: {path}")
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 3  # errors only; we raise those ourselves
+    if threads is not None:
+        options.intra_op_num_threads = threads
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as err:  # onnxruntime raises its own types (InvalidProtobuf, Fail, ...)
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path}: not a loadable ONNX model ({reason})") from None
-    meta = session.get_modelmeta().custom_metadata_map
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as err:
+        raise UserError(f"{path}: not a loadable ONNX model ({_first_line(err)})") from None
+
+
+def run_session(session, pixels: np.ndarray, path: str | Path) -> np.ndarray:
+    """The model's first output for a batch of images, or a one-line UserError where onnxruntime
+    fails (declared shapes that its graph does not keep, an allocation beyond memory, ...)."""
+    try:
+        return session.run(None, {session.get_inputs()[0].name: pixels})[0]
+    except Exception as err:
+        shape = "x".join(map(str, pixels.shape))
+        raise UserError(
+            f"{path}: onnxruntime cannot run the model on a {shape} batch ({_first_line(err)})"
+        ) from None
+
+
+def input_shape(session, path: str | Path, max_side: int = MAX_SIDE) -> tuple[int, int, int]:
+    """(channels, height, width) the model declares, checked before any image is made that size:
+    1 or 3 channels, sides from 1 to `max_side`."""
+    shape = session.get_inputs()[0].shape
+    if len(shape) != 4 or not all(isinstance(d, int) and d > 0 for d in shape[1:]) or shape[1] not in (1, 3):
+        raise UserError(f"{path}: expected a classifier of [N, 1 or 3, H, W] images, got input {shape}")
+    if max(shape[2:]) > max_side:
+        raise UserError(
+            f"{path}: the model declares {shape[2]}x{shape[3]} images, larger than the {max_side} "
+            "pixels per side accepted (--max-side)"
+        )
+    return tuple(shape[1:])
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
+
+
+def class_names(meta: dict, path: Path) -> list[str]:
+    """The class_names metadata: a JSON list of short printable strings (one line each in the
+    output), or UserError."""
     try:
         names = json.loads(meta["class_names"])
     except KeyError:
         raise UserError(
             f"{path}: no class_names in the model's metadata (not exported by dsrpipe?)"
         ) from None
-    except ValueError:
-        raise UserError(f"{path}: the model's class_names metadata is not JSON") from None
-    shape = session.get_inputs()[0].shape
-    if (
-        not isinstance(names, list)
-        or len(shape) != 4
-        or not all(isinstance(d, int) and d > 0 for d in shape[1:])
-        or shape[1] not in (1, 3)
+    except (ValueError, RecursionError):  # RecursionError: nested too deep for the parser
+        raise UserError(f"{path}: the model's class_names metadata is not a JSON list") from None
+    if not isinstance(names, list) or not all(
+        isinstance(n, str) and n.isprintable() and 0 < len(n) <= MAX_CLASS_NAME for n in names
     ):
         raise UserError(
-            f"{path}: expected a classifier of [N, 1 or 3, H, W] images with a class_names list, "
-            f"got input {shape}"
+            f"{path}: class_names must be a list of names (printable text without line breaks, at most "
+            f"{MAX_CLASS_NAME} characters each)"
         )
-    return session, [str(n) for n in names], tuple(shape[1:])
+    return names
+
+
+def load_classifier(path: str | Path, max_side: int = MAX_SIDE):
+    """(session, class names, (channels, height, width)) of an exported model, or UserError."""
+    path = Path(path)
+    session = open_session(path)
+    names = class_names(session.get_modelmeta().custom_metadata_map, path)
+    return session, names, input_shape(session, path, max_side)
 
 
 def read_image(path: Path, channels: int, height: int, width: int) -> np.ndarray:
@@ -89,27 +136,37 @@ def image_paths(inputs: list[Path]) -> list[Path]:
 
 
 def predict(
-    model: str | Path, inputs: list[Path], top_k: int = 1
+    model: str | Path, inputs: list[Path], top_k: int = 1, max_side: int | None = None
 ) -> list[tuple[Path, list[tuple[str, float]]]]:
-    """For each image, its `top_k` (class name, probability) pairs, most likely first."""
+    """For each image, its `top_k` (class name, probability) pairs, most likely first. The model
+    may declare image sides up to `max_side` (None: MAX_SIDE)."""
+    max_side = MAX_SIDE if max_side is None else max_side
     if top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}")
-    session, names, (channels, height, width) = load_classifier(model)
+    if max_side < 1:
+        raise UserError(f"--max-side must be at least 1, got {max_side}")
+    session, names, (channels, height, width) = load_classifier(model, max_side)
     paths = image_paths(inputs)
-    input_name = session.get_inputs()[0].name
     results = []
     for start in range(0, len(paths), BATCH):
         chunk = paths[start : start + BATCH]
         pixels = np.stack([read_image(p, channels, height, width) for p in chunk])
-        logits = session.run(None, {input_name: pixels})[0].astype(np.float64)
-        if logits.ndim != 2 or logits.shape[1] != len(names):
-            raise UserError(f"{model}: {logits.shape[-1]} outputs for {len(names)} class names")
-        probabilities = np.exp(logits - logits.max(1, keepdims=True))
-        probabilities /= probabilities.sum(1, keepdims=True)
+        logits = run_session(session, pixels, model).astype(np.float64)
+        if logits.ndim != 2 or logits.shape != (len(chunk), len(names)):
+            raise UserError(
+                f"{model}: outputs of shape {logits.shape} for {len(chunk)} images of {len(names)} classes"
+            )
+        probabilities = softmax(logits)
         for path, p in zip(chunk, probabilities):
             best = np.argsort(-p, kind="stable")[:top_k]
             results.append((path, [(names[i], float(p[i])) for i in best]))
     return results
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Each row's probabilities (float64 logits [images, classes]): every row sums to 1."""
+    probabilities = np.exp(logits - logits.max(1, keepdims=True))
+    return probabilities / probabilities.sum(1, keepdims=True)
 
 
 def format_predictions(results) -> str:

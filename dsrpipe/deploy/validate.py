@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
 from ..errors import UserError, ValidationFailed
+from .predict import input_shape, open_session, run_session
 
 WARMUP_RUNS = 10
 THROUGHPUT_BATCH = 64
@@ -41,10 +41,11 @@ def validate_onnx(
     how far the shipped top-1 falls below it. min_top1 applies to the shipped model. Raises
     ValidationFailed (with the metrics as `.report`) when a set threshold is missed."""
     onnx_path = Path(onnx_path)
-    shipped = _open_session(onnx_path, threads)
-    fp32 = _open_session(Path(fp32_path), threads) if fp32_path is not None else shipped
+    shipped = open_session(onnx_path, threads)
+    fp32 = open_session(Path(fp32_path), threads) if fp32_path is not None else shipped
     quantized = fp32 is not shipped
-    input_name = shipped.get_inputs()[0].name
+    for session, path in ((shipped, onnx_path), (fp32, fp32_path or onnx_path)):
+        input_shape(session, path)  # what the model declares is bounded before it is fed
 
     modes = {m: m.training for m in torch_model.modules()}
     device = next(torch_model.parameters(), torch.empty(0)).device
@@ -65,12 +66,17 @@ def validate_onnx(
             pixels = raw.cpu().numpy().astype(np.float32)
             if sum(len(s) for s in samples) < THROUGHPUT_BATCH:
                 samples.append(pixels[:THROUGHPUT_BATCH])
-            fp32_logits = fp32.run(None, {input_name: pixels})[0]
+            fp32_logits = run_session(fp32, pixels, fp32_path or onnx_path)
             with torch.no_grad():
                 torch_logits = torch_model(normalized.to(device)).float().cpu().numpy()
+            if fp32_logits.shape != torch_logits.shape:
+                raise UserError(
+                    f"{fp32_path or onnx_path}: logits of shape {fp32_logits.shape} where the torch "
+                    f"model gives {torch_logits.shape}"
+                )
             labels = labels.cpu().numpy()
             fp32_pred, torch_pred = fp32_logits.argmax(1), torch_logits.argmax(1)
-            shipped_pred = shipped.run(None, {input_name: pixels})[0].argmax(1) if quantized else fp32_pred
+            shipped_pred = run_session(shipped, pixels, onnx_path).argmax(1) if quantized else fp32_pred
             num_test += len(labels)
             fp32_correct += int((fp32_pred == labels).sum())
             shipped_correct += int((shipped_pred == labels).sum())
@@ -114,7 +120,7 @@ def validate_onnx(
         report.update(
             _side_by_side(
                 shipped,
-                _open_session(Path(dense_path), threads),
+                open_session(Path(dense_path), threads),
                 images[:1],
                 batch,
                 latency_runs,
@@ -146,20 +152,6 @@ def validate_onnx(
         error.report = report
         raise error
     return report
-
-
-def _open_session(onnx_path: Path, threads: int | None) -> ort.InferenceSession:
-    if not onnx_path.is_file():
-        raise UserError(f"ONNX model not found: {onnx_path}")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only; we raise those ourselves
-    if threads is not None:
-        options.intra_op_num_threads = threads
-    try:
-        return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    except Exception as err:  # onnxruntime raises its own types (InvalidProtobuf, Fail, ...)
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot load ONNX model {onnx_path}: {reason}") from err
 
 
 def _side_by_side(

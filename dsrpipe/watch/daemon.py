@@ -4,12 +4,13 @@ intake → runner) until it is signalled (or, with --once, until nothing is left
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
 
 from ..errors import UserError
-from ..files import exclusive_lock, shown
+from ..files import exclusive_lock, lock_holder, shown
 from . import limits
 from .drops import STATE_DIR, TEMPLATE_NAME
 from .folder import DropFolder, log
@@ -39,7 +40,7 @@ class Daemon:
         self.folder.jobs_dir.mkdir(parents=True, exist_ok=True)
         lock = exclusive_lock(self.folder.state / "lock")
         if lock is None:
-            pid = (self.folder.state / "lock").read_text().strip() or "?"
+            pid = lock_holder(self.folder.state / "lock") or "?"
             raise UserError(
                 f"{shown(self.opts.drop)} is already watched by another dsrpipe watch (pid {pid}); "
                 "stop it first"
@@ -118,10 +119,18 @@ def watch(opts: WatchOptions) -> int:
         opts.job_timeout is not None and opts.job_timeout <= 0
     ):
         raise UserError("--job-memory and --job-timeout must be more than 0")
+    state = drop / STATE_DIR
     try:
-        (drop / STATE_DIR).mkdir(exist_ok=True)
+        state.mkdir(exist_ok=True)
+        (state / "jobs").mkdir(exist_ok=True)
     except OSError as exc:
-        raise UserError(f"cannot create the state folder {shown(drop / STATE_DIR)}: {exc.strerror}") from None
+        raise UserError(f"cannot create the state folder {shown(state)}: {exc.strerror}") from None
+    if state.is_symlink():  # whoever writes drops could point it at any folder the daemon may write
+        raise UserError(
+            f"the state folder {shown(state)} is a symbolic link, which is not followed; remove it"
+        )
+    if not os.access(state, os.R_OK | os.W_OK | os.X_OK):
+        raise UserError(f"cannot use the state folder {shown(state)}: permission denied")
     log_file = Path(opts.log_file).expanduser().resolve() if opts.log_file else None
     _setup_logging(log_file)
     job_memory = opts.job_memory or default_job_memory(opts.workers)

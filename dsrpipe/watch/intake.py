@@ -95,17 +95,18 @@ class Intake:
                             f"{name}: {size:,} bytes is too big for a pipeline file "
                             f"(at most {MAX_PIPELINE_BYTES:,})"
                         )
-                    content = path.read_bytes()
+                    # Not path.read_bytes(): the entry may have become a link or a FIFO since lstat().
+                    content = files.read_regular(path, "the pipeline", MAX_PIPELINE_BYTES)
                     sha = hashlib.sha256(content).hexdigest()
                 else:
                     sha = content_hash(path, self.stopping)
-            except (IntakeError, PermissionError) as exc:
+            except (IntakeError, UserError, PermissionError) as exc:
                 if stamp(path) != before:
                     return "again"
                 cause = (
-                    str(exc)
-                    if isinstance(exc, IntakeError)
-                    else f"cannot read {exc.filename}: {exc.strerror}"
+                    f"cannot read {exc.filename}: {exc.strerror}"
+                    if isinstance(exc, PermissionError)
+                    else str(exc)
                 )
                 return self._reject(name, kind, before, cause)
             if stamp(path) != before:  # changed while being read
@@ -171,13 +172,21 @@ class Intake:
         return name
 
     def _read_template(self) -> tuple[bytes, str]:
+        """The template's bytes and its name in messages. DROP/template.yaml is put there by whoever
+        writes drops: it is not followed through a symbolic link (it could lead to any file the
+        daemon can read, and errors would quote it), nor waited on if it is a FIFO."""
         path = self.template or self.folder.drop / TEMPLATE_NAME
-        if self.template is None and not path.exists():
-            return DEFAULT_TEMPLATE.encode(), "the built-in template"
+        named = self.template is not None  # --template: the operator's own file, which may be a link
         try:
-            return path.read_bytes(), (TEMPLATE_NAME if self.template is None else str(path))
-        except OSError as exc:
-            raise IntakeError(f"cannot read the template {path}: {exc.strerror}") from None
+            return files.read_regular(path, "the template", MAX_PIPELINE_BYTES, follow=named), (
+                str(path) if named else TEMPLATE_NAME
+            )
+        except FileNotFoundError:
+            if named:
+                raise IntakeError(f"cannot read the template {shown(path)}: it no longer exists") from None
+            return DEFAULT_TEMPLATE.encode(), "the built-in template"
+        except UserError as exc:
+            raise IntakeError(str(exc)) from None
 
     def _queue(
         self,
@@ -208,6 +217,8 @@ class Intake:
                 "drop": name,
                 "config": str(config),
                 "shown_as": shown_as,
+                # A dropped pipeline's errors may quote it; the template's may not (see _read_template).
+                "quote": kind == "pipeline" or self.template is not None,
                 "overrides": overrides,
                 "out": str(folder.out),
                 "cwd": str(folder.drop),

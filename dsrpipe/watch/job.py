@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import files
-from ..errors import EXIT_BUG, EXIT_BUSY, EXIT_INTERRUPTED, UserError
+from ..errors import EXIT_BUG, EXIT_BUSY, EXIT_INTERRUPTED, UserError, raise_terminated
 from ..files import exclusive_lock, shown
 
 
@@ -28,10 +28,6 @@ def job_process(job_dir: str, settings: dict[str, Any]) -> None:
     sys.exit(job_main(Path(job_dir), settings))
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def job_main(job_dir: Path, settings: dict[str, Any] | None = None) -> int:
     """Run one job and return its exit code (dsrpipe.errors: 0 done, 2 bad input, 3 validation
     failed, 130 interrupted, 75 job busy, 1 a bug). The cause of a failure goes to cause.txt."""
@@ -41,13 +37,13 @@ def job_main(job_dir: Path, settings: dict[str, Any] | None = None) -> int:
     if lock is None:
         print("error: another process is running this job", file=sys.stderr, flush=True)
         return EXIT_BUSY
-    signal.signal(signal.SIGTERM, _interrupt)  # stop between two steps; epochs are checkpointed
-    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, raise_terminated)  # stop between two steps; epochs are checkpointed
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     os.chdir(spec["cwd"])  # a pipeline's relative paths are relative to the drop folder
     try:
         from ..config import confine_paths, load_pipeline
 
-        cfg = load_pipeline(spec["config"], spec["overrides"])
+        cfg = load_pipeline(spec["config"], spec["overrides"], quote=spec.get("quote", True))
         confine_paths(cfg, [Path(spec["cwd"]), Path(spec["out"])])  # before anything is read
         import torch
 
@@ -94,14 +90,15 @@ def _run_through_torchrun(spec: dict[str, Any], nproc: int, threads: int | None)
     codes, so the cause is their last `error:` line, which also tells bad input from a bug."""
     import subprocess
 
-    from ..distributed import launch_command
+    from ..distributed import Launch
 
     args = ["run", spec["config"], "--out", spec["out"], "--no-progress"]
     for override in spec["overrides"]:
         args += ["--set", override]
-    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    launch = Launch(nproc, args)  # its rendezvous store lives as long as this process
+    env = {**os.environ, **launch.env, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     process = subprocess.Popen(
-        launch_command(nproc, args),
+        launch.command,
         stdout=sys.stdout,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,

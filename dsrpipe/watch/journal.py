@@ -11,11 +11,13 @@ that SQLite cannot read is a UserError that says how to recover, never a traceba
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
+from .. import files
 from ..errors import UserError
 from ..files import shown
 
@@ -55,14 +57,33 @@ CREATE TABLE IF NOT EXISTS ignored (   -- entries that are not drops, reported o
 class Journal:
     def __init__(self, path: str | Path, *, readonly: bool = False):
         path = Path(path).absolute()
+        # Looked at first as files.open_regular does (no link, no FIFO; a permission problem is
+        # said as such, not taken for corruption); SQLite then opens it without following a link.
+        # Missing, it is created (readonly: FileNotFoundError, for the caller to say so).
+        fd = files.open_regular(path, "the watch journal", write=not readonly)
         try:
-            if readonly:
-                self.db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=30)
-            else:
-                # Autocommit: every statement is its own durable transaction (synchronous=FULL).
-                self.db = sqlite3.connect(path, timeout=30, isolation_level=None)
+            before = os.fstat(fd).st_ino
+        finally:
+            os.close(
+                fd
+            )  # before SQLite takes any lock: closing a descriptor drops a process's locks on a file
+        uri = f"{path.as_uri()}?nofollow=1" + ("&mode=ro" if readonly else "")
+        try:
+            # Autocommit (writer): every statement is its own durable transaction (synchronous=FULL).
+            self.db = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None if not readonly else "")
+            if os.stat(path, follow_symlinks=False).st_ino != before:
+                raise UserError(f"the watch journal {path} was replaced while it was opened; start again")
+            if not readonly:
                 self.db.execute("PRAGMA synchronous = FULL")
                 self.db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            if not readonly and not all(os.access(p, os.R_OK | os.W_OK) for p in (path, path.parent)):
+                raise UserError(
+                    f"cannot open the watch journal {path}: permission denied (the file and its folder "
+                    "must be readable and writable by the user running dsrpipe watch)"
+                ) from None
+            raise UserError(unreadable(path, exc)) from None
+        try:
             # A few thousand rows at most: checking every page costs milliseconds.
             problem = self.db.execute("PRAGMA quick_check").fetchone()[0]
             if problem != "ok":

@@ -10,19 +10,21 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..files import shown
+from ..files import lock_holder, shown
 from .drops import STATE_DIR
 from .journal import Journal
 
 
 def daemon_pid(drop: Path) -> int | None:
     """The pid of the daemon watching `drop`, if one is alive (read from its lock file)."""
+    pid = lock_holder(Path(drop) / STATE_DIR / "lock")
+    if pid is None:
+        return None
     try:
-        pid = int((Path(drop) / STATE_DIR / "lock").read_text().strip())
         os.kill(pid, 0)
     except PermissionError:
         return pid
-    except (OSError, ValueError):
+    except OSError:
         return None
     try:  # after a kill -9 the pid may since belong to another process
         return pid if b"watch" in Path(f"/proc/{pid}/cmdline").read_bytes() else None
@@ -36,8 +38,11 @@ def status_report(drop: Path, *, as_json: bool = False) -> str:
         raise UserError(f"drop folder {shown(drop)} does not exist")
     path = drop / STATE_DIR / "journal.sqlite"
     rows: list[dict[str, Any]] = []
-    if path.exists():
+    try:
         journal = Journal(path, readonly=True)
+    except FileNotFoundError:
+        pass  # no daemon has served the folder yet
+    else:
         rows = journal.jobs()
         journal.close()
     pid = daemon_pid(drop)
