@@ -555,6 +555,9 @@ class ExportConfig(Section):
     # int8: model.onnx is the int8 QDQ model, model.fp32.onnx the float32 one (dsrpipe.deploy.quantize).
     quantize: Literal["none", "int8"] = "none"
     calibration_images: int = Field(300, ge=1, le=MAX_IMAGES)  # training images that calibrate int8
+    # int8 weights: portable (7 bits) never saturates int16 on any x86-64 CPU; full (8 bits) is a bit
+    # more precise but may saturate on CPUs without VNNI (docs/int8.md).
+    int8_range: Literal["portable", "full"] = "portable"
 
     @model_validator(mode="before")
     @classmethod

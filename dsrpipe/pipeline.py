@@ -100,13 +100,14 @@ def export_stage(cfg: Pipeline, out: Path, *, force: bool = False) -> Path:
         quantize=cfg.export.quantize,
         calibration=_calibration_batches(cfg) if int8 else None,
         fp32_path=run.fp32_onnx if int8 else None,
+        int8_range=cfg.export.int8_range,
     )
     if not int8:
         run.fp32_onnx.unlink(missing_ok=True)  # from an earlier int8 export: not this model's
     log(
         cfg,
         f"export: {run.onnx} ({result['onnx_bytes']:,} bytes, {cfg.export.encoding}"
-        f"{', int8' if int8 else ''}; dense {result['dense_onnx_bytes']:,}; {summary['sparsity']:.1%} sparse)",
+        f"{f', int8 {cfg.export.int8_range}' if int8 else ''}; dense {result['dense_onnx_bytes']:,}; {summary['sparsity']:.1%} sparse)",
     )
     return run.onnx
 

@@ -302,6 +302,24 @@ def _pct(value: float | None, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}%}"
 
 
+def _cpu_line(report: dict) -> str:
+    """One line, e.g. AMD EPYC, x86_64; avx2 avx512_vnni, no amx_int8; onnxruntime 1.32.0 (CPU...)."""
+    cpu, runtime = report["cpu"], report.get("onnxruntime") or {}
+    flags = cpu.get("flags")
+    if flags is None:
+        features = "flags unknown"
+    else:
+        have = [f for f, present in flags.items() if present]
+        lack = [f for f, present in flags.items() if not present]
+        features = " ".join(have) or "none of " + " ".join(flags)
+        features += f", no {' '.join(lack)}" if have and lack else ""
+    providers = ", ".join(runtime.get("providers") or [])
+    return (
+        f"{cpu.get('model_name') or 'unknown'}, {cpu.get('machine') or '?'}; {features}; "
+        f"onnxruntime {runtime.get('version', '?')} ({providers})"
+    )
+
+
 def run_markdown(report: dict, train_epochs: int, finetune_epochs: int) -> str:
     latency = report.get("latency_ms") or {}
     size = report.get("onnx_bytes")
@@ -337,13 +355,14 @@ def run_markdown(report: dict, train_epochs: int, finetune_epochs: int) -> str:
         *(
             [
                 (
-                    "int8: top-1 float32 ONNX / agreement with it",
+                    f"int8 ({report.get('int8_range', 'full')} range): top-1 float32 ONNX / agreement with it",
                     f"{_pct(report['fp32_onnx_top1'])} / {_pct(report['int8_agreement'])}",
                 )
             ]
             if "int8_agreement" in report
             else []
         ),
+        *([("CPU (onnxruntime)", _cpu_line(report))] if "cpu" in report else []),
         ("epochs (train + fine-tune)", f"{train_epochs} + {finetune_epochs}"),
     ]
     status = (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,8 +18,8 @@ from dsrpipe.config import ValidateConfig
 from dsrpipe.deploy import export as export_module
 from dsrpipe.deploy.encoding import decoded_weights, encode_weights
 from dsrpipe.deploy.export import export_onnx
-from dsrpipe.deploy.quantize import check_zeros_quantized
-from dsrpipe.deploy.validate import validate_onnx
+from dsrpipe.deploy.quantize import PORTABLE_MAX, check_portable_range, check_zeros_quantized, int8_weights
+from dsrpipe.deploy.validate import CPU_FLAGS, cpu_features, validate_onnx
 from dsrpipe.errors import EXIT_VALIDATION, UserError, ValidationFailed
 
 
@@ -471,6 +472,68 @@ def test_int8_keeps_zeros_and_runs_integer_kernels(quickstart_like):
     assert fp32_props["quantize"] == "none"
 
 
+def test_portable_int8_weights_cannot_saturate_int16_and_full_range_ones_can(quickstart_like, test_set):
+    """The default int8 weights lie in [-64, 64], so with u8 activations a pair of products is at
+    most 2 * 255 * 64 = 32640 <= 32767: VPMADDUBSW (x86-64 without VNNI) never saturates. The
+    same check must fail on a full-range export of the same model."""
+    assert 2 * 255 * PORTABLE_MAX <= np.iinfo(np.int16).max < 2 * 255 * (PORTABLE_MAX + 1)
+    portable = onnx.load(quickstart_like.int8["path"])  # compact-encoded: read decoded
+    assert quickstart_like.int8["int8_range"] == "portable"
+    assert {p.key: p.value for p in portable.metadata_props}["int8_range"] == "portable"
+    weights = int8_weights(portable)
+    assert {
+        f"model.{n}_quantized" for n, p in quickstart_like.model.named_parameters() if p.dim() > 1
+    } == set(weights)
+    for name, weight in weights.items():
+        # symmetric per channel: every channel's largest |w| maps to exactly 64, none beyond
+        assert np.abs(weight.astype(np.int16)).max() == PORTABLE_MAX, name
+    check_portable_range(portable)
+
+    # The counter-case: full range, same model and calibration, fails the same check.
+    folder = quickstart_like.folder
+    full = export_as(
+        quickstart_like.model,
+        folder / "full.onnx",
+        test_set,
+        quantize="int8",
+        int8_range="full",
+        calibration=quickstart_like.calibration,
+        fp32_path=folder / "full.fp32.onnx",
+    )
+    full_proto = onnx.load(full["path"])
+    assert {p.key: p.value for p in full_proto.metadata_props}["int8_range"] == "full"
+    full_weights = int8_weights(full_proto)
+    assert set(full_weights) == set(weights)
+    for name, weight in full_weights.items():
+        assert np.abs(weight.astype(np.int16)).max() == 127, name
+    with pytest.raises(RuntimeError, match=r"outside \[-64, 64\]"):
+        check_portable_range(full_proto)
+    with pytest.raises(ValueError, match="int8_range"):
+        export_as(quickstart_like.model, folder / "x.onnx", test_set, quantize="int8", int8_range="7bit")
+
+
+def test_cpu_features_read_from_cpuinfo(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\nmodel name\t: Some CPU @ 2.0GHz\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n\n"
+        "processor\t: 1\nmodel name\t: Some CPU @ 2.0GHz\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n"
+    )
+    cpu = cpu_features(cpuinfo)
+    assert cpu["model_name"] == "Some CPU @ 2.0GHz"
+    assert cpu["flags"] == {
+        "avx2": True,
+        "avx512f": True,
+        "avx512_vnni": False,
+        "avx_vnni": False,
+        "amx_int8": False,
+    }
+    assert cpu["int32_dot"] is False  # no VNNI, no AMX: full-range int8 may saturate here
+    cpuinfo.write_text(cpuinfo.read_text().replace("avx512bw", "avx512bw avx512_vnni"))
+    assert cpu_features(cpuinfo)["int32_dot"] is True
+    missing = cpu_features(tmp_path / "absent")  # not Linux: flags unknown, not guessed
+    assert missing["flags"] is None and missing["int32_dot"] is None and "machine" in missing
+
+
 @pytest.fixture(scope="module")
 def trained(test_set, tmp_path_factory):
     """A narrower quickstart model at 90 %, trained a little on digits, exported to int8."""
@@ -577,3 +640,11 @@ def test_validate_times_shipped_and_dense_side_by_side(quickstart_like, test_set
         report["throughput"]["images_per_s"] / report["throughput"]["dense_images_per_s"]
     )
     assert report["encoding"] == "compact" and report["quantize"] == "none"
+    # what onnxruntime ran with, read from this machine
+    assert report["onnxruntime"] == {"version": ort.__version__, "providers": ["CPUExecutionProvider"]}
+    assert set(report["cpu"]) == {"model_name", "machine", "flags", "int32_dot"}
+    if Path("/proc/cpuinfo").is_file():
+        flags = next(
+            line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+        )
+        assert report["cpu"]["flags"] == {f: f in flags.split(":", 1)[1].split() for f in CPU_FLAGS}

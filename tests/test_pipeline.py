@@ -298,6 +298,11 @@ def test_int8_export_ships_int8_and_the_gate_refuses_a_tampered_model(tmp_path):
     assert report["size_ratio"] == report["onnx_bytes"] / report["dense_onnx_bytes"] < 0.2
     meta = {p.key: p.value for p in onnx.load(str(run / "model.onnx")).metadata_props}
     assert meta["quantize"] == "int8" and meta["fingerprint"]
+    # 7-bit weights by default; the CPU and onnxruntime it ran with, in report.json and report.md
+    assert meta["int8_range"] == report["int8_range"] == "portable"
+    assert report["cpu"]["machine"] and report["onnxruntime"]["version"] == ort.__version__
+    md = (run / "report.md").read_text()
+    assert "int8 (portable range)" in md and f"onnxruntime {ort.__version__}" in md
 
     # Tamper with the float32 model (its dense classifier 5 % off), keeping its fingerprint.
     proto = onnx.load(str(run / "model.fp32.onnx"))

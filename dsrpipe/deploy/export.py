@@ -7,7 +7,9 @@ at session creation: outputs are bit-identical to the dense export's.
 
 With `quantize="int8"` the shipped file holds int8 QDQ weights and activations
 (dsrpipe.deploy.quantize), encoded the same way, and the float32 model is written beside it
-(`fp32_path`) as the reference that validation checks it against.
+(`fp32_path`) as the reference that validation checks it against. `int8_range` chooses the
+weights' range: "portable" (7 bits, safe on every x86-64 CPU, the default) or "full"
+(docs/int8.md).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from .. import __version__
 from ..errors import UserError
 from ..files import atomic_path
 from .encoding import ENCODINGS, drop_default_attributes, encode_weights, shorten_names
-from .quantize import QUANTIZED_SUFFIX, quantize_int8
+from .quantize import INT8_RANGES, QUANTIZED_SUFFIX, quantize_int8
 
 INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
 QUANTIZE = ("none", "int8")
@@ -63,6 +65,7 @@ def export_onnx(
     quantize: str = "none",
     calibration: Iterable[np.ndarray] | None = None,
     fp32_path: str | Path | None = None,
+    int8_range: str = "portable",
 ) -> dict:
     """Write `model` (which takes normalised NCHW input) to `path` as an ONNX classifier with
     input `pixels` (float32 [batch, C, H, W] in [0,1]) and output `logits` (dynamic batch).
@@ -72,6 +75,8 @@ def export_onnx(
     left untouched."""
     if encoding not in ENCODINGS or quantize not in QUANTIZE:
         raise ValueError(f"encoding {encoding!r} / quantize {quantize!r}: expected {ENCODINGS} / {QUANTIZE}")
+    if int8_range not in INT8_RANGES:
+        raise ValueError(f"int8_range {int8_range!r}: expected one of {INT8_RANGES}")
     if quantize == "int8" and (calibration is None or fp32_path is None):
         raise ValueError("int8 export needs calibration batches and an fp32_path")
     path = Path(path)
@@ -90,9 +95,14 @@ def export_onnx(
     zero_weights = sum(int(np.count_nonzero(numpy_helper.to_array(t) == 0)) for t in _weights(proto))
     shipped = proto
     if quantize == "int8":
-        shipped = quantize_int8(proto, calibration, INPUT_NAME)
+        shipped = quantize_int8(proto, calibration, INPUT_NAME, int8_range)
         helper.set_model_props(
-            shipped, {**{p.key: p.value for p in proto.metadata_props}, "quantize": quantize}
+            shipped,
+            {
+                **{p.key: p.value for p in proto.metadata_props},
+                "quantize": quantize,
+                "int8_range": int8_range,
+            },
         )
     # The weights keep their names, float32 and int8 alike: the name says which layer it is.
     weight_names = {t.name for t in _weights(proto)}
@@ -101,6 +111,7 @@ def export_onnx(
         "path": str(path),
         "encoding": encoding,
         "quantize": quantize,
+        **({"int8_range": int8_range} if quantize == "int8" else {}),
         "dense_onnx_bytes": dense_bytes,
         "zero_weights": zero_weights,
     }

@@ -4,6 +4,14 @@ Weights are quantized per output channel, symmetrically (zero point 0), so a pru
 exactly 0 in int8 too and the compact encoding still finds it; activations are calibrated
 (min/max) on raw [0,1] training pixels, as the graph takes them. onnxruntime fuses each
 DequantizeLinear → Conv → QuantizeLinear group into an integer kernel at session creation.
+
+Weight range (`int8_range`, docs/int8.md). Activations are uint8 (a in [0, 255]) and weights
+int8. x86-64 CPUs without VNNI multiply them with VPMADDUBSW, which adds each pair of products
+a1*w1 + a2*w2 in *saturating* int16, so a pair beyond 32767 is silently clipped. "portable"
+(the default) quantizes the weights to 7 bits (onnxruntime's reduce_range: symmetric, |w| <= 64),
+so that |a1*w1 + a2*w2| <= 2 * 255 * 64 = 32640 < 32767 and no CPU saturates; 64 is the largest
+bound that holds (2 * 255 * 65 = 33150). "full" uses all of [-127, 127]: one bit more precise,
+exact on CPUs with VNNI (VPDPBUSD adds in int32) or AMX, but it may saturate on the others.
 """
 
 from __future__ import annotations
@@ -20,13 +28,22 @@ from onnx import helper, numpy_helper
 from ..errors import UserError
 
 QUANTIZED_SUFFIX = "_quantized"  # what onnxruntime names a quantized initializer
+INT8_RANGES = ("portable", "full")
+# |w| <= PORTABLE_MAX with activations in [0, 255]: a pair of products fits int16 (2*255*64 = 32640).
+PORTABLE_MAX = 64
 
 
 def quantize_int8(
-    proto: onnx.ModelProto, calibration: Iterable[np.ndarray], input_name: str
+    proto: onnx.ModelProto,
+    calibration: Iterable[np.ndarray],
+    input_name: str,
+    int8_range: str = "portable",
 ) -> onnx.ModelProto:
     """`proto` (float32) with int8 QDQ weights and activations, calibrated on the batches of
-    `calibration` (float32 NCHW pixels in [0,1])."""
+    `calibration` (float32 NCHW pixels in [0,1]). `int8_range`: "portable" (7-bit weights, no
+    int16 saturation on any x86-64 CPU) or "full" (8-bit; may saturate without VNNI)."""
+    if int8_range not in INT8_RANGES:
+        raise ValueError(f"int8_range {int8_range!r}: expected one of {INT8_RANGES}")
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -58,6 +75,7 @@ def quantize_int8(
                 Reader(),
                 quant_format=QuantFormat.QDQ,
                 per_channel=True,
+                reduce_range=int8_range == "portable",  # weights only: activations keep [0, 255]
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax,
@@ -69,6 +87,8 @@ def quantize_int8(
             root.setLevel(level)
         quantized = onnx.load(str(out))
     check_zeros_quantized(proto, quantized)
+    if int8_range == "portable":
+        check_portable_range(quantized)
     _drop_zero_zero_points(quantized)
     _half_weight_scales(quantized)
     return quantized
@@ -137,3 +157,33 @@ def check_zeros_quantized(fp32: onnx.ModelProto, int8: onnx.ModelProto) -> None:
         lost = int(np.count_nonzero(quantized[weight == 0]))
         if lost:
             raise RuntimeError(f"int8 quantization lost {lost} zeros in {name}")
+
+
+def int8_weights(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """The int8 weights of a quantized model, by name: the constant int8 inputs of its
+    DequantizeLinear nodes, the integers the fused Conv and Gemm kernels multiply. Encoded
+    weights (dsrpipe.deploy.encoding) are decoded first."""
+    from .encoding import decoded_weights
+
+    constants = decoded_weights(proto)
+    dequantized = {n.input[0] for n in proto.graph.node if n.op_type == "DequantizeLinear"}
+    return {
+        name: value
+        for name, value in constants.items()
+        if name in dequantized and value.dtype == np.int8 and value.ndim >= 2
+    }
+
+
+def check_portable_range(proto: onnx.ModelProto) -> None:
+    """Every int8 weight of `proto` lies in [-PORTABLE_MAX, PORTABLE_MAX], where no pair of
+    products of u8 activations can saturate int16; else RuntimeError."""
+    weights = int8_weights(proto)
+    if not weights:
+        raise RuntimeError("no int8 weights found: not a quantized model")
+    for name, weight in weights.items():
+        outside = int(np.count_nonzero(np.abs(weight.astype(np.int16)) > PORTABLE_MAX))
+        if outside:
+            raise RuntimeError(
+                f"{outside} int8 weights of {name} lie outside [-{PORTABLE_MAX}, {PORTABLE_MAX}]: "
+                "pairs of products may saturate int16 on CPUs without VNNI"
+            )

@@ -4,6 +4,7 @@ side with the dense model of the same architecture."""
 
 from __future__ import annotations
 
+import platform
 import time
 from pathlib import Path
 
@@ -15,6 +16,36 @@ from .predict import input_shape, open_session, run_session
 
 WARMUP_RUNS = 10
 THROUGHPUT_BATCH = 64
+# The /proc/cpuinfo flags that decide how onnxruntime's int8 kernels add (docs/int8.md): without
+# avx512_vnni, avx_vnni or amx_int8, pairs of u8*s8 products add in saturating int16.
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+INT32_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu_features(cpuinfo: str | Path = "/proc/cpuinfo") -> dict:
+    """The CPU this process runs on: model name and the CPU_FLAGS present (True/False), read
+    from /proc/cpuinfo. Where that file is missing (not Linux) or has no flags line, the flags are
+    None (unknown) and the model name comes from `platform`. `int32_dot` says whether int8 dot
+    products add in int32 (VNNI or AMX): False means full-range int8 weights may saturate."""
+    model, flags = None, None
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and model is None:
+            model = value.strip()
+        elif key == "flags" and flags is None:
+            flags = set(value.split())
+    present = None if flags is None else {flag: flag in flags for flag in CPU_FLAGS}
+    return {
+        "model_name": model or platform.processor() or None,
+        "machine": platform.machine(),
+        "flags": present,
+        "int32_dot": None if present is None else any(present[f] for f in INT32_DOT_FLAGS),
+    }
 
 
 def validate_onnx(
@@ -101,6 +132,7 @@ def validate_onnx(
         "quantize": meta.get("quantize", "none"),
         **(
             {
+                "int8_range": meta.get("int8_range", "full"),  # files from before the option: full
                 "int8_agreement": shipped_agree / num_test,
                 "int8_top1_drop": (fp32_correct - shipped_correct) / num_test,
             }
@@ -110,6 +142,9 @@ def validate_onnx(
         "onnx_bytes": onnx_path.stat().st_size,
         "num_test": num_test,
         "providers": shipped.get_providers(),
+        # what the int8 kernels ran on: their arithmetic depends on it (docs/int8.md)
+        "cpu": cpu_features(),
+        "onnxruntime": {"version": ort.__version__, "providers": shipped.get_providers()},
         "threads": threads,  # None: onnxruntime's default (one per physical core)
     }
     images = np.concatenate(samples)
