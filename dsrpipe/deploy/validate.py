@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import torch
 
 from ..errors import UserError, ValidationFailed
