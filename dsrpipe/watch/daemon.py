@@ -120,15 +120,14 @@ def watch(opts: WatchOptions) -> int:
     ):
         raise UserError("--job-memory and --job-timeout must be more than 0")
     state = drop / STATE_DIR
-    try:
-        state.mkdir(exist_ok=True)
-        (state / "jobs").mkdir(exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create the state folder {shown(state)}: {exc.strerror}") from None
     if state.is_symlink():  # whoever writes drops could point it at any folder the daemon may write
         raise UserError(
             f"the state folder {shown(state)} is a symbolic link, which is not followed; remove it"
         )
+    try:
+        state.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the state folder {shown(state)}: {exc.strerror}") from None
     if not os.access(state, os.R_OK | os.W_OK | os.X_OK):
         raise UserError(f"cannot use the state folder {shown(state)}: permission denied")
     log_file = Path(opts.log_file).expanduser().resolve() if opts.log_file else None
