@@ -141,7 +141,7 @@ def address(hex_address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 
 
 def run_listening(command, timeout, **popen):
-    """Run `command` to its end, sampling every 50 ms the TCP sockets that it or any process
+    """Run `command` to its end, sampling every 200 ms the TCP sockets that it or any process
     under it listens on. Returns (CompletedProcess, {IP address: command line of a holder})."""
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
     seen: dict = {}
@@ -164,7 +164,7 @@ def run_listening(command, timeout, **popen):
                     inode = target.removeprefix("socket:[").removesuffix("]")
                     if target.startswith("socket:[") and inode in listening:
                         seen[address(listening[inode])] = cmdline[:200]
-            done.wait(0.05)
+            done.wait(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()

@@ -320,7 +320,9 @@ def test_int8_export_ships_int8_and_the_gate_refuses_a_tampered_model(tmp_path):
 
 
 def test_divergence_stops_training_with_a_one_line_error(tmp_path):
-    path = write_pipeline(tmp_path, tiny(train={"lr": 1e30, "epochs": 3, "milestones": []}))
+    path = write_pipeline(
+        tmp_path, tiny(train={"lr": 1e6, "epochs": 3, "milestones": []})
+    )  # the largest allowed
     result = CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path / "out"), "--no-progress"])
     assert result.exit_code == 2
     assert "error: train diverged: the training loss is nan in epoch 1; lower train.lr" in result.output
