@@ -55,8 +55,12 @@ class Reference:
     @torch.no_grad()
     def step(self) -> None:
         self.iteration += 1
-        if self.iteration % PERIOD == 0 and self.method != "static":
-            self.dsr() if self.method == "dsr" else self.set()
+        if self.iteration % PERIOD or self.method == "static":
+            return
+        if self.method == "dsr":
+            self.dsr()
+        else:
+            self.set()
 
     def switch_off(self, i: int, positions: torch.Tensor) -> None:
         self.masks[i][positions] = False
