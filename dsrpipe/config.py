@@ -177,6 +177,16 @@ class MethodOptions(Section):
     # instead of the three above: exactly these weights are sparse
     sparse_tensors: list[str] | None = Field(None, max_length=MAX_LIST)
 
+    @model_serializer(mode="wrap")
+    def _quiet_defaults(self, handler):
+        # Options added later are left out of dumps at their defaults, so fingerprints of runs
+        # made before they existed stay current.
+        data = handler(self)
+        for key, default in (("granularity", "element"), ("remove_channels", None)):
+            if key in data and getattr(self, key) == default:
+                data.pop(key)
+        return data
+
     @model_validator(mode="after")
     def _one_way_to_choose_layers(self):
         if self.sparse_tensors is not None and (
@@ -202,17 +212,15 @@ class MethodOptions(Section):
         """The library constructor's keywords (epochs turned into iterations)."""
         return {"layers": self.layers}
 
-    def create(self, model, optimizer, *, seed: int, steps_per_epoch: int, epochs: int):
-        """The method's sparsifier (dsrpipe.sparse) for this model and optimizer."""
+    def create(self, model, optimizer, *, seed: int, steps_per_epoch: int, epochs: int, example_inputs=None):
+        """The method's sparsifier (dsrpipe.sparse) for this model and optimizer (`example_inputs`:
+        one input batch, for the methods that trace the model)."""
         from .sparse import create_sparsifier
 
-        return create_sparsifier(
-            self.method,
-            model,
-            optimizer,
-            seed=seed,
-            **self.sparsifier_options(steps_per_epoch=steps_per_epoch, epochs=epochs),
-        )
+        options = self.sparsifier_options(steps_per_epoch=steps_per_epoch, epochs=epochs)
+        if options.get("remove_channels") is not None:
+            options["example_inputs"] = example_inputs
+        return create_sparsifier(self.method, model, optimizer, seed=seed, **options)
 
 
 class DenseOptions(MethodOptions):
@@ -260,19 +268,54 @@ class GranularityOption(Section):
 
     granularity: Literal["element", "kernel", "channel"] = "element"
 
-    @model_serializer(mode="wrap")
-    def _element_unstated(self, handler):
-        # The default is left out of dumps, so fingerprints of runs made before the option existed stay current.
-        data = handler(self)
-        if self.granularity == "element":
-            data.pop("granularity", None)
-        return data
-
     def sparsifier_options(self, **shape) -> dict[str, Any]:
         return {**super().sparsifier_options(**shape), "granularity": self.granularity}
 
 
-class StaticOptions(GranularityOption, FromScratchOptions):
+class ChannelRemovalOptions(Section):
+    """Whole channels removed for good during training, their budget regrown (sparse/channels.py)."""
+
+    share: float = Field(ge=0, lt=1)  # of the removable channels, gone by end_epoch
+    begin_epoch: int = Field(0, ge=0, le=MAX_EPOCHS)  # removal starts here ...
+    end_epoch: int | None = Field(
+        None, ge=1, le=MAX_EPOCHS
+    )  # ... and is done here; default: half of training
+    floor: float = Field(0.1, ge=0, le=1)  # each layer (channel group) keeps at least this share
+
+    def end(self, epochs: int) -> int:
+        return self.end_epoch if self.end_epoch is not None else max(self.begin_epoch + 1, epochs // 2)
+
+    def removal(self, steps_per_epoch: int, epochs: int):
+        """The library's ChannelRemoval (epochs turned into iterations; checked against the
+        training epochs by the pipeline)."""
+        from .sparse import ChannelRemoval
+
+        begin, end = self.begin_epoch * steps_per_epoch, self.end(epochs) * steps_per_epoch
+        return ChannelRemoval(self.share, begin, end, self.floor)
+
+
+class ChannelRemovalOption(Section):
+    """Channel removal, for static, DSR and SET (the rows it is compared with)."""
+
+    remove_channels: ChannelRemovalOptions | None = None
+
+    @model_validator(mode="after")
+    def _whole_input_channels(self):
+        if self.remove_channels is not None and getattr(self, "granularity", "element") == "channel":
+            raise ValueError(
+                "remove_channels takes granularity element or kernel: at channel granularity a "
+                "removed input channel would split the filters that read it"
+            )
+        return self
+
+    def sparsifier_options(self, *, steps_per_epoch: int, epochs: int) -> dict[str, Any]:
+        options = super().sparsifier_options(steps_per_epoch=steps_per_epoch, epochs=epochs)
+        if self.remove_channels is not None:
+            options["remove_channels"] = self.remove_channels.removal(steps_per_epoch, epochs)
+        return options
+
+
+class StaticOptions(ChannelRemovalOption, GranularityOption, FromScratchOptions):
     method: Literal["static"] = "static"
 
 
@@ -323,7 +366,7 @@ class NpOptions(RewiringOptions):
         }
 
 
-class DSROptions(GranularityOption, NpOptions):
+class DSROptions(ChannelRemovalOption, GranularityOption, NpOptions):
     method: Literal["dsr"] = "dsr"
     init_threshold: float = Field(0.001, gt=0, le=MAX_FACTOR)  # initial H
     tolerance: float = Field(0.1, ge=0, lt=1)  # δ
@@ -336,7 +379,7 @@ class DSROptions(GranularityOption, NpOptions):
         }
 
 
-class SETOptions(GranularityOption, NpOptions):
+class SETOptions(ChannelRemovalOption, GranularityOption, NpOptions):
     method: Literal["set"] = "set"
     zeta: float | None = Field(None, ge=0, le=1)  # fraction replaced per reallocation; default N_p / active
 
@@ -628,6 +671,18 @@ class Pipeline(Section):
         # Dispatched here rather than by the union itself: errors then read `sparsity.<key>`
         # (not `sparsity.<method>.<key>`), and an option of another method says whose it is.
         return parse_method_options(section)
+
+    @model_validator(mode="after")
+    def _removal_within_training(self):
+        removal = getattr(self.sparsity, "remove_channels", None)
+        if removal is not None:
+            end = removal.end(self.train.epochs)
+            if end > self.train.epochs or removal.begin_epoch >= end:
+                raise ValueError(
+                    f"sparsity.remove_channels must begin before it ends, within train.epochs "
+                    f"({self.train.epochs}): begin_epoch {removal.begin_epoch}, end_epoch {end}"
+                )
+        return self
 
     @model_validator(mode="after")
     def _deepr_without_weight_decay(self):

@@ -124,8 +124,10 @@ def _curves(history: list[dict], num_train: int, report: dict):
 def _density_over_time(history: list[dict], num_train: int, report: dict):
     layers = _layer_names(history, report)
     heat_height = min(9.0, max(2.2, 0.28 * len(layers) + 1.2))
-    fig = _figure(11, heat_height + 4.2)
-    heat_ax, h_ax, share_ax = fig.subplots(3, 1, sharex=True, height_ratios=[heat_height, 2.2, 1.6])
+    removing = any(h.get("channels_alive") for h in history)
+    fig = _figure(11, heat_height + 4.2 + 2.2 * removing)
+    heights = [heat_height, 2.2, 1.6] + [2.2] * removing
+    heat_ax, h_ax, share_ax, *channels_ax = fig.subplots(len(heights), 1, sharex=True, height_ratios=heights)
     total = len(history)
     fig.suptitle(
         f"{report.get('name', '')}: density of each sparse layer per epoch ({report.get('method', '')})"
@@ -211,7 +213,26 @@ def _density_over_time(history: list[dict], num_train: int, report: dict):
     _epoch_axis(h_ax, total)
     h_ax.grid(alpha=0.3)
     _regrowth_share(share_ax, history, num_train, report)
+    if removing:
+        _channels_alive(channels_ax[0], history, num_train)
     return fig
+
+
+def _channels_alive(ax, history: list[dict], num_train: int) -> None:
+    """Channel removal: the live channels of each channel group, per epoch."""
+    import numpy as np
+
+    groups = list(next(h["channels_alive"] for h in history if h.get("channels_alive")))
+    epochs = np.arange(1, len(history) + 1)
+    for group, color in zip(groups, _colors(len(groups))):
+        alive = [(h.get("channels_alive") or {}).get(group, np.nan) for h in history]
+        ax.plot(epochs, alive, "o-", ms=2.5, lw=1.2, color=color, label=group)
+    _mark_finetune(ax, num_train, len(history), label=False)
+    ax.set_ylabel("channels alive")
+    ax.set_ylim(bottom=0)
+    ax.legend(loc="upper right", fontsize=6, ncol=max(1, math.ceil(len(groups) / 6)))
+    ax.grid(alpha=0.3)
+    _epoch_axis(ax, len(history))
 
 
 def _regrowth_share(ax, history: list[dict], num_train: int, report: dict) -> None:

@@ -47,6 +47,8 @@ class ScalarLog:
             )
         for layer, density in record["layer_density"].items():
             self.writer.add_scalar(f"layer_density/{layer}", density, step)
+        for group, alive in (record.get("channels_alive") or {}).items():
+            self.writer.add_scalar(f"channels_alive/{group}", alive, step)
         self.writer.flush()
 
     def close(self) -> None:

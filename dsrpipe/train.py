@@ -74,9 +74,14 @@ def train_sparse(
 
     s = cfg.sparsity
 
-    def make_sparsifier(model, optimizer, steps_per_epoch):
+    def make_sparsifier(model, optimizer, steps_per_epoch, example_inputs):
         return s.create(
-            model, optimizer, seed=cfg.seed, steps_per_epoch=steps_per_epoch, epochs=cfg.train.epochs
+            model,
+            optimizer,
+            seed=cfg.seed,
+            steps_per_epoch=steps_per_epoch,
+            epochs=cfg.train.epochs,
+            example_inputs=example_inputs,
         )
 
     def thin_spec(spec):  # thin-dense: a narrower dense model with the sparse model's parameter count
@@ -118,11 +123,13 @@ def finetune(
     run.require("train", cfg)
     trained = load_checkpoint(run.final("train"))
 
-    def make_sparsifier(model, optimizer, steps_per_epoch):
+    def make_sparsifier(model, optimizer, steps_per_epoch, example_inputs):
         masks = trained["sparsifier"]["masks"]
         s = cfg.sparsity
         frozen = Sparsifier(model, optimizer, sparsity=s.sparsity if masks else 0.0, layers=s.layers)
         frozen.load_masks(masks)
+        if "channels" in trained["sparsifier"]:  # removed channels stay removed
+            frozen.hold_removed_channels(trained["sparsifier"]["channels"], example_inputs)
         return frozen
 
     return _fit(
@@ -324,7 +331,10 @@ def _build(cfg, stage, opt_cfg, run, make_sparsifier, start_from, adapt_spec, ra
             fused=device.type == "cuda" or None,
         )
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, opt_cfg.milestones, opt_cfg.gamma)
-        sparsifier = make_sparsifier(model, optimizer, steps_per_epoch)
+        example_inputs = torch.zeros(
+            1, spec["in_channels"], spec["image_size"], spec["image_size"], device=device
+        )
+        sparsifier = make_sparsifier(model, optimizer, steps_per_epoch, example_inputs)
         if world > 1:
             sparsifier.defer_gradient_hooks()  # to see the gradients DDP has averaged
         if start_from is not None:  # after the sparsifier: its initial random mask would zero trained weights
@@ -409,7 +419,7 @@ def _one_epoch(t: _Training, epoch: int, bar: Progress) -> dict[str, Any]:
         batches,
         t.autocast,
         on_step=_step_callback(lambda: bar.advance(task), epoch + 1, t.steps_per_epoch),
-        on_reallocation=lambda: distributed.check_masks(sparsifier.masks, sparsifier.iteration),
+        on_reallocation=lambda: distributed.check_masks(sparsifier.checked_state(), sparsifier.iteration),
     )
     loss_sum, correct, seen = totals["loss_sum"], totals["correct"], totals["seen"]
     if t.world > 1:  # the global batch's figures (pruned and the like are the same on every rank)
@@ -443,6 +453,8 @@ def _one_epoch(t: _Training, epoch: int, bar: Progress) -> dict[str, Any]:
         "pruned_grown": pruned_grown if regrows else None,
         "pruned_grown_share": pruned_grown / switched_off if regrows and switched_off else None,
         "layer_density": sparsifier.layer_density(),
+        # Channel removal: the live channels of each channel group, by its first writing layer.
+        "channels_alive": sparsifier.channels.alive_counts() if sparsifier.channels is not None else None,
         "seconds": train_seconds,
         "images_per_second": seen / train_seconds,
     }
@@ -458,6 +470,8 @@ def _log_epoch(t: _Training) -> None:
         if h["threshold"] is not None:
             line += f"  H {t.sparsifier.threshold:.3g}"
         line += f"  pruned {h['pruned']}"
+    if h.get("channels_alive"):
+        line += f"  channels {sum(h['channels_alive'].values())}/{t.sparsifier.channels.total}"
     log(t.cfg, line)
 
 

@@ -15,6 +15,7 @@ from .base import (
     sample_free_positions,
     split_in_units,
 )
+from .channels import ChannelRemoval
 from .deepr import DeepR
 from .dsr import DSR
 from .frozen import Frozen
@@ -67,6 +68,7 @@ def create_sparsifier(method: str, model, optimizer=None, **options) -> Sparsifi
 
 __all__ = [
     "DSR",
+    "ChannelRemoval",
     "GRANULARITIES",
     "SET",
     "DeepR",

@@ -30,6 +30,7 @@ from torch import nn
 
 from .. import files
 from ..errors import UserError
+from .channels import ChannelRemoval, Channels
 from .units import GRANULARITIES, Units, unit_size
 
 DISTRIBUTIONS = ("uniform", "erk")
@@ -57,8 +58,12 @@ class RewireSchedule:
         epoch = (iteration - 1) // self.steps_per_epoch if self.steps_per_epoch else 0
         if self.stop_epoch is not None and epoch >= self.stop_epoch:
             return False
-        period = [p for start, p in self.periods.items() if start <= epoch][-1]
-        return iteration % period == 0
+        return iteration % self.period(iteration) == 0
+
+    def period(self, iteration: int) -> int:
+        """The reallocation period in force at optimizer step `iteration`."""
+        epoch = (iteration - 1) // self.steps_per_epoch if self.steps_per_epoch else 0
+        return [p for start, p in self.periods.items() if start <= epoch][-1]
 
 
 @dataclass(frozen=True)
@@ -372,6 +377,8 @@ class Sparsifier:
         seed: int = 0,
         scale_init: bool = False,
         granularity: str = "element",
+        remove_channels: ChannelRemoval | None = None,
+        example_inputs: torch.Tensor | None = None,
     ):
         if not 0.0 <= sparsity < 1.0:
             raise UserError(f"sparsity must be in [0, 1), got {sparsity}")
@@ -434,6 +441,26 @@ class Sparsifier:
             {n: torch.zeros_like(m) for n, m in self.masks.items()} if self.tracks_regrowth else {}
         )
         self.apply_masks()
+        self.channels: Channels | None = None
+        if remove_channels is not None:
+            self._start_channel_removal(remove_channels, example_inputs)
+
+    def _start_channel_removal(self, removal: ChannelRemoval, example_inputs: torch.Tensor | None) -> None:
+        if self.granularity == "channel":
+            raise UserError(
+                "channel removal takes element or kernel granularity: at channel granularity a "
+                "removed input channel would split the filters that read it"
+            )
+        if self.optimizer is None or example_inputs is None:
+            raise ValueError("channel removal needs the optimizer and example_inputs")
+        sparse = {n: (self.weights[n], m) for n, m in self.masks.items()}
+        self.channels = Channels(self.model, removal, example_inputs, set(self.weights), sparse)
+        self._channel_hook = self.optimizer.register_step_pre_hook(lambda *_: self.channels.hold_gradients())
+
+    def hold_removed_channels(self, state: dict[str, Any], example_inputs: torch.Tensor) -> None:
+        """Keep the channels a trained run removed at zero, removing no more (fine-tuning)."""
+        self._start_channel_removal(ChannelRemoval(share=0.0), example_inputs)
+        self.channels.load_state_dict(state, self.optimizer)
 
     def initial_mask(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         """The mask a tensor starts with: its budget of units, uniformly at random. Methods that
@@ -498,8 +525,20 @@ class Sparsifier:
         (`pruned_grown`): the DSR authors' check of whether reallocation explores or keeps pruning
         the zeros it has just grown."""
         self.iteration += 1
-        if not (self.masks and self.schedule.due(self.iteration)):
+        scheduled = bool(self.masks) and self.schedule.due(self.iteration)
+        removing = (
+            self.channels is not None
+            and self.channels.removal.share > 0
+            and self.channels.removal.due(self.iteration, self.schedule.due(self.iteration))
+        )
+        if not scheduled and not removing:
             return None
+        stats = self._reallocate_and_track() if scheduled else {"iteration": self.iteration, "pruned": 0}
+        if removing:
+            stats = {**(stats or {"iteration": self.iteration, "pruned": 0}), **self.remove_channels()}
+        return stats
+
+    def _reallocate_and_track(self) -> dict[str, Any] | None:
         if not self.tracks_regrowth:
             return self.reallocate()
         before = {n: m.clone() for n, m in self.masks.items()}
@@ -516,6 +555,42 @@ class Sparsifier:
     def reallocate(self) -> dict[str, Any] | None:
         return None
 
+    @torch.no_grad()
+    def remove_channels(self) -> dict[str, Any]:
+        """Remove the channels due now (channels.py) and regrow the active weights they held in the
+        surviving channels, in proportion to what each tensor kept, so the active total stays."""
+        channels = self.channels
+        count = channels.removal.target(self.iteration, channels.total) - channels.removed
+        chosen = channels.choose(count, self.active_count())
+        freed = channels.remove(chosen, self.optimizer)
+        if freed:
+            names = list(self.masks)
+            kept = self.active_per_tensor()
+            units = [self.units[n] for n in names]
+            free = [self.free_units(n, kept[n] // u.size) for n, u in zip(names, units)]
+            grown = split_in_units(freed, [kept[n] for n in names], free, [u.size for u in units])
+            if grown is None:
+                raise RuntimeError(
+                    f"cannot regrow the {freed} weights of the removed channels in whole units"
+                )
+            for n, u, g, f in zip(names, units, grown, free):
+                slots = self.growth_slots(n, u.of(self.masks[n]))
+                u.activate(self.masks[n], sample_free_positions(slots.view(-1), g, f, self.generator))
+            self.clear_optimizer_state()
+        return {"channels_removed": sum(len(c) for c in chosen.values()), "channels_regrown": freed}
+
+    def growth_slots(self, name: str, taken: torch.Tensor) -> torch.Tensor:
+        """The units of tensor `name` where growth may go: not `taken` (a unit mask) and not in a
+        removed channel."""
+        if self.channels is None:
+            return ~taken
+        return ~(taken | self.units[name].of(self.channels.closed[name]))
+
+    def free_units(self, name: str, active_units: int) -> int:
+        """How many units of tensor `name` growth may use, given its active units."""
+        closed = self.channels.closed_count[name] if self.channels is not None else 0
+        return self.units[name].count - active_units - closed // self.units[name].size
+
     def state_dict(self) -> dict[str, Any]:
         state = {
             "method": self.method,
@@ -526,6 +601,8 @@ class Sparsifier:
         }
         if self.tracks_regrowth:
             state["last_grown"] = {n: g.clone() for n, g in self.last_grown.items()}
+        if self.channels is not None:
+            state["channels"] = self.channels.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -542,6 +619,14 @@ class Sparsifier:
         self.load_masks(state["masks"])
         for name, grown in state.get("last_grown", {}).items():
             self.last_grown[name] = grown.to(self.masks[name].device).clone()
+        if ("channels" in state) != (self.channels is not None):
+            raise UserError(
+                "checkpoint was trained "
+                + ("with" if "channels" in state else "without")
+                + " channel removal (sparsity.remove_channels), unlike this run"
+            )
+        if self.channels is not None:
+            self.channels.load_state_dict(state["channels"], self.optimizer)
 
     def load_masks(self, masks: dict[str, torch.Tensor]) -> None:
         """Adopt masks found elsewhere (a checkpoint, another run) and zero what they mask."""
@@ -562,6 +647,8 @@ class Sparsifier:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        if self.channels is not None:
+            self._channel_hook.remove()
 
     # -- helpers for the methods' reallocate() -----------------------------------------------
     def active_per_tensor(self) -> dict[str, int]:
@@ -610,6 +697,12 @@ class Sparsifier:
             return {}
         active = [self.masks[n].sum() if self.masks else w.count_nonzero() for n, w in self.weights.items()]
         return {n: a / w.numel() for (n, w), a in zip(self.weights.items(), torch.stack(active).tolist())}
+
+    def checked_state(self) -> dict[str, torch.Tensor]:
+        """What every rank must hold alike after a reallocation: the masks, and the live channels."""
+        if self.channels is None:
+            return self.masks
+        return {**self.masks, **{f"channels:{n}": a for n, a in self.channels.alive.items()}}
 
     def active_count(self) -> int:
         """Total mask ones: DSR keeps this constant."""

@@ -101,16 +101,16 @@ class DSR(Sparsifier):
 
         # 3. Regrow as many weights as were pruned, in whole units, in proportion to what each tensor
         #    kept, at random free units other than those just pruned (unless they cannot hold exactly
-        #    as many).
-        free = [u.count - a for u, a in zip(units, num_active)]
+        #    as many), never in a removed channel (channels.py).
+        free = [self.free_units(n, a) for n, a in zip(names, num_active)]
         grown = split_in_units(total_pruned, kept, free, sizes)
         reuse_pruned = grown is None
         if reuse_pruned:
             free = [f + k for f, k in zip(free, num_pruned)]
             grown = split_in_units(total_pruned, kept, free, sizes)  # the pruned units alone can
-        for u, m, p, g, f in zip(units, masks, pruned, grown, free):
+        for n, u, m, p, g, f in zip(names, units, masks, pruned, grown, free):
             a = u.of(m)
-            slots = ~a if reuse_pruned else ~(a | p)
+            slots = self.growth_slots(n, a if reuse_pruned else a | p)
             u.activate(m, sample_free_positions(slots.view(-1), g, f, self.generator))
         # Grown weights are already exactly 0 and at rest: masked weights and their momentum always are.
 

@@ -74,12 +74,12 @@ class SET(Sparsifier):
             # must restart from rest like any other grown weight.
             self.clear_optimizer_state()
             # 2. Regrow as many in this tensor, at random free units other than those just pruned
-            #    (unless nothing else is free).
+            #    (unless nothing else is free), never in a removed channel (channels.py).
             active = u.of(m)
-            free = u.count - active_units
-            slots = ~(active | pruned)
+            free = self.free_units(name, active_units)
+            slots = self.growth_slots(name, active | pruned)
             if free < count:
-                slots, free = ~active, free + count
+                slots, free = self.growth_slots(name, active), free + count
             u.activate(m, sample_free_positions(slots.view(-1), count, free, self.generator))
             grown[name] = count * u.size
         return {"iteration": self.iteration, "pruned": sum(grown.values()), "grown": grown}

@@ -1,0 +1,341 @@
+"""Channel removal during sparse training (after Chase; Yin et al., NeurIPS 2023).
+
+DSR moves single weights, which a stock runtime cannot skip: it densifies them. Whole channels it
+can skip, once the export has cut them. So, while the method reallocates as usual, whole output
+channels leave the network for good:
+
+- every time the method's schedule is due, inside [begin, end], the live channels of all layers
+  are ranked together by the mean |w| of their filters, the masked zeros included (a filter
+  with few or small weights scores low, whatever its layer's size), and the lowest go, until
+  `share` of the removable channels are gone. The share removed follows a cubic curve, fast
+  early and gentle at the end, as in gradual magnitude pruning;
+- a removed channel takes with it everything that could make it non-zero downstream: its rows
+  in the layers that write it (weights and bias), its BatchNorm γ and β (so BN's output there is
+  exactly 0), and the columns of the layers that read it. All of them are zeroed and held at
+  zero (their gradients and momentum too), and sparse tensors never grow there again. The
+  export then cuts the channel with nothing to fold or merge;
+- the non-zero weights it held go back to the method's budget: they regrow at once in the
+  surviving channels, in proportion to what each sparse tensor kept (DSR's own rule), so the
+  total of active weights stays exactly the same;
+- what "a channel" is comes from Torch-Pruning's dependency graph: the channels of a residual
+  stream are one group across every layer that writes or reads the stream (the block convs, the
+  shortcut convs, the stem), ranked and removed as one.
+
+A group is removable when a layer that writes it is one of the method's layers (the sparse ones);
+it is ranked by those layers' filters alone. Every group keeps `floor` of its channels (and at
+least one), and removal stops short of leaving the sparse tensors too little room for the budget.
+`Channels` is the machinery (owned by a sparsifier); `ChannelRemoval` is what the user asks for.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from ..errors import UserError
+
+_LAYERS = (nn.Conv2d, nn.Linear)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+@dataclass(frozen=True)
+class ChannelRemoval:
+    """Remove `share` of the removable channels between iterations `begin` and `end`, each group
+    keeping at least `floor` of its channels; `steps`: how many removal events (evenly spaced,
+    the last at `end`), or None to remove whenever the method's schedule is due (cubic curve)."""
+
+    share: float
+    begin: int = 0
+    end: int = 1
+    floor: float = 0.1
+    steps: int | None = None
+
+    def __post_init__(self):
+        if not 0.0 <= self.share < 1.0:
+            raise UserError(f"channel share must be in [0, 1), got {self.share}")
+        if not 0.0 <= self.floor <= 1.0:
+            raise UserError(f"channel floor must be in [0, 1], got {self.floor}")
+        if not 0 <= self.begin < self.end:
+            raise UserError(
+                f"channel removal must begin before it ends (iterations {self.begin}, {self.end})"
+            )
+        if self.steps is not None and self.steps < 1:
+            raise UserError(f"channel removal steps must be at least 1, got {self.steps}")
+
+    def target(self, iteration: int, removable: int) -> int:
+        """Channels removed in all by `iteration`."""
+        progress = min(max((iteration - self.begin) / (self.end - self.begin), 0.0), 1.0)
+        if self.steps is not None:  # in equal steps
+            progress = math.floor(progress * self.steps + 1e-9) / self.steps
+            return round(self.share * removable * progress)
+        return round(self.share * removable * (1 - (1 - progress) ** 3))
+
+    def due(self, iteration: int, scheduled: bool) -> bool:
+        """Whether to remove after step `iteration`, `scheduled`: whether the method reallocates now."""
+        if not self.begin < iteration <= self.end:
+            return False
+        if self.steps is None:
+            return scheduled or iteration == self.end
+        span = self.end - self.begin
+        return any(iteration == self.begin + round(span * k / self.steps) for k in range(1, self.steps + 1))
+
+
+@dataclass
+class _Member:
+    """One layer of a channel group: which of its indices each channel of the group occupies."""
+
+    module: nn.Module
+    name: str
+    role: str  # "out" (a Conv2d/Linear writing the channel), "in" (one reading it), "norm" (BatchNorm)
+    index: torch.Tensor  # [channels, k]: the k indices of the layer's dimension per channel
+
+
+@dataclass
+class ChannelGroup:
+    name: str  # its first writing layer, as model.named_modules() names it
+    channels: int
+    members: list[_Member]
+    scored_by: list[_Member]  # the writing layers whose filters rank its channels (the sparse ones)
+
+
+def trace_groups(model: nn.Module, example_inputs: torch.Tensor, eligible: set[str]) -> list[ChannelGroup]:
+    """The model's channel groups that a layer named in `eligible` writes, traced by Torch-Pruning.
+
+    Groups holding layers whose channels this cannot reason about (grouped convs, other layers
+    with per-channel parameters, the model's outputs) are left out."""
+    names = {m: n for n, m in model.named_modules()}
+    was_training = model.training
+    model.eval()  # a traced forward must not move BatchNorm's running statistics
+    try:
+        with torch.enable_grad():  # Torch-Pruning traces through autograd
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+    except Exception as exc:  # a model Torch-Pruning cannot trace
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(
+            f"channel removal: the channel dependencies of {type(model).__name__} could not be traced ({message})"
+        ) from None
+    finally:
+        model.train(was_training)
+    groups = []
+    for group in graph.get_all_groups(root_module_types=_LAYERS):
+        members: dict[tuple[nn.Module, str], dict[int, list[int]]] = {}
+        usable = True
+        for item in group:
+            module = item.dep.target.module
+            if isinstance(module, _LAYERS):
+                if isinstance(module, nn.Conv2d) and module.groups != 1:
+                    usable = False
+                role = "out" if graph.is_out_channel_pruning_fn(item.dep.handler) else "in"
+            elif isinstance(module, _NORMS):
+                role = "norm"
+            elif isinstance(module, tp.ops._OutputOp) or any(True for _ in module.parameters(recurse=False)):
+                usable = False
+                continue
+            else:
+                continue  # adds, reshapes, pooling: nothing of their own to zero
+            per_channel = members.setdefault((module, role), {})
+            for idx, root in zip(item.idxs, item.root_idxs):
+                per_channel.setdefault(int(root), []).append(int(idx))
+        writers = [n for (m, role) in members if role == "out" and (n := names[m]) in eligible]
+        if not usable or not writers or not any(role == "in" for _, role in members):
+            continue
+        channels = max(len(per) for per in members.values())
+        built = []
+        for (module, role), per_channel in members.items():
+            if len(per_channel) != channels or len({len(v) for v in per_channel.values()}) != 1:
+                usable = False  # a layer that sees only some of the group's channels
+                break
+            index = torch.tensor([sorted(per_channel[c]) for c in range(channels)], dtype=torch.long)
+            built.append(_Member(module, names[module], role, index))
+        if not usable:
+            continue
+        scored_by = [m for m in built if m.role == "out" and m.name in eligible]
+        groups.append(ChannelGroup(scored_by[0].name, channels, built, scored_by))
+    return sorted(groups, key=lambda g: list(names.values()).index(g.name))
+
+
+def mean_magnitude(group: ChannelGroup) -> torch.Tensor:
+    """Chase's ranking, made fair across layers: the mean |w| of each channel's filter, the masked
+    zeros included, over its layer's mean |w| (layers start at different scales: a plain mean
+    would empty the layers with the largest fan-in first); averaged over the layers that score
+    the group."""
+    score = torch.zeros(group.channels, dtype=torch.float64)
+    for member in group.scored_by:
+        magnitude = member.module.weight.detach().abs().double()
+        rows = magnitude.flatten(1).mean(1).cpu()
+        score += rows[member.index].mean(1) / magnitude.mean().clamp_min(1e-30).cpu()
+    return score / len(group.scored_by)
+
+
+class Channels:
+    """The channels a sparsifier removes: which are alive, and keeping the removed ones at zero.
+
+    `sparse` maps module names to (weight, mask) of the sparse tensors (the method's masks,
+    changed in place); `score(group)` ranks a group's channels (low goes first)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        removal: ChannelRemoval,
+        example_inputs: torch.Tensor,
+        eligible: set[str],
+        sparse: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        score: Callable[[ChannelGroup], torch.Tensor] = mean_magnitude,
+    ):
+        self.removal, self.sparse, self.score = removal, sparse, score
+        self.groups = trace_groups(model, example_inputs, eligible)
+        if not self.groups:
+            raise UserError(
+                f"channel removal: {type(model).__name__} has no channel that a sparse layer writes "
+                "and another layer reads"
+            )
+        device = example_inputs.device
+        self.alive = {g.name: torch.ones(g.channels, dtype=torch.bool, device=device) for g in self.groups}
+        self.floor = {g.name: max(1, math.ceil(removal.floor * g.channels)) for g in self.groups}
+        self.total = sum(g.channels for g in self.groups)  # the removable channels
+        # Sparse positions no growth may use: rows and columns of removed channels.
+        self.closed = {name: torch.zeros_like(mask) for name, (_, mask) in sparse.items()}
+        self.closed_count = dict.fromkeys(sparse, 0)  # elements of each `closed`
+        self.keep: dict[nn.Parameter, torch.Tensor] = {}  # zero where a removed channel lives, dense params
+
+    @property
+    def removed(self) -> int:
+        return self.total - sum(int(a.sum()) for a in self.alive.values())
+
+    def alive_counts(self) -> dict[str, int]:
+        return {name: int(a.sum()) for name, a in self.alive.items()}
+
+    def choose(self, count: int, active_total: int) -> dict[str, list[int]]:
+        """The `count` live channels to remove next: the lowest scores over all groups, each group
+        above its floor, and the sparse tensors keeping room for `active_total` weights."""
+        if count <= 0:
+            return {}
+        scores, owners = [], []
+        for k, g in enumerate(self.groups):
+            score = self.score(g).to(torch.float64).cpu()
+            alive = self.alive[g.name].cpu()
+            for c in torch.nonzero(alive).flatten().tolist():
+                scores.append(float(score[c]))
+                owners.append((k, c))
+        order = sorted(range(len(scores)), key=lambda i: (scores[i], owners[i]))
+        left = {g.name: int(self.alive[g.name].sum()) for g in self.groups}
+        room = self._room()
+        chosen: dict[str, list[int]] = {}
+        for i in order:
+            if count == 0:
+                break
+            k, c = owners[i]
+            g = self.groups[k]
+            if left[g.name] <= self.floor[g.name]:
+                continue
+            trial = self._room_without(room, g, [c])
+            if sum(max(r, 0) * max(c, 0) * cell for r, c, cell in trial.values()) < active_total:
+                continue  # the budget must still fit in what the sparse tensors keep
+            room = trial
+            left[g.name] -= 1
+            chosen.setdefault(g.name, []).append(c)
+            count -= 1
+        return chosen
+
+    def _room(self) -> dict[str, tuple[int, int, int]]:
+        """Per sparse tensor: (live rows, live columns, elements per row and column cell)."""
+        room = {}
+        for name, (weight, _) in self.sparse.items():
+            rows, cols = weight.shape[0], weight.shape[1]
+            closed = self.closed[name]
+            live_rows = int((~closed.flatten(1).all(1)).sum()) if closed.any() else rows
+            live_cols = int((~closed.transpose(0, 1).flatten(1).all(1)).sum()) if closed.any() else cols
+            room[name] = (live_rows, live_cols, weight[0, 0].numel())
+        return room
+
+    def _room_without(self, room, group: ChannelGroup, channels: list[int]):
+        room = dict(room)
+        for member in group.members:
+            if member.name in self.sparse and member.role in ("out", "in"):
+                rows, cols, cell = room[member.name]
+                gone = len(channels) * member.index.shape[1]
+                room[member.name] = (
+                    (rows - gone, cols, cell) if member.role == "out" else (rows, cols - gone, cell)
+                )
+        return room
+
+    @torch.no_grad()
+    def remove(self, chosen: dict[str, list[int]], optimizer: torch.optim.Optimizer | None) -> int:
+        """Zero and close the chosen channels; returns how many active sparse weights they held."""
+        freed = []
+        by_name = {g.name: g for g in self.groups}
+        for name, channels in chosen.items():
+            self.alive[name][channels] = False
+            for member in by_name[name].members:
+                idx = member.index[channels].flatten().to(self.alive[name].device)
+                freed.append(self._zero(member, idx))
+        self._clear_state(optimizer)
+        return int(torch.stack(freed).sum()) if freed else 0
+
+    def _zero(self, member: _Member, idx: torch.Tensor) -> torch.Tensor:
+        module = member.module
+        if member.role == "norm":
+            for param in (module.weight, module.bias):
+                if param is not None:
+                    self._hold(param, idx, 0)
+            if module.running_mean is not None:
+                module.running_mean[idx] = 0.0
+                module.running_var[idx] = 1.0
+            return torch.zeros((), dtype=torch.long, device=idx.device)
+        dim = 0 if member.role == "out" else 1
+        if member.role == "out" and module.bias is not None:
+            self._hold(module.bias, idx, 0)
+        if member.name not in self.sparse:
+            self._hold(module.weight, idx, dim)
+            return torch.zeros((), dtype=torch.long, device=idx.device)
+        weight, mask = self.sparse[member.name]
+        closing = torch.zeros_like(mask)
+        closing.index_fill_(dim, idx, True)
+        freed = (mask & closing).sum()
+        self.closed[member.name] |= closing
+        self.closed_count[member.name] = int(self.closed[member.name].sum())
+        mask.logical_and_(~closing)
+        weight.masked_fill_(closing, 0.0)
+        return freed
+
+    def _hold(self, param: nn.Parameter, idx: torch.Tensor, dim: int) -> None:
+        keep = self.keep.setdefault(param, torch.ones_like(param, dtype=torch.bool))
+        keep.index_fill_(dim, idx, False)
+        param.masked_fill_(~keep, 0.0)
+
+    def _clear_state(self, optimizer: torch.optim.Optimizer | None) -> None:
+        if optimizer is None:
+            return
+        for param, keep in self.keep.items():
+            for value in optimizer.state.get(param, {}).values():
+                if torch.is_tensor(value) and value.shape == keep.shape:
+                    value.mul_(keep)
+
+    @torch.no_grad()
+    def hold_gradients(self) -> None:
+        """Zero the gradients of what removed channels hold in dense parameters (the sparse ones
+        are masked): with no gradient and no momentum they stay exactly 0, weight decay or not."""
+        for param, keep in self.keep.items():
+            if param.grad is not None:
+                param.grad.mul_(keep)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: alive.clone() for name, alive in self.alive.items()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor], optimizer=None) -> None:
+        """Adopt the alive channels of a checkpoint: zero and close everything the removed ones held."""
+        if set(state) != set(self.alive) or any(state[n].shape != self.alive[n].shape for n in state):
+            raise UserError("the checkpoint's removed channels do not match this model's channel groups")
+        for name in self.alive:
+            self.alive[name].fill_(True)
+        self.closed = {name: torch.zeros_like(c) for name, c in self.closed.items()}
+        self.closed_count = dict.fromkeys(self.closed, 0)
+        self.keep = {}
+        dead = {n: torch.nonzero(~a.cpu()).flatten().tolist() for n, a in state.items()}
+        self.remove({n: c for n, c in dead.items() if c}, optimizer)
