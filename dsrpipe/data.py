@@ -18,6 +18,7 @@ import hashlib
 import multiprocessing
 import os
 import shutil
+import signal
 import stat
 import tarfile
 import tempfile
@@ -517,7 +518,7 @@ def _decode_images(paths: list[Path], size: int, num_workers: int) -> torch.Tens
     if num_workers > 1 and len(chunks) > 1:
         # Processes, not threads: small images spend their time in PIL's Python code (the GIL).
         # fork starts workers at once; they run only PIL and numpy, never torch.
-        with multiprocessing.get_context("fork").Pool(min(num_workers, len(chunks))) as pool:
+        with multiprocessing.get_context("fork").Pool(min(num_workers, len(chunks)), _quiet_worker) as pool:
             arrays = [a for chunk in pool.imap(decode, chunks) for a in chunk]
     else:
         arrays = [a for chunk in chunks for a in decode(chunk)]
@@ -525,6 +526,13 @@ def _decode_images(paths: list[Path], size: int, num_workers: int) -> torch.Tens
         return torch.from_numpy(np.stack(arrays)[:, None])
     colour = [np.repeat(a[..., None], 3, axis=2) if a.ndim == 2 else a for a in arrays]
     return torch.from_numpy(np.stack(colour)).permute(0, 3, 1, 2).contiguous()
+
+
+def _quiet_worker() -> None:
+    # The pool ends its workers with SIGTERM: the parent's handler (a clean exit with a message)
+    # would make each one print a traceback.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
 
 
 def _decode_chunk(paths: list[Path], size: int) -> list[np.ndarray]:

@@ -96,7 +96,8 @@ def two_and_one(tmp_path_factory):
     run misses a deliberately high min_top1: torchrun exits 1 whatever its ranks' codes, and
     compare must still read the run's report rather than take it for a crash."""
     tmp = tmp_path_factory.mktemp("ddp")
-    overrides = [*SHORT, *NO_BN]
+    # With channel removal: every rank must remove the same hidden units.
+    overrides = [*SHORT, *NO_BN, "sparsity.remove_channels={share: 0.3, end_epoch: 1}"]
     one = subprocess.Popen(
         [
             sys.executable,
@@ -177,6 +178,8 @@ def test_masks_are_identical_across_ranks_at_every_reallocation(two_and_one):
     assert len(ranks[0]) == sum(h["reallocations"] for h in history) > 5
     assert ranks[0] == ranks[1]
     assert len({json.dumps(r["checksums"]) for r in ranks[0]}) > 1  # the masks did move
+    channels = [{k: v for k, v in r["checksums"].items() if k.startswith("channels:")} for r in ranks[0]]
+    assert channels[0] and len({json.dumps(c) for c in channels}) > 1  # the live channels did change
 
 
 def test_two_ranks_match_one_process_with_the_same_global_batch(two_and_one):

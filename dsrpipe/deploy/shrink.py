@@ -60,8 +60,9 @@ def shrink_model(
     model: nn.Module, input_shape: tuple[int, ...], *, tolerance: float = DEFAULT_TOLERANCE, seed: int = 0
 ) -> tuple[nn.Module, dict]:
     """A copy of `model` (eval mode) without the channels that dead filters leave constant, and a
-    summary: {"removed_channels": {layer: count}, "params_before", "params_after", "macs_before",
-    "macs_after"} (MACs for one input of `input_shape`, the shape of one normalised input sample).
+    summary: {"removed_channels": {layer: count}, "folds": how many removed inputs had to be put
+    back into a consumer's bias or merged into another channel (0 when every removed channel was
+    exactly zero), "params_before", "params_after", "macs_before", "macs_after"} (MACs for one input of `input_shape`, the shape of one normalised input sample).
 
     Raises UserError if the shrunk model's logits differ from the original's by more than
     `tolerance` times the logits' scale (at least 1)."""
@@ -70,13 +71,14 @@ def shrink_model(
     generator = torch.Generator().manual_seed(seed)
     probe, check = (torch.randn(PROBE_BATCH, *input_shape, generator=generator).to(device) for _ in range(2))
     shrunk = copy.deepcopy(reference)
-    removed = {}
+    removed, folds = {}, 0
     if any(_dead_rows(m) for m in shrunk.modules() if isinstance(m, _LAYERS)):
-        removed = _remove_dead_channels(shrunk, probe)
+        removed, folds = _remove_dead_channels(shrunk, probe)
         _verify(reference, shrunk, check, tolerance)
     (params_before, macs_before), (params_after, macs_after) = _cost(reference, probe), _cost(shrunk, probe)
     return shrunk, {
         "removed_channels": removed,
+        "folds": folds,
         "params_before": params_before,
         "params_after": params_after,
         "macs_before": macs_before,
@@ -84,8 +86,9 @@ def shrink_model(
     }
 
 
-def _remove_dead_channels(model: nn.Module, probe: torch.Tensor) -> dict[str, int]:
-    """Shrink `model` in place; returns how many output channels each Conv2d / Linear lost."""
+def _remove_dead_channels(model: nn.Module, probe: torch.Tensor) -> tuple[dict[str, int], int]:
+    """Shrink `model` in place; returns how many output channels each Conv2d / Linear lost, and
+    how many folds that took."""
     names = {m: n for n, m in model.named_modules()}
     try:
         graph = tp.DependencyGraph().build_dependency(model, example_inputs=probe, verbose=False)
@@ -115,7 +118,7 @@ def _remove_dead_channels(model: nn.Module, probe: torch.Tensor) -> dict[str, in
             ):
                 removed[names[item.dep.target.module]] += len(item.idxs)
         group.prune()
-    return dict(sorted(removed.items()))
+    return dict(sorted(removed.items())), sum(len(p.bias_folds) + len(p.merges) for p in plans)
 
 
 def _dead_rows(layer: nn.Module) -> list[int]:

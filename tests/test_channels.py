@@ -1,0 +1,239 @@
+"""Channel removal during sparse training (dsrpipe/sparse/channels.py): its invariants through real
+training on digits, exact resume, the coupled removal of a residual stream, and the export that
+cuts the removed channels with nothing to fold."""
+
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from dsrpipe.cli import app
+from dsrpipe.config import DataConfig, parse_pipeline
+from dsrpipe.deploy.shrink import shrink_model
+from dsrpipe.models import create_model
+from dsrpipe.pipeline import run_pipeline
+from dsrpipe.sparse import DSR, SET, ChannelRemoval, RewireSchedule, Sparsifier
+
+from .helpers import assert_resume_is_exact, masked_weights_are_zero, small_net, train_steps
+from .test_pipeline import tiny, write_pipeline
+
+
+def digits_batches(steps, batch=64, seed=0):
+    train, _ = DataConfig(dataset="digits").load()
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        pick = torch.randint(len(train), (batch,), generator=generator)
+        yield train.images[pick].float() / train.max_value, train.labels[pick]
+
+
+def build(method=DSR, model="small-cnn", shape=(1, 8, 8), share=0.5, floor=0.25, end=60, **options):
+    torch.manual_seed(0)
+    net = create_model(model, num_classes=10, in_channels=shape[0], image_size=shape[1])
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    removal = ChannelRemoval(share=share, begin=0, end=end, floor=floor)
+    sparsifier = method(
+        net,
+        optimizer,
+        sparsity=0.9,
+        schedule=RewireSchedule({0: 10}),
+        remove_channels=removal,
+        example_inputs=torch.zeros(1, *shape),
+        **options,
+    )
+    return net, optimizer, sparsifier
+
+
+def removed_channel_outputs(net, sparsifier, x):
+    """What each removed channel carries after its BatchNorms (the largest |value|), in eval mode."""
+    seen = []
+    hooks = []
+    for group in sparsifier.channels.groups:
+        dead = torch.nonzero(~sparsifier.channels.alive[group.name]).flatten()
+        for member in group.members:
+            if member.role == "norm" and len(dead):
+                index = member.index[dead].flatten()
+                hooks.append(
+                    member.module.register_forward_hook(
+                        lambda m, args, out, index=index: seen.append(out[:, index].abs().max().item())
+                    )
+                )
+    net.eval()
+    with torch.no_grad():
+        net(x)
+    net.train()
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
+def test_channels_go_for_good_while_the_active_total_stays_exactly_constant():
+    """Real training on digits: after every step the active total is what it started at, the live
+    channels of every group only ever shrink and never below the floor, no weight lives in a
+    removed channel, and what a removed channel carries after BatchNorm is exactly zero."""
+    net, optimizer, sparsifier = build(prune_fraction=0.1)
+    channels = sparsifier.channels
+    total = sparsifier.active_count()
+    alive_before = {n: a.clone() for n, a in channels.alive.items()}
+    for step, (x, y) in enumerate(digits_batches(90), start=1):
+        F.cross_entropy(net(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        sparsifier.step()
+        assert sparsifier.active_count() == total, step
+        for name, alive in channels.alive.items():
+            assert not (alive & ~alive_before[name]).any(), f"a channel of {name} came back at step {step}"
+            assert int(alive.sum()) >= channels.floor[name]
+            alive_before[name] = alive.clone()
+        for name, closed in channels.closed.items():
+            assert not (sparsifier.masks[name] & closed).any()
+            assert (sparsifier.weights[name][closed] == 0).all()
+        assert masked_weights_are_zero(sparsifier)
+    assert channels.removed == round(0.5 * channels.total)  # the target, reached by `end`
+    assert all(int(a.sum()) < len(a) for a in channels.alive.values())  # every layer gave some
+    outputs = removed_channel_outputs(net, sparsifier, x)
+    assert outputs and max(outputs) == 0.0
+    # With ReLU, a channel zeroed in all its layers at once gets no gradient anyway; a loss that
+    # pushes everything still must not revive it: BN γ and β, dense rows and columns are held.
+    for param in net.parameters():
+        param.grad = torch.ones_like(param)
+    optimizer.step()
+    assert channels.keep and all((param[~keep] == 0).all() for param, keep in channels.keep.items())
+    assert max(removed_channel_outputs(net, sparsifier, x)) == 0.0
+
+
+def test_the_floor_holds_when_the_share_asks_for_more():
+    net, optimizer, sparsifier = build(share=0.9, floor=0.5, prune_fraction=0.1)
+    for x, y in digits_batches(70):
+        F.cross_entropy(net(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        sparsifier.step()
+    channels = sparsifier.channels
+    assert {n: int(a.sum()) for n, a in channels.alive.items()} == channels.floor
+    assert channels.floor == {"conv2": 32, "conv3": 64}  # half of 64 and of 128
+
+
+def test_set_and_static_regrow_the_budget_of_removed_channels():
+    for method, options in ((SET, {"prune_fraction": 0.1}), (Sparsifier, {})):
+        net, optimizer, sparsifier = build(method=method, share=0.3, end=30, **options)
+        total = sparsifier.active_count()
+        for x, y in digits_batches(40):
+            F.cross_entropy(net(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            sparsifier.step()
+            assert sparsifier.active_count() == total
+        assert sparsifier.channels.removed == round(0.3 * sparsifier.channels.total)
+
+
+def test_resume_in_the_middle_of_removal_is_exact():
+    """A plain conv stack with biases, pooled and flattened into a Linear: a channel is several
+    columns there, and its bias is held at zero too."""
+
+    def make(fresh):
+        model = small_net(width=8)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        sparsifier = DSR(
+            model,
+            optimizer,
+            sparsity=0.8,
+            prune_target=40,
+            schedule=RewireSchedule({0: 4}),
+            seed=7 if fresh else 0,
+            remove_channels=ChannelRemoval(share=0.4, begin=0, end=30),
+            example_inputs=torch.zeros(1, 1, 8, 8),
+        )
+        return model, optimizer, sparsifier
+
+    first, second = assert_resume_is_exact(make, 13, 25)
+    assert first["channels"].keys() == second["channels"].keys()
+    for name, alive in first["channels"].items():
+        assert torch.equal(alive, second["channels"][name])
+    assert sum(int((~a).sum()) for a in first["channels"].values()) > 0
+
+
+def test_a_residual_stream_channel_goes_everywhere_it_appears():
+    """WRN-10-2 (stages of 32, 64, 128 channels): the second stage's stream is written by its block's conv2 and by the 1x1
+    shortcut (dense), and read by the next stage's BN, conv1 and shortcut. A removed stream
+    channel is zero in all of them, and shrinking cuts it from the writers and the readers."""
+    net, optimizer, sparsifier = build(
+        model="wrn-10-2", shape=(1, 8, 8), share=0.5, end=30, prune_fraction=0.1
+    )
+    for x, y in digits_batches(35):
+        F.cross_entropy(net(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        sparsifier.step()
+    stream = next(g for g in sparsifier.channels.groups if g.name == "group2.0.conv2")
+    roles = {(m.name, m.role) for m in stream.members}
+    assert {("group2.0.conv2", "out"), ("group2.0.shortcut", "out"), ("group3.0.bn1", "norm")} <= roles
+    assert {("group3.0.conv1", "in"), ("group3.0.shortcut", "in")} <= roles
+    dead = torch.nonzero(~sparsifier.channels.alive[stream.name]).flatten()
+    assert len(dead) > 0
+    for layer in (net.group2[0].conv2, net.group2[0].shortcut):
+        assert (layer.weight[dead] == 0).all()
+    for layer in (net.group3[0].conv1, net.group3[0].shortcut):
+        assert (layer.weight[:, dead] == 0).all()
+    assert (net.group3[0].bn1.weight[dead] == 0).all() and (net.group3[0].bn1.bias[dead] == 0).all()
+
+    net.eval()
+    shrunk, summary = shrink_model(net, (1, 8, 8))
+    assert summary["folds"] == 0  # exact zeros: nothing to put back
+    live = stream.channels - len(dead)
+    assert shrunk.group2[0].conv2.out_channels == shrunk.group2[0].shortcut.out_channels == live
+    assert shrunk.group3[0].conv1.in_channels == shrunk.group3[0].shortcut.in_channels == live
+    with torch.no_grad():
+        assert torch.allclose(shrunk(x), net(x), atol=1e-4)
+
+
+def test_the_export_cuts_removed_channels_and_keeps_the_logits(tmp_path):
+    """Train, fine-tune, export and validate on digits: the export has as many fewer channels per
+    layer as training removed, nothing was folded, onnxruntime matches torch, and fine-tuning
+    kept the removed channels at zero."""
+    raw = tiny(
+        "removal",
+        sparsity={"remove_channels": {"share": 0.5, "end_epoch": 2}},
+        train={"epochs": 3},
+        validate={"latency_runs": 3},
+    )
+    report = run_pipeline(parse_pipeline(raw), tmp_path, progress=False)
+    final = torch.load(tmp_path / "removal" / "finetune" / "final.pt", weights_only=True)
+    dead = {n: int((~a).sum()) for n, a in final["sparsifier"]["channels"].items()}
+    assert sum(dead.values()) == round(0.5 * (32 + 64))  # small-cnn at width 16: conv2, conv3
+    assert report["shrink"]["removed_channels"] == dead
+    assert report["shrink"]["folds"] == 0
+    assert report["max_abs_logit_diff"] < 1e-4 and report["passed"]
+    trained = torch.load(tmp_path / "removal" / "train" / "final.pt", weights_only=True)
+    history = [h["channels_alive"] for h in trained["history"] + final["history"]]
+    assert history[0] != history[-1] == {"conv2": 32 - dead["conv2"], "conv3": 64 - dead["conv3"]}
+
+
+def test_remove_channels_settings_are_checked_at_the_edge(tmp_path):
+    runner = CliRunner()
+    cases = {
+        "granularity element or kernel": {"granularity": "channel", "remove_channels": {"share": 0.5}},
+        "within train.epochs (4): begin_epoch 0, end_epoch 9": {
+            "remove_channels": {"share": 0.5, "end_epoch": 9}
+        },
+        "sparsity.remove_channels.share": {"remove_channels": {"share": 1.5}},
+        "method 'rigl' takes no option 'remove_channels'": {
+            "method": "rigl",
+            "remove_channels": {"share": 0.5},
+        },
+    }
+    for expected, sparsity in cases.items():
+        raw = tiny()
+        raw["sparsity"] = {**({} if "method" in sparsity else raw["sparsity"]), **sparsity}
+        result = runner.invoke(app, ["check", str(write_pipeline(tmp_path, raw))])
+        assert result.exit_code == 2, result.output
+        assert expected in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    cfg = parse_pipeline(tiny(sparsity={"remove_channels": {"share": 0.5}}))
+    assert cfg.sparsity.remove_channels.end(cfg.train.epochs) == 2  # default: half of training
+    assert "remove_channels" not in parse_pipeline(tiny()).sparsity.model_dump()  # old fingerprints stay
+
+
+def test_without_removal_nothing_changes():
+    model = small_net(width=8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    sparsifier = DSR(model, optimizer, sparsity=0.8, prune_target=40, schedule=RewireSchedule({0: 4}))
+    train_steps(model, optimizer, sparsifier, 8)
+    assert sparsifier.channels is None and "channels" not in sparsifier.state_dict()
