@@ -60,6 +60,7 @@ CSV_COLUMNS = [
     "torch_top1",
     "onnx_top1",
     "train_seconds",
+    "epochs",
     "status",
     "measured_sparsity",
     "top1_agreement",
@@ -203,13 +204,14 @@ def plan_runs(
     `dense` ignores sparsity, so it runs once per seed (as sparsity 0), not once per sparsity.
     Each run gets the base's sparsity options that its method takes (see config.switch_method)."""
     wire_frozen = "frozen" in grid.methods and "dsr" in grid.methods
-    methods = grid.methods + (["dense"] if "prune" in grid.methods and "dense" not in grid.methods else [])
+    from_dense = {"prune", "prune-channels"} & set(grid.methods)
+    methods = grid.methods + (["dense"] if from_dense and "dense" not in grid.methods else [])
     sources = {"frozen": ("dsr", "masks_from")} if wire_frozen else {}
-    sources["prune"] = ("dense", "prune_from")
+    sources["prune"] = sources["prune-channels"] = ("dense", "prune_from")
     methods = sorted(methods, key=lambda m: m in sources)  # stable: dependants last
     runs = []
     for method in methods:
-        for sparsity in [0.0] if method == "dense" else grid.sparsities:
+        for sparsity in [0.0] if method in ("dense", "prune-channels") else grid.sparsities:
             for seed in grid.seeds:
                 name = run_name(grid_name, method, sparsity, seed)
                 raw = copy.deepcopy(base)
@@ -468,7 +470,20 @@ def _summary(run: Run) -> str:
 
 
 # -- results ----------------------------------------------------------------------------------
-def _row(run: Run) -> dict[str, Any]:
+def total_epochs(run: Run, by_name: dict[str, Run]) -> int | None:
+    """Every epoch of training behind the run: its own training and fine-tuning, and those of the
+    run it starts from (prune and prune-channels start from a trained dense model)."""
+    if run.report is None:
+        return None
+    own = run.report.get("train_epochs", 0) + run.report.get("finetune_epochs", 0)
+    if run.depends_on is None or run.method == "frozen":  # frozen's source is another row's cost
+        return own
+    source = by_name.get(run.depends_on)
+    before = total_epochs(source, by_name) if source is not None else None
+    return None if before is None else own + before
+
+
+def _row(run: Run, epochs: int | None = None) -> dict[str, Any]:
     r = run.report or {}
     latency = r.get("latency_ms") or {}
     return {
@@ -480,6 +495,7 @@ def _row(run: Run) -> dict[str, Any]:
         "torch_top1": r.get("torch_top1"),
         "onnx_top1": r.get("onnx_top1"),
         "train_seconds": None if run.train_seconds is None else round(run.train_seconds, 3),
+        "epochs": epochs,
         "status": run.status,
         "measured_sparsity": r.get("sparsity"),
         "top1_agreement": r.get("top1_agreement"),
@@ -492,6 +508,7 @@ def _row(run: Run) -> dict[str, Any]:
 
 def group_results(runs: list[Run]) -> list[dict[str, Any]]:
     """One entry per method × sparsity, over the runs that produced a report."""
+    by_name = {r.name: r for r in runs}
     groups: dict[tuple[str, float], list[Run]] = {}
     for run in runs:
         groups.setdefault((run.method, run.sparsity), []).append(run)
@@ -500,6 +517,7 @@ def group_results(runs: list[Run]) -> list[dict[str, Any]]:
         measured = [r for r in members if r.report is not None]
         top1 = [r.report["onnx_top1"] for r in measured]
         seconds = [r.train_seconds for r in measured if r.train_seconds is not None]
+        epochs = [e for r in measured if (e := total_epochs(r, by_name)) is not None]
         entries.append(
             {
                 "method": method,
@@ -515,6 +533,7 @@ def group_results(runs: list[Run]) -> list[dict[str, Any]]:
                 "top1_mean": statistics.mean(top1) if top1 else None,
                 "top1_std": statistics.stdev(top1) if len(top1) > 1 else None,
                 "seconds_mean": statistics.mean(seconds) if seconds else None,
+                "epochs": max(epochs) if epochs else None,
             }
         )
     return entries
@@ -527,8 +546,10 @@ def write_results(folder: Path, runs: list[Run], *, command: str) -> dict[str, P
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
+    by_name = {r.name: r for r in runs}
     for run in runs:
-        writer.writerow({k: "" if v is None else v for k, v in _row(run).items()})
+        row = _row(run, total_epochs(run, by_name))
+        writer.writerow({k: "" if v is None else v for k, v in row.items()})
     paths = {
         "csv": folder / "results.csv",
         "md": folder / "results.md",
@@ -554,10 +575,11 @@ def _markdown(grid_name: str, runs: list[Run], groups: list[dict[str, Any]], com
     lines += [
         "Top-1: the exported ONNX model on the test split, mean ± sample standard deviation over seeds. "
         "Params: non-zero parameters of the whole model (dense layers included). Train time: seconds "
-        "of training and fine-tuning epochs per run, mean.",
+        "of training and fine-tuning epochs per run, mean. Epochs: all the training behind a run, "
+        "the dense run it starts from included (prune, prune-channels).",
         "",
-        "| method | sparsity | params (non-zero) | top-1 (%) | train time (s) | runs |",
-        "|---|---|---:|---:|---:|---|",
+        "| method | sparsity | params (non-zero) | top-1 (%) | train time (s) | epochs | runs |",
+        "|---|---|---:|---:|---:|---:|---|",
     ]
     for g in groups:
         params = "n/a" if g["params"] is None else f"{round(g['params']):,}"
@@ -574,7 +596,10 @@ def _markdown(grid_name: str, runs: list[Run], groups: list[dict[str, Any]], com
         ] * bool(g["below_threshold"])
         if notes:
             count += f" ({', '.join(notes)})"
-        lines.append(f"| {g['method']} | {g['sparsity']:g} | {params} | {top1} | {seconds} | {count} |")
+        epochs = "n/a" if g["epochs"] is None else str(g["epochs"])
+        lines.append(
+            f"| {g['method']} | {g['sparsity']:g} | {params} | {top1} | {seconds} | {epochs} | {count} |"
+        )
     lines += ["", "![Top-1 against non-zero parameters](accuracy_vs_params.png)", ""]
     failed = [r for r in runs if r.status in ("crashed", "validation-failed")]
     if failed:

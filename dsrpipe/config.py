@@ -218,7 +218,7 @@ class MethodOptions(Section):
         from .sparse import create_sparsifier
 
         options = self.sparsifier_options(steps_per_epoch=steps_per_epoch, epochs=epochs)
-        if options.get("remove_channels") is not None:
+        if "example_inputs" in options:  # the options of a method that traces the model ask for it
             options["example_inputs"] = example_inputs
         return create_sparsifier(self.method, model, optimizer, seed=seed, **options)
 
@@ -312,6 +312,7 @@ class ChannelRemovalOption(Section):
         options = super().sparsifier_options(steps_per_epoch=steps_per_epoch, epochs=epochs)
         if self.remove_channels is not None:
             options["remove_channels"] = self.remove_channels.removal(steps_per_epoch, epochs)
+            options["example_inputs"] = None  # filled in by `create`
         return options
 
 
@@ -492,6 +493,38 @@ class PruneOptions(SparseOptions, PruningSpan):
         }
 
 
+class ChannelPruneOptions(MethodOptions, PruningSpan):
+    method: Literal["prune-channels"] = "prune-channels"  # end_epoch default: half of training
+    sparsity: float = 0.0  # the grid axis: the weights stay dense
+    prune_from: FilePath  # a dense run's train/final.pt (relative to the working directory)
+    share: float = Field(0.5, ge=0, lt=1)  # of the removable channels, removed by end_epoch
+    steps: int = Field(5, ge=1, le=MAX_STEPS)  # removal steps, evenly spaced, the last at end_epoch
+    floor: float = Field(0.1, ge=0, le=1)  # each layer (channel group) keeps at least this share
+
+    @field_validator("sparsity")
+    @classmethod
+    def _dense_weights(cls, sparsity: float) -> float:
+        if sparsity != 0:
+            raise ValueError("method 'prune-channels' keeps its weights dense: sparsity must be 0")
+        return sparsity
+
+    @property
+    def source(self) -> tuple[str, Path] | None:
+        return "prune_from", self.prune_from
+
+    def sparsifier_options(self, *, steps_per_epoch: int, epochs: int) -> dict[str, Any]:
+        span = self.span_options(steps_per_epoch, epochs)
+        return {
+            **super().sparsifier_options(steps_per_epoch=steps_per_epoch, epochs=epochs),
+            **span,
+            "prune_from": self.prune_from,
+            "share": self.share,
+            "steps": self.steps,
+            "floor": self.floor,
+            "example_inputs": None,  # filled in by `create`
+        }
+
+
 class FrozenOptions(MethodOptions):
     method: Literal["frozen"] = "frozen"
     sparsity: float = Field(0.9, ge=0.0, lt=1.0)  # the source run's (a label: the masks decide)
@@ -522,6 +555,7 @@ METHOD_OPTIONS: dict[str, type[MethodOptions]] = {
     "deepr": DeepROptions,
     "rigl": RigLOptions,
     "prune": PruneOptions,
+    "prune-channels": ChannelPruneOptions,
     "gmp": GMPOptions,
     "frozen": FrozenOptions,
     "dense": DenseOptions,
@@ -852,9 +886,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> list[str]:
         notes.append(
             f"sparsity.method={method}: dropped the file's {', '.join(dropped)} ({method} takes no such option)"
         )
-    if method == "dense" and "sparsity" not in given and section.get("sparsity", 0) != 0:
+    if method in ("dense", "prune-channels") and "sparsity" not in given and section.get("sparsity", 0) != 0:
         notes.append(
-            f"sparsity.method=dense: trains every weight, so sparsity {section['sparsity']} is now 0"
+            f"sparsity.method={method}: keeps every weight, so sparsity {section['sparsity']} is now 0"
         )
         section["sparsity"] = 0.0
     return notes

@@ -177,7 +177,7 @@ def test_compare_runs_the_grid_in_parallel_and_resumes(tmp_path):
     md = (folder / "results.md").read_text()
     for method in ("dsr", "static"):
         line = next(line for line in md.splitlines() if line.startswith(f"| {method} | 0.9 |"))
-        assert " ± " in line and line.count("|") == 7
+        assert " ± " in line and line.count("|") == 8
         # The table's numbers come from the rows: mean non-zero params, mean ± sample std of top-1.
         group = [r for r in rows if r["method"] == method]
         params = statistics.mean(int(r["nonzero_params"]) for r in group)
@@ -235,7 +235,7 @@ def test_a_crashing_run_is_a_row_not_a_crash(tmp_path, monkeypatch):
     (row,) = csv.DictReader((out / "g" / "results.csv").open())
     assert row["status"] == "crashed" and "boom: out of memory" in row["message"] and row["onnx_top1"] == ""
     md = (out / "g" / "results.md").read_text()
-    assert "| dsr | 0.9 | n/a | n/a | n/a | 0 of 1 (1 crashed) |" in md
+    assert "| dsr | 0.9 | n/a | n/a | n/a | n/a | 0 of 1 (1 crashed) |" in md
     assert "boom: out of memory" in (out / "g" / "logs" / "g-dsr-s0.9-seed0.log").read_text()
     assert_png(out / "g" / "accuracy_vs_params.png", min_bytes=1_000)
 

@@ -19,7 +19,7 @@ from .channels import ChannelRemoval
 from .deepr import DeepR
 from .dsr import DSR
 from .frozen import Frozen
-from .prune import GradualPrune, Prune
+from .prune import ChannelPrune, GradualPrune, Prune
 from .rigl import RigL
 from .set import SET
 from .units import GRANULARITIES, Units
@@ -33,6 +33,7 @@ METHODS: dict[str, type[Sparsifier]] = {
     "deepr": DeepR,
     "rigl": RigL,
     "prune": Prune,
+    "prune-channels": ChannelPrune,
     "gmp": GradualPrune,
     "frozen": Frozen,
     "thin-dense": Dense,
@@ -68,6 +69,7 @@ def create_sparsifier(method: str, model, optimizer=None, **options) -> Sparsifi
 
 __all__ = [
     "DSR",
+    "ChannelPrune",
     "ChannelRemoval",
     "GRANULARITIES",
     "SET",

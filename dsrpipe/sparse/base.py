@@ -30,7 +30,7 @@ from torch import nn
 
 from .. import files
 from ..errors import UserError
-from .channels import ChannelRemoval, Channels
+from .channels import ChannelRemoval, Channels, mean_magnitude
 from .units import GRANULARITIES, Units, unit_size
 
 DISTRIBUTIONS = ("uniform", "erk")
@@ -445,7 +445,9 @@ class Sparsifier:
         if remove_channels is not None:
             self._start_channel_removal(remove_channels, example_inputs)
 
-    def _start_channel_removal(self, removal: ChannelRemoval, example_inputs: torch.Tensor | None) -> None:
+    def _start_channel_removal(
+        self, removal: ChannelRemoval, example_inputs: torch.Tensor | None, score=mean_magnitude
+    ) -> None:
         if self.granularity == "channel":
             raise UserError(
                 "channel removal takes element or kernel granularity: at channel granularity a "
@@ -454,7 +456,7 @@ class Sparsifier:
         if self.optimizer is None or example_inputs is None:
             raise ValueError("channel removal needs the optimizer and example_inputs")
         sparse = {n: (self.weights[n], m) for n, m in self.masks.items()}
-        self.channels = Channels(self.model, removal, example_inputs, set(self.weights), sparse)
+        self.channels = Channels(self.model, removal, example_inputs, set(self.weights), sparse, score)
         self._channel_hook = self.optimizer.register_step_pre_hook(lambda *_: self.channels.hold_gradients())
 
     def hold_removed_channels(self, state: dict[str, Any], example_inputs: torch.Tensor) -> None:

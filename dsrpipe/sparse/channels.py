@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch_pruning as tp
@@ -101,6 +102,7 @@ class ChannelGroup:
     channels: int
     members: list[_Member]
     scored_by: list[_Member]  # the writing layers whose filters rank its channels (the sparse ones)
+    tp_group: Any = None  # Torch-Pruning's group, for its importance measures
 
 
 def trace_groups(model: nn.Module, example_inputs: torch.Tensor, eligible: set[str]) -> list[ChannelGroup]:
@@ -155,7 +157,7 @@ def trace_groups(model: nn.Module, example_inputs: torch.Tensor, eligible: set[s
         if not usable:
             continue
         scored_by = [m for m in built if m.role == "out" and m.name in eligible]
-        groups.append(ChannelGroup(scored_by[0].name, channels, built, scored_by))
+        groups.append(ChannelGroup(scored_by[0].name, channels, built, scored_by, group))
     return sorted(groups, key=lambda g: list(names.values()).index(g.name))
 
 

@@ -13,6 +13,12 @@ trained within the same epochs as DSR, but dense at first, so it costs more.
 `prune` loads a finished dense run's final weights (`prune_from`) and prunes in `steps` equal
 steps (the paper: 20, every 2 epochs), ending at 80% of its own training by default (the paper:
 40 of 50 epochs, then 10 epochs of fine-tuning).
+
+`prune-channels` is what a deployer would otherwise do for speed: structured pruning of a trained
+dense model. It loads a dense run like `prune`, and removes whole channel groups (channels.py) in
+`steps` equal steps, ranked globally by Torch-Pruning's group importance (the L2 magnitude of
+every layer a channel occupies, each group's scores over their mean), to the same channel share
+as a DSR run with channel removal; the weights stay dense. Then it fine-tunes.
 """
 
 from __future__ import annotations
@@ -21,9 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch_pruning as tp
 
 from ..errors import UserError
 from .base import Sparsifier, read_finished_run
+from .channels import ChannelGroup, ChannelRemoval
 
 
 class GradualPrune(Sparsifier):
@@ -134,21 +142,7 @@ class Prune(GradualPrune):
         distribution: str = "uniform",
         seed: int = 0,
     ):
-        if prune_from is None:
-            raise UserError("method 'prune' needs prune_from: the train/final.pt of a dense run to prune")
-        source = read_finished_run(prune_from, "prune_from")
-        if source["sparsifier"]["masks"]:
-            raise UserError(
-                f"prune_from: {prune_from} is a sparse run ({source['sparsifier'].get('method')}); "
-                "prune starts from a dense one"
-            )
-        state = model.state_dict()
-        weights = source["model"]
-        if set(weights) != set(state) or any(weights[k].shape != state[k].shape for k in state):
-            raise UserError(
-                f"prune_from: {prune_from} holds another model's weights (same model and options?)"
-            )
-        model.load_state_dict(weights)  # before the masks: they start all ones anyway
+        load_dense_run(model, prune_from, self.method)  # before the masks: they start all ones anyway
         super().__init__(
             model,
             optimizer,
@@ -161,3 +155,58 @@ class Prune(GradualPrune):
             distribution=distribution,
             seed=seed,
         )
+
+
+def load_dense_run(model: torch.nn.Module, prune_from: str | Path | None, method: str) -> None:
+    """Load the final weights of a finished dense run into `model`."""
+    if prune_from is None:
+        raise UserError(f"method '{method}' needs prune_from: the train/final.pt of a dense run to prune")
+    source = read_finished_run(prune_from, "prune_from")
+    if source["sparsifier"]["masks"] or "channels" in source["sparsifier"]:
+        raise UserError(
+            f"prune_from: {prune_from} is a sparse run ({source['sparsifier'].get('method')}); "
+            f"{method} starts from a dense one"
+        )
+    state = model.state_dict()
+    weights = source["model"]
+    if set(weights) != set(state) or any(weights[k].shape != state[k].shape for k in state):
+        raise UserError(f"prune_from: {prune_from} holds another model's weights (same model and options?)")
+    model.load_state_dict(weights)
+
+
+def group_importance(group: ChannelGroup) -> torch.Tensor:
+    """Torch-Pruning's GroupMagnitudeImportance of each channel of a group."""
+    return tp.importance.GroupMagnitudeImportance(p=2)(group.tp_group).detach().double().cpu()
+
+
+class ChannelPrune(Sparsifier):
+    """Structured pruning of a trained dense model: channels removed in equal steps, then fine-tuning."""
+
+    method = "prune-channels"
+    granularities = ("element",)
+    default_end = 0.5  # of training: the steps, each followed by some training, then fine-tuning
+
+    def __init__(
+        self,
+        model,
+        optimizer=None,
+        *,
+        prune_from: str | Path | None = None,
+        share: float = 0.5,
+        steps: int = 5,
+        floor: float = 0.1,
+        begin_iteration: int = 0,
+        end_iteration: int | None = None,
+        total_steps: int | None = None,
+        layers=None,
+        seed: int = 0,
+        example_inputs: torch.Tensor | None = None,
+    ):
+        load_dense_run(model, prune_from, self.method)
+        super().__init__(model, optimizer, sparsity=0.0, layers=layers, seed=seed)
+        if end_iteration is None:
+            if total_steps is None:
+                raise ValueError("channel pruning needs end_iteration or total_steps")
+            end_iteration = max(begin_iteration + 1, round(self.default_end * total_steps))
+        removal = ChannelRemoval(share, begin_iteration, end_iteration, floor, steps)
+        self._start_channel_removal(removal, example_inputs, score=group_importance)
