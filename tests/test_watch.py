@@ -582,6 +582,58 @@ def test_a_corrupt_journal_is_one_line_that_says_how_to_recover(tmp_path, drop):
     assert journal_path.read_bytes() == truncated  # left as it was, for the user to look at
 
 
+@pytest.mark.parametrize("unreadable", ["journal.sqlite", ".dsrpipe"])
+def test_an_unreadable_journal_or_state_folder_is_said_as_permissions_never_as_corruption(
+    tmp_path, drop, unreadable
+):
+    """chmod 000 on the journal or on `.dsrpipe`, and `watch` and `status` run as a process that
+    file permissions hold (root without the capabilities that bypass them, see
+    helpers.unprivileged): one line, exit 2, that says permission denied, never that the journal
+    is corrupt or should be moved aside (that would lose its history), and the files untouched."""
+    prefix = helpers.unprivileged()
+    if prefix is None:
+        pytest.skip(
+            "cannot run a process that file permissions hold here (no setpriv, or it cannot drop them)"
+        )
+    state = drop / ".dsrpipe"
+    state.mkdir()
+    journal = Journal(state / "journal.sqlite")
+    journal.add(
+        name="exp",
+        drop_path="exp.yaml",
+        kind="pipeline",
+        sha256="0" * 64,
+        stamp="1:1",
+        state="done",
+        out="out",
+    )
+    journal.close()
+    before = (state / "journal.sqlite").read_bytes()
+    target = drop / unreadable if unreadable == ".dsrpipe" else state / unreadable
+    target.chmod(0)
+    try:
+        for args in (["watch", drop, "--out", tmp_path / "out", "--once"], ["status", drop]):
+            result = subprocess.run(
+                [*prefix, sys.executable, "-m", "dsrpipe", *map(str, args)],
+                capture_output=True,
+                text=True,
+                env=ENV,
+                timeout=60,
+            )
+            assert result.returncode == 2, (args, result.stderr)
+            [line] = result.stderr.strip().splitlines()
+            assert line.startswith("error: cannot ") and ": permission denied" in line, line
+            assert "corrupt" not in line and "mv " not in line and "not a database" not in line, line
+            assert not result.stdout
+        assert target.stat().st_mode & 0o7777 == 0
+    finally:
+        target.chmod(0o755 if unreadable == ".dsrpipe" else 0o644)
+    assert (state / "journal.sqlite").read_bytes() == before
+    assert not [p.name for p in state.iterdir() if p.name.startswith("journal.sqlite-")]  # no -journal, -wal
+    [job] = jobs(drop)
+    assert job["name"] == "exp" and job["state"] == "done"
+
+
 # --- crashes and restarts ------------------------------------------------------------------------
 
 
