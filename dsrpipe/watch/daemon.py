@@ -87,7 +87,7 @@ class Daemon:
                 if not disk_full(exc):
                     raise
                 self.space.full(exc)
-                while self.space.waiting() and not self.stopping:
+                while not self.space.retry() and not self.stopping:
                     time.sleep(TICK)
                 continue
             self.space.ok()
@@ -107,7 +107,7 @@ class Daemon:
         recovered = False
         while not self.stopping:
             self.readiness.wait(TICK)
-            if self.space.waiting():  # the disk is full: only the jobs' limits are kept meanwhile
+            if not self.space.retry():  # the disk is full: only the jobs' limits are kept meanwhile
                 self.runner.enforce_limits()
                 continue
             try:
@@ -165,14 +165,47 @@ class DiskSpace:
     or recorded, running jobs go on (held to their limits), and a signal stops it as always."""
 
     FIRST_WAIT, LONGEST_WAIT = 1.0, 30.0
+    PROBE_BYTES = 2**16
 
     def __init__(self, folder: DropFolder):
         self.folder = folder
         self.since: float | None = None  # monotonic, while full
         self.delay, self.retry_at = 0.0, 0.0
 
-    def waiting(self) -> bool:
-        return self.since is not None and time.monotonic() < self.retry_at
+    def retry(self) -> bool:
+        """Whether to go on now: yes unless the disk was found full, its wait is not over, or
+        there is still no room for a PROBE_BYTES file (so that `ok` is not said of a try that
+        had nothing to write)."""
+        if self.since is None:
+            return True
+        if time.monotonic() < self.retry_at:
+            return False
+        if self._room():
+            return True
+        self._back_off()
+        return False
+
+    def _room(self) -> bool:
+        probe = self.folder.state / "space-probe"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, bytes(self.PROBE_BYTES))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            return not disk_full(exc)  # another error: the real try will say what it is
+        finally:
+            try:
+                probe.unlink(missing_ok=True)
+            except OSError:
+                pass
+        return True
+
+    def _back_off(self) -> None:
+        self.delay = min(2 * self.delay, self.LONGEST_WAIT)
+        self.retry_at = time.monotonic() + self.delay
 
     def full(self, exc: BaseException) -> None:
         try:  # SQLite may leave the failed statement's transaction open
@@ -187,9 +220,9 @@ class DiskSpace:
                 f"{self.FIRST_WAIT:g} to {self.LONGEST_WAIT:g}s (no drop is taken and no job started "
                 "meanwhile; running jobs go on)"
             )
+            self.retry_at = time.monotonic() + self.delay
         else:
-            self.delay = min(2 * self.delay, self.LONGEST_WAIT)
-        self.retry_at = time.monotonic() + self.delay
+            self._back_off()
 
     def ok(self) -> None:
         if self.since is not None:
