@@ -4,6 +4,7 @@
 EXIT_BUG = 1  # an internal error: a bug, not bad input
 EXIT_USER_ERROR = 2  # bad input or an unmet requirement (UserError)
 EXIT_VALIDATION = 3  # the exported model missed a threshold (ValidationFailed)
+EXIT_DISK_FULL = 74  # (watch jobs) EX_IOERR: the disk was full, too full to record why in cause.txt
 EXIT_BUSY = 75  # EX_TEMPFAIL: another process holds the job; try again later
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: stopped by a signal; completed epochs are checkpointed
 EXIT_TERMINATED = 143  # 128 + SIGTERM: the same clean stop, asked by kill or a service manager
@@ -23,6 +24,18 @@ class UserError(Exception):
     """Bad input or an unmet requirement; the message names what is wrong."""
 
     exit_code = EXIT_USER_ERROR
+
+
+class DiskFull(UserError):
+    """A write found the disk (or the quota) full; `path` is the file that was being written."""
+
+    def __init__(self, path, message: str | None = None):
+        from .files import shown
+
+        self.path = path
+        super().__init__(
+            message or f"cannot write {shown(path)}: the disk is full (free some space and run again)"
+        )
 
 
 class ValidationFailed(UserError):

@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import re
+import sqlite3
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import UserError
+from .errors import DiskFull, UserError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -50,8 +51,13 @@ def is_text(name: str | os.PathLike) -> bool:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        if disk_full(exc):  # no room even for a folder entry or an inode
+            raise DiskFull(path) from None
+        raise
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -62,20 +68,35 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     except (OSError, RuntimeError) as exc:
         if disk_full(exc):  # the old file, if any, is still whole: a rerun once there is space picks up
-            raise UserError(
-                f"cannot write {shown(path)}: the disk is full (free some space and run again)"
-            ) from None
+            raise DiskFull(path) from None
         raise
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def disk_full(exc: BaseException) -> bool:
-    """Whether an error says the disk (or the quota) is full: ENOSPC/EDQUOT, or torch.save's
-    RuntimeError for the same ("unexpected pos", its zip writer's short write)."""
+    """Whether an error says the disk (or the quota) is full: DiskFull, ENOSPC/EDQUOT, SQLite's
+    SQLITE_FULL ("database or disk is full"), or torch.save's RuntimeError for the same
+    ("unexpected pos", its zip writer's short write)."""
+    if isinstance(exc, DiskFull):
+        return True
     if isinstance(exc, OSError):
         return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)  # the extended code: its low byte is the primary one
+        return (code is not None and code & 0xFF == sqlite3.SQLITE_FULL) or "disk is full" in str(exc)
     return isinstance(exc, RuntimeError) and "unexpected pos" in str(exc)
+
+
+def append_text(path: str | os.PathLike, text: str) -> None:
+    """Append `text` to a log file; DiskFull naming it if the disk is full."""
+    try:
+        with open(path, "a") as f:
+            f.write(text)
+    except OSError as exc:
+        if disk_full(exc):
+            raise DiskFull(path) from None
+        raise
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -157,10 +178,19 @@ def exclusive_lock(path: str | os.PathLike) -> IO | None:
     except BlockingIOError:
         f.close()
         return None
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}\n")
-    f.flush()
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+    except BaseException as exc:
+        try:
+            f.close()  # flushes what did not fit again, which fails again; the descriptor is closed
+        except OSError:
+            pass
+        if isinstance(exc, OSError) and disk_full(exc):  # no room for the pid
+            raise DiskFull(path) from None
+        raise
     return f
 
 

@@ -19,6 +19,7 @@ import torch
 from . import __version__, distributed, files
 from .config import Pipeline
 from .deploy.export import export_onnx
+from .deploy.predict import check_class_names
 from .deploy.shrink import shrink_model
 from .deploy.validate import validate_onnx
 from .errors import ValidationFailed
@@ -60,6 +61,11 @@ def export_stage(cfg: Pipeline, out: Path, *, force: bool = False) -> Path:
     checkpoint, model = _load_trained(run, cfg)
     fingerprint = run.fingerprint("export", cfg)
     info = checkpoint["data_info"]
+    # Before anything is written: predict prints them, one line per image (for imagefolder
+    # they are the class folders' names, which whoever made the dataset chose).
+    check_class_names(
+        info["class_names"], f"cannot export {cfg.name}", checkpoint["model_spec"].get("num_classes")
+    )
     summary = sparsity_summary(model, cfg)
     metadata = {
         "dsrpipe_version": __version__,

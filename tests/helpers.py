@@ -1,11 +1,14 @@
 """Shared by the tests: a small CNN, random-data training steps, the masked-weights-are-zero
 and exact-resume checks, small image-folder datasets written to disk, and the sockets a
-command's processes listen on."""
+command's processes listen on, and a command prefix under which file permissions hold."""
 
 import io
 import ipaddress
 import os
+import shutil
 import subprocess
+import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -184,3 +187,34 @@ def assert_loopback_only(seen: dict) -> None:
     assert seen, "no listening socket seen at all: the sampling missed the job"
     wide = {str(ip): holder for ip, holder in seen.items() if not ip.is_loopback}
     assert not wide, f"listening beyond loopback: {wide}"
+
+
+# Root bypasses file permissions through these capabilities: without them (in the bounding set,
+# so an exec cannot get them back) uid 0 is refused a chmod 000 file like any other user.
+_DAC_CAPS = "-dac_override,-dac_read_search,-fowner"
+
+
+def unprivileged() -> list[str] | None:
+    """A command prefix under which file permissions are enforced on this process: nothing for
+    a user that is not root; for root, `setpriv` without the capabilities that bypass them (uid
+    0 stays, so the venv and the repo stay readable, which `nobody` often cannot reach under a
+    0700 /root). None if neither works here (then skip): checked on a real chmod 000 file, and
+    by importing dsrpipe under it."""
+    if os.geteuid() != 0:
+        prefix = []
+    elif shutil.which("setpriv") is None:
+        return None
+    else:
+        prefix = ["setpriv", f"--bounding-set={_DAC_CAPS}", f"--inh-caps={_DAC_CAPS}"]
+    with tempfile.TemporaryDirectory() as tmp:
+        secret = Path(tmp) / "secret"
+        secret.write_text("x")
+        secret.chmod(0)
+        probe = f"import dsrpipe.cli\ntry:\n    open({str(secret)!r})\nexcept PermissionError:\n    print('denied')"
+        try:
+            result = subprocess.run(
+                [*prefix, sys.executable, "-c", probe], capture_output=True, text=True, timeout=120
+            )
+        except OSError:
+            return None
+    return prefix if result.returncode == 0 and result.stdout.strip() == "denied" else None

@@ -468,3 +468,70 @@ def test_a_full_disk_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch)
         result.output
         == f"error: the disk is full writing {tmp_path / 'metrics.jsonl'}: free some space and run again\n"
     )
+
+
+# -- class names: the dataset's folder names end up in every prediction's line ------------------------
+
+
+@pytest.mark.parametrize("folder", ["bee\nfake (0.99)", "bee\x1b[2Jfake"], ids=["line break", "escape"])
+def test_hostile_class_names_stop_the_export_before_anything_is_written(tmp_path, folder):
+    """An image folder whose class folders are named to forge predict's one-line-per-image output
+    (a line break, a terminal escape) or too long for one: the run trains, then its export is
+    one line, exit 2, that quotes none of the name, and no model.onnx is written. (Too long a
+    name, or a count that is not the model's: test_predict.py, the same check.)"""
+    from .helpers import image_tree, write_tree
+
+    write_tree(
+        tmp_path / "data",
+        image_tree(("ant", folder, "cat"), {"train": 4, "test": 2}, "L", "", (8, 8)),
+    )
+    raw = tiny(
+        data={"dataset": "imagefolder", "root": "data"},
+        model={"options": {"width": 4}},
+        train={"epochs": 1, "batch_size": 6},
+        finetune={"epochs": 0},
+        validate={"latency_runs": 1},
+    )
+    path = write_pipeline(tmp_path, raw)
+    result = dsrpipe("run", path, "--out", "out", "--no-progress", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()  # the epoch's progress line, then the error
+    assert [line for line in lines if line.startswith("error: ")] == [lines[-1]], result.stderr
+    assert lines[-1] == (
+        "error: cannot export tiny: class_names must be a list of names (printable text without line "
+        "breaks, 1 to 256 characters each); name 1 (counting from 0) is not"
+    )
+    assert "Traceback" not in result.stderr
+    assert "fake" not in result.stderr + result.stdout and "\x1b" not in result.stderr + result.stdout
+    assert (tmp_path / "out" / "tiny" / "train" / "final.pt").exists()  # trained, then refused
+    assert not (tmp_path / "out" / "tiny" / "model.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    "names, expected",
+    [
+        ([str(i) for i in range(9)], "cannot export tiny: 9 class_names for a model of 10 classes"),
+        (["0", "x" * 257, *map(str, range(2, 10))], "name 1 (counting from 0) is not"),
+        ("0123456789", "class_names must be a list of names (printable text without line breaks, 1 to 256"),
+    ],
+    ids=["nine for ten", "too long", "not a list"],
+)
+def test_class_names_that_do_not_fit_the_model_stop_the_export(tmp_path, names, expected):
+    """A trained checkpoint whose class names are one short of the model's logits, one too long,
+    or no list: export is one line, exit 2, and no model.onnx is written."""
+    from dsrpipe.rundir import load_checkpoint, save_checkpoint
+
+    path = small_run(tmp_path)
+    trained = CliRunner().invoke(
+        app, ["train-sparse", str(path), "--out", str(tmp_path / "out"), "--no-progress"]
+    )
+    assert trained.exit_code == 0, trained.output
+    final = tmp_path / "out" / "tiny" / "train" / "final.pt"
+    checkpoint = load_checkpoint(final)
+    checkpoint["data_info"]["class_names"] = names
+    save_checkpoint(final, checkpoint)
+    result = CliRunner().invoke(app, ["export", str(path), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    [line] = result.output.strip().splitlines()
+    assert line.startswith("error: ") and expected in line and "x" * 20 not in line, line
+    assert not (tmp_path / "out" / "tiny" / "model.onnx").exists()

@@ -191,6 +191,11 @@ def _with_class_names(path: Path, to: Path, names: str) -> Path:
         ("names nested", "class_names metadata is not a JSON list"),
         ("name with a newline", "class_names must be a list of names"),
         ("a name that is no string", "class_names must be a list of names"),
+        (
+            "a name too long",
+            "class_names must be a list of names (printable text without line breaks, 1 to 256",
+        ),
+        ("nine names for ten", "9 class_names for a model of 10 classes"),
     ],
 )
 def test_what_a_model_declares_is_bounded_one_line_exit_2(digits_model, tmp_path, case, expected):
@@ -210,6 +215,10 @@ def test_what_a_model_declares_is_bounded_one_line_exit_2(digits_model, tmp_path
         path = _with_class_names(path, tmp_path / "m.onnx", "[" * 100_000 + "]" * 100_000)
     elif case == "name with a newline":
         path = _with_class_names(path, tmp_path / "m.onnx", json.dumps(["zero\nfake\t0.99", *NAMES[1:]]))
+    elif case == "a name too long":
+        path = _with_class_names(path, tmp_path / "m.onnx", json.dumps(["zero" * 65, *NAMES[1:]]))
+    elif case == "nine names for ten":
+        path = _with_class_names(path, tmp_path / "m.onnx", json.dumps(NAMES[:9]))
     else:
         path = _with_class_names(path, tmp_path / "m.onnx", json.dumps([["zero"], *NAMES[1:]]))
     result = subprocess.run(
@@ -222,4 +231,5 @@ def test_what_a_model_declares_is_bounded_one_line_exit_2(digits_model, tmp_path
     assert result.returncode == 2, result.stderr[-2000:]
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("error: ") and expected in line and "internal error" not in line, line
+    assert "fake" not in line and "zerozero" not in line  # nothing of a name is quoted
     assert not result.stdout

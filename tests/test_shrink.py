@@ -209,6 +209,47 @@ def test_residual_channels_go_only_when_dead_in_every_branch():
     )
 
 
+class GatedStream(nn.Module):
+    """Two producers add into one 4-channel stream that a Linear reads: `direct` (a 3x3 conv of
+    the input) and `gated`, a 1x1 conv of ReLU(x - 10). A standard normal input never reaches
+    10 (the probe and check batches of shrink_model are torch.randn), so on them the gated
+    branch is its bias alone; an input brighter than 10 opens it."""
+
+    def __init__(self):
+        super().__init__()
+        self.direct = nn.Conv2d(1, 4, 3, padding=1)
+        self.gate = nn.Conv2d(1, 1, 1)
+        self.gated = nn.Conv2d(1, 4, 1)
+        self.fc = nn.Linear(4, 3)
+        with torch.no_grad():
+            self.gate.weight.fill_(1.0)
+            self.gate.bias.fill_(-10.0)
+
+    def forward(self, x):
+        stream = self.direct(x) + self.gated(torch.relu(self.gate(x)))
+        return self.fc(torch.relu(stream).mean((2, 3)))
+
+
+def test_a_stream_channel_silent_on_the_probe_but_written_by_a_live_producer_stays():
+    """Channel 2 of the stream: `direct`'s filter for it is zero, `gated`'s is not, yet on the
+    random probe (and check) batch the gated branch is silent, so every consumer sees one
+    constant there. Only a channel dead in *every* producer may go: with `any` producer in
+    place of `all`, channel 2 would be folded into the classifier's bias, the safety net (random
+    inputs too) would not see it, and on bright inputs the logits would change."""
+    torch.manual_seed(0)
+    model = GatedStream().eval()
+    kill(model.direct, 2)
+    with torch.no_grad():
+        model.gated.weight[2] = 3.0  # live: bright pixels reach the stream through it
+    shrunk, summary = shrunk_checked(model, (1, 6, 6))
+    assert summary["removed_channels"] == {} and shrunk.direct.out_channels == shrunk.fc.in_features == 4
+    bright = torch.rand(8, 1, 6, 6, generator=torch.Generator().manual_seed(3)) * 4 + 9  # 9..13
+    with torch.no_grad():
+        expected, got = model(bright), shrunk(bright)
+        assert not torch.allclose(model.gated(torch.relu(model.gate(bright)))[:, 2], model.gated.bias[2])
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5), float((got - expected).abs().max())
+
+
 def test_wrn_preactivation_blocks():
     """WRN-10-2: inside a block conv1 -> BN -> ReLU -> conv2 (padded 3x3); between groups a stream
     written by conv2 and the 1x1 shortcut, read through BN -> ReLU by the next conv1 and shortcut."""

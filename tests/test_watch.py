@@ -1,6 +1,7 @@
 """`dsrpipe watch`: real daemons (real watchdog observers) on temporary drop folders, real job
 processes, tiny digits pipelines. Each job costs ~3-4 s (train, ONNX export, validation)."""
 
+import errno
 import gzip
 import hashlib
 import io
@@ -13,6 +14,7 @@ import sys
 import tarfile
 import time
 import zipfile
+from pathlib import Path
 
 import onnx
 import pytest
@@ -582,6 +584,58 @@ def test_a_corrupt_journal_is_one_line_that_says_how_to_recover(tmp_path, drop):
     assert journal_path.read_bytes() == truncated  # left as it was, for the user to look at
 
 
+@pytest.mark.parametrize("unreadable", ["journal.sqlite", ".dsrpipe"])
+def test_an_unreadable_journal_or_state_folder_is_said_as_permissions_never_as_corruption(
+    tmp_path, drop, unreadable
+):
+    """chmod 000 on the journal or on `.dsrpipe`, and `watch` and `status` run as a process that
+    file permissions hold (root without the capabilities that bypass them, see
+    helpers.unprivileged): one line, exit 2, that says permission denied, never that the journal
+    is corrupt or should be moved aside (that would lose its history), and the files untouched."""
+    prefix = helpers.unprivileged()
+    if prefix is None:
+        pytest.skip(
+            "cannot run a process that file permissions hold here (no setpriv, or it cannot drop them)"
+        )
+    state = drop / ".dsrpipe"
+    state.mkdir()
+    journal = Journal(state / "journal.sqlite")
+    journal.add(
+        name="exp",
+        drop_path="exp.yaml",
+        kind="pipeline",
+        sha256="0" * 64,
+        stamp="1:1",
+        state="done",
+        out="out",
+    )
+    journal.close()
+    before = (state / "journal.sqlite").read_bytes()
+    target = drop / unreadable if unreadable == ".dsrpipe" else state / unreadable
+    target.chmod(0)
+    try:
+        for args in (["watch", drop, "--out", tmp_path / "out", "--once"], ["status", drop]):
+            result = subprocess.run(
+                [*prefix, sys.executable, "-m", "dsrpipe", *map(str, args)],
+                capture_output=True,
+                text=True,
+                env=ENV,
+                timeout=60,
+            )
+            assert result.returncode == 2, (args, result.stderr)
+            [line] = result.stderr.strip().splitlines()
+            assert line.startswith("error: cannot ") and ": permission denied" in line, line
+            assert "corrupt" not in line and "mv " not in line and "not a database" not in line, line
+            assert not result.stdout
+        assert target.stat().st_mode & 0o7777 == 0
+    finally:
+        target.chmod(0o755 if unreadable == ".dsrpipe" else 0o644)
+    assert (state / "journal.sqlite").read_bytes() == before
+    assert not [p.name for p in state.iterdir() if p.name.startswith("journal.sqlite-")]  # no -journal, -wal
+    [job] = jobs(drop)
+    assert job["name"] == "exp" and job["state"] == "done"
+
+
 # --- crashes and restarts ------------------------------------------------------------------------
 
 
@@ -675,6 +729,100 @@ def test_burst_of_20_drops_sigterm_and_restart_with_pending_drops(tmp_path, drop
     for name in names:
         assert json.loads((out / name / "report.json").read_text())["name"] == name
         assert len(re.findall(r"\| export: (?!already|shrink)", job_log(drop, name))) <= 1
+
+
+# --- a full disk ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 4 MiB filesystem (tmpfs) at tmp_path/disk, unmounted at the end. Skips where it
+    cannot be mounted (not root, no mount, a container without CAP_SYS_ADMIN)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    try:
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0755", "tmpfs", str(disk)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except OSError as exc:
+        pytest.skip(f"cannot mount a small filesystem here: {exc}")
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small filesystem here: {mounted.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=30)
+
+
+def fill(disk):
+    """Write disk/filler until the filesystem has not one byte left."""
+    with open(disk / "filler", "wb", buffering=0) as f:
+        for chunk in (2**16, 2**12, 1):
+            try:
+                while True:
+                    f.write(bytes(chunk))
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+
+
+def _alive(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_full_drop_folder_disk_never_kills_the_daemon(tmp_path, small_disk, watchers):
+    """The drop folder on a real small filesystem, filled up while a job trains and a drop is
+    made: the daemon says once that the disk is full and that it waits, stays alive, and once
+    there is space again it records what happened meanwhile (the job, which could not write
+    its log, failed with that cause; the drop taken) and serves the next drop. Its --log-file
+    on the same disk loses lines quietly, without a traceback per line."""
+    drop, out = small_disk / "drop", tmp_path / "out"  # the outputs elsewhere: only the drop fills up
+    drop.mkdir()
+    w = watchers(drop, out, "--log-file", small_disk / "watch.log")
+    w.wait_log("watching")
+    (drop / "slow.yaml").write_text(pipeline(epochs=1000))
+    log = drop / ".dsrpipe" / "jobs" / "slow" / "job.log"
+    w.wait_for(lambda: log.exists() and "train epoch 2/" in log.read_text(), "the slow job to train")
+    (drop / ".notes.txt.tmp").write_text("not a drop\n")  # made now, dropped by a rename when full
+    fill(small_disk)
+    os.rename(drop / ".notes.txt.tmp", drop / "notes.txt")
+    w.wait_log(r"the disk is full writing \S+: waiting for space")
+    [pid] = [j["pid"] for j in jobs(drop) if j["name"] == "slow"]
+    w.wait_for(lambda: not _alive(pid), "the job to stop: its log outgrew its last page", timeout=120)
+    time.sleep(2)  # a few more retries of the daemon's
+    assert w.proc.poll() is None
+    full = re.findall(r"the disk is full writing (?!the log file).*", w.log())
+    assert len(full) == 1 and "no drop is taken and no job started meanwhile" in full[0], w.log()
+
+    (small_disk / "filler").unlink()
+    w.wait_log("there is space again")
+    w.wait_state("slow", "failed")
+    w.wait_log("ignored notes.txt")
+    [cause] = [j["cause"] for j in jobs(drop) if j["name"] == "slow"]
+    assert cause.startswith("the disk is full"), cause
+    assert (drop / "slow.error.txt").read_text().splitlines()[0] == cause
+    assert re.search(r"slow\s+failed .* the disk is full", cli("status", drop).stdout)
+    (drop / "next.yaml").write_text(pipeline(seed=1))
+    w.wait_state("next", "done")
+    assert (out / "next" / "model.onnx").exists()
+    assert "Traceback" not in w.log() and "Logging error" not in w.log(), w.log()
+    assert "there is space again" in (small_disk / "watch.log").read_text()
+    assert w.stop() == 0
+
+    # Started on a full disk (no room for its pid in the lock file), a daemon waits as well.
+    fill(small_disk)
+    w = watchers(drop, out)
+    w.wait_log(r"the disk is full writing \S+/\.dsrpipe/lock: waiting for space")
+    time.sleep(1.5)
+    assert w.proc.poll() is None and "watching" not in w.log()
+    (small_disk / "filler").unlink()
+    w.wait_log("watching")
+    assert w.stop() == 0
 
 
 # --- files put in place by whoever writes drops ----------------------------------------------------

@@ -75,9 +75,28 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(err).__name__
 
 
-def class_names(meta: dict, path: Path) -> list[str]:
-    """The class_names metadata: a JSON list of short printable strings (one line each in the
-    output), or UserError."""
+def check_class_names(names, where: str, count: int | None = None) -> list[str]:
+    """`names` if it is a list of `count` class names, each printable text without line breaks,
+    1 to MAX_CLASS_NAME characters (predict writes one line per image, names included), else a
+    one-line UserError that starts with `where` and quotes none of them. The one check for
+    both ends: export, before anything is written, and predict, of the file it is given."""
+    rule = f"printable text without line breaks, 1 to {MAX_CLASS_NAME} characters each"
+    if not isinstance(names, list):
+        raise UserError(
+            f"{where}: class_names must be a list of names ({rule}), not a {type(names).__name__}"
+        )
+    for i, name in enumerate(names):
+        if not (isinstance(name, str) and name.isprintable() and 0 < len(name) <= MAX_CLASS_NAME):
+            raise UserError(
+                f"{where}: class_names must be a list of names ({rule}); name {i} (counting from 0) is not"
+            )
+    if count is not None and len(names) != count:
+        raise UserError(f"{where}: {len(names)} class_names for a model of {count} classes")
+    return names
+
+
+def class_names(meta: dict, path: Path, count: int | None = None) -> list[str]:
+    """The class_names metadata of the model file at `path` (see check_class_names), or UserError."""
     try:
         names = json.loads(meta["class_names"])
     except KeyError:
@@ -86,21 +105,17 @@ def class_names(meta: dict, path: Path) -> list[str]:
         ) from None
     except (ValueError, RecursionError):  # RecursionError: nested too deep for the parser
         raise UserError(f"{path}: the model's class_names metadata is not a JSON list") from None
-    if not isinstance(names, list) or not all(
-        isinstance(n, str) and n.isprintable() and 0 < len(n) <= MAX_CLASS_NAME for n in names
-    ):
-        raise UserError(
-            f"{path}: class_names must be a list of names (printable text without line breaks, at most "
-            f"{MAX_CLASS_NAME} characters each)"
-        )
-    return names
+    return check_class_names(names, str(path), count)
 
 
 def load_classifier(path: str | Path, max_side: int = MAX_SIDE):
     """(session, class names, (channels, height, width)) of an exported model, or UserError."""
     path = Path(path)
     session = open_session(path)
-    names = class_names(session.get_modelmeta().custom_metadata_map, path)
+    classes = session.get_outputs()[0].shape[-1] if session.get_outputs()[0].shape else None
+    names = class_names(
+        session.get_modelmeta().custom_metadata_map, path, classes if isinstance(classes, int) else None
+    )
     return session, names, input_shape(session, path, max_side)
 
 

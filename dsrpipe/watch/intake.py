@@ -51,10 +51,14 @@ class Intake:
 
     @contextmanager
     def guard(self, name: str) -> Iterator[None]:
-        """Any unexpected error while looking at one drop fails that drop, never the daemon."""
+        """Any unexpected error while looking at one drop fails that drop, never the daemon. A full
+        disk is not the drop's fault: it passes through, for the daemon to wait and take the drop
+        again (see daemon.DiskSpace)."""
         try:
             yield
         except Exception as exc:
+            if files.disk_full(exc):
+                raise
             cause = f"internal error while taking this drop: {type(exc).__name__}: {exc}"
             try:
                 try:

@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from .. import files
-from ..errors import EXIT_BUG, EXIT_BUSY, EXIT_INTERRUPTED, UserError, raise_terminated
+from ..errors import (
+    EXIT_BUG,
+    EXIT_BUSY,
+    EXIT_DISK_FULL,
+    EXIT_INTERRUPTED,
+    EXIT_USER_ERROR,
+    UserError,
+    raise_terminated,
+)
 from ..files import exclusive_lock, shown
 
 
@@ -25,15 +33,27 @@ def job_process(job_dir: str, settings: dict[str, Any]) -> None:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
-    sys.exit(job_main(Path(job_dir), settings))
+    code = job_main(Path(job_dir), settings)
+    for name in ("stdout", "stderr"):  # what a full disk kept from the job log: dropped, not an exit error
+        try:
+            getattr(sys, name).flush()
+        except OSError:
+            setattr(sys, name, open(os.devnull, "w"))
+    sys.exit(code)
 
 
 def job_main(job_dir: Path, settings: dict[str, Any] | None = None) -> int:
     """Run one job and return its exit code (dsrpipe.errors: 0 done, 2 bad input, 3 validation
-    failed, 130 interrupted, 75 job busy, 1 a bug). The cause of a failure goes to cause.txt."""
+    failed, 130 interrupted, 75 job busy, 74 the disk too full to write cause.txt, 1 a bug). The
+    cause of a failure goes to cause.txt."""
     settings = settings or {}
     spec = json.loads((job_dir / "job.json").read_text())
-    lock = exclusive_lock(job_dir / "job.lock")  # held until this process ends, however it ends
+    try:
+        lock = exclusive_lock(job_dir / "job.lock")  # held until this process ends, however it ends
+    except OSError as exc:
+        if files.disk_full(exc):  # no room for its pid
+            return EXIT_DISK_FULL
+        raise
     if lock is None:
         print("error: another process is running this job", file=sys.stderr, flush=True)
         return EXIT_BUSY
@@ -68,19 +88,39 @@ def job_main(job_dir: Path, settings: dict[str, Any] | None = None) -> int:
     except UserError as exc:
         cause, code = str(exc).replace(spec["config"], spec["shown_as"]), exc.exit_code
     except KeyboardInterrupt:
-        print(
-            "interrupted: completed epochs are checkpointed; the job resumes from there",
-            file=sys.stderr,
-            flush=True,
+        _say(
+            lambda: print(
+                "interrupted: completed epochs are checkpointed; the job resumes from there",
+                file=sys.stderr,
+                flush=True,
+            )
         )
         return EXIT_INTERRUPTED
-    except Exception as exc:  # a bug: the traceback goes to the job log
-        traceback.print_exc()
-        cause, code = f"internal error: {type(exc).__name__}: {exc}", EXIT_BUG
+    except Exception as exc:
+        if files.disk_full(exc):  # a write outside files.atomic_path (the job log, a library's file)
+            where = f" writing {shown(exc.filename)}" if getattr(exc, "filename", None) else ""
+            cause, code = f"the disk is full{where} (free some space and run again)", EXIT_USER_ERROR
+        else:  # a bug: the traceback goes to the job log
+            _say(traceback.print_exc)
+            cause, code = f"internal error: {type(exc).__name__}: {exc}", EXIT_BUG
     cause = shown(cause)
-    print(f"error: {cause}", file=sys.stderr, flush=True)
-    files.write_text(job_dir / "cause.txt", cause + "\n")
+    _say(lambda: print(f"error: {cause}", file=sys.stderr, flush=True))
+    try:
+        files.write_text(job_dir / "cause.txt", cause + "\n")
+    except Exception as exc:
+        if files.disk_full(exc):  # the runner says so for us
+            return EXIT_DISK_FULL
+        raise
     return code
+
+
+def _say(write) -> None:
+    """Write to the job log, which a full disk may refuse: the cause still goes to cause.txt."""
+    try:
+        write()
+    except OSError as exc:
+        if not files.disk_full(exc):
+            raise
 
 
 def _run_through_torchrun(spec: dict[str, Any], nproc: int, threads: int | None) -> int:

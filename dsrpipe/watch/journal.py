@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import files
-from ..errors import UserError
+from ..errors import DiskFull, UserError
 from ..files import shown
 
 ACTIVE = ("queued", "running")
@@ -77,6 +77,8 @@ class Journal:
                 self.db.execute("PRAGMA synchronous = FULL")
                 self.db.executescript(SCHEMA)
         except sqlite3.DatabaseError as exc:
+            if files.disk_full(exc):  # a new journal's tables find no room: not corruption
+                raise DiskFull(path) from None
             if not readonly and not all(os.access(p, os.R_OK | os.W_OK) for p in (path, path.parent)):
                 raise UserError(
                     f"cannot open the watch journal {path}: permission denied (the file and its folder "

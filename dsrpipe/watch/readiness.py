@@ -9,6 +9,7 @@ watched alone, so the state folder and caches stay unwatched.
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import stat
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UserError
-from ..files import shown
+from ..files import disk_full, shown
 from .drops import ERROR_SUFFIX, READY_MARKER, entry_kind, stamp
 from .folder import DropFolder, log
 
@@ -98,8 +99,7 @@ class Readiness:
     def scan(self) -> None:
         """Every entry there now: drops made while the daemon was down (unchanged ones are skipped)."""
         for name in sorted(os.listdir(self.folder.drop)):
-            with self.guard(name):
-                self._consider(name, scan=True)
+            self._look_at(name, scan=True)
 
     def wait(self, timeout: float) -> None:
         """Take the events of up to `timeout` seconds: each top-level entry they touched is pending."""
@@ -122,8 +122,16 @@ class Readiness:
                 self._unwatch_folder(top)  # a new folder of the same name needs a new watch
             touched[top] = None
         for name in touched:
+            self._look_at(name)
+
+    def _look_at(self, name: str, scan: bool = False) -> None:
+        try:
             with self.guard(name):
-                self._consider(name)
+                self._consider(name, scan)
+        except Exception as exc:
+            if not disk_full(exc):
+                raise
+            self.pend(name, at_once=True)  # the intake meets the full disk again, and waits for space
 
     def ready(self) -> list[str]:
         """Pending entries that are quiet now, or marked ready; they leave the pending list."""
@@ -152,12 +160,14 @@ class Readiness:
         marked = stat.S_ISDIR(st.st_mode) and (path / READY_MARKER).exists()
         return marked or now - pending.last >= self.quiet
 
-    def pend(self, name: str) -> None:
-        """Wait for `name` to be quiet again (it changed while it was being read)."""
+    def pend(self, name: str, at_once: bool = False) -> None:
+        """Wait for `name` to be quiet again (it changed while it was being read); `at_once`: it
+        was ready, and is again at the next look unless it changes (the disk was full)."""
         try:
-            self.pending[name] = _Pending(time.monotonic(), _look((self.folder.drop / name).lstat()))
+            look = _look((self.folder.drop / name).lstat())
         except OSError:
-            pass
+            return
+        self.pending[name] = _Pending(-math.inf if at_once else time.monotonic(), look)
 
     def _consider(self, name: str, scan: bool = False) -> None:
         """Note activity on a top-level entry; it becomes a drop once quiet (see ready)."""

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import EXIT_BUSY, EXIT_INTERRUPTED, EXIT_USER_ERROR, EXIT_VALIDATION
+from .. import files
+from ..errors import EXIT_BUSY, EXIT_DISK_FULL, EXIT_INTERRUPTED, EXIT_USER_ERROR, EXIT_VALIDATION
+from ..files import disk_full, shown
 from .drops import ERROR_SUFFIX
 from .folder import DropFolder, log, try_lock
 from .limits import group_memory
@@ -52,6 +54,8 @@ class _Running:
     job: dict[str, Any]
     started: float  # monotonic
     killed: str | None = None  # why the runner killed it (a limit), if it did
+    announced: bool = False  # its pid is in the journal and its `running` line logged
+    ended: float | None = None  # monotonic, when its end was first seen (recorded later if the disk is full)
 
 
 class Runner:
@@ -97,13 +101,21 @@ class Runner:
             self._start(job)
 
     def poll(self) -> None:
-        """Record the jobs that ended; kill those over a limit."""
+        """Record the jobs that ended; kill those over a limit. A job leaves `running` only once
+        how it ended is recorded: if the disk is full, the next poll records it."""
         for job_id, r in list(self.running.items()):
+            if not r.announced:
+                self._announce(r)
             code = r.proc.exitcode
             if code is not None:
+                r.ended = r.ended or time.monotonic()
+                self._finished(r, code)
                 del self.running[job_id]
                 r.proc.close()
-                self._finished(r, code)
+        self.enforce_limits()
+
+    def enforce_limits(self) -> None:
+        """Kill the jobs over --job-memory or --job-timeout (a look every LIMITS_PERIOD seconds)."""
         if time.monotonic() >= self._next_look:
             self._next_look = time.monotonic() + LIMITS_PERIOD
             self._enforce_limits()
@@ -121,11 +133,24 @@ class Runner:
         deadline = time.monotonic() + STOP_TIMEOUT
         while self.running and time.monotonic() < deadline and not kill_now():
             time.sleep(0.1)
-            self.poll()
+            self._poll_stopping()
         for r in self.running.values():
             signal_group(r.proc.pid, signal.SIGKILL)
             r.proc.join(10)
-        self.poll()  # anything still listed stays `running`: the next start deals with it
+        self._poll_stopping()  # anything still listed stays `running`: the next start deals with it
+
+    def _poll_stopping(self) -> None:
+        """poll() while the daemon stops. If the disk is full, a job that has ended stays
+        `running` in the journal, and the next start requeues it (it resumes, or finds its
+        outputs complete)."""
+        try:
+            self.poll()
+        except Exception as exc:
+            if not disk_full(exc):
+                raise
+            for job_id, r in list(self.running.items()):
+                if r.proc.exitcode is not None:
+                    del self.running[job_id]
 
     # -- one job ----------------------------------------------------------------------------------
 
@@ -149,6 +174,13 @@ class Runner:
             RunDir(Path(job["out"]), job["name"]).clear()
             shutil.rmtree(job_dir / "cache", ignore_errors=True)
         attempt = job["attempts"] + 1
+        # In this order, so that a full disk at any step leaves the job queued (nothing started)
+        # or running and watched (see poll).
+        files.append_text(
+            job_dir / "job.log",
+            f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} job {job['name']} (#{job['id']}) attempt {attempt} ===\n",
+        )
+        (job_dir / "cause.txt").unlink(missing_ok=True)
         self.folder.journal.update(
             job["id"],
             state="running",
@@ -158,19 +190,18 @@ class Runner:
             exit_code=None,
             finished=None,
         )
-        with open(job_dir / "job.log", "a") as f:
-            f.write(
-                f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} job {job['name']} (#{job['id']}) "
-                f"attempt {attempt} ===\n"
-            )
-        (job_dir / "cause.txt").unlink(missing_ok=True)
         proc = self._process_context().Process(
             target=job_process, args=(str(job_dir), self._job_settings()), name=f"dsrpipe-job-{job['name']}"
         )
         proc.start()
-        self.folder.journal.update(job["id"], pid=proc.pid)
-        self.running[job["id"]] = _Running(proc, {**job, "attempts": attempt}, time.monotonic())
-        self.folder.event(job["name"], "running", id=job["id"], attempt=attempt, pid=proc.pid)
+        r = self.running[job["id"]] = _Running(proc, {**job, "attempts": attempt}, time.monotonic())
+        self._announce(r)
+
+    def _announce(self, r: _Running) -> None:
+        """The started job's pid into the journal, and its `running` line."""
+        self.folder.journal.update(r.job["id"], pid=r.proc.pid)
+        r.announced = True
+        self.folder.event(r.job["name"], "running", id=r.job["id"], attempt=r.job["attempts"], pid=r.proc.pid)
 
     def _job_settings(self) -> dict[str, Any]:
         workers = self.opts.workers
@@ -204,7 +235,7 @@ class Runner:
         self.folder.event(r.job["name"], "killing", id=r.job["id"], pid=r.proc.pid, reason=cause)
 
     def _finished(self, r: _Running, code: int) -> None:
-        job, seconds = r.job, time.monotonic() - r.started
+        job, seconds = r.job, (r.ended or time.monotonic()) - r.started
         job_dir = self.folder.job_dir(job)
         if code == 0:  # cleaned up first: a job `done` in the journal is done with
             shutil.rmtree(job_dir / "cache", ignore_errors=True)
@@ -223,7 +254,7 @@ class Runner:
             return self.folder.fail(job, r.killed, code, seconds)
         if code == 255:  # the fork server went away: its job may still be running
             self._stop_orphan(job)
-        interrupted = code not in (EXIT_USER_ERROR, EXIT_VALIDATION) and (
+        interrupted = code not in (EXIT_USER_ERROR, EXIT_VALIDATION, EXIT_DISK_FULL) and (
             self.stopping() or code in INTERRUPTED
         )
         if code == EXIT_BUSY or interrupted:
@@ -241,7 +272,12 @@ class Runner:
             cause = (job_dir / "cause.txt").read_text().strip()
         except OSError:
             cause = ""
-        if not cause:
+        if not cause and code == EXIT_DISK_FULL:
+            cause = (
+                f"the disk is full: the job stopped, and could not even write why in {shown(job_dir)} "
+                "(its log may end early); once there is space, drop it again under --rerun to run it again"
+            )
+        elif not cause:
             cause = (
                 f"the job process was killed by {signal.Signals(-code).name}"
                 if code < 0
