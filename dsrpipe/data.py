@@ -339,6 +339,9 @@ def _check_name(name: str) -> str:
 
 
 def _splits(name, classes, train_x, train_y, test_x, test_y, *, max_value=255, stats=None):
+    from .deploy.predict import check_class_names  # here, not at export: before training, not after
+
+    check_class_names(list(classes), f"dataset '{name}'")
     mean, std = stats or channel_stats(train_x, max_value)
     info = DatasetInfo(
         name=name,
