@@ -191,10 +191,11 @@ def picture(rows: list[dict], path: Path, title: str) -> None:
         ax.set_xlabel(f"speed against dense, onnxruntime CPU, {batch}")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("top-1 (mean over seeds)")
-    axes[1].legend(fontsize=7, loc="lower right")
+    handles, names = axes[0].get_legend_handles_labels()
+    figure.legend(handles, names, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
 
 

@@ -58,12 +58,8 @@ class RewireSchedule:
         epoch = (iteration - 1) // self.steps_per_epoch if self.steps_per_epoch else 0
         if self.stop_epoch is not None and epoch >= self.stop_epoch:
             return False
-        return iteration % self.period(iteration) == 0
-
-    def period(self, iteration: int) -> int:
-        """The reallocation period in force at optimizer step `iteration`."""
-        epoch = (iteration - 1) // self.steps_per_epoch if self.steps_per_epoch else 0
-        return [p for start, p in self.periods.items() if start <= epoch][-1]
+        period = [p for start, p in self.periods.items() if start <= epoch][-1]
+        return iteration % period == 0
 
 
 @dataclass(frozen=True)
@@ -527,15 +523,14 @@ class Sparsifier:
         (`pruned_grown`): the DSR authors' check of whether reallocation explores or keeps pruning
         the zeros it has just grown."""
         self.iteration += 1
-        scheduled = bool(self.masks) and self.schedule.due(self.iteration)
+        due = self.schedule.due(self.iteration)
+        scheduled = bool(self.masks) and due
         removing = (
             self.channels is not None
             and self.channels.removal.share > 0
-            and self.channels.removal.due(self.iteration, self.schedule.due(self.iteration))
+            and self.channels.removal.due(self.iteration, due)
         )
-        if not scheduled and not removing:
-            return None
-        stats = self._reallocate_and_track() if scheduled else {"iteration": self.iteration, "pruned": 0}
+        stats = self._reallocate_and_track() if scheduled else None
         if removing:
             stats = {**(stats or {"iteration": self.iteration, "pruned": 0}), **self.remove_channels()}
         return stats
