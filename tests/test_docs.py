@@ -246,7 +246,8 @@ def test_every_method_key_in_the_docs_belongs_to_the_methods_it_names():
         keys_cell, methods_cell = row.split("|")[1:3]
         keys = re.findall(r"`([a-z_]+)`", keys_cell)
         methods = re.findall(
-            r"(?<![\w-])(dsr|static|thin-dense|set|deepr|rigl|prune-channels|prune|gmp|frozen|dense)(?![\w-])", methods_cell
+            r"(?<![\w-])(dsr|static|thin-dense|set|deepr|rigl|prune-channels|prune|gmp|frozen|dense)(?![\w-])",
+            methods_cell,
         )
         if methods_cell.strip() == "all":
             methods = list(METHOD_OPTIONS)
