@@ -2,6 +2,7 @@
 as its own keywords; `dsrpipe compare` gives every run the options its method takes and wires
 the runs that start from another (prune ← dense, frozen ← dsr)."""
 
+import csv
 from pathlib import Path
 
 import pytest
@@ -188,6 +189,9 @@ def test_shipped_grids_give_every_method_valid_options(tmp_path, path):
 
 
 def test_compare_trains_the_dense_run_first_and_prunes_it(tmp_path):
+    """prune and prune-channels both start from the grid's dense run, trained first. prune-channels
+    removes channels with Torch-Pruning's group importance in equal steps to its share (the
+    weights stay dense), and the table counts the dense run's epochs in its epochs."""
     base = tiny(
         model={"name": "small-cnn", "options": {"width": 8}},
         train={"epochs": 1},
@@ -200,16 +204,19 @@ def test_compare_trains_the_dense_run_first_and_prunes_it(tmp_path):
             {
                 "name": "g",
                 "base": base,
-                "methods": ["prune"],
+                "methods": ["prune", "prune-channels"],
                 "sparsities": [0.8],
                 "seeds": [0],
-                "overrides": {"prune": {"sparsity.steps": 3}},
+                "overrides": {
+                    "prune": {"sparsity.steps": 3},
+                    "prune-channels": {"sparsity.share": 0.5, "sparsity.steps": 2},
+                },
             }
         )
     )
     result = compare_module.run_grid(path, tmp_path / "out", echo=lambda line: None)
     runs = {r.method: r for r in result["runs"]}
-    assert {m: r.status for m, r in runs.items()} == {"dense": "ok", "prune": "ok"}, [
+    assert {m: r.status for m, r in runs.items()} == {"dense": "ok", "prune": "ok", "prune-channels": "ok"}, [
         r.message for r in runs.values()
     ]
     dense = torch.load(
@@ -220,6 +227,22 @@ def test_compare_trains_the_dense_run_first_and_prunes_it(tmp_path):
     )
     assert pruned["fingerprint"].endswith(dense["run_id"])
     assert 0.79 <= runs["prune"].report["sparsity"] <= 0.81
+
+    channels = torch.load(
+        tmp_path / "out" / "g" / "runs" / "g-prune-channels-s0-seed0" / "train" / "final.pt",
+        weights_only=True,
+    )
+    removed = {n: int((~a).sum()) for n, a in channels["sparsifier"]["channels"].items()}
+    assert sum(removed.values()) == round(0.5 * (16 + 32))  # small-cnn at width 8: conv2, conv3
+    assert channels["sparsifier"]["masks"] == {}  # the weights stay dense
+    shrink = runs["prune-channels"].report["shrink"]
+    assert shrink["removed_channels"] == removed and shrink["folds"] == 0
+    rows = {r["method"]: r for r in csv.DictReader((tmp_path / "out" / "g" / "results.csv").open())}
+    assert (rows["dense"]["epochs"], rows["prune"]["epochs"], rows["prune-channels"]["epochs"]) == (
+        "1",
+        "2",
+        "2",
+    )
 
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "pipelines" / "quickstart.yaml"

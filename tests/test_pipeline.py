@@ -197,7 +197,6 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, monkeypatch):
     assert_same_training(reference, resumed)
 
 
-@pytest.mark.numerics
 def test_run_killed_mid_training_resumes_bit_identically(tmp_path):
     """`dsrpipe run` killed (SIGKILL) once an epoch is checkpointed, then run again, ends exactly
     where an uninterrupted run does; the LR drop (milestone 3) comes after the resume point."""
