@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError
-from .files import is_text, shown, torch_save
+from .files import is_text, load_arrays_pickle, shown, torch_save
 from .imagefolder import ARCHIVE_SUFFIXES, archive_suffix, find_splits, visible_dirs
 
 KNOWN_DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder")
@@ -401,6 +401,8 @@ def _read_torchvision(name: str, root: str | None, download: bool):
     if root is None:
         raise UserError(f"dataset '{name}': set data.root to a folder for the {title} files")
     root = str(Path(root).expanduser())
+    if name in ("cifar10", "cifar100"):
+        return _read_cifar(getattr(torchvision.datasets, class_name), title, root, download)
     splits = []
     for train in (True, False):
         try:
@@ -416,6 +418,51 @@ def _read_torchvision(name: str, root: str | None, download: bool):
         splits.append((images.contiguous(), torch.as_tensor(ds.targets).long()))
     # MNIST's own class names read '0 - zero'; plain digits match the 'digits' set.
     classes = [str(i) for i in range(10)] if name == "mnist" else list(ds.classes)
+    return splits[0], splits[1], classes
+
+
+CIFAR_BATCH_BYTES = 200 * 2**20  # a CIFAR python batch is ~31 MB (CIFAR-100's train file ~158 MB)
+
+
+def _read_cifar(cls, title: str, root: str, download: bool):
+    """CIFAR-10/100 from torchvision's python batches, as torchvision lays them out and checks
+    them (md5), but without its pickle.load: a file under data.root is the user's, so it is read
+    with an unpickler that builds plain data and numpy arrays only (files.load_arrays_pickle)."""
+    from torchvision.datasets.utils import check_integrity, download_and_extract_archive
+
+    folder = Path(root) / cls.base_folder
+    listed = [*cls.train_list, *cls.test_list, (cls.meta["filename"], cls.meta["md5"])]
+    if download and not all(check_integrity(str(folder / f), md5) for f, md5 in listed):
+        try:
+            download_and_extract_archive(cls.url, root, filename=cls.filename, md5=cls.tgz_md5)
+        except (RuntimeError, OSError) as e:
+            raise UserError(f"dataset '{title}': download into {root} failed: {e}") from None
+    return _read_cifar_batches(folder, cls.train_list, cls.test_list, cls.meta, title)
+
+
+def _read_cifar_batches(folder: Path, train_list, test_list, meta: dict, title: str):
+    """The train and test splits and the class names of CIFAR python batches in `folder`, each
+    file checked against its listed md5 first."""
+    from torchvision.datasets.utils import check_integrity
+
+    def read(file_name: str, md5: str) -> dict:
+        path = folder / file_name
+        if not check_integrity(str(path), md5):
+            raise UserError(
+                f"dataset '{title}': no {title} files under {folder.parent} (set data.root, or download: true)"
+            )
+        entry = load_arrays_pickle(path, f"{title} file", CIFAR_BATCH_BYTES)
+        if not isinstance(entry, dict):
+            raise UserError(f"{title} file {shown(path)} holds no batch")
+        return entry
+
+    splits = []
+    for listed in (train_list, test_list):
+        entries = [read(f, md5) for f, md5 in listed]
+        images = np.vstack([e["data"] for e in entries]).reshape(-1, 3, 32, 32)
+        labels = [y for e in entries for y in e.get("labels", e.get("fine_labels", []))]
+        splits.append((torch.from_numpy(images).contiguous(), torch.as_tensor(labels).long()))
+    classes = list(read(meta["filename"], meta["md5"])[meta["key"]])
     return splits[0], splits[1], classes
 
 

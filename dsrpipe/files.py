@@ -6,6 +6,7 @@ place (`open_regular`: no final symbolic link followed, no FIFO or device waited
 
 from __future__ import annotations
 
+import codecs
 import errno
 import fcntl
 import json
@@ -216,13 +217,50 @@ def torch_load(path: str | os.PathLike) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
-def not_a_checkpoint(path: Path, why: str | BaseException) -> UserError:
-    """The one-line error for a file that is not a checkpoint dsrpipe wrote, saying why (a
-    pickle's forbidden global, the loader's first line)."""
+class _ArraysOnly(pickle.Unpickler):
+    """An unpickler that builds plain containers and numpy arrays, and nothing else: the globals
+    a pickled ndarray needs are the only ones it resolves (as torch's weights_only loader does)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        import numpy as np
+
+        rebuild = np.empty(0).__reduce__()[0]  # numpy's array rebuilder, wherever this numpy keeps it
+        allowed = {
+            ("numpy.core.multiarray", "_reconstruct"): rebuild,  # as numpy 1 named it (CIFAR's files)
+            ("numpy._core.multiarray", "_reconstruct"): rebuild,
+            ("numpy", "ndarray"): np.ndarray,
+            ("numpy", "dtype"): np.dtype,
+            ("_codecs", "encode"): codecs.encode,  # how Python 3 pickles bytes at protocol 2
+        }
+        if (module, name) not in allowed:
+            raise pickle.UnpicklingError(f"GLOBAL {module}.{name} is not allowed")
+        return allowed[module, name]
+
+
+def load_arrays_pickle(path: str | os.PathLike, what: str, limit: int) -> Any:
+    """A pickle of plain data and numpy arrays (the format of CIFAR's python batches), at most
+    `limit` bytes, read without running anything it names: any other global is a UserError."""
+    import io
+
+    data = read_regular(path, what, limit, follow=True)
+    try:
+        return _ArraysOnly(io.BytesIO(data), encoding="latin1").load()
+    except Exception as exc:  # whatever a foreign or hostile file makes the unpickler raise
+        raise UserError(f"{what} {shown(path)} cannot be read ({unreadable_because(exc)})") from None
+
+
+def unreadable_because(why: str | BaseException) -> str:
+    """Why a loader refused a file, in a few words: a pickle's forbidden global, or the loader's
+    first line."""
     if isinstance(why, pickle.UnpicklingError):
         found = re.search(r"GLOBAL ([\w.]+)", str(why))
-        why = "it holds Python objects, not only tensors and plain data" + (f": {found[1]}" if found else "")
-    elif isinstance(why, BaseException):
+        return "it holds Python objects, not only tensors and plain data" + (f": {found[1]}" if found else "")
+    if isinstance(why, BaseException):
         first = str(why).strip().split("\n")[0].split(". ")[0]
-        why = f"{type(why).__name__}: {first}" if first else type(why).__name__
-    return UserError(f"{path} is not a dsrpipe checkpoint ({why})")
+        return f"{type(why).__name__}: {first}" if first else type(why).__name__
+    return why
+
+
+def not_a_checkpoint(path: Path, why: str | BaseException) -> UserError:
+    """The one-line error for a file that is not a checkpoint dsrpipe wrote, saying why."""
+    return UserError(f"{path} is not a dsrpipe checkpoint ({unreadable_because(why)})")

@@ -1,6 +1,7 @@
 """The data layer: datasets, reproducible batches, augmentation, image folders, safe archives."""
 
 import io
+import os
 import stat
 import tarfile
 import zipfile
@@ -386,3 +387,60 @@ def test_bad_folders_rejected(tmp_path):
     mismatch = write_tree(tmp_path / "mismatch", image_tree() | {"test/bird/0.png": png()})
     with pytest.raises(UserError, match="classes"):
         load_folder(mismatch, tmp_path)
+
+
+def write_cifar_batches(folder, hostile=False):
+    """CIFAR's python layout: pickled dicts of a uint8 (N, 3072) array and labels, and a meta file."""
+    import hashlib
+    import pickle
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    batches = {
+        "data_batch_1": {"data": rng.integers(0, 256, (6, 3072), dtype=np.uint8), "labels": [0, 1] * 3},
+        "test_batch": {"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), "labels": [1, 0] * 2},
+        "batches.meta": {"label_names": ["cat", "dog"]},
+    }
+
+    class Planted:
+        def __reduce__(self):
+            return (os.system, (f"touch {folder / 'ran'}",))
+
+    if hostile:
+        batches["data_batch_1"] = {"data": Planted(), "labels": []}
+    md5 = {}
+    for name, content in batches.items():
+        (folder / name).write_bytes(pickle.dumps(content, protocol=2))
+        md5[name] = hashlib.md5((folder / name).read_bytes()).hexdigest()
+    return (
+        [("data_batch_1", md5["data_batch_1"])],
+        [("test_batch", md5["test_batch"])],
+        {
+            "filename": "batches.meta",
+            "key": "label_names",
+            "md5": md5["batches.meta"],
+        },
+    )
+
+
+def test_cifar_batches_are_read_without_running_what_a_pickle_names(tmp_path):
+    """torchvision's CIFAR reader calls pickle.load on files under data.root; ours builds plain data
+    and numpy arrays only. A batch whose pickle names os.system (its md5 listed, so only the
+    unpickler stands in the way) is one line, and nothing runs."""
+    from dsrpipe.data import _read_cifar_batches
+
+    train, test, meta = write_cifar_batches(tmp_path / "good")
+    (train_x, train_y), (test_x, test_y), classes = _read_cifar_batches(
+        tmp_path / "good", train, test, meta, "CIFAR-10"
+    )
+    assert train_x.shape == (6, 3, 32, 32) and train_x.dtype == torch.uint8 and test_x.shape == (4, 3, 32, 32)
+    assert train_y.tolist() == [0, 1] * 3 and test_y.tolist() == [1, 0] * 2 and classes == ["cat", "dog"]
+
+    train, test, meta = write_cifar_batches(tmp_path / "bad", hostile=True)
+    with pytest.raises(
+        UserError, match=r"CIFAR-10 file .*data_batch_1 cannot be read \(it holds Python objects.*system"
+    ):
+        _read_cifar_batches(tmp_path / "bad", train, test, meta, "CIFAR-10")
+    assert not (tmp_path / "bad" / "ran").exists()
+    with pytest.raises(UserError, match="no CIFAR-10 files under"):  # a changed file fails its md5 first
+        _read_cifar_batches(tmp_path / "good", [("data_batch_1", "0" * 32)], test, meta, "CIFAR-10")
