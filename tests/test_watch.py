@@ -364,25 +364,7 @@ def test_a_dropped_pipeline_runs_once_and_changed_content_is_a_new_job(tmp_path,
 
     # --rerun: content dropped again runs again (fresh) under its old name; unchanged drops do not.
     (drop / "copy.yaml").write_text(pipeline())
-    rerun = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dsrpipe",
-            "watch",
-            drop,
-            "--out",
-            out,
-            "--once",
-            "--rerun",
-            "--quiet-period",
-            "0.5",
-        ],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=120,
-    )
+    rerun = cli("watch", drop, "--out", out, "--once", "--rerun", "--quiet-period", "0.5", timeout=120)
     assert rerun.returncode == 0, rerun.stderr
     assert re.search(r"job=exp state=queued id=4 drop=copy.yaml rerun=yes", rerun.stderr)
     assert [(j["name"], j["state"]) for j in jobs(drop)][3:] == [("exp", "done")]
@@ -701,26 +683,7 @@ def test_burst_of_12_drops_sigterm_and_restart_with_pending_drops(tmp_path, drop
 
     # Drops made while the daemon is down, and the unfinished ones, are all processed once.
     (drop / "late.yaml").write_text(pipeline(seed=99))
-    again = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dsrpipe",
-            "watch",
-            drop,
-            "--out",
-            out,
-            "--once",
-            "--workers",
-            "2",
-            "--quiet-period",
-            "0.5",
-        ],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=240,
-    )
+    again = cli("watch", drop, "--out", out, "--once", "--workers", "2", "--quiet-period", "0.5", timeout=240)
     assert again.returncode == 0, again.stderr
     rows = jobs(drop)
     names = [f"b{i:02d}" for i in range(12)] + ["late"]
