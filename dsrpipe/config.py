@@ -272,7 +272,20 @@ class GranularityOption(Section):
         return {**super().sparsifier_options(**shape), "granularity": self.granularity}
 
 
-class ChannelRemovalOptions(Section):
+class ChannelShape(Section):
+    """Which channels may go and what is left of each layer, for channel removal and prune-channels."""
+
+    floor: float = Field(0.1, ge=0, le=1)  # each layer (channel group) keeps at least this share
+    # the channels only dense layers write (the input layer's) go too; fewer inputs for the next layer
+    dense_layers: bool = True
+    # each layer's live channels end at a multiple of this: onnxruntime pads to blocks of 16 (AVX-512)
+    multiple_of: int = Field(16, ge=1, le=1024)
+
+    def shape_options(self) -> dict[str, Any]:
+        return {"floor": self.floor, "dense_layers": self.dense_layers, "multiple_of": self.multiple_of}
+
+
+class ChannelRemovalOptions(ChannelShape):
     """Whole channels removed for good during training, their budget regrown (sparse/channels.py)."""
 
     share: float = Field(ge=0, lt=1)  # of the removable channels, gone by end_epoch
@@ -280,7 +293,6 @@ class ChannelRemovalOptions(Section):
     end_epoch: int | None = Field(
         None, ge=1, le=MAX_EPOCHS
     )  # ... and is done here; default: half of training
-    floor: float = Field(0.1, ge=0, le=1)  # each layer (channel group) keeps at least this share
 
     def end(self, epochs: int) -> int:
         return self.end_epoch if self.end_epoch is not None else max(self.begin_epoch + 1, epochs // 2)
@@ -291,7 +303,7 @@ class ChannelRemovalOptions(Section):
         from .sparse import ChannelRemoval
 
         begin, end = self.begin_epoch * steps_per_epoch, self.end(epochs) * steps_per_epoch
-        return ChannelRemoval(self.share, begin, end, self.floor)
+        return ChannelRemoval(self.share, begin, end, **self.shape_options())
 
 
 class ChannelRemovalOption(Section):
@@ -493,13 +505,12 @@ class PruneOptions(SparseOptions, PruningSpan):
         }
 
 
-class ChannelPruneOptions(MethodOptions, PruningSpan):
+class ChannelPruneOptions(MethodOptions, PruningSpan, ChannelShape):
     method: Literal["prune-channels"] = "prune-channels"  # end_epoch default: half of training
     sparsity: float = 0.0  # the grid axis: the weights stay dense
     prune_from: FilePath  # a dense run's train/final.pt (relative to the working directory)
     share: float = Field(0.5, ge=0, lt=1)  # of the removable channels, removed by end_epoch
     steps: int = Field(5, ge=1, le=MAX_STEPS)  # removal steps, evenly spaced, the last at end_epoch
-    floor: float = Field(0.1, ge=0, le=1)  # each layer (channel group) keeps at least this share
 
     @field_validator("sparsity")
     @classmethod
@@ -520,7 +531,7 @@ class ChannelPruneOptions(MethodOptions, PruningSpan):
             "prune_from": self.prune_from,
             "share": self.share,
             "steps": self.steps,
-            "floor": self.floor,
+            **self.shape_options(),
             "example_inputs": None,  # filled in by `create`
         }
 

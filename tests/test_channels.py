@@ -26,11 +26,23 @@ def digits_batches(steps, batch=64, seed=0):
         yield train.images[pick].float() / train.max_value, train.labels[pick]
 
 
-def build(method=DSR, model="small-cnn", shape=(1, 8, 8), share=0.5, floor=0.25, end=60, **options):
+def build(
+    method=DSR,
+    model="small-cnn",
+    shape=(1, 8, 8),
+    share=0.5,
+    floor=0.25,
+    end=60,
+    dense_layers=False,
+    multiple_of=1,
+    **options,
+):
     torch.manual_seed(0)
     net = create_model(model, num_classes=10, in_channels=shape[0], image_size=shape[1])
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    removal = ChannelRemoval(share=share, begin=0, end=end, floor=floor)
+    removal = ChannelRemoval(
+        share=share, begin=0, end=end, floor=floor, dense_layers=dense_layers, multiple_of=multiple_of
+    )
     sparsifier = method(
         net,
         optimizer,
@@ -66,12 +78,16 @@ def removed_channel_outputs(net, sparsifier, x):
     return seen
 
 
-def test_channels_go_for_good_while_the_active_total_stays_exactly_constant():
+@pytest.mark.parametrize("dense_layers", [False, True])
+def test_channels_go_for_good_while_the_active_total_stays_exactly_constant(dense_layers):
     """Real training on digits: after every step the active total is what it started at, the live
     channels of every group only ever shrink and never below the floor, no weight lives in a
-    removed channel, and what a removed channel carries after BatchNorm is exactly zero."""
-    net, optimizer, sparsifier = build(prune_fraction=0.1)
+    removed channel, and what a removed channel carries after BatchNorm is exactly zero. With
+    `dense_layers` the dense input layer's channels are removable too."""
+    net, optimizer, sparsifier = build(prune_fraction=0.1, dense_layers=dense_layers)
     channels = sparsifier.channels
+    expected = ["conv1", "conv2", "conv3"] if dense_layers else ["conv2", "conv3"]
+    assert [g.name for g in channels.groups] == expected
     total = sparsifier.active_count()
     alive_before = {n: a.clone() for n, a in channels.alive.items()}
     for step, (x, y) in enumerate(digits_batches(90), start=1):
@@ -111,6 +127,26 @@ def test_the_floor_holds_when_the_share_asks_for_more():
     channels = sparsifier.channels
     assert {n: int(a.sum()) for n, a in channels.alive.items()} == channels.floor
     assert channels.floor == {"conv2": 32, "conv3": 64}  # half of 64 and of 128
+
+
+def test_every_removal_leaves_each_layer_a_multiple_of_channels():
+    """With multiple_of 16 every group holds a multiple of 16 live channels (or all of them) after
+    every removal, and the total removed ends as near the share's count as the multiples allow."""
+    net, optimizer, sparsifier = build(
+        share=0.3, end=60, dense_layers=True, multiple_of=16, prune_fraction=0.1
+    )
+    channels, total = sparsifier.channels, sparsifier.active_count()
+    for x, y in digits_batches(70):
+        F.cross_entropy(net(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        sparsifier.step()
+        assert sparsifier.active_count() == total
+        for group in channels.groups:
+            alive = channels.alive_counts()[group.name]
+            assert alive % 16 == 0 or alive == group.channels, (group.name, alive)
+    assert abs(channels.removed - round(0.3 * channels.total)) <= 8 * len(channels.groups)
+    assert all(count < g.channels for count, g in zip(channels.alive_counts().values(), channels.groups))
 
 
 def test_set_and_static_regrow_the_budget_of_removed_channels():
@@ -200,13 +236,15 @@ def test_the_export_cuts_removed_channels_and_keeps_the_logits(tmp_path):
     report = run_pipeline(parse_pipeline(raw), tmp_path, progress=False)
     final = torch.load(tmp_path / "removal" / "finetune" / "final.pt", weights_only=True)
     dead = {n: int((~a).sum()) for n, a in final["sparsifier"]["channels"].items()}
-    assert sum(dead.values()) == round(0.5 * (32 + 64))  # small-cnn at width 16: conv2, conv3
-    assert report["shrink"]["removed_channels"] == dead
+    # small-cnn at width 16: conv1 (16 channels, which a multiple of 16 leaves whole), conv2, conv3
+    assert dead["conv1"] == 0 and abs(dead["conv2"] + dead["conv3"] - round(0.5 * (16 + 32 + 64))) <= 8 * 3
+    assert report["shrink"]["removed_channels"] == {n: k for n, k in dead.items() if k}
     assert report["shrink"]["folds"] == 0
     assert report["max_abs_logit_diff"] < 1e-4 and report["passed"]
     trained = torch.load(tmp_path / "removal" / "train" / "final.pt", weights_only=True)
     history = [h["channels_alive"] for h in trained["history"] + final["history"]]
-    assert history[0] != history[-1] == {"conv2": 32 - dead["conv2"], "conv3": 64 - dead["conv3"]}
+    assert history[-1] == {"conv1": 16, "conv2": 32 - dead["conv2"], "conv3": 64 - dead["conv3"]}
+    assert all(count % 16 == 0 for count in history[-1].values())  # the default multiple_of
 
 
 def test_remove_channels_settings_are_checked_at_the_edge(tmp_path):

@@ -18,6 +18,7 @@ from dsrpipe.config import ValidateConfig
 from dsrpipe.deploy import export as export_module
 from dsrpipe.deploy.encoding import decoded_weights, encode_weights
 from dsrpipe.deploy.export import export_onnx
+from dsrpipe.deploy.predict import open_session
 from dsrpipe.deploy.quantize import PORTABLE_MAX, check_portable_range, check_zeros_quantized, int8_weights
 from dsrpipe.deploy.validate import CPU_FLAGS, cpu_features, validate_onnx
 from dsrpipe.errors import EXIT_VALIDATION, UserError, ValidationFailed
@@ -621,7 +622,14 @@ def test_validation_refuses_perturbed_weights(trained, test_set, tmp_path):
     assert failure.value.report["top1_agreement"] >= 0.99  # caught by the logits, not the labels
 
 
-def test_validate_times_shipped_and_dense_side_by_side(quickstart_like, test_set):
+def test_validate_times_shipped_and_dense_side_by_side(quickstart_like, test_set, monkeypatch):
+    opened = []
+
+    def recording_open_session(*args, **kwargs):
+        opened.append(open_session(*args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr("dsrpipe.deploy.validate.open_session", recording_open_session)
     report = validate_onnx(
         quickstart_like.compact["path"],
         quickstart_like.model,
@@ -640,6 +648,11 @@ def test_validate_times_shipped_and_dense_side_by_side(quickstart_like, test_set
         report["throughput"]["images_per_s"] / report["throughput"]["dense_images_per_s"]
     )
     assert report["encoding"] == "compact" and report["quantize"] == "none"
+    # Both timed sessions sleep between runs: a spinning one would take a core from the other.
+    assert len(opened) == 2
+    for session in opened:
+        options = session.get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     # what onnxruntime ran with, read from this machine
     assert report["onnxruntime"] == {"version": ort.__version__, "providers": ["CPUExecutionProvider"]}
     assert set(report["cpu"]) == {"model_name", "machine", "flags", "int32_dot"}

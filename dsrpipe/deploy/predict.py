@@ -26,9 +26,10 @@ MAX_SIDE = MAX_IMAGE_SIZE
 MAX_CLASS_NAME = 256
 
 
-def open_session(path: str | Path, threads: int | None = None):
+def open_session(path: str | Path, threads: int | None = None, *, spinning: bool = True):
     """An onnxruntime CPU session of the model file, or UserError (onnxruntime raises its own
-    types: InvalidProtobuf, Fail, ...)."""
+    types: InvalidProtobuf, Fail, ...). `spinning=False`: the intra-op threads sleep between
+    runs instead of spinning (for sessions timed side by side, see validate)."""
     import onnxruntime as ort
 
     path = Path(path)
@@ -38,6 +39,8 @@ def open_session(path: str | Path, threads: int | None = None):
     options.log_severity_level = 3  # errors only; we raise those ourselves
     if threads is not None:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as err:

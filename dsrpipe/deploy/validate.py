@@ -73,8 +73,12 @@ def validate_onnx(
     how far the shipped top-1 falls below it. min_top1 applies to the shipped model. Raises
     ValidationFailed (with the metrics as `.report`) when a set threshold is missed."""
     onnx_path = Path(onnx_path)
-    shipped = open_session(onnx_path, threads)
-    fp32 = open_session(Path(fp32_path), threads) if fp32_path is not None else shipped
+    # Timed beside another session, a session's threads must not spin: spinning workers of the
+    # session that just ran take a core from the one being timed (on 2 cores a dense model timed
+    # against itself came out 0.64x or 1.66x at batch 1, by which session was made first).
+    spinning = dense_path is None
+    shipped = open_session(onnx_path, threads, spinning=spinning)
+    fp32 = open_session(Path(fp32_path), threads, spinning=spinning) if fp32_path is not None else shipped
     quantized = fp32 is not shipped
     for session, path in ((shipped, onnx_path), (fp32, fp32_path or onnx_path)):
         input_shape(session, path)  # what the model declares is bounded before it is fed
@@ -156,7 +160,7 @@ def validate_onnx(
         report.update(
             _side_by_side(
                 shipped,
-                open_session(Path(dense_path), threads),
+                open_session(Path(dense_path), threads, spinning=False),
                 images[:1],
                 batch,
                 latency_runs,

@@ -22,7 +22,8 @@ channels leave the network for good:
   shortcut convs, the stem), ranked and removed as one.
 
 A group is removable when a layer that writes it is one of the method's layers (the sparse ones);
-it is ranked by those layers' filters alone. Every group keeps `floor` of its channels (and at
+it is ranked by those layers' filters alone. With `dense_layers`, a group only dense layers write
+(the input layer's channels) is removable too, ranked by their filters. Every group keeps `floor` of its channels (and at
 least one), and removal stops short of leaving the sparse tensors too little room for the budget.
 `Channels` is the machinery (owned by a sparsifier); `ChannelRemoval` is what the user asks for.
 """
@@ -48,13 +49,20 @@ _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 class ChannelRemoval:
     """Remove `share` of the removable channels between iterations `begin` and `end`, each group
     keeping at least `floor` of its channels; `steps`: how many removal events (evenly spaced,
-    the last at `end`), or None to remove whenever the method's schedule is due (cubic curve)."""
+    the last at `end`), or None to remove whenever the method's schedule is due (cubic curve);
+    `dense_layers`: the channels that only dense layers write (the input layer's) are removable
+    too, ranked by those layers' filters; `multiple_of`: each group's live channels stay a
+    multiple of it (or whole), the removed count as near the share's as the multiples allow."""
 
     share: float
     begin: int = 0
     end: int = 1
     floor: float = 0.1
     steps: int | None = None
+    dense_layers: bool = True
+    # onnxruntime's CPU convolutions work in blocks of 16 channels on AVX-512 (8 on AVX2) and pad
+    # the rest: 33 live channels cost what 48 do (docs/methods.md, "Channel removal").
+    multiple_of: int = 16
 
     def __post_init__(self):
         if not 0.0 <= self.share < 1.0:
@@ -67,6 +75,8 @@ class ChannelRemoval:
             )
         if self.steps is not None and self.steps < 1:
             raise UserError(f"channel removal steps must be at least 1, got {self.steps}")
+        if self.multiple_of < 1:
+            raise UserError(f"channel multiple_of must be at least 1, got {self.multiple_of}")
 
     def target(self, iteration: int, removable: int) -> int:
         """Channels removed in all by `iteration`."""
@@ -105,8 +115,12 @@ class ChannelGroup:
     tp_group: Any = None  # Torch-Pruning's group, for its importance measures
 
 
-def trace_groups(model: nn.Module, example_inputs: torch.Tensor, eligible: set[str]) -> list[ChannelGroup]:
-    """The model's channel groups that a layer named in `eligible` writes, traced by Torch-Pruning.
+def trace_groups(
+    model: nn.Module, example_inputs: torch.Tensor, eligible: set[str], any_writer: bool = False
+) -> list[ChannelGroup]:
+    """The model's channel groups that a layer named in `eligible` writes (with `any_writer`: that
+    any Conv2d or Linear writes, scored by the eligible writers if it has some), traced by
+    Torch-Pruning.
 
     Groups holding layers whose channels this cannot reason about (grouped convs, other layers
     with per-channel parameters, the model's outputs) are left out."""
@@ -143,7 +157,9 @@ def trace_groups(model: nn.Module, example_inputs: torch.Tensor, eligible: set[s
             per_channel = members.setdefault((module, role), {})
             for idx, root in zip(item.idxs, item.root_idxs):
                 per_channel.setdefault(int(root), []).append(int(idx))
-        writers = [n for (m, role) in members if role == "out" and (n := names[m]) in eligible]
+        writers = [names[m] for (m, role) in members if role == "out"]
+        if not any_writer:
+            writers = [n for n in writers if n in eligible]
         if not usable or not writers or not any(role == "in" for _, role in members):
             continue
         channels = max(len(per) for per in members.values())
@@ -156,7 +172,8 @@ def trace_groups(model: nn.Module, example_inputs: torch.Tensor, eligible: set[s
             built.append(_Member(module, names[module], role, index))
         if not usable:
             continue
-        scored_by = [m for m in built if m.role == "out" and m.name in eligible]
+        writing = [m for m in built if m.role == "out"]
+        scored_by = [m for m in writing if m.name in eligible] or writing
         groups.append(ChannelGroup(scored_by[0].name, channels, built, scored_by, group))
     return sorted(groups, key=lambda g: list(names.values()).index(g.name))
 
@@ -190,7 +207,7 @@ class Channels:
         score: Callable[[ChannelGroup], torch.Tensor] = mean_magnitude,
     ):
         self.removal, self.sparse, self.score = removal, sparse, score
-        self.groups = trace_groups(model, example_inputs, eligible)
+        self.groups = trace_groups(model, example_inputs, eligible, removal.dense_layers)
         if not self.groups:
             raise UserError(
                 f"channel removal: {type(model).__name__} has no channel that a sparse layer writes "
@@ -214,35 +231,62 @@ class Channels:
 
     def choose(self, count: int, active_total: int) -> dict[str, list[int]]:
         """The `count` live channels to remove next: the lowest scores over all groups, each group
-        above its floor, and the sparse tensors keeping room for `active_total` weights."""
+        above its floor, and the sparse tensors keeping room for `active_total` weights; then each
+        group's live count rounded to `multiple_of` (what rounding holds back, the next removal
+        asks for again)."""
         if count <= 0:
             return {}
-        scores, owners = [], []
-        for k, g in enumerate(self.groups):
-            score = self.score(g).to(torch.float64).cpu()
-            alive = self.alive[g.name].cpu()
-            for c in torch.nonzero(alive).flatten().tolist():
-                scores.append(float(score[c]))
-                owners.append((k, c))
-        order = sorted(range(len(scores)), key=lambda i: (scores[i], owners[i]))
-        left = {g.name: int(self.alive[g.name].sum()) for g in self.groups}
+        scores = {g.name: self.score(g).to(torch.float64).cpu() for g in self.groups}
+        live = {g.name: torch.nonzero(self.alive[g.name].cpu()).flatten().tolist() for g in self.groups}
+        candidates = [
+            (float(scores[g.name][c]), k, c) for k, g in enumerate(self.groups) for c in live[g.name]
+        ]
+        left = {g.name: len(live[g.name]) for g in self.groups}
         room = self._room()
         chosen: dict[str, list[int]] = {}
-        for i in order:
-            if count == 0:
+        for _, k, c in sorted(candidates):
+            if count <= 0:
                 break
-            k, c = owners[i]
             g = self.groups[k]
             if left[g.name] <= self.floor[g.name]:
                 continue
             trial = self._room_without(room, g, [c])
-            if sum(max(r, 0) * max(c, 0) * cell for r, c, cell in trial.values()) < active_total:
+            if not self._fits(trial, active_total):
                 continue  # the budget must still fit in what the sparse tensors keep
             room = trial
             left[g.name] -= 1
             chosen.setdefault(g.name, []).append(c)
             count -= 1
+        if self.removal.multiple_of > 1:
+            chosen = self._rounded(chosen, live, scores, active_total)
         return chosen
+
+    def _rounded(self, chosen, live, scores, active_total) -> dict[str, list[int]]:
+        """`chosen`, each group's live count moved to the nearest multiple of `multiple_of` that
+        its floor and the budget allow, or kept whole."""
+        step = self.removal.multiple_of
+        room = self._room()
+        rounded: dict[str, list[int]] = {}
+        for g in self.groups:
+            now = len(live[g.name])
+            wanted = now - len(chosen.get(g.name, []))
+            options = [k for k in range(step, now + 1, step) if k >= self.floor[g.name]]
+            options += [now] if now == g.channels else []
+            if not options:  # a group too small for the multiple
+                options = [wanted]
+            lowest_first = sorted(live[g.name], key=lambda c: (float(scores[g.name][c]), c))
+            for keep in sorted(options, key=lambda k: (abs(k - wanted), k)) + [wanted]:
+                trial = self._room_without(room, g, lowest_first[: now - keep])
+                if self._fits(trial, active_total):
+                    room = trial
+                    if keep < now:
+                        rounded[g.name] = lowest_first[: now - keep]
+                    break
+        return rounded
+
+    @staticmethod
+    def _fits(room, active_total: int) -> bool:
+        return sum(max(r, 0) * max(c, 0) * cell for r, c, cell in room.values()) >= active_total
 
     def _room(self) -> dict[str, tuple[int, int, int]]:
         """Per sparse tensor: (live rows, live columns, elements per row and column cell)."""

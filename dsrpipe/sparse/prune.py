@@ -195,6 +195,8 @@ class ChannelPrune(Sparsifier):
         share: float = 0.5,
         steps: int = 5,
         floor: float = 0.1,
+        dense_layers: bool = True,
+        multiple_of: int = 16,
         begin_iteration: int = 0,
         end_iteration: int | None = None,
         total_steps: int | None = None,
@@ -208,5 +210,7 @@ class ChannelPrune(Sparsifier):
             if total_steps is None:
                 raise ValueError("channel pruning needs end_iteration or total_steps")
             end_iteration = max(begin_iteration + 1, round(self.default_end * total_steps))
-        removal = ChannelRemoval(share, begin_iteration, end_iteration, floor, steps)
+        removal = ChannelRemoval(
+            share, begin_iteration, end_iteration, floor, steps, dense_layers, multiple_of
+        )
         self._start_channel_removal(removal, example_inputs, score=group_importance)
