@@ -255,6 +255,8 @@ def test_remove_channels_settings_are_checked_at_the_edge(tmp_path):
             "remove_channels": {"share": 0.5, "end_epoch": 9}
         },
         "sparsity.remove_channels.share": {"remove_channels": {"share": 1.5}},
+        "sparsity.remove_channels.multiple_of": {"remove_channels": {"share": 0.5, "multiple_of": 0}},
+        "sparsity.remove_channels.dense_layers": {"remove_channels": {"share": 0.5, "dense_layers": "yes"}},
         "method 'rigl' takes no option 'remove_channels'": {
             "method": "rigl",
             "remove_channels": {"share": 0.5},
@@ -268,6 +270,13 @@ def test_remove_channels_settings_are_checked_at_the_edge(tmp_path):
         assert expected in result.output and len(result.output.strip().splitlines()) == 1, result.output
     cfg = parse_pipeline(tiny(sparsity={"remove_channels": {"share": 0.5}}))
     assert cfg.sparsity.remove_channels.end(cfg.train.epochs) == 2  # default: half of training
+    removal = cfg.sparsity.remove_channels.removal(steps_per_epoch=10, epochs=cfg.train.epochs)
+    library = ChannelRemoval(share=0.5)
+    assert (
+        (removal.dense_layers, removal.multiple_of)
+        == (library.dense_layers, library.multiple_of)
+        == (True, 16)
+    )
     assert "remove_channels" not in parse_pipeline(tiny()).sparsity.model_dump()  # old fingerprints stay
 
 

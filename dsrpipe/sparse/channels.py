@@ -23,8 +23,9 @@ channels leave the network for good:
 
 A group is removable when a layer that writes it is one of the method's layers (the sparse ones);
 it is ranked by those layers' filters alone. With `dense_layers`, a group only dense layers write
-(the input layer's channels) is removable too, ranked by their filters. Every group keeps `floor` of its channels (and at
-least one), and removal stops short of leaving the sparse tensors too little room for the budget.
+(the input layer's channels) is removable too, ranked by their filters. Every group keeps `floor`
+of its channels (and at least one), and a multiple of `multiple_of` of them (or all); removal
+stops short of leaving the sparse tensors too little room for the budget.
 `Channels` is the machinery (owned by a sparsifier); `ChannelRemoval` is what the user asks for.
 """
 
