@@ -129,24 +129,30 @@ def test_the_floor_holds_when_the_share_asks_for_more():
     assert channels.floor == {"conv2": 32, "conv3": 64}  # half of 64 and of 128
 
 
-def test_every_removal_leaves_each_layer_a_multiple_of_channels():
-    """With multiple_of 16 every group holds a multiple of 16 live channels (or all of them) after
-    every removal, and the total removed ends as near the share's count as the multiples allow."""
+def test_the_last_removal_leaves_each_layer_a_multiple_of_channels():
+    """With multiple_of 16 the channels still go a few at a time, but after the last removal
+    every group holds a multiple of 16 live channels (or all of them), and the total removed is
+    as near the share's count as the multiples allow."""
     net, optimizer, sparsifier = build(
         share=0.3, end=60, dense_layers=True, multiple_of=16, prune_fraction=0.1
     )
     channels, total = sparsifier.channels, sparsifier.active_count()
+    seen = set()
     for x, y in digits_batches(70):
         F.cross_entropy(net(x), y).backward()
         optimizer.step()
         optimizer.zero_grad()
         sparsifier.step()
         assert sparsifier.active_count() == total
-        for group in channels.groups:
-            alive = channels.alive_counts()[group.name]
-            assert alive % 16 == 0 or alive == group.channels, (group.name, alive)
+        seen.add(tuple(channels.alive_counts().values()))
+    assert len(seen) > 3  # gradual: more than a jump per multiple
+    assert any(count % 16 for counts in seen for count in counts)
+    alive = channels.alive_counts()
+    assert all(count % 16 == 0 or count == g.channels for count, g in zip(alive.values(), channels.groups)), (
+        alive
+    )
     assert abs(channels.removed - round(0.3 * channels.total)) <= 8 * len(channels.groups)
-    assert all(count < g.channels for count, g in zip(channels.alive_counts().values(), channels.groups))
+    assert channels.removed > 0
 
 
 def test_set_and_static_regrow_the_budget_of_removed_channels():

@@ -558,7 +558,7 @@ class Sparsifier:
         surviving channels, in proportion to what each tensor kept, so the active total stays."""
         channels = self.channels
         count = channels.removal.target(self.iteration, channels.total) - channels.removed
-        chosen = channels.choose(count, self.active_count())
+        chosen = channels.choose(count, self.active_count(), last=self.iteration >= channels.removal.end)
         freed = channels.remove(chosen, self.optimizer)
         if freed:
             names = list(self.masks)

@@ -24,8 +24,8 @@ channels leave the network for good:
 A group is removable when a layer that writes it is one of the method's layers (the sparse ones);
 it is ranked by those layers' filters alone. With `dense_layers`, a group only dense layers write
 (the input layer's channels) is removable too, ranked by their filters. Every group keeps `floor`
-of its channels (and at least one), and a multiple of `multiple_of` of them (or all); removal
-stops short of leaving the sparse tensors too little room for the budget.
+of its channels (and at least one), and ends with a multiple of `multiple_of` of them (or all);
+removal stops short of leaving the sparse tensors too little room for the budget.
 `Channels` is the machinery (owned by a sparsifier); `ChannelRemoval` is what the user asks for.
 """
 
@@ -52,8 +52,9 @@ class ChannelRemoval:
     keeping at least `floor` of its channels; `steps`: how many removal events (evenly spaced,
     the last at `end`), or None to remove whenever the method's schedule is due (cubic curve);
     `dense_layers`: the channels that only dense layers write (the input layer's) are removable
-    too, ranked by those layers' filters; `multiple_of`: each group's live channels stay a
-    multiple of it (or whole), the removed count as near the share's as the multiples allow."""
+    too, ranked by those layers' filters; `multiple_of`: after the last removal each group's
+    live channels are a multiple of it (or all), the removed count as near the share's as the
+    multiples allow."""
 
     share: float
     begin: int = 0
@@ -230,15 +231,34 @@ class Channels:
     def alive_counts(self) -> dict[str, int]:
         return {name: int(a.sum()) for name, a in self.alive.items()}
 
-    def choose(self, count: int, active_total: int) -> dict[str, list[int]]:
+    def choose(self, count: int, active_total: int, last: bool = False) -> dict[str, list[int]]:
         """The `count` live channels to remove next: the lowest scores over all groups, each group
-        above its floor, and the sparse tensors keeping room for `active_total` weights; then each
-        group's live count rounded to `multiple_of` (what rounding holds back, the next removal
-        asks for again)."""
-        if count <= 0:
+        above its floor, and the sparse tensors keeping room for `active_total` weights.
+
+        With `multiple_of` > 1 the removal heads for a plan instead: the lowest channels of all
+        that are still to go, each group's live count rounded to the multiple; this removal
+        takes its part of every group's share of the plan, and the `last` one all of it."""
+        if count <= 0 and not last:
             return {}
         scores = {g.name: self.score(g).to(torch.float64).cpu() for g in self.groups}
         live = {g.name: torch.nonzero(self.alive[g.name].cpu()).flatten().tolist() for g in self.groups}
+        if self.removal.multiple_of == 1:
+            return self._lowest(count, scores, live, active_total)
+        remaining = self.removal.target(self.removal.end, self.total) - self.removed
+        lowest = self._lowest(max(remaining, 0), scores, live, active_total)
+        plan = self._rounded(lowest, live, scores, active_total)
+        if last or count >= remaining:
+            return plan
+        part = count / remaining
+        return {
+            name: chosen[: round(part * len(chosen))]
+            for name, chosen in plan.items()
+            if round(part * len(chosen))
+        }
+
+    def _lowest(self, count, scores, live, active_total) -> dict[str, list[int]]:
+        """The `count` lowest-scoring live channels over all groups that floors and room allow,
+        lowest first."""
         candidates = [
             (float(scores[g.name][c]), k, c) for k, g in enumerate(self.groups) for c in live[g.name]
         ]
@@ -258,13 +278,11 @@ class Channels:
             left[g.name] -= 1
             chosen.setdefault(g.name, []).append(c)
             count -= 1
-        if self.removal.multiple_of > 1:
-            chosen = self._rounded(chosen, live, scores, active_total)
         return chosen
 
     def _rounded(self, chosen, live, scores, active_total) -> dict[str, list[int]]:
         """`chosen`, each group's live count moved to the nearest multiple of `multiple_of` that
-        its floor and the budget allow, or kept whole."""
+        its floor and the budget allow, or kept whole; lowest first."""
         step = self.removal.multiple_of
         room = self._room()
         rounded: dict[str, list[int]] = {}
