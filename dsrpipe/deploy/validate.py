@@ -75,7 +75,7 @@ def validate_onnx(
     onnx_path = Path(onnx_path)
     # Timed beside another session, a session's threads must not spin: spinning workers of the
     # session that just ran take a core from the one being timed (on 2 cores a dense model timed
-    # against itself came out 0.64x or 1.66x at batch 1, by which session was made first).
+    # against itself came out 0.6x or 1.7x at batch 1, by which session was made first).
     spinning = dense_path is None
     shipped = open_session(onnx_path, threads, spinning=spinning)
     fp32 = open_session(Path(fp32_path), threads, spinning=spinning) if fp32_path is not None else shipped
