@@ -7,7 +7,7 @@ Each row trains once per seed (`dsrpipe run` through the Python API), then expor
 the same trained model again with int8 weights. From the project root:
 
     python bench/deploy_table.py digits --seeds 0 1      # pipelines/quickstart.yaml, the embedded digits
-    python bench/deploy_table.py digits-wrn --seeds 0    # a residual network (WRN-10-2) on digits
+    python bench/deploy_table.py digits-wrn --seeds 0 1  # a residual network (WRN-10-2) on digits
     python bench/deploy_table.py cifar10 --seeds 0 1     # small-cnn, 40,000 CIFAR-10 images, 5 epochs
 
 Writes bench/results/deploy/<dataset>.{md,json} and <dataset>-accuracy-vs-speed.png; the runs go
