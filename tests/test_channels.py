@@ -26,6 +26,16 @@ def digits_batches(steps, batch=64, seed=0):
         yield train.images[pick].float() / train.max_value, train.labels[pick]
 
 
+def train_on_digits(net, optimizer, sparsifier, steps):
+    """Train `steps` steps on digits batches, yielding the step number after each sparsifier step."""
+    for step, (x, y) in enumerate(digits_batches(steps), start=1):
+        F.cross_entropy(net(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        sparsifier.step()
+        yield step
+
+
 def build(
     method=DSR,
     model="small-cnn",
@@ -90,11 +100,7 @@ def test_channels_go_for_good_while_the_active_total_stays_exactly_constant(dens
     assert [g.name for g in channels.groups] == expected
     total = sparsifier.active_count()
     alive_before = {n: a.clone() for n, a in channels.alive.items()}
-    for step, (x, y) in enumerate(digits_batches(90), start=1):
-        F.cross_entropy(net(x), y).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        sparsifier.step()
+    for step in train_on_digits(net, optimizer, sparsifier, 90):
         assert sparsifier.active_count() == total, step
         for name, alive in channels.alive.items():
             assert not (alive & ~alive_before[name]).any(), f"a channel of {name} came back at step {step}"
@@ -106,6 +112,7 @@ def test_channels_go_for_good_while_the_active_total_stays_exactly_constant(dens
         assert masked_weights_are_zero(sparsifier)
     assert channels.removed == round(0.5 * channels.total)  # the target, reached by `end`
     assert all(int(a.sum()) < len(a) for a in channels.alive.values())  # every layer gave some
+    x, _ = next(digits_batches(1, seed=1))  # a batch to probe the trained net with
     outputs = removed_channel_outputs(net, sparsifier, x)
     assert outputs and max(outputs) == 0.0
     # With ReLU, a channel zeroed in all its layers at once gets no gradient anyway; a loss that
@@ -119,11 +126,8 @@ def test_channels_go_for_good_while_the_active_total_stays_exactly_constant(dens
 
 def test_the_floor_holds_when_the_share_asks_for_more():
     net, optimizer, sparsifier = build(share=0.9, floor=0.5, prune_fraction=0.1)
-    for x, y in digits_batches(70):
-        F.cross_entropy(net(x), y).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        sparsifier.step()
+    for _ in train_on_digits(net, optimizer, sparsifier, 70):
+        pass
     channels = sparsifier.channels
     assert {n: int(a.sum()) for n, a in channels.alive.items()} == channels.floor
     assert channels.floor == {"conv2": 32, "conv3": 64}  # half of 64 and of 128
@@ -138,11 +142,7 @@ def test_the_last_removal_leaves_each_layer_a_multiple_of_channels():
     )
     channels, total = sparsifier.channels, sparsifier.active_count()
     seen = set()
-    for x, y in digits_batches(70):
-        F.cross_entropy(net(x), y).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        sparsifier.step()
+    for _ in train_on_digits(net, optimizer, sparsifier, 70):
         assert sparsifier.active_count() == total
         seen.add(tuple(channels.alive_counts().values()))
     assert len(seen) > 3  # gradual: more than a jump per multiple
@@ -159,11 +159,7 @@ def test_set_and_static_regrow_the_budget_of_removed_channels():
     for method, options in ((SET, {"prune_fraction": 0.1}), (Sparsifier, {})):
         net, optimizer, sparsifier = build(method=method, share=0.3, end=30, **options)
         total = sparsifier.active_count()
-        for x, y in digits_batches(40):
-            F.cross_entropy(net(x), y).backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            sparsifier.step()
+        for _ in train_on_digits(net, optimizer, sparsifier, 40):
             assert sparsifier.active_count() == total
         assert sparsifier.channels.removed == round(0.3 * sparsifier.channels.total)
 
@@ -202,11 +198,8 @@ def test_a_residual_stream_channel_goes_everywhere_it_appears():
     net, optimizer, sparsifier = build(
         model="wrn-10-2", shape=(1, 8, 8), share=0.5, end=30, prune_fraction=0.1
     )
-    for x, y in digits_batches(35):
-        F.cross_entropy(net(x), y).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        sparsifier.step()
+    for _ in train_on_digits(net, optimizer, sparsifier, 35):
+        pass
     stream = next(g for g in sparsifier.channels.groups if g.name == "group2.0.conv2")
     roles = {(m.name, m.role) for m in stream.members}
     assert {("group2.0.conv2", "out"), ("group2.0.shortcut", "out"), ("group3.0.bn1", "norm")} <= roles
@@ -225,6 +218,7 @@ def test_a_residual_stream_channel_goes_everywhere_it_appears():
     live = stream.channels - len(dead)
     assert shrunk.group2[0].conv2.out_channels == shrunk.group2[0].shortcut.out_channels == live
     assert shrunk.group3[0].conv1.in_channels == shrunk.group3[0].shortcut.in_channels == live
+    x, _ = next(digits_batches(1, seed=1))
     with torch.no_grad():
         assert torch.allclose(shrunk(x), net(x), atol=1e-4)
 
