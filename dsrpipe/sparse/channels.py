@@ -291,9 +291,8 @@ class Channels:
             wanted = now - len(chosen.get(g.name, []))
             options = [k for k in range(step, now + 1, step) if k >= self.floor[g.name]]
             options += [now] if now == g.channels else []
-            if not options:  # a group too small for the multiple
-                options = [wanted]
             lowest_first = sorted(live[g.name], key=lambda c: (float(scores[g.name][c]), c))
+            # the nearest allowed count first; unrounded if none fits (a group smaller than the multiple)
             for keep in sorted(options, key=lambda k: (abs(k - wanted), k)) + [wanted]:
                 trial = self._room_without(room, g, lowest_first[: now - keep])
                 if self._fits(trial, active_total):

@@ -211,6 +211,12 @@ class ChannelPrune(Sparsifier):
                 raise ValueError("channel pruning needs end_iteration or total_steps")
             end_iteration = max(begin_iteration + 1, round(self.default_end * total_steps))
         removal = ChannelRemoval(
-            share, begin_iteration, end_iteration, floor, steps, dense_layers, multiple_of
+            share,
+            begin_iteration,
+            end_iteration,
+            floor=floor,
+            steps=steps,
+            dense_layers=dense_layers,
+            multiple_of=multiple_of,
         )
         self._start_channel_removal(removal, example_inputs, score=group_importance)
