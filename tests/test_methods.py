@@ -742,6 +742,9 @@ def test_methods_run_end_to_end_on_digits(tmp_path):
     assert thin["thin_dense"] == record and thin["model_options"] == thin_ckpt["model_spec"]["options"]
     assert thin["sparsity"] < 0.01 and thin["total_params"] == thin["nonzero_params"] == record["params"]
     assert thin["model_options"]["width"] < 8
+    # timed and sized against the configured width it stands in for, as the sparse runs are
+    assert thin["dense_onnx_bytes"] == pytest.approx(rigl["dense_onnx_bytes"], rel=0.02)
+    assert thin["size_ratio"] < 0.5
     # the budget: the sparse model's active parameters, dense layers included
     masks = rigl_ckpt["sparsifier"]["masks"].values()
     assert record["budget"] == rigl["total_params"] - sum(m.numel() for m in masks) + sum(
