@@ -1,5 +1,6 @@
-"""The deployment table: dense, element DSR, channel-granular DSR, DSR with channel removal and
-channel pruning from a trained dense model (Torch-Pruning), each in fp32 and int8 → top-1 over
+"""The deployment table: dense, element DSR, thin dense (a narrower dense model trained from
+scratch), channel-granular DSR, DSR with channel removal and channel pruning from a trained dense
+model (Torch-Pruning), each in fp32 and int8 → top-1 over
 seeds, size, and onnxruntime speed against the dense model of the same architecture at batch 1 and
 64, measured by `validate` (side by side, one process, see dsrpipe.deploy.validate).
 
@@ -42,9 +43,18 @@ ROWS = {  # label -> overrides of the quickstart
     # a narrower dense model with element DSR's parameter budget, trained from scratch: about the
     # MACs of removal 0.75, so what that width learns in the same epochs without any sparsity
     "thin dense at the 0.9 budget": ["sparsity.method=thin-dense", "sparsity.sparsity=0.9"],
+    # the same at the parameter count of removal 0.5's shrunk shape (24,346: width 16, 16/32/64)
+    "thin dense at the removal 0.5 shape": ["sparsity.method=thin-dense", "sparsity.sparsity=0.764"],
     "channel-granular DSR 0.75": [*DSR, "sparsity.granularity=channel", "sparsity.sparsity=0.75"],
     "DSR 0.9 + channel removal 0.5": [*DSR, "sparsity.remove_channels={share: 0.5}"],
     "DSR 0.9 + channel removal 0.75": [*DSR, "sparsity.remove_channels={share: 0.75}"],
+    # at the budget of removal 0.5's shape (24,346 parameters): it ends nearly dense in that shape
+    "element DSR 0.764": [*DSR, "sparsity.sparsity=0.764"],
+    "DSR 0.764 + channel removal 0.5": [
+        *DSR,
+        "sparsity.sparsity=0.764",
+        "sparsity.remove_channels={share: 0.5}",
+    ],
     "prune-channels 0.5 from dense": ["sparsity.method=prune-channels", "sparsity.share=0.5"],
     "prune-channels 0.75 from dense": ["sparsity.method=prune-channels", "sparsity.share=0.75"],
 }
@@ -183,13 +193,14 @@ def picture(rows: list[dict], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["row"], r["weights"]), []).append(r)
-    colors = plt.get_cmap("tab10")
     labels = list(dict.fromkeys(r["row"] for r in rows))
+    colors = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")  # one colour per row
     for ax, (key, batch) in zip(axes, (("latency_p50", "batch 1"), ("throughput", "batch 64"))):
         for (label, weights), runs in groups.items():
             speed = statistics.mean((r["speedup"] or {}).get(key, float("nan")) for r in runs)
@@ -197,13 +208,15 @@ def picture(rows: list[dict], path: Path, title: str) -> None:
             ax.scatter(
                 speed,
                 top1,
-                color=colors(labels.index(label) % 10),
+                color=colors(labels.index(label)),
                 marker="o" if weights == "fp32" else "^",
                 s=50,
                 label=f"{label} ({weights})",
             )
         ax.axvline(1.0, color="0.6", lw=1, ls="--")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}×"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}×"))
         ax.set_xlabel(f"speed against dense, onnxruntime CPU, {batch}")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("top-1 (mean over seeds)")
