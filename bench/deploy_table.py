@@ -1,8 +1,8 @@
 """The deployment table: dense, element DSR, thin dense (a narrower dense model trained from
 scratch), channel-granular DSR, DSR with channel removal and channel pruning from a trained dense
-model (Torch-Pruning), each in fp32 and int8 → top-1 over
-seeds, size, and onnxruntime speed against the dense model of the same architecture at batch 1 and
-64, measured by `validate` (side by side, one process, see dsrpipe.deploy.validate).
+model (Torch-Pruning), each in fp32 and int8 → top-1 over seeds, size, and onnxruntime speed
+against the dense model of the configured architecture at batch 1 and 64, measured by `validate`
+(side by side, one process, see dsrpipe.deploy.validate).
 
 Each row trains once per seed (`dsrpipe run` through the Python API), then exports and validates
 the same trained model again with int8 weights. From the project root:
