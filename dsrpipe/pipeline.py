@@ -149,13 +149,7 @@ def validate_stage(cfg: Pipeline, out: Path, *, force: bool = False) -> dict[str
     _, test_set = cfg.data.load()
     v = cfg.validation
     with tempfile.TemporaryDirectory(prefix="dsrpipe-dense-") as tmp:
-        dense = dense_reference(
-            checkpoint,
-            _full_width(checkpoint, model, cfg),
-            Path(tmp) / "dense.onnx",
-            cfg.export.opset,
-            metadata=_onnx_metadata(run.onnx),
-        )
+        dense = dense_reference(checkpoint, model, cfg, Path(tmp) / "dense.onnx", _onnx_metadata(run.onnx))
         try:
             metrics = validate_onnx(
                 run.onnx,
@@ -216,21 +210,16 @@ def validate_stage(cfg: Pipeline, out: Path, *, force: bool = False) -> dict[str
     return report
 
 
-def _full_width(checkpoint: dict[str, Any], model: torch.nn.Module, cfg: Pipeline) -> torch.nn.Module:
-    """What the shipped model's speed and size are measured against: the trained model itself,
-    except for thin-dense, whose narrower model stands in for the configured width, so it is
-    measured against that (untrained: dense float32 bytes and kernel times depend on the shapes only)."""
-    spec = checkpoint["model_spec"]
-    if "thin_dense" not in spec:
-        return model
-    return build_model({**spec, "options": cfg.model.options}).eval()
-
-
 def dense_reference(
-    checkpoint: dict[str, Any], model: torch.nn.Module, path: Path, opset: int, metadata: dict[str, str]
+    checkpoint: dict[str, Any], model: torch.nn.Module, cfg: Pipeline, path: Path, metadata: dict[str, str]
 ) -> Path:
-    """`model` exported with dense float32 weights: what validation measures the shipped model's
-    size and speed against: the same architecture, unshrunk (see _full_width)."""
+    """What validation measures the shipped model's size and speed against, exported with dense
+    float32 weights: the trained `model`, unshrunk. A thin-dense model stands in for the configured
+    width, so its reference is that width (untrained: float32 bytes and kernel times depend on the
+    shapes only)."""
+    spec = checkpoint["model_spec"]
+    if "thin_dense" in spec:
+        model = build_model({**spec, "options": cfg.model.options}).eval()
     info = checkpoint["data_info"]
     export_onnx(
         model,
@@ -240,7 +229,7 @@ def dense_reference(
         mean=info["mean"],
         std=info["std"],
         metadata=metadata,
-        opset=opset,
+        opset=cfg.export.opset,
         encoding="dense",
     )
     return path
