@@ -39,17 +39,42 @@ def _load_trained(run: RunDir, cfg: Pipeline) -> tuple[dict[str, Any], torch.nn.
     return checkpoint, model.eval()
 
 
-def sparsity_summary(model: torch.nn.Module, cfg: Pipeline) -> dict[str, Any]:
+def configured_width(spec: dict[str, Any], cfg: Pipeline) -> torch.nn.Module:
+    """An untrained model of the configured width, for what a thin-dense model stands in for or a
+    shrunk one started as."""
+    full = {key: value for key, value in spec.items() if key != "live_channels"}
+    return build_model({**full, "options": cfg.model.options}).eval()
+
+
+def sparsity_summary(model: torch.nn.Module, cfg: Pipeline, spec: dict[str, Any]) -> dict[str, Any]:
     """Sparsity as deployed, read off the weights: zeros over the sparse-eligible tensors, and
-    the whole-model parameter counts (dense layers included), as the paper reports them."""
+    the whole-model parameter counts (dense layers included), as the paper reports them. A model
+    that shrank while it trained counts its sparse tensors at the width it started at, as the
+    target does."""
     sparse = cfg.sparsity.layers.select(model)
-    sparse_total = sum(w.numel() for w in sparse.values())
+    started = cfg.sparsity.layers.select(configured_width(spec, cfg)) if spec.get("live_channels") else sparse
+    sparse_total = sum(w.numel() for w in started.values())
     sparse_nonzero = sum(int(w.count_nonzero()) for w in sparse.values())
     return {
         "sparsity": 1 - sparse_nonzero / sparse_total if sparse_total else 0.0,
-        "layer_density": {n: int(w.count_nonzero()) / w.numel() for n, w in sparse.items()},
+        "layer_density": {n: int(w.count_nonzero()) / started[n].numel() for n, w in sparse.items()},
         "nonzero_params": sum(int(p.count_nonzero()) for p in model.parameters()),
         "total_params": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def training_cost(*histories: list[dict[str, Any]]) -> dict[str, Any]:
+    """What training cost, over the epochs of every stage: wall time of the training steps,
+    forward MACs × images (MACs of the model as it was at each step), peak memory, and the
+    shrinks with the MACs per sample before and after each."""
+    epochs = [h for history in histories for h in history]
+    cuda = [h["peak_cuda_bytes"] for h in epochs if h.get("peak_cuda_bytes") is not None]
+    return {
+        "train_seconds": sum(h.get("seconds", 0.0) for h in epochs),
+        "mac_images": sum(h.get("mac_images", 0) for h in epochs),
+        "peak_rss_bytes": max((h.get("peak_rss_bytes") or 0 for h in epochs), default=0) or None,
+        "peak_cuda_bytes": max(cuda) if cuda else None,
+        "shrinks": [event for h in epochs for event in h.get("shrinks", [])],
     }
 
 
@@ -66,7 +91,7 @@ def export_stage(cfg: Pipeline, out: Path, *, force: bool = False) -> Path:
     check_class_names(
         info["class_names"], f"cannot export {cfg.name}", checkpoint["model_spec"].get("num_classes")
     )
-    summary = sparsity_summary(model, cfg)
+    summary = sparsity_summary(model, cfg, checkpoint["model_spec"])
     metadata = {
         "dsrpipe_version": __version__,
         "fingerprint": fingerprint,
@@ -175,7 +200,7 @@ def validate_stage(cfg: Pipeline, out: Path, *, force: bool = False) -> dict[str
         "model": cfg.model.name,
         "method": cfg.sparsity.method,
         "target_sparsity": cfg.sparsity.sparsity,
-        **sparsity_summary(model, cfg),
+        **sparsity_summary(model, cfg, checkpoint["model_spec"]),
         **metrics,
         "model_options": checkpoint["model_spec"]["options"],  # as trained (thin-dense narrows them)
         **({"thin_dense": spec} if (spec := checkpoint["model_spec"].get("thin_dense")) else {}),
@@ -183,6 +208,9 @@ def validate_stage(cfg: Pipeline, out: Path, *, force: bool = False) -> dict[str
         "train_epochs": cfg.train.epochs,
         "finetune_epochs": cfg.finetune.epochs,
         "final_test_top1_torch_training": history[-1]["test_top1"] if history else None,
+        "training": training_cost(
+            *([read_history(run.metrics("train"))] if cfg.finetune.epochs else []), history
+        ),
         "thresholds": {
             "min_top1": v.min_top1,
             "max_abs_diff": v.max_abs_diff,
@@ -215,11 +243,11 @@ def dense_reference(
 ) -> Path:
     """What validation measures the shipped model's size and speed against, exported with dense
     float32 weights: the trained `model`, unshrunk. A thin-dense model stands in for the configured
-    width, so its reference is that width (untrained: float32 bytes and kernel times depend on the
-    shapes only)."""
+    width, and a model that shrank while it trained started at it, so their reference is that width
+    (untrained: float32 bytes and kernel times depend on the shapes only)."""
     spec = checkpoint["model_spec"]
-    if "thin_dense" in spec:
-        model = build_model({**spec, "options": cfg.model.options}).eval()
+    if "thin_dense" in spec or spec.get("live_channels"):
+        model = configured_width(spec, cfg)
     info = checkpoint["data_info"]
     export_onnx(
         model,

@@ -341,6 +341,26 @@ def _cpu_line(report: dict) -> str:
     )
 
 
+def _training_line(training: dict) -> str:
+    """Wall time, MAC-weighted cost and peak memory of training, in one cell."""
+    parts = [f"{training['train_seconds']:.1f} s of training steps"]
+    if training.get("mac_images"):
+        parts.append(f"{training['mac_images']:.3g} forward MACs × images")
+    if training.get("peak_rss_bytes"):
+        parts.append(f"peak RSS {training['peak_rss_bytes'] / 2**20:,.0f} MiB")
+    if training.get("peak_cuda_bytes"):
+        parts.append(f"peak CUDA {training['peak_cuda_bytes'] / 2**20:,.0f} MiB")
+    return "; ".join(parts)
+
+
+def _shrinks_line(shrinks: list[dict]) -> str:
+    first, last = shrinks[0], shrinks[-1]
+    return (
+        f"{len(shrinks)} time(s), iterations {first['iteration']}–{last['iteration']}: "
+        f"{first['macs_before']:,} → {last['macs_after']:,} ({last['macs_after'] / first['macs_before']:.2f}×)"
+    )
+
+
 def run_markdown(report: dict, train_epochs: int, finetune_epochs: int) -> str:
     latency = report.get("latency_ms") or {}
     size = report.get("onnx_bytes")
@@ -385,6 +405,12 @@ def run_markdown(report: dict, train_epochs: int, finetune_epochs: int) -> str:
         ),
         *([("CPU (onnxruntime)", _cpu_line(report))] if "cpu" in report else []),
         ("epochs (train + fine-tune)", f"{train_epochs} + {finetune_epochs}"),
+        *([("training cost", _training_line(report["training"]))] if report.get("training") else []),
+        *(
+            [("shrunk while training (MACs per sample)", _shrinks_line(report["training"]["shrinks"]))]
+            if (report.get("training") or {}).get("shrinks")
+            else []
+        ),
     ]
     status = (
         "**Validation passed.**"

@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import math
 import random
+import resource
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -38,6 +40,7 @@ from .models import create_model
 from .rundir import COMPLETE, STALE, UNFINISHED, RunDir, load_checkpoint, restoring, save_checkpoint
 from .sparse import Sparsifier
 from .sparse.frozen import initial_weights
+from .sparse.slicing import cut_to_live, model_cost
 from .sparse.thin import thin_model_options
 from .tensorboard_log import ScalarLog
 
@@ -58,13 +61,30 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_model(spec: dict[str, Any], device: torch.device | str = "cpu") -> torch.nn.Module:
-    return create_model(
+    """The model a spec describes; a run that shrank while it trained records its live channels
+    (`live_channels`), and the model is cut to them."""
+    model = create_model(
         spec["name"],
         num_classes=spec["num_classes"],
         in_channels=spec["in_channels"],
         image_size=spec["image_size"],
         **spec["options"],
     ).to(device)
+    if spec.get("live_channels"):
+        cut_to_live(model, blank_input(spec, device), spec["live_channels"])
+    return model
+
+
+def blank_input(spec: dict[str, Any], device: torch.device | str = "cpu") -> torch.Tensor:
+    """One blank input of the model's shape: what tracing and MAC counting run on."""
+    return torch.zeros(1, spec["in_channels"], spec["image_size"], spec["image_size"], device=device)
+
+
+def peak_memory(device: torch.device) -> dict[str, int | None]:
+    """The process's peak resident memory so far, and on a GPU the peak CUDA memory, in bytes."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    cuda = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return {"peak_rss_bytes": rss, "peak_cuda_bytes": cuda}
 
 
 def train_sparse(
@@ -128,7 +148,8 @@ def finetune(
         s = cfg.sparsity
         frozen = Sparsifier(model, optimizer, sparsity=s.sparsity if masks else 0.0, layers=s.layers)
         frozen.load_masks(masks)
-        if "channels" in trained["sparsifier"]:  # removed channels stay removed
+        # Removed channels stay removed: held at zero, or already cut out of a shrunk run's model.
+        if "channels" in trained["sparsifier"] and not trained["sparsifier"].get("shrunk", False):
             frozen.hold_removed_channels(trained["sparsifier"]["channels"], example_inputs)
         return frozen
 
@@ -174,6 +195,7 @@ def _fit(
     t = _build(cfg, stage, opt_cfg, run, make_sparsifier, start_from, adapt_spec, rank, world)
     if start is not None:
         _restore(t, start)
+    t.wrap()
     board = ScalarLog(run.tensorboard(stage), t.history) if t.main and cfg.log.tensorboard else None
     with _progress_bar(progress and t.main) as bar:
         for epoch in range(len(t.history), opt_cfg.epochs):
@@ -249,10 +271,37 @@ class _Training:
     autocast: Callable = nullcontext
     history: list[dict[str, Any]] = field(default_factory=list)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    macs: int = 0  # multiply-accumulates of one forward pass of one sample, as the model is now
 
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    def wrap(self, macs: int | None = None) -> torch.nn.Module:
+        """The module the training steps call: the model, in DDP under torchrun, compiled with
+        train.compile; built again after a shrink, which gives the model new parameters (and
+        costs `macs` per sample from then on)."""
+        model = self.model
+        if self.world > 1:  # every rank starts from rank 0's weights and buffers, and averages gradients
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        if self.opt_cfg.compile:
+            if self.step_model is not None:  # compiled once per shape: forget the old one's graphs
+                torch._dynamo.reset()
+            model = compile_for_training(model)
+        self.step_model = model
+        self.macs = (
+            macs if macs is not None else model_cost(self.model, blank_input(self.spec, self.device))[1]
+        )
+        return model
+
+    def model_spec(self) -> dict[str, Any]:
+        """The spec that rebuilds the model as it is now (shrunk: with its live channels)."""
+        channels = self.sparsifier.channels
+        if channels is None or not channels.shrunk:
+            return self.spec
+        return {**self.spec, "live_channels": channels.live_channels()}
 
     def save(self, path: Path, complete: bool) -> None:
         save_checkpoint(
@@ -272,7 +321,7 @@ class _Training:
                 "history": self.history,
                 "world_size": self.world,
                 "job": distributed.job_id(),
-                "model_spec": self.spec,
+                "model_spec": self.model_spec(),
                 "init": self.init,
                 "data_info": asdict(self.train_set.info),
                 "config": self.cfg.model_dump(mode="json"),
@@ -331,10 +380,7 @@ def _build(cfg, stage, opt_cfg, run, make_sparsifier, start_from, adapt_spec, ra
             fused=device.type == "cuda" or None,
         )
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, opt_cfg.milestones, opt_cfg.gamma)
-        example_inputs = torch.zeros(
-            1, spec["in_channels"], spec["image_size"], spec["image_size"], device=device
-        )
-        sparsifier = make_sparsifier(model, optimizer, steps_per_epoch, example_inputs)
+        sparsifier = make_sparsifier(model, optimizer, steps_per_epoch, blank_input(spec, device))
         if world > 1:
             sparsifier.defer_gradient_hooks()  # to see the gradients DDP has averaged
         if start_from is not None:  # after the sparsifier: its initial random mask would zero trained weights
@@ -343,11 +389,6 @@ def _build(cfg, stage, opt_cfg, run, make_sparsifier, start_from, adapt_spec, ra
     use_bf16 = cfg.bf16 and device.type == "cuda"
     if cfg.bf16 and not use_bf16:
         log(cfg, "bf16 autocast applies on CUDA only; training in float32")
-    train_model = model
-    if world > 1:  # every rank starts from rank 0's weights and buffers, and averages gradients
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
     return _Training(
         cfg,
         stage,
@@ -366,7 +407,6 @@ def _build(cfg, stage, opt_cfg, run, make_sparsifier, start_from, adapt_spec, ra
         optimizer,
         scheduler,
         sparsifier,
-        step_model=compile_for_training(train_model) if opt_cfg.compile else train_model,
         autocast=(lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext,
     )
 
@@ -375,10 +415,11 @@ def _restore(t: _Training, checkpoint: dict[str, Any]) -> None:
     """Continue an unfinished run exactly where its last checkpoint left it."""
     with restoring(t.run.last(t.stage)):
         t.run_id = checkpoint["run_id"]
+        # The sparsifier first: a run that shrank is cut to its live channels before its weights load.
+        t.sparsifier.load_state_dict(checkpoint["sparsifier"])
         t.model.load_state_dict(checkpoint["model"])
         t.optimizer.load_state_dict(checkpoint["optimizer"])
         t.scheduler.load_state_dict(checkpoint["scheduler"])
-        t.sparsifier.load_state_dict(checkpoint["sparsifier"])
         _set_rng_state(checkpoint["rng"])
         t.history = checkpoint["history"]
     log(t.cfg, f"{t.stage}: resuming after epoch {len(t.history)}")
@@ -412,6 +453,15 @@ def _one_epoch(t: _Training, epoch: int, bar: Progress) -> dict[str, Any]:
         drop_last=True,
         shard=(t.rank, t.world),
     )
+    shrinks = []
+
+    def shrunk(event: dict[str, Any]) -> torch.nn.Module:
+        shrinks.append(event)
+        if t.main:
+            log(t.cfg, f"{stage}: {shrink_line(event)}")
+        return t.wrap(event["macs_after"])
+
+    macs_at_start = t.macs
     totals = train_one_epoch(
         t.step_model,
         t.optimizer,
@@ -420,6 +470,7 @@ def _one_epoch(t: _Training, epoch: int, bar: Progress) -> dict[str, Any]:
         t.autocast,
         on_step=_step_callback(lambda: bar.advance(task), epoch + 1, t.steps_per_epoch),
         on_reallocation=lambda: distributed.check_masks(sparsifier.checked_state(), sparsifier.iteration),
+        on_shrink=shrunk,
     )
     loss_sum, correct, seen = totals["loss_sum"], totals["correct"], totals["seen"]
     if t.world > 1:  # the global batch's figures (pruned and the like are the same on every rank)
@@ -457,7 +508,33 @@ def _one_epoch(t: _Training, epoch: int, bar: Progress) -> dict[str, Any]:
         "channels_alive": sparsifier.channels.alive_counts() if sparsifier.channels is not None else None,
         "seconds": train_seconds,
         "images_per_second": seen / train_seconds,
+        # Training cost: forward MACs per sample at the epoch's start and end, and summed over
+        # the images trained on (× 3 or so with the backward pass); when the model shrank.
+        "macs": t.macs,
+        "macs_at_start": macs_at_start,
+        "mac_images": _mac_images(macs_at_start, shrinks, t.steps_per_epoch, sparsifier.iteration, seen),
+        "shrinks": shrinks,
+        **peak_memory(t.device),
     }
+
+
+def _mac_images(macs: int, shrinks: list[dict], steps: int, last_iteration: int, seen: int) -> int:
+    """MACs × images over an epoch of `steps` equal batches ending at `last_iteration`, the model
+    costing `macs` per sample at first and what each shrink left after the step it came in."""
+    per_step = seen // steps
+    total, iteration = 0, last_iteration - steps
+    for event in shrinks:
+        total += macs * per_step * (event["iteration"] - iteration)
+        macs, iteration = event["macs_after"], event["iteration"]
+    return total + macs * per_step * (last_iteration - iteration)
+
+
+def shrink_line(event: dict[str, Any]) -> str:
+    """One shrink, for the log."""
+    return (
+        f"shrunk at iteration {event['iteration']}: params {event['params_before']:,} → "
+        f"{event['params_after']:,}, MACs {event['macs_before']:,} → {event['macs_after']:,}"
+    )
 
 
 def _log_epoch(t: _Training) -> None:
@@ -521,10 +598,13 @@ def train_one_epoch(
     autocast: Callable = nullcontext,
     on_step: Callable[[], None] = lambda: None,
     on_reallocation: Callable[[], None] = lambda: None,
+    on_shrink: Callable[[dict[str, Any]], torch.nn.Module] | None = None,
 ) -> dict[str, Any]:
     """One pass over `batches`: SGD steps, each followed by the sparsifier's step (and
-    `on_reallocation` after each reallocation). Totals stay on the device, so nothing waits for
-    the GPU until the caller reads them."""
+    `on_reallocation` after each reallocation). When the sparsifier shrinks the model,
+    `on_shrink(event)` gives the module to step with from then on (a shrink replaces the
+    parameters that wrappers such as DDP or torch.compile hold). Totals stay on the device, so
+    nothing waits for the GPU until the caller reads them."""
     model.train()
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
@@ -544,6 +624,10 @@ def train_one_epoch(
         stats = sparsifier.step()
         if stats is not None:
             on_reallocation()
+            if stats.get("shrunk"):
+                if on_shrink is None:
+                    raise ValueError("the sparsifier shrank the model: train_one_epoch needs on_shrink")
+                model = on_shrink(stats["shrunk"])
             pruned += stats["pruned"]
             reallocations += 1
             switched_off += stats.get("switched_off", 0)

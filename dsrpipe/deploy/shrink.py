@@ -34,12 +34,11 @@ import torch_pruning as tp
 from torch import nn
 
 from ..errors import UserError
+from ..sparse.slicing import LAYERS, NORMS, cut, dependency_graph, model_cost
 
 PROBE_BATCH = 4
 # Logits may move by float rounding only: the folds change the order of the sums.
 DEFAULT_TOLERANCE = 1e-4
-_LAYERS = (nn.Conv2d, nn.Linear)
-_PER_CHANNEL = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 @dataclass
@@ -72,10 +71,13 @@ def shrink_model(
     probe, check = (torch.randn(PROBE_BATCH, *input_shape, generator=generator).to(device) for _ in range(2))
     shrunk = copy.deepcopy(reference)
     removed, folds = {}, 0
-    if any(_dead_rows(m) for m in shrunk.modules() if isinstance(m, _LAYERS)):
+    if any(_dead_rows(m) for m in shrunk.modules() if isinstance(m, LAYERS)):
         removed, folds = _remove_dead_channels(shrunk, probe)
         _verify(reference, shrunk, check, tolerance)
-    (params_before, macs_before), (params_after, macs_after) = _cost(reference, probe), _cost(shrunk, probe)
+    (params_before, macs_before), (params_after, macs_after) = (
+        model_cost(reference, probe),
+        model_cost(shrunk, probe),
+    )
     return shrunk, {
         "removed_channels": removed,
         "folds": folds,
@@ -89,47 +91,25 @@ def shrink_model(
 def _remove_dead_channels(model: nn.Module, probe: torch.Tensor) -> tuple[dict[str, int], int]:
     """Shrink `model` in place; returns how many output channels each Conv2d / Linear lost, and
     how many folds that took."""
-    names = {m: n for n, m in model.named_modules()}
-    try:
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=probe, verbose=False)
-    except Exception as exc:  # a model Torch-Pruning cannot trace: say so, not a page of its internals
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(
-            f"cannot shrink {type(model).__name__}: its channel dependencies could not be traced "
-            f"({message}); export without shrinking (export.shrink: false)"
-        ) from None
+    graph = dependency_graph(model, probe, "cannot shrink", "export without shrinking (export.shrink: false)")
     inputs = _constant_inputs(model, probe)
     # Every plan is made on the unchanged model: a removal with its folds leaves every remaining
     # layer's output as it was, so what was read for one group stays true after another's.
     plans = [
         plan
-        for group in list(graph.get_all_groups(root_module_types=_LAYERS))
+        for group in list(graph.get_all_groups(root_module_types=LAYERS))
         if (plan := _plan_group(graph, group, inputs))
     ]
     with torch.no_grad():
         for plan in plans:
             _fold(plan)
-    removed: dict[str, int] = defaultdict(int)
-    for plan in plans:
-        group = graph.get_pruning_group(plan.root, plan.prune_fn, plan.removed)
-        for item in group:
-            if isinstance(item.dep.target.module, _LAYERS) and graph.is_out_channel_pruning_fn(
-                item.dep.handler
-            ):
-                removed[names[item.dep.target.module]] += len(item.idxs)
-        group.prune()
-    return dict(sorted(removed.items())), sum(len(p.bias_folds) + len(p.merges) for p in plans)
+    done = cut(model, graph, [(plan.root, plan.prune_fn, plan.removed) for plan in plans])
+    return done.removed_channels, sum(len(p.bias_folds) + len(p.merges) for p in plans)
 
 
 def _dead_rows(layer: nn.Module) -> list[int]:
     """Output channels of a Conv2d / rows of a Linear whose weights are all zero."""
     return torch.nonzero(layer.weight.detach().flatten(1).eq(0).all(1)).flatten().tolist()
-
-
-def _cost(model: nn.Module, probe: torch.Tensor) -> tuple[int, int]:
-    """(parameters, MACs for one sample)."""
-    macs, _ = tp.utils.count_ops_and_params(model, example_inputs=probe[:1])
-    return sum(p.numel() for p in model.parameters()), int(macs)
 
 
 def _constant_inputs(
@@ -150,7 +130,7 @@ def _constant_inputs(
             constant &= was_constant & per_channel[:, 0].eq(value)
         seen[module] = (constant, per_channel[:, 0])
 
-    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, _LAYERS)]
+    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, LAYERS)]
     try:
         with torch.no_grad():
             model(probe)
@@ -175,13 +155,13 @@ def _plan_group(graph: tp.DependencyGraph, group, inputs) -> _Plan | None:
     by_root: dict[int, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))  # root -> item -> idxs
     for position, item in enumerate(group):
         module = item.dep.target.module
-        if isinstance(module, _LAYERS):
+        if isinstance(module, LAYERS):
             if isinstance(module, nn.Conv2d) and module.groups != 1:
                 return None  # grouped/depthwise convs tie input channels to output channels
             is_out = graph.is_out_channel_pruning_fn(item.dep.handler)
             (producers if is_out else consumers).append(position)
         elif isinstance(module, tp.ops._OutputOp) or (
-            not isinstance(module, _PER_CHANNEL) and any(True for _ in module.parameters(recurse=False))
+            not isinstance(module, NORMS) and any(True for _ in module.parameters(recurse=False))
         ):
             return None  # a model output, or a layer with per-channel parameters of a kind not handled here
         for idx, root in zip(item.idxs, item.root_idxs):

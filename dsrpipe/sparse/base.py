@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from torch import nn
 from .. import files
 from ..errors import UserError
 from .channels import ChannelRemoval, Channels, mean_magnitude
+from .slicing import Cut, cut, dependency_graph, model_cost, out_channel_handler
 from .units import GRANULARITIES, Units, unit_size
 
 DISTRIBUTIONS = ("uniform", "erk")
@@ -340,6 +342,39 @@ def smallest_active(
     return chosen
 
 
+# Logits may move by float rounding only when shrinking: smaller layers sum in another order.
+SHRINK_TOLERANCE = 1e-4
+
+
+def _eval_logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    try:
+        return model(batch).float()
+    finally:
+        model.train(was_training)
+
+
+def _slice_optimizer(optimizer: torch.optim.Optimizer, renamed: dict, done: Cut) -> None:
+    """Point the optimizer at the parameters a cut made (`renamed`: old → (new, module, name)) and
+    slice its per-parameter state (momentum, moments) as the parameters were sliced."""
+    for group in optimizer.param_groups:
+        group["params"] = [renamed[p][0] if p in renamed else p for p in group["params"]]
+    state = defaultdict(dict)
+    for param, values in optimizer.state.items():
+        if param not in renamed:
+            state[param] = values
+            continue
+        new, module, name = renamed[param]
+        state[new] = {
+            key: done.apply(module, name, value)
+            if torch.is_tensor(value) and value.shape == param.shape
+            else value
+            for key, value in values.items()
+        }
+    optimizer.state = state
+
+
 class Sparsifier:
     """Static sparse training: each tensor keeps the random mask it starts with.
 
@@ -425,13 +460,10 @@ class Sparsifier:
             # One fused multiply of all the sparse gradients just before each optimizer step,
             # rather than a hook call per tensor: on a GPU the launches cost more than the math.
             self._hooks = [optimizer.register_step_pre_hook(lambda *_: self._mask_gradients())]
+            self._per_weight_hooks = False
         else:
-            self._hooks = [
-                self.weights[name].register_post_accumulate_grad_hook(
-                    lambda weight, name=name: self._masked_gradient(name, weight)
-                )
-                for name in self.masks
-            ]
+            self._hooks = self._accumulate_hooks()
+            self._per_weight_hooks = True  # on the weights themselves, which shrinking replaces
         # Positions grown at the latest reallocation, for the regrowth diagnostic.
         self.last_grown = (
             {n: torch.zeros_like(m) for n, m in self.masks.items()} if self.tracks_regrowth else {}
@@ -480,6 +512,14 @@ class Sparsifier:
             density = mask.float().mean()
             self.weights[name].mul_(density.rsqrt())
 
+    def _accumulate_hooks(self) -> list:
+        return [
+            self.weights[name].register_post_accumulate_grad_hook(
+                lambda weight, name=name: self._masked_gradient(name, weight)
+            )
+            for name in self.masks
+        ]
+
     @torch.no_grad()
     def _mask_gradients(self) -> None:
         """The optimizer's step pre-hook: zero the gradient of every masked weight at once."""
@@ -506,6 +546,7 @@ class Sparsifier:
         for hook in self._hooks:
             hook.remove()
         self._hooks = [self.optimizer.register_step_pre_hook(lambda *_: self._gradients_at_step())]
+        self._per_weight_hooks = False
 
     @torch.no_grad()
     def _gradients_at_step(self) -> None:
@@ -574,7 +615,63 @@ class Sparsifier:
                 slots = self.growth_slots(n, u.of(self.masks[n]))
                 u.activate(self.masks[n], sample_free_positions(slots.view(-1), g, f, self.generator))
             self.clear_optimizer_state()
-        return {"channels_removed": sum(len(c) for c in chosen.values()), "channels_regrown": freed}
+        stats = {"channels_removed": sum(len(c) for c in chosen.values()), "channels_regrown": freed}
+        if channels.removal.shrink and chosen:
+            stats["shrunk"] = self.shrink()
+        return stats
+
+    def _per_tensor_state(self) -> list[dict[str, torch.Tensor]]:
+        """The tensors shaped like a sparse weight, by its name, that shrinking slices with it;
+        methods with more extend the list."""
+        return [self.masks, self.last_grown]
+
+    @torch.no_grad()
+    def shrink(self) -> dict[str, Any]:
+        """Cut the removed channels out of the model (slicing.py: the layers, BatchNorm's statistics
+        and everything coupled) and slice what rides on its parameters as the layers were: the
+        masks, the method's per-tensor state, the optimizer's momentum. The logits and the active
+        total stay; the model's parameters are new objects (wrappers such as DDP are rebuilt).
+        Returns the iteration and the parameters and MACs (per sample) before and after."""
+        channels, model = self.channels, self.model
+        probe = torch.randn(2, *channels.example_inputs.shape[1:], generator=torch.Generator().manual_seed(0))
+        probe = probe.to(channels.example_inputs.device)
+        (params_before, macs_before), expected = model_cost(model, probe), _eval_logits(model, probe)
+        before = {(m, n): p for m in model.modules() for n, p in m.named_parameters(recurse=False)}
+        graph = dependency_graph(model, channels.example_inputs, "shrinking")
+        done = cut(model, graph, [(m, out_channel_handler(m), idxs) for m, idxs in channels.cut_list()])
+        renamed = {old: (getattr(m, n), m, n) for (m, n), old in before.items() if getattr(m, n) is not old}
+        if probe.device.type == "cuda":  # new parameters come contiguous; cuDNN wants NHWC
+            model.to(memory_format=torch.channels_last)
+        if self.optimizer is not None:
+            _slice_optimizer(self.optimizer, renamed, done)
+        modules = dict(model.named_modules())
+        for name in self.weights:
+            module = modules[name]
+            self.weights[name] = module.weight
+            self.units[name] = Units(module.weight.shape, self.units[name].size)
+            for store in self._per_tensor_state():
+                if name in store:
+                    store[name] = done.apply(module, "weight", store[name])
+        if self._per_weight_hooks:
+            for hook in self._hooks:
+                hook.remove()
+            self._hooks = self._accumulate_hooks()
+        channels.cut_out(model, {n: (self.weights[n], m) for n, m in self.masks.items()})
+        params_after, macs_after = model_cost(model, probe)
+        got = _eval_logits(model, probe)
+        scale = max(1.0, float(expected.abs().max()))
+        if not float((got - expected).abs().max()) <= SHRINK_TOLERANCE * scale:
+            raise UserError(
+                f"shrinking during training changed the logits of {type(model).__name__}; "
+                "train without it (sparsity.remove_channels.shrink: false)"
+            )
+        return {
+            "iteration": self.iteration,
+            "params_before": params_before,
+            "params_after": params_after,
+            "macs_before": macs_before,
+            "macs_after": macs_after,
+        }
 
     def growth_slots(self, name: str, taken: torch.Tensor) -> torch.Tensor:
         """The units of tensor `name` where growth may go: not `taken` (a unit mask) and not in a
@@ -600,6 +697,7 @@ class Sparsifier:
             state["last_grown"] = {n: g.clone() for n, g in self.last_grown.items()}
         if self.channels is not None:
             state["channels"] = self.channels.state_dict()
+            state["shrunk"] = self.channels.shrunk
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -613,17 +711,19 @@ class Sparsifier:
             )
         self.iteration = state["iteration"]
         self.generator.set_state(state["generator"])
-        self.load_masks(state["masks"])
-        for name, grown in state.get("last_grown", {}).items():
-            self.last_grown[name] = grown.to(self.masks[name].device).clone()
         if ("channels" in state) != (self.channels is not None):
             raise UserError(
                 "checkpoint was trained "
                 + ("with" if "channels" in state else "without")
                 + " channel removal (sparsity.remove_channels), unlike this run"
             )
-        if self.channels is not None:
+        if self.channels is not None:  # first: a shrunk run's masks fit the shrunk model only
             self.channels.load_state_dict(state["channels"], self.optimizer)
+            if state.get("shrunk", False):
+                self.shrink()
+        self.load_masks(state["masks"])
+        for name, grown in state.get("last_grown", {}).items():
+            self.last_grown[name] = grown.to(self.masks[name].device).clone()
 
     def load_masks(self, masks: dict[str, torch.Tensor]) -> None:
         """Adopt masks found elsewhere (a checkpoint, another run) and zero what they mask."""

@@ -41,9 +41,7 @@ import torch_pruning as tp
 from torch import nn
 
 from ..errors import UserError
-
-_LAYERS = (nn.Conv2d, nn.Linear)
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+from .slicing import LAYERS, NORMS, dependency_graph
 
 
 @dataclass(frozen=True)
@@ -54,7 +52,9 @@ class ChannelRemoval:
     `dense_layers`: the channels that only dense layers write (the input layer's) are removable
     too, ranked by those layers' filters; `multiple_of`: after the last removal each group's
     live channels are a multiple of it (or all), the removed count as near the share's as the
-    multiples allow."""
+    multiples allow; `shrink`: after each removal, cut the removed channels out of the model
+    (`Sparsifier.shrink`), so that training costs what the smaller model costs, rather than
+    holding them at zero."""
 
     share: float
     begin: int = 0
@@ -65,6 +65,7 @@ class ChannelRemoval:
     # onnxruntime's CPU convolutions work in blocks of 16 channels on AVX-512 (8 on AVX2) and pad
     # the rest: 33 live channels cost what 48 do (docs/methods.md, "Channel removal").
     multiple_of: int = 16
+    shrink: bool = True
 
     def __post_init__(self):
         if not 0.0 <= self.share < 1.0:
@@ -127,29 +128,18 @@ def trace_groups(
     Groups holding layers whose channels this cannot reason about (grouped convs, other layers
     with per-channel parameters, the model's outputs) are left out."""
     names = {m: n for n, m in model.named_modules()}
-    was_training = model.training
-    model.eval()  # a traced forward must not move BatchNorm's running statistics
-    try:
-        with torch.enable_grad():  # Torch-Pruning traces through autograd
-            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
-    except Exception as exc:  # a model Torch-Pruning cannot trace
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(
-            f"channel removal: the channel dependencies of {type(model).__name__} could not be traced ({message})"
-        ) from None
-    finally:
-        model.train(was_training)
+    graph = dependency_graph(model, example_inputs, "channel removal")
     groups = []
-    for group in graph.get_all_groups(root_module_types=_LAYERS):
+    for group in graph.get_all_groups(root_module_types=LAYERS):
         members: dict[tuple[nn.Module, str], dict[int, list[int]]] = {}
         usable = True
         for item in group:
             module = item.dep.target.module
-            if isinstance(module, _LAYERS):
+            if isinstance(module, LAYERS):
                 if isinstance(module, nn.Conv2d) and module.groups != 1:
                     usable = False
                 role = "out" if graph.is_out_channel_pruning_fn(item.dep.handler) else "in"
-            elif isinstance(module, _NORMS):
+            elif isinstance(module, NORMS):
                 role = "norm"
             elif isinstance(module, tp.ops._OutputOp) or any(True for _ in module.parameters(recurse=False)):
                 usable = False
@@ -209,6 +199,7 @@ class Channels:
         score: Callable[[ChannelGroup], torch.Tensor] = mean_magnitude,
     ):
         self.removal, self.sparse, self.score = removal, sparse, score
+        self.example_inputs, self.eligible = example_inputs, eligible
         self.groups = trace_groups(model, example_inputs, eligible, removal.dense_layers)
         if not self.groups:
             raise UserError(
@@ -217,11 +208,22 @@ class Channels:
             )
         device = example_inputs.device
         self.alive = {g.name: torch.ones(g.channels, dtype=torch.bool, device=device) for g in self.groups}
+        # Once the model is shrunk (`cut_out`) a group's channels are numbered anew: `origin` maps
+        # them to the channels the group started with, which floors, targets and checkpoints count.
+        self.original = {g.name: g.channels for g in self.groups}
+        self.origin = {g.name: torch.arange(g.channels) for g in self.groups}
+        # the output channel of the group's first writing layer that each original channel is
+        self.writer_channel = {g.name: g.scored_by[0].index[:, 0].clone() for g in self.groups}
         self.floor = {g.name: max(1, math.ceil(removal.floor * g.channels)) for g in self.groups}
         self.total = sum(g.channels for g in self.groups)  # the removable channels
+        self.shrunk = False  # whether removed channels have been cut out of the model
+        self._open()
+
+    def _open(self) -> None:
+        """No position closed, nothing held: at the start, and once a cut took the removed channels away."""
         # Sparse positions no growth may use: rows and columns of removed channels.
-        self.closed = {name: torch.zeros_like(mask) for name, (_, mask) in sparse.items()}
-        self.closed_count = dict.fromkeys(sparse, 0)  # elements of each `closed`
+        self.closed = {name: torch.zeros_like(mask) for name, (_, mask) in self.sparse.items()}
+        self.closed_count = dict.fromkeys(self.sparse, 0)  # elements of each `closed`
         self.keep: dict[nn.Parameter, torch.Tensor] = {}  # zero where a removed channel lives, dense params
 
     @property
@@ -290,7 +292,7 @@ class Channels:
             now = len(live[g.name])
             wanted = now - len(chosen.get(g.name, []))
             options = [k for k in range(step, now + 1, step) if k >= self.floor[g.name]]
-            options += [now] if now == g.channels else []
+            options += [now] if now == self.original[g.name] else []
             lowest_first = sorted(live[g.name], key=lambda c: (float(scores[g.name][c]), c))
             # the nearest allowed count first; unrounded if none fits (a group smaller than the multiple)
             for keep in sorted(options, key=lambda k: (abs(k - wanted), k)) + [wanted]:
@@ -388,18 +390,54 @@ class Channels:
             if param.grad is not None:
                 param.grad.mul_(keep)
 
+    def cut_list(self) -> list[tuple[nn.Module, list[int]]]:
+        """What shrinking cuts: per group with removed channels still in the model, its first
+        writing layer and their output channels there."""
+        return [
+            (g.scored_by[0].module, g.scored_by[0].index[dead].flatten().tolist())
+            for g in self.groups
+            if len(dead := torch.nonzero(~self.alive[g.name].cpu()).flatten())
+        ]
+
+    def cut_out(self, model: nn.Module, sparse: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Take note that the removed channels were cut out of `model` (whose sparse tensors are
+        now `sparse`): trace its groups again and number their channels anew."""
+        origin = {name: self.origin[name][alive.cpu()] for name, alive in self.alive.items()}
+        self.sparse = sparse
+        self.groups = trace_groups(model, self.example_inputs, self.eligible, self.removal.dense_layers)
+        found = {g.name: g.channels for g in self.groups}
+        if found != {name: len(kept) for name, kept in origin.items()}:
+            raise RuntimeError(f"shrinking changed the channel groups: {found}, expected {origin}")
+        self.origin = origin
+        device = self.example_inputs.device
+        self.alive = {name: torch.ones(n, dtype=torch.bool, device=device) for name, n in found.items()}
+        self.shrunk = True
+        self._open()
+
+    def live_channels(self) -> dict[str, list[int]]:
+        """Per group, the output channels of its first writing layer still in the model, as the
+        model was built: what rebuilds a shrunk architecture (slicing.cut_to_live)."""
+        return {name: self.writer_channel[name][kept].tolist() for name, kept in self.origin.items()}
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: alive.clone() for name, alive in self.alive.items()}
+        """The live channels of each group, over the channels it started with."""
+        state = {}
+        for name, alive in self.alive.items():
+            full = torch.zeros(self.original[name], dtype=torch.bool, device=alive.device)
+            full[self.origin[name][alive.cpu()].to(alive.device)] = True
+            state[name] = full
+        return state
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor], optimizer=None) -> None:
-        """Adopt the alive channels of a checkpoint: zero and close everything the removed ones held."""
+        """Adopt the alive channels of a checkpoint: zero and close everything the removed ones held
+        (a sparsifier that shrinks then cuts them out)."""
+        if self.shrunk:
+            raise RuntimeError("a shrunk model's channels cannot be loaded again")
         if set(state) != set(self.alive) or any(state[n].shape != self.alive[n].shape for n in state):
             raise UserError("the checkpoint's removed channels do not match this model's channel groups")
         for name in self.alive:
             self.alive[name].fill_(True)
-        self.closed = {name: torch.zeros_like(c) for name, c in self.closed.items()}
-        self.closed_count = dict.fromkeys(self.closed, 0)
-        self.keep = {}
+        self._open()
         dead = {n: torch.nonzero(~a.cpu()).flatten().tolist() for n, a in state.items()}
         self.remove({n: c for n, c in dead.items() if c}, optimizer)
