@@ -60,6 +60,8 @@ CSV_COLUMNS = [
     "torch_top1",
     "onnx_top1",
     "train_seconds",
+    "mac_images",
+    "peak_rss_mib",
     "epochs",
     "status",
     "measured_sparsity",
@@ -486,6 +488,7 @@ def total_epochs(run: Run, by_name: dict[str, Run]) -> int | None:
 def _row(run: Run, epochs: int | None = None) -> dict[str, Any]:
     r = run.report or {}
     latency = r.get("latency_ms") or {}
+    training = r.get("training") or {}
     return {
         "method": run.method,
         "sparsity": run.sparsity,
@@ -495,6 +498,8 @@ def _row(run: Run, epochs: int | None = None) -> dict[str, Any]:
         "torch_top1": r.get("torch_top1"),
         "onnx_top1": r.get("onnx_top1"),
         "train_seconds": None if run.train_seconds is None else round(run.train_seconds, 3),
+        "mac_images": training.get("mac_images"),
+        "peak_rss_mib": round(training["peak_rss_bytes"] / 2**20, 1) if training.get("peak_rss_bytes") else None,
         "epochs": epochs,
         "status": run.status,
         "measured_sparsity": r.get("sparsity"),
@@ -517,6 +522,9 @@ def group_results(runs: list[Run]) -> list[dict[str, Any]]:
         measured = [r for r in members if r.report is not None]
         top1 = [r.report["onnx_top1"] for r in measured]
         seconds = [r.train_seconds for r in measured if r.train_seconds is not None]
+        costs = [(r.report.get("training") or {}) for r in measured]
+        mac_images = [c["mac_images"] for c in costs if c.get("mac_images")]
+        rss = [c["peak_rss_bytes"] for c in costs if c.get("peak_rss_bytes")]
         epochs = [e for r in measured if (e := total_epochs(r, by_name)) is not None]
         entries.append(
             {
@@ -533,6 +541,8 @@ def group_results(runs: list[Run]) -> list[dict[str, Any]]:
                 "top1_mean": statistics.mean(top1) if top1 else None,
                 "top1_std": statistics.stdev(top1) if len(top1) > 1 else None,
                 "seconds_mean": statistics.mean(seconds) if seconds else None,
+                "mac_images_mean": statistics.mean(mac_images) if mac_images else None,
+                "peak_rss_mean": statistics.mean(rss) if rss else None,
                 "epochs": max(epochs) if epochs else None,
             }
         )
@@ -575,12 +585,16 @@ def _markdown(grid_name: str, runs: list[Run], groups: list[dict[str, Any]], com
     lines += [
         "Top-1: the exported ONNX model on the test split, mean ± sample standard deviation over seeds. "
         "Params: non-zero parameters of the whole model (dense layers included). Train time: seconds "
-        "of training and fine-tuning epochs per run, mean. Epochs: all the training behind a run, "
-        "the dense run it starts from included (prune, prune-channels).",
+        "of training and fine-tuning epochs per run, mean, and against dense where the grid has it. "
+        "MACs × images: forward multiply-accumulates of the model as it was at each step, summed over the "
+        "images trained on (a model that shrinks while it trains costs less). Peak RSS: the run's process. "
+        "Epochs: all the training behind a run, the dense run it starts from included (prune, prune-channels).",
         "",
-        "| method | sparsity | params (non-zero) | top-1 (%) | train time (s) | epochs | runs |",
-        "|---|---|---:|---:|---:|---:|---|",
+        "| method | sparsity | params (non-zero) | top-1 (%) | train time (s) | vs dense | MACs × images "
+        "| peak RSS (MiB) | epochs | runs |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
+    dense = next((g["seconds_mean"] for g in groups if g["method"] == "dense" and g["seconds_mean"]), None)
     for g in groups:
         params = "n/a" if g["params"] is None else f"{round(g['params']):,}"
         if g["top1_mean"] is None:
@@ -597,8 +611,12 @@ def _markdown(grid_name: str, runs: list[Run], groups: list[dict[str, Any]], com
         if notes:
             count += f" ({', '.join(notes)})"
         epochs = "n/a" if g["epochs"] is None else str(g["epochs"])
+        ratio = f"{g['seconds_mean'] / dense:.2f}×" if dense and g["seconds_mean"] else "n/a"
+        macs = "n/a" if g["mac_images_mean"] is None else f"{g['mac_images_mean']:.3g}"
+        rss = "n/a" if g["peak_rss_mean"] is None else f"{g['peak_rss_mean'] / 2**20:,.0f}"
         lines.append(
-            f"| {g['method']} | {g['sparsity']:g} | {params} | {top1} | {seconds} | {epochs} | {count} |"
+            f"| {g['method']} | {g['sparsity']:g} | {params} | {top1} | {seconds} | {ratio} | {macs} | {rss} "
+            f"| {epochs} | {count} |"
         )
     lines += ["", "![Top-1 against non-zero parameters](accuracy_vs_params.png)", ""]
     failed = [r for r in runs if r.status in ("crashed", "validation-failed")]

@@ -280,9 +280,17 @@ class ChannelShape(Section):
     dense_layers: bool = True
     # each layer's live channels end at a multiple of this: onnxruntime pads to blocks of 16 (AVX-512)
     multiple_of: int = Field(16, ge=1, le=1024)
+    # cut removed channels out of the model as they go, so that the steps after cost what the
+    # smaller model costs; false: hold them at zero in the full-width model
+    shrink: bool = True
 
     def shape_options(self) -> dict[str, Any]:
-        return {"floor": self.floor, "dense_layers": self.dense_layers, "multiple_of": self.multiple_of}
+        return {
+            "floor": self.floor,
+            "dense_layers": self.dense_layers,
+            "multiple_of": self.multiple_of,
+            "shrink": self.shrink,
+        }
 
 
 class ChannelRemovalOptions(ChannelShape):

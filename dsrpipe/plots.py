@@ -231,6 +231,15 @@ def _channels_alive(ax, history: list[dict], num_train: int) -> None:
     ax.set_ylabel("channels alive")
     ax.set_ylim(bottom=0)
     ax.legend(loc="upper right", fontsize=6, ncol=max(1, math.ceil(len(groups) / 6)))
+    if any(h.get("shrinks") for h in history):  # the model was cut smaller as it trained
+        macs = ax.twinx()
+        macs.plot(epochs, [h.get("macs", np.nan) for h in history], "k--", lw=1, label="MACs per sample")
+        for epoch, h in enumerate(history, start=1):
+            if h.get("shrinks"):
+                macs.axvline(epoch, color="0.75", lw=0.8, zorder=0)
+        macs.set_ylabel("MACs per sample\n(grey: epochs that shrank)", fontsize=8)
+        macs.set_ylim(bottom=0)
+        macs.legend(loc="lower left", fontsize=6)
     ax.grid(alpha=0.3)
     _epoch_axis(ax, len(history))
 

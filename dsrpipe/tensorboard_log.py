@@ -20,6 +20,10 @@ SCALARS = {
     "sparsity/active_params": "active_params",
     "sparsity/pruned_grown_share": "pruned_grown_share",
     "speed/images_per_second": "images_per_second",
+    "cost/macs_per_sample": "macs",  # forward MACs of the model at the epoch's end (falls as it shrinks)
+    "cost/mac_images": "mac_images",
+    "cost/peak_rss_bytes": "peak_rss_bytes",
+    "cost/peak_cuda_bytes": "peak_cuda_bytes",
 }
 
 
@@ -49,6 +53,9 @@ class ScalarLog:
             self.writer.add_scalar(f"layer_density/{layer}", density, step)
         for group, alive in (record.get("channels_alive") or {}).items():
             self.writer.add_scalar(f"channels_alive/{group}", alive, step)
+        for event in record.get("shrinks") or []:  # each shrink at its iteration
+            self.writer.add_scalar("shrink/macs_per_sample", event["macs_after"], event["iteration"])
+            self.writer.add_scalar("shrink/params", event["params_after"], event["iteration"])
         self.writer.flush()
 
     def close(self) -> None:

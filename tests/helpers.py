@@ -65,9 +65,9 @@ def assert_resume_is_exact(build, first_steps, second_steps):
             state = (model.state_dict(), optimizer.state_dict(), sparsifier.state_dict())
             torch.manual_seed(123)
             model, optimizer, sparsifier = build(fresh=True)
+            sparsifier.load_state_dict(state[2])  # first: a shrunk run's model is cut to its live channels
             model.load_state_dict(state[0])
             optimizer.load_state_dict(state[1])
-            sparsifier.load_state_dict(state[2])
         train_steps(model, optimizer, sparsifier, second_steps, seed=2)
         return model.state_dict(), sparsifier.state_dict()
 

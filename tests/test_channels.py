@@ -45,13 +45,20 @@ def build(
     end=60,
     dense_layers=False,
     multiple_of=1,
+    shrink=False,
     **options,
 ):
     torch.manual_seed(0)
     net = create_model(model, num_classes=10, in_channels=shape[0], image_size=shape[1])
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     removal = ChannelRemoval(
-        share=share, begin=0, end=end, floor=floor, dense_layers=dense_layers, multiple_of=multiple_of
+        share=share,
+        begin=0,
+        end=end,
+        floor=floor,
+        dense_layers=dense_layers,
+        multiple_of=multiple_of,
+        shrink=shrink,
     )
     sparsifier = method(
         net,
@@ -228,8 +235,8 @@ def test_the_export_cuts_removed_channels_and_keeps_the_logits(tmp_path):
     layer as training removed, nothing was folded, onnxruntime matches torch, and fine-tuning
     kept the removed channels at zero."""
     raw = tiny(
-        "removal",
-        sparsity={"remove_channels": {"share": 0.5, "end_epoch": 2}},
+        "removal",  # held at zero in the full model, for the export to cut (tests/test_shrinking.py: cut as it trains)
+        sparsity={"remove_channels": {"share": 0.5, "end_epoch": 2, "shrink": False}},
         train={"epochs": 3},
         validate={"latency_runs": 3},
     )

@@ -235,8 +235,12 @@ def test_compare_trains_the_dense_run_first_and_prunes_it(tmp_path):
     removed = {n: int((~a).sum()) for n, a in channels["sparsifier"]["channels"].items()}
     assert sum(removed.values()) == round(0.5 * (8 + 16 + 32))  # small-cnn at width 8: conv1-3
     assert channels["sparsifier"]["masks"] == {}  # the weights stay dense
+    # cut out while it trained (shrink: true, the default): the export has nothing left to cut
+    live = channels["model_spec"]["live_channels"]
+    assert {n: 2 ** (k + 3) - len(live[n]) for k, n in enumerate(("conv1", "conv2", "conv3"))} == removed
+    assert channels["model"]["conv2.weight"].shape[:2] == (len(live["conv2"]), len(live["conv1"]))
     shrink = runs["prune-channels"].report["shrink"]
-    assert shrink["removed_channels"] == removed and shrink["folds"] == 0
+    assert shrink["removed_channels"] == {} and shrink["folds"] == 0
     rows = {r["method"]: r for r in csv.DictReader((tmp_path / "out" / "g" / "results.csv").open())}
     assert (rows["dense"]["epochs"], rows["prune"]["epochs"], rows["prune-channels"]["epochs"]) == (
         "1",

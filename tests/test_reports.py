@@ -177,7 +177,7 @@ def test_compare_runs_the_grid_in_parallel_and_resumes(tmp_path):
     md = (folder / "results.md").read_text()
     for method in ("dsr", "static"):
         line = next(line for line in md.splitlines() if line.startswith(f"| {method} | 0.9 |"))
-        assert " ± " in line and line.count("|") == 8
+        assert " ± " in line and line.count("|") == 11
         # The table's numbers come from the rows: mean non-zero params, mean ± sample std of top-1.
         group = [r for r in rows if r["method"] == method]
         params = statistics.mean(int(r["nonzero_params"]) for r in group)

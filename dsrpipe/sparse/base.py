@@ -656,8 +656,6 @@ class Sparsifier:
             for hook in self._hooks:
                 hook.remove()
             self._hooks = self._accumulate_hooks()
-        channels.cut_out(model, {n: (self.weights[n], m) for n, m in self.masks.items()})
-        params_after, macs_after = model_cost(model, probe)
         got = _eval_logits(model, probe)
         scale = max(1.0, float(expected.abs().max()))
         if not float((got - expected).abs().max()) <= SHRINK_TOLERANCE * scale:
@@ -665,6 +663,8 @@ class Sparsifier:
                 f"shrinking during training changed the logits of {type(model).__name__}; "
                 "train without it (sparsity.remove_channels.shrink: false)"
             )
+        channels.cut_out(model, {n: (self.weights[n], m) for n, m in self.masks.items()})
+        params_after, macs_after = model_cost(model, probe)
         return {
             "iteration": self.iteration,
             "params_before": params_before,

@@ -197,6 +197,7 @@ class ChannelPrune(Sparsifier):
         floor: float = 0.1,
         dense_layers: bool = True,
         multiple_of: int = 16,
+        shrink: bool = True,
         begin_iteration: int = 0,
         end_iteration: int | None = None,
         total_steps: int | None = None,
@@ -218,5 +219,6 @@ class ChannelPrune(Sparsifier):
             steps=steps,
             dense_layers=dense_layers,
             multiple_of=multiple_of,
+            shrink=shrink,
         )
         self._start_channel_removal(removal, example_inputs, score=group_importance)
