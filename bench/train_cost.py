@@ -149,7 +149,9 @@ def picture(rows: list[dict], path: Path, title: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("dataset", choices=["cifar10", "digits", "digits-wrn"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), help="measure these rows only")
@@ -172,7 +174,11 @@ def main() -> None:
             files.write_json(results, sorted(rows, key=lambda r: (list(ROWS).index(r["row"]), r["seed"])))
         rows = json.loads(results.read_text())
     files.write_text(OUT / f"{args.dataset}.md", table(rows))
-    picture(rows, OUT / f"{args.dataset}-accuracy-vs-train-time.png", f"{args.dataset}: accuracy against training time")
+    picture(
+        rows,
+        OUT / f"{args.dataset}-accuracy-vs-train-time.png",
+        f"{args.dataset}: accuracy against training time",
+    )
     print(table(rows))
 
 

@@ -499,7 +499,9 @@ def _row(run: Run, epochs: int | None = None) -> dict[str, Any]:
         "onnx_top1": r.get("onnx_top1"),
         "train_seconds": None if run.train_seconds is None else round(run.train_seconds, 3),
         "mac_images": training.get("mac_images"),
-        "peak_rss_mib": round(training["peak_rss_bytes"] / 2**20, 1) if training.get("peak_rss_bytes") else None,
+        "peak_rss_mib": round(training["peak_rss_bytes"] / 2**20, 1)
+        if training.get("peak_rss_bytes")
+        else None,
         "epochs": epochs,
         "status": run.status,
         "measured_sparsity": r.get("sparsity"),
