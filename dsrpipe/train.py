@@ -39,6 +39,7 @@ from .errors import UserError
 from .models import create_model
 from .rundir import COMPLETE, STALE, UNFINISHED, RunDir, load_checkpoint, restoring, save_checkpoint
 from .sparse import Sparsifier
+from .sparse.base import read_finished_run
 from .sparse.frozen import initial_weights
 from .sparse.slicing import cut_to_live, model_cost
 from .sparse.thin import thin_model_options
@@ -121,6 +122,11 @@ def train_sparse(
         )
         return {**spec, "options": options, "thin_dense": {"params": params, "budget": budget}}
 
+    def source_spec(spec):  # frozen, from a run that shrank while it trained: its narrower model
+        source = read_finished_run(s.masks_from, "masks_from")["model_spec"]
+        live = source.get("live_channels") if isinstance(source, dict) else None
+        return {**spec, "live_channels": live} if live else spec
+
     return _fit(
         cfg,
         "train",
@@ -128,7 +134,7 @@ def train_sparse(
         RunDir(out, cfg.name),
         make_sparsifier,
         start_from=None,
-        adapt_spec=thin_spec if s.method == "thin-dense" else None,
+        adapt_spec={"thin-dense": thin_spec, "frozen": source_spec}.get(s.method),
         resume=resume,
         force=force,
         progress=progress,

@@ -171,14 +171,13 @@ def test_set_and_static_regrow_the_budget_of_removed_channels():
         assert sparsifier.channels.removed == round(0.3 * sparsifier.channels.total)
 
 
-@pytest.mark.numerics
-def test_resume_in_the_middle_of_removal_is_exact():
-    """A plain conv stack with biases, pooled and flattened into a Linear: a channel is several
-    columns there, and its bias is held at zero too."""
+def conv_stack_removing(shrink):
+    """A plain conv stack with biases, pooled and flattened into a Linear (a channel is several
+    columns there), DSR removing channels: `build(fresh)` for assert_resume_is_exact."""
 
-    def make(fresh):
+    def build(fresh):
         model = small_net(width=8)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
         sparsifier = DSR(
             model,
             optimizer,
@@ -186,12 +185,18 @@ def test_resume_in_the_middle_of_removal_is_exact():
             prune_target=40,
             schedule=RewireSchedule({0: 4}),
             seed=7 if fresh else 0,
-            remove_channels=ChannelRemoval(share=0.4, begin=0, end=30),
+            remove_channels=ChannelRemoval(share=0.4, begin=0, end=30, shrink=shrink),
             example_inputs=torch.zeros(1, 1, 8, 8),
         )
         return model, optimizer, sparsifier
 
-    first, second = assert_resume_is_exact(make, 13, 25)
+    return build
+
+
+@pytest.mark.numerics
+def test_resume_in_the_middle_of_removal_is_exact():
+    """Held at zero in the full model (shrink: false): a removed channel's bias too."""
+    first, second = assert_resume_is_exact(conv_stack_removing(shrink=False), 13, 25)
     assert first["channels"].keys() == second["channels"].keys()
     for name, alive in first["channels"].items():
         assert torch.equal(alive, second["channels"][name])
@@ -264,6 +269,7 @@ def test_remove_channels_settings_are_checked_at_the_edge(tmp_path):
         "sparsity.remove_channels.share": {"remove_channels": {"share": 1.5}},
         "sparsity.remove_channels.multiple_of": {"remove_channels": {"share": 0.5, "multiple_of": 0}},
         "sparsity.remove_channels.dense_layers": {"remove_channels": {"share": 0.5, "dense_layers": "yes"}},
+        "sparsity.remove_channels.shrink": {"remove_channels": {"share": 0.5, "shrink": "sometimes"}},
         "method 'rigl' takes no option 'remove_channels'": {
             "method": "rigl",
             "remove_channels": {"share": 0.5},
@@ -280,9 +286,9 @@ def test_remove_channels_settings_are_checked_at_the_edge(tmp_path):
     removal = cfg.sparsity.remove_channels.removal(steps_per_epoch=10, epochs=cfg.train.epochs)
     library = ChannelRemoval(share=0.5)
     assert (
-        (removal.dense_layers, removal.multiple_of)
-        == (library.dense_layers, library.multiple_of)
-        == (True, 16)
+        (removal.dense_layers, removal.multiple_of, removal.shrink)
+        == (library.dense_layers, library.multiple_of, library.shrink)
+        == (True, 16, True)
     )
     assert "remove_channels" not in parse_pipeline(tiny()).sparsity.model_dump()  # old fingerprints stay
 

@@ -205,6 +205,26 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(two_and_one):
         )
 
 
+def test_both_ranks_cut_the_removed_channels_out_alike(two_and_one):
+    """Channel removal shrinks the model as it trains (the default), under DDP too: the checkpoint
+    holds the narrower model and its live channels, the same as the one-process run's, and the
+    job logged each cut (the ranks' checksums of masks and live channels, compared above at every
+    reallocation, include the cuts)."""
+    tmp, run_dir, _ = two_and_one
+    one, two = (
+        torch.load(folder / "train" / "final.pt", weights_only=True)
+        for folder in (tmp / "one" / "quickstart", run_dir)
+    )
+    assert two["sparsifier"]["shrunk"] and two["model_spec"]["live_channels"]
+    assert two["model_spec"]["live_channels"] == one["model_spec"]["live_channels"]
+    hidden = len(two["model_spec"]["live_channels"]["fc1"])
+    assert hidden < 300 and two["model"]["fc1.weight"].shape[0] == hidden
+    assert two["model"]["fc2.weight"].shape[1] == hidden
+    shrinks = [event for h in two["history"] for event in h["shrinks"]]
+    log = (tmp / "two" / "g" / "logs" / f"{RUN_2}.log").read_text()
+    assert shrinks and log.count("train: shrunk at iteration") == len(shrinks)
+
+
 def test_tensorboard_event_files_hold_the_figures_of_metrics_jsonl(two_and_one):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

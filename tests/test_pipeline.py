@@ -170,25 +170,29 @@ def assert_same_training(reference, resumed):
     assert [drop_timing(h) for h in reference["history"]] == [drop_timing(h) for h in resumed["history"]]
 
 
+def interrupt_training(cfg, out, monkeypatch, epoch):
+    """Train until Ctrl-C strikes in `epoch`: trained, not yet checkpointed, so it must be redone."""
+    real_evaluate = train_module.evaluate
+    calls = {"n": 0}
+
+    def interrupt(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == epoch:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train_sparse(cfg, out, progress=False)
+    monkeypatch.setattr(train_module, "evaluate", real_evaluate)
+
+
 def test_resume_after_interruption_is_bit_identical(tmp_path, monkeypatch):
     # The LR drops at milestones before (2) and after (4) the resume point (3): a resumed run that
     # lost its LR schedule would miss the second drop.
     cfg = parse_pipeline(tiny(train={"epochs": 5, "milestones": [2, 4]}))
     reference = torch.load(train_sparse(cfg, tmp_path / "a", progress=False), weights_only=True)
-
-    real_evaluate = train_module.evaluate
-    calls = {"n": 0}
-
-    def interrupt_in_epoch_four(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:  # epoch 4 has trained but is not checkpointed: it must be redone
-            raise KeyboardInterrupt
-        return real_evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "evaluate", interrupt_in_epoch_four)
-    with pytest.raises(KeyboardInterrupt):
-        train_sparse(cfg, tmp_path / "b", progress=False)
-    monkeypatch.setattr(train_module, "evaluate", real_evaluate)
+    interrupt_training(cfg, tmp_path / "b", monkeypatch, epoch=4)
     last = torch.load(tmp_path / "b" / "tiny" / "train" / "last.pt", weights_only=True)
     assert last["epoch"] == 3
     with pytest.raises(Exception, match="--resume"):

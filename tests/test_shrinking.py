@@ -12,14 +12,13 @@ from dsrpipe import train as train_module
 from dsrpipe.config import parse_pipeline
 from dsrpipe.errors import UserError
 from dsrpipe.pipeline import run_pipeline
-from dsrpipe.sparse import DSR, ChannelRemoval, RewireSchedule
 from dsrpipe.sparse.channels import Channels
 from dsrpipe.sparse.slicing import model_cost
 from dsrpipe.train import train_sparse
 
-from .helpers import assert_resume_is_exact, masked_weights_are_zero, small_net
-from .test_channels import build, digits_batches, train_on_digits
-from .test_pipeline import assert_same_training, tiny
+from .helpers import assert_resume_is_exact, masked_weights_are_zero
+from .test_channels import build, conv_stack_removing, digits_batches, train_on_digits
+from .test_pipeline import assert_same_training, interrupt_training, tiny
 
 
 def parameters(net):
@@ -137,25 +136,8 @@ def test_a_step_after_the_shrink_is_the_masked_models_step():
 @pytest.mark.numerics
 @pytest.mark.parametrize("first_steps", [3, 13], ids=["before-the-first-shrink", "after-a-shrink"])
 def test_resume_from_before_and_after_a_shrink_is_exact(first_steps):
-    """A conv stack with biases, flattened into a Linear (a channel is several columns there):
-    resumed from a checkpoint taken before any shrink or after one, training goes on bit for bit."""
-
-    def make(fresh):
-        model = small_net(width=8)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-        sparsifier = DSR(
-            model,
-            optimizer,
-            sparsity=0.8,
-            prune_target=40,
-            schedule=RewireSchedule({0: 4}),
-            seed=7 if fresh else 0,
-            remove_channels=ChannelRemoval(share=0.4, begin=0, end=30),
-            example_inputs=torch.zeros(1, 1, 8, 8),
-        )
-        return model, optimizer, sparsifier
-
-    first, second = assert_resume_is_exact(make, first_steps, 25)
+    """Resumed from a checkpoint taken before any shrink or after one, training goes on bit for bit."""
+    first, second = assert_resume_is_exact(conv_stack_removing(shrink=True), first_steps, 25)
     assert first["shrunk"] and second["shrunk"]
     for name, alive in first["channels"].items():
         assert torch.equal(alive, second["channels"][name])
@@ -219,6 +201,23 @@ def test_a_shrunk_run_fine_tunes_exports_and_validates_like_a_masked_one(shrunk_
     assert shrunk["sparsity"] == pytest.approx(masked["sparsity"], abs=0.002)  # over the configured width
 
 
+def test_frozen_retrains_a_shrunk_runs_structure_from_its_initial_weights(shrunk_run, tmp_path):
+    """The paper's control on a run that shrank: `frozen` (init: same) trains the narrower model it
+    ended as, on its final masks, from its initial weights at the channels that were left."""
+    out, _ = shrunk_run
+    source = out / "shrink-True" / "train" / "final.pt"
+    sparsity = {"method": "frozen", "masks_from": str(source), "init": "same"}
+    raw = tiny("frozen-shrunk", train={"epochs": 1}, finetune={"epochs": 0})
+    raw["sparsity"] = sparsity
+    cfg = parse_pipeline(raw)
+    final = torch.load(train_sparse(cfg, tmp_path, progress=False), weights_only=True)
+    trained = torch.load(source, weights_only=True)
+    assert final["model_spec"]["live_channels"] == trained["model_spec"]["live_channels"]
+    for name, mask in trained["sparsifier"]["masks"].items():
+        assert torch.equal(final["sparsifier"]["masks"][name], mask)
+    assert final["model"]["conv3.weight"].shape == trained["model"]["conv3.weight"].shape
+
+
 def test_reports_carry_the_training_cost_and_the_shrinks(shrunk_run):
     """report.json, report.md and metrics.jsonl: wall time, forward MACs × images (smaller for the
     run that shrank, and equal to MACs × images where nothing shrank), peak RSS, and each shrink."""
@@ -249,19 +248,7 @@ def test_resume_after_a_shrink_is_bit_identical_through_the_pipeline(tmp_path, m
     shrunk model from its checkpoint and ends bit for bit as the uninterrupted one."""
     cfg = parse_pipeline(tiny("resume-shrunk", sparsity=REMOVAL, train={"epochs": 3}))
     reference = torch.load(train_sparse(cfg, tmp_path / "a", progress=False), weights_only=True)
-    real_evaluate = train_module.evaluate
-    calls = {"n": 0}
-
-    def interrupt_in_epoch_three(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "evaluate", interrupt_in_epoch_three)
-    with pytest.raises(KeyboardInterrupt):
-        train_sparse(cfg, tmp_path / "b", progress=False)
-    monkeypatch.setattr(train_module, "evaluate", real_evaluate)
+    interrupt_training(cfg, tmp_path / "b", monkeypatch, epoch=3)
     last = torch.load(tmp_path / "b" / "resume-shrunk" / "train" / "last.pt", weights_only=True)
     assert last["epoch"] == 2 and last["sparsifier"]["shrunk"] and last["model_spec"]["live_channels"]
     resumed = torch.load(train_sparse(cfg, tmp_path / "b", resume=True, progress=False), weights_only=True)

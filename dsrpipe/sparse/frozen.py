@@ -7,7 +7,8 @@ and trains on exactly those masks, which never change, starting from
 The paper ran both. Either way the source's model is rebuilt from what its checkpoint records
 (`model_spec`; for `same` the seed it was initialised from, checked against the digest of the
 initial weights the run recorded), so the model passed in must be that model: its weights are
-replaced. Unlike DSR nothing moves; unlike `static` the (non-uniform) mask was learnt. If it does
+replaced. A source that shrank while it trained (channel removal) is retrained as the narrower
+model it ended as, from its initial weights at the channels that were left. Unlike DSR nothing moves; unlike `static` the (non-uniform) mask was learnt. If it does
 worse than the run it came from, exploring structure during training is what mattered.
 """
 
@@ -22,6 +23,7 @@ from torch import nn
 
 from ..errors import UserError
 from .base import LayerSelection, Sparsifier, read_finished_run
+from .slicing import cut_to_live
 
 INITS = ("fresh", "same")
 
@@ -120,6 +122,9 @@ class Frozen(Sparsifier):
                 f"masks_from: rebuilding {path}'s initial weights gave other values "
                 "(another torch or torchvision version?): use init: fresh"
             )
+        if spec.get("live_channels"):  # the source shrank while it trained: its structure is the narrower model
+            blank = torch.zeros(1, spec["in_channels"], spec["image_size"], spec["image_size"])
+            cut_to_live(built, blank, spec["live_channels"])
         state, initial = model.state_dict(), built.state_dict()
         if set(state) != set(initial) or any(state[k].shape != initial[k].shape for k in state):
             raise UserError(
