@@ -43,7 +43,16 @@ ROWS = {  # label -> overrides of the quickstart (with the dataset's)
 ONE_SEED = {"element DSR 0.9"}
 # A residual network, whose streams' channels shrink in every layer that writes or reads them:
 # WRN-10-2 at 32x32 on the deployment table's CIFAR-10 subset (3,000 images, 10 epochs).
-DATASETS = {**DATASETS, "cifar10-subset-wrn": [*DATASETS["cifar10-subset"], "model.name=wrn-10-2", "model.options={}"]}
+SUBSET = DATASETS["cifar10-subset"]
+DATASETS = {
+    **DATASETS,
+    "cifar10-subset-wrn": [
+        *(o for o in SUBSET if not o.startswith("sparsity.")),
+        "model.name=wrn-10-2",
+        "model.options={}",
+    ],
+}
+REWIRE = {**REWIRE, "cifar10-subset-wrn": [o for o in SUBSET if o.startswith("sparsity.")]}
 RESIDUAL_ROWS = ("dense", "DSR 0.9 + removal 0.5, masked", "DSR 0.9 + removal 0.5, shrinking")
 
 
