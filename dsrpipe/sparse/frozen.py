@@ -122,7 +122,8 @@ class Frozen(Sparsifier):
                 f"masks_from: rebuilding {path}'s initial weights gave other values "
                 "(another torch or torchvision version?): use init: fresh"
             )
-        if spec.get("live_channels"):  # the source shrank while it trained: its structure is the narrower model
+        # A source that shrank while it trained: its structure is the narrower model it ended as.
+        if spec.get("live_channels"):
             blank = torch.zeros(1, spec["in_channels"], spec["image_size"], spec["image_size"])
             cut_to_live(built, blank, spec["live_channels"])
         state, initial = model.state_dict(), built.state_dict()
