@@ -464,7 +464,7 @@ def _one_epoch(t: _Training, epoch: int, bar: Progress) -> dict[str, Any]:
     def shrunk(event: dict[str, Any]) -> torch.nn.Module:
         shrinks.append(event)
         if t.main:
-            log(t.cfg, f"{stage}: {shrink_line(event)}")
+            log(t.cfg, f"{stage}: {_shrink_line(event)}")
         return t.wrap(event["macs_after"])
 
     macs_at_start = t.macs
@@ -535,7 +535,7 @@ def _mac_images(macs: int, shrinks: list[dict], steps: int, last_iteration: int,
     return total + macs * per_step * (last_iteration - iteration)
 
 
-def shrink_line(event: dict[str, Any]) -> str:
+def _shrink_line(event: dict[str, Any]) -> str:
     """One shrink, for the log."""
     return (
         f"shrunk at iteration {event['iteration']}: params {event['params_before']:,} → "
