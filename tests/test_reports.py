@@ -235,7 +235,7 @@ def test_a_crashing_run_is_a_row_not_a_crash(tmp_path, monkeypatch):
     (row,) = csv.DictReader((out / "g" / "results.csv").open())
     assert row["status"] == "crashed" and "boom: out of memory" in row["message"] and row["onnx_top1"] == ""
     md = (out / "g" / "results.md").read_text()
-    assert "| dsr | 0.9 | n/a | n/a | n/a | n/a | 0 of 1 (1 crashed) |" in md
+    assert "| dsr | 0.9 | n/a | n/a | n/a | n/a | n/a | n/a | n/a | 0 of 1 (1 crashed) |" in md
     assert "boom: out of memory" in (out / "g" / "logs" / "g-dsr-s0.9-seed0.log").read_text()
     assert_png(out / "g" / "accuracy_vs_params.png", min_bytes=1_000)
 
