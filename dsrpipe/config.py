@@ -31,6 +31,7 @@ from pydantic import (
 )
 
 from . import files
+from .contract import MAX_IMAGE_SIZE
 from .errors import UserError
 
 MAX_YAML_BYTES = 2**20
@@ -38,7 +39,6 @@ MAX_YAML_DEPTH = 20
 MAX_EPOCHS = 10_000
 MAX_STEPS = 10**9  # iterations, and weights (prune_target)
 MAX_BATCH = 4096
-MAX_IMAGE_SIZE = 1024
 MAX_IMAGES = 10**8
 MAX_WORKERS = 64
 MAX_SEED = 2**32 - 1  # a 32-bit seed: what every RNG's seeding takes

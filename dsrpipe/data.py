@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .contract import check_class_names
 from .errors import UserError
 from .files import is_text, load_arrays_pickle, shown, torch_save
 from .imagefolder import ARCHIVE_SUFFIXES, archive_suffix, find_splits, visible_dirs
@@ -339,7 +340,6 @@ def _check_name(name: str) -> str:
 
 
 def _splits(name, classes, train_x, train_y, test_x, test_y, *, max_value=255, stats=None):
-    from .deploy.predict import check_class_names  # here, not at export: before training, not after
 
     check_class_names(list(classes), f"dataset '{name}'")
     mean, std = stats or channel_stats(train_x, max_value)

@@ -1,5 +1,7 @@
 """Errors a user can act on, and the exit codes: the CLI prints them as one line and exits non-zero."""
 
+from .names import shown
+
 # Exit codes, for the CLI and the watch daemon's job processes alike.
 EXIT_BUG = 1  # an internal error: a bug, not bad input
 EXIT_USER_ERROR = 2  # bad input or an unmet requirement (UserError)
@@ -30,8 +32,6 @@ class DiskFull(UserError):
     """A write found the disk (or the quota) full; `path` is the file that was being written."""
 
     def __init__(self, path, message: str | None = None):
-        from .files import shown
-
         self.path = path
         super().__init__(
             message or f"cannot write {shown(path)}: the disk is full (free some space and run again)"

@@ -22,21 +22,10 @@ from pathlib import Path
 from typing import IO, Any
 
 from .errors import DiskFull, UserError
+from .names import shown
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-
-
-def shown(name: str | os.PathLike) -> str:
-    """A file name or path as text fit for a message, a log line or a database: bytes that are not
-    UTF-8 (which Python holds as surrogate escapes) become \\xNN, control characters \\n, \\t, ..."""
-    try:
-        text = os.fsencode(name).decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # a lone surrogate that no file name decodes to
-        text = os.fspath(name).encode("utf-8", "backslashreplace").decode()
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def is_text(name: str | os.PathLike) -> bool:

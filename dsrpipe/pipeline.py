@@ -18,8 +18,8 @@ import torch
 
 from . import __version__, distributed, files
 from .config import Pipeline
+from .contract import check_class_names
 from .deploy.export import export_onnx
-from .deploy.predict import check_class_names
 from .deploy.shrink import shrink_model
 from .deploy.validate import validate_onnx
 from .errors import ValidationFailed

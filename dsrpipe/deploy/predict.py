@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import MAX_IMAGE_SIZE
+from ..contract import MAX_IMAGE_SIZE, check_class_names
 from ..errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -23,7 +23,6 @@ BATCH = 64
 
 # The largest image side a model may declare: data.image_size's bound, the largest dsrpipe trains.
 MAX_SIDE = MAX_IMAGE_SIZE
-MAX_CLASS_NAME = 256
 
 
 def open_session(path: str | Path, threads: int | None = None, *, spinning: bool = True):
@@ -76,26 +75,6 @@ def input_shape(session, path: str | Path, max_side: int = MAX_SIDE) -> tuple[in
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0][:300] if text else type(err).__name__
-
-
-def check_class_names(names, where: str, count: int | None = None) -> list[str]:
-    """`names` if it is a list of `count` class names, each printable text without line breaks,
-    1 to MAX_CLASS_NAME characters (predict writes one line per image, names included), else a
-    one-line UserError that starts with `where` and quotes none of them. The one check for
-    both ends: export, before anything is written, and predict, of the file it is given."""
-    rule = f"printable text without line breaks, 1 to {MAX_CLASS_NAME} characters each"
-    if not isinstance(names, list):
-        raise UserError(
-            f"{where}: class_names must be a list of names ({rule}), not a {type(names).__name__}"
-        )
-    for i, name in enumerate(names):
-        if not (isinstance(name, str) and name.isprintable() and 0 < len(name) <= MAX_CLASS_NAME):
-            raise UserError(
-                f"{where}: class_names must be a list of names ({rule}); name {i} (counting from 0) is not"
-            )
-    if count is not None and len(names) != count:
-        raise UserError(f"{where}: {len(names)} class_names for a model of {count} classes")
-    return names
 
 
 def class_names(meta: dict, path: Path, count: int | None = None) -> list[str]:
