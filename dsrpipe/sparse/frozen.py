@@ -8,7 +8,8 @@ The paper ran both. Either way the source's model is rebuilt from what its check
 (`model_spec`; for `same` the seed it was initialised from, checked against the digest of the
 initial weights the run recorded), so the model passed in must be that model: its weights are
 replaced. A source that shrank while it trained (channel removal) is retrained as the narrower
-model it ended as, from its initial weights at the channels that were left. Unlike DSR nothing moves; unlike `static` the (non-uniform) mask was learnt. If it does
+model it ended as, from its initial weights at the channels that were left. Unlike DSR nothing
+moves; unlike `static` the (non-uniform) mask was learnt. If it does
 worse than the run it came from, exploring structure during training is what mattered.
 """
 
