@@ -14,11 +14,9 @@ written atomically: a reader sees the old file or the new one.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from . import files
 
@@ -27,14 +25,6 @@ RUN_FILES = RUN_PLOTS + ("report.md",)  # report.md is written last: it existing
 
 _DPI = 110
 _TRAIN, _TEST, _FINETUNE = "tab:blue", "tab:orange", "0.92"
-
-
-def read_history(path: str | Path) -> list[dict[str, Any]]:
-    """A stage's metrics.jsonl (one dict per epoch); [] when the stage has not run."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def write_run_plots(

@@ -17,9 +17,10 @@ import yaml
 from typer.testing import CliRunner
 
 from dsrpipe import files
+from dsrpipe.checkpoint import save_checkpoint
 from dsrpipe.cli import app
 from dsrpipe.config import load_pipeline
-from dsrpipe.rundir import RunDir, save_checkpoint
+from dsrpipe.rundir import RunDir
 
 from .test_pipeline import ROOT, tiny, write_pipeline
 
@@ -517,7 +518,7 @@ def test_hostile_class_names_stop_the_run_before_it_trains(tmp_path, folder):
 def test_class_names_that_do_not_fit_the_model_stop_the_export(tmp_path, names, expected):
     """A trained checkpoint whose class names are one short of the model's logits, one too long,
     or no list: export is one line, exit 2, and no model.onnx is written."""
-    from dsrpipe.rundir import load_checkpoint, save_checkpoint
+    from dsrpipe.checkpoint import load_checkpoint, save_checkpoint
 
     path = small_run(tmp_path)
     trained = CliRunner().invoke(

@@ -15,6 +15,7 @@ from dsrpipe.cli import app
 from dsrpipe.config import METHOD_OPTIONS, parse_pipeline, switch_method
 from dsrpipe.errors import UserError
 from dsrpipe.models import create_model
+from dsrpipe.registry import build_sparsifier, sparsifier_options
 from dsrpipe.sparse import DSR, METHODS, RewireSchedule, method_options
 
 from .test_pipeline import tiny, write_pipeline
@@ -60,11 +61,16 @@ def test_yaml_keys_and_library_keywords_agree_for_every_method():
         cfg = parse_pipeline(raw)
         assert type(cfg.sparsity) is options
         net = model()
-        sparsifier = cfg.sparsity.create(
-            net, torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), seed=0, steps_per_epoch=10, epochs=3
+        sparsifier = build_sparsifier(
+            cfg.sparsity,
+            net,
+            torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
+            seed=0,
+            steps_per_epoch=10,
+            epochs=3,
         )
         assert sparsifier.method == ("dense" if method == "thin-dense" else method)
-        assert set(cfg.sparsity.sparsifier_options(steps_per_epoch=10, epochs=3)) <= set(
+        assert set(sparsifier_options(cfg.sparsity, steps_per_epoch=10, epochs=3)) <= set(
             method_options(METHODS[method])
         )
 
@@ -84,7 +90,7 @@ def test_pipeline_options_reach_the_library_typed():
         )
     )
     net = create_model("small-cnn", num_classes=10, in_channels=1, image_size=8, width=16)
-    dsr = cfg.sparsity.create(net, None, seed=0, steps_per_epoch=22, epochs=4)
+    dsr = build_sparsifier(cfg.sparsity, net, None, seed=0, steps_per_epoch=22, epochs=4)
     assert isinstance(dsr, DSR) and list(dsr.masks) == ["conv2"]
     assert dsr.prune_target == round(0.14 * dsr.active_count())  # N_p as a fraction of the active weights
     assert dsr.schedule == RewireSchedule({0: 5, 2: 10}, 3, 22) and dsr.distribution == "erk"

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..contract import MAX_IMAGE_SIZE, check_class_names
+from ..contract import IMAGE_SUFFIXES, MAX_IMAGE_SIZE, check_class_names, decode_fitted
 from ..errors import UserError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 BATCH = 64
 
 
@@ -103,16 +102,8 @@ def load_classifier(path: str | Path, max_side: int = MAX_SIDE):
 
 def read_image(path: Path, channels: int, height: int, width: int) -> np.ndarray:
     """One image as float32 [channels, height, width] in [0, 1], or UserError."""
-    from PIL import Image, ImageOps
-
-    try:
-        with Image.open(path) as img:
-            img = img.convert("L" if channels == 1 else "RGB")
-    except Exception as err:  # PIL raises many types for truncated or foreign files
-        raise UserError(f"cannot read image {path}: {err}") from None
-    if img.size != (width, height):  # scale the short side, centre-crop the long one
-        img = ImageOps.fit(img, (width, height), Image.Resampling.BILINEAR)
-    pixels = np.asarray(img, dtype=np.float32) / 255
+    image = decode_fitted(path, width, height, grey=channels == 1, failed="cannot read image")
+    pixels = image.astype(np.float32) / 255
     return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
 
 

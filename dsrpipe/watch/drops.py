@@ -14,8 +14,8 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
+from ..catalog import ARCHIVE_SUFFIXES, archive_suffix, find_splits
 from ..files import is_text, shown
-from ..imagefolder import ARCHIVE_SUFFIXES, archive_suffix, find_splits
 
 STATE_DIR = ".dsrpipe"
 TEMPLATE_NAME = "template.yaml"

@@ -20,9 +20,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .. import files
-from ..config import SAFE_NAME, parse_yaml
 from ..errors import UserError
 from ..files import is_text, shown
+from ..names import SAFE_NAME
+from ..safeyaml import parse_yaml
 from .drops import (
     DEFAULT_TEMPLATE,
     MAX_PIPELINE_BYTES,

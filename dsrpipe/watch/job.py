@@ -12,7 +12,13 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import torch
+from pydantic import BaseModel
+
 from .. import files
+from ..config import Pipeline, load_pipeline
+from ..data import ArchiveCaps
+from ..distributed import Launch
 from ..errors import (
     EXIT_BUG,
     EXIT_BUSY,
@@ -23,6 +29,9 @@ from ..errors import (
     raise_terminated,
 )
 from ..files import exclusive_lock, shown
+from ..pipeline import run_pipeline
+from ..rundir import RunDir
+from ..train import load_splits
 
 
 def job_process(job_dir: str, settings: dict[str, Any]) -> None:
@@ -61,25 +70,24 @@ def job_main(job_dir: Path, settings: dict[str, Any] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     os.chdir(spec["cwd"])  # a pipeline's relative paths are relative to the drop folder
     try:
-        from ..config import confine_paths, load_pipeline
-
         cfg = load_pipeline(spec["config"], spec["overrides"], quote=spec.get("quote", True))
         confine_paths(cfg, [Path(spec["cwd"]), Path(spec["out"])])  # before anything is read
-        import torch
-
-        from .. import data
-        from ..pipeline import run_pipeline
-        from ..rundir import RunDir
-
         if settings.get("threads"):
             torch.set_num_threads(settings["threads"])
-        if settings.get("max_unpacked"):
-            data.MAX_ARCHIVE_BYTES = settings["max_unpacked"]
-        if settings.get("max_files"):
-            data.MAX_ARCHIVE_FILES = settings["max_files"]
+        caps = ArchiveCaps(
+            *(
+                settings.get(key) or default
+                for key, default in (
+                    ("max_unpacked", ArchiveCaps.max_bytes),
+                    ("max_files", ArchiveCaps.max_files),
+                )
+            )
+        )
+        # Unpacked and decoded here, under this job's archive caps: every stage after (and every
+        # rank under torchrun) reads the unpacked folder and the decoded cache.
+        load_splits(cfg.data, caps)
         run = RunDir(Path(spec["out"]), cfg.name)
         if settings.get("nproc", 1) > 1:
-            cfg.data.load()  # unpacked and decoded here, under this job's archive caps; the ranks read the cache
             return _run_through_torchrun(spec, settings["nproc"], settings.get("threads"))
         with run.lock():  # one owner, as for `dsrpipe run`: a job never mixes with another process's run
             run_pipeline(cfg, Path(spec["out"]), progress=False)
@@ -130,8 +138,6 @@ def _run_through_torchrun(spec: dict[str, Any], nproc: int, threads: int | None)
     codes, so the cause is their last `error:` line, which also tells bad input from a bug."""
     import subprocess
 
-    from ..distributed import Launch
-
     args = ["run", spec["config"], "--out", spec["out"], "--no-progress"]
     for override in spec["overrides"]:
         args += ["--set", override]
@@ -166,3 +172,32 @@ def _run_through_torchrun(spec: dict[str, Any], nproc: int, threads: int | None)
     if error is not None:
         raise UserError(error)
     raise RuntimeError(f"torchrun exited with code {code} (see the job log)")
+
+
+def _path_settings(section: BaseModel, prefix: str = "") -> list[tuple[str, Path]]:
+    """Every path-typed setting that is set, as (dotted name, path): data.root, masks_from, ..."""
+    found = []
+    for name, value in section:
+        if isinstance(value, BaseModel):
+            found += _path_settings(value, f"{prefix}{name}.")
+        elif isinstance(value, Path):
+            found.append((f"{prefix}{name}", value))
+    return found
+
+
+def confine_paths(cfg: Pipeline, roots: list[Path]) -> None:
+    """Refuse a pipeline whose path settings lead outside `roots` (relative paths are taken from
+    the working directory; `~` and symbolic links are followed first): the watch daemon runs
+    untrusted pipelines, which must read and write only inside its drop and output folders."""
+    allowed = [Path(root).resolve() for root in roots]
+    for where, path in _path_settings(cfg):
+        for candidate in {path, path.expanduser()}:  # loaders expand ~: check what they will open
+            try:
+                resolved = candidate.resolve()
+            except (OSError, RuntimeError):  # a symbolic link loop
+                resolved = None
+            if resolved is None or not any(resolved.is_relative_to(root) for root in allowed):
+                raise UserError(
+                    f"{where}: {path} is outside {' and '.join(map(str, allowed))}; "
+                    "only paths inside them are allowed here"
+                )

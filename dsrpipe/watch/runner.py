@@ -22,6 +22,7 @@ from typing import Any
 from .. import files
 from ..errors import EXIT_BUSY, EXIT_DISK_FULL, EXIT_INTERRUPTED, EXIT_USER_ERROR, EXIT_VALIDATION
 from ..files import disk_full, shown
+from ..rundir import RunDir
 from .drops import ERROR_SUFFIX
 from .folder import DropFolder, log, try_lock
 from .limits import group_memory
@@ -161,6 +162,8 @@ class Runner:
         return self._context
 
     def _start(self, job: dict[str, Any]) -> None:
+        # Here, not at the top: the job module imports torch, which the daemon never does (the
+        # fork server has it preloaded; this process only names the function to run there).
         from .job import job_process
 
         job_dir = self.folder.job_dir(job)
@@ -169,8 +172,6 @@ class Runner:
         if not (job_dir / "job.json").exists():
             return self.folder.fail(job, f"the job's files are missing from {job_dir}", None, 0.0)
         if job["fresh"] and job["attempts"] == 0:  # a --rerun starts over
-            from ..rundir import RunDir
-
             RunDir(Path(job["out"]), job["name"]).clear()
             shutil.rmtree(job_dir / "cache", ignore_errors=True)
         attempt = job["attempts"] + 1
