@@ -169,82 +169,82 @@ def run(
         typer.echo(str(run_dir.onnx))
 
 
-@app.command("train-sparse")
-@_user_errors
-def train_sparse(
-    pipeline: Path = PipelineArg,
-    out: Path = OutOption,
-    overrides: list[str] = SetOption,
-    resume: bool = ResumeOption,
-    force: bool = ForceOption,
-    progress: bool = ProgressOption,
-):
-    """Train from scratch with the configured sparse method (DSR by default)."""
-    cfg = _load(pipeline, overrides)
-    with _owning(_run_dir(out, cfg), cfg) as main:
-        from .train import train_sparse as stage
+def _training_command(name: str, summary: str, stage: Callable[[], Callable]) -> None:
+    """A command that trains (train-sparse, finetune): every rank under torchrun, rank 0 owning
+    the run. `stage()` imports the stage's function, on use (see `_load`)."""
 
-        final = stage(cfg, out, resume=resume, force=force, progress=progress)
-    if main:
-        typer.echo(str(final))
-
-
-@app.command()
-@_user_errors
-def finetune(
-    pipeline: Path = PipelineArg,
-    out: Path = OutOption,
-    overrides: list[str] = SetOption,
-    resume: bool = ResumeOption,
-    force: bool = ForceOption,
-    progress: bool = ProgressOption,
-):
-    """Fine-tune the trained model with its masks frozen."""
-    cfg = _load(pipeline, overrides)
-    with _owning(_run_dir(out, cfg), cfg) as main:
-        from .train import finetune as stage
-
-        final = stage(cfg, out, resume=resume, force=force, progress=progress)
-    if main:
-        typer.echo(str(final))
+    @app.command(name, help=summary)
+    @_user_errors
+    def command(
+        pipeline: Path = PipelineArg,
+        out: Path = OutOption,
+        overrides: list[str] = SetOption,
+        resume: bool = ResumeOption,
+        force: bool = ForceOption,
+        progress: bool = ProgressOption,
+    ):
+        cfg = _load(pipeline, overrides)
+        with _owning(_run_dir(out, cfg), cfg) as main:
+            final = stage()(cfg, out, resume=resume, force=force, progress=progress)
+        if main:
+            typer.echo(str(final))
 
 
-@app.command()
-@_user_errors
-def export(
-    pipeline: Path = PipelineArg,
-    out: Path = OutOption,
-    overrides: list[str] = SetOption,
-    force: bool = ForceOption,
-):
-    """Export the trained model to a sparse ONNX file."""
-    cfg = _load(pipeline, overrides)
-    if not _main_rank():
-        return
-    with _run_dir(out, cfg).lock():
-        from .pipeline import export_stage
+def _deploy_command(name: str, summary: str, stage: Callable[[], Callable]) -> None:
+    """A command that works on the trained model (export, validate): rank 0's alone, under the
+    run's lock; prints what `stage()`'s function returns."""
 
-        typer.echo(str(export_stage(cfg, out, force=force)))
+    @app.command(name, help=summary)
+    @_user_errors
+    def command(
+        pipeline: Path = PipelineArg,
+        out: Path = OutOption,
+        overrides: list[str] = SetOption,
+        force: bool = ForceOption,
+    ):
+        cfg = _load(pipeline, overrides)
+        if not _main_rank():
+            return
+        with _run_dir(out, cfg).lock():
+            typer.echo(str(stage()(cfg, out, force=force)))
 
 
-@app.command()
-@_user_errors
-def validate(
-    pipeline: Path = PipelineArg,
-    out: Path = OutOption,
-    overrides: list[str] = SetOption,
-    force: bool = ForceOption,
-):
-    """Measure the exported model with onnxruntime and write report.json."""
-    cfg = _load(pipeline, overrides)
-    if not _main_rank():
-        return
-    run_dir = _run_dir(out, cfg)
-    with run_dir.lock():
-        from .pipeline import validate_stage
+def _train_stage():
+    from .train import train_sparse
 
+    return train_sparse
+
+
+def _finetune_stage():
+    from .train import finetune
+
+    return finetune
+
+
+def _export_stage():
+    from .pipeline import export_stage
+
+    return export_stage
+
+
+def _validate_stage():
+    from .pipeline import validate_stage
+
+    def validate(cfg, out: Path, *, force: bool) -> Path:
         validate_stage(cfg, out, force=force)
-    typer.echo(str(run_dir.report))
+        return _run_dir(out, cfg).report
+
+    return validate
+
+
+_training_command(
+    "train-sparse", "Train from scratch with the configured sparse method (DSR by default).", _train_stage
+)
+_training_command("finetune", "Fine-tune the trained model with its masks frozen.", _finetune_stage)
+_deploy_command("export", "Export the trained model to a sparse ONNX file.", _export_stage)
+_deploy_command(
+    "validate", "Measure the exported model with onnxruntime and write report.json.", _validate_stage
+)
 
 
 @app.command()

@@ -68,9 +68,11 @@ def _mark_finetune(ax, num_train: int, total: int, label: bool) -> None:
         )
 
 
-def _no_data(ax, message: str) -> None:
+def _no_data(ax, message: str, *, epochs: bool = False) -> None:
+    """`message` in place of a plot; `epochs`: the epoch axis stays, shared with a plot beside."""
     ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, color="0.4")
-    ax.set_xticks([])
+    if not epochs:
+        ax.set_xticks([])
     ax.set_yticks([])
 
 
@@ -190,16 +192,7 @@ def _density_over_time(history: list[dict], num_train: int, report: dict):
         handles = h_ax.get_legend_handles_labels()[0] + (bars.get_legend_handles_labels()[0] if bars else [])
         h_ax.legend(handles=handles, loc="upper left", fontsize=8)
     else:
-        h_ax.text(
-            0.5,
-            0.5,
-            f"no threshold and nothing pruned (method '{report.get('method', '')}')",
-            ha="center",
-            va="center",
-            transform=h_ax.transAxes,
-            color="0.4",
-        )
-        h_ax.set_yticks([])
+        _no_data(h_ax, f"no threshold and nothing pruned (method '{report.get('method', '')}')", epochs=True)
     _epoch_axis(h_ax, total)
     h_ax.grid(alpha=0.3)
     _regrowth_share(share_ax, history, num_train, report)
@@ -257,16 +250,7 @@ def _regrowth_share(ax, history: list[dict], num_train: int, report: dict) -> No
         ax.set_ylabel("% of pruned", color="tab:purple")
         ax.legend(loc="upper left", fontsize=8)
     else:
-        ax.text(
-            0.5,
-            0.5,
-            f"no regrowth to measure (method '{report.get('method', '')}')",
-            ha="center",
-            va="center",
-            transform=ax.transAxes,
-            color="0.4",
-        )
-        ax.set_yticks([])
+        _no_data(ax, f"no regrowth to measure (method '{report.get('method', '')}')", epochs=True)
     ax.set_xlabel("epoch")
     _epoch_axis(ax, total)
     ax.grid(alpha=0.3)

@@ -121,18 +121,7 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(digits_model, tmp_path, case):
     assert len(result.output.strip().splitlines()) == 1
 
 
-def test_predict_never_imports_torch(digits_model):
-    """The deployer's side: the command runs with onnxruntime, numpy and Pillow only."""
-    path, images, expected = digits_model
-    code = (
-        "import sys\n"
-        "from dsrpipe.cli import app\n"
-        "try:\n"
-        f"    app(['predict', {str(path)!r}, {str(images)!r}])\n"
-        "except SystemExit as exit:\n"
-        "    assert not exit.code, exit.code\n"
-        "print('torch imported' if 'torch' in sys.modules else 'no torch')\n"
-    )
+def _run_python(code: str) -> list[str]:
     result = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
@@ -142,9 +131,39 @@ def test_predict_never_imports_torch(digits_model):
         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    lines = result.stdout.strip().splitlines()
+    return result.stdout.strip().splitlines()
+
+
+def test_predict_never_imports_torch(digits_model):
+    """The deployer's side: the command runs with onnxruntime, numpy and Pillow (and the CLI's
+    typer) only."""
+    path, images, expected = digits_model
+    lines = _run_python(
+        "import sys\n"
+        "from dsrpipe.cli import app\n"
+        "try:\n"
+        f"    app(['predict', {str(path)!r}, {str(images)!r}])\n"
+        "except SystemExit as exit:\n"
+        "    assert not exit.code, exit.code\n"
+        "print('torch imported' if 'torch' in sys.modules else 'no torch')\n"
+    )
     assert lines[-1] == "no torch"
     assert [line.split("\t")[1].split(" ")[0] for line in lines[:-1]] == expected
+
+
+def test_the_predict_module_needs_no_training_library(digits_model):
+    """dsrpipe.deploy.predict imports only dsrpipe.contract and dsrpipe.errors: with torch,
+    pydantic, yaml and onnx unimportable, it still classifies (an import of the settings, or of
+    any training code, fails here)."""
+    path, images, expected = digits_model
+    lines = _run_python(
+        "import sys\n"
+        "for absent in ('torch', 'torchvision', 'pydantic', 'yaml', 'onnx'):\n"
+        "    sys.modules[absent] = None  # as if not installed: importing it raises ImportError\n"
+        "from dsrpipe.deploy.predict import format_predictions, predict\n"
+        f"print(format_predictions(predict({str(path)!r}, [__import__('pathlib').Path({str(images)!r})])))\n"
+    )
+    assert [line.split("\t")[1].split(" ")[0] for line in lines] == expected
 
 
 def test_each_images_probabilities_sum_to_one(digits_model):
