@@ -11,6 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from dsrpipe import compare as compare_module
+from dsrpipe import registry
 from dsrpipe.cli import app
 from dsrpipe.config import METHOD_OPTIONS, parse_pipeline, switch_method
 from dsrpipe.errors import UserError
@@ -309,3 +310,27 @@ def test_version():
 
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output == f"dsrpipe {__version__}\n"
+
+
+def test_every_method_has_options_and_every_option_set_a_method(monkeypatch):
+    """One registry: each method a pipeline names joins its options with its sparsifier, and a
+    method with one half only is refused when the registry is built."""
+    assert set(registry.METHODS) == set(METHOD_OPTIONS) == set(METHODS)
+    for name, method in registry.METHODS.items():
+        assert method.options is METHOD_OPTIONS[name] and method.sparsifier is METHODS[name]
+        assert method.options.model_fields["method"].default == name
+    monkeypatch.setitem(METHOD_OPTIONS, "magic", METHOD_OPTIONS["dsr"])
+    with pytest.raises(ImportError, match="without both options and a sparsifier: magic"):
+        registry._joined()
+
+
+def test_every_option_reaches_the_library():
+    """An option passes to the sparsifier's keyword of the same name, or is one of those built
+    from several settings: a misnamed option would be dropped silently, and fails here."""
+    built = {"method", "dense_first", "dense_last", "exclude", "sparse_tensors"}  # method; layers
+    built |= {"rewire_periods", "stop_rewire_epoch", "begin_epoch", "end_epoch", "remove_channels"}
+    for name, method in registry.METHODS.items():
+        unused = set(method.options.model_fields) - built - set(method_options(method.sparsifier))
+        # sparsity names the grid column of the methods whose weights it does not decide
+        assert unused <= {"sparsity"}, (name, unused)
+        assert "sparsity" not in unused or name in ("dense", "thin-dense", "frozen", "prune-channels"), name

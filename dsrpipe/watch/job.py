@@ -74,18 +74,15 @@ def job_main(job_dir: Path, settings: dict[str, Any] | None = None) -> int:
         confine_paths(cfg, [Path(spec["cwd"]), Path(spec["out"])])  # before anything is read
         if settings.get("threads"):
             torch.set_num_threads(settings["threads"])
-        caps = ArchiveCaps(
-            *(
-                settings.get(key) or default
-                for key, default in (
-                    ("max_unpacked", ArchiveCaps.max_bytes),
-                    ("max_files", ArchiveCaps.max_files),
-                )
+        if cfg.data.dataset == "imagefolder":
+            # Unpacked and decoded here, under this job's archive caps: every stage after (and
+            # every rank under torchrun) reads the unpacked folder and the decoded cache.
+            defaults = ArchiveCaps()
+            caps = ArchiveCaps(
+                settings.get("max_unpacked") or defaults.max_bytes,
+                settings.get("max_files") or defaults.max_files,
             )
-        )
-        # Unpacked and decoded here, under this job's archive caps: every stage after (and every
-        # rank under torchrun) reads the unpacked folder and the decoded cache.
-        load_splits(cfg.data, caps)
+            load_splits(cfg.data, caps)
         run = RunDir(Path(spec["out"]), cfg.name)
         if settings.get("nproc", 1) > 1:
             return _run_through_torchrun(spec, settings["nproc"], settings.get("threads"))
