@@ -13,13 +13,14 @@ from dsrpipe.deploy.shrink import shrink_model
 from dsrpipe.models import create_model
 from dsrpipe.pipeline import run_pipeline
 from dsrpipe.sparse import DSR, SET, ChannelRemoval, RewireSchedule, Sparsifier
+from dsrpipe.train import load_splits
 
 from .helpers import assert_resume_is_exact, masked_weights_are_zero, small_net, train_steps
 from .test_pipeline import tiny, write_pipeline
 
 
 def digits_batches(steps, batch=64, seed=0):
-    train, _ = DataConfig(dataset="digits").load()
+    train, _ = load_splits(DataConfig(dataset="digits"))
     generator = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         pick = torch.randint(len(train), (batch,), generator=generator)
