@@ -168,7 +168,9 @@ def finetune(
     def make_sparsifier(model, optimizer, steps_per_epoch, example_inputs):
         masks = trained["sparsifier"]["masks"]
         s = cfg.sparsity
-        frozen = Sparsifier(model, optimizer, sparsity=s.sparsity if masks else 0.0, layers=s.layers)
+        frozen = Sparsifier(
+            model, optimizer, sparsity=s.sparsity if masks else 0.0, layers=layer_selection(s)
+        )
         frozen.load_masks(masks)
         # Removed channels stay removed: held at zero, or already cut out of a shrunk run's model.
         if "channels" in trained["sparsifier"] and not trained["sparsifier"].get("shrunk", False):
