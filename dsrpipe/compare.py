@@ -49,6 +49,7 @@ from .config import (
     apply_overrides,
     first_error,
     parse_pipeline,
+    path_settings,
     read_yaml,
     switch_method,
 )
@@ -188,8 +189,29 @@ def load_grid(path: str | Path) -> tuple[Grid, str, dict[str, Any]]:
         if not isinstance(base, dict):
             raise UserError(f"{base_path}: expected a mapping of settings at the top level")
     else:
-        base = grid.base
+        base = _from_folder(grid.base, path.parent)
+    grid.overrides = {
+        method: {key: _resolved(key, value, path.parent) for key, value in settings.items()}
+        for method, settings in grid.overrides.items()
+    }
     return grid, name, base
+
+
+def _resolved(key: str, value: Any, folder: Path) -> Any:
+    """A relative path that the grid file holds, taken from the grid's folder (as `base:` is)."""
+    if key in path_settings() and isinstance(value, str) and value and not value.startswith("~"):
+        return value if Path(value).is_absolute() else str(folder / value)
+    return value
+
+
+def _from_folder(base: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """An inline base with its relative paths taken from the grid's folder."""
+    base = copy.deepcopy(base)
+    for key in path_settings():
+        section, _, leaf = key.partition(".")
+        if isinstance(base.get(section), dict) and leaf in base[section]:
+            base[section][leaf] = _resolved(key, base[section][leaf], folder)
+    return base
 
 
 def _quotes_base(grid: Grid) -> bool:
@@ -245,13 +267,36 @@ def plan_runs(
                     run.depends_on = run_name(grid_name, needed, 0.0 if needed == "dense" else sparsity, seed)
                     section[option] = str(runs_dir / run.depends_on / "train" / "final.pt")
                 try:
-                    run.cfg = parse_pipeline(raw, f"{source}: {name}", _quotes_base(grid))
+                    run.cfg = _validated(raw, f"{source}: {name}", grid, method, settings)
                 except UserError:
                     # A run may only validate once the run it starts from is done: checked at launch.
                     if run.depends_on is None or Path(section[sources[method][1]]).exists():
                         raise
                 runs.append(run)
     return runs
+
+
+def _validated(
+    raw: dict[str, Any], where: str, grid: Grid, method: str, settings: dict[str, Any]
+) -> Pipeline:
+    """The run's pipeline, or its one-line error. An error in a setting the grid itself holds (its
+    inline base, or the method's overrides) quotes the cause; one in a base file's settings does
+    not (see `_quotes_base`)."""
+    try:
+        return parse_pipeline(raw, where, quote=True)
+    except UserError as quoted:
+        setting = str(quoted).removeprefix(f"{where}: ").partition(": ")[0]
+        overridden = [key for key in settings if _overlaps(key, setting)]
+        if overridden:
+            raise UserError(f"{quoted} (from overrides.{method}: {', '.join(overridden)})") from None
+        if _quotes_base(grid):
+            raise
+    return parse_pipeline(raw, where, quote=False)  # raises the error, quoting nothing
+
+
+def _overlaps(key: str, setting: str) -> bool:
+    """Whether the dotted setting `key` is, holds or lies within `setting`."""
+    return key == setting or key.startswith(setting + ".") or setting.startswith(key + ".")
 
 
 # -- running ----------------------------------------------------------------------------------

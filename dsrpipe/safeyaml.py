@@ -19,14 +19,20 @@ MAX_YAML_DEPTH = 20
 
 class _Loader(yaml.SafeLoader):
     """yaml.safe_load's loader without aliases (a few lines of `&a [*a, *a, ...]` expand to
-    gigabytes once dumped or hashed) and with bounded nesting (deep nesting overflows the stack)."""
+    gigabytes once dumped or hashed), with bounded nesting (deep nesting overflows the stack),
+    without tags (`!!float 1` is no number the file's reader can see) and without duplicate keys
+    (the last would win, silently)."""
 
     depth = 0
 
     def compose_node(self, parent, index):
-        mark = self.peek_event().start_mark
-        if self.check_event(yaml.AliasEvent):
+        event = self.peek_event()
+        mark = event.start_mark
+        if isinstance(event, yaml.AliasEvent):
             raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed", mark)
+        if getattr(event, "tag", None) is not None:
+            tag = event.tag.replace("tag:yaml.org,2002:", "!!")
+            raise yaml.composer.ComposerError(None, None, f"tags are not allowed ({tag})", mark)
         if self.depth >= MAX_YAML_DEPTH:
             raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", mark)
         self.depth += 1
@@ -34,6 +40,19 @@ class _Loader(yaml.SafeLoader):
             return super().compose_node(parent, index)
         finally:
             self.depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, (str, int, float, bool)) or key is None:
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"duplicate key '{key}'", key_node.start_mark
+                        )
+                    seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 NOT_QUOTED = "its text is not quoted: it is not a pipeline named on the command line or dropped"

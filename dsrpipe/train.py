@@ -361,6 +361,11 @@ def _build(cfg, stage, opt_cfg, run, make_sparsifier, start_from, adapt_spec, ra
     with distributed.node_leader_first():
         train_set, test_set = load_splits(cfg.data)
     info = train_set.info
+    if cfg.data.dataset == "imagefolder" and cfg.data.image_size is None:
+        log(
+            cfg,
+            f"data: images fitted to {info.image_size}x{info.image_size}, their median side (data.image_size sets it)",
+        )
     steps_per_epoch = train_set.num_batches(opt_cfg.batch_size * world, drop_last=True)
     if steps_per_epoch == 0:
         raise UserError(

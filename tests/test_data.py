@@ -452,3 +452,19 @@ def test_cifar_batches_are_read_without_running_what_a_pickle_names(tmp_path):
     assert not (tmp_path / "bad" / "ran").exists()
     with pytest.raises(UserError, match="no CIFAR-10 files under"):  # a changed file fails its md5 first
         _read_cifar_batches(tmp_path / "good", [("data_batch_1", "0" * 32)], test, meta, "CIFAR-10")
+
+
+def test_unset_image_size_is_the_median_side_within_bounds(tmp_path):
+    """Not the first image's side: the median short side of a sample, kept within AUTO_SIDES."""
+
+    def listing(*sides):
+        paths = []
+        for i, (w, h) in enumerate(sides):
+            (tmp_path / f"{i}.png").write_bytes(png((w, h)))
+            paths.append((tmp_path / f"{i}.png", 0))
+        return paths
+
+    assert folders.median_side(listing((50, 60), (10, 10), (40, 30), (20, 90), (33, 33))) == 30
+    low, high = folders.AUTO_SIDES
+    assert folders.median_side(listing((2, 2), (3, 5), (4, 4))) == low
+    assert folders.median_side(listing((high * 2, high * 3))) == high

@@ -20,6 +20,7 @@ from dsrpipe import files
 from dsrpipe.checkpoint import save_checkpoint
 from dsrpipe.cli import app
 from dsrpipe.config import load_pipeline
+from dsrpipe.errors import UserError
 from dsrpipe.rundir import RunDir
 
 from .test_pipeline import ROOT, tiny, write_pipeline
@@ -211,6 +212,30 @@ def test_a_bad_yaml_file_is_one_line_exit_2(tmp_path, case):
     result = dsrpipe("run", "bad.yaml", "--out", "out", cwd=tmp_path, timeout=120)
     assert_one_line_error(result, f"bad.yaml: {expected}")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (
+            "name: x\ntrain: {epochs: 3}\ntrain: {epochs: 30}\n",
+            "line 3 not valid YAML (duplicate key 'train')",
+        ),
+        (
+            "name: x\ntrain: {epochs: 3, lr: 0.1, epochs: 30}\n",
+            "line 2 not valid YAML (duplicate key 'epochs')",
+        ),
+        ("name: x\ntrain: {lr: !!float 1}\n", "line 2 not valid YAML (tags are not allowed (!!float))"),
+        ("name: x\nseed: !!int '3'\n", "line 2 not valid YAML (tags are not allowed (!!int))"),
+        ("name: !custom x\n", "line 1 not valid YAML (tags are not allowed (!custom))"),
+    ],
+)
+def test_duplicate_keys_and_tags_are_refused_naming_them(tmp_path, text, expected):
+    """The last of two keys would win silently, and a tag makes a value other than it reads."""
+    (tmp_path / "p.yaml").write_text(text)
+    with pytest.raises(UserError) as error:
+        load_pipeline(tmp_path / "p.yaml")
+    assert str(error.value) == f"{tmp_path / 'p.yaml'}: {expected}"
 
 
 @pytest.mark.parametrize("case", list(BAD_VALUES))
@@ -440,8 +465,6 @@ def test_a_full_disk_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch)
     """torch.save's "unexpected pos" and a bare ENOSPC: one line naming the file being written
     and saying the disk is full (exit 2 at the CLI); the file that was there is untouched."""
     import errno
-
-    from dsrpipe.errors import UserError
 
     target = tmp_path / "last.pt"
     target.write_bytes(b"the previous checkpoint")

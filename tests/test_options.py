@@ -19,6 +19,7 @@ from dsrpipe.models import create_model
 from dsrpipe.registry import build_sparsifier, sparsifier_options
 from dsrpipe.sparse import DSR, METHODS, RewireSchedule, method_options
 
+from .helpers import image_tree, write_tree
 from .test_pipeline import tiny, write_pipeline
 
 
@@ -334,3 +335,33 @@ def test_every_option_reaches_the_library():
         # sparsity names the grid column of the methods whose weights it does not decide
         assert unused <= {"sparsity"}, (name, unused)
         assert "sparsity" not in unused or name in ("dense", "thin-dense", "frozen", "prune-channels"), name
+
+
+def test_a_grids_relative_paths_and_override_errors(tmp_path, monkeypatch):
+    """The grid's own relative paths are taken from its folder, as `base:` is, whatever the
+    working folder; an error in its overrides quotes the cause and names the override."""
+    folder = tmp_path / "grids"
+    write_tree(folder / "images", image_tree())
+    (folder / "base.yaml").write_text(yaml.safe_dump({"name": "b", "train": {"epochs": 1}}))
+    monkeypatch.chdir(tmp_path)  # not the grid's folder
+
+    def plan(overrides, base="base.yaml"):
+        grid = {"name": "g", "base": base, "methods": ["dsr"], "sparsities": [0.9], "overrides": overrides}
+        (folder / "grid.yaml").write_text(yaml.safe_dump(grid))
+        loaded = compare_module.load_grid(folder / "grid.yaml")
+        return compare_module.plan_runs(*loaded, tmp_path / "runs", "grid.yaml")
+
+    [run] = plan({"dsr": {"data.dataset": "imagefolder", "data.root": "images"}})
+    assert run.cfg.data.root == folder / "images"
+    [run] = plan({}, base={"name": "b", "data": {"dataset": "imagefolder", "root": "images"}})
+    assert run.cfg.data.root == folder / "images"  # an inline base is the grid's too
+    with pytest.raises(UserError) as error:
+        plan({"dsr": {"data.dataset": "imagefolder", "data.root": "missing"}})
+    assert str(error.value) == (
+        f"grid.yaml: g-dsr-s0.9-seed0: data: root does not exist: {folder / 'missing'} "
+        "(from overrides.dsr: data.dataset, data.root)"
+    )
+    with pytest.raises(
+        UserError, match=r"train.epochs: Input should be greater .* \(from overrides.dsr: train.epochs\)$"
+    ):
+        plan({"dsr": {"train.epochs": -3}})

@@ -210,8 +210,8 @@ def test_names_sizes_and_content_hashes(tmp_path):
     assert [format_size(parse_size(t)) for t in ("800M", "1.5G", "2G")] == ["800M", "1.5G", "2G"]
     assert parse_duration("90") == 90 and parse_duration("30m") == 1800 and parse_duration("1.5h") == 5400
     built_in = yaml.safe_load(DEFAULT_TEMPLATE)  # as a dataset drop gets it
-    built_in["data"].update(dataset="imagefolder", root=str(tmp_path))
-    assert parse_pipeline({**built_in, "name": "drop"}).data.image_size == 64
+    built_in["data"] = {"dataset": "imagefolder", "root": str(tmp_path)}
+    assert parse_pipeline({**built_in, "name": "drop"}).data.image_size is None  # sized from the data
 
     folder = write_tree(tmp_path / "ds", image_tree())
     first = content_hash(folder)
@@ -405,6 +405,15 @@ def test_datasets_are_taken_only_once_fully_copied(tmp_path, drop, watchers):
         meta = {p.key: p.value for p in onnx.load(str(out / name / "model.onnx")).metadata_props}
         assert json.loads(meta["class_names"]) == ["ant", "bee", "cat"]
         assert not (drop / ".dsrpipe" / "jobs" / name / "cache").exists()  # unpacked data is cleaned up
+        log = (drop / ".dsrpipe" / "jobs" / name / "job.log").read_text()
+        assert "data: images fitted to 8x8, their median side" in log  # no data.image_size: the data's
+
+    # The same dataset again is skipped; after the template is fixed, it is a new job.
+    write_tree(drop / "Flower Copy", dict(tree))
+    w.wait_log(r"state=skipped drop=\"Flower Copy\" reason=\"same content as job Flower-Photos")
+    (drop / "template.yaml").write_text(TEMPLATE.replace("latency_runs: 1", "latency_runs: 2"))
+    write_tree(drop / "Flower Again", dict(tree))
+    w.wait_state("Flower-Again", "done")
     assert w.stop() == 0
 
 

@@ -6,7 +6,7 @@ one options class per sparse-training method, loading.py safe YAML and `--set`.
 
 from ..names import SAFE_NAME
 from ..safeyaml import parse_yaml, read_yaml
-from .loading import apply_overrides, first_error, load_pipeline, parse_pipeline
+from .loading import apply_overrides, first_error, load_pipeline, parse_pipeline, path_settings
 from .methods import METHOD_OPTIONS, MethodOptions, parse_method_options, switch_method
 from .sections import (
     DataConfig,
@@ -39,6 +39,7 @@ __all__ = [
     "parse_method_options",
     "parse_pipeline",
     "parse_yaml",
+    "path_settings",
     "read_yaml",
     "switch_method",
 ]

@@ -4,6 +4,7 @@ and one-line errors naming the setting."""
 from __future__ import annotations
 
 import functools
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,24 @@ def parse_pipeline(raw: Any, source: str = "pipeline", quote: bool = True) -> Pi
         raise UserError(
             f"{source}: {where or '(top level)'}: {what}{'' if quote else f' ({NOT_QUOTED})'}"
         ) from None
+
+
+@functools.cache
+def path_settings() -> frozenset[str]:
+    """The dotted names of the settings that are paths: data.root, sparsity.masks_from, ..."""
+
+    def is_path(kind) -> bool:
+        return kind is Path or any(is_path(arg) for arg in typing.get_args(kind))
+
+    found, todo = set(), [(Pipeline, ""), *((options, "sparsity.") for options in METHOD_OPTIONS.values())]
+    while todo:
+        model, prefix = todo.pop()
+        for name, field in model.model_fields.items():
+            if is_path(field.annotation):
+                found.add(prefix + (field.alias or name))
+            elif isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                todo.append((field.annotation, f"{prefix}{field.alias or name}."))
+    return frozenset(found)
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> list[str]:

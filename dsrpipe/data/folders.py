@@ -24,6 +24,8 @@ MAX_IN_MEMORY_BYTES = 4 * 2**30
 
 DECODE_CHUNK = 512  # images per task sent to a decoding worker process
 
+# data.image_size unset: images are fitted to the median side of a sample, within these bounds.
+AUTO_SIDES, MEDIAN_SAMPLE = (8, 256), 99
 CACHE_VERSION = 1  # bump when the decoded-cache layout or decoding changes
 
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -53,7 +55,7 @@ def load_imagefolder(root, image_size, cache_dir: Path, num_workers: int, archiv
             f"but {train_dir} has {classes}"
         )
     train_files, test_files = _list_images(train_dir, classes), _list_images(test_dir, classes)
-    size = image_size or _first_image_side(train_files[0][0])
+    size = image_size or median_side(train_files)
 
     if len(train_files) * 3 * size * size > MAX_IN_MEMORY_BYTES:
         info = DatasetInfo("imagefolder", len(classes), 3, size, _IMAGENET_MEAN, _IMAGENET_STD, classes)
@@ -110,7 +112,15 @@ def _list_images(split: Path, classes: list[str]) -> list[tuple[Path, int]]:
     return files
 
 
-def _first_image_side(path: Path) -> int:
+def median_side(files: list[tuple[Path, int]]) -> int:
+    """The side images are fitted to when data.image_size is not set: the median short side of up
+    to MEDIAN_SAMPLE training images spread over the set (their headers only), within AUTO_SIDES."""
+    sample = files[:: max(1, len(files) // MEDIAN_SAMPLE)][:MEDIAN_SAMPLE]
+    sides = sorted(_short_side(path) for path, _ in sample)
+    return min(max(sides[len(sides) // 2], AUTO_SIDES[0]), AUTO_SIDES[1])
+
+
+def _short_side(path: Path) -> int:
     from PIL import Image
 
     try:
