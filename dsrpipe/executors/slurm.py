@@ -1,0 +1,160 @@
+"""The Slurm executor, through submitit: each job an sbatch job with its partition, time, GPUs,
+CPUs and memory; DDP through tasks_per_node (one `dsrpipe run` rank per task, torch's env://
+variables from submitit). Preemption and timeouts requeue the job (submitit's checkpointing:
+`checkpoint()` returns the same job), which resumes from its run folder's checkpoint.
+
+`cluster: local` runs the jobs on this machine through submitit's local executor (tests, a
+workstation). `--dry-run` prints the sbatch script and submits nothing. `submitit` is imported
+on use: without the extra, --executor slurm is one line naming the pip command.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+from ..errors import EXIT_INTERRUPTED, UserError
+from . import launch
+from .base import LOST, PROBE_ENV, PROBE_TIMEOUT, Executor, JobSpec, Resources, missing_extra, write_marker
+
+DEFAULT_TIME_MIN = 60 * 24  # a job's time limit when none is given, in minutes
+MAX_TIMEOUTS = 3  # requeues after a timeout (preemptions requeue without limit, as submitit does)
+
+
+def _submitit():
+    try:
+        import submitit  # the optional extra: imported on use
+    except ImportError:
+        raise missing_extra("slurm") from None
+    return submitit
+
+
+class SlurmTask:
+    """What submitit pickles and runs on the node: the job's command, to its end."""
+
+    def __init__(self, spec: JobSpec, threads: int, ranks: int):
+        self.spec, self.threads, self.ranks = spec, threads, ranks
+
+    def __call__(self) -> int:
+        spec = self.spec
+        if self.ranks > 1:  # one rank per Slurm task: torch.distributed's env:// from submitit
+            dist = _submitit().helpers.TorchDistributedEnvironment().export()
+            spec = JobSpec(spec.name, spec.module, spec.args, spec.log, {**spec.env}, spec.cwd)
+            spec.env.update(LOCAL_WORLD_SIZE=str(dist.local_world_size))
+        return launch.run_to_end(spec, 1, self.threads)
+
+    def checkpoint(self, *args, **kwargs):
+        """Preempted or out of time: submit the same job again; it resumes from the run folder."""
+        return _submitit().helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+class SlurmExecutor(Executor):
+    name = "slurm"
+    remote = True
+
+    def __init__(
+        self,
+        resources: Resources,
+        folder: Path,
+        *,
+        local: bool = False,
+        tasks_per_node: int = 1,
+        dry_run: bool = False,
+    ):
+        super().__init__(resources)
+        submitit = self.submitit = _submitit()
+        if tasks_per_node < 1:
+            raise UserError(f"tasks_per_node must be at least 1, got {tasks_per_node}")
+        self.folder, self.local, self.tasks = Path(folder), local, tasks_per_node
+        if not local and not dry_run and shutil.which("sbatch") is None:
+            raise UserError(
+                "--executor slurm: no sbatch on this machine's PATH; submit from a Slurm login node, "
+                "or set `cluster: local` to run the jobs here through submitit"
+            )
+        self.jobs: dict[str, object] = {}
+        if dry_run:  # nothing is submitted: no Slurm needed to write the script
+            return
+        minutes = math.ceil(resources.time / 60) if resources.time else DEFAULT_TIME_MIN
+        if local:
+            self.executor = submitit.LocalExecutor(self.folder)
+            self.executor.update_parameters(
+                timeout_min=minutes, gpus_per_node=resources.gpus, tasks_per_node=tasks_per_node
+            )
+        else:
+            self.executor = submitit.SlurmExecutor(self.folder, max_num_timeout=MAX_TIMEOUTS)
+            self.executor.update_parameters(**self.parameters())
+
+    def parameters(self) -> dict:
+        """sbatch's parameters, as submitit's SlurmExecutor takes them."""
+        r = self.resources
+        params = {
+            "job_name": "dsrpipe",
+            "time": math.ceil(r.time / 60) if r.time else DEFAULT_TIME_MIN,
+            "cpus_per_task": r.cpus,
+            "ntasks_per_node": self.tasks,
+            "nodes": 1,
+        }
+        if r.gpus:
+            params["gpus_per_node"] = r.gpus
+        if r.partition:
+            params["partition"] = r.partition
+        if r.memory:
+            params["mem"] = f"{max(1, r.memory // 2**20)}M"
+        return params
+
+    def _task(self, spec: JobSpec) -> SlurmTask:
+        return SlurmTask(spec, self.resources.cpus, self.tasks)
+
+    def submit(self, spec: JobSpec) -> str:
+        job = self.executor.submit(self._task(spec))
+        self.jobs[str(job.job_id)] = job
+        return str(job.job_id)
+
+    def _job(self, job_id: str):
+        job = self.jobs.get(job_id)
+        if job is None and not self.local:  # a job a previous submitter started
+            job = self.jobs[job_id] = self.submitit.SlurmJob(self.folder, job_id)
+        return job
+
+    def poll(self, job_id: str):
+        job = self._job(job_id)
+        if job is None:
+            return LOST
+        if not job.done():
+            return None
+        try:
+            return int(job.result())
+        except self.submitit.core.utils.UncompletedJobError:
+            state = str(job.state)
+            return EXIT_INTERRUPTED if state.startswith("PREEMPT") else LOST
+        except Exception:  # the task raised: its log says why
+            return 1
+
+    def cancel(self, job_id: str) -> None:
+        job = self._job(job_id)
+        if job is not None:
+            job.cancel(check=False)
+
+    def interrupt(self, job_id: str) -> None:
+        """Send the job Slurm's preemption signal, as submitit does (local jobs; tests)."""
+        self.jobs[job_id]._interrupt()
+
+    def probe(self, folder: Path, token: str):
+        job = self.executor.submit(write_marker, str(folder), token, os.environ.get(PROBE_ENV))
+        try:
+            return job.result()
+        except Exception:
+            return 1
+
+    def dry_run(self, spec: JobSpec) -> str:
+        """The sbatch script that submit() would hand to Slurm (rendered by submitit)."""
+        from_submitit = self.submitit.slurm.slurm._make_sbatch_string
+        command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(self.folder))])
+        return from_submitit(command=command, folder=self.folder, **self.parameters())
+
+    def describe(self) -> str:
+        return "slurm (local, through submitit)" if self.local else "slurm"
