@@ -42,6 +42,24 @@ NprocOption = typer.Option(
     help="Processes per run, launched through torchrun (one per GPU; 1: a plain process).",
 )
 SetOption = typer.Option([], "--set", help="Override a setting: --set train.epochs=5 (repeatable).")
+ExecutorOption = typer.Option(
+    "local", "--executor", help="Where jobs run: local (processes here), ray or slurm (docs/cluster.md)."
+)
+AddressOption = typer.Option(
+    None,
+    "--address",
+    show_default=False,
+    help="Ray: the cluster's head, host:port (default: a local Ray on 127.0.0.1).",
+)
+GpusOption = typer.Option(None, "--gpus-per-job", show_default=False, help="GPUs per job (ray, slurm).")
+CpusOption = typer.Option(None, "--cpus-per-job", show_default=False, help="CPUs per job (ray, slurm).")
+MemoryOption = typer.Option(
+    None, "--memory-per-job", show_default=False, help="Memory per job, e.g. 16G (ray, slurm)."
+)
+TimeOption = typer.Option(
+    None, "--time", show_default=False, help="Time limit per job, e.g. 90m, 12h (ray, slurm)."
+)
+PartitionOption = typer.Option(None, "--partition", show_default=False, help="Slurm partition.")
 
 
 def _print_version(value: bool) -> None:
@@ -297,11 +315,35 @@ def compare(
         1, "--jobs", "-j", help="Runs at a time; the CPU threads are split between them."
     ),
     nproc_per_job: int = NprocOption,
+    executor: str = ExecutorOption,
+    address: str = AddressOption,
+    gpus_per_job: int = GpusOption,
+    cpus_per_job: int = CpusOption,
+    memory_per_job: str = MemoryOption,
+    time_limit: str = TimeOption,
+    partition: str = PartitionOption,
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Slurm: print the sbatch script a run would be submitted with; submit nothing."
+    ),
 ):
     """Run a grid of pipelines and tabulate top-1 against non-zero parameters."""
-    from .compare import run_grid
+    from .compare import ClusterOptions, run_grid
+    from .watch import parse_duration, parse_size
 
-    result = run_grid(grid, out, jobs=jobs, nproc_per_job=nproc_per_job)
+    cluster = ClusterOptions(
+        executor=executor,
+        address=address,
+        gpus=gpus_per_job,
+        cpus=cpus_per_job,
+        memory=parse_size(memory_per_job) if memory_per_job is not None else None,
+        time=parse_duration(time_limit) if time_limit is not None else None,
+        partition=partition,
+        dry_run=dry_run,
+    )
+    result = run_grid(grid, out, jobs=jobs, nproc_per_job=nproc_per_job, cluster=cluster)
+    if dry_run:
+        typer.echo(result["sbatch"])
+        return
     typer.echo(str(result["md"]))
     crashed = [r.name for r in result["runs"] if r.status == "crashed"]
     if crashed:  # the table is written, but the grid is not complete: a script must see that

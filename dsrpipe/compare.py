@@ -27,15 +27,14 @@ from __future__ import annotations
 import copy
 import csv
 import io
-import os
 import re
 import shlex
 import statistics
-import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from . import __version__, files
 from .config import (
     METHOD_OPTIONS,
+    ClusterConfig,
     Pipeline,
     apply_overrides,
     first_error,
@@ -53,8 +53,8 @@ from .config import (
     read_yaml,
     switch_method,
 )
-from .distributed import Launch
 from .errors import UserError
+from .executors import LOST, Executor, JobSpec, Resources, make_executor
 from .plots import write_accuracy_vs_params
 from .rundir import STALE, RunDir, read_report, training_stages
 
@@ -92,6 +92,7 @@ class Grid(BaseModel):
     sparsities: list[float] = Field(min_length=1, max_length=MAX_RUNS)
     seeds: list[int] = Field([0], min_length=1, max_length=MAX_RUNS)
     overrides: dict[str, dict[str, Any]] = {}
+    cluster: ClusterConfig | None = None  # what each job asks of a cluster (else the base's cluster:)
 
     @field_validator("methods")
     @classmethod
@@ -162,8 +163,7 @@ class Run:
     message: str = ""
     started: float = 0.0
     ended: float = 0.0
-    process: subprocess.Popen | None = field(default=None, repr=False)
-    launch: Launch | None = field(default=None, repr=False)
+    job_id: str | None = None  # the executor's id of its job, while it runs
 
 
 # -- reading the grid -------------------------------------------------------------------------
@@ -333,11 +333,45 @@ def _last_line(path: Path) -> str:
     return lines[-1][:300] if lines else ""
 
 
-def _cores() -> int:
+@dataclass
+class ClusterOptions:
+    """--executor and the resources each job asks for; None: from the grid's `cluster:`."""
+
+    executor: str = "local"
+    address: str | None = None
+    gpus: int | None = None
+    cpus: int | None = None
+    memory: int | None = None  # bytes
+    time: float | None = None  # seconds
+    partition: str | None = None
+    dry_run: bool = False
+
+
+def cluster_settings(grid: Grid, base: dict[str, Any], source: str) -> ClusterConfig:
+    """The grid's `cluster:` section, else its base pipeline's (validated as the rest is)."""
+    if grid.cluster is not None:
+        return grid.cluster
+    raw = base.get("cluster", {})
     try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        return ClusterConfig.model_validate(raw if raw is not None else {})
+    except ValidationError as exc:
+        where, what = first_error(exc)
+        raise UserError(f"{source}: base: cluster{'.' + where if where else ''}: {what}") from None
+
+
+def _resources(cluster: ClusterConfig, opts: ClusterOptions, nproc: int) -> Resources:
+    memory = opts.memory
+    if memory is None and cluster.memory is not None:
+        number, unit = float(cluster.memory[:-1]), cluster.memory[-1]
+        memory = int(number * 1024 ** " KMGT".index(unit))
+    return Resources(
+        cpus=cluster.cpus if opts.cpus is None else opts.cpus,
+        gpus=cluster.gpus if opts.gpus is None else opts.gpus,
+        nproc=nproc,
+        memory=memory,
+        time=opts.time if opts.time is not None else (cluster.time * 60 if cluster.time else None),
+        partition=opts.partition or cluster.partition,
+    )
 
 
 def run_grid(
@@ -347,10 +381,14 @@ def run_grid(
     jobs: int = 1,
     nproc_per_job: int = 1,
     echo: Callable[[str], None] | None = None,
+    cluster: ClusterOptions | None = None,
 ) -> dict[str, Any]:
     """Run (or pick up) every run of the grid, then write results.csv, results.md and
     accuracy_vs_params.png; returns their paths and the runs. `nproc_per_job` > 1 runs each
-    through torchrun as that many processes (one per GPU on CUDA)."""
+    through torchrun as that many processes (one per GPU on CUDA). `cluster`: the executor
+    (dsrpipe.executors) and each job's resources; with dry_run, the sbatch script is returned
+    (as `sbatch`) and nothing is run."""
+    cluster = cluster or ClusterOptions()
     if jobs < 1:
         raise UserError(f"--jobs must be at least 1, got {jobs}")
     if nproc_per_job < 1:
@@ -360,12 +398,31 @@ def run_grid(
     command = shlex.join(
         ["dsrpipe", "compare", str(grid_path), "--out", str(out), "--jobs", str(jobs)]
         + (["--nproc-per-job", str(nproc_per_job)] if nproc_per_job > 1 else [])
+        + (["--executor", cluster.executor] if cluster.executor != "local" else [])
     )
     grid, grid_name, base = load_grid(grid_path)
+    settings = cluster_settings(grid, base, str(grid_path))
+    resources = _resources(settings, cluster, nproc_per_job)
     folder = out / grid_name
     runs_dir = folder / "runs"
     runs = plan_runs(grid, grid_name, base, runs_dir, source=str(grid_path))
     by_name = {r.name: r for r in runs}
+    # Before anything is written: a bad engine, option or address fails here, nothing submitted.
+    executor = make_executor(
+        cluster.executor,
+        resources,
+        owner=f"dsrpipe-compare-{uuid.uuid4().hex[:12]}",
+        folder=folder / "slurm",
+        jobs=jobs,
+        address=cluster.address,
+        local=settings.local,
+        tasks_per_node=settings.tasks_per_node,
+        dry_run=cluster.dry_run,
+    )
+    if cluster.dry_run:
+        first = runs[0]
+        spec = _job_spec(first, folder, runs_dir)
+        return {"sbatch": executor.dry_run(spec), "runs": runs}
     folder.mkdir(parents=True, exist_ok=True)
     # For the whole compare: a second compare of the same grid into the same --out would start the
     # same runs and write the same results.
@@ -375,20 +432,39 @@ def run_grid(
             f"{folder} is in use by another dsrpipe compare (pid {pid}): wait for it to finish or stop it"
         ),
     ):
-        return _run_planned(
-            grid, runs, by_name, folder, grid_path, grid_name, command, jobs, nproc_per_job, echo
-        )
+        try:
+            return _run_planned(
+                grid,
+                runs,
+                by_name,
+                folder,
+                grid_path,
+                grid_name,
+                command,
+                jobs,
+                nproc_per_job,
+                echo,
+                executor,
+            )
+        finally:
+            executor.close()
 
 
-def _run_planned(grid, runs, by_name, folder, grid_path, grid_name, command, jobs, nproc_per_job, echo):
+def _job_spec(run: Run, folder: Path, runs_dir: Path) -> JobSpec:
+    pipeline_file = folder / "pipelines" / f"{run.name}.yaml"
+    return JobSpec(
+        run.name,
+        "dsrpipe",
+        ["run", str(pipeline_file), "--out", str(runs_dir), "--no-progress"],
+        folder / "logs" / f"{run.name}.log",
+    )
+
+
+def _run_planned(
+    grid, runs, by_name, folder, grid_path, grid_name, command, jobs, nproc_per_job, echo, executor: Executor
+):
     """run_grid's work once the grid is planned and its folder locked."""
     runs_dir = folder / "runs"
-
-    env = dict(os.environ)
-    processes = jobs * nproc_per_job
-    if processes > 1:  # share the cores instead of every process spinning up one thread per core
-        threads = str(max(1, _cores() // processes))
-        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
 
     for run in runs:  # in order: a frozen run after the DSR run it reads
         if run.depends_on and not by_name[run.depends_on].reused:
@@ -400,8 +476,10 @@ def _run_planned(grid, runs, by_name, folder, grid_path, grid_name, command, job
     done = len(runs) - len(todo)
     echo(
         f"{grid_name}: {len(runs)} runs, {done} already complete, {len(todo)} to run "
-        f"({jobs} at a time) → {folder}"
+        f"({jobs} at a time{'' if executor.name == 'local' else ' on ' + executor.describe()}) → {folder}"
     )
+    if todo:
+        executor.check_storage(runs_dir)  # remote workers must write where the table is read
 
     running: list[Run] = []
 
@@ -421,24 +499,9 @@ def _run_planned(grid, runs, by_name, folder, grid_path, grid_name, command, job
         text = yaml.safe_dump(run.raw, sort_keys=False)
         if not pipeline_file.exists() or pipeline_file.read_text() != text:
             files.write_text(pipeline_file, text)
-        log_file = folder / "logs" / f"{run.name}.log"
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_file, "ab") as log:
-            log.write(
-                f"\n$ dsrpipe run {pipeline_file} --out {runs_dir} --no-progress  "
-                f"# {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode()
-            )
-            log.flush()
-            run.launch = Launch(
-                nproc_per_job, ["run", str(pipeline_file), "--out", str(runs_dir), "--no-progress"]
-            )
-            run.process = subprocess.Popen(
-                run.launch.command,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env={**env, **run.launch.env},
-            )
+        run.job_id = executor.submit(_job_spec(run, folder, runs_dir))
+        if executor.name != "local":
+            echo(f"{run.name}: submitted to {executor.name} as {run.job_id}")
         run.status, run.started = "running", time.perf_counter()
         running.append(run)
 
@@ -463,31 +526,39 @@ def _run_planned(grid, runs, by_name, folder, grid_path, grid_name, command, job
                     echo(f"[{done}/{len(runs)}] {run.name}: {run.message}")
             time.sleep(0.1)
             for run in list(running):
-                code = run.process.poll()
+                code = executor.poll(run.job_id)
                 if code is None:
                     continue
                 running.remove(run)
-                run.launch.close()
                 run.ended = time.perf_counter()
                 # torchrun exits 1 whatever its ranks' codes: a failed validation (3) is told by its report
                 report = _complete(run, runs_dir) if code in (0, 3) or nproc_per_job > 1 else None
+                log_file = folder / "logs" / f"{run.name}.log"
                 if report is not None:
                     _finish(run, runs_dir, report)
+                elif code == LOST:
+                    run.status, run.message = (
+                        "crashed",
+                        f"{executor.name} lost job {run.job_id} (see {log_file})",
+                    )
                 else:
-                    log_file = folder / "logs" / f"{run.name}.log"
                     run.status, run.message = (
                         "crashed",
                         f"exit {code}: {_last_line(log_file)} (see {log_file})",
                     )
                 done += 1
                 echo(f"[{done}/{len(runs)}] {run.name}: {_summary(run)} ({run.ended - run.started:.0f} s)")
-    finally:  # interrupted: Ctrl-C reaches the runs too; give them time to save, then stop them
+    finally:
+        # Interrupted: local runs got the Ctrl-C too and are given time to save, then stopped;
+        # an engine's jobs are cancelled (they resume from their checkpoints when run again).
         for run in running:
-            try:
-                run.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                run.process.kill()
-                run.process.wait()
+            executor.cancel(run.job_id)
+        if running and executor.name != "local":
+            echo(
+                f"cancelled {len(running)} {executor.name} job(s): "
+                + ", ".join(f"{r.name} ({r.job_id})" for r in running)
+            )
+        executor.shutdown()
 
     result = write_results(folder, runs, command=command)
     crashed = [r for r in runs if r.status == "crashed"]

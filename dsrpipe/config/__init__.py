@@ -9,6 +9,7 @@ from ..safeyaml import parse_yaml, read_yaml
 from .loading import apply_overrides, first_error, load_pipeline, parse_pipeline, path_settings
 from .methods import METHOD_OPTIONS, MethodOptions, parse_method_options, switch_method
 from .sections import (
+    ClusterConfig,
     DataConfig,
     DistributedConfig,
     ExportConfig,
@@ -23,6 +24,7 @@ from .sections import (
 __all__ = [
     "METHOD_OPTIONS",
     "SAFE_NAME",
+    "ClusterConfig",
     "DataConfig",
     "DistributedConfig",
     "ExportConfig",

@@ -182,6 +182,19 @@ class DistributedConfig(Section):
     timeout: int = Field(1800, ge=10, le=86_400)  # seconds a rank waits on its peers before the run fails
 
 
+class ClusterConfig(Section):
+    """What each job asks of a cluster under `--executor ray|slurm` (docs/cluster.md); command
+    line options win over it. Like `device`, no part of a run's fingerprint."""
+
+    partition: str | None = Field(None, pattern=r"^[A-Za-z0-9_.,-]{1,64}$")  # Slurm partition
+    time: int | None = Field(None, ge=1, le=525_600)  # minutes a job may run (Slurm's --time)
+    gpus: int = Field(0, ge=0, le=64)  # per job
+    cpus: int = Field(1, ge=1, le=1024)  # per job (per task under tasks_per_node)
+    memory: str | None = Field(None, pattern=r"^[1-9][0-9]{0,8}(\.[0-9]+)?[KMGT]$")  # per job, e.g. 16G
+    tasks_per_node: int = Field(1, ge=1, le=64)  # Slurm tasks per job: DDP ranks, one per GPU
+    local: bool = False  # Slurm: run the jobs on this machine through submitit (no sbatch needed)
+
+
 class Pipeline(Section):
     model_config = ConfigDict(
         extra="forbid", protected_namespaces=(), allow_inf_nan=False, populate_by_name=True, strict=True
@@ -201,6 +214,7 @@ class Pipeline(Section):
     validation: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
     log: LogConfig = Field(default_factory=LogConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     @field_validator("sparsity", mode="before")
     @classmethod

@@ -22,7 +22,9 @@ from ..errors import UserError
 from ..files import shown
 
 LOST = "lost"  # poll(): the engine no longer knows the job (its node died, it was cancelled outside)
-PROBE_ENV = "DSRPIPE_TEST_PROBE_DIR"  # tests only: the probe job writes its marker there (a worker's own disk)
+PROBE_ENV = (
+    "DSRPIPE_TEST_PROBE_DIR"  # tests only: the probe job writes its marker there (a worker's own disk)
+)
 PROBE_TIMEOUT = 300.0  # seconds the shared-storage probe may wait for a worker
 EXTRA_HINT = {"ray": "pip install 'dsrpipe[ray]'", "slurm": "pip install 'dsrpipe[slurm]'"}
 
@@ -132,6 +134,19 @@ class Executor(ABC):
 
     def close(self) -> None:
         """Let go of the engine (jobs keep running where the engine runs them)."""
+        return None
+
+    def shutdown(self) -> None:
+        """The submitter is done with its jobs (they ended or were cancelled): free what the
+        engine holds for it."""
+        return None
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def write_marker(folder: str, token: str, elsewhere: str | None = None) -> int:

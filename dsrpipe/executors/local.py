@@ -4,11 +4,10 @@ reaches it through the terminal's process group)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 
 from . import launch
-from .base import LOST, Executor, JobSpec, Resources
+from .base import LOST, Executor, JobSpec, Resources, cores
 
 STOP_WAIT = 30.0  # seconds an interrupted job gets to checkpoint before it is killed
 
@@ -24,7 +23,7 @@ class LocalExecutor(Executor):
     def threads(self) -> int:
         """Share the cores instead of every process spinning up one thread per core."""
         processes = self.jobs * self.resources.nproc
-        return max(1, (os.cpu_count() or 1) // processes)
+        return max(1, cores() // processes)
 
     def submit(self, spec: JobSpec) -> str:
         process, handle = launch.start(spec, self.resources.nproc, self.threads())

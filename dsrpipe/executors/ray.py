@@ -82,7 +82,9 @@ def connect(address: str | None) -> None:
     try:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise UserError(f"cannot join the Ray cluster at {address}: {' '.join(str(exc).split())[:300]}") from None
+        raise UserError(
+            f"cannot join the Ray cluster at {address}: {' '.join(str(exc).split())[:300]}"
+        ) from None
 
 
 def run_job(spec: JobSpec, nproc: int, threads: int, time_limit: float | None) -> int:

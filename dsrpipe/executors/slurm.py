@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..errors import EXIT_INTERRUPTED, UserError
 from . import launch
-from .base import LOST, PROBE_ENV, PROBE_TIMEOUT, Executor, JobSpec, Resources, missing_extra, write_marker
+from .base import LOST, PROBE_ENV, Executor, JobSpec, Resources, missing_extra, write_marker
 
 DEFAULT_TIME_MIN = 60 * 24  # a job's time limit when none is given, in minutes
 MAX_TIMEOUTS = 3  # requeues after a timeout (preemptions requeue without limit, as submitit does)
@@ -153,7 +153,9 @@ class SlurmExecutor(Executor):
     def dry_run(self, spec: JobSpec) -> str:
         """The sbatch script that submit() would hand to Slurm (rendered by submitit)."""
         from_submitit = self.submitit.slurm.slurm._make_sbatch_string
-        command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(self.folder))])
+        command = " ".join(
+            [shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(self.folder))]
+        )
         return from_submitit(command=command, folder=self.folder, **self.parameters())
 
     def describe(self) -> str:
