@@ -323,7 +323,9 @@ def compare(
     time_limit: str = TimeOption,
     partition: str = PartitionOption,
     dry_run: bool = typer.Option(
-        False, "--dry-run", help="Slurm: print the sbatch script a run would be submitted with; submit nothing."
+        False,
+        "--dry-run",
+        help="Slurm: print the sbatch script a run would be submitted with; submit nothing.",
     ),
 ):
     """Run a grid of pipelines and tabulate top-1 against non-zero parameters."""
@@ -392,6 +394,10 @@ def watch(
         "failed, e.g. 90m, 12h (default: no limit).",
     ),
     nproc_per_job: int = NprocOption,
+    executor: str = ExecutorOption,
+    address: str = AddressOption,
+    gpus_per_job: int = typer.Option(0, "--gpus-per-job", help="GPUs per job (ray, slurm)."),
+    cpus_per_job: int = typer.Option(1, "--cpus-per-job", help="CPUs per job (ray, slurm)."),
 ):
     """Watch a drop folder: run each pipeline YAML or dataset dropped there, exactly once."""
     from .watch import WatchOptions, parse_duration, parse_size
@@ -412,6 +418,10 @@ def watch(
             job_memory=parse_size(job_memory) if job_memory else None,
             job_timeout=parse_duration(job_timeout) if job_timeout else None,
             nproc_per_job=nproc_per_job,
+            executor=executor,
+            address=address,
+            gpus_per_job=gpus_per_job,
+            cpus_per_job=cpus_per_job,
         )
     )
 

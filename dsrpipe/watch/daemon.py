@@ -3,6 +3,7 @@ intake → runner) until it is signalled (or, with --once, until nothing is left
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import signal
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from ..errors import DiskFull, UserError
+from ..executors import Executor, Resources, make_executor
 from ..files import disk_full, release_lock, shown, take_lock
 from . import limits
 from .drops import STATE_DIR, TEMPLATE_NAME
@@ -28,7 +30,7 @@ T = TypeVar("T")
 
 
 class Daemon:
-    def __init__(self, opts: WatchOptions):
+    def __init__(self, opts: WatchOptions, executor: Executor | None = None):
         self.opts = opts
         self.folder = DropFolder(opts.drop, opts.out)
         self.stopping, self.kill_now, self.signal_name = False, False, None
@@ -39,7 +41,7 @@ class Daemon:
                 own.add(path.relative_to(opts.drop).parts[0])
         self.intake = Intake(self.folder, opts.template, opts.rerun, lambda: self.stopping)
         self.readiness = Readiness(self.folder, opts.quiet, own, self.intake.guard)
-        self.runner = Runner(self.folder, opts, lambda: self.stopping)
+        self.runner = Runner(self.folder, opts, lambda: self.stopping, executor)
         self.space = DiskSpace(self.folder)
 
     def run(self) -> int:
@@ -272,6 +274,19 @@ def watch(opts: WatchOptions) -> int:
     job_memory = opts.job_memory or default_job_memory(opts.workers)
     if not limits.AVAILABLE:
         log.warning("no /proc here: --job-memory is not enforced")
+    executor = None
+    if opts.executor != "local":  # the jobs go to the engine; the local ones are forked here
+        executor = make_executor(
+            opts.executor,
+            Resources(cpus=opts.cpus_per_job, gpus=opts.gpus_per_job, nproc=opts.nproc_per_job),
+            # the same after a restart: the daemon re-attaches to its jobs through it
+            owner=f"dsrpipe-watch-{hashlib.sha256(str(drop).encode()).hexdigest()[:12]}",
+            folder=state / "slurm",
+            address=opts.address,
+        )
+        out.mkdir(parents=True, exist_ok=True)
+        executor.check_storage(out)
+        log.info(f"jobs run on {executor.describe()}")
     return Daemon(
         WatchOptions(
             **{
@@ -282,7 +297,8 @@ def watch(opts: WatchOptions) -> int:
                 "log_file": log_file,
                 "job_memory": job_memory,
             }
-        )
+        ),
+        executor,
     ).run()
 
 

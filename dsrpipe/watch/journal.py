@@ -37,6 +37,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     fresh     INTEGER NOT NULL DEFAULT 0, -- a --rerun: clear <out>/<name>/ before its first attempt
     attempts  INTEGER NOT NULL DEFAULT 0,
     pid       INTEGER,                    -- the job process, while running
+    engine    TEXT,                       -- the executor of its latest attempt: ray | slurm (local: NULL)
+    engine_job TEXT,                      -- the engine's id of that attempt's job (re-attached on restart)
     exit_code INTEGER,
     cause     TEXT,                       -- failed: the one-line cause; skipped: why
     created   REAL NOT NULL,
@@ -76,6 +78,10 @@ class Journal:
             if not readonly:
                 self.db.execute("PRAGMA synchronous = FULL")
                 self.db.executescript(SCHEMA)
+                columns = {row[1] for row in self.db.execute("PRAGMA table_info(jobs)")}
+                for column in ("engine", "engine_job"):  # a journal from before --executor
+                    if column not in columns:
+                        self.db.execute(f"ALTER TABLE jobs ADD COLUMN {column} TEXT")
         except sqlite3.DatabaseError as exc:
             if files.disk_full(exc):  # a new journal's tables find no room: not corruption
                 raise DiskFull(path) from None

@@ -27,6 +27,10 @@ class WatchOptions:
     job_memory: int | None = None  # bytes a job may use; None: default_job_memory(workers)
     job_timeout: float | None = None  # seconds an attempt of a job may run; None: no limit
     nproc_per_job: int = 1  # processes per job, through torchrun (the limits apply to them all)
+    executor: str = "local"  # local | ray | slurm (dsrpipe.executors)
+    address: str | None = None  # ray: the cluster's head (default: a local Ray on loopback)
+    gpus_per_job: int = 0  # ray, slurm
+    cpus_per_job: int = 1  # ray, slurm
 
     def __post_init__(self):
         if self.nproc_per_job < 1:

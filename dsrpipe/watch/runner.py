@@ -9,7 +9,7 @@ with that cause.
 
 from __future__ import annotations
 
-import multiprocessing
+import json
 import os
 import shutil
 import signal
@@ -21,6 +21,8 @@ from typing import Any
 
 from .. import files
 from ..errors import EXIT_BUSY, EXIT_DISK_FULL, EXIT_INTERRUPTED, EXIT_USER_ERROR, EXIT_VALIDATION
+from ..executors.base import LOST, Executor, JobSpec
+from ..executors.processes import ForkServer, signal_group
 from ..files import disk_full, shown
 from ..rundir import RunDir
 from .drops import ERROR_SUFFIX
@@ -51,26 +53,45 @@ PRELOAD = [
 
 @dataclass
 class _Running:
-    proc: Any  # a multiprocessing.Process
+    proc: Any  # a multiprocessing.Process (None for an engine's job)
     job: dict[str, Any]
     started: float  # monotonic
     killed: str | None = None  # why the runner killed it (a limit), if it did
     announced: bool = False  # its pid is in the journal and its `running` line logged
     ended: float | None = None  # monotonic, when its end was first seen (recorded later if the disk is full)
+    engine_job: str | None = None  # the engine's id of the job (--executor ray|slurm)
 
 
 class Runner:
-    def __init__(self, folder: DropFolder, opts: WatchOptions, stopping: Callable[[], bool]):
+    def __init__(
+        self,
+        folder: DropFolder,
+        opts: WatchOptions,
+        stopping: Callable[[], bool],
+        executor: Executor | None = None,
+    ):
         self.folder, self.opts, self.stopping = folder, opts, stopping
+        self.executor = executor  # None: jobs are processes forked here; else the engine's jobs
         self.running: dict[int, _Running] = {}
         self.hold: dict[int, float] = {}  # job id -> not before (monotonic)
-        self._context = None
+        self.forks = ForkServer(PRELOAD)
         self._next_look = 0.0
 
     def recover(self) -> None:
-        """Jobs left `running` by a daemon that died: stop any process still at it, then requeue."""
+        """Jobs left `running` by a daemon that died: an engine's job is re-attached (never
+        submitted twice); a lost one, or a local process still at it (stopped first), is requeued."""
         for job in self.folder.journal.jobs("running"):
-            self._stop_orphan(job)
+            if self.executor is not None and job.get("engine_job"):
+                if job.get("engine") == self.executor.name and self.executor.attach(job["engine_job"]):
+                    self.running[job["id"]] = _Running(
+                        None, job, time.monotonic(), announced=True, engine_job=job["engine_job"]
+                    )
+                    self.folder.event(
+                        job["name"], "reattached", id=job["id"], engine=job["engine"], job=job["engine_job"]
+                    )
+                    continue
+            else:
+                self._stop_orphan(job)
             self.folder.journal.update(job["id"], state="queued", pid=None)
             self.folder.event(
                 job["name"],
@@ -81,10 +102,8 @@ class Runner:
 
     def warm_up(self) -> None:
         """Start the fork server (it imports torch & co.) now, while a queued drop waits its turn."""
-        from multiprocessing import forkserver
-
-        self._process_context()
-        forkserver.ensure_running()
+        if self.executor is None:
+            self.forks.warm_up()
 
     def start_jobs(self) -> None:
         now = time.monotonic()
@@ -107,13 +126,28 @@ class Runner:
         for job_id, r in list(self.running.items()):
             if not r.announced:
                 self._announce(r)
-            code = r.proc.exitcode
-            if code is not None:
+            code = r.proc.exitcode if r.engine_job is None else self.executor.poll(r.engine_job)
+            if code == LOST:
+                del self.running[job_id]
+                self._lost(r)
+            elif code is not None:
                 r.ended = r.ended or time.monotonic()
                 self._finished(r, code)
                 del self.running[job_id]
-                r.proc.close()
+                if r.proc is not None:
+                    r.proc.close()
         self.enforce_limits()
+
+    def _lost(self, r: _Running) -> None:
+        """The engine no longer knows the job (its node died, it was cancelled outside): queued
+        again, within MAX_ATTEMPTS; it resumes from its last checkpoint."""
+        self.folder.journal.update(r.job["id"], state="queued", pid=None, engine_job=None)
+        self.folder.event(
+            r.job["name"],
+            "queued",
+            id=r.job["id"],
+            reason=f"{self.executor.name} lost job {r.engine_job}; resumes from its last checkpoint",
+        )
 
     def enforce_limits(self) -> None:
         """Kill the jobs over --job-memory or --job-timeout (a look every LIMITS_PERIOD seconds)."""
@@ -124,6 +158,13 @@ class Runner:
     def shutdown(self, kill_now: Callable[[], bool]) -> None:
         """Stop the running jobs (SIGTERM, then SIGKILL after STOP_TIMEOUT or a second signal)."""
         if not self.running:
+            return
+        if self.executor is not None:  # the engine's jobs go on; the next start re-attaches them
+            log.info(
+                f"leaving {len(self.running)} job(s) running on {self.executor.name}; "
+                "the next start re-attaches them"
+            )
+            self.running.clear()
             return
         log.info(
             f"stopping {len(self.running)} running job(s); they resume from their last checkpoint "
@@ -155,17 +196,7 @@ class Runner:
 
     # -- one job ----------------------------------------------------------------------------------
 
-    def _process_context(self):
-        if self._context is None:
-            self._context = multiprocessing.get_context("forkserver")
-            self._context.set_forkserver_preload(PRELOAD)
-        return self._context
-
     def _start(self, job: dict[str, Any]) -> None:
-        # Here, not at the top: the job module imports torch, which the daemon never does (the
-        # fork server has it preloaded; this process only names the function to run there).
-        from .job import job_process
-
         job_dir = self.folder.job_dir(job)
         if job["attempts"] >= MAX_ATTEMPTS:
             return self.folder.fail(job, f"gave up after {job['attempts']} interrupted attempts", None, 0.0)
@@ -191,17 +222,42 @@ class Runner:
             exit_code=None,
             finished=None,
         )
-        proc = self._process_context().Process(
-            target=job_process, args=(str(job_dir), self._job_settings()), name=f"dsrpipe-job-{job['name']}"
+        if self.executor is not None:
+            spec = JobSpec(
+                job["name"],
+                "dsrpipe.watch",
+                [str(job_dir), json.dumps(self._job_settings())],
+                job_dir / "engine.log",
+            )
+            engine_job = self.executor.submit(spec)
+            self.folder.journal.update(job["id"], engine=self.executor.name, engine_job=engine_job)
+            r = self.running[job["id"]] = _Running(
+                None, {**job, "attempts": attempt}, time.monotonic(), engine_job=engine_job
+            )
+            return self._announce(r)
+        # Here, not at the top: the job module imports torch, which the daemon never does (the
+        # fork server has it preloaded; this process only names the function to run there).
+        from .job import job_process
+
+        proc = self.forks.start(
+            job_process, (str(job_dir), self._job_settings()), f"dsrpipe-job-{job['name']}"
         )
-        proc.start()
         r = self.running[job["id"]] = _Running(proc, {**job, "attempts": attempt}, time.monotonic())
         self._announce(r)
 
     def _announce(self, r: _Running) -> None:
-        """The started job's pid into the journal, and its `running` line."""
-        self.folder.journal.update(r.job["id"], pid=r.proc.pid)
+        """The started job's pid (or engine job id) into the journal, and its `running` line."""
         r.announced = True
+        if r.engine_job is not None:
+            return self.folder.event(
+                r.job["name"],
+                "running",
+                id=r.job["id"],
+                attempt=r.job["attempts"],
+                engine=self.executor.name,
+                job=r.engine_job,
+            )
+        self.folder.journal.update(r.job["id"], pid=r.proc.pid)
         self.folder.event(r.job["name"], "running", id=r.job["id"], attempt=r.job["attempts"], pid=r.proc.pid)
 
     def _job_settings(self) -> dict[str, Any]:
@@ -218,7 +274,7 @@ class Runner:
         }
 
     def _enforce_limits(self) -> None:
-        live = [r for r in self.running.values() if r.killed is None]
+        live = [r for r in self.running.values() if r.killed is None and r.engine_job is None]
         # A job's pid is its process group: it starts its own session.
         usage = group_memory(r.proc.pid for r in live) if self.opts.job_memory else {}
         for r in live:
@@ -314,16 +370,3 @@ class Runner:
                         return
                     time.sleep(0.1)
         log.warning(f"job {job['name']}: process {pid} would not stop; its next attempt waits for it")
-
-
-def signal_group(pid: int, sig: int) -> None:
-    """Signal a job's process group (the job and the workers it forked), else the process."""
-    try:
-        os.killpg(pid, sig)
-    except ProcessLookupError:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-    except PermissionError:
-        pass

@@ -61,7 +61,8 @@ def status_report(drop: Path, *, as_json: bool = False) -> str:
         )
         detail = {
             "done": str(Path(r["out"]) / r["name"] / "model.onnx"),
-            "running": f"attempt {r['attempts']}, pid {r['pid']}",
+            "running": f"attempt {r['attempts']}, "
+            + (f"{r['engine']} job {r['engine_job']}" if r.get("engine_job") else f"pid {r['pid']}"),
             "queued": f"attempt {r['attempts'] + 1}" if r["attempts"] else "waiting",
         }.get(r["state"], r["cause"] or "")
         table.append((str(r["id"]), r["name"], r["state"], r["drop_path"], updated, duration, detail))
