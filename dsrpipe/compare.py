@@ -423,6 +423,7 @@ def run_grid(
         first = runs[0]
         spec = _job_spec(first, folder, runs_dir)
         return {"sbatch": executor.dry_run(spec), "runs": runs}
+    executor.check_storage(runs_dir)  # remote workers must write where the table is read
     folder.mkdir(parents=True, exist_ok=True)
     # For the whole compare: a second compare of the same grid into the same --out would start the
     # same runs and write the same results.
@@ -478,8 +479,6 @@ def _run_planned(
         f"{grid_name}: {len(runs)} runs, {done} already complete, {len(todo)} to run "
         f"({jobs} at a time{'' if executor.name == 'local' else ' on ' + executor.describe()}) → {folder}"
     )
-    if todo:
-        executor.check_storage(runs_dir)  # remote workers must write where the table is read
 
     running: list[Run] = []
 

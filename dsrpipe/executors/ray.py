@@ -47,8 +47,8 @@ def _ray():
 
 def start_local(cpus: int | None = None, gpus: int | None = None) -> str:
     """A local Ray in this process, on loopback only; its GCS address (for --address)."""
+    os.environ.update(LOCAL_ENV)  # before Ray is imported (it reads them then); its processes inherit them
     ray = _ray()
-    os.environ.update(LOCAL_ENV)  # Ray's processes, started from here, inherit them
     if not ray.is_initialized():
         ray.init(
             num_cpus=cpus,
@@ -65,11 +65,14 @@ def start_local(cpus: int | None = None, gpus: int | None = None) -> str:
 def connect(address: str | None) -> None:
     """Join the cluster at `address` (host:port of its GCS, or `auto`), or start a local one.
     An address that does not answer is one line, before Ray waits for it at length."""
-    ray = _ray()
-    if ray.is_initialized():
-        return
     if address is None:
         start_local()
+        return
+    host = address.rpartition(":")[0].strip("[]")
+    if host in ("127.0.0.1", "localhost", "::1"):  # a local Ray on loopback: this driver's node too
+        os.environ.update(LOCAL_ENV)
+    ray = _ray()
+    if ray.is_initialized():
         return
     if address != "auto":
         host, _, port = address.rpartition(":")
