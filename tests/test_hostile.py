@@ -432,6 +432,97 @@ def test_sigterm_is_a_clean_exit_143_and_validate_leaves_no_temporary_model(tmp_
     assert "Traceback" not in err
 
 
+# A sitecustomize.py for a test process: it sends the process a signal the moment a given module
+# is first imported, that is while the import is under way.
+SIGNAL_AT_IMPORT = """
+import os, signal, sys
+
+class SignalAtImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == os.environ.get("DSRPIPE_TEST_SIGNAL_AT"):
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), getattr(signal, os.environ["DSRPIPE_TEST_SIGNAL"]))
+        return None
+
+sys.meta_path.insert(0, SignalAtImport())
+"""
+
+
+def test_a_signal_at_any_point_of_start_up_is_one_line_and_143_or_130(tmp_path):
+    """A signal while typer (the CLI itself) or torch (numpy.exceptions, inside it: the signal's
+    exception used to turn into numpy's "cannot load module more than once per process", exit
+    1) are imported, or while the run loads its data (sklearn.datasets, after torch, onnx and
+    the pipeline are imported): exit 143 for SIGTERM, 130 for SIGINT, and the one line, nothing
+    else. The processes run side by side; each stops before it trains."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SIGNAL_AT_IMPORT)
+    path = small_run(tmp_path)
+    cases = {
+        "typer": "SIGINT",
+        "numpy.exceptions": "SIGTERM",
+        "sklearn.datasets": "SIGTERM",
+    }
+    started = {}
+    for module, name in cases.items():
+        env = {
+            **os.environ,
+            "PYTHONPATH": f"{ROOT}{os.pathsep}{hook}",
+            "DSRPIPE_TEST_SIGNAL_AT": module,
+            "DSRPIPE_TEST_SIGNAL": name,
+            "OMP_NUM_THREADS": "1",
+        }
+        started[module] = subprocess.Popen(
+            [sys.executable, "-m", "dsrpipe", "run", path, "--out", f"out-{module}", "--no-progress"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+            env=env,
+        )
+    for module, proc in started.items():
+        _, err = proc.communicate(timeout=300)
+        word, code = ("terminated", 143) if cases[module] == "SIGTERM" else ("interrupted", 130)
+        assert (proc.returncode, err) == (
+            code,
+            f"{word}: completed epochs are checkpointed; rerun to resume\n",
+        ), f"{module}: exit {proc.returncode}, {err[-2000:]}"
+        assert not list((tmp_path / f"out-{module}").rglob("*.pt")), module
+
+
+def test_a_signal_whose_exception_is_lost_still_ends_the_command_143(capsys):
+    """Code that swallows the signal's exception, and code that raises something else after
+    it (as a library that was initialising does): still exit 143, with the one line; the
+    handlers are the caller's again afterwards."""
+    import typer
+
+    from dsrpipe.cli import _user_errors
+
+    def signalled():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            pass
+
+    @_user_errors
+    def swallowing():
+        signalled()
+
+    @_user_errors
+    def raising_another():
+        signalled()
+        raise ImportError("cannot load module more than once per process")
+
+    before = signal.getsignal(signal.SIGTERM)
+    for command in (swallowing, raising_another):
+        with pytest.raises(typer.Exit) as stopped:
+            command()
+        assert stopped.value.exit_code == 143, command
+        assert capsys.readouterr().err == "terminated: completed epochs are checkpointed; rerun to resume\n"
+        assert signal.getsignal(signal.SIGTERM) is before
+
+
 # -- a full disk -----------------------------------------------------------------------------------
 
 

@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from .. import files
-from ..errors import EXIT_BUSY, EXIT_DISK_FULL, EXIT_INTERRUPTED, EXIT_USER_ERROR, EXIT_VALIDATION
+from ..errors import (
+    EXIT_BUSY,
+    EXIT_DISK_FULL,
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    EXIT_USER_ERROR,
+    EXIT_VALIDATION,
+)
 from ..files import disk_full, shown
 from .drops import ERROR_SUFFIX
 from .folder import DropFolder, log, try_lock
@@ -33,7 +40,8 @@ LIMITS_PERIOD = (
     0.5  # seconds between two looks at the jobs' memory and time (a look costs ~1 ms per 20 processes)
 )
 BUSY_WAIT = 5.0  # seconds before a job found busy (an orphan not yet gone) is tried again
-INTERRUPTED = {EXIT_INTERRUPTED, -signal.SIGTERM, -signal.SIGINT, 255}  # 255: the fork server died
+# A job stopped by a signal (its own exit code, or killed by it), or 255: the fork server died.
+INTERRUPTED = {EXIT_INTERRUPTED, EXIT_TERMINATED, -signal.SIGTERM, -signal.SIGINT, 255}
 # Imported once by the fork server, so that a job process starts in milliseconds, not seconds
 # (the server skips any that fail to import: the job then imports them itself).
 PRELOAD = [
