@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 
 from . import stopping
+from .contract import MAX_IMAGE_SIZE
 from .errors import UserError
 from .outcome import ending
 
@@ -222,7 +223,8 @@ def predict(
         None,
         "--max-side",
         show_default=False,
-        help="Largest image side a model may declare, in pixels (default: 1024, data.image_size's bound).",
+        help=f"Largest image side a model may declare, in pixels: 1 to {MAX_IMAGE_SIZE} "
+        "(the default, data.image_size's bound).",
     ),
 ):
     """Classify images with an exported model (onnxruntime, numpy and Pillow only)."""
