@@ -402,24 +402,31 @@ def _wait_for(predicate, proc, timeout=120):
 
 def test_sigterm_is_a_clean_exit_143_and_validate_leaves_no_temporary_model(tmp_path):
     """SIGTERM of `run` mid-training: exit 143 and one line, like Ctrl-C's 130; SIGTERM of
-    `validate` while its temporary dense model exists: the same, and the model is removed."""
+    `validate` while its temporary dense model exists: the same, and the model is removed.
+    kill -9 leaves it, in the run's tmp/ (never in $TMPDIR), for the run's next owner to remove."""
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
     path = small_run(tmp_path)
     done = dsrpipe("run", path, "--out", "out", "--no-progress", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
+    scratch = RunDir(tmp_path / "out", "tiny").scratch
+    long_validate = ["validate", path, "--out", "out", "--force", "--set", "validate.latency_runs=10000"]
 
-    validate = _start(
-        ["validate", path, "--out", "out", "--force", "--set", "validate.latency_runs=10000"],
-        tmp_path,
-        tmpdir,
-    )
-    _wait_for(lambda: any(tmpdir.glob("dsrpipe-dense-*/dense.onnx")), validate)
+    validate = _start(long_validate, tmp_path, tmpdir)
+    _wait_for(lambda: (scratch / "dense.onnx").exists(), validate)
     validate.send_signal(signal.SIGTERM)
     _, err = validate.communicate(timeout=60)
     assert validate.returncode == 143, err[-2000:]
     assert err.strip().splitlines()[-1].startswith("terminated: ") and "Traceback" not in err
-    assert not list(tmpdir.glob("dsrpipe-dense-*"))
+    assert not scratch.exists()
+
+    validate = _start(long_validate, tmp_path, tmpdir)
+    _wait_for(lambda: (scratch / "dense.onnx").exists(), validate)
+    validate.kill()
+    validate.communicate(timeout=60)
+    assert (scratch / "dense.onnx").exists() and not list(tmpdir.glob("dsrpipe-*"))
+    with RunDir(tmp_path / "out", "tiny").lock():  # as the next command on the run takes it
+        assert not scratch.exists()
 
     training = _start(
         ["run", path, "--out", "long", "--no-progress", "--set", "train.epochs=1000"], tmp_path, tmpdir
@@ -430,6 +437,21 @@ def test_sigterm_is_a_clean_exit_143_and_validate_leaves_no_temporary_model(tmp_
     assert training.returncode == 143, err[-2000:]
     assert err.strip().splitlines()[-1] == "terminated: completed epochs are checkpointed; rerun to resume"
     assert "Traceback" not in err
+
+
+def test_a_runs_tmp_is_swept_only_while_nobody_owns_the_run(tmp_path):
+    """What the watch daemon does after each job: a killed owner's tmp/ goes, a live one's stays."""
+    run = RunDir(tmp_path, "r")
+    (run.scratch / "dense.onnx").parent.mkdir(parents=True)
+    (run.scratch / "dense.onnx").write_bytes(b"x")
+    with run.lock():  # the lock's own sweep: what a killed owner left
+        assert not run.scratch.exists()
+        (run.scratch / "dense.onnx").parent.mkdir(parents=True)
+        (run.scratch / "dense.onnx").write_bytes(b"x")
+        run.sweep()  # owned (by us, through another open file: flock tells them apart)
+        assert (run.scratch / "dense.onnx").exists()
+    run.sweep()
+    assert not run.scratch.exists() and not files.lock_holder(run.lock_file)
 
 
 # A sitecustomize.py for a test process: it sends the process a signal the moment a given module

@@ -29,6 +29,7 @@ from ..errors import (
     EXIT_VALIDATION,
 )
 from ..files import disk_full, shown
+from ..rundir import RunDir
 from .drops import ERROR_SUFFIX
 from .folder import DropFolder, log, try_lock
 from .limits import group_memory
@@ -78,6 +79,7 @@ class Runner:
         """Jobs left `running` by a daemon that died: stop any process still at it, then requeue."""
         for job in self.folder.journal.jobs("running"):
             self._stop_orphan(job)
+            RunDir(job["out"], job["name"]).sweep()
             self.folder.journal.update(job["id"], state="queued", pid=None)
             self.folder.event(
                 job["name"],
@@ -177,8 +179,6 @@ class Runner:
         if not (job_dir / "job.json").exists():
             return self.folder.fail(job, f"the job's files are missing from {job_dir}", None, 0.0)
         if job["fresh"] and job["attempts"] == 0:  # a --rerun starts over
-            from ..rundir import RunDir
-
             RunDir(Path(job["out"]), job["name"]).clear()
             shutil.rmtree(job_dir / "cache", ignore_errors=True)
         attempt = job["attempts"] + 1
@@ -245,6 +245,7 @@ class Runner:
     def _finished(self, r: _Running, code: int) -> None:
         job, seconds = r.job, (r.ended or time.monotonic()) - r.started
         job_dir = self.folder.job_dir(job)
+        RunDir(job["out"], job["name"]).sweep()  # what validate had made, if the job was killed in it
         if code == 0:  # cleaned up first: a job `done` in the journal is done with
             shutil.rmtree(job_dir / "cache", ignore_errors=True)
             (self.folder.drop / f"{job['name']}{ERROR_SUFFIX}").unlink(missing_ok=True)  # from an earlier run
