@@ -116,9 +116,8 @@ class RunDir:
                 "wait for it to finish or stop it"
             )
         try:
-            shutil.rmtree(
-                self.scratch, ignore_errors=True
-            )  # a killed owner's: nobody else's while we hold it
+            # What an owner that was killed left: nobody else's while we hold the run.
+            shutil.rmtree(self.scratch, ignore_errors=True)
             yield
         finally:
             held.truncate(0)  # no stale pid once released
