@@ -455,9 +455,10 @@ def test_a_runs_tmp_is_swept_only_while_nobody_owns_the_run(tmp_path):
 
 
 # A sitecustomize.py for a test process: it sends the process a signal the moment a given module
-# is first imported, that is while the import is under way.
+# is first imported, that is while the import is under way; at exit it writes down whether that
+# import completed after all.
 SIGNAL_AT_IMPORT = """
-import os, signal, sys
+import atexit, os, signal, sys
 
 class SignalAtImport:
     def find_spec(self, name, path=None, target=None):
@@ -466,7 +467,13 @@ class SignalAtImport:
             os.kill(os.getpid(), getattr(signal, os.environ["DSRPIPE_TEST_SIGNAL"]))
         return None
 
+def imported(module=os.environ.get("DSRPIPE_TEST_SIGNAL_AT"), path=os.environ.get("DSRPIPE_TEST_IMPORTED")):
+    if module and path:
+        with open(path, "w") as f:
+            f.write(str(module in sys.modules))
+
 sys.meta_path.insert(0, SignalAtImport())
+atexit.register(imported)
 """
 
 
@@ -475,7 +482,9 @@ def test_a_signal_at_any_point_of_start_up_is_one_line_and_143_or_130(tmp_path):
     exception used to turn into numpy's "cannot load module more than once per process", exit
     1) are imported, or while the run loads its data (sklearn.datasets, after torch, onnx and
     the pipeline are imported): exit 143 for SIGTERM, 130 for SIGINT, and the one line, nothing
-    else. The processes run side by side; each stops before it trains."""
+    else. The signal is held until the import has finished: a module left half initialised is
+    what turned it into another error. The processes run side by side; each stops before it
+    trains."""
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(SIGNAL_AT_IMPORT)
@@ -492,6 +501,7 @@ def test_a_signal_at_any_point_of_start_up_is_one_line_and_143_or_130(tmp_path):
             "PYTHONPATH": f"{ROOT}{os.pathsep}{hook}",
             "DSRPIPE_TEST_SIGNAL_AT": module,
             "DSRPIPE_TEST_SIGNAL": name,
+            "DSRPIPE_TEST_IMPORTED": str(tmp_path / f"imported-{module}"),
             "OMP_NUM_THREADS": "1",
         }
         started[module] = subprocess.Popen(
@@ -510,6 +520,7 @@ def test_a_signal_at_any_point_of_start_up_is_one_line_and_143_or_130(tmp_path):
             f"{word}: completed epochs are checkpointed; rerun to resume\n",
         ), f"{module}: exit {proc.returncode}, {err[-2000:]}"
         assert not list((tmp_path / f"out-{module}").rglob("*.pt")), module
+        assert (tmp_path / f"imported-{module}").read_text() == "True", module
 
 
 def test_a_signal_whose_exception_is_lost_still_ends_the_command_143(capsys):
@@ -549,8 +560,9 @@ def test_a_signal_whose_exception_is_lost_still_ends_the_command_143(capsys):
 
 
 def test_a_full_disk_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
-    """torch.save's "unexpected pos" and a bare ENOSPC: one line naming the file being written
-    and saying the disk is full (exit 2 at the CLI); the file that was there is untouched."""
+    """torch.save's "unexpected pos", a bare ENOSPC and a full quota (EDQUOT): one line naming
+    the file being written and saying the disk is full (exit 2 at the CLI); the file that was
+    there is untouched."""
     import errno
 
     from dsrpipe.errors import UserError
@@ -565,21 +577,24 @@ def test_a_full_disk_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch)
     monkeypatch.setattr(torch, "save", full)
     with pytest.raises(UserError, match=f"^cannot write {target}: the disk is full"):
         files.torch_save(target, {"x": 1})
-    with pytest.raises(UserError, match=f"^cannot write {target}: the disk is full"):
-        with files.atomic_path(target):
-            raise OSError(errno.ENOSPC, "No space left on device")
+    for full in (errno.ENOSPC, errno.EDQUOT):
+        with pytest.raises(UserError, match=f"^cannot write {target}: the disk is full"):
+            with files.atomic_path(target):
+                raise OSError(full, os.strerror(full))
     assert target.read_bytes() == b"the previous checkpoint" and os.listdir(tmp_path) == ["last.pt"]
 
-    def check(*args, **kwargs):  # a write elsewhere (a log, metrics): the CLI's own line
-        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "metrics.jsonl"))
+    for full in (errno.ENOSPC, errno.EDQUOT):
 
-    monkeypatch.setattr("dsrpipe.config.load_pipeline", check)
-    result = CliRunner().invoke(app, ["check", str(tmp_path / "p.yaml")])
-    assert result.exit_code == 2, result.output
-    assert (
-        result.output
-        == f"error: the disk is full writing {tmp_path / 'metrics.jsonl'}: free some space and run again\n"
-    )
+        def check(*args, full=full, **kwargs):  # a write elsewhere (a log, metrics): the CLI's own line
+            raise OSError(full, os.strerror(full), str(tmp_path / "metrics.jsonl"))
+
+        monkeypatch.setattr("dsrpipe.config.load_pipeline", check)
+        result = CliRunner().invoke(app, ["check", str(tmp_path / "p.yaml")])
+        assert result.exit_code == 2, result.output
+        assert (
+            result.output
+            == f"error: the disk is full writing {tmp_path / 'metrics.jsonl'}: free some space and run again\n"
+        )
 
 
 # -- class names: the dataset's folder names end up in every prediction's line ------------------------
