@@ -5,7 +5,9 @@ on the way out runs, and is also recorded.
 Why a record as well as the exception: an exception can be lost on its way out. Code that
 catches too much may swallow it (torch's C++ initialisation takes a failed numpy import for "no
 numpy" and goes on), or turn it into another error (numpy's "cannot load module more than once
-per process", a RecursionError). Whatever ends the process after a signal arrived, `received()`
+per process", a RecursionError), or report it as "Exception ignored" where Python cannot raise
+it (a callback from C or Rust): then it is raised again once that code has returned, silently.
+Whatever ends the process after a signal arrived, `received()`
 says that a signal did, and the exit code and the one line follow from it (dsrpipe.outcome).
 
 Why deferred during imports: an exception raised while a module executes leaves it half
@@ -44,6 +46,7 @@ _announced = False  # the line that says the process stops for a signal is print
 # Code during which a signal is only recorded, never raised: the entry point's own steps around
 # the command, which read the record after it. An exception there would escape them.
 _QUIET: set = set()
+_other_unraisable = sys.unraisablehook  # what reports what is not a stop
 
 
 def quiet(function: Callable) -> Callable:
@@ -67,10 +70,14 @@ def install() -> Callable[[], None] | None:
     for sig, handler in previous.items():
         if handler is not signal.SIG_IGN:
             signal.signal(sig, _handle)
+    global _other_unraisable
+    previous_hook = _other_unraisable = sys.unraisablehook
+    sys.unraisablehook = _unraisable
 
     def restore() -> None:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        sys.unraisablehook = previous_hook
         _reset()
 
     return restore
@@ -139,6 +146,17 @@ def _handle(signum: int, frame) -> None:
         return
     _pending = None
     raise Terminated if _received == signal.SIGTERM else KeyboardInterrupt  # the first signal's
+
+
+def _unraisable(unraisable) -> None:
+    """A stop raised where Python could not pass it on (it would print "Exception ignored in"):
+    raised again, by the watcher, once the main thread has left that code."""
+    global _pending
+    if isinstance(unraisable.exc_value, KeyboardInterrupt) and _received is not None and not _finishing:
+        _pending = _received
+        _watch()
+        return
+    _other_unraisable(unraisable)
 
 
 def _importing(frame) -> bool:

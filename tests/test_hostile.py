@@ -582,6 +582,36 @@ def test_a_signal_whose_exception_is_lost_still_ends_the_command_143(capsys):
         assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_a_signal_python_cannot_raise_is_raised_once_that_code_has_returned(capsys):
+    """A signal that lands in a callback Python cannot raise from (a `__del__` here; a C or
+    Rust callback in the wild, which printed "Exception ignored in: 'Path'" and let the run
+    train on): raised again right after it, silently, and the command stops, 143."""
+    import typer
+
+    from dsrpipe.cli import _user_errors
+
+    went_on = []
+
+    class SignalledWhenCollected:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler runs here, inside __del__
+
+    @_user_errors
+    def command():
+        SignalledWhenCollected()  # collected at once
+        time.sleep(5)  # the stop arrives during this, from the watcher
+        went_on.append(True)
+
+    hook, started = sys.unraisablehook, time.monotonic()
+    with pytest.raises(typer.Exit) as stopped:
+        command()
+    assert stopped.value.exit_code == 143 and not went_on
+    assert time.monotonic() - started < 4
+    assert capsys.readouterr().err == "terminated: completed epochs are checkpointed; rerun to resume\n"
+    assert sys.unraisablehook is hook
+
+
 # -- a full disk -----------------------------------------------------------------------------------
 
 
