@@ -647,7 +647,13 @@ def epochs_done(out, name):
 def test_kill_9_mid_training_resumes_from_the_checkpoint_and_finishes_once(tmp_path, drop, watchers):
     out = tmp_path / "out"
     (drop / "slow.yaml").write_text(
-        pipeline(epochs=40, width=24, train={"batch_size": 32}, sparsity={"prune_target": 150})
+        pipeline(
+            epochs=40,
+            width=24,
+            data={"max_train": 512},
+            train={"batch_size": 32},
+            sparsity={"prune_target": 150},
+        )
     )
 
     # 1. kill -9 the daemon and the job's process group mid-training.
