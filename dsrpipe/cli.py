@@ -4,25 +4,16 @@ from __future__ import annotations
 
 import functools
 import os
-import signal
-import sys
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import typer
 
-from .errors import (
-    EXIT_BUG,
-    EXIT_INTERRUPTED,
-    EXIT_TERMINATED,
-    EXIT_USER_ERROR,
-    Terminated,
-    UserError,
-    raise_terminated,
-)
-from .files import disk_full, shown
+from . import stopping
+from .contract import MAX_IMAGE_SIZE
+from .errors import UserError
+from .outcome import ending
 
 app = typer.Typer(
     add_completion=False,
@@ -80,60 +71,35 @@ def _options(
 
 
 def _user_errors(command: Callable) -> Callable:
-    """Bad input ends in one line on stderr and a non-zero exit, never a traceback."""
+    """Bad input ends in one line on stderr and a non-zero exit, never a traceback; so does a
+    signal (dsrpipe.stopping), at whatever moment of the command it arrives."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        main = threading.current_thread() is threading.main_thread()  # signal handlers: main thread only
-        previous = signal.signal(signal.SIGTERM, raise_terminated) if main else None
+        restore = stopping.install()  # None under the entry point: it installed them at its start
         try:
-            return command(*args, **kwargs)
-        except UserError as exc:  # one line, even where the message quotes input with line breaks
-            typer.echo(f"error: {' '.join(str(exc).splitlines())}", err=True)
-            raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
-            _stopped(exc)
-        except Exception as exc:  # a bug, not bad input: one line unless asked for the traceback
-            signalled = _signal_within(exc)
-            if signalled is not None:  # e.g. an ImportError: the signal came while a C extension initialised
-                _stopped(signalled)
-            if disk_full(exc):  # a write outside files.atomic_path (which names its file itself)
-                where = f" writing {shown(exc.filename)}" if getattr(exc, "filename", None) else ""
-                typer.echo(f"error: the disk is full{where}: free some space and run again", err=True)
-                raise typer.Exit(EXIT_USER_ERROR) from None
-            if os.environ.get("DSRPIPE_DEBUG"):
+            result = command(*args, **kwargs)
+            end = ending()  # done, unless a signal came and something swallowed its exception
+        except (typer.Exit, SystemExit):
+            raise
+        except BaseException as exc:  # every other way out gets its exit code and its one line
+            end = ending(exc)
+            if end.bug and os.environ.get("DSRPIPE_DEBUG"):
                 raise
-            typer.echo(
-                f"internal error: {type(exc).__name__}: {exc} (set DSRPIPE_DEBUG=1 for a traceback)", err=True
-            )
-            raise typer.Exit(EXIT_BUG) from None
         finally:
-            if (
-                previous is not None
-            ):  # the command is done: the caller's own handler again (tests call in-process)
-                signal.signal(signal.SIGTERM, previous)
+            if restore is not None:  # the caller's own handlers again (tests call in-process)
+                restore()
+        if end.signal is not None:
+            stopping.announce(end.signal)
+        elif end.bug:  # one line unless asked for the traceback
+            typer.echo(f"{end.cause} (set DSRPIPE_DEBUG=1 for a traceback)", err=True)
+        elif end.cause is not None:  # one line, even where the message quotes input with line breaks
+            typer.echo(f"error: {' '.join(end.cause.splitlines())}", err=True)
+        if end.code:
+            raise typer.Exit(end.code)
+        return result
 
     return wrapper
-
-
-def _stopped(exc: KeyboardInterrupt):
-    terminated = isinstance(exc, Terminated)
-    typer.echo(
-        f"{'terminated' if terminated else 'interrupted'}: completed epochs are checkpointed; rerun to resume",
-        err=True,
-    )
-    raise typer.Exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED) from None
-
-
-def _signal_within(exc: BaseException) -> KeyboardInterrupt | None:
-    """The KeyboardInterrupt (or Terminated) an error was raised while handling, if any."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, KeyboardInterrupt):
-            return exc
-        exc = exc.__cause__ or exc.__context__
-    return None
 
 
 def _load(pipeline: Path, overrides: list[str]):
@@ -275,7 +241,8 @@ def predict(
         None,
         "--max-side",
         show_default=False,
-        help="Largest image side a model may declare, in pixels (default: 1024, data.image_size's bound).",
+        help=f"Largest image side a model may declare, in pixels: 1 to {MAX_IMAGE_SIZE} "
+        "(the default, data.image_size's bound).",
     ),
 ):
     """Classify images with an exported model (onnxruntime, numpy and Pillow only)."""
@@ -436,7 +403,3 @@ def status(
     from .watch import status_report
 
     typer.echo(status_report(drop_dir, as_json=as_json))
-
-
-def main() -> None:  # pragma: no cover - `python -m dsrpipe`
-    sys.exit(app())

@@ -48,6 +48,8 @@ def decode_fitted(path: str | Path, width: int, height: int, *, grey: bool | Non
         with Image.open(path) as img:
             keep_grey = img.mode in _GREY_MODES if grey is None else grey
             img = img.convert("L" if keep_grey else "RGB")
+    except (MemoryError, OverflowError):  # not the file's fault: the caller says it for the batch
+        raise
     except Exception as exc:  # PIL raises many types for truncated or foreign files
         raise UserError(f"{failed} {path}: {exc}") from None
     if img.size != (width, height):

@@ -9,7 +9,6 @@ Output contract, relied upon by users and tools (the whole layout: dsrpipe.rundi
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -176,8 +175,8 @@ def validate_stage(cfg: Pipeline, out: Path, *, force: bool = False) -> dict[str
     checkpoint, model = _load_trained(run, cfg)
     _, test_set = load_splits(cfg.data)
     v = cfg.validation
-    with tempfile.TemporaryDirectory(prefix="dsrpipe-dense-") as tmp:
-        dense = dense_reference(checkpoint, model, cfg, Path(tmp) / "dense.onnx", onnx_metadata(run.onnx))
+    with run.scratch_dir() as tmp:
+        dense = dense_reference(checkpoint, model, cfg, tmp / "dense.onnx", onnx_metadata(run.onnx))
         try:
             metrics = validate_onnx(
                 run.onnx,

@@ -7,6 +7,8 @@
       model.onnx  report.json    the exported model and how it measured
       model.fp32.onnx            with export.quantize: int8, the float32 model that model.onnx quantizes
       report.md  *.png           its pictures (dsrpipe.plots)
+      tmp/                       a stage's own files while it runs (validate's dense reference model):
+                                 removed when it ends, and by the run's next owner if it was killed
 
 Every output records a fingerprint: the settings it was made with and the id of what it was made
 from (the trained checkpoint's run id, the exported model's fingerprint). A stage is complete when
@@ -76,6 +78,9 @@ class RunDir:
         self.fp32_onnx = self.path / "model.fp32.onnx"
         self.report = self.path / "report.json"
         self.lock_file = self.path / "run.lock"
+        # Not $TMPDIR: a process killed mid-stage (kill -9, watch's --job-timeout) left its files
+        # there for good. Here the next owner of the run removes them, and so does the watch daemon.
+        self.scratch = self.path / "tmp"
 
     def stage_dir(self, stage: str) -> Path:
         return self.path / stage
@@ -111,12 +116,34 @@ class RunDir:
         which process holds it, instead of mixing its outputs with ours."""
         self.path.mkdir(parents=True, exist_ok=True)
         with files.holding_lock(self.lock_file, self._in_use):
+            # What an owner that was killed left: nobody else's while we hold the run.
+            shutil.rmtree(self.scratch, ignore_errors=True)
             yield
 
     def _in_use(self, pid: str) -> str:
         return (
             f"{self.path} is in use by another dsrpipe process (pid {pid}): wait for it to finish or stop it"
         )
+
+    def sweep(self) -> None:
+        """Remove tmp/ unless a process owns the run now (then it is that process's): what an
+        owner that was killed left, for a caller that will not take the run (the watch daemon,
+        after each job)."""
+        if self.scratch.exists():
+            try:
+                with self.lock():
+                    pass
+            except UserError:  # owned, or no lock to be had: the next owner removes it
+                pass
+
+    @contextmanager
+    def scratch_dir(self) -> Iterator[Path]:
+        """tmp/ for the block's own files, removed after it however it ends (but kill -9)."""
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        try:
+            yield self.scratch
+        finally:
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
     def clear(self) -> None:
         """Remove every output of the run (its lock file stays, for whoever holds it): to start over."""

@@ -301,6 +301,12 @@ def test_milestones_past_the_last_epoch_are_a_note_and_bad_ones_an_error():
     assert result.exit_code == 0, result.output
     assert "note: train.milestones [20, 30, 36] are not reached in 3 epochs" in result.output
     assert "note:" not in check_quickstart().output  # the file as it is reaches all of its milestones
+    # A milestone at the last epoch is not reached either: the LR changes after it, for no epoch.
+    assert (
+        "note: train.milestones [36] are not reached in 36 epochs"
+        in check_quickstart("train.epochs=36").output
+    )
+    assert "note:" not in check_quickstart("train.epochs=37").output
     for bad in ("[30, 20]", "[-1, 20]", "[20, 20]"):
         result = check_quickstart(f"train.milestones={bad}")
         assert result.exit_code == 2 and "milestones must be increasing epochs from 0" in result.output
@@ -365,3 +371,20 @@ def test_a_grids_relative_paths_and_override_errors(tmp_path, monkeypatch):
         UserError, match=r"train.epochs: Input should be greater .* \(from overrides.dsr: train.epochs\)$"
     ):
         plan({"dsr": {"train.epochs": -3}})
+
+
+def test_switching_to_prune_channels_makes_sparsity_0_and_says_so(tmp_path):
+    """prune-channels keeps every weight: the file's sparsity 0.9 becomes 0, with a note (and no
+    error), unless --set names a sparsity too."""
+    dense_run = tmp_path / "final.pt"  # only its existence is checked here
+    dense_run.write_bytes(b"")
+    switch = ("sparsity.method=prune-channels", f"sparsity.prune_from={dense_run}")
+    result = check_quickstart(*switch)
+    assert result.exit_code == 0, result.output
+    assert (
+        "note: sparsity.method=prune-channels: keeps every weight, so sparsity 0.9 is now 0\n"
+        in result.output
+    )
+    assert result.output.endswith("prune-channels at sparsity 0.0)\n")
+    result = check_quickstart(*switch, "sparsity.sparsity=0.5")
+    assert result.exit_code == 2 and "sparsity must be 0" in result.output and "is now 0" not in result.output

@@ -207,6 +207,8 @@ def _with_class_names(path: Path, to: Path, names: str) -> Path:
         ("side 2**40", "larger than the 1024 pixels per side"),
         ("channels 3", "m.onnx: "),  # onnxruntime fails, or the graph gives the wrong shape
         ("max-side 4", "declares 8x8 images, larger than the 4 pixels per side"),
+        ("max-side 200000", "--max-side must be from 1 to 1024 (the largest side a model may declare)"),
+        ("max-side 2**40", "--max-side must be from 1 to 1024"),
         ("names nested", "class_names metadata is not a JSON list"),
         ("name with a newline", "class_names must be a list of names"),
         ("a name that is no string", "class_names must be a list of names"),
@@ -230,6 +232,11 @@ def test_what_a_model_declares_is_bounded_one_line_exit_2(digits_model, tmp_path
         path = _with_input(path, tmp_path / "m.onnx", [3, 8, 8])
     elif case == "max-side 4":
         args = ["--max-side", "4"]
+    elif case.startswith("max-side"):  # refused before the model (here one that is not there) is read
+        args, path = (
+            ["--max-side", str(200_000 if case == "max-side 200000" else 2**40)],
+            tmp_path / "none.onnx",
+        )
     elif case == "names nested":
         path = _with_class_names(path, tmp_path / "m.onnx", "[" * 100_000 + "]" * 100_000)
     elif case == "name with a newline":
@@ -252,3 +259,19 @@ def test_what_a_model_declares_is_bounded_one_line_exit_2(digits_model, tmp_path
     assert line.startswith("error: ") and expected in line and "internal error" not in line, line
     assert "fake" not in line and "zerozero" not in line  # nothing of a name is quoted
     assert not result.stdout
+
+
+@pytest.mark.parametrize("error", [MemoryError, OverflowError])
+def test_a_batch_beyond_memory_is_one_line_exit_2(digits_model, monkeypatch, error):
+    """Images of the size a model declares that do not fit in memory: one line, exit 2, not
+    `internal error: MemoryError`."""
+
+    def short_of_memory(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(Image.Image, "convert", short_of_memory)  # as decoding a huge image does
+    path, images, _ = digits_model
+    result = CliRunner().invoke(app, ["predict", str(path), str(images)])
+    assert result.exit_code == 2, result.output
+    [line] = result.output.strip().splitlines()
+    assert line.startswith(f"error: {path}: not enough memory for 6 images of 1x8x8 ({error.__name__})"), line

@@ -524,28 +524,36 @@ def test_hostile_drops_fail_cleanly_and_the_daemon_keeps_serving(tmp_path, drop,
 
 
 def test_a_job_over_its_time_limit_is_killed_and_failed(tmp_path, drop):
+    """Killed and failed; and what validate keeps in the run's tmp/ while it runs (its dense
+    model), here put there while the job trains, is removed by the daemon once the job is gone."""
     # (A job over --job-memory is among the hostile drops above, whose daemon serves on.)
     (drop / "slow.yaml").write_text(pipeline(epochs=10_000))
-    result = cli(
-        "watch",
-        drop,
-        "--out",
-        tmp_path / "out",
-        "--once",
-        "--quiet-period",
-        "0.5",
-        "--job-timeout",
-        "3s",
-        timeout=120,
+    run = tmp_path / "out" / "slow"
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "dsrpipe", "watch", drop, "--out", tmp_path / "out", "--once"]
+        + ["--quiet-period", "0.5", "--job-timeout", "5s"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
     )
-    assert result.returncode == 0, result.stderr
-    assert re.search(
-        r"job=slow state=killing id=1 pid=\d+ reason=\"exceeded --job-timeout 3s\"", result.stderr
-    )
-    assert (drop / "slow.error.txt").read_text().startswith("exceeded --job-timeout 3s\n")
+    planted = False
+    deadline = time.monotonic() + 120
+    while daemon.poll() is None and time.monotonic() < deadline:
+        if not planted and (run / "train").exists():  # the job owns the run and trains
+            (run / "tmp").mkdir()
+            (run / "tmp" / "dense.onnx").write_bytes(b"as validate leaves it when killed")
+            planted = True
+        time.sleep(0.05)
+    _, stderr = daemon.communicate(timeout=60)
+    assert daemon.returncode == 0, stderr
+    assert planted, "the job was killed before it trained"
+    assert not (run / "tmp").exists()
+    assert re.search(r"job=slow state=killing id=1 pid=\d+ reason=\"exceeded --job-timeout 5s\"", stderr)
+    assert (drop / "slow.error.txt").read_text().startswith("exceeded --job-timeout 5s\n")
     [job] = jobs(drop)
-    assert (job["state"], job["cause"], job["attempts"]) == ("failed", "exceeded --job-timeout 3s", 1)
-    assert re.search(r"slow\s+failed .* exceeded --job-timeout 3s", cli("status", drop).stdout)
+    assert (job["state"], job["cause"], job["attempts"]) == ("failed", "exceeded --job-timeout 5s", 1)
+    assert re.search(r"slow\s+failed .* exceeded --job-timeout 5s", cli("status", drop).stdout)
 
 
 def test_a_corrupt_journal_is_one_line_that_says_how_to_recover(tmp_path, drop):
@@ -639,7 +647,13 @@ def epochs_done(out, name):
 def test_kill_9_mid_training_resumes_from_the_checkpoint_and_finishes_once(tmp_path, drop, watchers):
     out = tmp_path / "out"
     (drop / "slow.yaml").write_text(
-        pipeline(epochs=40, width=24, train={"batch_size": 32}, sparsity={"prune_target": 150})
+        pipeline(
+            epochs=40,
+            width=24,
+            data={"max_train": 512},
+            train={"batch_size": 32},
+            sparsity={"prune_target": 150},
+        )
     )
 
     # 1. kill -9 the daemon and the job's process group mid-training.

@@ -21,6 +21,7 @@ BATCH = 64
 
 
 # The largest image side a model may declare: data.image_size's bound, the largest dsrpipe trains.
+# Also the most that --max-side may allow: a batch of BATCH images of it is 0.8 GB of float32.
 MAX_SIDE = MAX_IMAGE_SIZE
 
 
@@ -127,18 +128,27 @@ def predict(
     model: str | Path, inputs: list[Path], top_k: int = 1, max_side: int | None = None
 ) -> list[tuple[Path, list[tuple[str, float]]]]:
     """For each image, its `top_k` (class name, probability) pairs, most likely first. The model
-    may declare image sides up to `max_side` (None: MAX_SIDE)."""
+    may declare image sides up to `max_side` (None: MAX_SIDE; at most MAX_SIDE). Both options
+    are checked before the model is opened."""
     max_side = MAX_SIDE if max_side is None else max_side
     if top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}")
-    if max_side < 1:
-        raise UserError(f"--max-side must be at least 1, got {max_side}")
+    if not 1 <= max_side <= MAX_SIDE:
+        raise UserError(
+            f"--max-side must be from 1 to {MAX_SIDE} (the largest side a model may declare), got {max_side}"
+        )
     session, names, (channels, height, width) = load_classifier(model, max_side)
     paths = image_paths(inputs)
     results = []
     for start in range(0, len(paths), BATCH):
         chunk = paths[start : start + BATCH]
-        pixels = np.stack([read_image(p, channels, height, width) for p in chunk])
+        try:
+            pixels = np.stack([read_image(p, channels, height, width) for p in chunk])
+        except (MemoryError, OverflowError) as err:  # a machine short of memory for the model's size
+            raise UserError(
+                f"{model}: not enough memory for {len(chunk)} images of {channels}x{height}x{width} "
+                f"({type(err).__name__}): a smaller --max-side refuses such a model at once"
+            ) from None
         logits = run_session(session, pixels, model).astype(np.float64)
         if logits.ndim != 2 or logits.shape != (len(chunk), len(names)):
             raise UserError(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import traceback
 from pathlib import Path
@@ -15,25 +14,19 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
-from .. import files
+from .. import files, stopping
 from ..config import Pipeline, load_pipeline
 from ..data import ArchiveCaps
 from ..distributed import Launch
-from ..errors import (
-    EXIT_BUG,
-    EXIT_BUSY,
-    EXIT_DISK_FULL,
-    EXIT_INTERRUPTED,
-    EXIT_USER_ERROR,
-    UserError,
-    raise_terminated,
-)
+from ..errors import EXIT_BUSY, EXIT_DISK_FULL, UserError
 from ..files import exclusive_lock, shown
+from ..outcome import ending
 from ..pipeline import run_pipeline
 from ..rundir import RunDir
 from ..train import load_splits
 
 
+@stopping.quiet  # once job_main has returned how the job ended, a signal no longer changes it
 def job_process(job_dir: str, settings: dict[str, Any]) -> None:
     """Entry point in the forked job process: own session (so its pid is its process group's,
     which the runner measures and signals), output to the job log."""
@@ -43,6 +36,7 @@ def job_process(job_dir: str, settings: dict[str, Any]) -> None:
     os.dup2(fd, 2)
     os.close(fd)
     code = job_main(Path(job_dir), settings)
+    stopping.finish()
     for name in ("stdout", "stderr"):  # what a full disk kept from the job log: dropped, not an exit error
         try:
             getattr(sys, name).flush()
@@ -53,8 +47,8 @@ def job_process(job_dir: str, settings: dict[str, Any]) -> None:
 
 def job_main(job_dir: Path, settings: dict[str, Any] | None = None) -> int:
     """Run one job and return its exit code (dsrpipe.errors: 0 done, 2 bad input, 3 validation
-    failed, 130 interrupted, 75 job busy, 74 the disk too full to write cause.txt, 1 a bug). The
-    cause of a failure goes to cause.txt."""
+    failed, 130 or 143 stopped by SIGINT or SIGTERM, 75 job busy, 74 the disk too full to write
+    cause.txt, 1 a bug). The cause of a failure goes to cause.txt."""
     settings = settings or {}
     spec = json.loads((job_dir / "job.json").read_text())
     try:
@@ -66,8 +60,7 @@ def job_main(job_dir: Path, settings: dict[str, Any] | None = None) -> int:
     if lock is None:
         print("error: another process is running this job", file=sys.stderr, flush=True)
         return EXIT_BUSY
-    signal.signal(signal.SIGTERM, raise_terminated)  # stop between two steps; epochs are checkpointed
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    stopping.install()  # stop between two steps, or after an import; epochs are checkpointed
     os.chdir(spec["cwd"])  # a pipeline's relative paths are relative to the drop folder
     try:
         cfg = load_pipeline(spec["config"], spec["overrides"], quote=spec.get("quote", True))
@@ -89,25 +82,21 @@ def job_main(job_dir: Path, settings: dict[str, Any] | None = None) -> int:
         with run.lock():  # one owner, as for `dsrpipe run`: a job never mixes with another process's run
             run_pipeline(cfg, Path(spec["out"]), progress=False)
         print(run.onnx, flush=True)
-        return 0
-    except UserError as exc:
-        cause, code = str(exc).replace(spec["config"], spec["shown_as"]), exc.exit_code
-    except KeyboardInterrupt:
+        end = ending()  # done, unless a signal came and something swallowed its exception
+        if end.code == 0:
+            return 0
+    except BaseException as exc:  # every other way out gets its exit code (dsrpipe.outcome) and its cause
+        end = ending(exc)
+        if end.bug:  # the traceback goes to the job log
+            _say(traceback.print_exc)
+    if end.signal is not None:  # no cause: the runner queues the job again
         _say(
             lambda: print(
-                "interrupted: completed epochs are checkpointed; the job resumes from there",
-                file=sys.stderr,
-                flush=True,
+                stopping.stop_line(end.signal, "the job resumes from there"), file=sys.stderr, flush=True
             )
         )
-        return EXIT_INTERRUPTED
-    except Exception as exc:
-        if files.disk_full(exc):  # a write outside files.atomic_path (the job log, a library's file)
-            where = f" writing {shown(exc.filename)}" if getattr(exc, "filename", None) else ""
-            cause, code = f"the disk is full{where} (free some space and run again)", EXIT_USER_ERROR
-        else:  # a bug: the traceback goes to the job log
-            _say(traceback.print_exc)
-            cause, code = f"internal error: {type(exc).__name__}: {exc}", EXIT_BUG
+        return end.code
+    cause, code = end.cause.replace(spec["config"], spec["shown_as"]), end.code
     cause = shown(cause)
     _say(lambda: print(f"error: {cause}", file=sys.stderr, flush=True))
     try:

@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from .. import files
-from ..errors import EXIT_BUSY, EXIT_DISK_FULL, EXIT_INTERRUPTED, EXIT_USER_ERROR, EXIT_VALIDATION
+from ..errors import (
+    EXIT_BUSY,
+    EXIT_DISK_FULL,
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    EXIT_USER_ERROR,
+    EXIT_VALIDATION,
+)
 from ..executors.base import LOST, Executor, JobSpec
 from ..executors.processes import ForkServer, signal_group
 from ..files import disk_full, shown
@@ -36,7 +43,8 @@ LIMITS_PERIOD = (
     0.5  # seconds between two looks at the jobs' memory and time (a look costs ~1 ms per 20 processes)
 )
 BUSY_WAIT = 5.0  # seconds before a job found busy (an orphan not yet gone) is tried again
-INTERRUPTED = {EXIT_INTERRUPTED, -signal.SIGTERM, -signal.SIGINT, 255}  # 255: the fork server died
+# A job stopped by a signal (its own exit code, or killed by it), or 255: the fork server died.
+INTERRUPTED = {EXIT_INTERRUPTED, EXIT_TERMINATED, -signal.SIGTERM, -signal.SIGINT, 255}
 # Imported once by the fork server, so that a job process starts in milliseconds, not seconds
 # (the server skips any that fail to import: the job then imports them itself).
 PRELOAD = [
@@ -92,6 +100,7 @@ class Runner:
                     continue
             else:
                 self._stop_orphan(job)
+            RunDir(job["out"], job["name"]).sweep()
             self.folder.journal.update(job["id"], state="queued", pid=None)
             self.folder.event(
                 job["name"],
@@ -294,6 +303,7 @@ class Runner:
     def _finished(self, r: _Running, code: int) -> None:
         job, seconds = r.job, (r.ended or time.monotonic()) - r.started
         job_dir = self.folder.job_dir(job)
+        RunDir(job["out"], job["name"]).sweep()  # what validate had made, if the job was killed in it
         if code == 0:  # cleaned up first: a job `done` in the journal is done with
             shutil.rmtree(job_dir / "cache", ignore_errors=True)
             (self.folder.drop / f"{job['name']}{ERROR_SUFFIX}").unlink(missing_ok=True)  # from an earlier run
