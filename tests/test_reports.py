@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from dsrpipe import compare as compare_module
 from dsrpipe.cli import app
 from dsrpipe.config import parse_pipeline
+from dsrpipe.executors import launch
 from dsrpipe.pipeline import run_pipeline
 from dsrpipe.plots import RUN_PLOTS, write_accuracy_vs_params, write_run_plots
 
@@ -256,7 +257,7 @@ def test_a_crashing_run_is_a_row_not_a_crash(tmp_path, monkeypatch):
             [sys.executable, "-c", "import sys; print('boom: out of memory'); sys.exit(1)"], **kwargs
         )
 
-    monkeypatch.setattr(compare_module.subprocess, "Popen", crash)
+    monkeypatch.setattr(launch.subprocess, "Popen", crash)  # where the local executor starts runs
     grid, out = write_grid(tmp_path, methods=["dsr"], seeds=[0], overrides={}), tmp_path / "out"
     result = CliRunner().invoke(app, ["compare", str(grid), "--out", str(out)])
     assert result.exit_code == 2, result.output  # the table is written, and the exit says it is incomplete
