@@ -413,3 +413,19 @@ def test_a_group_the_multiple_cannot_round_still_loses_channels_and_is_named():
     assert "rounds nothing in 0 (8 channels), 2 (16 channels), 4 (16 channels), 8 (32 channels)" in (
         sparsifier.channels.unrounded_note()
     )
+
+
+def test_a_group_at_its_multiple_keeps_it_when_the_plan_takes_half_a_multiple():
+    """The last removal with 4 channels still to go, all of them (the lowest ranked) in a group
+    already at 16 of its 32 channels, multiple_of 8: 12 is as near 8 as 16, and the group keeps
+    its 16 rather than losing 8."""
+    model, optimizer, sparsifier = removing(share=20 / 72, multiple_of=8)
+    channels = sparsifier.channels
+    channels.remove({"8": list(range(16))}, optimizer)
+    channels.score = lambda group: torch.full((group.channels,), 0.0 if group.name == "8" else 1.0)
+    assert channels.removal.target(1, channels.total) - channels.removed == 4
+    assert channels.choose(4, sparsifier.active_count(), last=True) == {}
+    channels.removal = ChannelRemoval(share=22 / 72, multiple_of=8)  # 6 to go: 10 is nearer 8
+    assert {n: len(c) for n, c in channels.choose(6, sparsifier.active_count(), last=True).items()} == {
+        "8": 8
+    }
