@@ -68,17 +68,18 @@ def channel_shape(cfg: Pipeline):
     return getattr(cfg.sparsity, "remove_channels", None)
 
 
-def check_model(cfg: Pipeline, note: Callable[[str], None]) -> None:
+def check_model(cfg: Pipeline, note: Callable[[str], None]) -> nn.Module | None:
     """Build the configured model at the configured input size and run it once; where channels
     are removed, trace its channel groups (slicing.TRACE_SECONDS at most). `note` hears what
-    cannot be checked here, and settings that will not do what they say."""
+    cannot be checked here, and settings that will not do what they say. Returns the model it
+    built (CHECK_CLASSES classes), None where the input size is not known."""
     shape = input_shape(cfg)
     if shape is None:
         note(
             "data.image_size is not set: the model's fit to the images (and its channel tracing) "
             "is checked when training starts"
         )
-        return
+        return None
     channels, side = shape
     model = create_model(
         cfg.model.name, num_classes=CHECK_CLASSES, in_channels=channels, image_size=side, **cfg.model.options
@@ -86,10 +87,10 @@ def check_model(cfg: Pipeline, note: Callable[[str], None]) -> None:
     example = torch.zeros(1, channels, side, side)
     check_input_size(model, example, cfg.model.name)
     removal = channel_shape(cfg)
-    if removal is None:
-        return
-    eligible = set(cfg.sparsity.layers.select(model))
-    groups = removable_groups(model, example, eligible, removal.dense_layers, cfg.model.name)
-    floors = {g.name: floor_count(removal.floor, g.channels) for g in groups}
-    if line := unrounded_note({g.name: g.channels for g in groups}, floors, removal.multiple_of):
-        note(line)
+    if removal is not None:
+        eligible = set(cfg.sparsity.layers.select(model))
+        groups = removable_groups(model, example, eligible, removal.dense_layers, cfg.model.name)
+        floors = {g.name: floor_count(removal.floor, g.channels) for g in groups}
+        if line := unrounded_note({g.name: g.channels for g in groups}, floors, removal.multiple_of):
+            note(line)
+    return model

@@ -50,13 +50,19 @@ def _raise_in(thread_id: int, exception: type[BaseException] | None) -> None:
 
 
 class _TimeBound:
-    """Raise _TooLong, once, in the thread that runs the block if it runs longer than `seconds`.
+    """Raise _TooLong in the thread that runs the block once it has run longer than `seconds`, and
+    again every RAISE_AGAIN seconds until the block ends (RAISES times at most).
 
     A watchdog thread raises it into the traced thread, rather than SIGALRM: that works in any
     thread (a signal handler runs in the main thread only) and leaves the caller's signal
-    handlers and timers alone. Once: an exception raised again and again could land after the
-    block, in the caller's code. `expired` says whether it was raised (the tracing may catch it
-    and fail otherwise: Torch-Pruning's first forward pass runs under a bare `except:`)."""
+    handlers and timers alone. Again: one raised into a bare `except:` (Torch-Pruning's first
+    forward pass runs under one) or into a finalizer is lost. Never after the block: the
+    watchdog raises under a lock that the block's end takes, and that end takes back one not
+    raised yet (should one land in that end itself, the end is tried again; should one land
+    before it, the watchdog still stops after RAISES). `expired` says whether it was raised (the
+    tracing may catch it and fail otherwise)."""
+
+    RAISE_AGAIN, RAISES = 0.5, 20
 
     def __init__(self, seconds: float):
         self.seconds, self.expired = seconds, False
@@ -64,20 +70,30 @@ class _TimeBound:
         self._watchdog = threading.Thread(target=self._watch, name="dsrpipe tracing bound", daemon=True)
 
     def _watch(self) -> None:
-        if not self._done.wait(self.seconds):
+        wait = self.seconds
+        for _ in range(self.RAISES):
+            if self._done.wait(wait):
+                return
             with self._lock:  # never once the block is left: `_done` is set under the same lock
-                if not self._done.is_set():
-                    self.expired = True
-                    _raise_in(self._target, _TooLong)
+                if self._done.is_set():
+                    return
+                self.expired = True
+                _raise_in(self._target, _TooLong)
+            wait = self.RAISE_AGAIN
 
     def __enter__(self) -> _TimeBound:
         self._watchdog.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        with self._lock:
-            self._done.set()
-            _raise_in(self._target, None)  # raised just as the block ended: it did end
+        while True:
+            try:
+                with self._lock:
+                    self._done.set()
+                    _raise_in(self._target, None)  # raised just as the block ended: it did end
+                break
+            except _TooLong:  # landed here, before the lock: the block has ended all the same
+                continue
         self._watchdog.join()
 
 
@@ -188,11 +204,19 @@ def cut(
 ) -> Cut:
     """Remove, in place, the output channels `idxs` of each (layer, Torch-Pruning handler, idxs)
     of `removals`, with everything Torch-Pruning couples to them; every plan refers to the
-    unchanged model's indices (so: at most one removal per channel group)."""
+    unchanged model's indices (so: at most one removal per channel group).
+
+    One group after another, each traced on the model as the cuts before it left it: a layer that
+    reads a concatenation (DenseNet's) holds the channels of several groups, and where one group's
+    channels sit in it moves once another's are gone. `Cut` records the indices as built."""
     names = {m: n for n, m in model.named_modules()}
     done = Cut()
-    groups = [graph.get_pruning_group(layer, handler, idxs) for layer, handler, idxs in removals if idxs]
-    for group in groups:
+    left: dict[tuple[nn.Module, str, int], list[int]] = {}  # the indices as built still there
+    for layer, handler, idxs in removals:
+        if not idxs:
+            continue
+        group = graph.get_pruning_group(layer, handler, idxs)
+        gone: dict[tuple[nn.Module, str, int], set[int]] = defaultdict(set)  # indices as they are now
         for item in group:
             module = item.dep.target.module
             is_out = graph.is_out_channel_pruning_fn(item.dep.handler)
@@ -200,11 +224,15 @@ def cut(
                 continue  # adds, reshapes, pooling: nothing of their own to slice
             for param, dim in sliced_dims(module, is_out):
                 if getattr(module, param, None) is not None:
-                    done.dropped[module, param][dim].update(int(i) for i in item.idxs)
+                    gone[module, param, dim].update(int(i) for i in item.idxs)
             if isinstance(module, LAYERS) and is_out:
                 done.removed_channels[names[module]] += len(item.idxs)
-    with torch.no_grad():
-        for group in groups:
+        for (module, param, dim), now in gone.items():
+            here = left.setdefault((module, param, dim), list(range(getattr(module, param).shape[dim])))
+            built = {here[i] for i in now}
+            done.dropped[module, param][dim] |= built
+            left[module, param, dim] = [i for i in here if i not in built]
+        with torch.no_grad():
             group.prune()
     done.removed_channels = dict(sorted(done.removed_channels.items()))
     return done
