@@ -29,6 +29,7 @@ from dsrpipe.config import load_pipeline
 from dsrpipe.deploy.validate import _timings, cpu_features
 from dsrpipe.errors import ValidationFailed
 from dsrpipe.pipeline import export_stage, run_pipeline, validate_stage
+from dsrpipe.train import load_splits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from deploy_table import DATASETS  # noqa: E402  (the same settings as the deployment table)
@@ -76,7 +77,7 @@ MODELS = {"portable": "portable.onnx", "full": "full.onnx", "fp32": "model.fp32.
 
 
 def test_pixels(cfg) -> np.ndarray:
-    _, test_set = cfg.data.load()
+    _, test_set = load_splits(cfg.data)
     batches = test_set.batches(256, shuffle=False, augment=False, seed=0, epoch=0, normalize=False)
     return np.concatenate([x.cpu().numpy().astype(np.float32) for x, _ in batches])
 

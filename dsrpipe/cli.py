@@ -4,25 +4,16 @@ from __future__ import annotations
 
 import functools
 import os
-import signal
-import sys
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import typer
 
-from .errors import (
-    EXIT_BUG,
-    EXIT_INTERRUPTED,
-    EXIT_TERMINATED,
-    EXIT_USER_ERROR,
-    Terminated,
-    UserError,
-    raise_terminated,
-)
-from .files import disk_full, shown
+from . import stopping
+from .contract import MAX_IMAGE_SIZE
+from .errors import UserError
+from .outcome import ending
 
 app = typer.Typer(
     add_completion=False,
@@ -62,60 +53,35 @@ def _options(
 
 
 def _user_errors(command: Callable) -> Callable:
-    """Bad input ends in one line on stderr and a non-zero exit, never a traceback."""
+    """Bad input ends in one line on stderr and a non-zero exit, never a traceback; so does a
+    signal (dsrpipe.stopping), at whatever moment of the command it arrives."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        main = threading.current_thread() is threading.main_thread()  # signal handlers: main thread only
-        previous = signal.signal(signal.SIGTERM, raise_terminated) if main else None
+        restore = stopping.install()  # None under the entry point: it installed them at its start
         try:
-            return command(*args, **kwargs)
-        except UserError as exc:  # one line, even where the message quotes input with line breaks
-            typer.echo(f"error: {' '.join(str(exc).splitlines())}", err=True)
-            raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
-            _stopped(exc)
-        except Exception as exc:  # a bug, not bad input: one line unless asked for the traceback
-            signalled = _signal_within(exc)
-            if signalled is not None:  # e.g. an ImportError: the signal came while a C extension initialised
-                _stopped(signalled)
-            if disk_full(exc):  # a write outside files.atomic_path (which names its file itself)
-                where = f" writing {shown(exc.filename)}" if getattr(exc, "filename", None) else ""
-                typer.echo(f"error: the disk is full{where}: free some space and run again", err=True)
-                raise typer.Exit(EXIT_USER_ERROR) from None
-            if os.environ.get("DSRPIPE_DEBUG"):
+            result = command(*args, **kwargs)
+            end = ending()  # done, unless a signal came and something swallowed its exception
+        except (typer.Exit, SystemExit):
+            raise
+        except BaseException as exc:  # every other way out gets its exit code and its one line
+            end = ending(exc)
+            if end.bug and os.environ.get("DSRPIPE_DEBUG"):
                 raise
-            typer.echo(
-                f"internal error: {type(exc).__name__}: {exc} (set DSRPIPE_DEBUG=1 for a traceback)", err=True
-            )
-            raise typer.Exit(EXIT_BUG) from None
         finally:
-            if (
-                previous is not None
-            ):  # the command is done: the caller's own handler again (tests call in-process)
-                signal.signal(signal.SIGTERM, previous)
+            if restore is not None:  # the caller's own handlers again (tests call in-process)
+                restore()
+        if end.signal is not None:
+            stopping.announce(end.signal)
+        elif end.bug:  # one line unless asked for the traceback
+            typer.echo(f"{end.cause} (set DSRPIPE_DEBUG=1 for a traceback)", err=True)
+        elif end.cause is not None:  # one line, even where the message quotes input with line breaks
+            typer.echo(f"error: {' '.join(end.cause.splitlines())}", err=True)
+        if end.code:
+            raise typer.Exit(end.code)
+        return result
 
     return wrapper
-
-
-def _stopped(exc: KeyboardInterrupt):
-    terminated = isinstance(exc, Terminated)
-    typer.echo(
-        f"{'terminated' if terminated else 'interrupted'}: completed epochs are checkpointed; rerun to resume",
-        err=True,
-    )
-    raise typer.Exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED) from None
-
-
-def _signal_within(exc: BaseException) -> KeyboardInterrupt | None:
-    """The KeyboardInterrupt (or Terminated) an error was raised while handling, if any."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, KeyboardInterrupt):
-            return exc
-        exc = exc.__cause__ or exc.__context__
-    return None
 
 
 def _load(pipeline: Path, overrides: list[str]):
@@ -169,82 +135,82 @@ def run(
         typer.echo(str(run_dir.onnx))
 
 
-@app.command("train-sparse")
-@_user_errors
-def train_sparse(
-    pipeline: Path = PipelineArg,
-    out: Path = OutOption,
-    overrides: list[str] = SetOption,
-    resume: bool = ResumeOption,
-    force: bool = ForceOption,
-    progress: bool = ProgressOption,
-):
-    """Train from scratch with the configured sparse method (DSR by default)."""
-    cfg = _load(pipeline, overrides)
-    with _owning(_run_dir(out, cfg), cfg) as main:
-        from .train import train_sparse as stage
+def _training_command(name: str, summary: str, stage: Callable[[], Callable]) -> None:
+    """A command that trains (train-sparse, finetune): every rank under torchrun, rank 0 owning
+    the run. `stage()` imports the stage's function, on use (see `_load`)."""
 
-        final = stage(cfg, out, resume=resume, force=force, progress=progress)
-    if main:
-        typer.echo(str(final))
-
-
-@app.command()
-@_user_errors
-def finetune(
-    pipeline: Path = PipelineArg,
-    out: Path = OutOption,
-    overrides: list[str] = SetOption,
-    resume: bool = ResumeOption,
-    force: bool = ForceOption,
-    progress: bool = ProgressOption,
-):
-    """Fine-tune the trained model with its masks frozen."""
-    cfg = _load(pipeline, overrides)
-    with _owning(_run_dir(out, cfg), cfg) as main:
-        from .train import finetune as stage
-
-        final = stage(cfg, out, resume=resume, force=force, progress=progress)
-    if main:
-        typer.echo(str(final))
+    @app.command(name, help=summary)
+    @_user_errors
+    def command(
+        pipeline: Path = PipelineArg,
+        out: Path = OutOption,
+        overrides: list[str] = SetOption,
+        resume: bool = ResumeOption,
+        force: bool = ForceOption,
+        progress: bool = ProgressOption,
+    ):
+        cfg = _load(pipeline, overrides)
+        with _owning(_run_dir(out, cfg), cfg) as main:
+            final = stage()(cfg, out, resume=resume, force=force, progress=progress)
+        if main:
+            typer.echo(str(final))
 
 
-@app.command()
-@_user_errors
-def export(
-    pipeline: Path = PipelineArg,
-    out: Path = OutOption,
-    overrides: list[str] = SetOption,
-    force: bool = ForceOption,
-):
-    """Export the trained model to a sparse ONNX file."""
-    cfg = _load(pipeline, overrides)
-    if not _main_rank():
-        return
-    with _run_dir(out, cfg).lock():
-        from .pipeline import export_stage
+def _deploy_command(name: str, summary: str, stage: Callable[[], Callable]) -> None:
+    """A command that works on the trained model (export, validate): rank 0's alone, under the
+    run's lock; prints what `stage()`'s function returns."""
 
-        typer.echo(str(export_stage(cfg, out, force=force)))
+    @app.command(name, help=summary)
+    @_user_errors
+    def command(
+        pipeline: Path = PipelineArg,
+        out: Path = OutOption,
+        overrides: list[str] = SetOption,
+        force: bool = ForceOption,
+    ):
+        cfg = _load(pipeline, overrides)
+        if not _main_rank():
+            return
+        with _run_dir(out, cfg).lock():
+            typer.echo(str(stage()(cfg, out, force=force)))
 
 
-@app.command()
-@_user_errors
-def validate(
-    pipeline: Path = PipelineArg,
-    out: Path = OutOption,
-    overrides: list[str] = SetOption,
-    force: bool = ForceOption,
-):
-    """Measure the exported model with onnxruntime and write report.json."""
-    cfg = _load(pipeline, overrides)
-    if not _main_rank():
-        return
-    run_dir = _run_dir(out, cfg)
-    with run_dir.lock():
-        from .pipeline import validate_stage
+def _train_stage():
+    from .train import train_sparse
 
+    return train_sparse
+
+
+def _finetune_stage():
+    from .train import finetune
+
+    return finetune
+
+
+def _export_stage():
+    from .pipeline import export_stage
+
+    return export_stage
+
+
+def _validate_stage():
+    from .pipeline import validate_stage
+
+    def validate(cfg, out: Path, *, force: bool) -> Path:
         validate_stage(cfg, out, force=force)
-    typer.echo(str(run_dir.report))
+        return _run_dir(out, cfg).report
+
+    return validate
+
+
+_training_command(
+    "train-sparse", "Train from scratch with the configured sparse method (DSR by default).", _train_stage
+)
+_training_command("finetune", "Fine-tune the trained model with its masks frozen.", _finetune_stage)
+_deploy_command("export", "Export the trained model to a sparse ONNX file.", _export_stage)
+_deploy_command(
+    "validate", "Measure the exported model with onnxruntime and write report.json.", _validate_stage
+)
 
 
 @app.command()
@@ -257,7 +223,8 @@ def predict(
         None,
         "--max-side",
         show_default=False,
-        help="Largest image side a model may declare, in pixels (default: 1024, data.image_size's bound).",
+        help=f"Largest image side a model may declare, in pixels: 1 to {MAX_IMAGE_SIZE} "
+        "(the default, data.image_size's bound).",
     ),
 ):
     """Classify images with an exported model (onnxruntime, numpy and Pillow only)."""
@@ -387,7 +354,3 @@ def status(
     from .watch import status_report
 
     typer.echo(status_report(drop_dir, as_json=as_json))
-
-
-def main() -> None:  # pragma: no cover - `python -m dsrpipe`
-    sys.exit(app())

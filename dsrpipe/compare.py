@@ -43,10 +43,20 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import __version__, files
-from .config import Pipeline, apply_overrides, first_error, parse_pipeline, read_yaml, switch_method
+from .config import (
+    METHOD_OPTIONS,
+    Pipeline,
+    apply_overrides,
+    first_error,
+    parse_pipeline,
+    path_settings,
+    read_yaml,
+    switch_method,
+)
 from .distributed import Launch
 from .errors import UserError
-from .rundir import STALE, RunDir, read_report
+from .plots import write_accuracy_vs_params
+from .rundir import STALE, RunDir, read_report, training_stages
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$"
 MAX_RUNS = 10_000  # runs in one grid (methods × sparsities × seeds), checked before any is planned
@@ -86,11 +96,9 @@ class Grid(BaseModel):
     @field_validator("methods")
     @classmethod
     def _known_methods(cls, methods: list[str]) -> list[str]:
-        from .sparse import METHODS
-
         for method in methods:
-            if method not in METHODS:
-                raise ValueError(f"unknown method '{method}' (known: {', '.join(METHODS)})")
+            if method not in METHOD_OPTIONS:
+                raise ValueError(f"unknown method '{method}' (known: {', '.join(METHOD_OPTIONS)})")
         return _unique(methods)
 
     @field_validator("sparsities")
@@ -181,8 +189,29 @@ def load_grid(path: str | Path) -> tuple[Grid, str, dict[str, Any]]:
         if not isinstance(base, dict):
             raise UserError(f"{base_path}: expected a mapping of settings at the top level")
     else:
-        base = grid.base
+        base = _from_folder(grid.base, path.parent)
+    grid.overrides = {
+        method: {key: _resolved(key, value, path.parent) for key, value in settings.items()}
+        for method, settings in grid.overrides.items()
+    }
     return grid, name, base
+
+
+def _resolved(key: str, value: Any, folder: Path) -> Any:
+    """A relative path that the grid file holds, taken from the grid's folder (as `base:` is)."""
+    if key in path_settings() and isinstance(value, str) and value and not value.startswith("~"):
+        return value if Path(value).is_absolute() else str(folder / value)
+    return value
+
+
+def _from_folder(base: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """An inline base with its relative paths taken from the grid's folder."""
+    base = copy.deepcopy(base)
+    for key in path_settings():
+        section, _, leaf = key.partition(".")
+        if isinstance(base.get(section), dict) and leaf in base[section]:
+            base[section][leaf] = _resolved(key, base[section][leaf], folder)
+    return base
 
 
 def _quotes_base(grid: Grid) -> bool:
@@ -238,13 +267,36 @@ def plan_runs(
                     run.depends_on = run_name(grid_name, needed, 0.0 if needed == "dense" else sparsity, seed)
                     section[option] = str(runs_dir / run.depends_on / "train" / "final.pt")
                 try:
-                    run.cfg = parse_pipeline(raw, f"{source}: {name}", _quotes_base(grid))
+                    run.cfg = _validated(raw, f"{source}: {name}", grid, method, settings)
                 except UserError:
                     # A run may only validate once the run it starts from is done: checked at launch.
                     if run.depends_on is None or Path(section[sources[method][1]]).exists():
                         raise
                 runs.append(run)
     return runs
+
+
+def _validated(
+    raw: dict[str, Any], where: str, grid: Grid, method: str, settings: dict[str, Any]
+) -> Pipeline:
+    """The run's pipeline, or its one-line error. An error in a setting the grid itself holds (its
+    inline base, or the method's overrides) quotes the cause; one in a base file's settings does
+    not (see `_quotes_base`)."""
+    try:
+        return parse_pipeline(raw, where, quote=True)
+    except UserError as quoted:
+        setting = str(quoted).removeprefix(f"{where}: ").partition(": ")[0]
+        overridden = [key for key in settings if _overlaps(key, setting)]
+        if overridden:
+            raise UserError(f"{quoted} (from overrides.{method}: {', '.join(overridden)})") from None
+        if _quotes_base(grid):
+            raise
+    return parse_pipeline(raw, where, quote=False)  # raises the error, quoting nothing
+
+
+def _overlaps(key: str, setting: str) -> bool:
+    """Whether the dotted setting `key` is, holds or lies within `setting`."""
+    return key == setting or key.startswith(setting + ".") or setting.startswith(key + ".")
 
 
 # -- running ----------------------------------------------------------------------------------
@@ -259,18 +311,15 @@ def _start_over_if_stale(run: Run, runs_dir: Path) -> bool:
     owns its run folders: they are redone, where `dsrpipe run` would refuse to mix them)."""
     folder = RunDir(runs_dir, run.name)
     with folder.lock():  # not while a `dsrpipe run` is at it
-        stages = ["train"] + ["finetune"] * bool(run.cfg.finetune.epochs)
-        if not any(folder.state(stage, run.cfg) == STALE for stage in stages):
+        if not any(folder.state(stage, run.cfg) == STALE for stage in training_stages(run.cfg)):
             return False
         folder.clear()
     return True
 
 
 def _train_seconds(run: Run, runs_dir: Path) -> float | None:
-    from .plots import read_history
-
-    stages = ["train"] + (["finetune"] if run.cfg is not None and run.cfg.finetune.epochs else [])
-    histories = [read_history(RunDir(runs_dir, run.name).metrics(s)) for s in stages]
+    folder = RunDir(runs_dir, run.name)
+    histories = [folder.history(s) for s in (training_stages(run.cfg) if run.cfg is not None else ["train"])]
     if not histories[0]:
         return None
     return sum(h.get("seconds", 0.0) for history in histories for h in history)
@@ -317,27 +366,18 @@ def run_grid(
     runs_dir = folder / "runs"
     runs = plan_runs(grid, grid_name, base, runs_dir, source=str(grid_path))
     by_name = {r.name: r for r in runs}
-    lock = _lock(folder)
-    try:
+    folder.mkdir(parents=True, exist_ok=True)
+    # For the whole compare: a second compare of the same grid into the same --out would start the
+    # same runs and write the same results.
+    with files.holding_lock(
+        folder / "compare.lock",
+        lambda pid: (
+            f"{folder} is in use by another dsrpipe compare (pid {pid}): wait for it to finish or stop it"
+        ),
+    ):
         return _run_planned(
             grid, runs, by_name, folder, grid_path, grid_name, command, jobs, nproc_per_job, echo
         )
-    finally:
-        lock.close()
-
-
-def _lock(folder: Path):
-    """The grid folder's lock, for the whole compare: a second compare of the same grid into the
-    same --out would start the same runs and write the same results."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "compare.lock"
-    lock = files.exclusive_lock(path)
-    if lock is None:
-        pid = files.lock_holder(path)
-        raise UserError(
-            f"{folder} is in use by another dsrpipe compare (pid {pid or '?'}): wait for it to finish or stop it"
-        )
-    return lock
 
 
 def _run_planned(grid, runs, by_name, folder, grid_path, grid_name, command, jobs, nproc_per_job, echo):
@@ -552,8 +592,6 @@ def group_results(runs: list[Run]) -> list[dict[str, Any]]:
 
 
 def write_results(folder: Path, runs: list[Run], *, command: str) -> dict[str, Path]:
-    from .plots import write_accuracy_vs_params
-
     folder = Path(folder)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, CSV_COLUMNS, lineterminator="\n")

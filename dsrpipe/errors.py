@@ -13,13 +13,9 @@ EXIT_TERMINATED = 143  # 128 + SIGTERM: the same clean stop, asked by kill or a 
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the process is, like Ctrl-C's KeyboardInterrupt (and caught with it):
-    every `finally` and `with` on the way out runs, so checkpoints stay whole and temporary
-    files are removed."""
-
-
-def raise_terminated(signum, frame):
-    raise Terminated
+    """SIGTERM, raised where the process is (dsrpipe.stopping), like Ctrl-C's KeyboardInterrupt
+    (and caught with it): every `finally` and `with` on the way out runs, so checkpoints stay
+    whole and temporary files are removed."""
 
 
 class UserError(Exception):

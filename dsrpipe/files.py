@@ -16,7 +16,7 @@ import re
 import sqlite3
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -191,6 +191,38 @@ def lock_holder(path: str | os.PathLike) -> int | None:
     except (OSError, UserError):
         return None
     return int(text) if text.isdigit() else None
+
+
+def take_lock(path: str | os.PathLike, busy: Callable[[str], str]) -> IO:
+    """`path`'s exclusive lock (see `exclusive_lock`), or a one-line UserError `busy(pid)` naming
+    the process that holds it."""
+    try:
+        lock = exclusive_lock(path)
+    except DiskFull:
+        raise
+    except OSError as exc:
+        raise UserError(f"cannot lock {shown(path)}: {exc.strerror or exc}") from None
+    if lock is None:
+        raise UserError(busy(str(lock_holder(path) or "?")))
+    return lock
+
+
+def release_lock(lock: IO) -> None:
+    """Let go of a lock taken by `take_lock`, its pid cleared first: no stale pid for anyone."""
+    try:
+        lock.truncate(0)
+    finally:
+        lock.close()
+
+
+@contextmanager
+def holding_lock(path: str | os.PathLike, busy: Callable[[str], str]) -> Iterator[IO]:
+    """`take_lock` for the block, released however the block ends."""
+    lock = take_lock(path, busy)
+    try:
+        yield lock
+    finally:
+        release_lock(lock)
 
 
 def torch_load(path: str | os.PathLike) -> Any:

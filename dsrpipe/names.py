@@ -1,8 +1,11 @@
-"""File names as text: one home below the errors that quote them and the file helpers that log them."""
+"""Names: file names as text (one home below the errors that quote them and the file helpers that
+log them), and what a run name may be."""
 
 from __future__ import annotations
 
 import os
+
+SAFE_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"  # a run name is a folder name: no paths, no surprises
 
 
 def shown(name: str | os.PathLike) -> str:

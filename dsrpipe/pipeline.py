@@ -9,7 +9,6 @@ Output contract, relied upon by users and tools (the whole layout: dsrpipe.rundi
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -17,15 +16,17 @@ from typing import Any
 import torch
 
 from . import __version__, distributed, files
+from .checkpoint import load_checkpoint, restoring
 from .config import Pipeline
 from .contract import check_class_names
 from .deploy.export import export_onnx
 from .deploy.shrink import shrink_model
 from .deploy.validate import validate_onnx
 from .errors import ValidationFailed
-from .plots import RUN_FILES, read_history, write_run_plots
-from .rundir import COMPLETE, RunDir, load_checkpoint, onnx_metadata, read_report, restoring, shipped_stage
-from .train import build_model, finetune, log, train_sparse
+from .plots import RUN_FILES, write_run_plots
+from .registry import layer_selection
+from .rundir import COMPLETE, RunDir, onnx_metadata, read_report, shipped_stage
+from .train import build_model, finetune, load_splits, log, train_sparse
 
 
 def _load_trained(run: RunDir, cfg: Pipeline) -> tuple[dict[str, Any], torch.nn.Module]:
@@ -51,8 +52,9 @@ def sparsity_summary(model: torch.nn.Module, cfg: Pipeline, spec: dict[str, Any]
     the whole-model parameter counts (dense layers included), as the paper reports them. A model
     that shrank while it trained counts its sparse tensors at the width it started at, as the
     target does."""
-    sparse = cfg.sparsity.layers.select(model)
-    started = cfg.sparsity.layers.select(configured_width(spec, cfg)) if spec.get("live_channels") else sparse
+    layers = layer_selection(cfg.sparsity)
+    sparse = layers.select(model)
+    started = layers.select(configured_width(spec, cfg)) if spec.get("live_channels") else sparse
     sparse_total = sum(w.numel() for w in started.values())
     sparse_nonzero = sum(int(w.count_nonzero()) for w in sparse.values())
     return {
@@ -146,7 +148,7 @@ def export_stage(cfg: Pipeline, out: Path, *, force: bool = False) -> Path:
 def _calibration_batches(cfg: Pipeline):
     """A fixed random sample of `export.calibration_images` training images, raw [0, 1] pixels
     as the graph takes them."""
-    train_set, _ = cfg.data.load()
+    train_set, _ = load_splits(cfg.data)
     remaining = cfg.export.calibration_images
     for pixels, _ in train_set.batches(
         min(remaining, 128), shuffle=True, augment=False, seed=cfg.seed, epoch=0, normalize=False
@@ -171,10 +173,10 @@ def validate_stage(cfg: Pipeline, out: Path, *, force: bool = False) -> dict[str
     run.require("export", cfg)  # the model.onnx of this very trained model and settings
     fingerprint = run.fingerprint("validate", cfg)
     checkpoint, model = _load_trained(run, cfg)
-    _, test_set = cfg.data.load()
+    _, test_set = load_splits(cfg.data)
     v = cfg.validation
-    with tempfile.TemporaryDirectory(prefix="dsrpipe-dense-") as tmp:
-        dense = dense_reference(checkpoint, model, cfg, Path(tmp) / "dense.onnx", _onnx_metadata(run.onnx))
+    with run.scratch_dir() as tmp:
+        dense = dense_reference(checkpoint, model, cfg, tmp / "dense.onnx", onnx_metadata(run.onnx))
         try:
             metrics = validate_onnx(
                 run.onnx,
@@ -208,9 +210,7 @@ def validate_stage(cfg: Pipeline, out: Path, *, force: bool = False) -> dict[str
         "train_epochs": cfg.train.epochs,
         "finetune_epochs": cfg.finetune.epochs,
         "final_test_top1_torch_training": history[-1]["test_top1"] if history else None,
-        "training": training_cost(
-            *([read_history(run.metrics("train"))] if cfg.finetune.epochs else []), history
-        ),
+        "training": training_cost(*([run.history("train")] if cfg.finetune.epochs else []), history),
         "thresholds": {
             "min_top1": v.min_top1,
             "max_abs_diff": v.max_abs_diff,
@@ -263,24 +263,15 @@ def dense_reference(
     return path
 
 
-def _onnx_metadata(path: Path) -> dict[str, str]:
-    """The metadata of an exported model, for its dense reference to carry the same bytes."""
-    import onnx
-
-    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-
-
 def _write_run_plots(
     cfg: Pipeline, run: RunDir, report: dict[str, Any], shipped_history: list[dict] | None = None
 ) -> list[Path]:
     """curves.png, density_over_time.png, layer_density.png and report.md beside report.json.
     `shipped_history`: the history in the shipped checkpoint, else read from metrics.jsonl."""
     tuned = bool(cfg.finetune.epochs)
-    shipped = (
-        shipped_history if shipped_history is not None else read_history(run.metrics(shipped_stage(cfg)))
-    )
+    shipped = shipped_history if shipped_history is not None else run.history(shipped_stage(cfg))
     return write_run_plots(
-        run.path, read_history(run.metrics("train")) if tuned else shipped, shipped if tuned else [], report
+        run.path, run.history("train") if tuned else shipped, shipped if tuned else [], report
     )
 
 

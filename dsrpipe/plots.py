@@ -14,11 +14,9 @@ written atomically: a reader sees the old file or the new one.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from . import files
 
@@ -27,14 +25,11 @@ RUN_FILES = RUN_PLOTS + ("report.md",)  # report.md is written last: it existing
 
 _DPI = 110
 _TRAIN, _TEST, _FINETUNE = "tab:blue", "tab:orange", "0.92"
-
-
-def read_history(path: str | Path) -> list[dict[str, Any]]:
-    """A stage's metrics.jsonl (one dict per epoch); [] when the stage has not run."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+# The density heat map prints each cell's number ("12.3%" at 7 pt, up to 0.37 in for "100.0%")
+# where the number fits: this much width per number, room to stand clear of the next included.
+_CELL_NUMBER_WIDTH = 0.4  # inches
+_CELL_NUMBER_HEIGHT = 0.12  # inches: a row lower than this gets no numbers
+_MAX_CELL_NUMBERS = 300  # more would be a wall of digits: the colours say it
 
 
 def write_run_plots(
@@ -78,9 +73,11 @@ def _mark_finetune(ax, num_train: int, total: int, label: bool) -> None:
         )
 
 
-def _no_data(ax, message: str) -> None:
+def _no_data(ax, message: str, *, epochs: bool = False) -> None:
+    """`message` in place of a plot; `epochs`: the epoch axis stays, shared with a plot beside."""
     ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, color="0.4")
-    ax.set_xticks([])
+    if not epochs:
+        ax.set_xticks([])
     ax.set_yticks([])
 
 
@@ -153,25 +150,32 @@ def _density_over_time(history: list[dict], num_train: int, report: dict):
         extent=(0.5, total + 0.5, len(layers) - 0.5, -0.5),
     )
     fig.colorbar(image, ax=heat_ax, label="density (non-zero fraction)", pad=0.01)
-    if grid.size <= 120:  # few cells: print the numbers too
-        top = image.norm.vmax
-        for (row, col), value in np.ndenumerate(grid):
-            if np.isfinite(value):
-                heat_ax.text(
-                    col + 1,
-                    row,
-                    f"{value:.1%}",
-                    ha="center",
-                    va="center",
-                    fontsize=7,
-                    color="black" if value > 0.6 * top else "white",
-                )
     step = max(1, math.ceil(len(layers) / 40))  # keep the labels readable on deep models
-    heat_ax.set_yticks(
-        range(0, len(layers), step),
-        [layers[i] for i in range(0, len(layers), step)],
-        fontsize=8 if len(layers) <= 20 else 6,
-    )
+    shown = [layers[i] for i in range(0, len(layers), step)]
+    fontsize = 8 if len(layers) <= 20 else 6
+    heat_ax.set_yticks(range(0, len(layers), step), shown, fontsize=fontsize)
+    # The heat map's width, estimated (a layout pass to measure it costs more than the whole
+    # figure): the figure's, less the layer names (0.6 em a character), the colour bar and margins.
+    heat_width = max(1.0, fig.get_figwidth() - 1.8 - max(map(len, shown)) * 0.6 * fontsize / 72)
+    columns = _numbered_columns(total, heat_width)
+    if (
+        heat_height * 0.8 / len(layers) >= _CELL_NUMBER_HEIGHT
+        and len(layers) * len(columns) <= _MAX_CELL_NUMBERS
+    ):
+        top = image.norm.vmax
+        for row in range(len(layers)):
+            for col in columns:
+                value = grid[row, col]
+                if np.isfinite(value):
+                    heat_ax.text(
+                        col + 1,
+                        row,
+                        f"{value:.1%}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="black" if value > 0.6 * top else "white",
+                    )
     heat_ax.set_ylabel("layer")
     if total > num_train:
         heat_ax.axvline(num_train + 0.5, color="white", lw=1.5, ls="--")
@@ -200,22 +204,27 @@ def _density_over_time(history: list[dict], num_train: int, report: dict):
         handles = h_ax.get_legend_handles_labels()[0] + (bars.get_legend_handles_labels()[0] if bars else [])
         h_ax.legend(handles=handles, loc="upper left", fontsize=8)
     else:
-        h_ax.text(
-            0.5,
-            0.5,
-            f"no threshold and nothing pruned (method '{report.get('method', '')}')",
-            ha="center",
-            va="center",
-            transform=h_ax.transAxes,
-            color="0.4",
-        )
-        h_ax.set_yticks([])
+        _no_data(h_ax, f"no threshold and nothing pruned (method '{report.get('method', '')}')", epochs=True)
     _epoch_axis(h_ax, total)
     h_ax.grid(alpha=0.3)
     _regrowth_share(share_ax, history, num_train, report)
     if removing:
         _channels_alive(channels_ax[0], history, num_train)
     return fig
+
+
+def _numbered_columns(total: int, width: float) -> list[int]:
+    """The epochs (0-based columns of a heat map `width` inches wide) whose cells get their
+    number: all where numbers fit, else every 2nd or 3rd (epochs 2, 4, ... or 3, 6, ...) that is
+    far enough from the edges for its number to stay inside the map; none where a cell is
+    narrower than a third of a number (past about 65 epochs), whose number would then stand over
+    cells that are not its own."""
+    cell = width / max(total, 1)
+    step = max(1, math.ceil(_CELL_NUMBER_WIDTH / cell))
+    if step > 3:
+        return []
+    half = _CELL_NUMBER_WIDTH / 2
+    return [c for c in range(step - 1, total, step) if half <= (c + 0.5) * cell <= width - half]
 
 
 def _channels_alive(ax, history: list[dict], num_train: int) -> None:
@@ -267,16 +276,7 @@ def _regrowth_share(ax, history: list[dict], num_train: int, report: dict) -> No
         ax.set_ylabel("% of pruned", color="tab:purple")
         ax.legend(loc="upper left", fontsize=8)
     else:
-        ax.text(
-            0.5,
-            0.5,
-            f"no regrowth to measure (method '{report.get('method', '')}')",
-            ha="center",
-            va="center",
-            transform=ax.transAxes,
-            color="0.4",
-        )
-        ax.set_yticks([])
+        _no_data(ax, f"no regrowth to measure (method '{report.get('method', '')}')", epochs=True)
     ax.set_xlabel("epoch")
     _epoch_axis(ax, total)
     ax.grid(alpha=0.3)

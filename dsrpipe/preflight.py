@@ -13,11 +13,12 @@ from torch import nn
 from .config import Pipeline
 from .errors import UserError
 from .models import create_model
+from .registry import layer_selection
 from .sparse.channels import floor_count, removable_groups, unrounded_note
 
 # (channels, side) of the images of each dataset whose files fix them: `check` must know them
-# without reading the files (data.py reads the images and takes both from them). An image folder
-# is decoded to RGB at data.image_size, or at its first image's side when that is not set.
+# without reading the files (dsrpipe/data reads the images and takes both from them). An image
+# folder is decoded to RGB at data.image_size, or at its images' median side when that is not set.
 NATIVE_INPUT = {
     "digits": (1, 8),
     "mnist": (1, 28),
@@ -88,7 +89,7 @@ def check_model(cfg: Pipeline, note: Callable[[str], None]) -> nn.Module | None:
     check_input_size(model, example, cfg.model.name)
     removal = channel_shape(cfg)
     if removal is not None:
-        eligible = set(cfg.sparsity.layers.select(model))
+        eligible = set(layer_selection(cfg.sparsity).select(model))
         groups = removable_groups(model, example, eligible, removal.dense_layers, cfg.model.name)
         floors = {g.name: floor_count(removal.floor, g.channels) for g in groups}
         if line := unrounded_note({g.name: g.channels for g in groups}, floors, removal.multiple_of):

@@ -7,58 +7,54 @@
       model.onnx  report.json    the exported model and how it measured
       model.fp32.onnx            with export.quantize: int8, the float32 model that model.onnx quantizes
       report.md  *.png           its pictures (dsrpipe.plots)
+      tmp/                       a stage's own files while it runs (validate's dense reference model):
+                                 removed when it ends, and by the run's next owner if it was killed
 
 Every output records a fingerprint: the settings it was made with and the id of what it was made
 from (the trained checkpoint's run id, the exported model's fingerprint). A stage is complete when
 its output carries the fingerprint the current settings and upstream outputs call for; a stale
 output is refused (`dsrpipe run`) or redone (`--force`, `compare`), never mixed in.
 
-Checkpoints hold only tensors and plain data (numbers, strings, lists, dicts) and are read with
-`torch.load(weights_only=True)`: a file planted in an output folder or named by `masks_from` is
-refused as "not a dsrpipe checkpoint", and nothing in it is ever executed.
+Checkpoints are written and read by dsrpipe.checkpoint, never unpickling anything.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import files
-from .config import EXPORT_SETTINGS, FINETUNE_SETTINGS, TRAIN_SETTINGS, VALIDATE_SETTINGS, Pipeline
+from .checkpoint import load_checkpoint, read_finished_run
 from .errors import UserError
-from .files import not_a_checkpoint
+
+if TYPE_CHECKING:  # the daemon clears run folders: it must not import the settings (and torch)
+    from .config import Pipeline
 
 MISSING, UNFINISHED, COMPLETE, STALE = "missing", "unfinished", "complete", "stale"
+
+# Which settings each stage's outputs depend on: its own and everything upstream.
+_TRAIN_SETTINGS = ("seed", "bf16", "data", "model", "sparsity", "train")
 SETTINGS = {
-    "train": TRAIN_SETTINGS,
-    "finetune": FINETUNE_SETTINGS,
-    "export": EXPORT_SETTINGS,
-    "validate": VALIDATE_SETTINGS,
+    "train": _TRAIN_SETTINGS,
+    "finetune": _TRAIN_SETTINGS + ("finetune",),
+    "export": _TRAIN_SETTINGS + ("finetune", "export"),
+    "validate": _TRAIN_SETTINGS + ("finetune", "export", "validation"),
 }
 
-CHECKPOINT_FORMAT = 2  # 1 (dsrpipe 0.1.0) pickled the RNG states: no longer read
-CHECKPOINT_FIELDS = {
-    "format": int,
-    "stage": str,
-    "complete": bool,
-    "fingerprint": str,
-    "run_id": str,
-    "epoch": int,
-    "model": dict,
-    "optimizer": dict,
-    "scheduler": dict,
-    "sparsifier": dict,
-    "method": str,
-    "rng": dict,
-    "history": list,
-    "model_spec": dict,
-    "data_info": dict,
-    "config": dict,
-}
+
+def settings_fingerprint(cfg: Pipeline, stage: str) -> str:
+    """A hash of the settings `stage`'s outputs depend on, to tell stale outputs apart."""
+    chosen = {s: getattr(cfg, s) for s in SETTINGS[stage]}
+    text = json.dumps(
+        {s: v.model_dump(mode="json") if hasattr(v, "model_dump") else v for s, v in chosen.items()},
+        sort_keys=True,
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def shipped_stage(cfg: Pipeline) -> str:
@@ -66,8 +62,13 @@ def shipped_stage(cfg: Pipeline) -> str:
     return "finetune" if cfg.finetune.epochs else "train"
 
 
+def training_stages(cfg: Pipeline) -> list[str]:
+    """The stages that train, in order: train, and finetune if the pipeline fine-tunes."""
+    return ["train"] + ["finetune"] * bool(cfg.finetune.epochs)
+
+
 def stages(cfg: Pipeline) -> list[str]:
-    return ["train"] + ["finetune"] * bool(cfg.finetune.epochs) + ["export", "validate"]
+    return training_stages(cfg) + ["export", "validate"]
 
 
 class RunDir:
@@ -77,6 +78,9 @@ class RunDir:
         self.fp32_onnx = self.path / "model.fp32.onnx"
         self.report = self.path / "report.json"
         self.lock_file = self.path / "run.lock"
+        # Not $TMPDIR: a process killed mid-stage (kill -9, watch's --job-timeout) left its files
+        # there for good. Here the next owner of the run removes them, and so does the watch daemon.
+        self.scratch = self.path / "tmp"
 
     def stage_dir(self, stage: str) -> Path:
         return self.path / stage
@@ -90,6 +94,17 @@ class RunDir:
     def metrics(self, stage: str) -> Path:
         return self.path / stage / "metrics.jsonl"
 
+    def write_history(self, stage: str, history: list[dict[str, Any]]) -> None:
+        """A stage's metrics.jsonl: one JSON line per epoch."""
+        files.write_text(self.metrics(stage), "".join(json.dumps(h) + "\n" for h in history))
+
+    def history(self, stage: str) -> list[dict[str, Any]]:
+        """A stage's metrics.jsonl (one dict per epoch); [] when the stage has not run."""
+        path = self.metrics(stage)
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
     def tensorboard(self, stage: str) -> Path:
         return self.path / "tensorboard" / stage
 
@@ -99,22 +114,36 @@ class RunDir:
     def lock(self) -> Iterator[None]:
         """Own the run for the block: another dsrpipe process on the same run is refused, told
         which process holds it, instead of mixing its outputs with ours."""
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            held = files.exclusive_lock(self.lock_file)
-        except OSError as exc:
-            raise UserError(f"cannot lock {self.lock_file}: {exc.strerror or exc}") from None
-        if held is None:
-            pid = files.lock_holder(self.lock_file)
-            raise UserError(
-                f"{self.path} is in use by another dsrpipe process (pid {pid or '?'}): "
-                "wait for it to finish or stop it"
-            )
-        try:
+        self.path.mkdir(parents=True, exist_ok=True)
+        with files.holding_lock(self.lock_file, self._in_use):
+            # What an owner that was killed left: nobody else's while we hold the run.
+            shutil.rmtree(self.scratch, ignore_errors=True)
             yield
+
+    def _in_use(self, pid: str) -> str:
+        return (
+            f"{self.path} is in use by another dsrpipe process (pid {pid}): wait for it to finish or stop it"
+        )
+
+    def sweep(self) -> None:
+        """Remove tmp/ unless a process owns the run now (then it is that process's): what an
+        owner that was killed left, for a caller that will not take the run (the watch daemon,
+        after each job)."""
+        if self.scratch.exists():
+            try:
+                with self.lock():
+                    pass
+            except UserError:  # owned, or no lock to be had: the next owner removes it
+                pass
+
+    @contextmanager
+    def scratch_dir(self) -> Iterator[Path]:
+        """tmp/ for the block's own files, removed after it however it ends (but kill -9)."""
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        try:
+            yield self.scratch
         finally:
-            held.truncate(0)  # no stale pid once released
-            held.close()
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
     def clear(self) -> None:
         """Remove every output of the run (its lock file stays, for whoever holds it): to start over."""
@@ -131,12 +160,10 @@ class RunDir:
     def fingerprint(self, stage: str, cfg: Pipeline) -> str | None:
         """The fingerprint `stage`'s output must carry to be current: the settings it depends on
         and the id of the output it is made from (None while that output is not there)."""
-        settings = cfg.fingerprint(*SETTINGS[stage])
+        settings = settings_fingerprint(cfg, stage)
         if stage == "train":
             if cfg.sparsity.source is None:
                 return settings
-            from .sparse.base import read_finished_run
-
             # A run that starts from another (frozen's masks, prune's dense weights) is stale once
             # that run is retrained.
             option, path = cfg.sparsity.source
@@ -196,41 +223,7 @@ class RunDir:
             return False
 
 
-# -- reading and writing outputs ------------------------------------------------------------------
-
-
-def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> None:
-    files.torch_save(path, {"format": CHECKPOINT_FORMAT, **checkpoint})
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint dsrpipe wrote. Only tensors and plain data are unpickled, whatever the file
-    holds, so loading runs no code; anything else is a one-line UserError."""
-    path = Path(path)
-    try:
-        checkpoint = files.torch_load(path)
-    except OSError as exc:
-        raise UserError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
-    except Exception as exc:  # whatever a foreign, truncated or hostile file makes the loader raise
-        raise not_a_checkpoint(path, exc) from None
-    if not isinstance(checkpoint, dict):
-        raise not_a_checkpoint(path, f"it holds a {type(checkpoint).__name__}, not a dict")
-    wrong = [key for key, kind in CHECKPOINT_FIELDS.items() if not isinstance(checkpoint.get(key), kind)]
-    if wrong:
-        raise not_a_checkpoint(path, f"missing or malformed: {', '.join(wrong)}")
-    if checkpoint["format"] != CHECKPOINT_FORMAT:
-        raise not_a_checkpoint(path, f"format {checkpoint['format']}, this dsrpipe reads {CHECKPOINT_FORMAT}")
-    return checkpoint
-
-
-@contextmanager
-def restoring(path: Path) -> Iterator[None]:
-    """Restore state from a loaded checkpoint: contents that do not fit where they go (a planted
-    file with the right keys and the wrong insides) are refused like any foreign file."""
-    try:
-        yield
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
-        raise not_a_checkpoint(path, exc) from None
+# -- reading outputs -------------------------------------------------------------------------------
 
 
 def onnx_metadata(path: Path) -> dict[str, str]:

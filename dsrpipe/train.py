@@ -13,7 +13,6 @@ reallocates identically; rank 0 alone writes.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import resource
@@ -32,15 +31,16 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from . import distributed, files
-from .config import OptimConfig, Pipeline
-from .data import Dataset
+from . import distributed
+from .checkpoint import load_checkpoint, read_finished_run, restoring, save_checkpoint
+from .config import DataConfig, OptimConfig, Pipeline
+from .data import ArchiveCaps, Dataset, load_data
 from .errors import UserError
 from .models import create_model
 from .preflight import check_input_size
-from .rundir import COMPLETE, STALE, UNFINISHED, RunDir, load_checkpoint, restoring, save_checkpoint
+from .registry import build_sparsifier, layer_selection
+from .rundir import COMPLETE, STALE, UNFINISHED, RunDir
 from .sparse import Sparsifier
-from .sparse.base import read_finished_run
 from .sparse.frozen import initial_weights
 from .sparse.slicing import cut_to_live, model_cost
 from .sparse.thin import thin_model_options
@@ -89,6 +89,21 @@ def peak_memory(device: torch.device) -> dict[str, int | None]:
     return {"peak_rss_bytes": rss, "peak_cuda_bytes": cuda}
 
 
+def load_splits(data: DataConfig, archive_caps: ArchiveCaps = ArchiveCaps()) -> tuple[Dataset, Dataset]:
+    """The (train, test) splits as configured (`archive_caps`: what an archive may unpack to)."""
+    return load_data(
+        data.dataset,
+        root=data.root,
+        download=data.download,
+        image_size=data.image_size,
+        cache_dir=data.cache_dir,
+        num_workers=data.num_workers,
+        max_train=data.max_train,
+        max_test=data.max_test,
+        archive_caps=archive_caps,
+    )
+
+
 def train_sparse(
     cfg: Pipeline, out: Path, *, resume: bool = False, force: bool = False, progress: bool = True
 ) -> Path:
@@ -97,7 +112,8 @@ def train_sparse(
     s = cfg.sparsity
 
     def make_sparsifier(model, optimizer, steps_per_epoch, example_inputs):
-        return s.create(
+        return build_sparsifier(
+            s,
             model,
             optimizer,
             seed=cfg.seed,
@@ -114,7 +130,7 @@ def train_sparse(
             in_channels=spec["in_channels"],
             image_size=spec["image_size"],
             sparsity=s.sparsity,
-            layers=s.layers,
+            layers=layer_selection(s),
         )
         log(
             cfg,
@@ -153,7 +169,9 @@ def finetune(
     def make_sparsifier(model, optimizer, steps_per_epoch, example_inputs):
         masks = trained["sparsifier"]["masks"]
         s = cfg.sparsity
-        frozen = Sparsifier(model, optimizer, sparsity=s.sparsity if masks else 0.0, layers=s.layers)
+        frozen = Sparsifier(
+            model, optimizer, sparsity=s.sparsity if masks else 0.0, layers=layer_selection(s)
+        )
         frozen.load_masks(masks)
         # Removed channels stay removed: held at zero, or already cut out of a shrunk run's model.
         if "channels" in trained["sparsifier"] and not trained["sparsifier"].get("shrunk", False):
@@ -334,7 +352,7 @@ class _Training:
                 "config": self.cfg.model_dump(mode="json"),
             },
         )
-        files.write_text(self.run.metrics(self.stage), "".join(json.dumps(h) + "\n" for h in self.history))
+        self.run.write_history(self.stage, self.history)
 
 
 def _build(cfg, stage, opt_cfg, run, make_sparsifier, start_from, adapt_spec, rank, world) -> _Training:
@@ -342,8 +360,13 @@ def _build(cfg, stage, opt_cfg, run, make_sparsifier, start_from, adapt_spec, ra
     fingerprint = run.fingerprint(stage, cfg)
     device = distributed.device_for(resolve_device(cfg.device))
     with distributed.node_leader_first():
-        train_set, test_set = cfg.data.load()
+        train_set, test_set = load_splits(cfg.data)
     info = train_set.info
+    if cfg.data.dataset == "imagefolder" and cfg.data.image_size is None:
+        log(
+            cfg,
+            f"data: images fitted to {info.image_size}x{info.image_size}, their median side (data.image_size sets it)",
+        )
     steps_per_epoch = train_set.num_batches(opt_cfg.batch_size * world, drop_last=True)
     if steps_per_epoch == 0:
         raise UserError(

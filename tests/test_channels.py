@@ -12,14 +12,16 @@ from dsrpipe.config import DataConfig, parse_pipeline
 from dsrpipe.deploy.shrink import shrink_model
 from dsrpipe.models import create_model
 from dsrpipe.pipeline import run_pipeline
+from dsrpipe.registry import sparsifier_options
 from dsrpipe.sparse import DSR, SET, ChannelRemoval, RewireSchedule, Sparsifier
+from dsrpipe.train import load_splits
 
 from .helpers import assert_resume_is_exact, masked_weights_are_zero, small_net, train_steps
 from .test_pipeline import tiny, write_pipeline
 
 
 def digits_batches(steps, batch=64, seed=0):
-    train, _ = DataConfig(dataset="digits").load()
+    train, _ = load_splits(DataConfig(dataset="digits"))
     generator = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         pick = torch.randint(len(train), (batch,), generator=generator)
@@ -306,7 +308,7 @@ def test_remove_channels_settings_are_checked_at_the_edge(tmp_path):
         assert expected in result.output and len(result.output.strip().splitlines()) == 1, result.output
     cfg = parse_pipeline(tiny(sparsity={"remove_channels": {"share": 0.5}}))
     assert cfg.sparsity.remove_channels.end(cfg.train.epochs) == 2  # default: half of training
-    removal = cfg.sparsity.remove_channels.removal(steps_per_epoch=10, epochs=cfg.train.epochs)
+    removal = sparsifier_options(cfg.sparsity, steps_per_epoch=10, epochs=cfg.train.epochs)["remove_channels"]
     library = ChannelRemoval(share=0.5)
     assert (
         (removal.dense_layers, removal.multiple_of, removal.shrink)

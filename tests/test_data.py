@@ -14,7 +14,16 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dsrpipe import data
-from dsrpipe.data import KNOWN_DATASETS, Dataset, StreamingDataset, dataset_needs_root, load_data
+from dsrpipe.data import (
+    KNOWN_DATASETS,
+    ArchiveCaps,
+    Dataset,
+    StreamingDataset,
+    dataset_needs_root,
+    folders,
+    load_data,
+    splits,
+)
 from dsrpipe.errors import UserError
 
 from .helpers import image_tree, png, write_tree
@@ -115,8 +124,8 @@ def test_grey_augmentation_shifts_without_flips(digits):
 
 def test_colour_random_crop_is_a_reflect_padded_crop_or_its_mirror():
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
-    offsets, mirrored = data.crop_choices(64, 4, True, torch.Generator().manual_seed(0))
-    out = data.random_crop(images, offsets, mirrored, 4, reflect=True)
+    offsets, mirrored = splits.crop_choices(64, 4, True, torch.Generator().manual_seed(0))
+    out = splits.random_crop(images, offsets, mirrored, 4, reflect=True)
     assert out.shape == images.shape and 10 < int(mirrored.sum()) < 54
     padded = F.pad(images.float(), (4, 4, 4, 4), mode="reflect").to(torch.uint8)  # the reference padding
     for image, crop, (dy, dx), flip in zip(padded, out, offsets.tolist(), mirrored.tolist()):
@@ -204,13 +213,13 @@ def test_imagefolder_from_directory(tmp_path):
 
 
 def test_parallel_decoding_matches_serial(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "DECODE_CHUNK", 4)  # several chunks: the worker pool runs
+    monkeypatch.setattr(folders, "DECODE_CHUNK", 4)  # several chunks: the worker pool runs
     root = write_tree(tmp_path / "pets", image_tree())
     paths = sorted(root.rglob("*.png"))
-    assert torch.equal(data._decode_images(paths, 12, 2), data._decode_images(paths, 12, 1))
+    assert torch.equal(folders._decode_images(paths, 12, 2), folders._decode_images(paths, 12, 1))
     (root / "test/dog/1.png").write_bytes(b"\x89PNG truncated")
     with pytest.raises(UserError, match="cannot decode .*test/dog/1.png"):  # raised in a worker
-        data._decode_images(sorted(root.rglob("*.png")), 12, 2)
+        folders._decode_images(sorted(root.rglob("*.png")), 12, 2)
 
 
 def test_imagefolder_grey_mixed_sizes_and_val_split(tmp_path):
@@ -231,7 +240,7 @@ def test_imagefolder_second_load_uses_cache(tmp_path, monkeypatch):
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again despite the cache")
 
-    monkeypatch.setattr(data, "_decode_images", no_decoding)
+    monkeypatch.setattr(folders, "_decode_images", no_decoding)
     second, _ = load_folder(root, tmp_path)
     assert torch.equal(first.images, second.images) and cache_file.stat().st_mtime_ns == mtime
     (root / "train/cat/0.png").write_bytes(png(seed=99))  # a changed file invalidates the cache
@@ -283,7 +292,7 @@ def test_imagefolder_from_zip(tmp_path):
 
 
 def test_streaming_fallback_for_big_folders(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "MAX_IN_MEMORY_BYTES", 0)
+    monkeypatch.setattr(folders, "MAX_IN_MEMORY_BYTES", 0)
     root = write_tree(tmp_path / "pets", image_tree())
     train, test = load_folder(root, tmp_path, image_size=8, num_workers=1)
     assert isinstance(train, StreamingDataset) and isinstance(train, Dataset) and len(test) == 6
@@ -301,7 +310,7 @@ def test_subsets_are_fixed_whatever_the_run(digits, tmp_path, monkeypatch):
     assert all(bytes(x.numpy()) in full_images for x in train.images)  # real images, kept whole
     assert len(set(train.labels.tolist())) == 10  # random, not the first 300 in file order
     assert load_data("digits", max_train=10**6)[0].images.shape == digits[0].images.shape
-    monkeypatch.setattr(data, "MAX_IN_MEMORY_BYTES", 0)  # the streaming path subsets its file list
+    monkeypatch.setattr(folders, "MAX_IN_MEMORY_BYTES", 0)  # the streaming path subsets its file list
     streamed, _ = load_folder(
         write_tree(tmp_path / "pets", image_tree()), tmp_path, image_size=8, num_workers=1, max_train=5
     )
@@ -357,12 +366,11 @@ def test_archive_bombs_rejected(tmp_path, monkeypatch):
     with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("train/a/zeros.png", bytes(10 * 2**20))  # 10 MiB of zeros, ~10 KiB packed
     assert bomb.stat().st_size < 100_000
-    monkeypatch.setattr(data, "MAX_ARCHIVE_BYTES", 2**20)
     with pytest.raises(UserError, match="bomb.zip.*'train/a/zeros.png'.*more than 1048576 bytes"):
-        load_folder(bomb, tmp_path)
+        load_folder(bomb, tmp_path, archive_caps=ArchiveCaps(max_bytes=2**20))
     many = write_tar(tmp_path / "many.tar.gz", [(f"train/a/{i}.png", b"") for i in range(20)])
     with pytest.raises(UserError, match="'train/a/10.png'.*more than 10 members"):
-        data.extract_archive(many, tmp_path / "out", max_files=10)
+        data.extract_archive(many, tmp_path / "out", ArchiveCaps(max_files=10))
 
 
 def test_bad_folders_rejected(tmp_path):
@@ -427,7 +435,7 @@ def test_cifar_batches_are_read_without_running_what_a_pickle_names(tmp_path):
     """torchvision's CIFAR reader calls pickle.load on files under data.root; ours builds plain data
     and numpy arrays only. A batch whose pickle names os.system (its md5 listed, so only the
     unpickler stands in the way) is one line, and nothing runs."""
-    from dsrpipe.data import _read_cifar_batches
+    from dsrpipe.data.sources import _read_cifar_batches
 
     train, test, meta = write_cifar_batches(tmp_path / "good")
     (train_x, train_y), (test_x, test_y), classes = _read_cifar_batches(
@@ -444,3 +452,19 @@ def test_cifar_batches_are_read_without_running_what_a_pickle_names(tmp_path):
     assert not (tmp_path / "bad" / "ran").exists()
     with pytest.raises(UserError, match="no CIFAR-10 files under"):  # a changed file fails its md5 first
         _read_cifar_batches(tmp_path / "good", [("data_batch_1", "0" * 32)], test, meta, "CIFAR-10")
+
+
+def test_unset_image_size_is_the_median_side_within_bounds(tmp_path):
+    """Not the first image's side: the median short side of a sample, kept within AUTO_SIDES."""
+
+    def listing(*sides):
+        paths = []
+        for i, (w, h) in enumerate(sides):
+            (tmp_path / f"{i}.png").write_bytes(png((w, h)))
+            paths.append((tmp_path / f"{i}.png", 0))
+        return paths
+
+    assert folders.median_side(listing((50, 60), (10, 10), (40, 30), (20, 90), (33, 33))) == 30
+    low, high = folders.AUTO_SIDES
+    assert folders.median_side(listing((2, 2), (3, 5), (4, 4))) == low
+    assert folders.median_side(listing((high * 2, high * 3))) == high

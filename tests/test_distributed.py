@@ -344,6 +344,17 @@ def test_a_desynchronised_mask_stops_the_run_with_a_one_line_error(tmp_path):
     assert not (tmp_path / "quickstart" / "train" / "last.pt").exists()  # stopped in epoch 1
 
 
+def test_loopback_addresses_and_names():
+    """What binds a job's store to one address (MASTER_ADDR) rather than torch's every interface:
+    loopback IPs, bracketed or not, and the name localhost, read without asking a resolver."""
+    from dsrpipe.distributed import is_loopback
+
+    for host in ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"):
+        assert is_loopback(host), host
+    for host in ("10.0.0.1", "0.0.0.0", "::", "[::]", "example.com", "localhost.example.com", "", None):
+        assert not is_loopback(host), host
+
+
 def test_sharded_batches_are_the_one_process_batches_split_between_ranks():
     train, _ = load_data("digits", max_train=300)
     options = dict(shuffle=True, augment=True, seed=3, epoch=5, drop_last=True)

@@ -513,6 +513,49 @@ def test_portable_int8_weights_cannot_saturate_int16_and_full_range_ones_can(qui
         export_as(quickstart_like.model, folder / "x.onnx", test_set, quantize="int8", int8_range="7bit")
 
 
+def test_the_portable_range_check_sees_minus_128():
+    """-128, whose np.abs in int8 is -128 again: outside [-64, 64] like 65 is."""
+    from onnx import TensorProto, helper
+
+    def dequantized(weight):
+        graph = helper.make_graph(
+            [helper.make_node("DequantizeLinear", ["w", "scale"], ["y"])],
+            "g",
+            [],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, weight.shape)],
+            [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(np.float32(0.01), "scale")],
+        )
+        return helper.make_model(graph)
+
+    check_portable_range(dequantized(np.array([[64, -64], [0, 1]], dtype=np.int8)))
+    for outside in (-128, -65, 65, 127):
+        with pytest.raises(RuntimeError, match=r"^1 int8 weights of w lie outside \[-64, 64\]"):
+            check_portable_range(dequantized(np.array([[64, -64], [0, outside]], dtype=np.int8)))
+
+
+def test_side_by_side_timing_alternates_who_goes_first(monkeypatch):
+    """The shipped (a) and the dense (b) session take turns run by run, and turns about who
+    goes first: a b b a a b b a, for the latency and the throughput runs alike."""
+    from dsrpipe.deploy import validate
+
+    calls = []
+
+    class Session:
+        def __init__(self, name):
+            self.name = name
+
+        def get_inputs(self):
+            return [SimpleNamespace(name="pixels")]
+
+        def run(self, outputs, feed):
+            calls.append((self.name, len(feed["pixels"])))
+
+    monkeypatch.setattr(validate, "WARMUP_RUNS", 0)
+    one, batch = np.zeros((1, 1, 8, 8), np.float32), np.zeros((64, 1, 8, 8), np.float32)
+    validate._side_by_side(Session("a"), Session("b"), one, batch, latency_runs=4, throughput_runs=4)
+    assert calls == [(name, n) for n in (1, 64) for name in "abbaabba"]
+
+
 def test_cpu_features_read_from_cpuinfo(tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(
@@ -572,7 +615,8 @@ def test_int8_stays_within_its_accuracy_delta_on_digits(trained, test_set):
     assert report["int8_top1_drop"] <= 0.02 and report["int8_agreement"] >= 0.9
     assert report["onnx_top1"] == pytest.approx(report["fp32_onnx_top1"] - report["int8_top1_drop"])
 
-    # The int8 gate's failing side: the shipped file is not the quantized fp32 model.
+    # The int8 gate's failing side: the shipped file is not the quantized fp32 model. min_top1
+    # gates the shipped model too, not the float32 one, which here would pass it.
     other = export_as(pruned_cnn(), trained.folder / "other.onnx", test_set)
     with pytest.raises(ValidationFailed, match="max_top1_drop") as failure:
         validate_onnx(
@@ -582,8 +626,11 @@ def test_int8_stays_within_its_accuracy_delta_on_digits(trained, test_set):
             fp32_path=result["fp32"]["path"],
             latency_runs=1,
             max_top1_drop=0.01,
+            min_top1=0.5,
         )
-    assert failure.value.report["int8_top1_drop"] > 0.5
+    shipped = failure.value.report
+    assert shipped["int8_top1_drop"] > 0.5 and shipped["fp32_onnx_top1"] >= 0.8 > 0.5 > shipped["onnx_top1"]
+    assert f"ONNX top-1 {shipped['onnx_top1']:.4f} is below min_top1 0.5" in str(failure.value)
 
 
 # -- the validation gate's failing side ------------------------------------------------------------

@@ -17,6 +17,8 @@ from dsrpipe.data import load_data
 from dsrpipe.errors import UserError
 from dsrpipe.files import torch_load
 from dsrpipe.models import create_model
+from dsrpipe.registry import build_sparsifier
+from dsrpipe.rundir import settings_fingerprint
 from dsrpipe.sparse import (
     DeepR,
     GradualPrune,
@@ -336,15 +338,18 @@ def test_granularity_reaches_the_library_and_element_keeps_fingerprints():
 
     cfg = parse_pipeline(tiny(sparsity={"method": "set", "granularity": "kernel"}))
     net = create_model("small-cnn", num_classes=10, in_channels=1, image_size=8, width=8)
-    assert cfg.sparsity.create(net, None, seed=0, steps_per_epoch=10, epochs=2).granularity == "kernel"
+    assert (
+        build_sparsifier(cfg.sparsity, net, None, seed=0, steps_per_epoch=10, epochs=2).granularity
+        == "kernel"
+    )
     stated = parse_pipeline(tiny(sparsity={"method": "dsr", "granularity": "element"}))
-    assert stated.fingerprint("sparsity") == parse_pipeline(tiny(sparsity={"method": "dsr"})).fingerprint(
-        "sparsity"
+    assert settings_fingerprint(stated, "train") == settings_fingerprint(
+        parse_pipeline(tiny(sparsity={"method": "dsr"})), "train"
     )
     assert "granularity" not in stated.sparsity.model_dump()  # runs from before the option stay current
-    assert parse_pipeline(tiny(sparsity={"method": "dsr", "granularity": "channel"})).fingerprint(
-        "sparsity"
-    ) != stated.fingerprint("sparsity")
+    assert settings_fingerprint(
+        parse_pipeline(tiny(sparsity={"method": "dsr", "granularity": "channel"})), "train"
+    ) != settings_fingerprint(stated, "train")
 
 
 def test_quickstart_at_channel_granularity_exports_whole_zero_filters(tmp_path):

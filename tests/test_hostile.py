@@ -17,9 +17,11 @@ import yaml
 from typer.testing import CliRunner
 
 from dsrpipe import files
+from dsrpipe.checkpoint import save_checkpoint
 from dsrpipe.cli import app
 from dsrpipe.config import load_pipeline
-from dsrpipe.rundir import RunDir, save_checkpoint
+from dsrpipe.errors import UserError
+from dsrpipe.rundir import RunDir
 
 from .test_pipeline import ROOT, tiny, write_pipeline
 
@@ -212,6 +214,30 @@ def test_a_bad_yaml_file_is_one_line_exit_2(tmp_path, case):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (
+            "name: x\ntrain: {epochs: 3}\ntrain: {epochs: 30}\n",
+            "line 3 not valid YAML (duplicate key 'train')",
+        ),
+        (
+            "name: x\ntrain: {epochs: 3, lr: 0.1, epochs: 30}\n",
+            "line 2 not valid YAML (duplicate key 'epochs')",
+        ),
+        ("name: x\ntrain: {lr: !!float 1}\n", "line 2 not valid YAML (tags are not allowed (!!float))"),
+        ("name: x\nseed: !!int '3'\n", "line 2 not valid YAML (tags are not allowed (!!int))"),
+        ("name: !custom x\n", "line 1 not valid YAML (tags are not allowed (!custom))"),
+    ],
+)
+def test_duplicate_keys_and_tags_are_refused_naming_them(tmp_path, text, expected):
+    """The last of two keys would win silently, and a tag makes a value other than it reads."""
+    (tmp_path / "p.yaml").write_text(text)
+    with pytest.raises(UserError) as error:
+        load_pipeline(tmp_path / "p.yaml")
+    assert str(error.value) == f"{tmp_path / 'p.yaml'}: {expected}"
+
+
 @pytest.mark.parametrize("case", list(BAD_VALUES))
 def test_an_absurd_value_is_one_line_exit_2(tmp_path, case):
     change, expected = BAD_VALUES[case]
@@ -402,24 +428,31 @@ def _wait_for(predicate, proc, timeout=120):
 
 def test_sigterm_is_a_clean_exit_143_and_validate_leaves_no_temporary_model(tmp_path):
     """SIGTERM of `run` mid-training: exit 143 and one line, like Ctrl-C's 130; SIGTERM of
-    `validate` while its temporary dense model exists: the same, and the model is removed."""
+    `validate` while its temporary dense model exists: the same, and the model is removed.
+    kill -9 leaves it, in the run's tmp/ (never in $TMPDIR), for the run's next owner to remove."""
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
     path = small_run(tmp_path)
     done = dsrpipe("run", path, "--out", "out", "--no-progress", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
+    scratch = RunDir(tmp_path / "out", "tiny").scratch
+    long_validate = ["validate", path, "--out", "out", "--force", "--set", "validate.latency_runs=10000"]
 
-    validate = _start(
-        ["validate", path, "--out", "out", "--force", "--set", "validate.latency_runs=10000"],
-        tmp_path,
-        tmpdir,
-    )
-    _wait_for(lambda: any(tmpdir.glob("dsrpipe-dense-*/dense.onnx")), validate)
+    validate = _start(long_validate, tmp_path, tmpdir)
+    _wait_for(lambda: (scratch / "dense.onnx").exists(), validate)
     validate.send_signal(signal.SIGTERM)
     _, err = validate.communicate(timeout=60)
     assert validate.returncode == 143, err[-2000:]
     assert err.strip().splitlines()[-1].startswith("terminated: ") and "Traceback" not in err
-    assert not list(tmpdir.glob("dsrpipe-dense-*"))
+    assert not scratch.exists()
+
+    validate = _start(long_validate, tmp_path, tmpdir)
+    _wait_for(lambda: (scratch / "dense.onnx").exists(), validate)
+    validate.kill()
+    validate.communicate(timeout=60)
+    assert (scratch / "dense.onnx").exists() and not list(tmpdir.glob("dsrpipe-*"))
+    with RunDir(tmp_path / "out", "tiny").lock():  # as the next command on the run takes it
+        assert not scratch.exists()
 
     training = _start(
         ["run", path, "--out", "long", "--no-progress", "--set", "train.epochs=1000"], tmp_path, tmpdir
@@ -432,15 +465,161 @@ def test_sigterm_is_a_clean_exit_143_and_validate_leaves_no_temporary_model(tmp_
     assert "Traceback" not in err
 
 
+def test_a_runs_tmp_is_swept_only_while_nobody_owns_the_run(tmp_path):
+    """What the watch daemon does after each job: a killed owner's tmp/ goes, a live one's stays."""
+    run = RunDir(tmp_path, "r")
+    (run.scratch / "dense.onnx").parent.mkdir(parents=True)
+    (run.scratch / "dense.onnx").write_bytes(b"x")
+    with run.lock():  # the lock's own sweep: what a killed owner left
+        assert not run.scratch.exists()
+        (run.scratch / "dense.onnx").parent.mkdir(parents=True)
+        (run.scratch / "dense.onnx").write_bytes(b"x")
+        run.sweep()  # owned (by us, through another open file: flock tells them apart)
+        assert (run.scratch / "dense.onnx").exists()
+    run.sweep()
+    assert not run.scratch.exists() and not files.lock_holder(run.lock_file)
+
+
+# A sitecustomize.py for a test process: it sends the process a signal the moment a given module
+# is first imported, that is while the import is under way; at exit it writes down whether that
+# import completed after all.
+SIGNAL_AT_IMPORT = """
+import atexit, os, signal, sys
+
+class SignalAtImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == os.environ.get("DSRPIPE_TEST_SIGNAL_AT"):
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), getattr(signal, os.environ["DSRPIPE_TEST_SIGNAL"]))
+        return None
+
+def imported(module=os.environ.get("DSRPIPE_TEST_SIGNAL_AT"), path=os.environ.get("DSRPIPE_TEST_IMPORTED")):
+    if module and path:
+        with open(path, "w") as f:
+            f.write(str(module in sys.modules))
+
+sys.meta_path.insert(0, SignalAtImport())
+atexit.register(imported)
+"""
+
+
+def test_a_signal_at_any_point_of_start_up_is_one_line_and_143_or_130(tmp_path):
+    """A signal while typer (the CLI itself) or torch (numpy.exceptions, inside it: the signal's
+    exception used to turn into numpy's "cannot load module more than once per process", exit
+    1) are imported, or while the run loads its data (sklearn.datasets, after torch, onnx and
+    the pipeline are imported): exit 143 for SIGTERM, 130 for SIGINT, and the one line, nothing
+    else. The signal is held until the import has finished: a module left half initialised is
+    what turned it into another error. The processes run side by side; each stops before it
+    trains."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SIGNAL_AT_IMPORT)
+    path = small_run(tmp_path)
+    cases = {
+        "typer": "SIGINT",
+        "numpy.exceptions": "SIGTERM",
+        "sklearn.datasets": "SIGTERM",
+    }
+    started = {}
+    for module, name in cases.items():
+        env = {
+            **os.environ,
+            "PYTHONPATH": f"{ROOT}{os.pathsep}{hook}",
+            "DSRPIPE_TEST_SIGNAL_AT": module,
+            "DSRPIPE_TEST_SIGNAL": name,
+            "DSRPIPE_TEST_IMPORTED": str(tmp_path / f"imported-{module}"),
+            "OMP_NUM_THREADS": "1",
+        }
+        started[module] = subprocess.Popen(
+            [sys.executable, "-m", "dsrpipe", "run", path, "--out", f"out-{module}", "--no-progress"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+            env=env,
+        )
+    for module, proc in started.items():
+        _, err = proc.communicate(timeout=300)
+        word, code = ("terminated", 143) if cases[module] == "SIGTERM" else ("interrupted", 130)
+        assert (proc.returncode, err) == (
+            code,
+            f"{word}: completed epochs are checkpointed; rerun to resume\n",
+        ), f"{module}: exit {proc.returncode}, {err[-2000:]}"
+        assert not list((tmp_path / f"out-{module}").rglob("*.pt")), module
+        assert (tmp_path / f"imported-{module}").read_text() == "True", module
+
+
+def test_a_signal_whose_exception_is_lost_still_ends_the_command_143(capsys):
+    """Code that swallows the signal's exception, and code that raises something else after
+    it (as a library that was initialising does): still exit 143, with the one line; the
+    handlers are the caller's again afterwards."""
+    import typer
+
+    from dsrpipe.cli import _user_errors
+
+    def signalled():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            pass
+
+    @_user_errors
+    def swallowing():
+        signalled()
+
+    @_user_errors
+    def raising_another():
+        signalled()
+        raise ImportError("cannot load module more than once per process")
+
+    before = signal.getsignal(signal.SIGTERM)
+    for command in (swallowing, raising_another):
+        with pytest.raises(typer.Exit) as stopped:
+            command()
+        assert stopped.value.exit_code == 143, command
+        assert capsys.readouterr().err == "terminated: completed epochs are checkpointed; rerun to resume\n"
+        assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_signal_python_cannot_raise_is_raised_once_that_code_has_returned(capsys):
+    """A signal that lands in a callback Python cannot raise from (a `__del__` here; a C or
+    Rust callback in the wild, which printed "Exception ignored in: 'Path'" and let the run
+    train on): raised again right after it, silently, and the command stops, 143."""
+    import typer
+
+    from dsrpipe.cli import _user_errors
+
+    went_on = []
+
+    class SignalledWhenCollected:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler runs here, inside __del__
+
+    @_user_errors
+    def command():
+        SignalledWhenCollected()  # collected at once
+        time.sleep(5)  # the stop arrives during this, from the watcher
+        went_on.append(True)
+
+    hook, started = sys.unraisablehook, time.monotonic()
+    with pytest.raises(typer.Exit) as stopped:
+        command()
+    assert stopped.value.exit_code == 143 and not went_on
+    assert time.monotonic() - started < 4
+    assert capsys.readouterr().err == "terminated: completed epochs are checkpointed; rerun to resume\n"
+    assert sys.unraisablehook is hook
+
+
 # -- a full disk -----------------------------------------------------------------------------------
 
 
 def test_a_full_disk_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
-    """torch.save's "unexpected pos" and a bare ENOSPC: one line naming the file being written
-    and saying the disk is full (exit 2 at the CLI); the file that was there is untouched."""
+    """torch.save's "unexpected pos", a bare ENOSPC and a full quota (EDQUOT): one line naming
+    the file being written and saying the disk is full (exit 2 at the CLI); the file that was
+    there is untouched."""
     import errno
-
-    from dsrpipe.errors import UserError
 
     target = tmp_path / "last.pt"
     target.write_bytes(b"the previous checkpoint")
@@ -452,21 +631,24 @@ def test_a_full_disk_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch)
     monkeypatch.setattr(torch, "save", full)
     with pytest.raises(UserError, match=f"^cannot write {target}: the disk is full"):
         files.torch_save(target, {"x": 1})
-    with pytest.raises(UserError, match=f"^cannot write {target}: the disk is full"):
-        with files.atomic_path(target):
-            raise OSError(errno.ENOSPC, "No space left on device")
+    for full in (errno.ENOSPC, errno.EDQUOT):
+        with pytest.raises(UserError, match=f"^cannot write {target}: the disk is full"):
+            with files.atomic_path(target):
+                raise OSError(full, os.strerror(full))
     assert target.read_bytes() == b"the previous checkpoint" and os.listdir(tmp_path) == ["last.pt"]
 
-    def check(*args, **kwargs):  # a write elsewhere (a log, metrics): the CLI's own line
-        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "metrics.jsonl"))
+    for full in (errno.ENOSPC, errno.EDQUOT):
 
-    monkeypatch.setattr("dsrpipe.config.load_pipeline", check)
-    result = CliRunner().invoke(app, ["check", str(tmp_path / "p.yaml")])
-    assert result.exit_code == 2, result.output
-    assert (
-        result.output
-        == f"error: the disk is full writing {tmp_path / 'metrics.jsonl'}: free some space and run again\n"
-    )
+        def check(*args, full=full, **kwargs):  # a write elsewhere (a log, metrics): the CLI's own line
+            raise OSError(full, os.strerror(full), str(tmp_path / "metrics.jsonl"))
+
+        monkeypatch.setattr("dsrpipe.config.load_pipeline", check)
+        result = CliRunner().invoke(app, ["check", str(tmp_path / "p.yaml")])
+        assert result.exit_code == 2, result.output
+        assert (
+            result.output
+            == f"error: the disk is full writing {tmp_path / 'metrics.jsonl'}: free some space and run again\n"
+        )
 
 
 # -- class names: the dataset's folder names end up in every prediction's line ------------------------
@@ -517,7 +699,7 @@ def test_hostile_class_names_stop_the_run_before_it_trains(tmp_path, folder):
 def test_class_names_that_do_not_fit_the_model_stop_the_export(tmp_path, names, expected):
     """A trained checkpoint whose class names are one short of the model's logits, one too long,
     or no list: export is one line, exit 2, and no model.onnx is written."""
-    from dsrpipe.rundir import load_checkpoint, save_checkpoint
+    from dsrpipe.checkpoint import load_checkpoint, save_checkpoint
 
     path = small_run(tmp_path)
     trained = CliRunner().invoke(

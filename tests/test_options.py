@@ -11,12 +11,15 @@ import yaml
 from typer.testing import CliRunner
 
 from dsrpipe import compare as compare_module
+from dsrpipe import registry
 from dsrpipe.cli import app
 from dsrpipe.config import METHOD_OPTIONS, parse_pipeline, switch_method
 from dsrpipe.errors import UserError
 from dsrpipe.models import create_model
+from dsrpipe.registry import build_sparsifier, sparsifier_options
 from dsrpipe.sparse import DSR, METHODS, RewireSchedule, method_options
 
+from .helpers import image_tree, write_tree
 from .test_pipeline import tiny, write_pipeline
 
 
@@ -60,11 +63,16 @@ def test_yaml_keys_and_library_keywords_agree_for_every_method():
         cfg = parse_pipeline(raw)
         assert type(cfg.sparsity) is options
         net = model()
-        sparsifier = cfg.sparsity.create(
-            net, torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), seed=0, steps_per_epoch=10, epochs=3
+        sparsifier = build_sparsifier(
+            cfg.sparsity,
+            net,
+            torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
+            seed=0,
+            steps_per_epoch=10,
+            epochs=3,
         )
         assert sparsifier.method == ("dense" if method == "thin-dense" else method)
-        assert set(cfg.sparsity.sparsifier_options(steps_per_epoch=10, epochs=3)) <= set(
+        assert set(sparsifier_options(cfg.sparsity, steps_per_epoch=10, epochs=3)) <= set(
             method_options(METHODS[method])
         )
 
@@ -84,7 +92,7 @@ def test_pipeline_options_reach_the_library_typed():
         )
     )
     net = create_model("small-cnn", num_classes=10, in_channels=1, image_size=8, width=16)
-    dsr = cfg.sparsity.create(net, None, seed=0, steps_per_epoch=22, epochs=4)
+    dsr = build_sparsifier(cfg.sparsity, net, None, seed=0, steps_per_epoch=22, epochs=4)
     assert isinstance(dsr, DSR) and list(dsr.masks) == ["conv2"]
     assert dsr.prune_target == round(0.14 * dsr.active_count())  # N_p as a fraction of the active weights
     assert dsr.schedule == RewireSchedule({0: 5, 2: 10}, 3, 22) and dsr.distribution == "erk"
@@ -293,6 +301,12 @@ def test_milestones_past_the_last_epoch_are_a_note_and_bad_ones_an_error():
     assert result.exit_code == 0, result.output
     assert "note: train.milestones [20, 30, 36] are not reached in 3 epochs" in result.output
     assert "note:" not in check_quickstart().output  # the file as it is reaches all of its milestones
+    # A milestone at the last epoch is not reached either: the LR changes after it, for no epoch.
+    assert (
+        "note: train.milestones [36] are not reached in 36 epochs"
+        in check_quickstart("train.epochs=36").output
+    )
+    assert "note:" not in check_quickstart("train.epochs=37").output
     for bad in ("[30, 20]", "[-1, 20]", "[20, 20]"):
         result = check_quickstart(f"train.milestones={bad}")
         assert result.exit_code == 2 and "milestones must be increasing epochs from 0" in result.output
@@ -303,3 +317,74 @@ def test_version():
 
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output == f"dsrpipe {__version__}\n"
+
+
+def test_every_method_has_options_and_every_option_set_a_method(monkeypatch):
+    """One registry: each method a pipeline names joins its options with its sparsifier, and a
+    method with one half only is refused when the registry is built."""
+    assert set(registry.METHODS) == set(METHOD_OPTIONS) == set(METHODS)
+    for name, method in registry.METHODS.items():
+        assert method.options is METHOD_OPTIONS[name] and method.sparsifier is METHODS[name]
+        assert method.options.model_fields["method"].default == name
+    monkeypatch.setitem(METHOD_OPTIONS, "magic", METHOD_OPTIONS["dsr"])
+    with pytest.raises(ImportError, match="without both options and a sparsifier: magic"):
+        registry._joined()
+
+
+def test_every_option_reaches_the_library():
+    """An option passes to the sparsifier's keyword of the same name, or is one of those built
+    from several settings: a misnamed option would be dropped silently, and fails here."""
+    built = {"method", "dense_first", "dense_last", "exclude", "sparse_tensors"}  # method; layers
+    built |= {"rewire_periods", "stop_rewire_epoch", "begin_epoch", "end_epoch", "remove_channels"}
+    for name, method in registry.METHODS.items():
+        unused = set(method.options.model_fields) - built - set(method_options(method.sparsifier))
+        # sparsity names the grid column of the methods whose weights it does not decide
+        assert unused <= {"sparsity"}, (name, unused)
+        assert "sparsity" not in unused or name in ("dense", "thin-dense", "frozen", "prune-channels"), name
+
+
+def test_a_grids_relative_paths_and_override_errors(tmp_path, monkeypatch):
+    """The grid's own relative paths are taken from its folder, as `base:` is, whatever the
+    working folder; an error in its overrides quotes the cause and names the override."""
+    folder = tmp_path / "grids"
+    write_tree(folder / "images", image_tree())
+    (folder / "base.yaml").write_text(yaml.safe_dump({"name": "b", "train": {"epochs": 1}}))
+    monkeypatch.chdir(tmp_path)  # not the grid's folder
+
+    def plan(overrides, base="base.yaml"):
+        grid = {"name": "g", "base": base, "methods": ["dsr"], "sparsities": [0.9], "overrides": overrides}
+        (folder / "grid.yaml").write_text(yaml.safe_dump(grid))
+        loaded = compare_module.load_grid(folder / "grid.yaml")
+        return compare_module.plan_runs(*loaded, tmp_path / "runs", "grid.yaml")
+
+    [run] = plan({"dsr": {"data.dataset": "imagefolder", "data.root": "images"}})
+    assert run.cfg.data.root == folder / "images"
+    [run] = plan({}, base={"name": "b", "data": {"dataset": "imagefolder", "root": "images"}})
+    assert run.cfg.data.root == folder / "images"  # an inline base is the grid's too
+    with pytest.raises(UserError) as error:
+        plan({"dsr": {"data.dataset": "imagefolder", "data.root": "missing"}})
+    assert str(error.value) == (
+        f"grid.yaml: g-dsr-s0.9-seed0: data: root does not exist: {folder / 'missing'} "
+        "(from overrides.dsr: data.dataset, data.root)"
+    )
+    with pytest.raises(
+        UserError, match=r"train.epochs: Input should be greater .* \(from overrides.dsr: train.epochs\)$"
+    ):
+        plan({"dsr": {"train.epochs": -3}})
+
+
+def test_switching_to_prune_channels_makes_sparsity_0_and_says_so(tmp_path):
+    """prune-channels keeps every weight: the file's sparsity 0.9 becomes 0, with a note (and no
+    error), unless --set names a sparsity too."""
+    dense_run = tmp_path / "final.pt"  # only its existence is checked here
+    dense_run.write_bytes(b"")
+    switch = ("sparsity.method=prune-channels", f"sparsity.prune_from={dense_run}")
+    result = check_quickstart(*switch)
+    assert result.exit_code == 0, result.output
+    assert (
+        "note: sparsity.method=prune-channels: keeps every weight, so sparsity 0.9 is now 0\n"
+        in result.output
+    )
+    assert result.output.endswith("prune-channels at sparsity 0.0)\n")
+    result = check_quickstart(*switch, "sparsity.sparsity=0.5")
+    assert result.exit_code == 2 and "sparsity must be 0" in result.output and "is now 0" not in result.output

@@ -121,18 +121,7 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(digits_model, tmp_path, case):
     assert len(result.output.strip().splitlines()) == 1
 
 
-def test_predict_never_imports_torch(digits_model):
-    """The deployer's side: the command runs with onnxruntime, numpy and Pillow only."""
-    path, images, expected = digits_model
-    code = (
-        "import sys\n"
-        "from dsrpipe.cli import app\n"
-        "try:\n"
-        f"    app(['predict', {str(path)!r}, {str(images)!r}])\n"
-        "except SystemExit as exit:\n"
-        "    assert not exit.code, exit.code\n"
-        "print('torch imported' if 'torch' in sys.modules else 'no torch')\n"
-    )
+def _run_python(code: str) -> list[str]:
     result = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
@@ -142,9 +131,39 @@ def test_predict_never_imports_torch(digits_model):
         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    lines = result.stdout.strip().splitlines()
+    return result.stdout.strip().splitlines()
+
+
+def test_predict_never_imports_torch(digits_model):
+    """The deployer's side: the command runs with onnxruntime, numpy and Pillow (and the CLI's
+    typer) only."""
+    path, images, expected = digits_model
+    lines = _run_python(
+        "import sys\n"
+        "from dsrpipe.cli import app\n"
+        "try:\n"
+        f"    app(['predict', {str(path)!r}, {str(images)!r}])\n"
+        "except SystemExit as exit:\n"
+        "    assert not exit.code, exit.code\n"
+        "print('torch imported' if 'torch' in sys.modules else 'no torch')\n"
+    )
     assert lines[-1] == "no torch"
     assert [line.split("\t")[1].split(" ")[0] for line in lines[:-1]] == expected
+
+
+def test_the_predict_module_needs_no_training_library(digits_model):
+    """dsrpipe.deploy.predict imports only dsrpipe.contract and dsrpipe.errors: with torch,
+    pydantic, yaml and onnx unimportable, it still classifies (an import of the settings, or of
+    any training code, fails here)."""
+    path, images, expected = digits_model
+    lines = _run_python(
+        "import sys\n"
+        "for absent in ('torch', 'torchvision', 'pydantic', 'yaml', 'onnx'):\n"
+        "    sys.modules[absent] = None  # as if not installed: importing it raises ImportError\n"
+        "from dsrpipe.deploy.predict import format_predictions, predict\n"
+        f"print(format_predictions(predict({str(path)!r}, [__import__('pathlib').Path({str(images)!r})])))\n"
+    )
+    assert [line.split("\t")[1].split(" ")[0] for line in lines] == expected
 
 
 def test_each_images_probabilities_sum_to_one(digits_model):
@@ -188,6 +207,8 @@ def _with_class_names(path: Path, to: Path, names: str) -> Path:
         ("side 2**40", "larger than the 1024 pixels per side"),
         ("channels 3", "m.onnx: "),  # onnxruntime fails, or the graph gives the wrong shape
         ("max-side 4", "declares 8x8 images, larger than the 4 pixels per side"),
+        ("max-side 200000", "--max-side must be from 1 to 1024 (the largest side a model may declare)"),
+        ("max-side 2**40", "--max-side must be from 1 to 1024"),
         ("names nested", "class_names metadata is not a JSON list"),
         ("name with a newline", "class_names must be a list of names"),
         ("a name that is no string", "class_names must be a list of names"),
@@ -211,6 +232,11 @@ def test_what_a_model_declares_is_bounded_one_line_exit_2(digits_model, tmp_path
         path = _with_input(path, tmp_path / "m.onnx", [3, 8, 8])
     elif case == "max-side 4":
         args = ["--max-side", "4"]
+    elif case.startswith("max-side"):  # refused before the model (here one that is not there) is read
+        args, path = (
+            ["--max-side", str(200_000 if case == "max-side 200000" else 2**40)],
+            tmp_path / "none.onnx",
+        )
     elif case == "names nested":
         path = _with_class_names(path, tmp_path / "m.onnx", "[" * 100_000 + "]" * 100_000)
     elif case == "name with a newline":
@@ -233,3 +259,19 @@ def test_what_a_model_declares_is_bounded_one_line_exit_2(digits_model, tmp_path
     assert line.startswith("error: ") and expected in line and "internal error" not in line, line
     assert "fake" not in line and "zerozero" not in line  # nothing of a name is quoted
     assert not result.stdout
+
+
+@pytest.mark.parametrize("error", [MemoryError, OverflowError])
+def test_a_batch_beyond_memory_is_one_line_exit_2(digits_model, monkeypatch, error):
+    """Images of the size a model declares that do not fit in memory: one line, exit 2, not
+    `internal error: MemoryError`."""
+
+    def short_of_memory(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(Image.Image, "convert", short_of_memory)  # as decoding a huge image does
+    path, images, _ = digits_model
+    result = CliRunner().invoke(app, ["predict", str(path), str(images)])
+    assert result.exit_code == 2, result.output
+    [line] = result.output.strip().splitlines()
+    assert line.startswith(f"error: {path}: not enough memory for 6 images of 1x8x8 ({error.__name__})"), line

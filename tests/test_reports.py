@@ -104,6 +104,38 @@ def test_pictures_cope_with_empty_and_large_runs(tmp_path):
     assert_png(write_accuracy_vs_params(tmp_path / "none.png", []), min_bytes=1_000)
 
 
+def test_the_density_heat_map_prints_numbers_only_where_they_fit():
+    """A cell's number where it fits: every cell of a short run; at 45 epochs (where they used
+    to run into each other) those of some epochs, none touching another, all inside the map;
+    at 200 epochs none. Long layer names make the map narrower."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from dsrpipe.plots import _density_over_time
+
+    layers = ["features.stage1.block0.conv1.weight", "features.stage1.block0.conv2.weight"]
+
+    def heat_map(epochs):
+        history = [
+            {"stage": "train", "epoch": e, "threshold": 1e-3, "pruned": 1}
+            | {"layer_density": {n: 0.05 + 0.9 * ((e + i) % 2) for i, n in enumerate(layers)}}
+            for e in range(1, epochs + 1)
+        ]
+        figure = _density_over_time(history, epochs, {"name": "n", "method": "dsr"})
+        return figure, figure.axes[0]
+
+    assert len(heat_map(5)[1].texts) == 5 * len(layers)
+    assert not heat_map(200)[1].texts
+    figure, heat = heat_map(45)
+    FigureCanvasAgg(figure)
+    figure.draw_without_rendering()  # the layout, as savefig makes it
+    renderer = figure.canvas.get_renderer()
+    inside = heat.get_window_extent(renderer)
+    boxes = [text.get_window_extent(renderer) for text in heat.texts]
+    assert 0 < len(boxes) < 45 * len(layers)
+    assert all(inside.x0 <= b.x0 and b.x1 <= inside.x1 for b in boxes)
+    assert not [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1 :] if a.overlaps(b)]
+
+
 def write_grid(tmp_path, **changes):
     base = small("unused", train={"epochs": 1}, finetune={"epochs": 0})
     (tmp_path / "pipelines").mkdir(exist_ok=True)

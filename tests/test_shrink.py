@@ -13,13 +13,14 @@ from onnx import numpy_helper
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
+from dsrpipe.checkpoint import load_checkpoint, save_checkpoint
 from dsrpipe.config import parse_pipeline
 from dsrpipe.deploy import shrink
 from dsrpipe.deploy.shrink import shrink_model
 from dsrpipe.errors import UserError
 from dsrpipe.models import create_model
 from dsrpipe.pipeline import export_stage, validate_stage
-from dsrpipe.rundir import RunDir, load_checkpoint, save_checkpoint
+from dsrpipe.rundir import RunDir
 from dsrpipe.train import train_sparse
 
 

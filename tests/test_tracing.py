@@ -29,7 +29,8 @@ from dsrpipe.config import parse_pipeline
 from dsrpipe.deploy.export import export_onnx
 from dsrpipe.errors import UserError
 from dsrpipe.preflight import check_model
-from dsrpipe.sparse import ChannelRemoval, Sparsifier, slicing
+from dsrpipe.registry import build_sparsifier
+from dsrpipe.sparse import slicing
 from dsrpipe.sparse.channels import trace_groups
 
 from .helpers import small_net
@@ -242,12 +243,13 @@ def train_cut_and_export(name: str, directory: Path) -> dict:
     torch.manual_seed(0)
     model = check_model(cfg, lambda note: None)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    sparsifier = Sparsifier(
+    sparsifier = build_sparsifier(  # as training builds it: the removal is done at step 1
+        cfg.sparsity,
         model,
         optimizer,
-        sparsity=0.5,
-        layers=cfg.sparsity.layers,
-        remove_channels=ChannelRemoval(share=0.5, end=1),
+        seed=0,
+        steps_per_epoch=1,
+        epochs=2,
         example_inputs=torch.zeros(1, 1, side, side),
     )
     params = sum(p.numel() for p in model.parameters())

@@ -20,10 +20,11 @@ import onnx
 import pytest
 import yaml
 
-from dsrpipe.config import confine_paths, parse_pipeline
+from dsrpipe.config import parse_pipeline
 from dsrpipe.errors import UserError
 from dsrpipe.watch import parse_duration, parse_size
 from dsrpipe.watch.drops import DEFAULT_TEMPLATE, IntakeError, content_hash, drop_stem, slug, stamp
+from dsrpipe.watch.job import confine_paths
 from dsrpipe.watch.journal import Journal
 from dsrpipe.watch.limits import group_memory
 from dsrpipe.watch.options import format_size
@@ -209,8 +210,8 @@ def test_names_sizes_and_content_hashes(tmp_path):
     assert [format_size(parse_size(t)) for t in ("800M", "1.5G", "2G")] == ["800M", "1.5G", "2G"]
     assert parse_duration("90") == 90 and parse_duration("30m") == 1800 and parse_duration("1.5h") == 5400
     built_in = yaml.safe_load(DEFAULT_TEMPLATE)  # as a dataset drop gets it
-    built_in["data"].update(dataset="imagefolder", root=str(tmp_path))
-    assert parse_pipeline({**built_in, "name": "drop"}).data.image_size == 64
+    built_in["data"] = {"dataset": "imagefolder", "root": str(tmp_path)}
+    assert parse_pipeline({**built_in, "name": "drop"}).data.image_size is None  # sized from the data
 
     folder = write_tree(tmp_path / "ds", image_tree())
     first = content_hash(folder)
@@ -404,6 +405,15 @@ def test_datasets_are_taken_only_once_fully_copied(tmp_path, drop, watchers):
         meta = {p.key: p.value for p in onnx.load(str(out / name / "model.onnx")).metadata_props}
         assert json.loads(meta["class_names"]) == ["ant", "bee", "cat"]
         assert not (drop / ".dsrpipe" / "jobs" / name / "cache").exists()  # unpacked data is cleaned up
+        log = (drop / ".dsrpipe" / "jobs" / name / "job.log").read_text()
+        assert "data: images fitted to 8x8, their median side" in log  # no data.image_size: the data's
+
+    # The same dataset again is skipped; after the template is fixed, it is a new job.
+    write_tree(drop / "Flower Copy", dict(tree))
+    w.wait_log(r"state=skipped drop=\"Flower Copy\" reason=\"same content as job Flower-Photos")
+    (drop / "template.yaml").write_text(TEMPLATE.replace("latency_runs: 1", "latency_runs: 2"))
+    write_tree(drop / "Flower Again", dict(tree))
+    w.wait_state("Flower-Again", "done")
     assert w.stop() == 0
 
 
@@ -514,28 +524,36 @@ def test_hostile_drops_fail_cleanly_and_the_daemon_keeps_serving(tmp_path, drop,
 
 
 def test_a_job_over_its_time_limit_is_killed_and_failed(tmp_path, drop):
+    """Killed and failed; and what validate keeps in the run's tmp/ while it runs (its dense
+    model), here put there while the job trains, is removed by the daemon once the job is gone."""
     # (A job over --job-memory is among the hostile drops above, whose daemon serves on.)
     (drop / "slow.yaml").write_text(pipeline(epochs=10_000))
-    result = cli(
-        "watch",
-        drop,
-        "--out",
-        tmp_path / "out",
-        "--once",
-        "--quiet-period",
-        "0.5",
-        "--job-timeout",
-        "3s",
-        timeout=120,
+    run = tmp_path / "out" / "slow"
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "dsrpipe", "watch", drop, "--out", tmp_path / "out", "--once"]
+        + ["--quiet-period", "0.5", "--job-timeout", "5s"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
     )
-    assert result.returncode == 0, result.stderr
-    assert re.search(
-        r"job=slow state=killing id=1 pid=\d+ reason=\"exceeded --job-timeout 3s\"", result.stderr
-    )
-    assert (drop / "slow.error.txt").read_text().startswith("exceeded --job-timeout 3s\n")
+    planted = False
+    deadline = time.monotonic() + 120
+    while daemon.poll() is None and time.monotonic() < deadline:
+        if not planted and (run / "train").exists():  # the job owns the run and trains
+            (run / "tmp").mkdir()
+            (run / "tmp" / "dense.onnx").write_bytes(b"as validate leaves it when killed")
+            planted = True
+        time.sleep(0.05)
+    _, stderr = daemon.communicate(timeout=60)
+    assert daemon.returncode == 0, stderr
+    assert planted, "the job was killed before it trained"
+    assert not (run / "tmp").exists()
+    assert re.search(r"job=slow state=killing id=1 pid=\d+ reason=\"exceeded --job-timeout 5s\"", stderr)
+    assert (drop / "slow.error.txt").read_text().startswith("exceeded --job-timeout 5s\n")
     [job] = jobs(drop)
-    assert (job["state"], job["cause"], job["attempts"]) == ("failed", "exceeded --job-timeout 3s", 1)
-    assert re.search(r"slow\s+failed .* exceeded --job-timeout 3s", cli("status", drop).stdout)
+    assert (job["state"], job["cause"], job["attempts"]) == ("failed", "exceeded --job-timeout 5s", 1)
+    assert re.search(r"slow\s+failed .* exceeded --job-timeout 5s", cli("status", drop).stdout)
 
 
 def test_a_corrupt_journal_is_one_line_that_says_how_to_recover(tmp_path, drop):
@@ -629,7 +647,13 @@ def epochs_done(out, name):
 def test_kill_9_mid_training_resumes_from_the_checkpoint_and_finishes_once(tmp_path, drop, watchers):
     out = tmp_path / "out"
     (drop / "slow.yaml").write_text(
-        pipeline(epochs=40, width=24, train={"batch_size": 32}, sparsity={"prune_target": 150})
+        pipeline(
+            epochs=40,
+            width=24,
+            data={"max_train": 512},
+            train={"batch_size": 32},
+            sparsity={"prune_target": 150},
+        )
     )
 
     # 1. kill -9 the daemon and the job's process group mid-training.

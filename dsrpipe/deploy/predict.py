@@ -14,14 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..contract import MAX_IMAGE_SIZE, check_class_names
+from ..contract import IMAGE_SUFFIXES, MAX_IMAGE_SIZE, check_class_names, decode_fitted
 from ..errors import UserError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 BATCH = 64
 
 
 # The largest image side a model may declare: data.image_size's bound, the largest dsrpipe trains.
+# Also the most that --max-side may allow: a batch of BATCH images of it is 0.8 GB of float32.
 MAX_SIDE = MAX_IMAGE_SIZE
 
 
@@ -103,16 +103,8 @@ def load_classifier(path: str | Path, max_side: int = MAX_SIDE):
 
 def read_image(path: Path, channels: int, height: int, width: int) -> np.ndarray:
     """One image as float32 [channels, height, width] in [0, 1], or UserError."""
-    from PIL import Image, ImageOps
-
-    try:
-        with Image.open(path) as img:
-            img = img.convert("L" if channels == 1 else "RGB")
-    except Exception as err:  # PIL raises many types for truncated or foreign files
-        raise UserError(f"cannot read image {path}: {err}") from None
-    if img.size != (width, height):  # scale the short side, centre-crop the long one
-        img = ImageOps.fit(img, (width, height), Image.Resampling.BILINEAR)
-    pixels = np.asarray(img, dtype=np.float32) / 255
+    image = decode_fitted(path, width, height, grey=channels == 1, failed="cannot read image")
+    pixels = image.astype(np.float32) / 255
     return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
 
 
@@ -136,18 +128,27 @@ def predict(
     model: str | Path, inputs: list[Path], top_k: int = 1, max_side: int | None = None
 ) -> list[tuple[Path, list[tuple[str, float]]]]:
     """For each image, its `top_k` (class name, probability) pairs, most likely first. The model
-    may declare image sides up to `max_side` (None: MAX_SIDE)."""
+    may declare image sides up to `max_side` (None: MAX_SIDE; at most MAX_SIDE). Both options
+    are checked before the model is opened."""
     max_side = MAX_SIDE if max_side is None else max_side
     if top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}")
-    if max_side < 1:
-        raise UserError(f"--max-side must be at least 1, got {max_side}")
+    if not 1 <= max_side <= MAX_SIDE:
+        raise UserError(
+            f"--max-side must be from 1 to {MAX_SIDE} (the largest side a model may declare), got {max_side}"
+        )
     session, names, (channels, height, width) = load_classifier(model, max_side)
     paths = image_paths(inputs)
     results = []
     for start in range(0, len(paths), BATCH):
         chunk = paths[start : start + BATCH]
-        pixels = np.stack([read_image(p, channels, height, width) for p in chunk])
+        try:
+            pixels = np.stack([read_image(p, channels, height, width) for p in chunk])
+        except (MemoryError, OverflowError) as err:  # a machine short of memory for the model's size
+            raise UserError(
+                f"{model}: not enough memory for {len(chunk)} images of {channels}x{height}x{width} "
+                f"({type(err).__name__}): a smaller --max-side refuses such a model at once"
+            ) from None
         logits = run_session(session, pixels, model).astype(np.float64)
         if logits.ndim != 2 or logits.shape != (len(chunk), len(names)):
             raise UserError(

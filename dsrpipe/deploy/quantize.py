@@ -26,6 +26,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import UserError
+from .encoding import decoded_weights
 
 QUANTIZED_SUFFIX = "_quantized"  # what onnxruntime names a quantized initializer
 INT8_RANGES = ("portable", "full")
@@ -163,8 +164,6 @@ def int8_weights(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
     """The int8 weights of a quantized model, by name: the constant int8 inputs of its
     DequantizeLinear nodes, the integers the fused Conv and Gemm kernels multiply. Encoded
     weights (dsrpipe.deploy.encoding) are decoded first."""
-    from .encoding import decoded_weights
-
     constants = decoded_weights(proto)
     dequantized = {n.input[0] for n in proto.graph.node if n.op_type == "DequantizeLinear"}
     return {

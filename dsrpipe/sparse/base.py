@@ -22,14 +22,12 @@ import fnmatch
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from .. import files
 from ..errors import UserError
 from .channels import ChannelRemoval, Channels, mean_magnitude
 from .slicing import Cut, cut, dependency_graph, model_cost, out_channel_handler
@@ -298,28 +296,6 @@ def layer_budgets(
         dense.update(full)
     exact = [numel[n] if n in dense else eps * raw[n] for n in shapes]
     return dict(zip(shapes, proportional_split(budget, exact, list(numel.values()))))
-
-
-def read_finished_run(path: str | Path, option: str) -> dict[str, Any]:
-    """The final checkpoint of a finished dsrpipe training run that the setting `option` names
-    (masks_from, prune_from), read without unpickling (an untrusted file)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{option}: no checkpoint at {path} (expected a run's train/final.pt)")
-    try:
-        checkpoint = files.torch_load(path)
-    except Exception as exc:  # whatever a foreign, truncated or hostile file makes the loader raise
-        raise UserError(f"{option}: {files.not_a_checkpoint(path, exc)}") from None
-    if not (
-        isinstance(checkpoint, dict)
-        and isinstance(checkpoint.get("sparsifier"), dict)
-        and isinstance(checkpoint["sparsifier"].get("masks"), dict)
-        and isinstance(checkpoint.get("model"), dict)
-    ):
-        raise UserError(f"{option}: {files.not_a_checkpoint(path, 'not a training run: no model and masks')}")
-    if checkpoint.get("complete") is False:
-        raise UserError(f"{option}: {path} is an unfinished run; use its final.pt")
-    return checkpoint
 
 
 def smallest_active(

@@ -22,8 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checkpoint import read_finished_run
 from ..errors import UserError
-from .base import LayerSelection, Sparsifier, read_finished_run
+from ..models import create_model
+from .base import LayerSelection, Sparsifier
 from .slicing import cut_to_live
 
 INITS = ("fresh", "same")
@@ -46,8 +48,6 @@ def initial_weights(model: nn.Module, seed: int) -> dict[str, Any]:
 
 
 def _rebuild(spec: dict[str, Any], seed: int) -> nn.Module:
-    from ..models import create_model
-
     with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
         torch.manual_seed(seed)
         return create_model(

@@ -29,8 +29,9 @@ from typing import Any
 import torch
 import torch_pruning as tp
 
+from ..checkpoint import read_finished_run
 from ..errors import UserError
-from .base import Sparsifier, read_finished_run
+from .base import Sparsifier
 from .channels import ChannelGroup, ChannelRemoval
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from ..errors import DiskFull, UserError
-from ..files import disk_full, exclusive_lock, lock_holder, shown
+from ..files import disk_full, release_lock, shown, take_lock
 from . import limits
 from .drops import STATE_DIR, TEMPLATE_NAME
 from .folder import DropFolder, log
@@ -58,8 +58,7 @@ class Daemon:
                         journal.close()
             finally:
                 if lock is not None:
-                    lock.truncate(0)  # no stale pid for `dsrpipe status`
-                    lock.close()
+                    release_lock(lock)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -68,14 +67,12 @@ class Daemon:
 
     def _lock(self):
         self.folder.jobs_dir.mkdir(parents=True, exist_ok=True)
-        lock = exclusive_lock(self.folder.state / "lock")
-        if lock is None:
-            pid = lock_holder(self.folder.state / "lock") or "?"
-            raise UserError(
-                f"{shown(self.opts.drop)} is already watched by another dsrpipe watch (pid {pid}); "
-                "stop it first"
-            )
-        return lock
+        return take_lock(
+            self.folder.state / "lock",
+            lambda pid: (
+                f"{shown(self.opts.drop)} is already watched by another dsrpipe watch (pid {pid}); stop it first"
+            ),
+        )
 
     def _until_space(self, step: Callable[[], T]) -> T | None:
         """`step()`, tried again while the disk is full (a daemon started on a full disk waits

@@ -14,8 +14,8 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
+from ..catalog import ARCHIVE_SUFFIXES, archive_suffix, find_splits
 from ..files import is_text, shown
-from ..imagefolder import ARCHIVE_SUFFIXES, archive_suffix, find_splits
 
 STATE_DIR = ".dsrpipe"
 TEMPLATE_NAME = "template.yaml"
@@ -26,9 +26,8 @@ MAX_PIPELINE_BYTES = 2**20
 
 DEFAULT_TEMPLATE = """\
 # dsrpipe watch: the built-in template for dataset drops (data.dataset and data.root are set
-# per drop). A small CNN trained with DSR at 90% sparsity on images resized to 64x64.
-data:
-  image_size: 64
+# per drop). A small CNN trained with DSR at 90% sparsity, on images fitted to the median side of
+# the training images (no data.image_size).
 model:
   name: small-cnn
 sparsity:

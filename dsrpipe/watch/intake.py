@@ -1,7 +1,8 @@
 """Intake: a ready drop becomes a queued job, a skipped repeat, or a drop failed at once.
 
-The journal records each drop by path and content hash: the same content is not run twice
-(unless --rerun and dropped anew), changed content is a new job. Job names: the pipeline's
+The journal records each drop by path and content hash (a dataset's with the template it runs
+with): the same content is not run twice (unless --rerun and dropped anew), changed content, or a
+dataset dropped again after the template changed, is a new job. Job names: the pipeline's
 `name:` (or the drop's file name, made a safe slug); if another content already owns that name,
 `<name>-<first 8 hex of the content hash>`. A job runs from a copy of what was hashed (or of the
 template as it was then), so a later edit is a new drop and a resumed job keeps its settings.
@@ -20,9 +21,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .. import files
-from ..config import SAFE_NAME, parse_yaml
 from ..errors import UserError
 from ..files import is_text, shown
+from ..names import SAFE_NAME
+from ..safeyaml import parse_yaml
 from .drops import (
     DEFAULT_TEMPLATE,
     MAX_PIPELINE_BYTES,
@@ -122,6 +124,12 @@ class Intake:
         return self._decide(name, kind, sha, before, content)
 
     def _decide(self, name: str, kind: str, sha: str, before: str, content: bytes | None) -> str | None:
+        try:
+            template = None if kind == "pipeline" else self._read_template()
+        except IntakeError as exc:
+            return self._reject(name, kind, before, str(exc))
+        if template is not None:  # a dataset runs as the template says: a fixed template is a new job
+            sha = hashlib.sha256(f"{sha}\0template\0".encode() + template[0]).hexdigest()
         journal = self.folder.journal
         same = journal.job_for_content(sha)
         if same is not None and (same["state"] in ACTIVE or not self.rerun):
@@ -144,10 +152,6 @@ class Intake:
                     finished=time.time(),
                 )
             return self.folder.event(None, "skipped", drop=name, reason=why)
-        try:
-            template = None if kind == "pipeline" else self._read_template()
-        except IntakeError as exc:
-            return self._reject(name, kind, before, str(exc))
         job_name = (
             same["name"] if same is not None else self._unique_name(self._base_name(name, content), sha)
         )

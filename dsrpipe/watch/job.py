@@ -6,25 +6,27 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import traceback
 from pathlib import Path
 from typing import Any
 
-from .. import files
-from ..errors import (
-    EXIT_BUG,
-    EXIT_BUSY,
-    EXIT_DISK_FULL,
-    EXIT_INTERRUPTED,
-    EXIT_USER_ERROR,
-    UserError,
-    raise_terminated,
-)
+import torch
+from pydantic import BaseModel
+
+from .. import files, stopping
+from ..config import Pipeline, load_pipeline
+from ..data import ArchiveCaps
+from ..distributed import Launch
+from ..errors import EXIT_BUSY, EXIT_DISK_FULL, UserError
 from ..files import exclusive_lock, shown
+from ..outcome import ending
+from ..pipeline import run_pipeline
+from ..rundir import RunDir
+from ..train import load_splits
 
 
+@stopping.quiet  # once job_main has returned how the job ended, a signal no longer changes it
 def job_process(job_dir: str, settings: dict[str, Any]) -> None:
     """Entry point in the forked job process: own session (so its pid is its process group's,
     which the runner measures and signals), output to the job log."""
@@ -34,6 +36,7 @@ def job_process(job_dir: str, settings: dict[str, Any]) -> None:
     os.dup2(fd, 2)
     os.close(fd)
     code = job_main(Path(job_dir), settings)
+    stopping.finish()
     for name in ("stdout", "stderr"):  # what a full disk kept from the job log: dropped, not an exit error
         try:
             getattr(sys, name).flush()
@@ -44,8 +47,8 @@ def job_process(job_dir: str, settings: dict[str, Any]) -> None:
 
 def job_main(job_dir: Path, settings: dict[str, Any] | None = None) -> int:
     """Run one job and return its exit code (dsrpipe.errors: 0 done, 2 bad input, 3 validation
-    failed, 130 interrupted, 75 job busy, 74 the disk too full to write cause.txt, 1 a bug). The
-    cause of a failure goes to cause.txt."""
+    failed, 130 or 143 stopped by SIGINT or SIGTERM, 75 job busy, 74 the disk too full to write
+    cause.txt, 1 a bug). The cause of a failure goes to cause.txt."""
     settings = settings or {}
     spec = json.loads((job_dir / "job.json").read_text())
     try:
@@ -57,52 +60,43 @@ def job_main(job_dir: Path, settings: dict[str, Any] | None = None) -> int:
     if lock is None:
         print("error: another process is running this job", file=sys.stderr, flush=True)
         return EXIT_BUSY
-    signal.signal(signal.SIGTERM, raise_terminated)  # stop between two steps; epochs are checkpointed
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    stopping.install()  # stop between two steps, or after an import; epochs are checkpointed
     os.chdir(spec["cwd"])  # a pipeline's relative paths are relative to the drop folder
     try:
-        from ..config import confine_paths, load_pipeline
-
         cfg = load_pipeline(spec["config"], spec["overrides"], quote=spec.get("quote", True))
         confine_paths(cfg, [Path(spec["cwd"]), Path(spec["out"])])  # before anything is read
-        import torch
-
-        from .. import data
-        from ..pipeline import run_pipeline
-        from ..rundir import RunDir
-
         if settings.get("threads"):
             torch.set_num_threads(settings["threads"])
-        if settings.get("max_unpacked"):
-            data.MAX_ARCHIVE_BYTES = settings["max_unpacked"]
-        if settings.get("max_files"):
-            data.MAX_ARCHIVE_FILES = settings["max_files"]
+        if cfg.data.dataset == "imagefolder":
+            # Unpacked and decoded here, under this job's archive caps: every stage after (and
+            # every rank under torchrun) reads the unpacked folder and the decoded cache.
+            defaults = ArchiveCaps()
+            caps = ArchiveCaps(
+                settings.get("max_unpacked") or defaults.max_bytes,
+                settings.get("max_files") or defaults.max_files,
+            )
+            load_splits(cfg.data, caps)
         run = RunDir(Path(spec["out"]), cfg.name)
         if settings.get("nproc", 1) > 1:
-            cfg.data.load()  # unpacked and decoded here, under this job's archive caps; the ranks read the cache
             return _run_through_torchrun(spec, settings["nproc"], settings.get("threads"))
         with run.lock():  # one owner, as for `dsrpipe run`: a job never mixes with another process's run
             run_pipeline(cfg, Path(spec["out"]), progress=False)
         print(run.onnx, flush=True)
-        return 0
-    except UserError as exc:
-        cause, code = str(exc).replace(spec["config"], spec["shown_as"]), exc.exit_code
-    except KeyboardInterrupt:
+        end = ending()  # done, unless a signal came and something swallowed its exception
+        if end.code == 0:
+            return 0
+    except BaseException as exc:  # every other way out gets its exit code (dsrpipe.outcome) and its cause
+        end = ending(exc)
+        if end.bug:  # the traceback goes to the job log
+            _say(traceback.print_exc)
+    if end.signal is not None:  # no cause: the runner queues the job again
         _say(
             lambda: print(
-                "interrupted: completed epochs are checkpointed; the job resumes from there",
-                file=sys.stderr,
-                flush=True,
+                stopping.stop_line(end.signal, "the job resumes from there"), file=sys.stderr, flush=True
             )
         )
-        return EXIT_INTERRUPTED
-    except Exception as exc:
-        if files.disk_full(exc):  # a write outside files.atomic_path (the job log, a library's file)
-            where = f" writing {shown(exc.filename)}" if getattr(exc, "filename", None) else ""
-            cause, code = f"the disk is full{where} (free some space and run again)", EXIT_USER_ERROR
-        else:  # a bug: the traceback goes to the job log
-            _say(traceback.print_exc)
-            cause, code = f"internal error: {type(exc).__name__}: {exc}", EXIT_BUG
+        return end.code
+    cause, code = end.cause.replace(spec["config"], spec["shown_as"]), end.code
     cause = shown(cause)
     _say(lambda: print(f"error: {cause}", file=sys.stderr, flush=True))
     try:
@@ -129,8 +123,6 @@ def _run_through_torchrun(spec: dict[str, Any], nproc: int, threads: int | None)
     cover them all; their rank 0 holds the run's lock. torchrun exits 1 whatever its ranks'
     codes, so the cause is their last `error:` line, which also tells bad input from a bug."""
     import subprocess
-
-    from ..distributed import Launch
 
     args = ["run", spec["config"], "--out", spec["out"], "--no-progress"]
     for override in spec["overrides"]:
@@ -166,3 +158,32 @@ def _run_through_torchrun(spec: dict[str, Any], nproc: int, threads: int | None)
     if error is not None:
         raise UserError(error)
     raise RuntimeError(f"torchrun exited with code {code} (see the job log)")
+
+
+def _path_settings(section: BaseModel, prefix: str = "") -> list[tuple[str, Path]]:
+    """Every path-typed setting that is set, as (dotted name, path): data.root, masks_from, ..."""
+    found = []
+    for name, value in section:
+        if isinstance(value, BaseModel):
+            found += _path_settings(value, f"{prefix}{name}.")
+        elif isinstance(value, Path):
+            found.append((f"{prefix}{name}", value))
+    return found
+
+
+def confine_paths(cfg: Pipeline, roots: list[Path]) -> None:
+    """Refuse a pipeline whose path settings lead outside `roots` (relative paths are taken from
+    the working directory; `~` and symbolic links are followed first): the watch daemon runs
+    untrusted pipelines, which must read and write only inside its drop and output folders."""
+    allowed = [Path(root).resolve() for root in roots]
+    for where, path in _path_settings(cfg):
+        for candidate in {path, path.expanduser()}:  # loaders expand ~: check what they will open
+            try:
+                resolved = candidate.resolve()
+            except (OSError, RuntimeError):  # a symbolic link loop
+                resolved = None
+            if resolved is None or not any(resolved.is_relative_to(root) for root in allowed):
+                raise UserError(
+                    f"{where}: {path} is outside {' and '.join(map(str, allowed))}; "
+                    "only paths inside them are allowed here"
+                )

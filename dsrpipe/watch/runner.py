@@ -20,8 +20,16 @@ from pathlib import Path
 from typing import Any
 
 from .. import files
-from ..errors import EXIT_BUSY, EXIT_DISK_FULL, EXIT_INTERRUPTED, EXIT_USER_ERROR, EXIT_VALIDATION
+from ..errors import (
+    EXIT_BUSY,
+    EXIT_DISK_FULL,
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    EXIT_USER_ERROR,
+    EXIT_VALIDATION,
+)
 from ..files import disk_full, shown
+from ..rundir import RunDir
 from .drops import ERROR_SUFFIX
 from .folder import DropFolder, log, try_lock
 from .limits import group_memory
@@ -33,7 +41,8 @@ LIMITS_PERIOD = (
     0.5  # seconds between two looks at the jobs' memory and time (a look costs ~1 ms per 20 processes)
 )
 BUSY_WAIT = 5.0  # seconds before a job found busy (an orphan not yet gone) is tried again
-INTERRUPTED = {EXIT_INTERRUPTED, -signal.SIGTERM, -signal.SIGINT, 255}  # 255: the fork server died
+# A job stopped by a signal (its own exit code, or killed by it), or 255: the fork server died.
+INTERRUPTED = {EXIT_INTERRUPTED, EXIT_TERMINATED, -signal.SIGTERM, -signal.SIGINT, 255}
 # Imported once by the fork server, so that a job process starts in milliseconds, not seconds
 # (the server skips any that fail to import: the job then imports them itself).
 PRELOAD = [
@@ -70,6 +79,7 @@ class Runner:
         """Jobs left `running` by a daemon that died: stop any process still at it, then requeue."""
         for job in self.folder.journal.jobs("running"):
             self._stop_orphan(job)
+            RunDir(job["out"], job["name"]).sweep()
             self.folder.journal.update(job["id"], state="queued", pid=None)
             self.folder.event(
                 job["name"],
@@ -161,6 +171,8 @@ class Runner:
         return self._context
 
     def _start(self, job: dict[str, Any]) -> None:
+        # Here, not at the top: the job module imports torch, which the daemon never does (the
+        # fork server has it preloaded; this process only names the function to run there).
         from .job import job_process
 
         job_dir = self.folder.job_dir(job)
@@ -169,8 +181,6 @@ class Runner:
         if not (job_dir / "job.json").exists():
             return self.folder.fail(job, f"the job's files are missing from {job_dir}", None, 0.0)
         if job["fresh"] and job["attempts"] == 0:  # a --rerun starts over
-            from ..rundir import RunDir
-
             RunDir(Path(job["out"]), job["name"]).clear()
             shutil.rmtree(job_dir / "cache", ignore_errors=True)
         attempt = job["attempts"] + 1
@@ -237,6 +247,7 @@ class Runner:
     def _finished(self, r: _Running, code: int) -> None:
         job, seconds = r.job, (r.ended or time.monotonic()) - r.started
         job_dir = self.folder.job_dir(job)
+        RunDir(job["out"], job["name"]).sweep()  # what validate had made, if the job was killed in it
         if code == 0:  # cleaned up first: a job `done` in the journal is done with
             shutil.rmtree(job_dir / "cache", ignore_errors=True)
             (self.folder.drop / f"{job['name']}{ERROR_SUFFIX}").unlink(missing_ok=True)  # from an earlier run

@@ -1,10 +1,14 @@
-"""What an image-folder dataset looks like on disk. Torch-free: dsrpipe.data reads datasets by
-these rules, and the watch daemon (which never imports torch) decides with them what a drop is."""
+"""The datasets dsrpipe knows by name, and what an image-folder dataset looks like on disk.
+Torch-free: config validates names with it, dsrpipe.data reads datasets by these rules, and the
+watch daemon (which never imports torch) decides with them what a drop is."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from .errors import UserError
+
+KNOWN_DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder")
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 
 
@@ -27,3 +31,14 @@ def find_splits(folder: Path) -> tuple[Path, Path] | None:
         if (candidate / "train").is_dir() and test:
             return candidate / "train", test
     return None
+
+
+def dataset_needs_root(name: str) -> bool:
+    """Whether `name` reads files (and so needs data.root); raises UserError for unknown names."""
+    return check_dataset(name) != "digits"
+
+
+def check_dataset(name: str) -> str:
+    if name not in KNOWN_DATASETS:
+        raise UserError(f"unknown dataset '{name}' (known: {', '.join(KNOWN_DATASETS)})")
+    return name

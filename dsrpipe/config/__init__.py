@@ -1,0 +1,45 @@
+"""The pipeline YAML, validated once at the edge: everything past `load_pipeline` is typed.
+
+schema.py holds the bounds and base types, sections.py the sections and `Pipeline`, methods.py
+one options class per sparse-training method, loading.py safe YAML and `--set`.
+"""
+
+from ..names import SAFE_NAME
+from ..safeyaml import parse_yaml, read_yaml
+from .loading import apply_overrides, first_error, load_pipeline, parse_pipeline, path_settings
+from .methods import METHOD_OPTIONS, MethodOptions, parse_method_options, switch_method
+from .sections import (
+    DataConfig,
+    DistributedConfig,
+    ExportConfig,
+    FinetuneConfig,
+    LogConfig,
+    ModelConfig,
+    OptimConfig,
+    Pipeline,
+    ValidateConfig,
+)
+
+__all__ = [
+    "METHOD_OPTIONS",
+    "SAFE_NAME",
+    "DataConfig",
+    "DistributedConfig",
+    "ExportConfig",
+    "FinetuneConfig",
+    "LogConfig",
+    "MethodOptions",
+    "ModelConfig",
+    "OptimConfig",
+    "Pipeline",
+    "ValidateConfig",
+    "apply_overrides",
+    "first_error",
+    "load_pipeline",
+    "parse_method_options",
+    "parse_pipeline",
+    "parse_yaml",
+    "path_settings",
+    "read_yaml",
+    "switch_method",
+]

@@ -1,0 +1,156 @@
+"""Reading a pipeline: its safe YAML (dsrpipe.safeyaml), `--set` overrides with method switching,
+and one-line errors naming the setting."""
+
+from __future__ import annotations
+
+import functools
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from ..errors import UserError
+from ..safeyaml import NOT_QUOTED, parse_yaml, read_yaml
+from .methods import METHOD_OPTIONS, switch_method
+from .sections import Pipeline
+
+
+def first_error(exc: ValidationError, quote: bool = True) -> tuple[str, str]:
+    """(where, what) of a validation error, for a one-line message: the dotted path of the first
+    problem ("" at the top level) and what is wrong, with a count of any others. Unless `quote`,
+    nothing of the input is repeated: only setting names of the schema, and pydantic's own
+    messages (which state the rule, not the value), never an unknown key or a message of ours."""
+    first = exc.errors()[0]
+    loc = [str(part) for part in first["loc"]]
+    if first["type"] == "extra_forbidden":
+        message = "unknown setting"
+    elif first["type"] == "value_error" and not quote:
+        message = "invalid value"
+    else:
+        message = first["msg"].removeprefix("Value error, ")
+    if not quote:
+        loc = [part if part in _setting_names() else "…" for part in loc]
+        if first["type"] == "extra_forbidden":
+            loc[-1:] = ["…"]
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return ".".join(loc), f"{message}{more}"
+
+
+@functools.cache
+def _setting_names() -> frozenset[str]:
+    """Every setting name of the pipeline schema (its sections' fields and aliases)."""
+    names, todo = set(), [Pipeline, *METHOD_OPTIONS.values()]
+    while todo:
+        model = todo.pop()
+        for name, field in model.model_fields.items():
+            names |= {name, field.alias or name}
+            kind = field.annotation
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                todo.append(kind)
+    return frozenset(names)
+
+
+def parse_pipeline(raw: Any, source: str = "pipeline", quote: bool = True) -> Pipeline:
+    """The validated pipeline, or a one-line UserError (quoting nothing of `raw` unless `quote`)."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: expected a mapping of settings at the top level")
+    try:
+        return Pipeline.model_validate(raw)
+    except ValidationError as exc:
+        where, what = first_error(exc, quote)
+        raise UserError(
+            f"{source}: {where or '(top level)'}: {what}{'' if quote else f' ({NOT_QUOTED})'}"
+        ) from None
+
+
+@functools.cache
+def path_settings() -> frozenset[str]:
+    """The dotted names of the settings that are paths: data.root, sparsity.masks_from, ..."""
+
+    def is_path(kind) -> bool:
+        return kind is Path or any(is_path(arg) for arg in typing.get_args(kind))
+
+    found, todo = set(), [(Pipeline, ""), *((options, "sparsity.") for options in METHOD_OPTIONS.values())]
+    while todo:
+        model, prefix = todo.pop()
+        for name, field in model.model_fields.items():
+            if is_path(field.annotation):
+                found.add(prefix + (field.alias or name))
+            elif isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                todo.append((field.annotation, f"{prefix}{field.alias or name}."))
+    return frozenset(found)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> list[str]:
+    """`section.key=value` settings from the command line, values read as YAML, applied to `raw`.
+
+    An override of `sparsity.method` drops the file's sparsity options that the new method does
+    not take (as `compare` does for a grid's base), so that `--set sparsity.method=static` just
+    works; options given in the overrides themselves, and keys no method knows, stay for
+    validation to name. Returns a note for each change the user did not spell out."""
+    before = raw.get("sparsity")
+    given: set[str] = set()
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set expects KEY=VALUE (e.g. data.root=/data), got '{item}'")
+        *parents, leaf = key.strip().split(".")
+        node = raw
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set {key}: '{part}' is not a section")
+        node[leaf] = parse_yaml(value, f"--set {key}")
+        if parents == ["sparsity"]:
+            given.add(leaf)
+    section = raw.get("sparsity")
+    if "method" not in given or not isinstance(section, dict) or not isinstance(before, dict):
+        return []
+    method = section["method"]
+    if not isinstance(method, str) or method not in METHOD_OPTIONS:
+        return []  # validation names the unknown method
+    kept = switch_method(section, method)
+    dropped = [k for k in section if k not in kept and k not in given]
+    raw["sparsity"] = section = {k: v for k, v in section.items() if k not in dropped}
+    notes = []
+    if dropped:
+        notes.append(
+            f"sparsity.method={method}: dropped the file's {', '.join(dropped)} ({method} takes no such option)"
+        )
+    if method in ("dense", "prune-channels") and "sparsity" not in given and section.get("sparsity", 0) != 0:
+        notes.append(
+            f"sparsity.method={method}: keeps every weight, so sparsity {section['sparsity']} is now 0"
+        )
+        section["sparsity"] = 0.0
+    return notes
+
+
+def load_pipeline(
+    path: str | Path,
+    overrides: list[str] = (),
+    quote: bool = True,
+    note: Callable[[str], None] | None = None,
+) -> Pipeline:
+    """The pipeline file with its `--set` overrides, validated. `quote`: whether errors may repeat
+    its text. `note` hears of what was adjusted or will not take effect (dropped options,
+    milestones past the last epoch)."""
+    path = Path(path)
+    raw = read_yaml(path, "pipeline", quote=quote)
+    notes = []
+    if isinstance(raw, dict):
+        raw.setdefault("name", path.stem)  # a pipeline is named after its file unless it says
+        notes = apply_overrides(raw, list(overrides))
+    cfg = parse_pipeline(raw, str(path), quote)
+    for stage in ("train", "finetune"):
+        options = getattr(cfg, stage)
+        unreached = options.unreached_milestones()
+        if unreached and options.epochs:
+            notes.append(
+                f"{stage}.milestones {unreached} are not reached in {options.epochs} epochs: "
+                "the LR schedule never gets to them"
+            )
+    for message in notes if note else ():
+        note(message)
+    return cfg

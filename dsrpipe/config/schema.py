@@ -1,0 +1,47 @@
+"""The building blocks of every settings section: the bounds, the strict base class and the
+value types. Every value is bounded by what makes sense, so that no setting can make a run
+allocate, loop or overflow absurdly later on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Strict
+
+MAX_EPOCHS = 10_000
+MAX_STEPS = 10**9  # iterations, and weights (prune_target)
+MAX_BATCH = 4096
+MAX_IMAGES = 10**8
+MAX_WORKERS = 64
+MAX_SEED = 2**32 - 1  # a 32-bit seed: what every RNG's seeding takes
+MAX_LATENCY_RUNS = 10_000
+MIN_OPSET = 18  # the torch.export-based exporter writes opset 18 at least, whatever it is asked
+MAX_LIST = 100  # milestones, rewire periods, exclude patterns
+MAX_OPTIONS, MAX_OPTION_ITEMS, MAX_STRING = 32, 64, 256  # model.options
+# Rates, strengths, factors, thresholds: bounded so that no product of them overflows float32 in
+# training (train.lr=1e308 used to pass `check` and fail mid-run); far above any useful value.
+MAX_FACTOR = 1e6
+
+
+class Section(BaseModel):
+    # strict: a number is a number (`sparsity: false` is no 0.0, `epochs: true` no 1, "3" no 3);
+    # an int is still taken where a float is expected (`lr: 1`).
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False, strict=True)
+
+
+def _no_nul(path: Path) -> Path:
+    if "\0" in str(path):
+        raise ValueError("a path cannot contain a NUL character")
+    return path
+
+
+# An epoch as a mapping key: also its text, which is what a key becomes in JSON (a dumped config read back).
+EpochKey = Annotated[int, Strict(False)]
+
+
+def _path(value: Any) -> Any:
+    return Path(value) if isinstance(value, str) else value  # strict mode takes only Path objects
+
+
+FilePath = Annotated[Path, BeforeValidator(_path), AfterValidator(_no_nul)]

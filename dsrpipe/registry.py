@@ -1,0 +1,83 @@
+"""The sparse-training methods a pipeline can name, each one's options (what the YAML says, in
+`config.methods`) joined with the library class that runs it (`sparse.METHODS`), and how the one
+becomes the other.
+
+Each side registers its own half by the method's name; this module joins them and refuses a
+method without both halves when it is imported, so the two can never drift apart quietly. The
+options reach the library by name: an options field is passed as the constructor keyword of the
+same name, except the few written in epochs or spread over several settings, built below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .config import METHOD_OPTIONS, MethodOptions
+from .sparse import METHODS as SPARSIFIERS
+from .sparse import ChannelRemoval, LayerSelection, RewireSchedule, Sparsifier, method_options
+
+
+@dataclass(frozen=True)
+class Method:
+    options: type[MethodOptions]
+    sparsifier: type[Sparsifier]
+
+
+def _joined() -> dict[str, Method]:
+    unpaired = set(METHOD_OPTIONS) ^ set(SPARSIFIERS)
+    if unpaired:
+        raise ImportError(f"methods without both options and a sparsifier: {', '.join(sorted(unpaired))}")
+    return {name: Method(options, SPARSIFIERS[name]) for name, options in METHOD_OPTIONS.items()}
+
+
+METHODS: dict[str, Method] = _joined()
+
+
+def layer_selection(options: MethodOptions) -> LayerSelection:
+    """The sparse layers as the library takes them."""
+    return LayerSelection(options.dense_first, options.dense_last, options.exclude, options.sparse_tensors)
+
+
+def sparsifier_options(options: MethodOptions, *, steps_per_epoch: int, epochs: int) -> dict[str, Any]:
+    """The library constructor's keywords for these options, epochs turned into iterations."""
+    given: dict[str, Any] = {name: getattr(options, name) for name in type(options).model_fields}
+    built: dict[str, Any] = {"layers": layer_selection(options), "total_steps": epochs * steps_per_epoch}
+    if "stop_rewire_epoch" in given:  # DeepR moves weights every iteration: it has no periods
+        periods = given.get("rewire_periods", {0: 1})
+        built["schedule"] = RewireSchedule(periods, options.stop_rewire_epoch, steps_per_epoch)
+    if "end_epoch" in given:  # a pruning span
+        built["begin_iteration"] = options.begin_epoch * steps_per_epoch
+        built["end_iteration"] = (
+            options.end_epoch * steps_per_epoch if options.end_epoch is not None else None
+        )
+    removal = given.pop("remove_channels", None)  # the library's ChannelRemoval, or nothing
+    if removal is not None:
+        begin, end = removal.begin_epoch * steps_per_epoch, removal.end(epochs) * steps_per_epoch
+        built["remove_channels"] = ChannelRemoval(removal.share, begin, end, **_shape(removal))
+    if removal is not None or options.method == "prune-channels":
+        built["example_inputs"] = None  # the methods that trace the model: filled in by `build_sparsifier`
+    takes = method_options(METHODS[options.method].sparsifier)
+    return {name: value for name, value in {**given, **built}.items() if name in takes}
+
+
+def _shape(removal) -> dict[str, Any]:
+    return {name: getattr(removal, name) for name in ("floor", "dense_layers", "multiple_of", "shrink")}
+
+
+def build_sparsifier(
+    options: MethodOptions,
+    model,
+    optimizer,
+    *,
+    seed: int,
+    steps_per_epoch: int,
+    epochs: int,
+    example_inputs=None,
+) -> Sparsifier:
+    """The method's sparsifier for this model and optimizer (`example_inputs`: one input batch, for
+    the methods that trace the model)."""
+    kwargs = sparsifier_options(options, steps_per_epoch=steps_per_epoch, epochs=epochs)
+    if "example_inputs" in kwargs:
+        kwargs["example_inputs"] = example_inputs
+    return METHODS[options.method].sparsifier(model, optimizer, seed=seed, **kwargs)
