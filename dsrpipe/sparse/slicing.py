@@ -33,7 +33,7 @@ NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 # How long tracing a model may take. Torch-Pruning traces in pure Python, and on some models
 # never finishes (torchvision's swin_t: its index mappings through the shifted windows grow
-# without end); the slowest model that does trace, densenet121, takes about 2 s on one core.
+# without end); the slowest model that does trace, densenet121, takes about a second.
 TRACE_SECONDS = 60.0
 
 
