@@ -320,7 +320,9 @@ def test_bad_command_lines_are_one_line_errors_and_a_second_daemon_is_refused(tm
 
 def test_a_dropped_pipeline_runs_once_and_changed_content_is_a_new_job(tmp_path, drop, watchers):
     out = tmp_path / "out"
-    w = watchers(drop, out)
+    # Two threads per job: a job forked from the warmed-up server (watch/warmup.py) still trains
+    # with a thread pool of its own.
+    w = watchers(drop, out, env={"OMP_NUM_THREADS": "2"})
     w.wait_log("watching")
     (drop / "README.md").write_text("drop pipelines here\n")
     (drop / "exp.yaml").write_text(pipeline())
