@@ -226,9 +226,6 @@ MATRIX = {
     "inception_v3": (32, "model 'inception_v3' cannot take 1x32x32 inputs (Calculated padded input"),
 }
 TRAINED = [name for name, (_, refused) in MATRIX.items() if refused is None]
-# The ONNX exporter spends most of the matrix's time, on one core: a second process takes these
-# (the slowest to export) while this one does the rest.
-ELSEWHERE = ("vit_b_16", "densenet121")
 STATIC_HALF = {"method": "static", "sparsity": 0.5, "remove_channels": {"share": 0.5, "end_epoch": 1}}
 
 
@@ -281,41 +278,52 @@ def train_cut_and_export(name: str, directory: Path) -> dict:
     }
 
 
-def _elsewhere() -> None:
-    """The second process: ELSEWHERE's results, as JSON on stdout."""
-    torch.set_num_threads(1)  # the other core is the test process's
+def _matrix_worker() -> None:
+    """The worker process: every TRAINED model's results, as JSON on stdout."""
+    torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as directory:
-        results = {name: train_cut_and_export(name, Path(directory)) for name in ELSEWHERE}
+        results = {name: train_cut_and_export(name, Path(directory)) for name in TRAINED}
     print("\n" + json.dumps(results))
+
+
+_worker: subprocess.Popen | None = None
+
+
+def start_matrix() -> None:
+    """Start the matrix in a worker process at the lowest CPU priority (tests/conftest.py calls
+    this once the matrix is collected). The ONNX exports make it two minutes of one core, which
+    it takes from the core the rest of the suite leaves idle, while the suite runs."""
+    global _worker
+    if _worker is None:
+        root = Path(__file__).resolve().parents[1]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # the same dsrpipe
+        _worker = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import os; os.nice(19); from tests.test_tracing import _matrix_worker as w; w()",
+            ],
+            cwd=root,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
 
 @functools.cache
 def matrix_results() -> dict[str, dict]:
-    """train_cut_and_export of every model that trains: ELSEWHERE's in a second process, at the
-    same time as this one does the others. Cached: one test per model reads them."""
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # the same dsrpipe
-    worker = subprocess.Popen(
-        [sys.executable, "-c", "from tests.test_tracing import _elsewhere; _elsewhere()"],
-        cwd=root,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the other core is the worker's
+    """The worker's train_cut_and_export of every model that trains, waited for. Cached: one test
+    per model reads them."""
+    start_matrix()
     try:
-        with tempfile.TemporaryDirectory() as directory:
-            here = {n: train_cut_and_export(n, Path(directory)) for n in TRAINED if n not in ELSEWHERE}
-        out, err = worker.communicate(timeout=300)
+        out, err = _worker.communicate(timeout=600)
     finally:
-        torch.set_num_threads(threads)
-        if worker.poll() is None:
-            worker.kill()
-            worker.communicate()
-    assert worker.returncode == 0, err[-3000:]
-    return {**here, **json.loads(out.strip().splitlines()[-1])}
+        if _worker.poll() is None:
+            _worker.kill()
+            _worker.communicate()
+    assert _worker.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
 
 
 # swin_t: the bound's exception may land in a weakref callback, where Python drops it with a
