@@ -2,7 +2,8 @@
 tiny net, its ONNX export and a drawn figure, so that what torch, its exporter and matplotlib set
 up on first use (torch._dynamo, which SGD and torch.export import lazily; the decomposition
 tables; the font cache) is paid once per daemon rather than once per job. Each job forked from
-the server inherits it: a digits job's fixed cost drops by about a third (7 s to 4.5 s here).
+the server inherits it: bench/watch_warmup.py measures a digits job at 0.63x its time without
+the warm-up (2 cores), for a server start about 3 s longer.
 
 It runs on one thread: an OpenMP pool started in the server would not survive the fork."""
 
