@@ -162,6 +162,23 @@ def check(tmp_path, *args, **kwargs):
     return CliRunner().invoke(app, ["check", str(path)])
 
 
+def test_the_bound_ends_under_a_profiler():
+    """`python -m cProfile -m dsrpipe run` once spun for good where the tracing ended: the bound's
+    end took back a raise with PyThreadState_SetAsyncExc(NULL), which hangs a profiled thread."""
+    code = (
+        "import sys\nfrom dsrpipe.sparse.slicing import _TimeBound\nsys.setprofile(lambda *args: None)\n"
+        "with _TimeBound(60):\n    pass\nprint('ended')"
+    )
+    root = Path(__file__).resolve().parents[1]
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=root
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the bound never ended under a profiler")
+    assert result.stdout.strip() == "ended", result.stderr[-2000:]
+
+
 def test_check_refuses_a_model_the_images_are_too_small_for_and_so_does_training(tmp_path):
     result = check(tmp_path, "googlenet", 8)
     assert result.exit_code == 2, result.output

@@ -41,12 +41,9 @@ class _TooLong(Exception):
     """Raised into the tracing thread once its time is up."""
 
 
-def _raise_in(thread_id: int, exception: type[BaseException] | None) -> None:
-    """Raise `exception` in the thread `thread_id` at its next Python instruction (None: take
-    back one not raised yet)."""
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(
-        ctypes.c_ulong(thread_id), ctypes.py_object(exception) if exception is not None else None
-    )
+def _raise_in(thread_id: int, exception: type[BaseException]) -> None:
+    """Raise `exception` in the thread `thread_id` where it next starts a call or loops back."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(exception))
 
 
 class _TimeBound:
@@ -57,9 +54,9 @@ class _TimeBound:
     thread (a signal handler runs in the main thread only) and leaves the caller's signal
     handlers and timers alone. Again: one raised into a bare `except:` (Torch-Pruning's first
     forward pass runs under one) or into a finalizer is lost. Never after the block: the
-    watchdog raises under a lock that the block's end takes, and that end takes back one not
-    raised yet (should one land in that end itself, the end is tried again; should one land
-    before it, the watchdog still stops after RAISES). `expired` says whether it was raised (the
+    watchdog raises under a lock that the block's end takes, and that end catches one raised
+    just before it took the lock (should one land in that end itself, the end is tried again;
+    should one land before it, the watchdog still stops after RAISES). `expired` says whether it was raised (the
     tracing may catch it and fail otherwise)."""
 
     RAISE_AGAIN, RAISES = 0.5, 20
@@ -90,11 +87,18 @@ class _TimeBound:
             try:
                 with self._lock:
                     self._done.set()
-                    _raise_in(self._target, None)  # raised just as the block ended: it did end
+                _raised_before_the_lock_lands_here()
                 break
-            except _TooLong:  # landed here, before the lock: the block has ended all the same
+            except _TooLong:  # raised just as the block ended: it did end
                 continue
         self._watchdog.join()
+
+
+def _raised_before_the_lock_lands_here() -> None:
+    """A Python call: an exception raised into this thread is delivered where a call starts, so
+    one the watchdog raised before `__exit__` took the lock lands here, inside its `try`. (Taking
+    it back with PyThreadState_SetAsyncExc(NULL) instead leaves CPython's pending flag set, which
+    hangs the thread under a profiler or tracer: cProfile, coverage, a debugger.)"""
 
 
 _bounded = threading.local()
