@@ -34,7 +34,7 @@ from dsrpipe.sparse import slicing
 from dsrpipe.sparse.channels import trace_groups
 
 from .helpers import small_net
-from .test_pipeline import tiny, write_pipeline
+from .test_pipeline import ROOT, tiny, write_pipeline
 
 TRACED = "channel removal: the channel dependencies of {} could not be traced ({}); this model cannot take"
 
@@ -169,10 +169,9 @@ def test_the_bound_ends_under_a_profiler():
         "import sys\nfrom dsrpipe.sparse.slicing import _TimeBound\nsys.setprofile(lambda *args: None)\n"
         "with _TimeBound(60):\n    pass\nprint('ended')"
     )
-    root = Path(__file__).resolve().parents[1]
     try:
         result = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=root
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT
         )
     except subprocess.TimeoutExpired:
         pytest.fail("the bound never ended under a profiler")
@@ -312,7 +311,6 @@ def start_matrix() -> None:
     it takes from the core the rest of the suite leaves idle, while the suite runs."""
     global _worker
     if _worker is None:
-        root = Path(__file__).resolve().parents[1]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # the same dsrpipe
         _worker = subprocess.Popen(
             [
@@ -320,7 +318,7 @@ def start_matrix() -> None:
                 "-c",
                 "import os; os.nice(19); from tests.test_tracing import _matrix_worker as w; w()",
             ],
-            cwd=root,
+            cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -55,9 +55,8 @@ class _TimeBound:
     handlers and timers alone. Again: one raised into a bare `except:` (Torch-Pruning's first
     forward pass runs under one) or into a finalizer is lost. Never after the block: the
     watchdog raises under a lock that the block's end takes, and that end catches one raised
-    just before it took the lock (should one land in that end itself, the end is tried again;
-    should one land before it, the watchdog still stops after RAISES). `expired` says whether it was raised (the
-    tracing may catch it and fail otherwise)."""
+    just before it took the lock (one that lands earlier in the end makes it try again).
+    `expired` says whether it was raised (the tracing may catch it and fail otherwise)."""
 
     RAISE_AGAIN, RAISES = 0.5, 20
 
