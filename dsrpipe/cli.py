@@ -257,6 +257,9 @@ def predict(
 def check(pipeline: Path = PipelineArg, overrides: list[str] = SetOption):
     """Validate a pipeline YAML without running it."""
     cfg = _load(pipeline, overrides)
+    from .preflight import check_model
+
+    check_model(cfg, note=lambda m: typer.echo(f"note: {m}", err=True))
     typer.echo(
         f"{pipeline}: ok ({cfg.name}: {cfg.model.name} on {cfg.data.dataset}, "
         f"{cfg.sparsity.method} at sparsity {cfg.sparsity.sparsity})"

@@ -37,6 +37,7 @@ from .config import DataConfig, OptimConfig, Pipeline
 from .data import ArchiveCaps, Dataset, load_data
 from .errors import UserError
 from .models import create_model
+from .preflight import check_input_size
 from .registry import build_sparsifier, layer_selection
 from .rundir import COMPLETE, STALE, UNFINISHED, RunDir
 from .sparse import Sparsifier
@@ -395,6 +396,8 @@ def _build(cfg, stage, opt_cfg, run, make_sparsifier, start_from, adapt_spec, ra
     # Fine-tuning builds all this from the trained checkpoint: model, masks, weights.
     with restoring(run.final("train")) if start_from is not None else nullcontext():
         model = build_model(spec, device)
+        # Before anything traces or trains it: a model the images are too small for is one line.
+        check_input_size(model, blank_input(spec, device), spec["name"])
         init = initial_weights(model, cfg.seed)  # so that a frozen run can start where this one started
         if sync_bn:  # the same parameters and buffers, in modules that average over the ranks
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -410,6 +413,12 @@ def _build(cfg, stage, opt_cfg, run, make_sparsifier, start_from, adapt_spec, ra
         )
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, opt_cfg.milestones, opt_cfg.gamma)
         sparsifier = make_sparsifier(model, optimizer, steps_per_epoch, blank_input(spec, device))
+        if (
+            start_from is None
+            and sparsifier.channels is not None
+            and (note := sparsifier.channels.unrounded_note())
+        ):
+            log(cfg, f"note: {note}")
         if world > 1:
             sparsifier.defer_gradient_hooks()  # to see the gradients DDP has averaged
         if start_from is not None:  # after the sparsifier: its initial random mask would zero trained weights

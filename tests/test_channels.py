@@ -150,16 +150,28 @@ def test_the_last_removal_leaves_each_layer_a_multiple_of_channels():
         share=0.3, end=60, dense_layers=True, multiple_of=16, prune_fraction=0.1
     )
     channels, total = sparsifier.channels, sparsifier.active_count()
+    planned = {}  # what the last removal's plan took from each group, before rounding
+    lowest = channels._lowest
+    channels._lowest = lambda *args: planned.update(chosen=lowest(*args)) or planned["chosen"]
     seen = set()
-    for _ in train_on_digits(net, optimizer, sparsifier, 70):
+    for step in train_on_digits(net, optimizer, sparsifier, 70):
         assert sparsifier.active_count() == total
         seen.add(tuple(channels.alive_counts().values()))
+        if step == 59:
+            before = channels.alive_counts()
     assert len(seen) > 3  # gradual: more than a jump per multiple
     assert any(count % 16 for counts in seen for count in counts)
     alive = channels.alive_counts()
     assert all(count % 16 == 0 or count == g.channels for count, g in zip(alive.values(), channels.groups)), (
         alive
     )
+    # Exactly the nearest allowed count to what the plan left (ties: the larger), so a group
+    # already at a multiple, and planned at most half a multiple, loses nothing more.
+    for g in channels.groups:
+        now, wanted = before[g.name], before[g.name] - len(planned["chosen"].get(g.name, []))
+        allowed = [k for k in range(16, now + 1, 16) if k >= channels.floor[g.name]]
+        allowed += [now] if now == g.channels else []
+        assert alive[g.name] == min(allowed, key=lambda k: (abs(k - wanted), -k)), (g.name, before, alive)
     assert abs(channels.removed - round(0.3 * channels.total)) <= 8 * len(channels.groups)
     assert channels.removed > 0
 
@@ -197,12 +209,23 @@ def conv_stack_removing(shrink):
 
 @pytest.mark.numerics
 def test_resume_in_the_middle_of_removal_is_exact():
-    """Held at zero in the full model (shrink: false): a removed channel's bias too."""
-    first, second = assert_resume_is_exact(conv_stack_removing(shrink=False), 13, 25)
+    """Held at zero in the full model (shrink: false): a removed channel's bias too, through the
+    steps after its removal (momentum would move it)."""
+    built = []
+
+    def build(fresh):
+        built.append(conv_stack_removing(shrink=False)(fresh))
+        return built[-1]
+
+    first, second = assert_resume_is_exact(build, 13, 25)
     assert first["channels"].keys() == second["channels"].keys()
     for name, alive in first["channels"].items():
         assert torch.equal(alive, second["channels"][name])
     assert sum(int((~a).sum()) for a in first["channels"].values()) > 0
+    uninterrupted = built[0][0]
+    for name, alive in first["channels"].items():  # a group is named after its first writer
+        bias = uninterrupted.get_submodule(name).bias
+        assert (bias[~alive] == 0).all() and (bias[alive] != 0).any(), name
 
 
 def test_a_residual_stream_channel_goes_everywhere_it_appears():
@@ -301,3 +324,110 @@ def test_without_removal_nothing_changes():
     sparsifier = DSR(model, optimizer, sparsity=0.8, prune_target=40, schedule=RewireSchedule({0: 4}))
     train_steps(model, optimizer, sparsifier, 8)
     assert sparsifier.channels is None and "channels" not in sparsifier.state_dict()
+
+
+def removing(sparsity=0.8, schedule=None, **removal):
+    """small_net (convs with biases; groups 0: 8 channels, 2: 16, 4: 16, 8: 32, the first one
+    dense) with DSR removing channels: cheap, for one or a few steps on random 8x8 inputs."""
+    torch.manual_seed(0)
+    model = small_net(width=8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sparsifier = DSR(
+        model,
+        optimizer,
+        sparsity=sparsity,
+        prune_fraction=0.1,
+        schedule=schedule or RewireSchedule({0: 2}),
+        remove_channels=ChannelRemoval(**{"share": 0.5, "end": 1, "multiple_of": 1, **removal}),
+        example_inputs=torch.zeros(1, 1, 8, 8),
+    )
+    return model, optimizer, sparsifier
+
+
+def test_the_share_removed_follows_the_cubic_curve():
+    """Fast first, gentle at the end: share · (1 - (1 - t/end)³) of 1000 channels."""
+    removal = ChannelRemoval(share=0.5, begin=0, end=100)
+    assert [removal.target(t, 1000) for t in (0, 25, 50, 100, 120)] == [0, 289, 438, 500, 500]
+
+
+@pytest.mark.parametrize(
+    "schedule,end,multiple_of",
+    [
+        (RewireSchedule({0: 5}), 14, 1),
+        (RewireSchedule({0: 5}, stop_epoch=1, steps_per_epoch=6), 12, 8),
+    ],
+    ids=["a period that does not divide end", "rewiring stops before end"],
+)
+def test_the_last_removal_happens_at_end_off_the_schedule(schedule, end, multiple_of):
+    """The method's schedule is due at 5 and 10 but not at end 14 (or at 5 only, end 12): the
+    last removal still comes at end, reaching the share (and the multiples)."""
+    model, optimizer, sparsifier = removing(schedule=schedule, end=end, multiple_of=multiple_of)
+    channels = sparsifier.channels
+    train_steps(model, optimizer, sparsifier, end - 1)
+    before = channels.removed
+    train_steps(model, optimizer, sparsifier, 1, seed=1)
+    target = channels.removal.target(end, channels.total)
+    assert 0 < before < channels.removed
+    if multiple_of == 1:
+        assert before < target == channels.removed
+    else:
+        alive = channels.alive_counts()
+        assert all(n % multiple_of == 0 or n == g.channels for n, g in zip(alive.values(), channels.groups))
+        assert abs(channels.removed - target) <= multiple_of // 2 * len(channels.groups)
+
+
+def test_removal_stops_short_when_the_budget_has_no_room():
+    """Sparsity 0.5 and share 0.9, no floor: removing 90% of the channels would leave the sparse
+    tensors less room than their half of the weights. Removal stops where the budget still
+    fits; the active total stays exactly constant."""
+    model, optimizer, sparsifier = removing(sparsity=0.5, share=0.9, floor=0.0, end=6)
+    channels, total = sparsifier.channels, sparsifier.active_count()
+    for step in range(6):
+        train_steps(model, optimizer, sparsifier, 1, seed=step)
+        assert sparsifier.active_count() == total
+    assert 0 < channels.removed < round(0.9 * channels.total)
+    for name, mask in sparsifier.masks.items():  # every active weight in a live row and column
+        assert not (mask & channels.closed[name]).any()
+
+
+def test_the_floor_rounds_up():
+    """floor 0.2 of 8, 16, 16 and 32 channels: 1.6, 3.2, 3.2 and 6.4, kept as 2, 4, 4 and 7."""
+    model, optimizer, sparsifier = removing(sparsity=0.99, share=0.99, floor=0.2)
+    train_steps(model, optimizer, sparsifier, 1)
+    assert sparsifier.channels.alive_counts() == {"0": 2, "2": 4, "4": 4, "8": 7}
+
+
+def test_a_group_the_multiple_cannot_round_still_loses_channels_and_is_named():
+    """multiple_of 16 on groups of 8, 16, 16 and 32: the 8 channels of the first have no
+    multiple to end at and go as the ranking says; the 16s stay whole; a note names them."""
+    model, optimizer, sparsifier = removing(multiple_of=16)
+    train_steps(model, optimizer, sparsifier, 1)
+    alive = sparsifier.channels.alive_counts()
+    assert alive["0"] < 8 and alive["2"] == alive["4"] == 16 and alive["8"] == 16, alive
+    assert sparsifier.channels.unrounded_note() == (
+        "channel removal: multiple_of 16 keeps 2 (16 channels), 4 (16 channels) whole (no smaller "
+        "multiple above the floor); it rounds nothing in 0 (8 channels) (no multiple between the "
+        "floor and the width): their channels go as the ranking says"
+    )
+    model, optimizer, sparsifier = removing(multiple_of=1024)  # larger than every group
+    train_steps(model, optimizer, sparsifier, 1)
+    assert sparsifier.channels.removed == round(0.5 * sparsifier.channels.total)
+    assert "rounds nothing in 0 (8 channels), 2 (16 channels), 4 (16 channels), 8 (32 channels)" in (
+        sparsifier.channels.unrounded_note()
+    )
+
+
+def test_a_group_at_its_multiple_keeps_it_when_the_plan_takes_half_a_multiple():
+    """The last removal with 4 channels still to go, all of them (the lowest ranked) in a group
+    already at 16 of its 32 channels, multiple_of 8: 12 is as near 8 as 16, and the group keeps
+    its 16 rather than losing 8."""
+    model, optimizer, sparsifier = removing(share=20 / 72, multiple_of=8)
+    channels = sparsifier.channels
+    channels.remove({"8": list(range(16))}, optimizer)
+    channels.score = lambda group: torch.full((group.channels,), 0.0 if group.name == "8" else 1.0)
+    assert channels.removal.target(1, channels.total) - channels.removed == 4
+    assert channels.choose(4, sparsifier.active_count(), last=True) == {}
+    channels.removal = ChannelRemoval(share=22 / 72, multiple_of=8)  # 6 to go: 10 is nearer 8
+    assert {n: len(c) for n, c in channels.choose(6, sparsifier.active_count(), last=True).items()} == {
+        "8": 8
+    }

@@ -1,6 +1,7 @@
 """Hostile input through the real CLI: files that would run code, absurd values, broken YAML,
 two processes on one run. Each must end in one line and exit 2, with no side effect."""
 
+import contextlib
 import copy
 import os
 import pickle
@@ -36,7 +37,15 @@ class Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-def dsrpipe(*args, cwd, timeout=300):
+def dsrpipe(*args, cwd):
+    """`dsrpipe ARGS` from `cwd` in this process, as a finished process: its exit code, stdout and
+    stderr are the CLI's (test_a_bad_yaml_file_is_one_line_exit_2 runs the console command)."""
+    with contextlib.chdir(cwd):
+        result = CliRunner().invoke(app, list(map(str, args)))
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+
+
+def dsrpipe_process(*args, cwd, timeout=300):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(
         [sys.executable, "-m", "dsrpipe", *map(str, args)],
@@ -209,7 +218,7 @@ BAD_VALUES = {
 def test_a_bad_yaml_file_is_one_line_exit_2(tmp_path, case):
     content, expected = BAD_FILES[case]
     (tmp_path / "bad.yaml").write_bytes(content)
-    result = dsrpipe("run", "bad.yaml", "--out", "out", cwd=tmp_path, timeout=120)
+    result = dsrpipe_process("run", "bad.yaml", "--out", "out", cwd=tmp_path, timeout=120)
     assert_one_line_error(result, f"bad.yaml: {expected}")
     assert not (tmp_path / "out").exists()
 
@@ -242,7 +251,7 @@ def test_duplicate_keys_and_tags_are_refused_naming_them(tmp_path, text, expecte
 def test_an_absurd_value_is_one_line_exit_2(tmp_path, case):
     change, expected = BAD_VALUES[case]
     write_pipeline(tmp_path, tiny(**change), "bad.yaml")
-    result = dsrpipe("run", "bad.yaml", "--out", "out", cwd=tmp_path, timeout=120)
+    result = dsrpipe("run", "bad.yaml", "--out", "out", cwd=tmp_path)
     assert_one_line_error(result, expected)
     assert not (tmp_path / "out").exists()
 
@@ -433,8 +442,8 @@ def test_sigterm_is_a_clean_exit_143_and_validate_leaves_no_temporary_model(tmp_
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
     path = small_run(tmp_path)
-    done = dsrpipe("run", path, "--out", "out", "--no-progress", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path / "out"), "--no-progress"])
+    assert done.exit_code == 0, done.output[-2000:]
     scratch = RunDir(tmp_path / "out", "tiny").scratch
     long_validate = ["validate", path, "--out", "out", "--force", "--set", "validate.latency_runs=10000"]
 

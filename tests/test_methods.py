@@ -16,6 +16,7 @@ from dsrpipe.sparse import (
     DSR,
     METHODS,
     SET,
+    ChannelPrune,
     DeepR,
     Frozen,
     GradualPrune,
@@ -520,6 +521,35 @@ def test_prune_starts_from_the_dense_weights_and_reaches_the_exact_target(tmp_pa
         round(0.1 * m.numel()) for m in s.masks.values()
     )
     assert masked_weights_are_zero(s)
+
+
+def channel_prune(path, **options):
+    """prune-channels on the dense run at `path`, with an optimizer that leaves the weights as set."""
+    net = small_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    options = {"share": 0.5, "steps": 1, "end_iteration": 1, "total_steps": 2, "multiple_of": 1, **options}
+    s = ChannelPrune(net, opt, prune_from=path, example_inputs=torch.zeros(1, 1, 6, 6), **options)
+    return net, opt, s
+
+
+def test_prune_channels_ranks_by_the_group_not_the_filter(tmp_path):
+    """Torch-Pruning's group importance weighs every layer a channel occupies: conv2's channel 3,
+    whose own filter is the smallest of its layer but whose column in conv3 is the heaviest,
+    stays; its filter's magnitude alone would have removed it first."""
+    path, _, _ = finished_run(tmp_path / "dense.pt", "dense")
+    net, opt, s = channel_prune(path, dense_layers=False, shrink=False)
+    with torch.no_grad():
+        net.conv2.weight[3] *= 1e-3
+        net.conv3.weight[:, 3] *= 1e3
+    train_steps(net, opt, s, 1)
+    alive = s.channels.alive["conv2"]
+    assert int((~alive).sum()) > 0 and alive[3]
+
+
+def test_prune_channels_ends_at_half_of_training_by_default(tmp_path):
+    path, _, _ = finished_run(tmp_path / "dense.pt", "dense")
+    _, _, s = channel_prune(path, end_iteration=None, total_steps=40)
+    assert (s.channels.removal.begin, s.channels.removal.end) == (0, 20)
 
 
 def test_prune_refuses_sparse_and_foreign_checkpoints(tmp_path):

@@ -121,22 +121,10 @@ def test_quickstart_command_end_to_end(tmp_path):
         if p.is_file() and p.name != "run.lock"
     }  # the lock holds each run's pid
     before = outputs()
-    again = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dsrpipe",
-            "run",
-            str(ROOT / "pipelines" / "quickstart.yaml"),
-            "--out",
-            str(out),
-            "--no-progress",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    again = CliRunner().invoke(
+        app, ["run", str(ROOT / "pipelines" / "quickstart.yaml"), "--out", str(out), "--no-progress"]
     )
-    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.exit_code == 0, again.output[-2000:]
     assert again.stderr.count("already complete") == 4
     assert before == outputs()
 

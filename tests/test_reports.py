@@ -372,16 +372,11 @@ def test_a_second_compare_of_the_grid_is_refused_naming_the_first(tmp_path):
     )
     try:
         assert holder.stdout.readline().strip() == "held"
-        result = subprocess.run(
-            [sys.executable, "-m", "dsrpipe", "compare", str(grid), "--out", str(out)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        result = CliRunner().invoke(app, ["compare", str(grid), "--out", str(out)])
     finally:
         holder.kill()
         holder.wait()
-    assert result.returncode == 2, result.stderr
+    assert result.exit_code == 2, result.output
     [line] = result.stderr.strip().splitlines()
     assert (
         line

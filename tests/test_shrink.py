@@ -89,6 +89,7 @@ def test_plain_cnn_loses_its_dead_channels_and_keeps_its_logits():
     model = plain_cnn()
     shrunk, summary = shrunk_checked(model, (1, 8, 8))
     assert summary["removed_channels"] == {"conv2": 2, "conv3": 2}
+    assert summary["folds"] == 2  # channel 5 merged into channel 1, channel 0 into the fc bias
     assert (shrunk.conv2.out_channels, shrunk.bn2.num_features, shrunk.conv3.in_channels) == (14, 14, 14)
     assert (shrunk.conv3.out_channels, shrunk.bn3.num_features, shrunk.fc.in_features) == (30, 30, 30)
     keep2 = [c for c in range(16) if c not in (3, 5)]
@@ -96,6 +97,20 @@ def test_plain_cnn_loses_its_dead_channels_and_keeps_its_logits():
     assert not torch.equal(shrunk.fc.bias, model.fc.bias)  # channel 0's constant went into the bias
     assert summary["params_after"] < summary["params_before"]
     assert summary["macs_after"] < summary["macs_before"]
+
+
+def test_a_layer_whose_channels_are_all_dead_keeps_one():
+    """Every conv2 filter dead, every constant ReLU turns into 0: all of them could go, but a layer
+    keeps one channel (its lowest), so the model still runs and gives the same logits."""
+    model = with_trained_bn(
+        create_model("small-cnn", num_classes=10, in_channels=1, image_size=8, width=8), (1, 8, 8)
+    )
+    kill(model.conv2, *range(16))
+    for channel in range(16):
+        set_constant(model.bn2, channel, -0.5)
+    shrunk, summary = shrunk_checked(model, (1, 8, 8))
+    assert summary["removed_channels"] == {"conv2": 15} and summary["folds"] == 0
+    assert shrunk.conv2.out_channels == shrunk.conv3.in_channels == 1
 
 
 def test_without_the_folds_the_safety_net_refuses(monkeypatch):

@@ -34,7 +34,7 @@ import torch_pruning as tp
 from torch import nn
 
 from ..errors import UserError
-from ..sparse.slicing import LAYERS, NORMS, cut, dependency_graph, model_cost
+from ..sparse.slicing import LAYERS, cut, dependency_graph, model_cost, opaque, tracing
 
 PROBE_BATCH = 4
 # Logits may move by float rounding only: the folds change the order of the sums.
@@ -91,15 +91,16 @@ def shrink_model(
 def _remove_dead_channels(model: nn.Module, probe: torch.Tensor) -> tuple[dict[str, int], int]:
     """Shrink `model` in place; returns how many output channels each Conv2d / Linear lost, and
     how many folds that took."""
-    graph = dependency_graph(model, probe, "cannot shrink", "export without shrinking (export.shrink: false)")
     inputs = _constant_inputs(model, probe)
     # Every plan is made on the unchanged model: a removal with its folds leaves every remaining
     # layer's output as it was, so what was read for one group stays true after another's.
-    plans = [
-        plan
-        for group in list(graph.get_all_groups(root_module_types=LAYERS))
-        if (plan := _plan_group(graph, group, inputs))
-    ]
+    with tracing(model, "cannot shrink", "export without shrinking (export.shrink: false)"):
+        graph = dependency_graph(model, probe, "cannot shrink")
+        plans = [
+            plan
+            for group in list(graph.get_all_groups(root_module_types=LAYERS))
+            if (plan := _plan_group(graph, group, inputs))
+        ]
     with torch.no_grad():
         for plan in plans:
             _fold(plan)
@@ -160,9 +161,7 @@ def _plan_group(graph: tp.DependencyGraph, group, inputs) -> _Plan | None:
                 return None  # grouped/depthwise convs tie input channels to output channels
             is_out = graph.is_out_channel_pruning_fn(item.dep.handler)
             (producers if is_out else consumers).append(position)
-        elif isinstance(module, tp.ops._OutputOp) or (
-            not isinstance(module, NORMS) and any(True for _ in module.parameters(recurse=False))
-        ):
+        elif opaque(module):
             return None  # a model output, or a layer with per-channel parameters of a kind not handled here
         for idx, root in zip(item.idxs, item.root_idxs):
             by_root[root][position].append(idx)

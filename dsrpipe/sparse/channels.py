@@ -41,7 +41,7 @@ import torch_pruning as tp
 from torch import nn
 
 from ..errors import UserError
-from .slicing import LAYERS, NORMS, dependency_graph
+from .slicing import LAYERS, NORMS, dependency_graph, opaque, tracing
 
 
 @dataclass(frozen=True)
@@ -118,17 +118,34 @@ class ChannelGroup:
     tp_group: Any = None  # Torch-Pruning's group, for its importance measures
 
 
+# What a model that cannot be traced is told (slicing.tracing).
+TRACE_ADVICE = "this model cannot take channel removal (docs/methods.md lists the models that can)"
+
+
 def trace_groups(
-    model: nn.Module, example_inputs: torch.Tensor, eligible: set[str], any_writer: bool = False
+    model: nn.Module,
+    example_inputs: torch.Tensor,
+    eligible: set[str],
+    any_writer: bool = False,
+    name: str | None = None,
 ) -> list[ChannelGroup]:
     """The model's channel groups that a layer named in `eligible` writes (with `any_writer`: that
     any Conv2d or Linear writes, scored by the eligible writers if it has some), traced by
-    Torch-Pruning.
+    Torch-Pruning, within slicing.TRACE_SECONDS; a model it cannot trace is a UserError that
+    names it (`name`, else its class).
 
     Groups holding layers whose channels this cannot reason about (grouped convs, other layers
-    with per-channel parameters, the model's outputs) are left out."""
+    with per-channel parameters, bare parameters, the model's outputs) are left out."""
+    with tracing(model, "channel removal", TRACE_ADVICE, name):
+        return _groups(
+            model, dependency_graph(model, example_inputs, "channel removal"), eligible, any_writer
+        )
+
+
+def _groups(
+    model: nn.Module, graph: tp.DependencyGraph, eligible: set[str], any_writer: bool
+) -> list[ChannelGroup]:
     names = {m: n for n, m in model.named_modules()}
-    graph = dependency_graph(model, example_inputs, "channel removal")
     groups = []
     for group in graph.get_all_groups(root_module_types=LAYERS):
         members: dict[tuple[nn.Module, str], dict[int, list[int]]] = {}
@@ -141,7 +158,7 @@ def trace_groups(
                 role = "out" if graph.is_out_channel_pruning_fn(item.dep.handler) else "in"
             elif isinstance(module, NORMS):
                 role = "norm"
-            elif isinstance(module, tp.ops._OutputOp) or any(True for _ in module.parameters(recurse=False)):
+            elif opaque(module):
                 usable = False
                 continue
             else:
@@ -168,6 +185,64 @@ def trace_groups(
         scored_by = [m for m in writing if m.name in eligible] or writing
         groups.append(ChannelGroup(scored_by[0].name, channels, built, scored_by, group))
     return sorted(groups, key=lambda g: list(names.values()).index(g.name))
+
+
+def removable_groups(
+    model: nn.Module,
+    example_inputs: torch.Tensor,
+    eligible: set[str],
+    any_writer: bool = False,
+    name: str | None = None,
+) -> list[ChannelGroup]:
+    """`trace_groups`, and a UserError if there is none: what channel removal starts from."""
+    groups = trace_groups(model, example_inputs, eligible, any_writer, name)
+    if not groups:
+        raise UserError(
+            f"channel removal: {name or type(model).__name__} has no channel that a sparse layer writes "
+            "and another layer reads"
+        )
+    return groups
+
+
+def floor_count(floor: float, channels: int) -> int:
+    """The channels a group of `channels` keeps at least: `floor` of them, rounded up, and one."""
+    return max(1, math.ceil(floor * channels))
+
+
+def rounding(channels: int, floor: int, multiple_of: int) -> str:
+    """What `multiple_of` does to a group of `channels` that keeps at least `floor`: "rounded"
+    (it can end at a smaller multiple), "whole" (its width is a multiple and no smaller one is
+    above the floor: it keeps every channel), or "unrounded" (no multiple fits, as in a group
+    narrower than the multiple: it loses channels as the ranking says)."""
+    largest = (channels - 1) // multiple_of * multiple_of  # the largest multiple below the width
+    if largest >= max(floor, multiple_of):
+        return "rounded"
+    return "whole" if channels % multiple_of == 0 else "unrounded"
+
+
+def unrounded_note(channels: dict[str, int], floors: dict[str, int], multiple_of: int) -> str | None:
+    """One line naming the groups (name: channels, as built) that `multiple_of` cannot round
+    (`rounding`): those it keeps whole, those whose channels go unrounded; None if none."""
+    if multiple_of == 1:
+        return None
+    kinds: dict[str, list[str]] = {"whole": [], "unrounded": []}
+    for name, n in channels.items():
+        kind = rounding(n, floors[name], multiple_of)
+        if kind != "rounded":
+            kinds[kind].append(f"{name} ({n} channels)")
+
+    def listed(names):
+        return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+    parts = []
+    if kinds["whole"]:
+        parts.append(f"keeps {listed(kinds['whole'])} whole (no smaller multiple above the floor)")
+    if kinds["unrounded"]:
+        parts.append(
+            f"rounds nothing in {listed(kinds['unrounded'])} (no multiple between the floor and the "
+            "width): their channels go as the ranking says"
+        )
+    return f"channel removal: multiple_of {multiple_of} {'; it '.join(parts)}" if parts else None
 
 
 def mean_magnitude(group: ChannelGroup) -> torch.Tensor:
@@ -200,12 +275,7 @@ class Channels:
     ):
         self.removal, self.sparse, self.score = removal, sparse, score
         self.example_inputs, self.eligible = example_inputs, eligible
-        self.groups = trace_groups(model, example_inputs, eligible, removal.dense_layers)
-        if not self.groups:
-            raise UserError(
-                f"channel removal: {type(model).__name__} has no channel that a sparse layer writes "
-                "and another layer reads"
-            )
+        self.groups = removable_groups(model, example_inputs, eligible, removal.dense_layers)
         device = example_inputs.device
         self.alive = {g.name: torch.ones(g.channels, dtype=torch.bool, device=device) for g in self.groups}
         # Once the model is shrunk (`cut_out`) a group's channels are numbered anew: `origin` maps
@@ -214,7 +284,7 @@ class Channels:
         self.origin = {g.name: torch.arange(g.channels) for g in self.groups}
         # the output channel of the group's first writing layer that each original channel is
         self.writer_channel = {g.name: g.scored_by[0].index[:, 0].clone() for g in self.groups}
-        self.floor = {g.name: max(1, math.ceil(removal.floor * g.channels)) for g in self.groups}
+        self.floor = {g.name: floor_count(removal.floor, g.channels) for g in self.groups}
         self.total = sum(g.channels for g in self.groups)  # the removable channels
         self.shrunk = False  # whether removed channels have been cut out of the model
         self._open()
@@ -225,6 +295,10 @@ class Channels:
         self.closed = {name: torch.zeros_like(mask) for name, (_, mask) in self.sparse.items()}
         self.closed_count = dict.fromkeys(self.sparse, 0)  # elements of each `closed`
         self.keep: dict[nn.Parameter, torch.Tensor] = {}  # zero where a removed channel lives, dense params
+
+    def unrounded_note(self) -> str | None:
+        """The line that says which groups `multiple_of` cannot round, if any."""
+        return unrounded_note(self.original, self.floor, self.removal.multiple_of)
 
     @property
     def removed(self) -> int:
@@ -291,11 +365,16 @@ class Channels:
         for g in self.groups:
             now = len(live[g.name])
             wanted = now - len(chosen.get(g.name, []))
-            options = [k for k in range(step, now + 1, step) if k >= self.floor[g.name]]
-            options += [now] if now == self.original[g.name] else []
+            options = []
+            if rounding(self.original[g.name], self.floor[g.name], step) != "unrounded":
+                options = [k for k in range(step, now + 1, step) if k >= self.floor[g.name]]
+                options += [now] if now == self.original[g.name] else []
             lowest_first = sorted(live[g.name], key=lambda c: (float(scores[g.name][c]), c))
-            # the nearest allowed count first; unrounded if none fits (a group smaller than the multiple)
-            for keep in sorted(options, key=lambda k: (abs(k - wanted), k)) + [wanted]:
+            # The nearest allowed count first, at a tie the larger: a group at a multiple that the
+            # plan takes half a multiple from keeps it (the total is as near the share either
+            # way, and a removed channel never comes back). Unrounded if none fits, or none is
+            # allowed (`rounding`).
+            for keep in sorted(options, key=lambda k: (abs(k - wanted), -k)) + [wanted]:
                 trial = self._room_without(room, g, lowest_first[: now - keep])
                 if self._fits(trial, active_total):
                     room = trial

@@ -13,8 +13,12 @@ records (`cut_to_live`).
 
 from __future__ import annotations
 
+import ctypes
+import threading
+import warnings
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -27,25 +31,135 @@ LAYERS = (nn.Conv2d, nn.Linear)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
+# How long tracing a model may take. Torch-Pruning traces in pure Python, and on some models
+# never finishes (torchvision's swin_t: its index mappings through the shifted windows grow
+# without end); the slowest model that does trace, densenet121, takes about a second.
+TRACE_SECONDS = 60.0
+
+
+class _TooLong(Exception):
+    """Raised into the tracing thread once its time is up."""
+
+
+def _raise_in(thread_id: int, exception: type[BaseException]) -> None:
+    """Raise `exception` in the thread `thread_id` where it next starts a call or loops back."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(exception))
+
+
+class _TimeBound:
+    """Raise _TooLong in the thread that runs the block once it has run longer than `seconds`, and
+    again every RAISE_AGAIN seconds until the block ends (RAISES times at most).
+
+    A watchdog thread raises it into the traced thread, rather than SIGALRM: that works in any
+    thread (a signal handler runs in the main thread only) and leaves the caller's signal
+    handlers and timers alone. Again: one raised into a bare `except:` (Torch-Pruning's first
+    forward pass runs under one) or into a finalizer is lost. Never after the block: the
+    watchdog raises under a lock that the block's end takes, and that end catches one raised
+    just before it took the lock (one that lands earlier in the end makes it try again).
+    `expired` says whether it was raised (the tracing may catch it and fail otherwise)."""
+
+    RAISE_AGAIN, RAISES = 0.5, 20
+
+    def __init__(self, seconds: float):
+        self.seconds, self.expired = seconds, False
+        self._target, self._done, self._lock = threading.get_ident(), threading.Event(), threading.Lock()
+        self._watchdog = threading.Thread(target=self._watch, name="dsrpipe tracing bound", daemon=True)
+
+    def _watch(self) -> None:
+        wait = self.seconds
+        for _ in range(self.RAISES):
+            if self._done.wait(wait):
+                return
+            with self._lock:  # never once the block is left: `_done` is set under the same lock
+                if self._done.is_set():
+                    return
+                self.expired = True
+                _raise_in(self._target, _TooLong)
+            wait = self.RAISE_AGAIN
+
+    def __enter__(self) -> _TimeBound:
+        self._watchdog.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        while True:
+            try:
+                with self._lock:
+                    self._done.set()
+                _raised_before_the_lock_lands_here()
+                break
+            except _TooLong:  # raised just as the block ended: it did end
+                continue
+        self._watchdog.join()
+
+
+def _raised_before_the_lock_lands_here() -> None:
+    """A Python call: an exception raised into this thread is delivered where a call starts, so
+    one the watchdog raised before `__exit__` took the lock lands here, inside its `try`. (Taking
+    it back with PyThreadState_SetAsyncExc(NULL) instead leaves CPython's pending flag set, which
+    hangs the thread under a profiler or tracer: cProfile, coverage, a debugger.)"""
+
+
+_bounded = threading.local()
+
+
+@contextmanager
+def tracing(model: nn.Module, what: str, advice: str = "", name: str | None = None) -> Iterator[None]:
+    """Trace `model` in the block: within TRACE_SECONDS, and any failure (Torch-Pruning's
+    errors, an exception of ours on a graph we did not foresee, the time running out) a
+    UserError that says `what` needed it, of which model (`name`, else its class), and
+    `advice`, what to do instead. Nested blocks run under the outermost one's bound and message."""
+    if getattr(_bounded, "active", False):
+        yield
+        return
+    _bounded.active = True
+    bound = _TimeBound(TRACE_SECONDS)
+    try:
+        # Torch-Pruning's warnings (its shape inference giving up, say) are not the user's to act on.
+        with bound, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    except UserError:
+        raise
+    except Exception as exc:  # a model we cannot trace: say so, not a page of its internals
+        if isinstance(exc, _TooLong) or bound.expired:
+            reason = f"it took longer than {TRACE_SECONDS:g} s"
+        else:
+            reason = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"{what}: the channel dependencies of {name or type(model).__name__} could not be traced ({reason})"
+            + (f"; {advice}" if advice else "")
+        ) from None
+    finally:
+        _bounded.active = False
+
+
 def dependency_graph(
     model: nn.Module, example_inputs: torch.Tensor, what: str, advice: str = ""
 ) -> tp.DependencyGraph:
     """Torch-Pruning's dependency graph of `model`, traced in eval mode (a traced forward must not
-    move BatchNorm's running statistics); a model it cannot trace is a UserError that says `what`
-    needed it (and `advice`, what to do instead)."""
+    move BatchNorm's running statistics), under `tracing`'s bound and errors."""
     was_training = model.training
     model.eval()
     try:
-        with torch.enable_grad():  # Torch-Pruning traces through autograd
-            return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
-    except Exception as exc:  # a model Torch-Pruning cannot trace: say so, not a page of its internals
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(
-            f"{what}: the channel dependencies of {type(model).__name__} could not be traced ({message})"
-            + (f"; {advice}" if advice else "")
-        ) from None
+        with tracing(model, what, advice), torch.enable_grad():  # Torch-Pruning traces through autograd
+            # A tuple: Torch-Pruning calls model(*example_inputs) first (a tensor would be split
+            # into its samples) and, should that fail, model(example_inputs).
+            return tp.DependencyGraph().build_dependency(
+                model, example_inputs=(example_inputs,), verbose=False
+            )
     finally:
         model.train(was_training)
+
+
+def opaque(target: object) -> bool:
+    """Whether a node of a Torch-Pruning group holds something per channel that this code does
+    not slice or zero: a model output, a bare nn.Parameter (Torch-Pruning's unwrapped
+    parameters: a ViT's class token and position embedding, ConvNeXt's layer scale), or a
+    module with parameters of its own that is not a Conv2d, Linear or BatchNorm (LayerNorm)."""
+    if isinstance(target, tp.ops._OutputOp) or not isinstance(target, nn.Module):
+        return True
+    return not isinstance(target, LAYERS + NORMS) and any(True for _ in target.parameters(recurse=False))
 
 
 def out_channel_handler(layer: nn.Module):
@@ -93,23 +207,35 @@ def cut(
 ) -> Cut:
     """Remove, in place, the output channels `idxs` of each (layer, Torch-Pruning handler, idxs)
     of `removals`, with everything Torch-Pruning couples to them; every plan refers to the
-    unchanged model's indices (so: at most one removal per channel group)."""
+    unchanged model's indices (so: at most one removal per channel group).
+
+    One group after another, each traced on the model as the cuts before it left it: a layer that
+    reads a concatenation (DenseNet's) holds the channels of several groups, and where one group's
+    channels sit in it moves once another's are gone. `Cut` records the indices as built."""
     names = {m: n for n, m in model.named_modules()}
     done = Cut()
-    groups = [graph.get_pruning_group(layer, handler, idxs) for layer, handler, idxs in removals if idxs]
-    for group in groups:
+    left: dict[tuple[nn.Module, str, int], list[int]] = {}  # the indices as built still there
+    for layer, handler, idxs in removals:
+        if not idxs:
+            continue
+        group = graph.get_pruning_group(layer, handler, idxs)
+        gone: dict[tuple[nn.Module, str, int], set[int]] = defaultdict(set)  # indices as they are now
         for item in group:
             module = item.dep.target.module
             is_out = graph.is_out_channel_pruning_fn(item.dep.handler)
-            if not any(True for _ in module.parameters(recurse=False)):
+            if isinstance(module, nn.Module) and not any(True for _ in module.parameters(recurse=False)):
                 continue  # adds, reshapes, pooling: nothing of their own to slice
             for param, dim in sliced_dims(module, is_out):
                 if getattr(module, param, None) is not None:
-                    done.dropped[module, param][dim].update(int(i) for i in item.idxs)
+                    gone[module, param, dim].update(int(i) for i in item.idxs)
             if isinstance(module, LAYERS) and is_out:
                 done.removed_channels[names[module]] += len(item.idxs)
-    with torch.no_grad():
-        for group in groups:
+        for (module, param, dim), now in gone.items():
+            here = left.setdefault((module, param, dim), list(range(getattr(module, param).shape[dim])))
+            built = {here[i] for i in now}
+            done.dropped[module, param][dim] |= built
+            left[module, param, dim] = [i for i in here if i not in built]
+        with torch.no_grad():
             group.prune()
     done.removed_channels = dict(sorted(done.removed_channels.items()))
     return done

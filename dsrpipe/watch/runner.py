@@ -46,7 +46,8 @@ BUSY_WAIT = 5.0  # seconds before a job found busy (an orphan not yet gone) is t
 # A job stopped by a signal (its own exit code, or killed by it), or 255: the fork server died.
 INTERRUPTED = {EXIT_INTERRUPTED, EXIT_TERMINATED, -signal.SIGTERM, -signal.SIGINT, 255}
 # Imported once by the fork server, so that a job process starts in milliseconds, not seconds
-# (the server skips any that fail to import: the job then imports them itself).
+# (the server skips any that fail to import: the job then imports them itself); last, the
+# warm-up, which runs once what the jobs would each set up on first use.
 PRELOAD = [
     "dsrpipe.watch.job",
     "dsrpipe.pipeline",
@@ -56,6 +57,7 @@ PRELOAD = [
     "matplotlib.backends.backend_agg",
     "onnxscript",
     "torch.onnx._internal.exporter._core",
+    "dsrpipe.watch.warmup",
 ]
 
 
