@@ -14,6 +14,7 @@ from . import stopping
 from .contract import MAX_IMAGE_SIZE
 from .errors import UserError
 from .outcome import ending
+from .quantities import parse_duration, parse_size
 
 app = typer.Typer(
     add_completion=False,
@@ -300,7 +301,6 @@ def compare(
 ):
     """Run a grid of pipelines and tabulate top-1 against non-zero parameters."""
     from .compare import ClusterOptions, run_grid
-    from .watch import parse_duration, parse_size
 
     cluster = ClusterOptions(
         executor=executor,
@@ -354,23 +354,24 @@ def watch(
         "--job-memory",
         show_default=False,
         help="Memory a job may use before it is killed and failed, e.g. 8G "
-        "(default: 80% of the machine's memory / --workers).",
+        "(default: 80% of the machine's memory / --workers); on ray or slurm, what a job asks for.",
     ),
     job_timeout: str = typer.Option(
         None,
         "--job-timeout",
         show_default=False,
         help="Time an attempt of a job may run before it is killed and "
-        "failed, e.g. 90m, 12h (default: no limit).",
+        "failed, e.g. 90m, 12h (default: no limit); on ray or slurm, the job's time limit.",
     ),
     nproc_per_job: int = NprocOption,
     executor: str = ExecutorOption,
     address: str = AddressOption,
     gpus_per_job: int = typer.Option(0, "--gpus-per-job", help="GPUs per job (ray, slurm)."),
     cpus_per_job: int = typer.Option(1, "--cpus-per-job", help="CPUs per job (ray, slurm)."),
+    partition: str = PartitionOption,
 ):
     """Watch a drop folder: run each pipeline YAML or dataset dropped there, exactly once."""
-    from .watch import WatchOptions, parse_duration, parse_size
+    from .watch import WatchOptions
     from .watch import watch as run_watch
 
     run_watch(
@@ -392,6 +393,7 @@ def watch(
             address=address,
             gpus_per_job=gpus_per_job,
             cpus_per_job=cpus_per_job,
+            partition=partition,
         )
     )
 

@@ -56,6 +56,7 @@ from .config import (
 from .errors import UserError
 from .executors import LOST, Executor, JobSpec, Resources, make_executor
 from .plots import write_accuracy_vs_params
+from .quantities import parse_size
 from .rundir import STALE, RunDir, read_report, training_stages
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$"
@@ -362,8 +363,7 @@ def cluster_settings(grid: Grid, base: dict[str, Any], source: str) -> ClusterCo
 def _resources(cluster: ClusterConfig, opts: ClusterOptions, nproc: int) -> Resources:
     memory = opts.memory
     if memory is None and cluster.memory is not None:
-        number, unit = float(cluster.memory[:-1]), cluster.memory[-1]
-        memory = int(number * 1024 ** " KMGT".index(unit))
+        memory = parse_size(cluster.memory)
     return Resources(
         cpus=cluster.cpus if opts.cpus is None else opts.cpus,
         gpus=cluster.gpus if opts.gpus is None else opts.gpus,

@@ -1,7 +1,13 @@
-"""The suite's one hook: the torchvision matrix (tests/test_tracing.py) starts in the background
-as soon as it is collected, so that its exports run while the rest of the suite does."""
+"""What the suite shares across modules: the torchvision matrix (tests/test_tracing.py), started
+in the background as soon as it is collected, so that its exports run while the rest of the
+suite does; and one local `dsrpipe compare` of a small grid (test_reports, test_cluster)."""
 
-from . import test_tracing
+import subprocess
+import sys
+
+import pytest
+
+from . import test_reports, test_tracing
 
 
 def pytest_collection_finish(session):
@@ -11,3 +17,19 @@ def pytest_collection_finish(session):
         for item in session.items
     ):
         test_tracing.start_matrix()
+
+
+@pytest.fixture(scope="session")
+def local_grid(tmp_path_factory):
+    """test_reports' grid (dsr and static, two seeds) run once by a local `dsrpipe compare --jobs 2`,
+    as a user runs it: (grid, --out, the finished process). Read it, never change it (copy first):
+    the same grid on Ray must give its rows."""
+    tmp = tmp_path_factory.mktemp("local-grid")
+    grid, out = test_reports.write_grid(tmp), tmp / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "dsrpipe", "compare", str(grid), "--out", str(out), "--jobs", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return grid, out, result

@@ -15,11 +15,13 @@ import yaml
 from typer.testing import CliRunner
 
 from dsrpipe.cli import app
+from dsrpipe.errors import UserError
 from dsrpipe.executors import JobSpec, Resources
 from dsrpipe.executors.base import PROBE_ENV
 from dsrpipe.executors.ray import LOCAL_ENV
 
 from . import helpers
+from .test_hostile import assert_one_line_error, dsrpipe
 from .test_reports import small
 from .test_watch import jobs, pipeline
 
@@ -50,12 +52,17 @@ def write_grid(tmp_path, **changes):
     return path
 
 
+def with_ray_env():
+    """The environment, with what the test's Ray start added (its auth mode, which clients need)."""
+    return {**os.environ, **ENV}
+
+
 def compare(*args, timeout=300):
     return subprocess.run(
         [sys.executable, "-m", "dsrpipe", "compare", *map(str, args)],
         capture_output=True,
         text=True,
-        env={**os.environ, **ENV},  # what Ray's start added (its auth mode)
+        env=with_ray_env(),
         timeout=timeout,
     )
 
@@ -115,25 +122,49 @@ def listening(pids):
 
 
 # --- Ray -----------------------------------------------------------------------------------------
-def test_a_grid_on_ray_has_the_rows_of_a_local_run_and_ray_listens_on_loopback(tmp_path, ray_address):
-    grid = write_grid(tmp_path, sparsities=[0.8, 0.9])  # 4 runs
-    on_ray = compare(
-        grid, "--out", tmp_path / "ray", "--jobs", "2", "--executor", "ray", "--address", ray_address
-    )
+def test_a_grid_on_ray_cancels_on_ctrl_c_resumes_and_has_the_rows_of_a_local_run(
+    tmp_path, ray_address, local_grid
+):
+    """test_reports' 4-run grid on Ray: stopped with Ctrl-C once its jobs are submitted (they are
+    cancelled, and it says so), run again to its end; its table has the local run's rows, and
+    Ray listens on loopback only."""
+    grid, local_out, local = local_grid
+    assert local.returncode == 0, local.stderr[-3000:]
+    out = tmp_path / "ray"
+    args = [grid, "--out", out, "--jobs", "2", "--executor", "ray", "--address", ray_address]
+    log = tmp_path / "interrupted.log"
+    with open(log, "w") as stderr:
+        first = subprocess.Popen(
+            [sys.executable, "-m", "dsrpipe", "compare", *map(str, args)],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env=with_ray_env(),
+        )
+    deadline = time.monotonic() + 120
+    while log.read_text().count("submitted to ray as dsrpipe-compare-") < 2:
+        assert time.monotonic() < deadline and first.poll() is None, log.read_text()
+        time.sleep(0.1)
+    first.send_signal(signal.SIGINT)
+    assert first.wait(timeout=60) == 130, log.read_text()
+    assert "cancelled 2 ray job(s)" in log.read_text(), log.read_text()
+    jobs_of_the_grid = lambda: [p for p in ray_processes() if str(out).encode() in cmdline(p)]  # noqa: E731
+    deadline = time.monotonic() + 30
+    while jobs_of_the_grid():
+        assert time.monotonic() < deadline, "a cancelled job still runs"
+        time.sleep(0.2)
+
+    on_ray = compare(*args)
     assert on_ray.returncode == 0, on_ray.stderr[-3000:]
-    assert "submitted to ray as dsrpipe-compare-" in on_ray.stderr
     seen = listening(ray_processes())
     assert seen and all(ip.is_loopback for ip in seen), seen
-    local = compare(grid, "--out", tmp_path / "local", "--jobs", "2")
-    assert local.returncode == 0, local.stderr[-3000:]
-    ray_rows, local_rows = rows(tmp_path / "ray/g/results.csv"), rows(tmp_path / "local/g/results.csv")
+    ray_rows, local_rows = rows(out / "g/results.csv"), rows(local_out / "g/results.csv")
     assert len(ray_rows) == 4 and ray_rows == local_rows
 
 
 def test_a_killed_ray_worker_is_retried_and_the_run_resumes(tmp_path, ray_address):
     from dsrpipe.executors.ray import RayExecutor
 
-    raw = fast("k", epochs=40)
+    raw = fast("k", epochs=60)
     (tmp_path / "k.yaml").write_text(yaml.safe_dump(raw))
     executor = RayExecutor(Resources(cpus=1), "dsrpipe-test-kill", ray_address)
     log = tmp_path / "k.log"
@@ -169,11 +200,11 @@ def test_watch_on_ray_reattaches_after_a_kill_9_and_runs_each_job_once(tmp_path,
     (drop / "a.yaml").write_text(pipeline(epochs=3))
     (drop / "b.yaml").write_text(pipeline(epochs=1, seed=1))
     args = ("--executor", "ray", "--address", ray_address, "--workers", "2")
-    w = Watcher(tmp_path, drop, out, *args)
+    w = Watcher(tmp_path, drop, out, *args, env=with_ray_env())
     w.wait_for(lambda: any(j["engine_job"] for j in jobs(drop)), "a job on ray")
     w.proc.kill()
     w.proc.wait()
-    w = Watcher(tmp_path, drop, out, *args)
+    w = Watcher(tmp_path, drop, out, *args, env=with_ray_env())
     try:
         w.wait_for(
             lambda: len(jobs(drop)) == 2 and all(j["state"] == "done" for j in jobs(drop)), "both done", 180
@@ -188,39 +219,33 @@ def test_watch_on_ray_reattaches_after_a_kill_9_and_runs_each_job_once(tmp_path,
 
 
 # --- Slurm (submitit's local executor) -------------------------------------------------------------
-def test_a_grid_through_submitit_locally(tmp_path):
-    grid = write_grid(tmp_path, cluster={"local": True, "cpus": 1})
-    result = compare(grid, "--out", tmp_path / "out", "--jobs", "2", "--executor", "slurm")
-    assert result.returncode == 0, result.stderr[-3000:]
-    table = rows(tmp_path / "out/g/results.csv")
-    assert [r["status"] for r in table] == ["ok", "ok"]
-    assert "submitted to slurm as" in result.stderr
-
-
-def test_a_preempted_slurm_job_is_requeued_and_resumes(tmp_path):
-    pytest.importorskip("submitit")
-    from dsrpipe.executors.slurm import SlurmExecutor
-
-    (tmp_path / "p.yaml").write_text(yaml.safe_dump(fast("p", epochs=40)))
-    executor = SlurmExecutor(Resources(cpus=1), tmp_path / "slurm", local=True)
-    log = tmp_path / "p.log"
-    spec = JobSpec(
-        "p",
-        "dsrpipe",
-        ["run", str(tmp_path / "p.yaml"), "--out", str(tmp_path / "out"), "--no-progress"],
-        log,
-        dict(ENV),
-    )
-    job = executor.submit(spec)
+def test_a_grid_through_submitit_locally_where_a_preempted_job_is_requeued_and_resumes(tmp_path):
+    grid = write_grid(tmp_path, base=fast(epochs=60), cluster={"local": True, "cpus": 1})
+    with open(tmp_path / "compare.log", "w") as stderr:
+        compare = subprocess.Popen(
+            [sys.executable, "-m", "dsrpipe", "compare", str(grid), "--out", str(tmp_path / "out")]
+            + ["--jobs", "2", "--executor", "slurm"],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env=ENV,
+        )
+    log = tmp_path / "out/g/logs/g-dsr-s0.9-seed0.log"
     deadline = time.monotonic() + 120
     while "train epoch 3/" not in (log.read_text() if log.exists() else ""):
-        assert time.monotonic() < deadline and executor.poll(job) is None, log.read_text()
+        assert time.monotonic() < deadline and compare.poll() is None, (tmp_path / "compare.log").read_text()
         time.sleep(0.1)
-    executor.interrupt(job)  # SIGUSR2, as Slurm sends it before preemption
-    assert executor.wait(job, timeout=180) == 0, log.read_text()
+    # Slurm's preemption signal, as Slurm sends it: to every process of the job's step, the
+    # submitit task that runs the job and the dsrpipe run it started
+    [run] = [p for p in helpers._tree(compare.pid) if b"g-dsr-s0.9-seed0.yaml" in cmdline(p)]
+    for pid in [parent(run), *helpers._tree(run)]:
+        os.kill(pid, signal.SIGUSR2)
+    assert compare.wait(timeout=240) == 0, (tmp_path / "compare.log").read_text()
+    assert "submitted to slurm as" in (tmp_path / "compare.log").read_text()
+    assert [r["status"] for r in rows(tmp_path / "out/g/results.csv")] == ["ok", "ok"]
     text = log.read_text()
     assert text.count("$ python -m dsrpipe run") == 2 and "train: resuming after epoch" in text, text
-    assert (tmp_path / "out/p/model.onnx").exists()
+    # the run was stopped gently (submitit's handler turned the signal into a SIGTERM), not killed
+    assert "terminated: completed epochs are checkpointed" in text, text
 
 
 def test_dry_run_prints_the_sbatch_script_and_submits_nothing(tmp_path):
@@ -237,53 +262,84 @@ def test_dry_run_prints_the_sbatch_script_and_submits_nothing(tmp_path):
 
 
 # --- bad input -------------------------------------------------------------------------------------
-def one_line_exit_2(args, tmp_path, **env):
-    result = subprocess.run(
-        [sys.executable, "-m", "dsrpipe", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env={**ENV, **env},
-        timeout=120,
-    )
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
-
-
 def test_bad_cluster_input_is_one_line_and_submits_nothing(tmp_path, monkeypatch):
     grid = write_grid(tmp_path)
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    compare_args = ["compare", grid, "--out", out]
+
+    def refused(*args, expected):
+        assert_one_line_error(dsrpipe("compare", grid, "--out", out, *args, cwd=tmp_path), expected)
+
     # an address where nothing listens
-    assert "cannot reach the Ray cluster at 127.0.0.1:9" in one_line_exit_2(
-        [*compare_args, "--executor", "ray", "--address", "127.0.0.1:9"], tmp_path
+    refused(
+        "--executor",
+        "ray",
+        "--address",
+        "127.0.0.1:9",
+        expected="cannot reach the Ray cluster at 127.0.0.1:9",
     )
     # zero or negative resources
-    assert "cpus per job" in one_line_exit_2(
-        [*compare_args, "--executor", "slurm", "--cpus-per-job", "0"], tmp_path
-    )
-    assert "gpus per job" in one_line_exit_2(
-        [*compare_args, "--executor", "ray", "--gpus-per-job", "-1"], tmp_path
-    )
+    refused("--executor", "slurm", "--cpus-per-job", "0", expected="cpus per job")
+    refused("--executor", "ray", "--gpus-per-job", "-1", expected="gpus per job")
     # slurm with no sbatch and no `cluster: local`
-    assert "no sbatch" in one_line_exit_2(
-        [*compare_args, "--executor", "slurm"], tmp_path, PATH="/nonexistent"
-    )
+    with monkeypatch.context() as env:
+        env.setenv("PATH", "/nonexistent")
+        refused("--executor", "slurm", expected="no sbatch")
     # the output folder the workers write is not the one read here
-    elsewhere = tmp_path / "worker-disk"
-    local_grid = write_grid(tmp_path, cluster={"local": True})
-    line = one_line_exit_2(
-        ["compare", local_grid, "--out", out, "--executor", "slurm"], tmp_path, **{PROBE_ENV: str(elsewhere)}
-    )
-    assert f"the output folder {out / 'g' / 'runs'} is not shared" in line
+    write_grid(tmp_path, cluster={"local": True})
+    with monkeypatch.context() as env:
+        env.setenv(PROBE_ENV, str(tmp_path / "worker-disk"))
+        refused("--executor", "slurm", expected=f"the output folder {out / 'g' / 'runs'} is not shared")
     assert not (out / "g" / "runs").exists() or not any((out / "g" / "runs").iterdir())
+    # submitit's pickles (loaded to run a job, and to read its result) only in a folder no one else
+    # can write; for watch, never where drops are written
+    (out / "g" / "slurm").mkdir(parents=True, exist_ok=True)
+    (out / "g" / "slurm").chmod(0o777)
+    refused("--executor", "slurm", expected="must be a folder of this user's that no one else can write")
+    (tmp_path / "drop").mkdir()
+    assert_one_line_error(
+        dsrpipe("watch", "drop", "--out", "drop/models", "--executor", "slurm", cwd=tmp_path),
+        "--out must be outside the drop folder",
+    )
     # without the extra installed
     for module, engine in (("ray", "ray"), ("submitit", "slurm")):
-        monkeypatch.setitem(sys.modules, module, None)
-        result = CliRunner().invoke(app, [*map(str, compare_args), "--executor", engine])
-        assert result.exit_code == 2 and result.output.strip() == (
-            f"error: --executor {engine} needs the {engine} extra: pip install 'dsrpipe[{engine}]'"
-        ), result.output
+        with monkeypatch.context() as missing:
+            missing.setitem(sys.modules, module, None)
+            refused(
+                "--executor",
+                engine,
+                expected=f"error: --executor {engine} needs the {engine} extra: pip install 'dsrpipe[{engine}]'",
+            )
     assert (out / "keep.txt").read_text() == "mine" and not (out / "g" / "logs").exists()
+
+
+def test_watch_asks_the_engine_for_the_jobs_limits(tmp_path, monkeypatch):
+    """watch's job options become what each engine job asks for: the resources the daemon builds,
+    and the sbatch parameters they make."""
+    from dsrpipe.executors.slurm import SlurmExecutor
+    from dsrpipe.watch import daemon
+
+    asked = {}
+
+    def executor_made(engine, resources, **where):
+        asked.update(engine=engine, resources=resources)
+        raise UserError("enough: the daemon would start now")
+
+    monkeypatch.setattr(daemon, "make_executor", executor_made)
+    (tmp_path / "drop").mkdir()
+    limits = ["--job-memory", "8G", "--job-timeout", "90m", "--cpus-per-job", "4", "--gpus-per-job", "2"]
+    result = dsrpipe(
+        "watch", "drop", "--out", "models", "--executor", "slurm", "--partition", "gpu", *limits, cwd=tmp_path
+    )
+    assert_one_line_error(result, "enough: the daemon would start now")
+    wanted = Resources(cpus=4, gpus=2, nproc=1, memory=8 * 2**30, time=5400.0, partition="gpu")
+    assert asked == {"engine": "slurm", "resources": wanted}
+    sbatch = SlurmExecutor(wanted, tmp_path / "slurm", dry_run=True).parameters()
+    assert {k: sbatch[k] for k in ("partition", "mem", "time", "gpus_per_node", "cpus_per_task")} == {
+        "partition": "gpu",
+        "mem": "8192M",
+        "time": 90,
+        "gpus_per_node": 2,
+        "cpus_per_task": 4,
+    }

@@ -22,12 +22,11 @@ import yaml
 
 from dsrpipe.config import parse_pipeline
 from dsrpipe.errors import UserError
-from dsrpipe.watch import parse_duration, parse_size
+from dsrpipe.quantities import format_size, parse_duration, parse_size
 from dsrpipe.watch.drops import DEFAULT_TEMPLATE, IntakeError, content_hash, drop_stem, slug, stamp
 from dsrpipe.watch.job import confine_paths
 from dsrpipe.watch.journal import Journal
 from dsrpipe.watch.limits import group_memory
-from dsrpipe.watch.options import format_size
 
 from . import helpers
 from .helpers import write_tree

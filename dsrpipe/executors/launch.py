@@ -12,12 +12,12 @@ from pathlib import Path
 
 from ..distributed import Launch
 from .base import JobSpec, job_env
-from .processes import die_with_parent
+from .processes import as_worker_child
 
 TIMED_OUT = 124  # a job that ran past its time limit (as timeout(1) says it)
 
 
-def start(spec: JobSpec, nproc: int, threads: int, *, with_parent: bool = False):
+def start(spec: JobSpec, nproc: int, threads: int, *, in_worker: bool = False):
     """The job's processes, started: (Popen, Launch). Its output goes to the end of its log."""
     if spec.module == "dsrpipe":
         launch = Launch(nproc, spec.args)
@@ -38,7 +38,7 @@ def start(spec: JobSpec, nproc: int, threads: int, *, with_parent: bool = False)
             stdin=subprocess.DEVNULL,
             env={**job_env(spec, threads), **launch.env},
             cwd=spec.cwd,
-            preexec_fn=die_with_parent if with_parent else None,
+            preexec_fn=as_worker_child if in_worker else None,
         )
     return process, launch
 
@@ -47,7 +47,7 @@ def run_to_end(spec: JobSpec, nproc: int, threads: int, time_limit: float | None
     """Run the job where this is called (an engine's worker) and return its exit code. The
     processes die with this one (a killed worker leaves no job behind); an exception here (the
     worker asked to stop) stops them first, gently, so that their last epoch is checkpointed."""
-    process, launch = start(spec, nproc, threads, with_parent=True)
+    process, launch = start(spec, nproc, threads, in_worker=True)
     try:
         try:
             return process.wait(timeout=time_limit)

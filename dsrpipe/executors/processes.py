@@ -50,10 +50,14 @@ def signal_group(pid: int, sig: int) -> None:
         pass
 
 
-def die_with_parent() -> None:
-    """In a child, before exec: SIGKILL when the process that started it dies (Linux), so that
-    a job never outlives the engine worker that runs it (a killed worker's retry would find it
-    still holding the run)."""
+def as_worker_child() -> None:
+    """In a job started by an engine's worker, before exec:
+    - SIGKILL when the worker dies (Linux), so that a job never outlives it (a killed worker's
+      retry would find it still holding the run);
+    - Slurm's preemption signal ignored: Slurm sends it to every process of the step, and the
+      worker (submitit) answers it by stopping the job gently (SIGTERM: it checkpoints) and
+      requeueing; by default it would kill the job before its checkpoint."""
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):  # not Linux: the engine's own cleanup has to do

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -45,6 +46,11 @@ def _ray():
     return ray
 
 
+def _ray_started() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
 def start_local(cpus: int | None = None, gpus: int | None = None) -> str:
     """A local Ray in this process, on loopback only; its GCS address (for --address)."""
     os.environ.update(LOCAL_ENV)  # before Ray is imported (it reads them then); its processes inherit them
@@ -68,12 +74,7 @@ def connect(address: str | None) -> None:
     if address is None:
         start_local()
         return
-    host = address.rpartition(":")[0].strip("[]")
-    if host in ("127.0.0.1", "localhost", "::1"):  # a local Ray on loopback: this driver's node too
-        os.environ.update(LOCAL_ENV)
-    ray = _ray()
-    if ray.is_initialized():
-        return
+    node = {}
     if address != "auto":
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
@@ -82,8 +83,19 @@ def connect(address: str | None) -> None:
             socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT).close()
         except OSError as exc:
             raise UserError(f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}") from None
+        if host.strip("[]") in ("127.0.0.1", "localhost", "::1"):  # a local Ray: this driver on loopback too
+            os.environ.update(LOCAL_ENV)
+            node = {"_node_ip_address": LOOPBACK}
+    ray = _ray()
+    if ray.is_initialized():  # a caller of the API that joined a cluster already
+        joined = ray.get_runtime_context().gcs_address
+        if address not in ("auto", joined):
+            raise UserError(
+                f"--address {address}: this process has joined the Ray cluster at {joined} already"
+            )
+        return
     try:
-        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, configure_logging=False, **node)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise UserError(
             f"cannot join the Ray cluster at {address}: {' '.join(str(exc).split())[:300]}"
@@ -143,9 +155,9 @@ class RayExecutor(Executor):
 
     def __init__(self, resources: Resources, owner: str, address: str | None = None):
         super().__init__(resources)
+        self.started = address is None and not _ray_started()  # a local Ray of its own
+        connect(address)  # first: it sets what Ray reads when it is imported
         ray = self.ray = _ray()
-        self.started = address is None and not ray.is_initialized()  # a local Ray of its own
-        connect(address)
         self.address, self.owner = address, owner
         if resources.gpus and not ray.cluster_resources().get("GPU"):
             raise UserError(f"--gpus-per-job {resources.gpus}: the Ray cluster has no GPUs")

@@ -14,10 +14,12 @@ import math
 import os
 import shlex
 import shutil
+import stat
 import sys
 from pathlib import Path
 
 from ..errors import EXIT_INTERRUPTED, UserError
+from ..files import shown
 from . import launch
 from .base import LOST, PROBE_ENV, Executor, JobSpec, Resources, missing_extra, write_marker
 
@@ -31,6 +33,22 @@ def _submitit():
     except ImportError:
         raise missing_extra("slurm") from None
     return submitit
+
+
+def private_folder(folder: Path) -> None:
+    """submitit's folder holds the jobs' pickles, which this process and the workers load: it
+    must be this user's alone (made 0700 when new; else owned by this user, not a link, and
+    writable by no one else). One line naming it otherwise."""
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = os.lstat(folder)
+    except OSError as exc:
+        raise UserError(f"cannot create the Slurm jobs' folder {shown(folder)}: {exc.strerror}") from None
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise UserError(
+            f"the Slurm jobs' folder {shown(folder)} must be a folder of this user's that no one else "
+            "can write: it holds the jobs' pickles, which are loaded to run them"
+        )
 
 
 class SlurmTask:
@@ -78,6 +96,7 @@ class SlurmExecutor(Executor):
         self.jobs: dict[str, object] = {}
         if dry_run:  # nothing is submitted: no Slurm needed to write the script
             return
+        private_folder(self.folder)
         minutes = math.ceil(resources.time / 60) if resources.time else DEFAULT_TIME_MIN
         if local:
             self.executor = submitit.LocalExecutor(self.folder)
@@ -138,10 +157,6 @@ class SlurmExecutor(Executor):
         job = self._job(job_id)
         if job is not None:
             job.cancel(check=False)
-
-    def interrupt(self, job_id: str) -> None:
-        """Send the job Slurm's preemption signal, as submitit does (local jobs; tests)."""
-        self.jobs[job_id]._interrupt()
 
     def probe(self, folder: Path, token: str):
         job = self.executor.submit(write_marker, str(folder), token, os.environ.get(PROBE_ENV))

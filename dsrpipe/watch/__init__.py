@@ -21,7 +21,7 @@ drop and output folders, names are bytes, and no drop can stop the daemon.
 """
 
 from .daemon import watch
-from .options import WatchOptions, parse_duration, parse_size
+from .options import WatchOptions
 from .status import status_report
 
-__all__ = ["WatchOptions", "parse_duration", "parse_size", "status_report", "watch"]
+__all__ = ["WatchOptions", "status_report", "watch"]

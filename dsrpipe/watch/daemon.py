@@ -17,11 +17,12 @@ from typing import TypeVar
 from ..errors import DiskFull, UserError
 from ..executors import Executor, Resources, make_executor
 from ..files import disk_full, release_lock, shown, take_lock
+from ..quantities import format_size
 from . import limits
-from .drops import STATE_DIR, TEMPLATE_NAME
+from .drops import SLURM_DIR, STATE_DIR, TEMPLATE_NAME
 from .folder import DropFolder, log
 from .intake import Intake
-from .options import WatchOptions, default_job_memory, format_size
+from .options import WatchOptions, default_job_memory
 from .readiness import Readiness
 from .runner import Runner
 
@@ -96,9 +97,10 @@ class Daemon:
     def _serve(self) -> None:
         o = self.opts
         timeout = f", job timeout {o.job_timeout:g}s" if o.job_timeout else ""
+        memory = f", job memory {format_size(o.job_memory)}" if o.job_memory else ""
         log.info(
-            f"watching {shown(o.drop)} -> {shown(o.out)} ({o.workers} worker(s), quiet period {o.quiet:g}s, "
-            f"job memory {format_size(o.job_memory)}{timeout}{', once' if o.once else ''}"
+            f"watching {shown(o.drop)} -> {shown(o.out)} ({o.workers} worker(s), quiet period {o.quiet:g}s"
+            f"{memory}{timeout}{', once' if o.once else ''}"
             f"{', rerun' if o.rerun else ''})"
         )
         self.readiness.start()
@@ -249,6 +251,12 @@ def watch(opts: WatchOptions) -> int:
     out = Path(opts.out).expanduser().resolve()
     if out == drop:
         raise UserError("--out must not be the drop folder itself")
+    if opts.executor == "slurm" and out.is_relative_to(drop):
+        # submitit's job files are pickles that the daemon loads: never where drops are written
+        raise UserError(
+            "--executor slurm: --out must be outside the drop folder (the Slurm jobs' files, which "
+            "the daemon loads, are kept there)"
+        )
     template = Path(opts.template).expanduser().resolve() if opts.template else None
     if template is not None and not template.is_file():
         raise UserError(f"template {shown(template)} does not exist")
@@ -271,18 +279,24 @@ def watch(opts: WatchOptions) -> int:
         raise UserError(f"cannot use the state folder {shown(state)}: permission denied")
     log_file = Path(opts.log_file).expanduser().resolve() if opts.log_file else None
     _setup_logging(log_file)
-    job_memory = opts.job_memory or default_job_memory(opts.workers)
-    if not limits.AVAILABLE:
-        log.warning("no /proc here: --job-memory is not enforced")
-    executor = None
-    if opts.executor != "local":  # the jobs go to the engine; the local ones are forked here
+    job_memory, executor = opts.job_memory, None
+    if opts.executor == "local":  # jobs forked here, under the runner's limits
+        job_memory = job_memory or default_job_memory(opts.workers)
+        if not limits.AVAILABLE:
+            log.warning("no /proc here: --job-memory is not enforced")
+    else:  # jobs sent to the engine, which holds them to what they ask for
+        resources = Resources(
+            cpus=opts.cpus_per_job,
+            gpus=opts.gpus_per_job,
+            nproc=opts.nproc_per_job,
+            memory=opts.job_memory,
+            time=opts.job_timeout,
+            partition=opts.partition,
+        )
+        # the same after a restart: the daemon re-attaches to its jobs through it
+        owner = f"dsrpipe-watch-{hashlib.sha256(str(drop).encode()).hexdigest()[:12]}"
         executor = make_executor(
-            opts.executor,
-            Resources(cpus=opts.cpus_per_job, gpus=opts.gpus_per_job, nproc=opts.nproc_per_job),
-            # the same after a restart: the daemon re-attaches to its jobs through it
-            owner=f"dsrpipe-watch-{hashlib.sha256(str(drop).encode()).hexdigest()[:12]}",
-            folder=state / "slurm",
-            address=opts.address,
+            opts.executor, resources, owner=owner, folder=out / SLURM_DIR / owner, address=opts.address
         )
         out.mkdir(parents=True, exist_ok=True)
         executor.check_storage(out)

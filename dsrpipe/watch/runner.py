@@ -31,11 +31,12 @@ from ..errors import (
 from ..executors.base import LOST, Executor, JobSpec
 from ..executors.processes import ForkServer, signal_group
 from ..files import disk_full, shown
+from ..quantities import format_size
 from ..rundir import RunDir
 from .drops import ERROR_SUFFIX
 from .folder import DropFolder, log, try_lock
 from .limits import group_memory
-from .options import WatchOptions, format_size
+from .options import WatchOptions
 
 MAX_ATTEMPTS = 10  # starts of one job (each interruption costs one) before it is failed
 STOP_TIMEOUT = 30.0  # seconds a job gets to stop on SIGTERM before SIGKILL
@@ -97,7 +98,11 @@ class Runner:
                         None, job, time.monotonic(), announced=True, engine_job=job["engine_job"]
                     )
                     self.folder.event(
-                        job["name"], "reattached", id=job["id"], engine=job["engine"], job=job["engine_job"]
+                        job["name"],
+                        "reattached",
+                        id=job["id"],
+                        engine=job["engine"],
+                        engine_job=job["engine_job"],
                     )
                     continue
             else:
@@ -266,7 +271,7 @@ class Runner:
                 id=r.job["id"],
                 attempt=r.job["attempts"],
                 engine=self.executor.name,
-                job=r.engine_job,
+                engine_job=r.engine_job,
             )
         self.folder.journal.update(r.job["id"], pid=r.proc.pid)
         self.folder.event(r.job["name"], "running", id=r.job["id"], attempt=r.job["attempts"], pid=r.proc.pid)
