@@ -6,6 +6,7 @@ import io
 import ipaddress
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -218,3 +219,10 @@ def unprivileged() -> list[str] | None:
         except OSError:
             return None
     return prefix if result.returncode == 0 and result.stdout.strip() == "denied" else None
+
+
+def sigint_as_a_terminal_sends_it() -> None:
+    """preexec_fn of a child that a test sends SIGINT: a shell's background job (`pytest &`)
+    starts with SIGINT ignored, and a child inherits that (dsrpipe keeps an ignored signal
+    ignored, as nohup wants); the test means Ctrl-C at a terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -3,6 +3,7 @@ loopback) shared by the Ray tests, submitit's local executor for Slurm (`cluster
 
 import csv
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -139,6 +140,7 @@ def test_a_grid_on_ray_cancels_on_ctrl_c_resumes_and_has_the_rows_of_a_local_run
             stdout=subprocess.DEVNULL,
             stderr=stderr,
             env=with_ray_env(),
+            preexec_fn=helpers.sigint_as_a_terminal_sends_it,
         )
     deadline = time.monotonic() + 120
     while log.read_text().count("submitted to ray as dsrpipe-compare-") < 2:
@@ -192,27 +194,74 @@ def test_a_killed_ray_worker_is_retried_and_the_run_resumes(tmp_path, ray_addres
     executor.shutdown()
 
 
-def test_watch_on_ray_reattaches_after_a_kill_9_and_runs_each_job_once(tmp_path, ray_address):
+def test_watch_on_ray_reattaches_requeues_what_ray_lost_and_leaves_its_jobs_running_on_sigterm(
+    tmp_path, ray_address
+):
+    """watch --executor ray with two drops. The daemon is killed with SIGKILL while both run on
+    Ray, and b's task is then cancelled outside dsrpipe. The next daemon re-attaches a (never
+    submits it twice) and requeues b, which Ray lost; SIGTERM stops that daemon while b runs
+    again, and leaves b running. The third re-attaches b. Each job ends once, done."""
+    import ray
+
     from .test_watch import Watcher
 
     drop, out = tmp_path / "drop", tmp_path / "out"
     drop.mkdir()
     (drop / "a.yaml").write_text(pipeline(epochs=3))
-    (drop / "b.yaml").write_text(pipeline(epochs=1, seed=1))
-    args = ("--executor", "ray", "--address", ray_address, "--workers", "2")
-    w = Watcher(tmp_path, drop, out, *args, env=with_ray_env())
-    w.wait_for(lambda: any(j["engine_job"] for j in jobs(drop)), "a job on ray")
+    (drop / "b.yaml").write_text(pipeline(epochs=3, seed=1))
+
+    def daemon():
+        return Watcher(
+            tmp_path,
+            drop,
+            out,
+            "--executor",
+            "ray",
+            "--address",
+            ray_address,
+            "--workers",
+            "2",
+            env=with_ray_env(),
+        )
+
+    def job(name):
+        return next((j for j in jobs(drop) if j["name"] == name), {})
+
+    w = daemon()
+    w.wait_for(lambda: job("a").get("engine_job") and job("b").get("engine_job"), "both jobs on ray")
     w.proc.kill()
     w.proc.wait()
-    w = Watcher(tmp_path, drop, out, *args, env=with_ray_env())
+    owner, _, key = job("b")["engine_job"].partition("/")
+    ray.get(ray.get_actor(owner, namespace="dsrpipe").cancel.remote(key))  # outside dsrpipe
+
+    w = daemon()
+    w.wait_for(lambda: job("b")["state"] == "running" and job("b")["attempts"] == 2, "b submitted again")
+    assert "job=a state=reattached" in w.log() and "job=b state=queued" in w.log(), w.log()
+    assert w.stop() == 0
+    assert re.search(r"leaving [12] job\(s\) running on ray", w.log()), w.log()
+    deadline = time.monotonic() + 60  # b still runs on Ray, its daemon gone
+    while not any(
+        b"dsrpipe.watch" in cmdline(p) and str(drop).encode() in cmdline(p) for p in ray_processes()
+    ):
+        assert time.monotonic() < deadline and job("b")["state"] == "running", "b stopped with its daemon"
+        time.sleep(0.1)
+
+    # a daemon that runs its jobs here cannot re-attach b: it says so, and leaves b alone
+    local = dsrpipe("watch", drop, "--out", out, "--once", cwd=tmp_path)
+    last = local.stderr.strip().splitlines()[-1]
+    assert local.returncode == 2 and re.match(r"error: job [ab] runs on ray \(job dsrpipe-watch-", last), last
+    assert job("b")["state"] == "running"
+
+    w = daemon()
     try:
-        w.wait_for(
-            lambda: len(jobs(drop)) == 2 and all(j["state"] == "done" for j in jobs(drop)), "both done", 180
-        )
-        assert "state=reattached" in w.log()
+        w.wait_for(lambda: job("a")["state"] == job("b")["state"] == "done", "both done", 180)
+        assert "job=b state=reattached" in w.log(), w.log()
     finally:
         assert w.stop() == 0
-    assert [(j["state"], j["attempts"], j["engine"]) for j in jobs(drop)] == [("done", 1, "ray")] * 2
+    assert [(j["name"], j["state"], j["attempts"], j["engine"]) for j in jobs(drop)] == [
+        ("a", "done", 1, "ray"),
+        ("b", "done", 2, "ray"),
+    ]
     assert (out / "a" / "model.onnx").exists() and (out / "b" / "model.onnx").exists()
     status = CliRunner().invoke(app, ["status", str(drop), "--json"])
     assert '"engine_job": "dsrpipe-watch-' in status.output

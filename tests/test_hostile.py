@@ -24,6 +24,7 @@ from dsrpipe.config import load_pipeline
 from dsrpipe.errors import UserError
 from dsrpipe.rundir import RunDir
 
+from . import helpers
 from .test_pipeline import ROOT, tiny, write_pipeline
 
 
@@ -546,6 +547,7 @@ def test_a_signal_at_any_point_of_start_up_is_one_line_and_143_or_130(tmp_path):
             text=True,
             cwd=tmp_path,
             env=env,
+            preexec_fn=helpers.sigint_as_a_terminal_sends_it,
         )
     for module, proc in started.items():
         _, err = proc.communicate(timeout=300)

@@ -27,6 +27,7 @@ from ..errors import (
     EXIT_TERMINATED,
     EXIT_USER_ERROR,
     EXIT_VALIDATION,
+    UserError,
 )
 from ..executors.base import LOST, Executor, JobSpec
 from ..executors.processes import ForkServer, signal_group
@@ -92,8 +93,14 @@ class Runner:
         """Jobs left `running` by a daemon that died: an engine's job is re-attached (never
         submitted twice); a lost one, or a local process still at it (stopped first), is requeued."""
         for job in self.folder.journal.jobs("running"):
-            if self.executor is not None and job.get("engine_job"):
-                if job.get("engine") == self.executor.name and self.executor.attach(job["engine_job"]):
+            if job.get("engine_job") and (self.executor is None or job["engine"] != self.executor.name):
+                # it may still run there, and its job lock's pid is a worker's, maybe on another machine
+                raise UserError(
+                    f"job {shown(job['name'])} runs on {job['engine']} (job {job['engine_job']}): restart "
+                    f"the daemon with --executor {job['engine']} to re-attach it"
+                )
+            if job.get("engine_job"):
+                if self.executor.attach(job["engine_job"]):
                     self.running[job["id"]] = _Running(
                         None, job, time.monotonic(), announced=True, engine_job=job["engine_job"]
                     )
@@ -108,12 +115,12 @@ class Runner:
             else:
                 self._stop_orphan(job)
             RunDir(job["out"], job["name"]).sweep()
-            self.folder.journal.update(job["id"], state="queued", pid=None)
+            self.folder.journal.update(job["id"], state="queued", pid=None, engine_job=None)
+            why = "was running when the daemon stopped"
+            if job.get("engine_job"):  # the engine lost it (its node died, it was cancelled outside)
+                why = f"{job['engine']} no longer knows job {job['engine_job']}"
             self.folder.event(
-                job["name"],
-                "queued",
-                id=job["id"],
-                reason="was running when the daemon stopped; resumes from its last checkpoint",
+                job["name"], "queued", id=job["id"], reason=f"{why}; resumes from its last checkpoint"
             )
 
     def warm_up(self) -> None:
