@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from dsrpipe.cli import app
 from dsrpipe.errors import UserError
-from dsrpipe.executors import JobSpec, Resources
+from dsrpipe.executors import Resources
 from dsrpipe.executors.base import PROBE_ENV
 from dsrpipe.executors.ray import LOCAL_ENV
 
@@ -163,44 +163,17 @@ def test_a_grid_on_ray_cancels_on_ctrl_c_resumes_and_has_the_rows_of_a_local_run
     assert len(ray_rows) == 4 and ray_rows == local_rows
 
 
-def test_a_killed_ray_worker_is_retried_and_the_run_resumes(tmp_path, ray_address):
-    from dsrpipe.executors.ray import RayExecutor
-
-    raw = fast("k", epochs=60)
-    (tmp_path / "k.yaml").write_text(yaml.safe_dump(raw))
-    executor = RayExecutor(Resources(cpus=1), "dsrpipe-test-kill", ray_address)
-    log = tmp_path / "k.log"
-    spec = JobSpec(
-        "k",
-        "dsrpipe",
-        ["run", str(tmp_path / "k.yaml"), "--out", str(tmp_path / "out"), "--no-progress"],
-        log,
-        dict(ENV),
-    )
-    job = executor.submit(spec)
-    deadline = time.monotonic() + 120
-    while "train epoch 3/" not in (log.read_text() if log.exists() else ""):
-        assert time.monotonic() < deadline and executor.poll(job) is None, log.read_text()
-        time.sleep(0.1)
-    [worker] = {parent(p) for p in ray_processes() if str(tmp_path / "k.yaml").encode() in cmdline(p)}
-    os.kill(worker, signal.SIGKILL)
-    assert executor.wait(job, timeout=180) == 0, log.read_text()
-    text = log.read_text()
-    assert text.count("$ python -m dsrpipe run") == 2 and "train: resuming after epoch" in text, text
-    run = tmp_path / "out/k"
-    assert (run / "model.onnx").exists() and (run / "report.json").exists()
-    # SIGKILL may leave a checkpoint's temporary beside it, never a half-written model
-    assert not list(run.rglob(".model*")) and onnx.load(run / "model.onnx").graph.node
-    executor.shutdown()
-
-
-def test_watch_on_ray_reattaches_requeues_what_ray_lost_and_leaves_its_jobs_running_on_sigterm(
+def test_watch_on_ray_reattaches_retries_requeues_and_leaves_its_jobs_running_on_sigterm(
     tmp_path, ray_address
 ):
-    """watch --executor ray with two drops. The daemon is killed with SIGKILL while both run on
-    Ray, and b's task is then cancelled outside dsrpipe. The next daemon re-attaches a (never
-    submits it twice) and requeues b, which Ray lost; SIGTERM stops that daemon while b runs
-    again, and leaves b running. The third re-attaches b. Each job ends once, done."""
+    """watch --executor ray with two drops, through three daemons:
+    - the first is killed with SIGKILL while both jobs run on Ray; then a's task is cancelled
+      outside dsrpipe, and b's Ray worker is killed with SIGKILL mid-training;
+    - Ray retries b, which resumes from its checkpoint; the second daemon re-attaches it (never
+      submits it twice) and requeues a, which Ray lost; SIGTERM stops it with a running again,
+      and leaves its jobs running on Ray;
+    - a daemon without --executor ray refuses to take them over; the third re-attaches them.
+    Each job ends once, done, with one model and no half-written one."""
     import ray
 
     from .test_watch import Watcher
@@ -208,7 +181,8 @@ def test_watch_on_ray_reattaches_requeues_what_ray_lost_and_leaves_its_jobs_runn
     drop, out = tmp_path / "drop", tmp_path / "out"
     drop.mkdir()
     (drop / "a.yaml").write_text(pipeline(epochs=3))
-    (drop / "b.yaml").write_text(pipeline(epochs=3, seed=1))
+    subset = {"dataset": "digits", "max_train": 256, "max_test": 128}
+    (drop / "b.yaml").write_text(pipeline(epochs=40, seed=1, data=subset))
 
     def daemon():
         return Watcher(
@@ -227,42 +201,53 @@ def test_watch_on_ray_reattaches_requeues_what_ray_lost_and_leaves_its_jobs_runn
     def job(name):
         return next((j for j in jobs(drop) if j["name"] == name), {})
 
+    def processes_of(name):
+        return [p for p in ray_processes() if str(drop / ".dsrpipe" / "jobs" / name).encode() in cmdline(p)]
+
     w = daemon()
     w.wait_for(lambda: job("a").get("engine_job") and job("b").get("engine_job"), "both jobs on ray")
     w.proc.kill()
     w.proc.wait()
-    owner, _, key = job("b")["engine_job"].partition("/")
+    owner, _, key = job("a")["engine_job"].partition("/")
     ray.get(ray.get_actor(owner, namespace="dsrpipe").cancel.remote(key))  # outside dsrpipe
+    deadline = time.monotonic() + 120
+    b_log = drop / ".dsrpipe/jobs/b/engine.log"  # what the job's command printed, on the worker
+    while "train epoch 3/" not in (b_log.read_text() if b_log.exists() else ""):
+        assert time.monotonic() < deadline, "b never trained"
+        time.sleep(0.1)
+    [worker] = {parent(p) for p in processes_of("b")}
+    os.kill(worker, signal.SIGKILL)
 
     w = daemon()
-    w.wait_for(lambda: job("b")["state"] == "running" and job("b")["attempts"] == 2, "b submitted again")
-    assert "job=a state=reattached" in w.log() and "job=b state=queued" in w.log(), w.log()
+    w.wait_for(lambda: job("a")["state"] == "running" and job("a")["attempts"] == 2, "a submitted again")
+    assert "job=b state=reattached" in w.log() and "job=a state=queued" in w.log(), w.log()
     assert w.stop() == 0
     assert re.search(r"leaving [12] job\(s\) running on ray", w.log()), w.log()
-    deadline = time.monotonic() + 60  # b still runs on Ray, its daemon gone
-    while not any(
-        b"dsrpipe.watch" in cmdline(p) and str(drop).encode() in cmdline(p) for p in ray_processes()
-    ):
-        assert time.monotonic() < deadline and job("b")["state"] == "running", "b stopped with its daemon"
+    deadline = time.monotonic() + 60  # a still runs on Ray, its daemon gone
+    while not processes_of("a"):
+        assert time.monotonic() < deadline and job("a")["state"] == "running", "a stopped with its daemon"
         time.sleep(0.1)
 
-    # a daemon that runs its jobs here cannot re-attach b: it says so, and leaves b alone
+    # a daemon that runs its jobs here cannot re-attach them: it says so, and leaves them alone
     local = dsrpipe("watch", drop, "--out", out, "--once", cwd=tmp_path)
     last = local.stderr.strip().splitlines()[-1]
     assert local.returncode == 2 and re.match(r"error: job [ab] runs on ray \(job dsrpipe-watch-", last), last
-    assert job("b")["state"] == "running"
+    assert job("a")["state"] == "running"
 
     w = daemon()
     try:
         w.wait_for(lambda: job("a")["state"] == job("b")["state"] == "done", "both done", 180)
-        assert "job=b state=reattached" in w.log(), w.log()
+        assert "state=reattached" in w.log(), w.log()
     finally:
         assert w.stop() == 0
     assert [(j["name"], j["state"], j["attempts"], j["engine"]) for j in jobs(drop)] == [
-        ("a", "done", 1, "ray"),
-        ("b", "done", 2, "ray"),
+        ("a", "done", 2, "ray"),
+        ("b", "done", 1, "ray"),
     ]
-    assert (out / "a" / "model.onnx").exists() and (out / "b" / "model.onnx").exists()
+    b = b_log.read_text()
+    assert b.count("$ python -m dsrpipe.watch") == 2 and "train: resuming after epoch" in b, b
+    for name in ("a", "b"):  # SIGKILL may leave a checkpoint's temporary, never a half-written model
+        assert not list((out / name).rglob(".model*")) and onnx.load(out / name / "model.onnx").graph.node
     status = CliRunner().invoke(app, ["status", str(drop), "--json"])
     assert '"engine_job": "dsrpipe-watch-' in status.output
 

@@ -222,7 +222,7 @@ def test_compare_trains_the_dense_run_first_and_prunes_it(tmp_path):
             }
         )
     )
-    result = compare_module.run_grid(path, tmp_path / "out", echo=lambda line: None)
+    result = compare_module.run_grid(path, tmp_path / "out", jobs=2, echo=lambda line: None)
     runs = {r.method: r for r in result["runs"]}
     assert {m: r.status for m, r in runs.items()} == {"dense": "ok", "prune": "ok", "prune-channels": "ok"}, [
         r.message for r in runs.values()
