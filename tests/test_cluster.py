@@ -233,6 +233,10 @@ def test_watch_on_ray_reattaches_retries_requeues_and_leaves_its_jobs_running_on
     last = local.stderr.strip().splitlines()[-1]
     assert local.returncode == 2 and re.match(r"error: job [ab] runs on ray \(job dsrpipe-watch-", last), last
     assert job("a")["state"] == "running"
+    deadline = time.monotonic() + 120  # a ends on Ray while no daemon watches: re-attached, it is done
+    while processes_of("a") or not (out / "a" / "report.json").exists():
+        assert time.monotonic() < deadline, "a never ended"
+        time.sleep(0.2)
 
     w = daemon()
     try:

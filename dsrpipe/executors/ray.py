@@ -205,6 +205,10 @@ class RayExecutor(Executor):
             self._call("forget", job_id)
         return result
 
+    def attach(self, job_id: str) -> bool:
+        # poll() forgets a job that has ended: the submitter that re-attaches polls it next
+        return self._call("poll", job_id) != LOST
+
     def cancel(self, job_id: str) -> None:
         self._call("cancel", job_id)
 
