@@ -93,34 +93,34 @@ class Runner:
         """Jobs left `running` by a daemon that died: an engine's job is re-attached (never
         submitted twice); a lost one, or a local process still at it (stopped first), is requeued."""
         for job in self.folder.journal.jobs("running"):
-            if job.get("engine_job") and (self.executor is None or job["engine"] != self.executor.name):
+            engine_job = job.get("engine_job")
+            if engine_job and (self.executor is None or job["engine"] != self.executor.name):
                 # it may still run there, and its job lock's pid is a worker's, maybe on another machine
                 raise UserError(
-                    f"job {shown(job['name'])} runs on {job['engine']} (job {job['engine_job']}): restart "
+                    f"job {shown(job['name'])} runs on {job['engine']} (job {engine_job}): restart "
                     f"the daemon with --executor {job['engine']} to re-attach it"
                 )
-            if job.get("engine_job"):
-                if self.executor.attach(job["engine_job"]):
+            if engine_job:
+                if self.executor.attach(engine_job):
                     self.running[job["id"]] = _Running(
-                        None, job, time.monotonic(), announced=True, engine_job=job["engine_job"]
+                        None, job, time.monotonic(), announced=True, engine_job=engine_job
                     )
                     self.folder.event(
-                        job["name"],
-                        "reattached",
-                        id=job["id"],
-                        engine=job["engine"],
-                        engine_job=job["engine_job"],
+                        job["name"], "reattached", id=job["id"], engine=job["engine"], engine_job=engine_job
                     )
                     continue
             else:
                 self._stop_orphan(job)
             RunDir(job["out"], job["name"]).sweep()
-            self.folder.journal.update(job["id"], state="queued", pid=None, engine_job=None)
-            why = "was running when the daemon stopped"
-            if job.get("engine_job"):  # the engine lost it (its node died, it was cancelled outside)
-                why = f"{job['engine']} no longer knows job {job['engine_job']}"
+            if engine_job:  # the engine lost it (its node died, it was cancelled outside)
+                self._lost(job, engine_job)
+                continue
+            self.folder.journal.update(job["id"], state="queued", pid=None)
             self.folder.event(
-                job["name"], "queued", id=job["id"], reason=f"{why}; resumes from its last checkpoint"
+                job["name"],
+                "queued",
+                id=job["id"],
+                reason="was running when the daemon stopped; resumes from its last checkpoint",
             )
 
     def warm_up(self) -> None:
@@ -152,7 +152,7 @@ class Runner:
             code = r.proc.exitcode if r.engine_job is None else self.executor.poll(r.engine_job)
             if code == LOST:
                 del self.running[job_id]
-                self._lost(r)
+                self._lost(r.job, r.engine_job)
             elif code is not None:
                 r.ended = r.ended or time.monotonic()
                 self._finished(r, code)
@@ -161,15 +161,15 @@ class Runner:
                     r.proc.close()
         self.enforce_limits()
 
-    def _lost(self, r: _Running) -> None:
+    def _lost(self, job: dict[str, Any], engine_job: str) -> None:
         """The engine no longer knows the job (its node died, it was cancelled outside): queued
         again, within MAX_ATTEMPTS; it resumes from its last checkpoint."""
-        self.folder.journal.update(r.job["id"], state="queued", pid=None, engine_job=None)
+        self.folder.journal.update(job["id"], state="queued", pid=None, engine_job=None)
         self.folder.event(
-            r.job["name"],
+            job["name"],
             "queued",
-            id=r.job["id"],
-            reason=f"{self.executor.name} lost job {r.engine_job}; resumes from its last checkpoint",
+            id=job["id"],
+            reason=f"{self.executor.name} lost job {engine_job}; resumes from its last checkpoint",
         )
 
     def enforce_limits(self) -> None:
