@@ -144,6 +144,24 @@ def address(hex_address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return ipaddress.ip_address(host)
 
 
+def listening_addresses(pid: int, listening: dict[str, str]) -> list:
+    """The IPs that process `pid` listens on, from a _listening_inodes() table."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return []
+    found = []
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        inode = target.removeprefix("socket:[").removesuffix("]")
+        if target.startswith("socket:[") and inode in listening:
+            found.append(address(listening[inode]))
+    return found
+
+
 def run_listening(command, timeout, **popen):
     """Run `command` to its end, sampling every 200 ms the TCP sockets that it or any process
     under it listens on. Returns (CompletedProcess, {IP address: command line of a holder})."""
@@ -156,18 +174,11 @@ def run_listening(command, timeout, **popen):
             listening = _listening_inodes()
             for pid in _tree(proc.pid):
                 try:
-                    fds = os.listdir(f"/proc/{pid}/fd")
                     cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
                 except OSError:
                     continue
-                for fd in fds:
-                    try:
-                        target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                    except OSError:
-                        continue
-                    inode = target.removeprefix("socket:[").removesuffix("]")
-                    if target.startswith("socket:[") and inode in listening:
-                        seen[address(listening[inode])] = cmdline[:200]
+                for ip in listening_addresses(pid, listening):
+                    seen[ip] = cmdline[:200]
             done.wait(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)

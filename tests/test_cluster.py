@@ -103,23 +103,13 @@ def parent(pid):
 
 
 def listening(pids):
-    found = {}
+    """{IP: pid} of the sockets that `pids` listen on (an IPv4-mapped IPv6 address as IPv4)."""
     table = helpers._listening_inodes()
-    for pid in pids:
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            inode = target.removeprefix("socket:[").removesuffix("]")
-            if target.startswith("socket:[") and inode in table:
-                ip = helpers.address(table[inode])
-                found[getattr(ip, "ipv4_mapped", None) or ip] = pid
-    return found
+    return {
+        getattr(ip, "ipv4_mapped", None) or ip: pid
+        for pid in pids
+        for ip in helpers.listening_addresses(pid, table)
+    }
 
 
 # --- Ray -----------------------------------------------------------------------------------------
