@@ -522,7 +522,14 @@ def _one_epoch(t: _Training, epoch: int, bar: Progress) -> dict[str, Any]:
         )
     t.scheduler.step()
     train_seconds = time.perf_counter() - started
-    test_loss, test_top1 = evaluate(t.model, t.test_set, t.device, t.autocast)
+    test_loss, test_top1, nonfinite = evaluate(t.model, t.test_set, t.device, t.autocast)
+    if nonfinite or not math.isfinite(test_loss):  # a model that outputs NaN must never be exported
+        raise UserError(
+            f"{stage} diverged: {nonfinite} test outputs are NaN or infinite (test loss {test_loss}) in "
+            f"epoch {epoch + 1}, though the training loss is finite; in eval mode the model uses its "
+            f"BatchNorm running statistics, which have likely blown up: lower {stage}.lr (now "
+            f"{opt_cfg.lr}) or train with a larger batch"
+        )
     bar.remove_task(task)
     regrows = sparsifier.tracks_regrowth
     switched_off, pruned_grown = totals["switched_off"], totals["pruned_grown"]
@@ -692,12 +699,14 @@ def evaluate(
     device: torch.device,
     autocast: Callable = nullcontext,
     batch_size: int = 512,
-) -> tuple[float, float]:
-    """Mean cross-entropy and top-1 accuracy on a split, without augmentation; under torchrun
-    each rank holds its part of the split, and the sums are reduced over the ranks."""
+) -> tuple[float, float, int]:
+    """Mean cross-entropy, top-1 accuracy and the count of samples with a NaN or infinite logit on
+    a split, without augmentation; under torchrun each rank holds its part of the split, and the
+    sums are reduced over the ranks."""
     model.eval()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
+    nonfinite = torch.zeros((), dtype=torch.long, device=device)
     for x, y in dataset.batches(batch_size, shuffle=False, augment=False, seed=0, epoch=0, device=device):
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
@@ -705,10 +714,12 @@ def evaluate(
             logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
+        nonfinite += (~torch.isfinite(logits)).any(1).sum()
+    count = len(dataset)
     if distributed.active():
-        loss_sum, correct, count = distributed.all_sum(loss_sum, correct, len(dataset))
-        return loss_sum.item() / count.item(), correct.item() / count.item()
-    return loss_sum.item() / len(dataset), correct.item() / len(dataset)
+        loss_sum, correct, nonfinite, count = distributed.all_sum(loss_sum, correct, nonfinite, count)
+        count = count.item()
+    return loss_sum.item() / count, correct.item() / count, int(nonfinite.item())
 
 
 def _rng_state() -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -667,6 +668,26 @@ def test_validation_refuses_perturbed_weights(trained, test_set, tmp_path):
             min_agreement=0.99,
         )
     assert failure.value.report["top1_agreement"] >= 0.99  # caught by the logits, not the labels
+
+
+def test_validation_fails_a_model_whose_logits_are_nan(trained, test_set, tmp_path):
+    """NaN in a trained model's BatchNorm statistics: every logit is NaN in torch and in
+    onnxruntime, so they 'agree' on every sample and no threshold can see it; validate must."""
+    model = copy.deepcopy(trained.model)
+    norm = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    with torch.no_grad():
+        norm.running_var.fill_(float("nan"))
+    nan_model = export_as(model, tmp_path / "nan.onnx", test_set)
+    with pytest.raises(ValidationFailed, match="NaN or infinite logit from torch") as failure:
+        validate_onnx(nan_model["path"], model, test_set, latency_runs=1, max_abs_diff=None, min_agreement=None)
+    report = failure.value.report
+    assert failure.value.exit_code == EXIT_VALIDATION
+    assert report["nonfinite_samples"] == {"torch": report["num_test"], "onnx": report["num_test"]}
+    assert report["max_abs_logit_diff"] == float("inf")  # a number, never lost to NaN
+    # Only the torch side non-finite (the file holds the sound model): still refused, by both gates.
+    with pytest.raises(ValidationFailed, match="from torch") as failure:
+        validate_onnx(trained.int8["fp32"]["path"], model, test_set, latency_runs=1)
+    assert failure.value.report["nonfinite_samples"]["onnx"] == 0
 
 
 def test_validate_times_shipped_and_dense_side_by_side(quickstart_like, test_set, monkeypatch):

@@ -321,6 +321,34 @@ def test_divergence_stops_training_with_a_one_line_error(tmp_path):
     assert not (tmp_path / "out" / "tiny" / "train" / "last.pt").exists()  # no checkpoint of a broken epoch
 
 
+def test_nan_test_outputs_stop_training_with_a_one_line_error(tmp_path, monkeypatch):
+    """The training loss stays finite while eval mode's BatchNorm statistics blow up (planted in
+    epoch 2 here): training stops there, and last.pt keeps epoch 1, the last sound one."""
+    real_train_one_epoch = train_module.train_one_epoch
+    epochs = {"n": 0}
+
+    def blowing_up_norms(model, *args, **kwargs):
+        totals = real_train_one_epoch(model, *args, **kwargs)
+        epochs["n"] += 1
+        if epochs["n"] == 2:
+            with torch.no_grad():
+                for module in model.modules():
+                    if isinstance(module, torch.nn.BatchNorm2d):
+                        module.running_var.fill_(float("nan"))
+        return totals
+
+    monkeypatch.setattr(train_module, "train_one_epoch", blowing_up_norms)
+    path = write_pipeline(tmp_path, tiny(train={"epochs": 3, "milestones": []}))
+    result = CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path / "out"), "--no-progress"])
+    assert result.exit_code == 2, result.output
+    line = next(line for line in result.output.splitlines() if line.startswith("error:"))
+    assert "train diverged:" in line and "test outputs are NaN or infinite" in line
+    assert "epoch 2" in line and "BatchNorm" in line and "train.lr" in line
+    last = torch.load(tmp_path / "out" / "tiny" / "train" / "last.pt", weights_only=True)
+    assert last["epoch"] == 1
+    assert not (tmp_path / "out" / "tiny" / "model.onnx").exists()
+
+
 def test_stages_run_one_by_one_from_the_cli(tmp_path):
     path = write_pipeline(tmp_path, tiny(train={"epochs": 1}))
     out = tmp_path / "out"

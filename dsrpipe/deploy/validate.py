@@ -88,6 +88,9 @@ def validate_onnx(
     torch_model.eval()
     num_test = torch_correct = fp32_correct = shipped_correct = agree = shipped_agree = 0
     max_diff = 0.0
+    # Samples with a NaN or infinite logit, per model: such a model never passes, and the gates
+    # below cannot see it (every comparison with NaN is false).
+    nonfinite = {"torch": 0, "onnx": 0}
     try:
         # Same order twice (no shuffle): raw pixels for ONNX, the training normalisation for torch,
         # so a mismatch between the in-graph and the dataset normalisation shows up as a diff.
@@ -112,14 +115,21 @@ def validate_onnx(
                 )
             labels = labels.cpu().numpy()
             fp32_pred, torch_pred = fp32_logits.argmax(1), torch_logits.argmax(1)
-            shipped_pred = run_session(shipped, pixels, onnx_path).argmax(1) if quantized else fp32_pred
+            shipped_logits = run_session(shipped, pixels, onnx_path) if quantized else fp32_logits
+            shipped_pred = shipped_logits.argmax(1)
+            nonfinite["torch"] += _nonfinite_rows(torch_logits)
+            nonfinite["onnx"] += _nonfinite_rows(fp32_logits) + (
+                _nonfinite_rows(shipped_logits) if quantized else 0
+            )
             num_test += len(labels)
             fp32_correct += int((fp32_pred == labels).sum())
             shipped_correct += int((shipped_pred == labels).sum())
             torch_correct += int((torch_pred == labels).sum())
             agree += int((fp32_pred == torch_pred).sum())
             shipped_agree += int((shipped_pred == fp32_pred).sum())
-            max_diff = max(max_diff, float(np.abs(fp32_logits - torch_logits).max()))
+            # NaN or inf on either side is an unbounded difference (NaN would be lost by max()).
+            diff = np.abs(fp32_logits - torch_logits)
+            max_diff = max(max_diff, float(np.nan_to_num(diff, nan=np.inf).max()))
     finally:
         for module, training in modes.items():
             module.training = training
@@ -132,7 +142,8 @@ def validate_onnx(
         "onnx_top1": shipped_correct / num_test,  # the shipped model's
         "fp32_onnx_top1": fp32_correct / num_test,
         "top1_agreement": agree / num_test,  # float32 ONNX vs torch
-        "max_abs_logit_diff": max_diff,  # float32 ONNX vs torch
+        "max_abs_logit_diff": max_diff,  # float32 ONNX vs torch; inf where a logit is not finite
+        "nonfinite_samples": nonfinite,  # samples with a NaN or infinite logit, torch's and ONNX's
         "encoding": meta.get("encoding"),
         "quantize": meta.get("quantize", "none"),
         **(
@@ -170,10 +181,14 @@ def validate_onnx(
         report["dense_onnx_bytes"] = Path(dense_path).stat().st_size
         report["size_ratio"] = report["onnx_bytes"] / report["dense_onnx_bytes"]
 
-    failures = []
+    failures = [
+        f"{count} of {num_test} test samples get a NaN or infinite logit from {who}"
+        for who, count in (("torch", nonfinite["torch"]), ("onnxruntime", nonfinite["onnx"]))
+        if count
+    ]
     if min_top1 is not None and report["onnx_top1"] < min_top1:
         failures.append(f"ONNX top-1 {report['onnx_top1']:.4f} is below min_top1 {min_top1}")
-    if max_abs_diff is not None and max_diff > max_abs_diff:
+    if max_abs_diff is not None and np.isfinite(max_diff) and max_diff > max_abs_diff:  # inf: said above
         failures.append(
             f"max abs logit diff {max_diff:.3g} (float32 ONNX vs torch) exceeds max_abs_diff {max_abs_diff}"
         )
@@ -192,6 +207,10 @@ def validate_onnx(
         error.report = report
         raise error
     return report
+
+
+def _nonfinite_rows(logits: np.ndarray) -> int:
+    return int((~np.isfinite(logits)).any(axis=1).sum())
 
 
 def _side_by_side(
