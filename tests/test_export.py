@@ -679,7 +679,9 @@ def test_validation_fails_a_model_whose_logits_are_nan(trained, test_set, tmp_pa
         norm.running_var.fill_(float("nan"))
     nan_model = export_as(model, tmp_path / "nan.onnx", test_set)
     with pytest.raises(ValidationFailed, match="NaN or infinite logit from torch") as failure:
-        validate_onnx(nan_model["path"], model, test_set, latency_runs=1, max_abs_diff=None, min_agreement=None)
+        validate_onnx(
+            nan_model["path"], model, test_set, latency_runs=1, max_abs_diff=None, min_agreement=None
+        )
     report = failure.value.report
     assert failure.value.exit_code == EXIT_VALIDATION
     assert report["nonfinite_samples"] == {"torch": report["num_test"], "onnx": report["num_test"]}
