@@ -213,6 +213,10 @@ def _with_class_names(path: Path, to: Path, names: str) -> Path:
         ("name with a newline", "class_names must be a list of names"),
         ("a name that is no string", "class_names must be a list of names"),
         (
+            "an empty name",
+            "class_names must be a list of names (printable text without line breaks, 1 to 256",
+        ),
+        (
             "a name too long",
             "class_names must be a list of names (printable text without line breaks, 1 to 256",
         ),
@@ -243,6 +247,8 @@ def test_what_a_model_declares_is_bounded_one_line_exit_2(digits_model, tmp_path
         path = _with_class_names(path, tmp_path / "m.onnx", json.dumps(["zero\nfake\t0.99", *NAMES[1:]]))
     elif case == "a name too long":
         path = _with_class_names(path, tmp_path / "m.onnx", json.dumps(["zero" * 65, *NAMES[1:]]))
+    elif case == "an empty name":
+        path = _with_class_names(path, tmp_path / "m.onnx", json.dumps(["", *NAMES[1:]]))
     elif case == "nine names for ten":
         path = _with_class_names(path, tmp_path / "m.onnx", json.dumps(NAMES[:9]))
     else:
