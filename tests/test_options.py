@@ -429,6 +429,54 @@ def test_a_grid_override_of_a_whole_section_merges_into_the_base(tmp_path):
             plan({"dsr": {"sparsity": {axis: "static" if axis == "method" else 0.5}}})
 
 
+REMOVAL_RULE = "channel removal must begin before it ends, within train.epochs (4)"
+
+
+@pytest.mark.parametrize(
+    "method, sections, where, rule",
+    [
+        (
+            "dsr",
+            {"remove_channels": {"share": 0.5, "begin_epoch": 3, "end_epoch": 3}},
+            "sparsity.remove_channels.begin_epoch",
+            REMOVAL_RULE,
+        ),
+        (
+            "dsr",
+            {"remove_channels": {"share": 0.5, "begin_epoch": 5}},
+            "sparsity.remove_channels.begin_epoch",
+            REMOVAL_RULE,
+        ),
+        (
+            "dsr",
+            {"remove_channels": {"share": 0.5, "end_epoch": 9}},
+            "sparsity.remove_channels.end_epoch",
+            REMOVAL_RULE,
+        ),
+        ("deepr", {}, "train.weight_decay", "method 'deepr' regularises with its L1 term"),
+        ("gmp", {"begin_epoch": 3, "end_epoch": 2}, "sparsity.begin_epoch", "begin_epoch 3 must be before"),
+    ],
+    ids=["begin at end", "begin past training", "end past training", "deepr with weight decay", "gmp span"],
+)
+def test_a_rule_between_settings_names_the_setting_to_change(tmp_path, method, sections, where, rule):
+    """A rule that ties settings together, broken (channel removal within training, deepr without
+    weight decay): the one line leads with the setting to change, not with `(top level)`; so it
+    does for a grid's base file, whose text is not quoted."""
+    raw = tiny(train={"weight_decay": 0.1})  # 4 epochs
+    raw["sparsity"] = {"method": method, "sparsity": 0.9, **sections}
+    path = write_pipeline(tmp_path, raw)
+    result = CliRunner().invoke(app, ["check", str(path)])
+    assert result.exit_code == 2, result.output
+    [line] = result.output.strip().splitlines()
+    assert line.startswith(f"error: {path}: {where}: {rule}"), line
+    grid = {"name": "g", "base": path.name, "methods": [method], "sparsities": [0.9]}
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
+    with pytest.raises(
+        UserError, match=rf"g-{method}-s0.9-seed0: {where}: invalid value \(its text is not quoted"
+    ):
+        compare_module.plan_runs(*compare_module.load_grid(tmp_path / "grid.yaml"), tmp_path / "runs")
+
+
 def test_set_merges_a_section_given_as_a_mapping(tmp_path):
     """`--set sparsity={granularity: kernel}` is `--set sparsity.granularity=kernel`: the file's
     method, sparsity and N_p stay; a mapping for a method switch drops what the new method does

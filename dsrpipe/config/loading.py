@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 from ..errors import UserError
 from ..safeyaml import NOT_QUOTED, parse_yaml, read_yaml
 from .methods import METHOD_OPTIONS, switch_method
+from .schema import SettingError
 from .sections import Pipeline
 
 
@@ -24,6 +25,9 @@ def first_error(exc: ValidationError, quote: bool = True) -> tuple[str, str]:
     messages (which state the rule, not the value), never an unknown key or a message of ours."""
     first = exc.errors()[0]
     loc = [str(part) for part in first["loc"]]
+    cause = first.get("ctx", {}).get("error")
+    if isinstance(cause, SettingError):  # a rule between settings: the one it names
+        loc += cause.where.split(".")
     if first["type"] == "extra_forbidden":
         message = "unknown setting"
     elif first["type"] == "value_error" and not quote:
