@@ -1,10 +1,11 @@
 """Names: file names as text (one home below the errors that quote them and the file helpers that
-log them), and what a run name and a Slurm partition may be."""
+log them), what kind of file a name is, and what a run name and a Slurm partition may be."""
 
 from __future__ import annotations
 
 import os
 import re
+import stat
 
 SAFE_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"  # a run name is a folder name: no paths, no surprises
 # A Slurm partition (or a comma-separated list of them), as the pipeline's `cluster.partition` and
@@ -29,3 +30,17 @@ def shown(name: str | os.PathLike) -> str:
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+_KINDS = {
+    stat.S_IFREG: "a regular file",
+    stat.S_IFDIR: "a folder",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFLNK: "a symbolic link",
+}
+
+
+def file_kind(mode: int) -> str:
+    """What a file of this st_mode is, for a message: "a FIFO", "a folder", ..."""
+    return _KINDS.get(stat.S_IFMT(mode), "a device")
