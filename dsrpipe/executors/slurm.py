@@ -53,9 +53,11 @@ def private_folder(folder: Path) -> None:
 
 def script_value(what: str, value: str) -> str:
     """`value`, shell-quoted, for the sbatch script; a one-line UserError if it holds a line break
-    or another control character. Quoting alone does not do: an `#SBATCH --error='...'` line is a
-    comment to bash, so a line break inside its quotes ends it, and bash runs the rest of the value
-    ($(...), backticks and all) as commands of the job."""
+    or another control character (whatever str.isprintable refuses, as for class names: Unicode
+    line separators and format characters, which a reader of the script would not see, too).
+    Quoting alone does not do: an `#SBATCH --error='...'` line is a comment to bash, so a line
+    break inside its quotes ends it, and bash runs the rest of the value ($(...), backticks and
+    all) as commands of the job."""
     if not value.isprintable():
         raise UserError(
             f"{what} {shown(value)} holds a line break or another control character, which cannot "
