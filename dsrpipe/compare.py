@@ -8,7 +8,7 @@ The grid file:
     sparsities: [0.9, 0.95]
     seeds: [0, 1, 2]
     overrides:                     # optional, per method: dotted settings, as with `--set`
-      static: {train.lr: 0.05}
+      static: {train.lr: 0.05}     # a section given as a mapping is merged into the base's
 
 Outputs, under `<out>/<grid>/`:
   runs/<grid>-<method>-s<sparsity>-seed<k>/   each run, as `dsrpipe run` lays it out (report.json, ...)
@@ -48,9 +48,11 @@ from .config import (
     Pipeline,
     apply_overrides,
     first_error,
+    flat_settings,
     parse_pipeline,
     path_settings,
     read_yaml,
+    section_settings,
     switch_method,
 )
 from .errors import UserError
@@ -131,9 +133,10 @@ class Grid(BaseModel):
         for method, settings in self.overrides.items():
             if method not in self.methods:
                 raise ValueError(f"overrides: '{method}' is not one of the grid's methods")
-            for key in settings:
-                if key.strip() in GRID_AXES:
-                    raise ValueError(f"overrides.{method}: '{key}' is set by the grid itself")
+            for key, value in settings.items():
+                for setting, _ in flat_settings(key.strip(), value):  # `sparsity: {sparsity: ...}` too
+                    if setting in GRID_AXES:
+                        raise ValueError(f"overrides.{method}: '{setting}' is set by the grid itself")
         return self
 
 
@@ -199,7 +202,11 @@ def load_grid(path: str | Path) -> tuple[Grid, str, dict[str, Any]]:
 
 
 def _resolved(key: str, value: Any, folder: Path) -> Any:
-    """A relative path that the grid file holds, taken from the grid's folder (as `base:` is)."""
+    """A relative path that the grid file holds, taken from the grid's folder (as `base:` is),
+    within a section given whole too. A path from the home folder (`~/images`) is left as it is:
+    it is expanded where it is used."""
+    if isinstance(value, dict) and key in section_settings():
+        return {sub: _resolved(f"{key}.{sub}", sub_value, folder) for sub, sub_value in value.items()}
     if key in path_settings() and isinstance(value, str) and value and not value.startswith("~"):
         return value if Path(value).is_absolute() else str(folder / value)
     return value
@@ -207,12 +214,7 @@ def _resolved(key: str, value: Any, folder: Path) -> Any:
 
 def _from_folder(base: dict[str, Any], folder: Path) -> dict[str, Any]:
     """An inline base with its relative paths taken from the grid's folder."""
-    base = copy.deepcopy(base)
-    for key in path_settings():
-        section, _, leaf = key.partition(".")
-        if isinstance(base.get(section), dict) and leaf in base[section]:
-            base[section][leaf] = _resolved(key, base[section][leaf], folder)
-    return base
+    return {key: _resolved(key, copy.deepcopy(value), folder) for key, value in base.items()}
 
 
 def _quotes_base(grid: Grid) -> bool:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .errors import DiskFull, UserError
-from .names import shown
+from .names import file_kind, shown
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -109,9 +109,6 @@ def torch_save(path: str | os.PathLike, obj: Any) -> None:
         torch.save(obj, tmp)
 
 
-_KINDS = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket"}
-
-
 def open_regular(
     path: str | os.PathLike, what: str, *, follow: bool = False, write: bool = False, limit: int | None = None
 ) -> int:
@@ -136,8 +133,7 @@ def open_regular(
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            kind = _KINDS.get(stat.S_IFMT(st.st_mode), "a device")
-            raise UserError(f"{what} {shown(path)} is {kind}, not a regular file")
+            raise UserError(f"{what} {shown(path)} is {file_kind(st.st_mode)}, not a regular file")
         if limit is not None and st.st_size > limit:
             raise UserError(f"{what} {shown(path)} is {st.st_size:,} bytes, more than the {limit:,} allowed")
         os.set_blocking(fd, True)  # a regular file never blocks; reads must not stop short

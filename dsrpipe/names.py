@@ -1,11 +1,23 @@
 """Names: file names as text (one home below the errors that quote them and the file helpers that
-log them), and what a run name may be."""
+log them), what kind of file a name is, and what a run name and a Slurm partition may be."""
 
 from __future__ import annotations
 
 import os
+import re
+import stat
 
 SAFE_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"  # a run name is a folder name: no paths, no surprises
+# A Slurm partition (or a comma-separated list of them), as the pipeline's `cluster.partition` and
+# `--partition` take it. It is written into the sbatch script: nothing else gets through.
+SLURM_PARTITION = r"[A-Za-z0-9_.,-]{1,64}"
+SLURM_PARTITION_RULE = "1 to 64 letters, digits and _.,-"
+
+
+def is_slurm_partition(name: str) -> bool:
+    # fullmatch: with match or search, `$` also matches before a final line break, which would
+    # then end the #SBATCH line and start a command of its own.
+    return isinstance(name, str) and re.fullmatch(SLURM_PARTITION, name) is not None
 
 
 def shown(name: str | os.PathLike) -> str:
@@ -18,3 +30,17 @@ def shown(name: str | os.PathLike) -> str:
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+_KINDS = {
+    stat.S_IFREG: "a regular file",
+    stat.S_IFDIR: "a folder",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFLNK: "a symbolic link",
+}
+
+
+def file_kind(mode: int) -> str:
+    """What a file of this st_mode is, for a message: "a FIFO", "a folder", ..."""
+    return _KINDS.get(stat.S_IFMT(mode), "a device")

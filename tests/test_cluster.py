@@ -289,6 +289,119 @@ def test_dry_run_prints_the_sbatch_script_and_submits_nothing(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("control", ["\n", "\r"], ids=["line break", "carriage return"])
+def test_the_sbatch_script_runs_no_command_planted_in_a_path(tmp_path, control):
+    """`--out` holding $(...) and backticks, quotes and spaces: the printed sbatch script, run by
+    bash under a fake srun, hands the path to srun as it is and runs nothing of it. The same path
+    with a line break (which would end an #SBATCH line, whose value bash then runs) or another
+    control character is refused in one line, and no script is printed."""
+    marker = tmp_path / "pwned"
+    planted = f"$(touch {marker})`touch {marker}`"
+    bin_dir, srun_args = tmp_path / "bin", tmp_path / "srun-args"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/sh\nprintf \'%s\\0\' "$@" > "$SRUN_ARGS"\n')
+    (bin_dir / "srun").chmod(0o755)
+    grid = write_grid(tmp_path)
+
+    def run_script(script):
+        (tmp_path / "job.sh").write_text(script)
+        env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SRUN_ARGS": str(srun_args)}
+        return subprocess.run(["bash", str(tmp_path / "job.sh")], env=env, capture_output=True, text=True)
+
+    def dry_run(out):
+        return dsrpipe("compare", grid, "--out", out, "--executor", "slurm", "--dry-run", cwd=tmp_path)
+
+    quoted = tmp_path / f"o '\" {planted}"
+    result = dry_run(quoted)
+    assert result.returncode == 0, result.stderr
+    ran = run_script(result.stdout)
+    assert ran.returncode == 0, ran.stderr
+    assert not marker.exists()
+    assert srun_args.read_text().split("\0")[-2] == str(quoted / "g" / "slurm")  # the folder, verbatim
+
+    hostile = f"{tmp_path}/o{control}{planted}"
+    result = dry_run(hostile)
+    if result.returncode == 0:  # printed after all: whatever it holds must still run nothing
+        run_script(result.stdout)
+    assert not marker.exists(), "a command planted in --out ran"
+    assert_one_line_error(
+        result, "error: the Slurm jobs' folder (in --out) " + f"{tmp_path}/o{control!r}"[:-1].replace("'", "")
+    )
+    assert "line break or another control character" in result.stderr and not result.stdout
+
+
+@pytest.mark.parametrize("partition", ["gpu\n", "gpu\nx", "gpu\r", "gpu x"])
+def test_a_partition_is_one_slurm_name_whole(tmp_path, partition):
+    """The partition is written into the sbatch script: a final line break (which `$` lets
+    through where `fullmatch` does not) is refused like any other, from the command line and
+    from the grid's `cluster:`, in one line that quotes it escaped."""
+    with pytest.raises(UserError, match=r"is no Slurm partition name \(1 to 64 letters") as refused:
+        Resources(partition=partition)
+    assert "\n" not in str(refused.value) and "\r" not in str(refused.value)
+    grid = write_grid(tmp_path)
+    assert_one_line_error(
+        dsrpipe("compare", grid, "--executor", "slurm", "--dry-run", "--partition", partition, cwd=tmp_path),
+        "is no Slurm partition name",
+    )
+    grid = write_grid(tmp_path, cluster={"partition": partition})
+    assert_one_line_error(
+        dsrpipe("compare", grid, "--executor", "slurm", "--dry-run", cwd=tmp_path),
+        "cluster.partition: no Slurm partition name (1 to 64 letters, digits and _.,-)",
+    )
+    assert Resources(partition="gpu,debug_2.a-b").partition == "gpu,debug_2.a-b"
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o720, 0o702])
+def test_a_jobs_folder_that_others_can_write_is_refused(tmp_path, mode):
+    """Not only 0777: a folder that the group, or anyone else, may write could get a pickle of
+    theirs loaded. Readable by others is fine (0755), as is this user's own (0700)."""
+    from dsrpipe.executors.slurm import private_folder
+
+    folder = tmp_path / "slurm"
+    folder.mkdir()
+    folder.chmod(mode)
+    with pytest.raises(UserError, match="must be a folder of this user's that no one else can write"):
+        private_folder(folder)
+    for fine in (0o700, 0o755):
+        folder.chmod(fine)
+        private_folder(folder)
+
+
+def test_poll_tells_a_preempted_job_from_a_lost_one(tmp_path):
+    """A job Slurm ended without its result: preempted is interrupted (its run resumes when it is
+    started again), a node failure or a cancellation outside dsrpipe is lost; a job that ran to
+    its end gives its exit code, one whose task raised gives 1."""
+    import submitit
+
+    from dsrpipe.errors import EXIT_INTERRUPTED
+    from dsrpipe.executors import LOST
+    from dsrpipe.executors.slurm import SlurmExecutor
+
+    class Ended:
+        def __init__(self, state, result=None):
+            self.state, self._result = state, result
+
+        def done(self):
+            return True
+
+        def result(self):
+            if isinstance(self._result, BaseException):
+                raise self._result
+            if self._result is None:
+                raise submitit.core.utils.UncompletedJobError(f"job ended {self.state}")
+            return self._result
+
+    executor = SlurmExecutor(Resources(), tmp_path / "slurm", dry_run=True)
+    executor.jobs = {
+        "1": Ended("PREEMPTED"),
+        "2": Ended("NODE_FAIL"),
+        "3": Ended("CANCELLED by 1000"),
+        "4": Ended("COMPLETED", 3),
+        "5": Ended("FAILED", RuntimeError("the task raised")),
+    }
+    assert [executor.poll(i) for i in "12345"] == [EXIT_INTERRUPTED, LOST, LOST, 3, 1]
+
+
 # --- bad input -------------------------------------------------------------------------------------
 def test_bad_cluster_input_is_one_line_and_submits_nothing(tmp_path, monkeypatch):
     grid = write_grid(tmp_path)

@@ -468,3 +468,15 @@ def test_unset_image_size_is_the_median_side_within_bounds(tmp_path):
     low, high = folders.AUTO_SIDES
     assert folders.median_side(listing((2, 2), (3, 5), (4, 4))) == low
     assert folders.median_side(listing((high * 2, high * 3))) == high
+
+
+def test_the_median_side_is_taken_over_every_class(tmp_path):
+    """150 training images, 60 of 10x10 in the first class and 90 of 40x40 in the second: the
+    sample spreads over both, so the side is the second class's, the median of the set. The first
+    99 files (what a stride of 150 // 99 = 1 took) make it the first class's."""
+    for cls, (count, side) in {"a": (60, 10), "b": (90, 40)}.items():
+        (tmp_path / cls).mkdir()
+        for i in range(count):
+            (tmp_path / cls / f"{i:03d}.png").write_bytes(png((side, side), "L"))
+    files = folders._list_images(tmp_path, ["a", "b"])
+    assert len(files) == 150 and folders.median_side(files) == 40

@@ -6,6 +6,7 @@ import copy
 import os
 import pickle
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -698,25 +699,36 @@ def test_hostile_class_names_stop_the_run_before_it_trains(tmp_path, folder):
     assert not (tmp_path / "out" / "tiny" / "train").exists()  # refused before training
 
 
+@pytest.fixture(scope="module")
+def trained_tiny(tmp_path_factory):
+    """small_run's pipeline, trained (not exported): a folder holding pipeline.yaml and out/.
+    Read it, never change it (copy first)."""
+    folder = tmp_path_factory.mktemp("trained")
+    path = small_run(folder)
+    trained = CliRunner().invoke(
+        app, ["train-sparse", str(path), "--out", str(folder / "out"), "--no-progress"]
+    )
+    assert trained.exit_code == 0, trained.output
+    return folder
+
+
 @pytest.mark.parametrize(
     "names, expected",
     [
         ([str(i) for i in range(9)], "cannot export tiny: 9 class_names for a model of 10 classes"),
         (["0", "x" * 257, *map(str, range(2, 10))], "name 1 (counting from 0) is not"),
+        (["0", "1", "", *map(str, range(3, 10))], "name 2 (counting from 0) is not"),
         ("0123456789", "class_names must be a list of names (printable text without line breaks, 1 to 256"),
     ],
-    ids=["nine for ten", "too long", "not a list"],
+    ids=["nine for ten", "too long", "empty", "not a list"],
 )
-def test_class_names_that_do_not_fit_the_model_stop_the_export(tmp_path, names, expected):
-    """A trained checkpoint whose class names are one short of the model's logits, one too long,
-    or no list: export is one line, exit 2, and no model.onnx is written."""
+def test_class_names_that_do_not_fit_the_model_stop_the_export(tmp_path, trained_tiny, names, expected):
+    """A trained checkpoint whose class names are one short of the model's logits, one too long
+    or empty, or no list: export is one line, exit 2, and no model.onnx is written."""
     from dsrpipe.checkpoint import load_checkpoint, save_checkpoint
 
-    path = small_run(tmp_path)
-    trained = CliRunner().invoke(
-        app, ["train-sparse", str(path), "--out", str(tmp_path / "out"), "--no-progress"]
-    )
-    assert trained.exit_code == 0, trained.output
+    shutil.copytree(trained_tiny, tmp_path, dirs_exist_ok=True)
+    path = tmp_path / "pipeline.yaml"
     final = tmp_path / "out" / "tiny" / "train" / "final.pt"
     checkpoint = load_checkpoint(final)
     checkpoint["data_info"]["class_names"] = names

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from dsrpipe import compare as compare_module
 from dsrpipe import registry
 from dsrpipe.cli import app
-from dsrpipe.config import METHOD_OPTIONS, parse_pipeline, switch_method
+from dsrpipe.config import METHOD_OPTIONS, load_pipeline, parse_pipeline, switch_method
 from dsrpipe.errors import UserError
 from dsrpipe.models import create_model
 from dsrpipe.registry import build_sparsifier, sparsifier_options
@@ -371,6 +371,124 @@ def test_a_grids_relative_paths_and_override_errors(tmp_path, monkeypatch):
         UserError, match=r"train.epochs: Input should be greater .* \(from overrides.dsr: train.epochs\)$"
     ):
         plan({"dsr": {"train.epochs": -3}})
+
+
+def test_a_grid_override_of_a_whole_section_merges_into_the_base(tmp_path):
+    """An override that gives a section as a mapping sets the keys it names and keeps the base's
+    others, its sub-sections' too: `sparsity: {remove_channels: {share: 0.5}}` keeps the base's
+    N_p, granularity and removal floor (it used to replace the section: they were dropped). A
+    setting whose value is a mapping (rewire_periods) is replaced whole. An error in such an
+    override names it by its section; the grid's own axes are refused inside it too; a path from
+    the home folder stays as written, for the run to expand."""
+    base = {
+        "name": "b",
+        "train": {"epochs": 4, "lr": 0.05},
+        "sparsity": {
+            "method": "dsr",
+            "sparsity": 0.8,
+            "prune_target": 600,
+            "rewire_periods": {0: 50, 2: 100},
+            "granularity": "kernel",
+            "remove_channels": {"share": 0.3, "floor": 0.2},
+        },
+    }
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+
+    def plan(overrides, base="base.yaml"):
+        grid = {"name": "g", "base": base, "methods": ["dsr"], "sparsities": [0.9], "overrides": overrides}
+        (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
+        loaded = compare_module.load_grid(tmp_path / "grid.yaml")
+        return compare_module.plan_runs(*loaded, tmp_path / "runs", "grid.yaml")
+
+    [run] = plan(
+        {
+            "dsr": {
+                "sparsity": {"remove_channels": {"share": 0.5}, "rewire_periods": {0: 20}},
+                "train": {"epochs": 6},
+                "data": {"root": "~/images"},
+            }
+        }
+    )
+    options = run.cfg.sparsity
+    assert (options.prune_target, options.granularity, options.sparsity) == (600, "kernel", 0.9)
+    assert (options.remove_channels.share, options.remove_channels.floor) == (0.5, 0.2)
+    assert options.rewire_periods == {0: 20}
+    assert (run.cfg.train.epochs, run.cfg.train.lr) == (6, 0.05)
+    assert run.raw["data"]["root"] == "~/images"  # neither taken from the grid's folder nor expanded here
+    [run] = plan({"dsr": {"data.root": "~/images"}})
+    assert run.raw["data"]["root"] == "~/images"
+    [run] = plan({}, base={**base, "data": {"root": "~/images"}})
+    assert run.raw["data"]["root"] == "~/images"
+
+    with pytest.raises(
+        UserError, match=r"train.epochs: Input should be greater .* \(from overrides.dsr: train\)$"
+    ):
+        plan({"dsr": {"train": {"epochs": -3}}})
+    for axis in ("sparsity", "method"):
+        with pytest.raises(UserError, match=f"overrides.dsr: 'sparsity.{axis}' is set by the grid itself"):
+            plan({"dsr": {"sparsity": {axis: "static" if axis == "method" else 0.5}}})
+
+
+REMOVAL_RULE = "channel removal must begin before it ends, within train.epochs (4)"
+
+
+@pytest.mark.parametrize(
+    "method, sections, where, rule",
+    [
+        (
+            "dsr",
+            {"remove_channels": {"share": 0.5, "begin_epoch": 3, "end_epoch": 3}},
+            "sparsity.remove_channels.begin_epoch",
+            REMOVAL_RULE,
+        ),
+        (
+            "dsr",
+            {"remove_channels": {"share": 0.5, "begin_epoch": 5}},
+            "sparsity.remove_channels.begin_epoch",
+            REMOVAL_RULE,
+        ),
+        (
+            "dsr",
+            {"remove_channels": {"share": 0.5, "end_epoch": 9}},
+            "sparsity.remove_channels.end_epoch",
+            REMOVAL_RULE,
+        ),
+        ("deepr", {}, "train.weight_decay", "method 'deepr' regularises with its L1 term"),
+        ("gmp", {"begin_epoch": 3, "end_epoch": 2}, "sparsity.begin_epoch", "begin_epoch 3 must be before"),
+    ],
+    ids=["begin at end", "begin past training", "end past training", "deepr with weight decay", "gmp span"],
+)
+def test_a_rule_between_settings_names_the_setting_to_change(tmp_path, method, sections, where, rule):
+    """A rule that ties settings together, broken (channel removal within training, deepr without
+    weight decay): the one line leads with the setting to change, not with `(top level)`; so it
+    does for a grid's base file, whose text is not quoted."""
+    raw = tiny(train={"weight_decay": 0.1})  # 4 epochs
+    raw["sparsity"] = {"method": method, "sparsity": 0.9, **sections}
+    path = write_pipeline(tmp_path, raw)
+    result = CliRunner().invoke(app, ["check", str(path)])
+    assert result.exit_code == 2, result.output
+    [line] = result.output.strip().splitlines()
+    assert line.startswith(f"error: {path}: {where}: {rule}"), line
+    grid = {"name": "g", "base": path.name, "methods": [method], "sparsities": [0.9]}
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
+    with pytest.raises(
+        UserError, match=rf"g-{method}-s0.9-seed0: {where}: invalid value \(its text is not quoted"
+    ):
+        compare_module.plan_runs(*compare_module.load_grid(tmp_path / "grid.yaml"), tmp_path / "runs")
+
+
+def test_set_merges_a_section_given_as_a_mapping(tmp_path):
+    """`--set sparsity={granularity: kernel}` is `--set sparsity.granularity=kernel`: the file's
+    method, sparsity and N_p stay; a mapping for a method switch drops what the new method does
+    not take, as `--set sparsity.method=...` does."""
+    result = check_quickstart("sparsity={granularity: kernel}")
+    assert result.exit_code == 0, result.output
+    assert result.output.endswith("dsr at sparsity 0.9)\n")
+    cfg = load_pipeline(QUICKSTART, ["sparsity={granularity: kernel, remove_channels: {share: 0.5}}"])
+    assert (cfg.sparsity.prune_target, cfg.sparsity.remove_channels.share) == (600, 0.5)
+    result = check_quickstart("sparsity={method: static}")
+    assert result.exit_code == 0, result.output
+    assert "note: sparsity.method=static: dropped the file's prune_target" in result.output
 
 
 def test_switching_to_prune_channels_makes_sparsity_0_and_says_so(tmp_path):

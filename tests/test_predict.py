@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -94,7 +95,7 @@ def test_colour_and_larger_images_are_converted_like_the_training_data(digits_mo
 
 
 @pytest.mark.parametrize(
-    "case", ["bad image", "not onnx", "no metadata", "missing image", "empty folder", "bad top-k"]
+    "case", ["bad image", "not onnx", "no metadata", "missing image", "a fifo", "empty folder", "bad top-k"]
 )
 def test_bad_input_is_one_line_and_a_nonzero_exit(digits_model, tmp_path, case):
     path, images, _ = digits_model
@@ -111,6 +112,12 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(digits_model, tmp_path, case):
         args, message = [str(tmp_path / "m.onnx"), image], "no class_names in the model's metadata"
     elif case == "missing image":
         args, message = [str(path), str(tmp_path / "nope.png")], "image not found"
+    elif case == "a fifo":  # named, not found in a folder: said as what it is, never waited on
+        os.mkfifo(tmp_path / "pipe.png")
+        args, message = (
+            [str(path), str(tmp_path / "pipe.png")],
+            f"image {tmp_path / 'pipe.png'} is a FIFO, not a regular file",
+        )
     elif case == "empty folder":
         args, message = [str(path), str(tmp_path)], "no images"
     else:
@@ -213,6 +220,10 @@ def _with_class_names(path: Path, to: Path, names: str) -> Path:
         ("name with a newline", "class_names must be a list of names"),
         ("a name that is no string", "class_names must be a list of names"),
         (
+            "an empty name",
+            "class_names must be a list of names (printable text without line breaks, 1 to 256",
+        ),
+        (
             "a name too long",
             "class_names must be a list of names (printable text without line breaks, 1 to 256",
         ),
@@ -243,6 +254,8 @@ def test_what_a_model_declares_is_bounded_one_line_exit_2(digits_model, tmp_path
         path = _with_class_names(path, tmp_path / "m.onnx", json.dumps(["zero\nfake\t0.99", *NAMES[1:]]))
     elif case == "a name too long":
         path = _with_class_names(path, tmp_path / "m.onnx", json.dumps(["zero" * 65, *NAMES[1:]]))
+    elif case == "an empty name":
+        path = _with_class_names(path, tmp_path / "m.onnx", json.dumps(["", *NAMES[1:]]))
     elif case == "nine names for ten":
         path = _with_class_names(path, tmp_path / "m.onnx", json.dumps(NAMES[:9]))
     else:

@@ -209,7 +209,7 @@ def test_names_sizes_and_content_hashes(tmp_path):
     assert [format_size(parse_size(t)) for t in ("800M", "1.5G", "2G")] == ["800M", "1.5G", "2G"]
     assert parse_duration("90") == 90 and parse_duration("30m") == 1800 and parse_duration("1.5h") == 5400
     built_in = yaml.safe_load(DEFAULT_TEMPLATE)  # as a dataset drop gets it
-    built_in["data"] = {"dataset": "imagefolder", "root": str(tmp_path)}
+    built_in.setdefault("data", {}).update(dataset="imagefolder", root=str(tmp_path))  # as its overrides do
     assert parse_pipeline({**built_in, "name": "drop"}).data.image_size is None  # sized from the data
 
     folder = write_tree(tmp_path / "ds", image_tree())
@@ -866,6 +866,36 @@ def test_a_template_that_quotes_a_readable_file_is_never_quoted(tmp_path, drop):
     everything = result.stderr + cli("status", drop).stdout + (drop / "data.error.txt").read_text()
     assert "s3cr3t" not in everything and "daemon:*" not in everything
     assert "train.bogus_setting: unknown setting" in states["mine"]["cause"]
+
+
+def test_a_dataset_dropped_without_a_template_is_fitted_to_its_median_side(tmp_path, drop):
+    """No template.yaml: the built-in template fixes no image size, so the job fits the images to
+    their median side (12 here) and its log says so. Taken in here, run as its worker runs it
+    (the daemon adds nothing to this). The built-in template trains batches of 64: with 18
+    training images the job stops right after sizing the data, which is all this needs."""
+    from dsrpipe.watch.folder import DropFolder
+    from dsrpipe.watch.intake import Intake
+
+    write_tree(
+        drop / "photos", helpers.image_tree(("ant", "bee", "cat"), {"train": 6, "test": 3}, "L", "", (12, 12))
+    )
+    folder = DropFolder(drop, tmp_path / "out")
+    (drop / ".dsrpipe").mkdir()
+    folder.open_journal()
+    try:
+        assert Intake(folder, None, False, lambda: False).take("photos") == "queued"
+    finally:
+        folder.journal.close()
+    job = subprocess.run(
+        [sys.executable, "-m", "dsrpipe.watch", str(folder.jobs_dir / "photos")],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
+    )
+    log = job.stdout + job.stderr
+    assert "data: images fitted to 12x12, their median side (data.image_size sets it)" in log, log
+    assert job.returncode == 2 and "train.batch_size 64 exceeds the 18 training images" in log, log
 
 
 @pytest.mark.parametrize("name", ["journal.sqlite", "lock"])

@@ -6,7 +6,15 @@ one options class per sparse-training method, loading.py safe YAML and `--set`.
 
 from ..names import SAFE_NAME
 from ..safeyaml import parse_yaml, read_yaml
-from .loading import apply_overrides, first_error, load_pipeline, parse_pipeline, path_settings
+from .loading import (
+    apply_overrides,
+    first_error,
+    flat_settings,
+    load_pipeline,
+    parse_pipeline,
+    path_settings,
+    section_settings,
+)
 from .methods import METHOD_OPTIONS, MethodOptions, parse_method_options, switch_method
 from .sections import (
     ClusterConfig,
@@ -37,11 +45,13 @@ __all__ = [
     "ValidateConfig",
     "apply_overrides",
     "first_error",
+    "flat_settings",
     "load_pipeline",
     "parse_method_options",
     "parse_pipeline",
     "parse_yaml",
     "path_settings",
     "read_yaml",
+    "section_settings",
     "switch_method",
 ]

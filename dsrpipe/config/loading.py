@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 from ..errors import UserError
 from ..safeyaml import NOT_QUOTED, parse_yaml, read_yaml
 from .methods import METHOD_OPTIONS, switch_method
+from .schema import SettingError
 from .sections import Pipeline
 
 
@@ -24,6 +25,9 @@ def first_error(exc: ValidationError, quote: bool = True) -> tuple[str, str]:
     messages (which state the rule, not the value), never an unknown key or a message of ours."""
     first = exc.errors()[0]
     loc = [str(part) for part in first["loc"]]
+    cause = first.get("ctx", {}).get("error")
+    if isinstance(cause, SettingError):  # a rule between settings: the one it names
+        loc += cause.where.split(".")
     if first["type"] == "extra_forbidden":
         message = "unknown setting"
     elif first["type"] == "value_error" and not quote:
@@ -40,16 +44,8 @@ def first_error(exc: ValidationError, quote: bool = True) -> tuple[str, str]:
 
 @functools.cache
 def _setting_names() -> frozenset[str]:
-    """Every setting name of the pipeline schema (its sections' fields and aliases)."""
-    names, todo = set(), [Pipeline, *METHOD_OPTIONS.values()]
-    while todo:
-        model = todo.pop()
-        for name, field in model.model_fields.items():
-            names |= {name, field.alias or name}
-            kind = field.annotation
-            if isinstance(kind, type) and issubclass(kind, BaseModel):
-                todo.append(kind)
-    return frozenset(names)
+    """Every setting name of the pipeline schema (its sections' fields, by the names files use)."""
+    return frozenset(part for name, _ in _settings() for part in name.split("."))
 
 
 def parse_pipeline(raw: Any, source: str = "pipeline", quote: bool = True) -> Pipeline:
@@ -65,26 +61,56 @@ def parse_pipeline(raw: Any, source: str = "pipeline", quote: bool = True) -> Pi
         ) from None
 
 
+def _kinds(kind) -> list:
+    """`kind` and the types it is made of (`X | None`, a union of sections, ...)."""
+    return [kind, *(part for arg in typing.get_args(kind) for part in _kinds(arg))]
+
+
+def _sections_in(kind) -> list[type[BaseModel]]:
+    return [k for k in _kinds(kind) if isinstance(k, type) and issubclass(k, BaseModel)]
+
+
 @functools.cache
-def path_settings() -> frozenset[str]:
-    """The dotted names of the settings that are paths: data.root, sparsity.masks_from, ..."""
-
-    def is_path(kind) -> bool:
-        return kind is Path or any(is_path(arg) for arg in typing.get_args(kind))
-
-    found, todo = set(), [(Pipeline, ""), *((options, "sparsity.") for options in METHOD_OPTIONS.values())]
+def _settings() -> tuple[tuple[str, Any], ...]:
+    """(dotted name, type) of every setting of the pipeline schema, sections and their settings
+    included: sparsity's are those of every method."""
+    found, todo = {}, [(Pipeline, "")]
     while todo:
         model, prefix = todo.pop()
         for name, field in model.model_fields.items():
-            if is_path(field.annotation):
-                found.add(prefix + (field.alias or name))
-            elif isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-                todo.append((field.annotation, f"{prefix}{field.alias or name}."))
-    return frozenset(found)
+            dotted = prefix + (field.alias or name)
+            found.setdefault(dotted, field.annotation)
+            todo += [(section, dotted + ".") for section in _sections_in(field.annotation)]
+    return tuple(found.items())
+
+
+@functools.cache
+def path_settings() -> frozenset[str]:
+    """The dotted names of the settings that are paths: data.root, sparsity.masks_from, ..."""
+    return frozenset(name for name, kind in _settings() if Path in _kinds(kind))
+
+
+@functools.cache
+def section_settings() -> frozenset[str]:
+    """The dotted names of the settings that are sections of settings: train, sparsity,
+    sparsity.remove_channels, ... (not a setting whose value is a mapping, like rewire_periods)."""
+    return frozenset(name for name, kind in _settings() if _sections_in(kind))
+
+
+def flat_settings(key: str, value: Any) -> Iterator[tuple[str, Any]]:
+    """`key: value` as the single settings it sets: a mapping given for a section sets the keys
+    it names, its own sections' too, and leaves the section's others as they are (`sparsity:
+    {granularity: kernel}` is `sparsity.granularity: kernel`, not a sparsity section of one key)."""
+    if isinstance(value, dict) and key in section_settings():
+        for sub, sub_value in value.items():
+            yield from flat_settings(f"{key}.{sub}", sub_value)
+    else:
+        yield key, value
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> list[str]:
     """`section.key=value` settings from the command line, values read as YAML, applied to `raw`.
+    A mapping given for a section is merged into it key by key (see flat_settings).
 
     An override of `sparsity.method` drops the file's sparsity options that the new method does
     not take (as `compare` does for a grid's base), so that `--set sparsity.method=static` just
@@ -96,15 +122,18 @@ def apply_overrides(raw: dict, overrides: list[str]) -> list[str]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UserError(f"--set expects KEY=VALUE (e.g. data.root=/data), got '{item}'")
-        *parents, leaf = key.strip().split(".")
-        node = raw
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise UserError(f"--set {key}: '{part}' is not a section")
-        node[leaf] = parse_yaml(value, f"--set {key}")
-        if parents == ["sparsity"]:
-            given.add(leaf)
+        for setting, setting_value in flat_settings(key.strip(), parse_yaml(value, f"--set {key}")):
+            *parents, leaf = setting.split(".")
+            node = raw
+            for part in parents:
+                if node.get(part) is None:  # a section left out, or null: its defaults
+                    node[part] = {}
+                node = node[part]
+                if not isinstance(node, dict):
+                    raise UserError(f"--set {key}: '{part}' is not a section")
+            node[leaf] = setting_value
+            if parents == ["sparsity"]:
+                given.add(leaf)
     section = raw.get("sparsity")
     if "method" not in given or not isinstance(section, dict) or not isinstance(before, dict):
         return []

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, field_validator, model_serializer, model_validator
 
-from .schema import MAX_EPOCHS, MAX_FACTOR, MAX_LIST, MAX_STEPS, EpochKey, FilePath, Section
+from .schema import MAX_EPOCHS, MAX_FACTOR, MAX_LIST, MAX_STEPS, EpochKey, FilePath, Section, SettingError
 
 
 class MethodOptions(Section):
@@ -216,7 +216,9 @@ class PruningSpan(Section):
     @model_validator(mode="after")
     def _begin_before_end(self):
         if self.end_epoch is not None and self.begin_epoch >= self.end_epoch:
-            raise ValueError("begin_epoch must be before end_epoch")
+            raise SettingError(
+                "begin_epoch", f"begin_epoch {self.begin_epoch} must be before end_epoch {self.end_epoch}"
+            )
         return self
 
 

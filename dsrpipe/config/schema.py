@@ -24,6 +24,16 @@ MAX_OPTIONS, MAX_OPTION_ITEMS, MAX_STRING = 32, 64, 256  # model.options
 MAX_FACTOR = 1e6
 
 
+class SettingError(ValueError):
+    """A rule between settings, broken: raised by a validator of a section (or of the pipeline),
+    it names the setting to change, `where` (dotted, from that section), so that the error leads
+    with it instead of with the section, or with "(top level)" (see loading.first_error)."""
+
+    def __init__(self, where: str, message: str):
+        super().__init__(message)
+        self.where = where
+
+
 class Section(BaseModel):
     # strict: a number is a number (`sparsity: false` is no 0.0, `epochs: true` no 1, "3" no 3);
     # an int is still taken where a float is expected (`lr: 1`).

@@ -10,7 +10,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from ..catalog import KNOWN_DATASETS, dataset_needs_root
 from ..contract import MAX_IMAGE_SIZE
 from ..models import is_known_model
-from ..names import SAFE_NAME
+from ..names import SAFE_NAME, SLURM_PARTITION_RULE, is_slurm_partition
 from .methods import DSROptions, MethodOptions, SparsityOptions, parse_method_options
 from .schema import (
     MAX_BATCH,
@@ -27,6 +27,7 @@ from .schema import (
     MIN_OPSET,
     FilePath,
     Section,
+    SettingError,
 )
 
 
@@ -186,13 +187,21 @@ class ClusterConfig(Section):
     """What each job asks of a cluster under `--executor ray|slurm` (docs/cluster.md); command
     line options win over it. Like `device`, no part of a run's fingerprint."""
 
-    partition: str | None = Field(None, pattern=r"^[A-Za-z0-9_.,-]{1,64}$")  # Slurm partition
+    partition: str | None = None  # Slurm partition
     time: int | None = Field(None, ge=1, le=525_600)  # minutes a job may run (Slurm's --time)
     gpus: int = Field(0, ge=0, le=64)  # per job
     cpus: int = Field(1, ge=1, le=1024)  # per job (per task under tasks_per_node)
     memory: str | None = Field(None, pattern=r"^[1-9][0-9]{0,8}(\.[0-9]+)?[KMGT]$")  # per job, e.g. 16G
     tasks_per_node: int = Field(1, ge=1, le=64)  # Slurm tasks per job: DDP ranks, one per GPU
     local: bool = False  # Slurm: run the jobs on this machine through submitit (no sbatch needed)
+
+    @field_validator("partition")
+    @classmethod
+    def _slurm_partition(cls, partition: str | None) -> str | None:
+        if partition is not None and not is_slurm_partition(partition):
+            # Quotes nothing of the value: it may hold a line break, and this must stay one line.
+            raise ValueError(f"no Slurm partition name ({SLURM_PARTITION_RULE})")
+        return partition
 
 
 class Pipeline(Section):
@@ -226,17 +235,24 @@ class Pipeline(Section):
     @model_validator(mode="after")
     def _removal_within_training(self):
         removal = getattr(self.sparsity, "remove_channels", None)
-        if removal is not None:
-            end = removal.end(self.train.epochs)
-            if end > self.train.epochs or removal.begin_epoch >= end:
-                raise ValueError(
-                    f"sparsity.remove_channels must begin before it ends, within train.epochs "
-                    f"({self.train.epochs}): begin_epoch {removal.begin_epoch}, end_epoch {end}"
-                )
+        if removal is None:
+            return self
+        epochs, begin, end = self.train.epochs, removal.begin_epoch, removal.end(self.train.epochs)
+        # The key to change: begin_epoch when it is not before the end (its default end, half of
+        # training, is never before it), else end_epoch, which then lies past training.
+        key = "begin_epoch" if begin >= min(end, epochs) else "end_epoch"
+        if end > epochs or begin >= end:
+            raise SettingError(
+                f"sparsity.remove_channels.{key}",
+                f"channel removal must begin before it ends, within train.epochs ({epochs}): "
+                f"begin_epoch {begin}, end_epoch {end}",
+            )
         return self
 
     @model_validator(mode="after")
     def _deepr_without_weight_decay(self):
         if self.sparsity.method == "deepr" and self.train.weight_decay:
-            raise ValueError("method 'deepr' regularises with its L1 term: set train.weight_decay: 0")
+            raise SettingError(
+                "train.weight_decay", "method 'deepr' regularises with its L1 term: set train.weight_decay: 0"
+            )
         return self

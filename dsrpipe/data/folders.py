@@ -114,8 +114,14 @@ def _list_images(split: Path, classes: list[str]) -> list[tuple[Path, int]]:
 
 def median_side(files: list[tuple[Path, int]]) -> int:
     """The side images are fitted to when data.image_size is not set: the median short side of up
-    to MEDIAN_SAMPLE training images spread over the set (their headers only), within AUTO_SIDES."""
-    sample = files[:: max(1, len(files) // MEDIAN_SAMPLE)][:MEDIAN_SAMPLE]
+    to MEDIAN_SAMPLE training images spread evenly over the set (their headers only), within
+    AUTO_SIDES. The files are listed class by class, so the sample takes in every class, each in
+    proportion to its images (a stride of len // MEDIAN_SAMPLE, cut at MEDIAN_SAMPLE files, left
+    the last classes out: all of them in a set of fewer than twice as many files)."""
+    count = len(files)
+    sample = (
+        [files[i * count // MEDIAN_SAMPLE] for i in range(MEDIAN_SAMPLE)] if count > MEDIAN_SAMPLE else files
+    )
     sides = sorted(_short_side(path) for path, _ in sample)
     return min(max(sides[len(sides) // 2], AUTO_SIDES[0]), AUTO_SIDES[1])
 

@@ -10,12 +10,14 @@ pixels / 255 in [0, 1]; the graph normalises them itself.
 from __future__ import annotations
 
 import json
+import stat
 from pathlib import Path
 
 import numpy as np
 
 from ..contract import IMAGE_SUFFIXES, MAX_IMAGE_SIZE, check_class_names, decode_fitted
 from ..errors import UserError
+from ..names import file_kind, shown
 
 BATCH = 64
 
@@ -109,18 +111,26 @@ def read_image(path: Path, channels: int, height: int, width: int) -> np.ndarray
 
 
 def image_paths(inputs: list[Path]) -> list[Path]:
-    """The images named, a folder standing for the image files in it (sorted, not recursive)."""
+    """The images named, a folder standing for the image files in it (sorted, not recursive). A
+    name that is neither a folder nor a regular file (a FIFO, which decoding would wait on for
+    good; a device) is refused in one line that says what it is."""
     paths = []
     for item in inputs:
-        if item.is_dir():
+        try:
+            mode = item.stat().st_mode  # through a link: a link to an image is an image
+        except FileNotFoundError:
+            raise UserError(f"image not found: {shown(item)}") from None
+        except OSError as exc:
+            raise UserError(f"cannot read image {shown(item)}: {exc.strerror}") from None
+        if stat.S_ISDIR(mode):
             found = sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
-                raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {item}")
+                raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {shown(item)}")
             paths += found
-        elif item.is_file():
+        elif stat.S_ISREG(mode):
             paths.append(item)
         else:
-            raise UserError(f"image not found: {item}")
+            raise UserError(f"image {shown(item)} is {file_kind(mode)}, not a regular file")
     return paths
 
 

@@ -11,7 +11,6 @@ is just the same command started again.
 from __future__ import annotations
 
 import os
-import re
 import secrets
 import time
 from abc import ABC, abstractmethod
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..files import shown
+from ..names import SLURM_PARTITION_RULE, is_slurm_partition
 
 LOST = "lost"  # poll(): the engine no longer knows the job (its node died, it was cancelled outside)
 PROBE_ENV = (
@@ -50,8 +50,10 @@ class Resources:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise UserError(f"{name} per job must be more than 0, got {value}")
-        if self.partition is not None and not re.fullmatch(r"[A-Za-z0-9_.,-]{1,64}", self.partition):
-            raise UserError(f"partition '{self.partition}' is no Slurm partition name")
+        if self.partition is not None and not is_slurm_partition(self.partition):
+            raise UserError(
+                f"partition '{shown(self.partition)}' is no Slurm partition name ({SLURM_PARTITION_RULE})"
+            )
 
 
 @dataclass

@@ -51,6 +51,21 @@ def private_folder(folder: Path) -> None:
         )
 
 
+def script_value(what: str, value: str) -> str:
+    """`value`, shell-quoted, for the sbatch script; a one-line UserError if it holds a line break
+    or another control character (whatever str.isprintable refuses, as for class names: Unicode
+    line separators and format characters, which a reader of the script would not see, too).
+    Quoting alone does not do: an `#SBATCH --error='...'` line is a comment to bash, so a line
+    break inside its quotes ends it, and bash runs the rest of the value ($(...), backticks and
+    all) as commands of the job."""
+    if not value.isprintable():
+        raise UserError(
+            f"{what} {shown(value)} holds a line break or another control character, which cannot "
+            "go into an sbatch script"
+        )
+    return shlex.quote(value)
+
+
 class SlurmTask:
     """What submitit pickles and runs on the node: the job's command, to its end."""
 
@@ -88,6 +103,9 @@ class SlurmExecutor(Executor):
         if tasks_per_node < 1:
             raise UserError(f"tasks_per_node must be at least 1, got {tasks_per_node}")
         self.folder, self.local, self.tasks = Path(folder), local, tasks_per_node
+        # Before anything is written or submitted: what the sbatch script will hold is fit for it.
+        for what, value in self._script_values().items():
+            script_value(what, value)
         if not local and not dry_run and shutil.which("sbatch") is None:
             raise UserError(
                 "--executor slurm: no sbatch on this machine's PATH; submit from a Slurm login node, "
@@ -124,6 +142,15 @@ class SlurmExecutor(Executor):
         if r.memory:
             params["mem"] = f"{max(1, r.memory // 2**20)}M"
         return params
+
+    def _script_values(self) -> dict[str, str]:
+        """Every value of ours that the sbatch script holds, by what a message calls it: the
+        folder as submitit writes it (absolute: the working directory's name goes in too), this
+        Python, and the text parameters (a partition was checked against its rule already)."""
+        values = {"the Slurm jobs' folder (in --out)": str(self._absolute()), "this Python": sys.executable}
+        for key, value in self.parameters().items():
+            values[f"the sbatch parameter {key}"] = str(value)
+        return values
 
     def _task(self, spec: JobSpec) -> SlurmTask:
         return SlurmTask(spec, self.resources.cpus, self.tasks)
@@ -166,12 +193,19 @@ class SlurmExecutor(Executor):
             return 1
 
     def dry_run(self, spec: JobSpec) -> str:
-        """The sbatch script that submit() would hand to Slurm (rendered by submitit)."""
+        """The sbatch script that submit() would hand to Slurm (rendered by submitit, which quotes
+        each #SBATCH value and srun argument with shlex.quote; the command is quoted here as
+        submitit quotes its own). Every value was checked by script_value when this executor was made."""
         from_submitit = self.submitit.slurm.slurm._make_sbatch_string
+        folder = self._absolute()
         command = " ".join(
-            [shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(self.folder))]
+            [shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))]
         )
-        return from_submitit(command=command, folder=self.folder, **self.parameters())
+        return from_submitit(command=command, folder=folder, **self.parameters())
+
+    def _absolute(self) -> Path:
+        """The jobs' folder as submitit's executor holds it, and writes it into the script."""
+        return self.folder.expanduser().absolute()
 
     def describe(self) -> str:
         return "slurm (local, through submitit)" if self.local else "slurm"
