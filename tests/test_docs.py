@@ -260,3 +260,10 @@ def test_every_method_key_in_the_docs_belongs_to_the_methods_it_names():
             assert key in every, f"{key}: no method's key"
             for method in methods:
                 assert key in METHOD_OPTIONS[method].model_fields, f"{method} does not take {key}"
+
+
+def test_a_hung_test_fails_in_minutes(pytestconfig):
+    """pytest-timeout bounds every test (pyproject.toml): a mutant that disables a bound (the
+    tracing's, a connection's) fails its test instead of hanging CI until its own limit."""
+    assert pytestconfig.pluginmanager.hasplugin("timeout")
+    assert 0 < float(pytestconfig.getini("timeout")) <= 900
