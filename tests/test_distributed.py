@@ -263,6 +263,7 @@ def test_resuming_with_another_number_of_processes_is_refused(two_and_one, tmp_p
         train_sparse(cfg, tmp_path / "out", resume=True, progress=False)
 
 
+@pytest.mark.slow
 def test_two_nodes_on_localhost_with_a_c10d_rendezvous(tmp_path):
     """Two torchrun launches, one process each, meeting at a c10d rendezvous on 127.0.0.1; with
     the quickstart's BatchNorm model (DDP keeps the ranks' buffers in step)."""
@@ -298,6 +299,7 @@ def test_two_nodes_on_localhost_with_a_c10d_rendezvous(tmp_path):
     assert torch.load(final, weights_only=True)["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_a_killed_rank_restarts_the_job_which_resumes_from_its_checkpoint(tmp_path):
     result = run(
         torchrun(
@@ -321,6 +323,7 @@ def test_a_killed_rank_restarts_the_job_which_resumes_from_its_checkpoint(tmp_pa
     assert [h["epoch"] for h in history] == [1, 2, 3]  # each epoch once
 
 
+@pytest.mark.slow
 def test_a_desynchronised_mask_stops_the_run_with_a_one_line_error(tmp_path):
     result = run(
         torchrun(
@@ -388,6 +391,7 @@ def test_deferred_gradient_hooks_see_the_same_gradient_in_one_process():
     assert all(torch.equal(w1[k], w2[k]) for k in w1) and all(torch.equal(m1[k], m2[k]) for k in m1)
 
 
+@pytest.mark.slow
 def test_watch_runs_each_job_through_torchrun_with_its_cause_on_failure(tmp_path):
     """`watch --nproc-per-job 2`: a job trains on 2 ranks inside its own process group (where the
     runner's limits apply); one that fails is failed with its ranks' cause, not torchrun's exit 1."""

@@ -437,6 +437,7 @@ def _wait_for(predicate, proc, timeout=120):
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_sigterm_is_a_clean_exit_143_and_validate_leaves_no_temporary_model(tmp_path):
     """SIGTERM of `run` mid-training: exit 143 and one line, like Ctrl-C's 130; SIGTERM of
     `validate` while its temporary dense model exists: the same, and the model is removed.

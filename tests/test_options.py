@@ -196,6 +196,7 @@ def test_shipped_grids_give_every_method_valid_options(tmp_path, path):
             assert run.cfg.sparsity.prune_fraction == 0.14 or run.cfg.sparsity.prune_target == 20000
 
 
+@pytest.mark.slow
 def test_compare_trains_the_dense_run_first_and_prunes_it(tmp_path):
     """prune and prune-channels both start from the grid's dense run, trained first. prune-channels
     removes channels with Torch-Pruning's group importance in equal steps to its share (the

@@ -190,6 +190,7 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, monkeypatch):
     assert_same_training(reference, resumed)
 
 
+@pytest.mark.slow
 def test_run_killed_mid_training_resumes_bit_identically(tmp_path):
     """`dsrpipe run` killed (SIGKILL) once an epoch is checkpointed, then run again, ends exactly
     where an uninterrupted run does; the LR drop (milestone 3) comes after the resume point."""
@@ -436,6 +437,7 @@ def test_shipped_pipelines_are_valid():
 @pytest.mark.skipif(
     not (SHARED / "mnist10k").exists(), reason="needs ../shared/datasets/mnist10k (CI has it)"
 )
+@pytest.mark.slow
 def test_lenet5_on_real_mnist10k(tmp_path):
     cfg = load_pipeline(
         ROOT / "pipelines" / "mnist-lenet5-dsr.yaml",

@@ -373,6 +373,7 @@ def test_a_dropped_pipeline_runs_once_and_changed_content_is_a_new_job(tmp_path,
     assert (out / "exp" / "model.onnx").stat().st_mtime_ns != first_model
 
 
+@pytest.mark.slow
 def test_datasets_are_taken_only_once_fully_copied(tmp_path, drop, watchers):
     out = tmp_path / "out"
     (drop / "template.yaml").write_text(TEMPLATE)
@@ -432,6 +433,7 @@ def zip_with_corrupt_first_member(members):
     return bytes(raw)
 
 
+@pytest.mark.slow
 def test_hostile_drops_fail_cleanly_and_the_daemon_keeps_serving(tmp_path, drop, watchers):
     out = tmp_path / "out"
     (drop / "template.yaml").write_text(TEMPLATE)
@@ -524,6 +526,7 @@ def test_hostile_drops_fail_cleanly_and_the_daemon_keeps_serving(tmp_path, drop,
     assert w.stop() == 0
 
 
+@pytest.mark.slow
 def test_a_job_over_its_time_limit_is_killed_and_failed(tmp_path, drop):
     """Killed and failed; and what validate keeps in the run's tmp/ while it runs (its dense
     model), here put there while the job trains, is removed by the daemon once the job is gone."""
@@ -645,6 +648,7 @@ def epochs_done(out, name):
     return len(metrics.read_text().splitlines()) if metrics.exists() else 0
 
 
+@pytest.mark.slow
 def test_kill_9_mid_training_resumes_from_the_checkpoint_and_finishes_once(tmp_path, drop, watchers):
     out = tmp_path / "out"
     (drop / "slow.yaml").write_text(
@@ -693,6 +697,7 @@ def test_kill_9_mid_training_resumes_from_the_checkpoint_and_finishes_once(tmp_p
     assert w.stop() == 0
 
 
+@pytest.mark.slow
 def test_burst_of_12_drops_sigterm_and_restart_with_pending_drops(tmp_path, drop, watchers):
     out = tmp_path / "out"
     w = watchers(drop, out, "--workers", "2")
@@ -763,6 +768,7 @@ def _alive(pid):
         return False
 
 
+@pytest.mark.slow
 def test_a_full_drop_folder_disk_never_kills_the_daemon(tmp_path, small_disk, watchers):
     """The drop folder on a real small filesystem, filled up while a job trains and a drop is
     made: the daemon says once that the disk is full and that it waits, stays alive, and once
@@ -818,6 +824,7 @@ def test_a_full_drop_folder_disk_never_kills_the_daemon(tmp_path, small_disk, wa
 SECRET = "root:$6$s3cr3tSALT$HASHED-PASSWORD:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\n"
 
 
+@pytest.mark.slow
 def test_a_template_that_is_a_link_or_a_fifo_fails_its_job_and_quotes_nothing(tmp_path, drop):
     """DROP/template.yaml as a symbolic link to a secret file, then as a FIFO: the dataset drop
     fails with one line naming what the template is, and nothing of the secret reaches the
@@ -851,6 +858,7 @@ def test_a_template_that_is_a_link_or_a_fifo_fails_its_job_and_quotes_nothing(tm
     assert "s3cr3t" not in everything and "root:" not in everything and "daemon:*" not in everything
 
 
+@pytest.mark.slow
 def test_a_template_that_quotes_a_readable_file_is_never_quoted(tmp_path, drop):
     """A regular template.yaml holding another file's lines: its job fails on them without
     repeating any (it is no pipeline anyone named); a dropped pipeline's own errors still say
