@@ -12,11 +12,12 @@ from dsrpipe import train as train_module
 from dsrpipe.config import parse_pipeline
 from dsrpipe.errors import UserError
 from dsrpipe.pipeline import run_pipeline
+from dsrpipe.sparse import ChannelRemoval, DeepR, RewireSchedule, RigL
 from dsrpipe.sparse.channels import Channels
 from dsrpipe.sparse.slicing import model_cost
 from dsrpipe.train import train_sparse
 
-from .helpers import assert_resume_is_exact, masked_weights_are_zero
+from .helpers import assert_resume_is_exact, masked_weights_are_zero, small_net, train_steps
 from .test_channels import build, conv_stack_removing, digits_batches, train_on_digits
 from .test_pipeline import assert_same_training, interrupt_training, tiny
 
@@ -141,6 +142,45 @@ def test_resume_from_before_and_after_a_shrink_is_exact(first_steps):
     assert first["shrunk"] and second["shrunk"]
     for name, alive in first["channels"].items():
         assert torch.equal(alive, second["channels"][name])
+
+
+def masked_momentum_is_zero(sparsifier):
+    """No momentum where a mask is 0 (or no momentum yet): the next step cannot move a masked weight."""
+    state = sparsifier.optimizer.state
+    return all(
+        bool((state[w]["momentum_buffer"][~sparsifier.masks[n]] == 0).all())
+        for n, w in sparsifier.weights.items()
+        if state.get(w, {}).get("momentum_buffer") is not None
+    )
+
+
+@pytest.mark.parametrize("method", [RigL, DeepR])
+def test_after_a_cut_the_gradient_hooks_mask_the_new_parameters(method):
+    """RigL and DeepR work on each gradient as it accumulates, in hooks on the weights themselves;
+    a cut gives the layers new weights, and the hooks must move to them. In the steps after the cut
+    (RigL reallocating at 4, DeepR at every step) masked weights and their momentum stay 0."""
+    torch.manual_seed(0)
+    net = small_net(width=8)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    sparsifier = method(
+        net,
+        optimizer,
+        sparsity=0.8,
+        schedule=RewireSchedule({0: 4}),
+        remove_channels=ChannelRemoval(share=0.4, end=2, multiple_of=1),  # shrink: the default
+        example_inputs=torch.zeros(1, 1, 8, 8),
+    )
+    assert sparsifier._per_weight_hooks  # the hooks this is about, not the optimizer's pre-hook
+    total = sparsifier.active_count()
+    weights = dict(sparsifier.weights)
+    train_steps(net, optimizer, sparsifier, 2)  # the cut comes at step 2
+    assert sparsifier.channels.shrunk
+    assert all(sparsifier.weights[n] is not w for n, w in weights.items())
+    for step in range(3, 7):
+        train_steps(net, optimizer, sparsifier, 1, seed=step)
+        assert masked_weights_are_zero(sparsifier), step
+        assert masked_momentum_is_zero(sparsifier), step
+        assert sparsifier.active_count() == total, step
 
 
 def test_an_inexact_shrink_is_refused_in_one_line(monkeypatch):
