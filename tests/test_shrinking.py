@@ -3,23 +3,27 @@ out of the model as they go, with the masks and the optimizer's state, through r
 digits; the pipeline around a shrunk model (resume, fine-tune, export, reports, torch.compile)."""
 
 import json
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
+from typer.testing import CliRunner
 
 from dsrpipe import train as train_module
+from dsrpipe.cli import app
 from dsrpipe.config import parse_pipeline
 from dsrpipe.errors import UserError
+from dsrpipe.models import create_model
 from dsrpipe.pipeline import run_pipeline
 from dsrpipe.sparse import ChannelRemoval, DeepR, RewireSchedule, RigL
 from dsrpipe.sparse.channels import Channels
-from dsrpipe.sparse.slicing import model_cost
+from dsrpipe.sparse.slicing import cut_to_live, model_cost
 from dsrpipe.train import train_sparse
 
 from .helpers import assert_resume_is_exact, masked_weights_are_zero, small_net, train_steps
 from .test_channels import build, conv_stack_removing, digits_batches, train_on_digits
-from .test_pipeline import assert_same_training, interrupt_training, tiny
+from .test_pipeline import assert_same_training, interrupt_training, tiny, write_pipeline
 
 
 def parameters(net):
@@ -239,6 +243,35 @@ def test_a_shrunk_run_fine_tunes_exports_and_validates_like_a_masked_one(shrunk_
     # the configured width's, both (the metadata they carry differs by some bytes)
     assert shrunk["dense_onnx_bytes"] == pytest.approx(masked["dense_onnx_bytes"], rel=0.02)
     assert shrunk["sparsity"] == pytest.approx(masked["sparsity"], abs=0.002)  # over the configured width
+
+
+@pytest.mark.parametrize("beyond", [0, 100], ids=["the width itself", "far beyond"])
+def test_live_channels_beyond_a_layers_width_do_not_fit(beyond):
+    """cut_to_live keeps exactly the listed output channels: an index at or past a layer's width
+    names no channel of this model, and is refused rather than ignored."""
+    net = create_model("small-cnn", num_classes=10, in_channels=1, image_size=8, width=16)
+    live = {"conv1": list(range(8)), "conv2": list(range(0, 32, 2)) + [32 + beyond]}
+    with pytest.raises(UserError, match=r"^the recorded live channels of 'conv2' do not fit this model$"):
+        cut_to_live(net, torch.zeros(1, 1, 8, 8), live)
+
+
+def test_a_checkpoint_whose_live_channels_go_beyond_a_layer_is_refused_in_one_line(shrunk_run, tmp_path):
+    """`dsrpipe export` of a run whose checkpoint lists, among conv3's live channels, the index 64
+    (small-cnn at width 16 has 64): exit 2 and one line naming the layer, not a model built to
+    some other width."""
+    out, _ = shrunk_run
+    shutil.copytree(out / "shrink-True", tmp_path / "shrink-True")
+    path = tmp_path / "shrink-True" / "finetune" / "final.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    live = checkpoint["model_spec"]["live_channels"]["conv3"]
+    assert 64 not in live
+    live.append(64)
+    torch.save(checkpoint, path)
+    sparsity = {"remove_channels": {**REMOVAL["remove_channels"], "shrink": True}}
+    pipeline = write_pipeline(tmp_path, tiny("shrink-True", sparsity=sparsity, train={"epochs": 3}))
+    result = CliRunner().invoke(app, ["export", str(pipeline), "--out", str(tmp_path), "--force"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == "error: the recorded live channels of 'conv3' do not fit this model"
 
 
 def test_frozen_retrains_a_shrunk_runs_structure_from_its_initial_weights(shrunk_run, tmp_path):
