@@ -316,6 +316,33 @@ def test_reports_carry_the_training_cost_and_the_shrinks(shrunk_run):
     assert "forward MACs × images" in markdown and "shrunk while training" in markdown
 
 
+def test_mac_images_are_each_steps_macs_as_the_cuts_left_them(shrunk_run):
+    """Each epoch's forward MACs × images, recomputed step by step from what the history records:
+    a step costs the MACs of the model it ran on, the epoch's at its start until a cut, then what
+    the latest cut before it left (a cut comes after its step's update). The report's total is
+    the sum over training and fine-tuning."""
+    out, reports = shrunk_run
+    steps, batch = 22, 64  # 1,437 training digits in batches of 64, the last one dropped
+    histories = [
+        [
+            json.loads(line)
+            for line in (out / "shrink-True" / stage / "metrics.jsonl").read_text().splitlines()
+        ]
+        for stage in ("train", "finetune")
+    ]
+    assert max(len(h["shrinks"]) for h in histories[0]) >= 2  # epochs with several cuts are covered
+    for h in histories[0] + histories[1]:
+        last = h["epoch"] * steps
+        assert all(last - steps < event["iteration"] <= last for event in h["shrinks"])
+        expected = 0
+        for step in range(last - steps + 1, last + 1):
+            earlier = [event for event in h["shrinks"] if event["iteration"] < step]
+            expected += (earlier[-1]["macs_after"] if earlier else h["macs_at_start"]) * batch
+        assert h["mac_images"] == expected, h["epoch"]
+    total = sum(h["mac_images"] for history in histories for h in history)
+    assert reports[True]["training"]["mac_images"] == total
+
+
 def test_resume_after_a_shrink_is_bit_identical_through_the_pipeline(tmp_path, monkeypatch):
     """Interrupted in epoch 3, after the shrinks of epochs 1 and 2: the resumed run rebuilds the
     shrunk model from its checkpoint and ends bit for bit as the uninterrupted one."""
