@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from typer.testing import CliRunner
 
 from dsrpipe import train as train_module
@@ -18,7 +19,7 @@ from dsrpipe.models import create_model
 from dsrpipe.pipeline import run_pipeline
 from dsrpipe.sparse import ChannelRemoval, DeepR, RewireSchedule, RigL
 from dsrpipe.sparse.channels import Channels
-from dsrpipe.sparse.slicing import cut_to_live, model_cost
+from dsrpipe.sparse.slicing import cut, cut_to_live, dependency_graph, model_cost, out_channel_handler
 from dsrpipe.train import train_sparse
 
 from .helpers import assert_resume_is_exact, masked_weights_are_zero, small_net, train_steps
@@ -185,6 +186,42 @@ def test_after_a_cut_the_gradient_hooks_mask_the_new_parameters(method):
         assert masked_weights_are_zero(sparsifier), step
         assert masked_momentum_is_zero(sparsifier), step
         assert sparsifier.active_count() == total, step
+
+
+class Concatenating(nn.Module):
+    """Two channel groups that a third conv reads side by side, as DenseNet's layers read the
+    concatenation of everything before them: c's input channels 0-5 are a's, 6-11 are b's."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(1, 6, 3, padding=1)
+        self.b = nn.Conv2d(6, 6, 3, padding=1)
+        self.c = nn.Conv2d(12, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        a = torch.relu(self.a(x))
+        b = torch.relu(self.b(a))
+        return self.fc(torch.relu(self.c(torch.cat([a, b], 1))).mean((2, 3)))
+
+
+def test_a_cut_records_the_indices_as_the_model_was_built():
+    """Cutting a's channels 1 and 4 moves b's channels down in c's input; b's channels 0 and 3 are
+    then c's inputs 4 and 7, but were built as 6 and 9, which is what the cut must record: the
+    masks and the momentum of c are sliced by it. Every parameter as built, sliced as recorded,
+    is the parameter the cut left."""
+    torch.manual_seed(0)
+    net = Concatenating()
+    built = {(m, n): p.detach().clone() for m in net.modules() for n, p in m.named_parameters(recurse=False)}
+    graph = dependency_graph(net, torch.zeros(1, 1, 8, 8), "shrinking")
+    done = cut(
+        net, graph, [(net.a, out_channel_handler(net.a), [1, 4]), (net.b, out_channel_handler(net.b), [0, 3])]
+    )
+    assert net.c.weight.shape[1] == 8
+    assert done.dropped[net.c, "weight"] == {1: {1, 4, 6, 9}}
+    assert done.dropped[net.b, "weight"] == {0: {0, 3}, 1: {1, 4}}
+    for (module, name), before in built.items():
+        assert torch.equal(done.apply(module, name, before), getattr(module, name)), (module, name)
 
 
 def test_an_inexact_shrink_is_refused_in_one_line(monkeypatch):
