@@ -68,7 +68,8 @@ def sparsity_summary(model: torch.nn.Module, cfg: Pipeline, spec: dict[str, Any]
 def training_cost(*histories: list[dict[str, Any]]) -> dict[str, Any]:
     """What training cost, over the epochs of every stage: wall time of the training steps,
     forward MACs × images (MACs of the model as it was at each step), peak memory, and the
-    shrinks with the MACs per sample before and after each."""
+    shrinks with the MACs per sample before and after each; and the warnings training logged
+    (a channel removal short of its share)."""
     epochs = [h for history in histories for h in history]
     cuda = [h["peak_cuda_bytes"] for h in epochs if h.get("peak_cuda_bytes") is not None]
     return {
@@ -77,6 +78,7 @@ def training_cost(*histories: list[dict[str, Any]]) -> dict[str, Any]:
         "peak_rss_bytes": max((h.get("peak_rss_bytes") or 0 for h in epochs), default=0) or None,
         "peak_cuda_bytes": max(cuda) if cuda else None,
         "shrinks": [event for h in epochs for event in h.get("shrinks", [])],
+        "warnings": [line for h in epochs for line in h.get("warnings", [])],
     }
 
 

@@ -426,12 +426,14 @@ def run_markdown(report: dict, train_epochs: int, finetune_epochs: int) -> str:
         if report.get("passed", True)
         else f"**Validation FAILED:** {report.get('failure')}"
     )
+    warnings = (report.get("training") or {}).get("warnings") or []
     lines = [
         f"# {report.get('name', 'run')}: {report.get('method', '')} on {report.get('dataset', '')} "
         f"({report.get('model', '')})",
         "",
         status,
         "",
+        *[f"**Warning:** {line}\n" for line in warnings],
         "| | |",
         "|---|---|",
         *[f"| {key} | {value} |" for key, value in rows],

@@ -511,6 +511,8 @@ def _one_epoch(t: _Training, epoch: int, bar: Progress) -> dict[str, Any]:
         on_shrink=shrunk,
     )
     loss_sum, correct, seen = totals["loss_sum"], totals["correct"], totals["seen"]
+    for line in totals["warnings"]:
+        log(t.cfg, f"warning: {line}")
     if t.world > 1:  # the global batch's figures (pruned and the like are the same on every rank)
         loss_sum, correct, seen = distributed.all_sum(loss_sum, correct, seen)
         seen = int(seen.item())
@@ -559,6 +561,7 @@ def _one_epoch(t: _Training, epoch: int, bar: Progress) -> dict[str, Any]:
         "macs_at_start": macs_at_start,
         "mac_images": _mac_images(macs_at_start, shrinks, t.steps_per_epoch, sparsifier.iteration, seen),
         "shrinks": shrinks,
+        "warnings": totals["warnings"],  # for the report as well as the log
         **peak_memory(t.device),
     }
 
@@ -649,13 +652,15 @@ def train_one_epoch(
     `on_reallocation` after each reallocation). When the sparsifier shrinks the model,
     `on_shrink(event)` gives the module to step with from then on (a shrink replaces the
     parameters that wrappers such as DDP or torch.compile hold). Totals stay on the device, so
-    nothing waits for the GPU until the caller reads them."""
+    nothing waits for the GPU until the caller reads them; `warnings` are lines for the log (a
+    channel removal that ended short of its share)."""
     model.train()
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen, pruned, reallocations, switched_off, pruned_grown = 0, 0, 0, 0, 0
+    warnings = []
     for x, y in batches:
         if cuda:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -677,6 +682,8 @@ def train_one_epoch(
             reallocations += 1
             switched_off += stats.get("switched_off", 0)
             pruned_grown += stats.get("pruned_grown", 0)
+            if stats.get("short_of_share"):
+                warnings.append(stats["short_of_share"])
         loss_sum += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
@@ -689,6 +696,7 @@ def train_one_epoch(
         "reallocations": reallocations,
         "switched_off": switched_off,
         "pruned_grown": pruned_grown,
+        "warnings": warnings,
     }
 
 

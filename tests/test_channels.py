@@ -2,6 +2,8 @@
 training on digits, exact resume, the coupled removal of a residual stream, and the export that
 cuts the removed channels with nothing to fold."""
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -388,6 +390,76 @@ def test_removal_stops_short_when_the_budget_has_no_room():
     assert 0 < channels.removed < round(0.9 * channels.total)
     for name, mask in sparsifier.masks.items():  # every active weight in a live row and column
         assert not (mask & channels.closed[name]).any()
+
+
+def short_of_share(sparsifier, steps):
+    """Train `steps` steps on random inputs; the `short_of_share` lines the sparsifier's steps returned."""
+    lines = []
+    real = sparsifier.step
+    sparsifier.step = lambda: (stats := real()) and lines.append(stats.get("short_of_share")) or stats
+    model = sparsifier.model
+    train_steps(model, sparsifier.optimizer, sparsifier, steps)
+    return [line for line in lines if line]
+
+
+def test_a_removal_the_budget_stops_short_of_its_share_says_so_in_one_line():
+    """Share 0.99, no floor: the sparse layers must keep room for their budget, so removal ends
+    well short of 0.99. The last removal says, in one line, which share it reached and what held
+    each group: the room the budget needs, or the one channel a group keeps."""
+    model, optimizer, sparsifier = removing(share=0.99, floor=0.0, end=3)
+    channels = sparsifier.channels
+    # Ranked by group, then channel (all scores equal): the same removals on any CPU.
+    channels.score = lambda group: torch.zeros(group.channels)
+    assert short_of_share(sparsifier, 4) == [
+        "channel removal reached share 0.42 of the 72 removable channels, not the 0.99 asked (30 removed, "
+        "not 71): 4, 8 cannot lose another channel and leave the sparse layers room for the budget's "
+        "1,101 active weights; 0 (1 of 8), 2 (1 of 16) are at their floor (remove_channels.floor; one at "
+        "least)"
+    ]
+    assert sparsifier.active_count() == 1101
+
+
+def test_a_removal_the_floors_stop_short_of_its_share_names_them():
+    """Share 0.9 with a floor of half of each group: removal ends at about half, at the floors."""
+    model, optimizer, sparsifier = removing(share=0.9, floor=0.5, end=1)
+    assert short_of_share(sparsifier, 2) == [
+        "channel removal reached share 0.50 of the 72 removable channels, not the 0.9 asked (36 removed, "
+        "not 65): 0 (4 of 8), 2 (8 of 16), 4 (8 of 16), 8 (16 of 32) are at their floor "
+        "(remove_channels.floor; one at least)"
+    ]
+
+
+@pytest.mark.parametrize("multiple_of", [1, 16])
+def test_a_removal_that_reached_its_share_says_nothing(multiple_of):
+    """The share's count went (multiple_of 1), or the floors and the budget allowed it and only
+    the rounding to multiples moved it, within half a multiple per group (16): no line."""
+    model, optimizer, sparsifier = removing(share=0.5, end=2, multiple_of=multiple_of)
+    assert short_of_share(sparsifier, 3) == []
+    target = round(0.5 * sparsifier.channels.total)
+    if multiple_of == 1:
+        assert sparsifier.channels.removed == target
+    else:  # the groups of 16 are kept whole, as the note at the start says
+        assert sparsifier.channels.removed < target
+
+
+def test_a_run_short_of_its_share_warns_in_its_log_and_its_report(tmp_path, capsys):
+    """The issue's setting on digits: share 0.99, floor 0, multiple_of 1. The budget stops removal
+    well short; the run's log says so once, in one `warning:` line, and report.json
+    (`training.warnings`) and report.md carry the same line."""
+    removal = {"share": 0.99, "floor": 0, "multiple_of": 1, "end_epoch": 1}
+    raw = tiny("short", sparsity={"remove_channels": removal}, train={"epochs": 1}, finetune={"epochs": 0})
+    report = run_pipeline(parse_pipeline(raw), tmp_path, progress=False)
+    logged = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(logged) == 1 and logged[0].startswith("short | warning: "), logged
+    line = logged[0].removeprefix("short | warning: ")
+    assert re.fullmatch(
+        r"channel removal reached share 0\.\d\d of the 112 removable channels, not the 0\.99 asked "
+        r"\(\d+ removed, not 111\): .* cannot lose another channel and leave the sparse layers room "
+        r"for the budget's 2,304 active weights.*",
+        line,
+    ), line
+    assert report["training"]["warnings"] == [line]
+    assert f"**Warning:** {line}" in (tmp_path / "short" / "report.md").read_text()
 
 
 def test_the_floor_rounds_up():

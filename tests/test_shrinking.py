@@ -3,22 +3,28 @@ out of the model as they go, with the masks and the optimizer's state, through r
 digits; the pipeline around a shrunk model (resume, fine-tune, export, reports, torch.compile)."""
 
 import json
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+from typer.testing import CliRunner
 
 from dsrpipe import train as train_module
+from dsrpipe.cli import app
 from dsrpipe.config import parse_pipeline
 from dsrpipe.errors import UserError
+from dsrpipe.models import create_model
 from dsrpipe.pipeline import run_pipeline
+from dsrpipe.sparse import ChannelRemoval, DeepR, RewireSchedule, RigL
 from dsrpipe.sparse.channels import Channels
-from dsrpipe.sparse.slicing import model_cost
+from dsrpipe.sparse.slicing import cut, cut_to_live, dependency_graph, model_cost, out_channel_handler
 from dsrpipe.train import train_sparse
 
-from .helpers import assert_resume_is_exact, masked_weights_are_zero
+from .helpers import assert_resume_is_exact, masked_weights_are_zero, small_net, train_steps
 from .test_channels import build, conv_stack_removing, digits_batches, train_on_digits
-from .test_pipeline import assert_same_training, interrupt_training, tiny
+from .test_pipeline import assert_same_training, interrupt_training, tiny, write_pipeline
 
 
 def parameters(net):
@@ -143,6 +149,81 @@ def test_resume_from_before_and_after_a_shrink_is_exact(first_steps):
         assert torch.equal(alive, second["channels"][name])
 
 
+def masked_momentum_is_zero(sparsifier):
+    """No momentum where a mask is 0 (or no momentum yet): the next step cannot move a masked weight."""
+    state = sparsifier.optimizer.state
+    return all(
+        bool((state[w]["momentum_buffer"][~sparsifier.masks[n]] == 0).all())
+        for n, w in sparsifier.weights.items()
+        if state.get(w, {}).get("momentum_buffer") is not None
+    )
+
+
+@pytest.mark.parametrize("method", [RigL, DeepR])
+def test_after_a_cut_the_gradient_hooks_mask_the_new_parameters(method):
+    """RigL and DeepR work on each gradient as it accumulates, in hooks on the weights themselves;
+    a cut gives the layers new weights, and the hooks must move to them. In the steps after the cut
+    (RigL reallocating at 4, DeepR at every step) masked weights and their momentum stay 0."""
+    torch.manual_seed(0)
+    net = small_net(width=8)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    sparsifier = method(
+        net,
+        optimizer,
+        sparsity=0.8,
+        schedule=RewireSchedule({0: 4}),
+        remove_channels=ChannelRemoval(share=0.4, end=2, multiple_of=1),  # shrink: the default
+        example_inputs=torch.zeros(1, 1, 8, 8),
+    )
+    assert sparsifier._per_weight_hooks  # the hooks this is about, not the optimizer's pre-hook
+    total = sparsifier.active_count()
+    weights = dict(sparsifier.weights)
+    train_steps(net, optimizer, sparsifier, 2)  # the cut comes at step 2
+    assert sparsifier.channels.shrunk
+    assert all(sparsifier.weights[n] is not w for n, w in weights.items())
+    for step in range(3, 7):
+        train_steps(net, optimizer, sparsifier, 1, seed=step)
+        assert masked_weights_are_zero(sparsifier), step
+        assert masked_momentum_is_zero(sparsifier), step
+        assert sparsifier.active_count() == total, step
+
+
+class Concatenating(nn.Module):
+    """Two channel groups that a third conv reads side by side, as DenseNet's layers read the
+    concatenation of everything before them: c's input channels 0-5 are a's, 6-11 are b's."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(1, 6, 3, padding=1)
+        self.b = nn.Conv2d(6, 6, 3, padding=1)
+        self.c = nn.Conv2d(12, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        a = torch.relu(self.a(x))
+        b = torch.relu(self.b(a))
+        return self.fc(torch.relu(self.c(torch.cat([a, b], 1))).mean((2, 3)))
+
+
+def test_a_cut_records_the_indices_as_the_model_was_built():
+    """Cutting a's channels 1 and 4 moves b's channels down in c's input; b's channels 0 and 3 are
+    then c's inputs 4 and 7, but were built as 6 and 9, which is what the cut must record: the
+    masks and the momentum of c are sliced by it. Every parameter as built, sliced as recorded,
+    is the parameter the cut left."""
+    torch.manual_seed(0)
+    net = Concatenating()
+    built = {(m, n): p.detach().clone() for m in net.modules() for n, p in m.named_parameters(recurse=False)}
+    graph = dependency_graph(net, torch.zeros(1, 1, 8, 8), "shrinking")
+    done = cut(
+        net, graph, [(net.a, out_channel_handler(net.a), [1, 4]), (net.b, out_channel_handler(net.b), [0, 3])]
+    )
+    assert net.c.weight.shape[1] == 8
+    assert done.dropped[net.c, "weight"] == {1: {1, 4, 6, 9}}
+    assert done.dropped[net.b, "weight"] == {0: {0, 3}, 1: {1, 4}}
+    for (module, name), before in built.items():
+        assert torch.equal(done.apply(module, name, before), getattr(module, name)), (module, name)
+
+
 def test_an_inexact_shrink_is_refused_in_one_line(monkeypatch):
     """The safety net: a cut that would change the logits (here: a live channel cut with the
     removed ones) stops training with a UserError naming the setting that turns shrinking off."""
@@ -201,6 +282,35 @@ def test_a_shrunk_run_fine_tunes_exports_and_validates_like_a_masked_one(shrunk_
     assert shrunk["sparsity"] == pytest.approx(masked["sparsity"], abs=0.002)  # over the configured width
 
 
+@pytest.mark.parametrize("beyond", [0, 100], ids=["the width itself", "far beyond"])
+def test_live_channels_beyond_a_layers_width_do_not_fit(beyond):
+    """cut_to_live keeps exactly the listed output channels: an index at or past a layer's width
+    names no channel of this model, and is refused rather than ignored."""
+    net = create_model("small-cnn", num_classes=10, in_channels=1, image_size=8, width=16)
+    live = {"conv1": list(range(8)), "conv2": list(range(0, 32, 2)) + [32 + beyond]}
+    with pytest.raises(UserError, match=r"^the recorded live channels of 'conv2' do not fit this model$"):
+        cut_to_live(net, torch.zeros(1, 1, 8, 8), live)
+
+
+def test_a_checkpoint_whose_live_channels_go_beyond_a_layer_is_refused_in_one_line(shrunk_run, tmp_path):
+    """`dsrpipe export` of a run whose checkpoint lists, among conv3's live channels, the index 64
+    (small-cnn at width 16 has 64): exit 2 and one line naming the layer, not a model built to
+    some other width."""
+    out, _ = shrunk_run
+    shutil.copytree(out / "shrink-True", tmp_path / "shrink-True")
+    path = tmp_path / "shrink-True" / "finetune" / "final.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    live = checkpoint["model_spec"]["live_channels"]["conv3"]
+    assert 64 not in live
+    live.append(64)
+    torch.save(checkpoint, path)
+    sparsity = {"remove_channels": {**REMOVAL["remove_channels"], "shrink": True}}
+    pipeline = write_pipeline(tmp_path, tiny("shrink-True", sparsity=sparsity, train={"epochs": 3}))
+    result = CliRunner().invoke(app, ["export", str(pipeline), "--out", str(tmp_path), "--force"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == "error: the recorded live channels of 'conv3' do not fit this model"
+
+
 def test_frozen_retrains_a_shrunk_runs_structure_from_its_initial_weights(shrunk_run, tmp_path):
     """The paper's control on a run that shrank: `frozen` (init: same) trains the narrower model it
     ended as, on its final masks, from its initial weights at the channels that were left."""
@@ -241,6 +351,33 @@ def test_reports_carry_the_training_cost_and_the_shrinks(shrunk_run):
     assert history[-1]["macs"] == events[-1]["macs_after"] < history[0]["macs_at_start"]
     markdown = (out / "shrink-True" / "report.md").read_text()
     assert "forward MACs × images" in markdown and "shrunk while training" in markdown
+
+
+def test_mac_images_are_each_steps_macs_as_the_cuts_left_them(shrunk_run):
+    """Each epoch's forward MACs × images, recomputed step by step from what the history records:
+    a step costs the MACs of the model it ran on, the epoch's at its start until a cut, then what
+    the latest cut before it left (a cut comes after its step's update). The report's total is
+    the sum over training and fine-tuning."""
+    out, reports = shrunk_run
+    steps, batch = 22, 64  # 1,437 training digits in batches of 64, the last one dropped
+    histories = [
+        [
+            json.loads(line)
+            for line in (out / "shrink-True" / stage / "metrics.jsonl").read_text().splitlines()
+        ]
+        for stage in ("train", "finetune")
+    ]
+    assert max(len(h["shrinks"]) for h in histories[0]) >= 2  # epochs with several cuts are covered
+    for h in histories[0] + histories[1]:
+        last = h["epoch"] * steps
+        assert all(last - steps < event["iteration"] <= last for event in h["shrinks"])
+        expected = 0
+        for step in range(last - steps + 1, last + 1):
+            earlier = [event for event in h["shrinks"] if event["iteration"] < step]
+            expected += (earlier[-1]["macs_after"] if earlier else h["macs_at_start"]) * batch
+        assert h["mac_images"] == expected, h["epoch"]
+    total = sum(h["mac_images"] for history in histories for h in history)
+    assert reports[True]["training"]["mac_images"] == total
 
 
 def test_resume_after_a_shrink_is_bit_identical_through_the_pipeline(tmp_path, monkeypatch):

@@ -33,7 +33,7 @@ from dsrpipe.registry import build_sparsifier
 from dsrpipe.sparse import slicing
 from dsrpipe.sparse.channels import trace_groups
 
-from .helpers import small_net
+from .helpers import masked_weights_are_zero, small_net
 from .test_pipeline import ROOT, tiny, write_pipeline
 
 TRACED = "channel removal: the channel dependencies of {} could not be traced ({}); this model cannot take"
@@ -125,6 +125,29 @@ def test_the_bound_is_raised_again_where_the_tracing_swallowed_it(monkeypatch):
         trace()
     assert str(caught.value).startswith(TRACED.format("Sequential", "it took longer than 0.3 s"))
     assert time.monotonic() - started < 5
+
+
+def groups_that_lose_the_cut_off_and_then_fail(self, *args, **kwargs):
+    """A tracing that catches the bound's exception and then fails on its own account, as code
+    that goes on with half-built state does."""
+    try:
+        while True:
+            pass
+    except Exception:
+        pass
+    raise AttributeError("'NoneType' object has no attribute 'grad_fn'")
+    yield
+
+
+def test_a_tracing_that_swallowed_the_bound_and_then_failed_took_too_long(monkeypatch):
+    """The error it raised after the bound cut it off is a consequence, not the cause: reported
+    as over the bound, not as Torch-Pruning's AttributeError."""
+    monkeypatch.setattr(slicing, "TRACE_SECONDS", 0.3)
+    monkeypatch.setattr(tp.DependencyGraph, "get_all_groups", groups_that_lose_the_cut_off_and_then_fail)
+    with pytest.raises(UserError) as caught:
+        trace()
+    assert str(caught.value).startswith(TRACED.format("Sequential", "it took longer than 0.3 s"))
+    assert "\n" not in str(caught.value)
 
 
 def test_the_bound_ends_with_the_tracing(monkeypatch):
@@ -250,7 +273,9 @@ def train_cut_and_export(name: str, directory: Path) -> dict:
     with half its removable channels removed and cut out at that step (the cut checked against
     the logits, in eval mode), and the shrunk model is exported to ONNX. Returns what the tests
     look at, in numbers: what the step removed, the parameters before and after (counted, and as
-    the step's stats say), and onnxruntime's largest difference from torch with torch's scale."""
+    the step's stats say), the active total before the step and around each cut with whether the
+    masked weights are all 0 after it, and onnxruntime's largest difference from torch with
+    torch's scale."""
     side, _ = MATRIX[name]
     cfg = parse_pipeline(pipeline(name, side, sparsity=STATIC_HALF))
     torch.manual_seed(0)
@@ -266,6 +291,23 @@ def train_cut_and_export(name: str, directory: Path) -> dict:
         example_inputs=torch.zeros(1, 1, side, side),
     )
     params = sum(p.numel() for p in model.parameters())
+    # Around each cut: the active total before and after, and whether every masked weight is 0
+    # after it (masks sliced at other indices than the layers were would break both).
+    cuts, shrink = [], sparsifier.shrink
+
+    def watched_shrink():
+        active = sparsifier.active_count()
+        stats = shrink()
+        cuts.append(
+            {
+                "active": [active, sparsifier.active_count()],
+                "masked_weights_zero": masked_weights_are_zero(sparsifier),
+            }
+        )
+        return stats
+
+    sparsifier.shrink = watched_shrink
+    active = sparsifier.active_count()
     x = torch.rand(4, 1, side, side, generator=torch.Generator().manual_seed(1))
     F.cross_entropy(model(x), torch.tensor([0, 1, 2, 0])).backward()
     optimizer.step()
@@ -289,6 +331,8 @@ def train_cut_and_export(name: str, directory: Path) -> dict:
         "params_before": params,
         "params_after": sum(p.numel() for p in model.parameters()),
         "stats_params_after": stats["shrunk"]["params_after"],
+        "active": active,
+        "cuts": cuts,
         "onnx_error": float(np.abs(got - expected).max()),
         "torch_scale": float(np.abs(expected).max()),
     }
@@ -357,5 +401,10 @@ def test_torchvision_models_take_removal_and_export_or_are_refused_at_check(name
     got = matrix_results()[name]
     assert got["channels_removed"] > 0
     assert got["params_after"] == got["stats_params_after"] < got["params_before"]
+    # Each cut keeps the active total, and the masks it sliced still cover every non-zero weight.
+    assert got["cuts"]
+    for each in got["cuts"]:
+        assert each["active"] == [got["active"], got["active"]]
+        assert each["masked_weights_zero"]
     # Untrained, some of these nets give large logits: within float rounding of their scale.
     assert got["onnx_error"] <= 1e-4 * max(1.0, got["torch_scale"])

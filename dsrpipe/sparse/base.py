@@ -575,7 +575,8 @@ class Sparsifier:
         surviving channels, in proportion to what each tensor kept, so the active total stays."""
         channels = self.channels
         count = channels.removal.target(self.iteration, channels.total) - channels.removed
-        chosen = channels.choose(count, self.active_count(), last=self.iteration >= channels.removal.end)
+        last = self.iteration >= channels.removal.end
+        chosen = channels.choose(count, self.active_count(), last=last)
         freed = channels.remove(chosen, self.optimizer)
         if freed:
             names = list(self.masks)
@@ -592,6 +593,9 @@ class Sparsifier:
                 u.activate(self.masks[n], sample_free_positions(slots.view(-1), g, f, self.generator))
             self.clear_optimizer_state()
         stats = {"channels_removed": sum(len(c) for c in chosen.values()), "channels_regrown": freed}
+        # Floors and the budget may leave the share out of reach: said once, at the end, in one line.
+        if last and (short := channels.shortfall(self.active_count())):
+            stats["short_of_share"] = short
         if channels.removal.shrink and chosen:
             stats["shrunk"] = self.shrink()
         return stats

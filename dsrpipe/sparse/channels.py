@@ -220,6 +220,11 @@ def rounding(channels: int, floor: int, multiple_of: int) -> str:
     return "whole" if channels % multiple_of == 0 else "unrounded"
 
 
+def _listed(names: list[str]) -> str:
+    """Names for a one-line message: the first four, and how many more."""
+    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+
 def unrounded_note(channels: dict[str, int], floors: dict[str, int], multiple_of: int) -> str | None:
     """One line naming the groups (name: channels, as built) that `multiple_of` cannot round
     (`rounding`): those it keeps whole, those whose channels go unrounded; None if none."""
@@ -231,15 +236,12 @@ def unrounded_note(channels: dict[str, int], floors: dict[str, int], multiple_of
         if kind != "rounded":
             kinds[kind].append(f"{name} ({n} channels)")
 
-    def listed(names):
-        return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
-
     parts = []
     if kinds["whole"]:
-        parts.append(f"keeps {listed(kinds['whole'])} whole (no smaller multiple above the floor)")
+        parts.append(f"keeps {_listed(kinds['whole'])} whole (no smaller multiple above the floor)")
     if kinds["unrounded"]:
         parts.append(
-            f"rounds nothing in {listed(kinds['unrounded'])} (no multiple between the floor and the "
+            f"rounds nothing in {_listed(kinds['unrounded'])} (no multiple between the floor and the "
             "width): their channels go as the ranking says"
         )
     return f"channel removal: multiple_of {multiple_of} {'; it '.join(parts)}" if parts else None
@@ -331,6 +333,46 @@ class Channels:
             for name, chosen in plan.items()
             if round(part * len(chosen))
         }
+
+    def shortfall(self, active_total: int) -> str | None:
+        """After the last removal: one line saying which share of the removable channels went,
+        short of the share asked, and what kept the rest (groups at their floor; groups that
+        cannot lose a channel and leave the sparse tensors room for the `active_total` weights of
+        the budget). None when the share's count went, or when the floors and the budget allow it
+        and only `multiple_of` kept it short: its rounding, and the groups it keeps whole, which
+        `unrounded_note` names before training."""
+        wanted = self.removal.target(self.removal.end, self.total)
+        missing = wanted - self.removed
+        if missing <= 0:
+            return None
+        scores = {g.name: self.score(g).to(torch.float64).cpu() for g in self.groups}
+        live = {g.name: torch.nonzero(self.alive[g.name].cpu()).flatten().tolist() for g in self.groups}
+        if sum(len(c) for c in self._lowest(missing, scores, live, active_total).values()) == missing:
+            return None
+        room = self._room()
+        at_floor, no_room, rounded = [], [], []
+        for g in self.groups:
+            if len(live[g.name]) <= self.floor[g.name]:
+                at_floor.append(f"{g.name} ({len(live[g.name])} of {self.original[g.name]})")
+            elif not self._fits(self._room_without(room, g, live[g.name][:1]), active_total):
+                no_room.append(g.name)
+            else:
+                rounded.append(g.name)
+        reasons = []
+        if no_room:
+            reasons.append(
+                f"{_listed(no_room)} cannot lose another channel and leave the sparse layers room for "
+                f"the budget's {active_total:,} active weights"
+            )
+        if at_floor:
+            reasons.append(f"{_listed(at_floor)} are at their floor (remove_channels.floor; one at least)")
+        if rounded:
+            reasons.append(f"{_listed(rounded)} are kept at a multiple of {self.removal.multiple_of}")
+        return (
+            f"channel removal reached share {self.removed / self.total:.2f} of the {self.total} removable "
+            f"channels, not the {self.removal.share:g} asked ({self.removed} removed, not {wanted}): "
+            + "; ".join(reasons)
+        )
 
     def _lowest(self, count, scores, live, active_total) -> dict[str, list[int]]:
         """The `count` lowest-scoring live channels over all groups that floors and room allow,

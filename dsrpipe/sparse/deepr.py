@@ -125,6 +125,11 @@ class DeepR(Sparsifier):
             m.view(-1)[positions] = True  # weight 0, sign 0 and momentum 0 already
         return {"iteration": self.iteration, "pruned": sum(num_died), "grown": dict(zip(names, num_died))}
 
+    def _per_tensor_state(self) -> list[dict[str, torch.Tensor]]:
+        # The signs are shaped like the weights: a shrink must slice them with their layers, or the
+        # next reallocation compares a narrower weight with the full-width signs.
+        return [*super()._per_tensor_state(), self.signs]
+
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "signs": {n: s.clone() for n, s in self.signs.items()}}
 
