@@ -72,6 +72,7 @@ class Executor(ABC):
 
     name = "local"
     remote = False  # whether its jobs may run on another machine (then outputs must be shared)
+    address: str | None = None  # the cluster it joined, where a restarted submitter must join it again
 
     def __init__(self, resources: Resources):
         self.resources = resources
@@ -128,6 +129,11 @@ class Executor(ABC):
                 "wrote a marker there that this machine cannot read; put --out on a filesystem that every "
                 "worker mounts at the same path"
             )
+
+    @property
+    def keeps_jobs(self) -> bool:
+        """Whether its jobs go on once this process is gone (a daemon re-attaches them)."""
+        return self.remote
 
     def describe(self) -> str:
         return self.name
