@@ -25,7 +25,6 @@ from dsrpipe.cli import app
 from dsrpipe.errors import EXIT_TERMINATED, UserError
 from dsrpipe.executors import LOST, Executor, JobSpec, Resources
 from dsrpipe.executors.base import PROBE_ENV
-from dsrpipe.executors.processes import group_members
 from dsrpipe.executors.ray import ANSWER_ENV, LOCAL_ENV, MAX_RETRIES
 from dsrpipe.stopping import stop_line
 from dsrpipe.watch.folder import DropFolder
@@ -102,6 +101,15 @@ def wait_until(predicate, what, timeout=120, proc=None):
         assert proc is None or proc.poll() is None, f"exited ({proc.returncode}) waiting for {what}"
         time.sleep(0.05)
     return value
+
+
+def ray_session(pids):
+    """The session folder of the Ray whose GCS is among `pids` (its command line names it)."""
+    for pid in pids:
+        for arg in cmdline(pid).split(b"\0"):
+            if arg.startswith(b"--session-dir="):
+                return Path(arg.partition(b"=")[2].decode())
+    return None
 
 
 def alive(pids):
@@ -274,7 +282,12 @@ def test_watch_on_ray_reattaches_retries_requeues_and_leaves_its_jobs_running_on
     # a daemon that runs its jobs here cannot re-attach them: it says so, and leaves them alone
     local = dsrpipe("watch", drop, "--out", out, "--once", cwd=tmp_path)
     last = local.stderr.strip().splitlines()[-1]
-    assert local.returncode == 2 and re.match(r"error: job [ab] runs on ray \(job dsrpipe-watch-", last), last
+    assert local.returncode == 2 and re.match(
+        rf"error: job [ab] runs on ray at {ray_address} \(job dsrpipe-watch-", last
+    )
+    assert last.endswith(f"restart the daemon with --executor ray --address {ray_address} to re-attach it"), (
+        last
+    )
     assert job("a")["state"] == "running"
     deadline = time.monotonic() + 120  # a ends on Ray while no daemon watches: re-attached, it is done
     while processes_of("a") or not (out / "a" / "report.json").exists():
@@ -326,36 +339,30 @@ def test_a_local_ray_joined_after_ray_was_imported_listens_on_loopback_only_and_
     """
     env = {k: v for k, v in with_ray_env().items() if k not in LOCAL_ENV and k != "RAY_ADDRESS"}
     result, seen = helpers.run_listening([sys.executable, "-c", script], timeout=150, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
     helpers.assert_loopback_only(seen)
+    assert result.returncode == 0, result.stderr[-3000:]
     folder, mode, session = json.loads(result.stdout.strip().splitlines()[-1])
     assert mode == "0o700" and session.startswith(folder + "/") and not Path(folder).exists()
 
 
 def test_sigterm_while_the_local_ray_starts_is_143_one_line_and_leaves_no_process(tmp_path):
     """SIGTERM to `compare --executor ray` while its local Ray starts: exit 143, the one line,
-    and nothing of that Ray left (it used to exit 15, and leave two of Ray's processes behind)."""
+    and nothing of that Ray left, its folder included (it used to exit 15, and leave two of
+    Ray's processes behind)."""
     proc, log = started_compare(
         tmp_path, write_grid(tmp_path), "--out", tmp_path / "out", "--executor", "ray"
     )
     try:
-
-        def head():  # once it has started a process of Ray's
-            for pid in helpers._tree(proc.pid):
-                if b"dsrpipe.executors.ray_head" in cmdline(pid) and len(group_members(pid)) > 1:
-                    return pid
-            return None
-
-        head = wait_until(head, "Ray starting", proc=proc)
-        folder = Path(cmdline(head).split(b"\0")[-2].decode())
+        session = wait_until(lambda: ray_session(helpers._tree(proc.pid)), "Ray starting", proc=proc)
+        tree = helpers._tree(proc.pid)[1:]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == EXIT_TERMINATED, log.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()
     assert log.read_text().splitlines() == [stop_line(signal.SIGTERM)], log.read_text()
-    wait_until(lambda: not group_members(head), "the local Ray gone", timeout=30)
-    assert not folder.exists()
+    wait_until(lambda: not alive(tree), "the local Ray's processes gone", timeout=30)
+    wait_until(lambda: not session.exists(), "the local Ray's folder gone", timeout=10)
 
 
 def test_sigterm_to_a_compare_on_ray_is_143_and_one_line(tmp_path, ray_address):
@@ -391,14 +398,13 @@ def test_kill_9_of_a_compare_on_its_local_ray_leaves_no_process_and_no_folder(tm
     try:
         wait_until(lambda: "submitted to ray as" in log.read_text(), "the job submitted", proc=proc)
         tree = helpers._tree(proc.pid)[1:]
-        [head] = [pid for pid in tree if b"dsrpipe.executors.ray_head" in cmdline(pid)]
-        folder = Path(cmdline(head).split(b"\0")[-2].decode())
-        assert folder.exists()
+        session = ray_session(tree)
+        assert session.exists()
     finally:
         proc.kill()
         proc.wait()
-    wait_until(lambda: not alive(tree) and not group_members(head), "Ray's processes gone", timeout=30)
-    assert not folder.exists()
+    wait_until(lambda: not alive(tree), "the local Ray's processes gone", timeout=30)
+    wait_until(lambda: not session.exists(), "the local Ray's folder gone", timeout=10)
 
 
 def test_every_ray_address_is_checked_before_use_and_a_bad_one_is_one_line(
