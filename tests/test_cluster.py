@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -571,6 +572,46 @@ def test_a_job_its_engine_lost_is_neither_queued_nor_started_while_a_process_hol
         assert state() == ("queued", 1)
     finally:
         files.release_lock(lock)
+    journal.close()
+
+
+def test_a_daemon_on_another_ray_refuses_the_jobs_of_a_cluster_that_is_up_and_requeues_those_of_one_gone(
+    tmp_path,
+):
+    """A job recorded on the Ray cluster at an address that still accepts connections is not
+    another cluster's to judge: the daemon refuses in one line naming the address to restart it
+    with. One whose cluster no longer answers was lost with it: queued again."""
+    drop, out = tmp_path / "drop", tmp_path / "out"
+    folder = DropFolder(drop, out)
+    folder.jobs_dir.mkdir(parents=True)
+    journal = folder.open_journal()
+    with socket.socket() as up, socket.socket() as gone:
+        up.bind(("127.0.0.1", 0))
+        up.listen()
+        gone.bind(("127.0.0.1", 0))  # bound, not listening: refuses connections
+        addresses = {name: f"127.0.0.1:{s.getsockname()[1]}" for name, s in (("gone", gone), ("up", up))}
+        for name, address in addresses.items():
+            journal.add(
+                **{
+                    "name": name,
+                    "drop_path": f"{name}.yaml",
+                    "kind": "pipeline",
+                    "sha256": name,
+                    "stamp": "",
+                },
+                out=str(out),
+                state="running",
+                attempts=1,
+                engine="ray",
+                engine_job=f"dsrpipe-watch-0/{name}-1",
+                engine_address=address,
+            )
+        runner = Runner(folder, WatchOptions(drop, out=out), lambda: False, KnowsNoJob(Resources()))
+        with pytest.raises(
+            UserError, match=f"restart the daemon with --executor ray --address {addresses['up']} "
+        ):
+            runner.recover()
+    assert [(j["name"], j["state"]) for j in journal.jobs()] == [("gone", "queued"), ("up", "running")]
     journal.close()
 
 

@@ -44,13 +44,22 @@ from ..errors import EXIT_INTERRUPTED, EXIT_TERMINATED, UserError
 from ..quantities import format_size
 from ..stopping import SIGNALS
 from . import launch
-from .base import LOST, PROBE_ENV, PROBE_TIMEOUT, Executor, JobSpec, Resources, missing_extra, write_marker
+from .base import (
+    LOST,
+    PROBE_ENV,
+    PROBE_TIMEOUT,
+    Executor,
+    JobSpec,
+    Resources,
+    connection_refused,
+    missing_extra,
+    write_marker,
+)
 from .processes import die_with_parent, group_members
 from .ray_head import LOCAL_ENV
 
 NAMESPACE = "dsrpipe"
 MAX_RETRIES = 3  # Ray's own retries of a job whose worker died or that was interrupted
-CONNECT_TIMEOUT = 5.0  # seconds an address has to accept a TCP connection
 ANSWER_TIMEOUT = 15.0  # seconds an address has to answer as a Ray cluster (docs/cluster.md)
 ANSWER_ENV = "DSRPIPE_RAY_ANSWER_TIMEOUT"  # seconds, instead of ANSWER_TIMEOUT
 START_TIMEOUT = 180.0  # seconds a local Ray may take to start
@@ -153,11 +162,9 @@ def resolve(address: str) -> tuple[str, bool]:
 
 
 def _reachable(address: str) -> None:
-    host, _, port = address.rpartition(":")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT).close()
-    except OSError as exc:
-        raise UserError(f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}") from None
+    refused = connection_refused(address)
+    if refused is not None:
+        raise UserError(f"cannot reach the Ray cluster at {address}: {refused.strerror or refused}")
 
 
 def probe(address: str) -> None:
@@ -247,6 +254,8 @@ def connect(address: str | None) -> str | None:
     joined; without one, start a local Ray of this process's own and join it (None). Every
     address is checked first (see the module's docstring), and nothing waits on it unbounded."""
     if address is None:
+        if _ray_started():  # a caller of the API that joined a cluster already
+            return _ray().get_runtime_context().gcs_address
         start_local()
         return None
     address, loopback = resolve(address)
@@ -464,8 +473,12 @@ class RayExecutor(Executor):
         self.address = connect(address)
         self.ray = _ray()
         self.owner = owner
-        _fits(resources, self.address)
         self._actor = None
+        try:
+            _fits(resources, self.address)
+        except BaseException:
+            self.close()
+            raise
 
     def _supervisor(self, make: bool = False):
         """The submitter's actor: the one in the cluster under its name; made if `make`, else

@@ -16,6 +16,7 @@ from typing import TypeVar
 
 from ..errors import DiskFull, UserError
 from ..executors import Executor, Resources, make_executor
+from ..executors.base import connection_refused
 from ..files import disk_full, release_lock, shown, take_lock
 from ..quantities import format_size
 from . import limits
@@ -337,11 +338,15 @@ def _recorded_address(journal_path: Path) -> str | None:
             f"jobs of this folder run on several Ray clusters ({', '.join(sorted(addresses))}), and a daemon "
             "joins one: stop those of all but one, then start the daemon again"
         )
-    if addresses:
-        [address] = addresses
-        log.info(f"joining the Ray cluster at {address}, which runs jobs of this folder (see the journal)")
-        return address
-    return None
+    if not addresses:
+        return None
+    [address] = addresses
+    refused = connection_refused(address)
+    if refused is not None:  # the jobs went with it: the runner queues them again
+        log.warning(f"the Ray cluster at {address}, which ran jobs of this folder, is gone ({refused})")
+        return None
+    log.info(f"joining the Ray cluster at {address}, which runs jobs of this folder (see the journal)")
+    return address
 
 
 def _setup_logging(log_file: Path | None) -> None:

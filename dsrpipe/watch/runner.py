@@ -29,7 +29,7 @@ from ..errors import (
     EXIT_VALIDATION,
     UserError,
 )
-from ..executors.base import LOST, Executor, JobSpec
+from ..executors.base import LOST, Executor, JobSpec, connection_refused
 from ..executors.processes import ForkServer, signal_group
 from ..files import disk_full, shown
 from ..quantities import format_size
@@ -100,10 +100,11 @@ class Runner:
         for job in self.folder.journal.jobs("running"):
             engine_job = job.get("engine_job")
             address = job.get("engine_address")
+            elsewhere = address is not None and self.executor is not None and address != self.executor.address
             if engine_job and (
                 self.executor is None
                 or job["engine"] != self.executor.name
-                or (address is not None and address != self.executor.address)
+                or (elsewhere and connection_refused(address) is None)  # a cluster that is gone lost it
             ):
                 # it may still run there, and its job lock's pid is a worker's, maybe on another machine
                 where = f" at {address}" if address else ""
