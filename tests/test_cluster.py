@@ -303,6 +303,7 @@ def test_watch_on_ray_reattaches_retries_requeues_and_leaves_its_jobs_running_on
         assert f"joining the Ray cluster at {ray_address}" in w.log() and "state=reattached" in w.log(), (
             w.log()
         )
+        assert dsrpipe_actors() == []  # no job left: the daemon let its actor go
     finally:
         assert w.stop() == 0
     assert [(j["name"], j["state"], j["attempts"], j["engine"]) for j in jobs(drop)] == [
@@ -311,7 +312,6 @@ def test_watch_on_ray_reattaches_retries_requeues_and_leaves_its_jobs_running_on
     ]
     b = b_log.read_text()
     assert b.count("$ python -m dsrpipe.watch") == 2 and "train: resuming after epoch" in b, b
-    assert dsrpipe_actors() == []
     for name in ("a", "b"):  # SIGKILL may leave a checkpoint's temporary, never a half-written model
         assert not list((out / name).rglob(".model*")) and onnx.load(out / name / "model.onnx").graph.node
     status = CliRunner().invoke(app, ["status", str(drop), "--json"])
