@@ -467,11 +467,11 @@ class RayExecutor(Executor):
 
     def __init__(self, resources: Resources, owner: str, address: str | None = None):
         super().__init__(resources)
+        self.ray = _ray()  # first: without the extra, nothing is started or asked
         self.started = address is None and not _ray_started()  # a local Ray of its own
         # The cluster's address as joined (`auto` and 127.1 resolved), which a journal records;
         # None: a local Ray of this process's own, which stops with it.
         self.address = connect(address)
-        self.ray = _ray()
         self.owner = owner
         self._actor = None
         try:

@@ -36,7 +36,9 @@ from .processes import group_members
 # Before ray is imported (it reads them then): without the first, Ray takes 127.0.0.1 for "this
 # host" and resolves it to the host's own address, where it then listens.
 LOCAL_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
-STOP_GRACE = 2.0  # seconds the group gets to stop on SIGTERM (a job cleans up) before SIGKILL (Ray's own daemons wait longer)
+# Seconds the group gets to stop on SIGTERM (a job cleans up) before SIGKILL; Ray's own daemons
+# take longer than that to stop gracefully, and nothing of theirs is kept.
+STOP_GRACE = 2.0
 
 
 def main(cpus: int | None, gpus: int | None, folder: str) -> int:
