@@ -409,33 +409,37 @@ def run_grid(
     runs_dir = folder / "runs"
     runs = plan_runs(grid, grid_name, base, runs_dir, source=str(grid_path))
     by_name = {r.name: r for r in runs}
-    # Before anything is written: a bad engine, option or address fails here, nothing submitted.
-    executor = make_executor(
-        cluster.executor,
-        resources,
-        owner=f"dsrpipe-compare-{uuid.uuid4().hex[:12]}",
-        folder=folder / "slurm",
-        jobs=jobs,
-        address=cluster.address,
-        local=settings.local,
-        tasks_per_node=settings.tasks_per_node,
-        dry_run=cluster.dry_run,
-    )
+
+    def executor_made() -> Executor:
+        # Before any run is written: a bad engine, option or address fails here, nothing submitted.
+        return make_executor(
+            cluster.executor,
+            resources,
+            owner=f"dsrpipe-compare-{uuid.uuid4().hex[:12]}",
+            folder=folder / "slurm",
+            jobs=jobs,
+            address=cluster.address,
+            local=settings.local,
+            tasks_per_node=settings.tasks_per_node,
+            dry_run=cluster.dry_run,
+        )
+
     if cluster.dry_run:
-        first = runs[0]
-        spec = _job_spec(first, folder, runs_dir)
-        return {"sbatch": executor.dry_run(spec), "runs": runs}
-    executor.check_storage(runs_dir)  # remote workers must write where the table is read
+        spec = _job_spec(runs[0], folder, runs_dir)
+        return {"sbatch": executor_made().dry_run(spec), "runs": runs}
     folder.mkdir(parents=True, exist_ok=True)
     # For the whole compare: a second compare of the same grid into the same --out would start the
-    # same runs and write the same results.
+    # same runs and write the same results. Taken first: a second one is refused before it starts
+    # or joins an engine.
     with files.holding_lock(
         folder / "compare.lock",
         lambda pid: (
             f"{folder} is in use by another dsrpipe compare (pid {pid}): wait for it to finish or stop it"
         ),
     ):
+        executor = executor_made()
         try:
+            executor.check_storage(runs_dir)  # remote workers must write where the table is read
             return _run_planned(
                 grid,
                 runs,

@@ -195,9 +195,14 @@ def run_listening(command, timeout, **popen):
 
 
 def assert_loopback_only(seen: dict) -> None:
-    """Some listener was seen (the job's stores), and every one is on 127.0.0.0/8 or ::1."""
+    """Some listener was seen (the job's stores), and every one is on 127.0.0.0/8 or ::1 (an
+    IPv6 socket bound to an IPv4-mapped address is that IPv4 address)."""
     assert seen, "no listening socket seen at all: the sampling missed the job"
-    wide = {str(ip): holder for ip, holder in seen.items() if not ip.is_loopback}
+    wide = {
+        str(ip): holder
+        for ip, holder in seen.items()
+        if not (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
+    }
     assert not wide, f"listening beyond loopback: {wide}"
 
 

@@ -2,12 +2,17 @@
 loopback) shared by the Ray tests, submitit's local executor for Slurm (`cluster: local`)."""
 
 import csv
+import http.server
+import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+import uuid
 from pathlib import Path
 
 import onnx
@@ -15,11 +20,17 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from dsrpipe import compare as compare_module
+from dsrpipe import files
 from dsrpipe.cli import app
-from dsrpipe.errors import UserError
-from dsrpipe.executors import Resources
+from dsrpipe.errors import EXIT_TERMINATED, UserError
+from dsrpipe.executors import LOST, Executor, JobSpec, Resources
 from dsrpipe.executors.base import PROBE_ENV
-from dsrpipe.executors.ray import LOCAL_ENV
+from dsrpipe.executors.ray import ANSWER_ENV, LOCAL_ENV, MAX_RETRIES
+from dsrpipe.stopping import stop_line
+from dsrpipe.watch.folder import DropFolder
+from dsrpipe.watch.options import WatchOptions
+from dsrpipe.watch.runner import Runner
 
 from . import helpers
 from .test_hostile import assert_one_line_error, dsrpipe
@@ -58,14 +69,60 @@ def with_ray_env():
     return {**os.environ, **ENV}
 
 
-def compare(*args, timeout=300):
+def compare(*args, timeout=300, env=None):
+    """`dsrpipe compare ARGS` run to its end; `env`: changes to with_ray_env() (None: unset)."""
+    changed = {**with_ray_env(), **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "dsrpipe", "compare", *map(str, args)],
         capture_output=True,
         text=True,
-        env=with_ray_env(),
+        env={k: v for k, v in changed.items() if v is not None},
         timeout=timeout,
     )
+
+
+def started_compare(tmp_path, *args, env=None):
+    """`dsrpipe compare ARGS` started, its stderr in a file: (process, the file)."""
+    log = tmp_path / f"compare-{time.monotonic_ns()}.log"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dsrpipe", "compare", *map(str, args)],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env={**with_ray_env(), **(env or {})},
+            preexec_fn=helpers.sigint_as_a_terminal_sends_it,
+        )
+    return proc, log
+
+
+def wait_until(predicate, what, timeout=120, proc=None):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert proc is None or proc.poll() is None, f"exited ({proc.returncode}) waiting for {what}"
+        time.sleep(0.05)
+    return value
+
+
+def ray_session(pids):
+    """The session folder of the Ray whose GCS is among `pids` (its command line names it)."""
+    for pid in pids:
+        for arg in cmdline(pid).split(b"\0"):
+            if arg.startswith(b"--session-dir="):
+                return Path(arg.partition(b"=")[2].decode())
+    return None
+
+
+def alive(pids):
+    """Those of `pids` that still run (a zombie does not)."""
+
+    def running(pid):
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    return [p for p in pids if running(p)]
 
 
 def rows(path):
@@ -74,17 +131,16 @@ def rows(path):
 
 @pytest.fixture(scope="session")
 def ray_address():
-    """A local Ray as dsrpipe starts one (2 CPUs, every listener on 127.0.0.1), in this process."""
-    from dsrpipe.executors.ray import start_local
+    """A local Ray as dsrpipe starts one (2 CPUs, every listener on 127.0.0.1; its head is a child
+    of this process), joined by this process, which imported ray first."""
+    pytest.importorskip("ray")
+    from dsrpipe.executors.ray import start_local, stop_local
 
     started = time.perf_counter()
-    for key, value in LOCAL_ENV.items():
-        os.environ[key] = value
-    ray = pytest.importorskip("ray")
     address = start_local(cpus=2)
     print(f"ray start: {time.perf_counter() - started:.1f} s")
     yield address
-    ray.shutdown()
+    stop_local()
 
 
 def ray_processes():
@@ -100,6 +156,17 @@ def cmdline(pid):
 
 def parent(pid):
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def dsrpipe_actors(timeout=30):
+    """The actors that dsrpipe's submitters have in the test's Ray once their removal has gone
+    through (the name registry lets go of a killed actor a little later)."""
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while (names := ray.util.list_named_actors()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return names
 
 
 def listening(pids):
@@ -151,6 +218,7 @@ def test_a_grid_on_ray_cancels_on_ctrl_c_resumes_and_has_the_rows_of_a_local_run
     assert seen and all(ip.is_loopback for ip in seen), seen
     ray_rows, local_rows = rows(out / "g/results.csv"), rows(local_out / "g/results.csv")
     assert len(ray_rows) == 4 and ray_rows == local_rows
+    assert dsrpipe_actors() == []  # both compares' actors went with their last job
 
 
 def test_watch_on_ray_reattaches_retries_requeues_and_leaves_its_jobs_running_on_sigterm(
@@ -162,8 +230,11 @@ def test_watch_on_ray_reattaches_retries_requeues_and_leaves_its_jobs_running_on
     - Ray retries b, which resumes from its checkpoint; the second daemon re-attaches it (never
       submits it twice) and requeues a, which Ray lost; SIGTERM stops it with a running again,
       and leaves its jobs running on Ray;
-    - a daemon without --executor ray refuses to take them over; the third re-attaches them.
-    Each job ends once, done, with one model and no half-written one."""
+    - a daemon without --executor ray refuses to take them over; the third, given no --address,
+      joins the cluster that the journal names and re-attaches them (it used to start a Ray of
+      its own, declare both lost and fail b, whose lock its first attempt still held).
+    Each job ends once, done, with one model and no half-written one; what a job printed is in
+    its job.log; the daemon's actor goes with the last job."""
     import ray
 
     from .test_watch import Watcher
@@ -174,18 +245,9 @@ def test_watch_on_ray_reattaches_retries_requeues_and_leaves_its_jobs_running_on
     subset = {"dataset": "digits", "max_train": 256, "max_test": 128}
     (drop / "b.yaml").write_text(pipeline(epochs=40, seed=1, data=subset))
 
-    def daemon():
+    def daemon(*address):
         return Watcher(
-            tmp_path,
-            drop,
-            out,
-            "--executor",
-            "ray",
-            "--address",
-            ray_address,
-            "--workers",
-            "2",
-            env=with_ray_env(),
+            tmp_path, drop, out, "--executor", "ray", *address, "--workers", "2", env=with_ray_env()
         )
 
     def job(name):
@@ -194,21 +256,21 @@ def test_watch_on_ray_reattaches_retries_requeues_and_leaves_its_jobs_running_on
     def processes_of(name):
         return [p for p in ray_processes() if str(drop / ".dsrpipe" / "jobs" / name).encode() in cmdline(p)]
 
-    w = daemon()
+    w = daemon("--address", ray_address)
     w.wait_for(lambda: job("a").get("engine_job") and job("b").get("engine_job"), "both jobs on ray")
     w.proc.kill()
     w.proc.wait()
     owner, _, key = job("a")["engine_job"].partition("/")
     ray.get(ray.get_actor(owner, namespace="dsrpipe").cancel.remote(key))  # outside dsrpipe
     deadline = time.monotonic() + 120
-    b_log = drop / ".dsrpipe/jobs/b/engine.log"  # what the job's command printed, on the worker
+    b_log = drop / ".dsrpipe/jobs/b/job.log"  # what the job's command printed, on the worker
     while "train epoch 3/" not in (b_log.read_text() if b_log.exists() else ""):
         assert time.monotonic() < deadline, "b never trained"
         time.sleep(0.1)
     [worker] = {parent(p) for p in processes_of("b")}
     os.kill(worker, signal.SIGKILL)
 
-    w = daemon()
+    w = daemon("--address", ray_address)
     w.wait_for(lambda: job("a")["state"] == "running" and job("a")["attempts"] == 2, "a submitted again")
     assert "job=b state=reattached" in w.log() and "job=a state=queued" in w.log(), w.log()
     assert w.stop() == 0
@@ -221,17 +283,27 @@ def test_watch_on_ray_reattaches_retries_requeues_and_leaves_its_jobs_running_on
     # a daemon that runs its jobs here cannot re-attach them: it says so, and leaves them alone
     local = dsrpipe("watch", drop, "--out", out, "--once", cwd=tmp_path)
     last = local.stderr.strip().splitlines()[-1]
-    assert local.returncode == 2 and re.match(r"error: job [ab] runs on ray \(job dsrpipe-watch-", last), last
+    assert local.returncode == 2 and re.match(
+        rf"error: job [ab] runs on ray at {ray_address} \(job dsrpipe-watch-", last
+    )
+    assert last.endswith(f"restart the daemon with --executor ray --address {ray_address} to re-attach it"), (
+        last
+    )
     assert job("a")["state"] == "running"
     deadline = time.monotonic() + 120  # a ends on Ray while no daemon watches: re-attached, it is done
     while processes_of("a") or not (out / "a" / "report.json").exists():
         assert time.monotonic() < deadline, "a never ended"
         time.sleep(0.2)
 
-    w = daemon()
+    status = CliRunner().invoke(app, ["status", str(drop)])
+    assert "ray job dsrpipe-watch-" in status.output and f" at {ray_address}" in status.output
+    w = daemon()  # no --address: the journal's
     try:
         w.wait_for(lambda: job("a")["state"] == job("b")["state"] == "done", "both done", 180)
-        assert "state=reattached" in w.log(), w.log()
+        assert f"joining the Ray cluster at {ray_address}" in w.log() and "state=reattached" in w.log(), (
+            w.log()
+        )
+        assert dsrpipe_actors() == []  # no job left: the daemon let its actor go
     finally:
         assert w.stop() == 0
     assert [(j["name"], j["state"], j["attempts"], j["engine"]) for j in jobs(drop)] == [
@@ -244,6 +316,303 @@ def test_watch_on_ray_reattaches_retries_requeues_and_leaves_its_jobs_running_on
         assert not list((out / name).rglob(".model*")) and onnx.load(out / name / "model.onnx").graph.node
     status = CliRunner().invoke(app, ["status", str(drop), "--json"])
     assert '"engine_job": "dsrpipe-watch-' in status.output
+
+
+def test_a_local_ray_joined_after_ray_was_imported_listens_on_loopback_only_and_keeps_its_files_private(
+    tmp_path,
+):
+    """A local Ray started by a process that had imported ray already (Ray reads its cluster
+    mode once, when it is imported; without it off, it resolves 127.0.0.1 to the host's address,
+    and connects and listens there): its every process and the process that joins it listen on
+    loopback only. Ray's session folder is inside a 0700 folder that is gone once it stops."""
+    script = """if True:
+        import json, os, time
+        import ray
+        from dsrpipe.executors import ray as executor
+        executor.start_local(cpus=1)
+        assert ray.get(ray.remote(lambda: os.getpid()).remote()) != os.getpid()  # a worker ran it
+        folder = executor._head.folder
+        mode = oct(os.stat(folder).st_mode & 0o777)
+        session = ray._private.worker._global_node.get_session_dir_path()
+        time.sleep(1)  # the listeners sampled
+        executor.stop_local()
+        print(json.dumps([str(folder), mode, session]))
+    """
+    env = {k: v for k, v in with_ray_env().items() if k not in LOCAL_ENV and k != "RAY_ADDRESS"}
+    result, seen = helpers.run_listening([sys.executable, "-c", script], timeout=150, env=env)
+    helpers.assert_loopback_only(seen)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder, mode, session = json.loads(result.stdout.strip().splitlines()[-1])
+    assert mode == "0o700" and session.startswith(folder + "/") and not Path(folder).exists()
+
+
+def test_sigterm_while_the_local_ray_starts_is_143_one_line_and_leaves_no_process(tmp_path):
+    """SIGTERM to `compare --executor ray` while its local Ray starts: exit 143, the one line,
+    and nothing of that Ray left, its folder included (it used to exit 15, and leave two of
+    Ray's processes behind)."""
+    proc, log = started_compare(
+        tmp_path, write_grid(tmp_path), "--out", tmp_path / "out", "--executor", "ray"
+    )
+    try:
+        session = wait_until(lambda: ray_session(helpers._tree(proc.pid)), "Ray starting", proc=proc)
+        tree = helpers._tree(proc.pid)[1:]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == EXIT_TERMINATED, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert log.read_text().splitlines() == [stop_line(signal.SIGTERM)], log.read_text()
+    wait_until(lambda: not alive(tree), "the local Ray's processes gone", timeout=30)
+    wait_until(lambda: not session.exists(), "the local Ray's folder gone", timeout=10)
+
+
+def test_sigterm_to_a_compare_on_ray_is_143_and_one_line(tmp_path, ray_address):
+    """Once Ray is joined, its handlers are not: SIGTERM is dsrpipe's (it used to end in Ray's
+    stack dump, twice, and exit 15). The job is cancelled, and the compare's actor goes."""
+    out = tmp_path / "out"
+    grid = write_grid(tmp_path, base=fast(epochs=30), seeds=[0])
+    proc, log = started_compare(tmp_path, grid, "--out", out, "--executor", "ray", "--address", ray_address)
+    try:
+        wait_until(lambda: "submitted to ray as" in log.read_text(), "the job submitted", proc=proc)
+        run_log = out / "g/logs/g-dsr-s0.9-seed0.log"
+        wait_until(lambda: run_log.exists() and "train" in run_log.read_text(), "the run started", proc=proc)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == EXIT_TERMINATED, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert text.splitlines()[-1] == stop_line(signal.SIGTERM) and text.count("terminated") == 1, text
+    assert "cancelled 1 ray job(s)" in text and "SIGTERM received" not in text and "Traceback" not in text
+    wait_until(
+        lambda: not [p for p in ray_processes() if str(out).encode() in cmdline(p)], "the job gone", 30
+    )
+    assert dsrpipe_actors() == []
+
+
+def test_kill_9_of_a_compare_on_its_local_ray_leaves_no_process_and_no_folder(tmp_path):
+    """After `kill -9` of a compare whose local Ray runs its job, every process of that Ray
+    (Ray's agents included, which used to stay 1 to 2 minutes) and the job are gone within
+    seconds, and so is Ray's folder."""
+    grid = write_grid(tmp_path, base=fast(epochs=30), seeds=[0])
+    proc, log = started_compare(tmp_path, grid, "--out", tmp_path / "out", "--executor", "ray")
+    try:
+        wait_until(lambda: "submitted to ray as" in log.read_text(), "the job submitted", proc=proc)
+        tree = helpers._tree(proc.pid)[1:]
+        session = ray_session(tree)
+        assert session.exists()
+    finally:
+        proc.kill()
+        proc.wait()
+    wait_until(lambda: not alive(tree), "the local Ray's processes gone", timeout=30)
+    wait_until(lambda: not session.exists(), "the local Ray's folder gone", timeout=10)
+
+
+def test_every_ray_address_is_checked_before_use_and_a_bad_one_is_one_line(
+    tmp_path, ray_address, monkeypatch
+):
+    """No address is waited on for ever: one that answers but not as Ray is refused after
+    DSRPIPE_RAY_ANSWER_TIMEOUT; `auto` and 127.1 are the loopback cluster, joined on loopback
+    (auto used to go to the host's address and retry there for ever, 127.1 to retry for ever);
+    a cluster that wants a token says so; a job that no node can hold is refused at once, naming
+    what the nodes have. Nothing is submitted, and no actor is left."""
+    grid, out = write_grid(tmp_path), tmp_path / "out"
+    port = ray_address.rpartition(":")[2]
+    nodes = "127.0.0.1 has 2 CPUs, 0 GPUs"
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        http_address = f"127.0.0.1:{server.server_address[1]}"
+        refused = compare(
+            grid,
+            "--out",
+            out,
+            "--executor",
+            "ray",
+            "--address",
+            http_address,
+            timeout=60,
+            env={ANSWER_ENV: "3"},
+        )
+        assert_one_line_error(refused, f"nothing at {http_address} answered as a Ray cluster within 3 s")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text(ray_address)  # as `ray start` records it
+    auto = compare(
+        *(grid, "--out", out, "--executor", "ray", "--address", "auto", "--cpus-per-job", "8"),
+        timeout=120,
+        env={"RAY_TMPDIR": str(tmp_path), "RAY_ADDRESS": None},
+    )
+    assert_one_line_error(
+        auto, f"8 CPUs, 0 GPUs, which no node of the Ray cluster at {ray_address} has: {nodes}"
+    )
+
+    no_token = compare(
+        grid,
+        "--out",
+        out,
+        "--executor",
+        "ray",
+        "--address",
+        ray_address,
+        timeout=120,
+        env={"RAY_AUTH_MODE": None},
+    )
+    assert_one_line_error(
+        no_token, f"cannot join the Ray cluster at {ray_address}: it asks for its authentication token"
+    )
+    assert "RAY_AUTH_TOKEN" in no_token.stderr
+
+    def refused(*args, expected):
+        assert_one_line_error(
+            dsrpipe("compare", grid, "--out", out, "--executor", "ray", *args, cwd=tmp_path), expected
+        )
+
+    refused(
+        "--address",
+        f"127.1:{port}",
+        "--gpus-per-job",
+        "1",
+        expected=f"1 GPUs, which no node of the Ray cluster at {ray_address} has: {nodes}",
+    )
+    refused("--address", f"localhost:{port}", "--memory-per-job", "1T", expected="1T memory, which no node")
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "nothing-recorded"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    refused("--address", "auto", expected="--address auto: no Ray cluster to join here")
+    refused("--address", "ray://127.0.0.1:10001", expected="expected host:port of the Ray cluster's head")
+    assert not (out / "g" / "logs").exists() and dsrpipe_actors() == []
+
+
+def test_a_job_stopped_by_a_signal_at_every_attempt_ends_interrupted_not_lost(tmp_path, ray_address):
+    """Ray retries a job that a signal stopped (it resumes from its checkpoint); once its retries
+    are spent, it ends with its own exit code, not as a job the engine lost."""
+    from dsrpipe.executors.ray import RayExecutor
+
+    (tmp_path / "stopped.py").write_text("raise SystemExit(143)  # as a run that SIGTERM stopped\n")
+    executor = RayExecutor(Resources(), f"dsrpipe-test-{uuid.uuid4().hex[:8]}", ray_address)
+    try:
+        job = executor.submit(JobSpec("stopped", "stopped", [], tmp_path / "job.log", cwd=str(tmp_path)))
+        assert executor.wait(job, timeout=120) == EXIT_TERMINATED
+    finally:
+        executor.shutdown()
+    assert (tmp_path / "job.log").read_text().count("$ python -m stopped") == MAX_RETRIES + 1
+    assert dsrpipe_actors() == []
+
+
+def test_a_second_compare_of_a_grid_is_refused_before_it_starts_or_joins_an_engine(tmp_path, monkeypatch):
+    def no_engine(*args, **kwargs):
+        raise AssertionError("an engine was started for a compare that is refused")
+
+    monkeypatch.setattr(compare_module, "make_executor", no_engine)
+    grid, folder = write_grid(tmp_path), tmp_path / "out" / "g"
+    folder.mkdir(parents=True)
+    with files.holding_lock(folder / "compare.lock", str):
+        refused = dsrpipe("compare", grid, "--out", tmp_path / "out", "--executor", "ray", cwd=tmp_path)
+    assert_one_line_error(refused, f"{folder} is in use by another dsrpipe compare (pid {os.getpid()})")
+
+
+class KnowsNoJob(Executor):
+    """An engine that knows no job: a new local Ray after its daemon was killed, or a cluster
+    whose actor was removed."""
+
+    name, remote = "ray", True
+
+    def submit(self, spec):
+        raise AssertionError(f"{spec.name} was submitted")
+
+    def poll(self, job_id):
+        return LOST
+
+    def cancel(self, job_id):
+        pass
+
+
+def test_a_job_its_engine_lost_is_neither_queued_nor_started_while_a_process_holds_it(tmp_path):
+    """The engine says it lost the job, but the job's first attempt still runs (it holds the job's
+    lock): the job stays running, and is queued only once the lock is free; and a queued job is
+    not started while another process holds its lock (each start used to spend an attempt on
+    "another process is running this job", until the job failed)."""
+    drop, out = tmp_path / "drop", tmp_path / "out"
+    folder = DropFolder(drop, out)
+    (folder.jobs_dir / "a").mkdir(parents=True)
+    (folder.jobs_dir / "a" / "job.json").write_text("{}")
+    journal = folder.open_journal()
+    job = {
+        "name": "a",
+        "drop_path": "a.yaml",
+        "kind": "pipeline",
+        "sha256": "0",
+        "stamp": "",
+        "out": str(out),
+    }
+    job_id = journal.add(**job, state="running", attempts=1, engine="ray", engine_job="dsrpipe-watch-0/a-1")
+    runner = Runner(folder, WatchOptions(drop, out=out), lambda: False, KnowsNoJob(Resources()))
+
+    def state():
+        row = journal.get(job_id)
+        return row["state"], row["attempts"]
+
+    lock = files.exclusive_lock(folder.job_dir(job) / "job.lock")  # the first attempt, still at it
+    try:
+        runner.recover()
+        runner.poll()
+        runner.start_jobs()
+        assert state() == ("running", 1)
+    finally:
+        files.release_lock(lock)
+    runner.poll()
+    assert state() == ("queued", 1)
+    lock = files.exclusive_lock(folder.job_dir(job) / "job.lock")  # someone runs it by hand
+    try:
+        runner.start_jobs()
+        assert state() == ("queued", 1)
+    finally:
+        files.release_lock(lock)
+    journal.close()
+
+
+def test_a_daemon_on_another_ray_refuses_the_jobs_of_a_cluster_that_is_up_and_requeues_those_of_one_gone(
+    tmp_path,
+):
+    """A job recorded on the Ray cluster at an address that still accepts connections is not
+    another cluster's to judge: the daemon refuses in one line naming the address to restart it
+    with. One whose cluster no longer answers was lost with it: queued again."""
+    drop, out = tmp_path / "drop", tmp_path / "out"
+    folder = DropFolder(drop, out)
+    folder.jobs_dir.mkdir(parents=True)
+    journal = folder.open_journal()
+    with socket.socket() as up, socket.socket() as gone:
+        up.bind(("127.0.0.1", 0))
+        up.listen()
+        gone.bind(("127.0.0.1", 0))  # bound, not listening: refuses connections
+        addresses = {name: f"127.0.0.1:{s.getsockname()[1]}" for name, s in (("gone", gone), ("up", up))}
+        for name, address in addresses.items():
+            journal.add(
+                **{
+                    "name": name,
+                    "drop_path": f"{name}.yaml",
+                    "kind": "pipeline",
+                    "sha256": name,
+                    "stamp": "",
+                },
+                out=str(out),
+                state="running",
+                attempts=1,
+                engine="ray",
+                engine_job=f"dsrpipe-watch-0/{name}-1",
+                engine_address=address,
+            )
+        runner = Runner(folder, WatchOptions(drop, out=out), lambda: False, KnowsNoJob(Resources()))
+        with pytest.raises(
+            UserError, match=f"restart the daemon with --executor ray --address {addresses['up']} "
+        ):
+            runner.recover()
+    assert [(j["name"], j["state"]) for j in journal.jobs()] == [("gone", "queued"), ("up", "running")]
+    journal.close()
 
 
 # --- Slurm (submitit's local executor) -------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ PROBE_ENV = (
     "DSRPIPE_TEST_PROBE_DIR"  # tests only: the probe job writes its marker there (a worker's own disk)
 )
 PROBE_TIMEOUT = 300.0  # seconds the shared-storage probe may wait for a worker
+CONNECT_TIMEOUT = 5.0  # seconds a cluster's address has to accept a TCP connection
 EXTRA_HINT = {"ray": "pip install 'dsrpipe[ray]'", "slurm": "pip install 'dsrpipe[slurm]'"}
 
 
@@ -74,6 +76,7 @@ class Executor(ABC):
 
     name = "local"
     remote = False  # whether its jobs may run on another machine (then outputs must be shared)
+    address: str | None = None  # the cluster it joined, where a restarted submitter must join it again
 
     def __init__(self, resources: Resources):
         self.resources = resources
@@ -131,6 +134,11 @@ class Executor(ABC):
                 "worker mounts at the same path"
             )
 
+    @property
+    def keeps_jobs(self) -> bool:
+        """Whether its jobs go on once this process is gone (a daemon re-attaches them)."""
+        return self.remote
+
     def describe(self) -> str:
         return self.name
 
@@ -142,6 +150,17 @@ class Executor(ABC):
         """The submitter is done with its jobs (they ended or were cancelled): free what the
         engine holds for it."""
         return None
+
+
+def connection_refused(address: str) -> OSError | None:
+    """Why `address` (host:port) does not accept a TCP connection within CONNECT_TIMEOUT, or
+    None if it does."""
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT).close()
+    except OSError as exc:
+        return exc
+    return None
 
 
 def cores() -> int:

@@ -50,15 +50,42 @@ def signal_group(pid: int, sig: int) -> None:
         pass
 
 
+def die_with_parent() -> None:
+    """In a child, before exec: SIGKILL when the process that started it dies (Linux; elsewhere
+    the caller's own cleanup has to do)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
 def as_worker_child() -> None:
     """In a job started by an engine's worker, before exec:
-    - SIGKILL when the worker dies (Linux), so that a job never outlives it (a killed worker's
-      retry would find it still holding the run);
+    - SIGKILL when the worker dies, so that a job never outlives it (a killed worker's retry
+      would find it still holding the run);
     - Slurm's preemption signal ignored: Slurm sends it to every process of the step, and the
       worker (submitit) answers it by stopping the job gently (SIGTERM: it checkpoints) and
       requeueing; by default it would kill the job before its checkpoint."""
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    die_with_parent()
+
+
+def group_members(pgid: int) -> list[int]:
+    """The live processes of process group `pgid`, zombies left out (from /proc; empty where
+    there is none)."""
+    members = []
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: the engine's own cleanup has to do
-        pass
+        entries = os.listdir("/proc")
+    except OSError:
+        return members
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != b"Z":  # after the name: state, ppid, pgrp
+            members.append(int(entry))
+    return members

@@ -16,12 +16,14 @@ from typing import TypeVar
 
 from ..errors import DiskFull, UserError
 from ..executors import Executor, Resources, make_executor
+from ..executors.base import connection_refused
 from ..files import disk_full, release_lock, shown, take_lock
 from ..quantities import format_size
 from . import limits
-from .drops import SLURM_DIR, STATE_DIR, TEMPLATE_NAME
+from .drops import JOURNAL_NAME, SLURM_DIR, STATE_DIR, TEMPLATE_NAME
 from .folder import DropFolder, log
 from .intake import Intake
+from .journal import Journal
 from .options import WatchOptions, default_job_memory
 from .readiness import Readiness
 from .runner import Runner
@@ -234,7 +236,7 @@ class DiskSpace:
         if isinstance(exc, DiskFull):
             path = exc.path
         elif isinstance(exc, sqlite3.Error):
-            path = self.folder.state / "journal.sqlite"
+            path = self.folder.state / JOURNAL_NAME
         else:
             path = getattr(exc, "filename", None)
         return f" writing {shown(path)}" if path else ""
@@ -295,8 +297,11 @@ def watch(opts: WatchOptions) -> int:
         )
         # the same after a restart: the daemon re-attaches to its jobs through it
         owner = f"dsrpipe-watch-{hashlib.sha256(str(drop).encode()).hexdigest()[:12]}"
+        address = opts.address
+        if opts.executor == "ray" and address is None:
+            address = _recorded_address(state / JOURNAL_NAME)
         executor = make_executor(
-            opts.executor, resources, owner=owner, folder=out / SLURM_DIR / owner, address=opts.address
+            opts.executor, resources, owner=owner, folder=out / SLURM_DIR / owner, address=address
         )
         out.mkdir(parents=True, exist_ok=True)
         executor.check_storage(out)
@@ -314,6 +319,34 @@ def watch(opts: WatchOptions) -> int:
         ),
         executor,
     ).run()
+
+
+def _recorded_address(journal_path: Path) -> str | None:
+    """The Ray cluster that this folder's running jobs were submitted to, from the journal: a
+    daemon started without --address joins it again, to re-attach them (a daemon's own local Ray
+    is none: it stopped with its daemon). One line if they run on several."""
+    try:
+        journal = Journal(journal_path, readonly=True)
+    except FileNotFoundError:
+        return None
+    try:
+        addresses = journal.addresses("ray")
+    finally:
+        journal.close()
+    if len(addresses) > 1:
+        raise UserError(
+            f"jobs of this folder run on several Ray clusters ({', '.join(sorted(addresses))}), and a daemon "
+            "joins one: stop those of all but one, then start the daemon again"
+        )
+    if not addresses:
+        return None
+    [address] = addresses
+    refused = connection_refused(address)
+    if refused is not None:  # the jobs went with it: the runner queues them again
+        log.warning(f"the Ray cluster at {address}, which ran jobs of this folder, is gone ({refused})")
+        return None
+    log.info(f"joining the Ray cluster at {address}, which runs jobs of this folder (see the journal)")
+    return address
 
 
 def _setup_logging(log_file: Path | None) -> None:

@@ -18,6 +18,7 @@ from ..catalog import ARCHIVE_SUFFIXES, archive_suffix, find_splits
 from ..files import is_text, shown
 
 STATE_DIR = ".dsrpipe"
+JOURNAL_NAME = "journal.sqlite"  # in STATE_DIR
 SLURM_DIR = ".dsrpipe-slurm"  # in --out: submitit's files of a daemon's Slurm jobs
 TEMPLATE_NAME = "template.yaml"
 READY_MARKER = ".ready"

@@ -14,7 +14,7 @@ from typing import Any
 
 from .. import files
 from ..files import shown
-from .drops import ERROR_SUFFIX, STATE_DIR
+from .drops import ERROR_SUFFIX, JOURNAL_NAME, STATE_DIR
 from .journal import Journal
 
 log = logging.getLogger("dsrpipe.watch")
@@ -31,7 +31,7 @@ class DropFolder:
         self.journal: Journal | None = None  # opened by the daemon once it holds the folder's lock
 
     def open_journal(self) -> Journal:
-        self.journal = Journal(self.state / "journal.sqlite")
+        self.journal = Journal(self.state / JOURNAL_NAME)
         return self.journal
 
     def job_dir(self, job: dict[str, Any]) -> Path:

@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     pid       INTEGER,                    -- the job process, while running
     engine    TEXT,                       -- the executor of its latest attempt: ray | slurm (local: NULL)
     engine_job TEXT,                      -- the engine's id of that attempt's job (re-attached on restart)
+    engine_address TEXT,                  -- ray: the cluster that runs it (NULL: the daemon's own local Ray)
     exit_code INTEGER,
     cause     TEXT,                       -- failed: the one-line cause; skipped: why
     created   REAL NOT NULL,
@@ -79,7 +80,7 @@ class Journal:
                 self.db.execute("PRAGMA synchronous = FULL")
                 self.db.executescript(SCHEMA)
                 columns = {row[1] for row in self.db.execute("PRAGMA table_info(jobs)")}
-                for column in ("engine", "engine_job"):  # a journal from before --executor
+                for column in ("engine", "engine_job", "engine_address"):  # a journal from before them
                     if column not in columns:
                         self.db.execute(f"ALTER TABLE jobs ADD COLUMN {column} TEXT")
         except sqlite3.DatabaseError as exc:
@@ -146,6 +147,15 @@ class Journal:
             ).fetchone()
             is not None
         )
+
+    def addresses(self, engine: str) -> set[str]:
+        """The clusters of `engine` that the running jobs were submitted to (a local Ray of a
+        daemon's own has none)."""
+        return {
+            job["engine_address"]
+            for job in self.jobs("running")
+            if job.get("engine") == engine and job.get("engine_job") and job.get("engine_address")
+        }
 
     def first_ignore(self, path: str, reason: str) -> bool:
         """Record an ignored entry; True the first time only, so each is reported once."""

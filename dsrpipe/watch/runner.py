@@ -29,7 +29,7 @@ from ..errors import (
     EXIT_VALIDATION,
     UserError,
 )
-from ..executors.base import LOST, Executor, JobSpec
+from ..executors.base import LOST, Executor, JobSpec, connection_refused
 from ..executors.processes import ForkServer, signal_group
 from ..files import disk_full, shown
 from ..quantities import format_size
@@ -72,6 +72,9 @@ class _Running:
     announced: bool = False  # its pid is in the journal and its `running` line logged
     ended: float | None = None  # monotonic, when its end was first seen (recorded later if the disk is full)
     engine_job: str | None = None  # the engine's id of the job (--executor ray|slurm)
+    # Its engine lost it, but a live process (this pid) still holds its job lock: it stays
+    # `running` until the lock is free, then is queued again.
+    held_by: int | None = None
 
 
 class Runner:
@@ -88,19 +91,30 @@ class Runner:
         self.hold: dict[int, float] = {}  # job id -> not before (monotonic)
         self.forks = ForkServer(PRELOAD)
         self._next_look = 0.0
+        self._waiting: set[int] = set()  # jobs whose start waits for another process to free their lock
+        self._engine_busy = False  # jobs of this daemon's may be on the engine (its actor is needed)
 
     def recover(self) -> None:
         """Jobs left `running` by a daemon that died: an engine's job is re-attached (never
         submitted twice); a lost one, or a local process still at it (stopped first), is requeued."""
         for job in self.folder.journal.jobs("running"):
             engine_job = job.get("engine_job")
-            if engine_job and (self.executor is None or job["engine"] != self.executor.name):
+            address = job.get("engine_address")
+            elsewhere = address is not None and self.executor is not None and address != self.executor.address
+            if engine_job and (
+                self.executor is None
+                or job["engine"] != self.executor.name
+                or (elsewhere and connection_refused(address) is None)  # a cluster that is gone lost it
+            ):
                 # it may still run there, and its job lock's pid is a worker's, maybe on another machine
+                where = f" at {address}" if address else ""
                 raise UserError(
-                    f"job {shown(job['name'])} runs on {job['engine']} (job {engine_job}): restart "
-                    f"the daemon with --executor {job['engine']} to re-attach it"
+                    f"job {shown(job['name'])} runs on {job['engine']}{where} (job {engine_job}): restart "
+                    f"the daemon with --executor {job['engine']}{' --address ' + address if address else ''} "
+                    "to re-attach it"
                 )
             if engine_job:
+                self._engine_busy = True
                 if self.executor.attach(engine_job):
                     self.running[job["id"]] = _Running(
                         None, job, time.monotonic(), announced=True, engine_job=engine_job
@@ -111,10 +125,10 @@ class Runner:
                     continue
             else:
                 self._stop_orphan(job)
-            RunDir(job["out"], job["name"]).sweep()
             if engine_job:  # the engine lost it (its node died, it was cancelled outside)
                 self._lost(job, engine_job)
                 continue
+            RunDir(job["out"], job["name"]).sweep()
             self.folder.journal.update(job["id"], state="queued", pid=None)
             self.folder.event(
                 job["name"],
@@ -149,6 +163,11 @@ class Runner:
         for job_id, r in list(self.running.items()):
             if not r.announced:
                 self._announce(r)
+            if r.held_by is not None:  # lost, its lock still held: queued once it is free
+                if self._lock_holder(r.job) is None:
+                    del self.running[job_id]
+                    self._lost(r.job, None)
+                continue
             code = r.proc.exitcode if r.engine_job is None else self.executor.poll(r.engine_job)
             if code == LOST:
                 del self.running[job_id]
@@ -159,18 +178,57 @@ class Runner:
                 del self.running[job_id]
                 if r.proc is not None:
                     r.proc.close()
+        self._release_engine()
         self.enforce_limits()
 
-    def _lost(self, job: dict[str, Any], engine_job: str) -> None:
-        """The engine no longer knows the job (its node died, it was cancelled outside): queued
-        again, within MAX_ATTEMPTS; it resumes from its last checkpoint."""
+    def _lost(self, job: dict[str, Any], engine_job: str | None) -> None:
+        """The engine says it no longer knows the job (its node died, it was cancelled outside):
+        queued again, within MAX_ATTEMPTS, to resume from its last checkpoint; unless a live
+        process still holds the job's lock (the job runs on, where its engine cannot tell):
+        then it stays `running` until the lock is free (see poll)."""
+        holder = self._lock_holder(job)
+        if holder is not None:
+            self.running[job["id"]] = _Running(None, job, time.monotonic(), announced=True, held_by=holder)
+            return self.folder.event(
+                job["name"],
+                "running",
+                id=job["id"],
+                pid=holder,
+                reason=f"{self.executor.name} lost job {engine_job}, but process {holder} still holds the "
+                "job; it is queued again once that process has ended",
+            )
+        RunDir(job["out"], job["name"]).sweep()
         self.folder.journal.update(job["id"], state="queued", pid=None, engine_job=None)
-        self.folder.event(
-            job["name"],
-            "queued",
-            id=job["id"],
-            reason=f"{self.executor.name} lost job {engine_job}; resumes from its last checkpoint",
+        lost = (
+            f"{self.executor.name} lost job {engine_job}" if engine_job else "the process that held it ended"
         )
+        self.folder.event(
+            job["name"], "queued", id=job["id"], reason=f"{lost}; resumes from its last checkpoint"
+        )
+
+    def _lock_holder(self, job: dict[str, Any]) -> int | None:
+        """The pid of the live process that holds the job's lock (0 if its file names none), or
+        None if no process holds it."""
+        lock_path = self.folder.job_dir(job) / "job.lock"
+        try:
+            with open(lock_path, "a+") as f:
+                if try_lock(f):
+                    return None
+                f.seek(0)
+                text = f.read().strip()
+        except FileNotFoundError:
+            return None
+        return int(text) if text.isdigit() else 0
+
+    def _release_engine(self) -> None:
+        """No job of this daemon's is left on the engine, and none waits for it: what the engine
+        holds for the daemon (Ray: its actor) goes, until the next job."""
+        if not self._engine_busy or any(r.engine_job for r in self.running.values()):
+            return
+        if self.folder.journal.jobs("queued"):
+            return
+        self._engine_busy = False
+        self.executor.shutdown()
 
     def enforce_limits(self) -> None:
         """Kill the jobs over --job-memory or --job-timeout (a look every LIMITS_PERIOD seconds)."""
@@ -180,14 +238,10 @@ class Runner:
 
     def shutdown(self, kill_now: Callable[[], bool]) -> None:
         """Stop the running jobs (SIGTERM, then SIGKILL after STOP_TIMEOUT or a second signal)."""
-        if not self.running:
+        if self.executor is not None:
+            self._leave_engine()
             return
-        if self.executor is not None:  # the engine's jobs go on; the next start re-attaches them
-            log.info(
-                f"leaving {len(self.running)} job(s) running on {self.executor.name}; "
-                "the next start re-attaches them"
-            )
-            self.running.clear()
+        if not self.running:
             return
         log.info(
             f"stopping {len(self.running)} running job(s); they resume from their last checkpoint "
@@ -203,6 +257,28 @@ class Runner:
             signal_group(r.proc.pid, signal.SIGKILL)
             r.proc.join(10)
         self._poll_stopping()  # anything still listed stays `running`: the next start deals with it
+
+    def _leave_engine(self) -> None:
+        """At the daemon's end: an engine's jobs go on, and the next start re-attaches them;
+        those of a local Ray of the daemon's own stop with it, and the next start queues them
+        again. With no job left, what the engine held for the daemon goes."""
+        running = [r for r in self.running.values() if r.engine_job]
+        try:
+            if not running:
+                self.executor.shutdown()
+            elif self.executor.keeps_jobs:
+                log.info(
+                    f"leaving {len(running)} job(s) running on {self.executor.describe()}; "
+                    "the next start re-attaches them"
+                )
+            else:
+                log.info(
+                    f"stopping {len(running)} job(s) with the daemon's {self.executor.describe()}; they "
+                    "resume from their last checkpoint on the next start"
+                )
+        finally:
+            self.running.clear()
+            self.executor.close()
 
     def _poll_stopping(self) -> None:
         """poll() while the daemon stops. If the disk is full, a job that has ended stays
@@ -221,6 +297,16 @@ class Runner:
 
     def _start(self, job: dict[str, Any]) -> None:
         job_dir = self.folder.job_dir(job)
+        holder = self._lock_holder(job)
+        if holder is not None:  # started now, it would only find its lock taken: no attempt spent on that
+            self.hold[job["id"]] = time.monotonic() + BUSY_WAIT
+            if job["id"] not in self._waiting:
+                self._waiting.add(job["id"])
+                self.folder.event(
+                    job["name"], "waiting", id=job["id"], pid=holder, reason="another process holds the job"
+                )
+            return None
+        self._waiting.discard(job["id"])
         if job["attempts"] >= MAX_ATTEMPTS:
             return self.folder.fail(job, f"gave up after {job['attempts']} interrupted attempts", None, 0.0)
         if not (job_dir / "job.json").exists():
@@ -246,14 +332,21 @@ class Runner:
             finished=None,
         )
         if self.executor is not None:
+            # Its output goes to the job's log, as a local job's does (and from there to the error file).
             spec = JobSpec(
                 job["name"],
                 "dsrpipe.watch",
                 [str(job_dir), json.dumps(self._job_settings())],
-                job_dir / "engine.log",
+                job_dir / "job.log",
             )
+            self._engine_busy = True
             engine_job = self.executor.submit(spec)
-            self.folder.journal.update(job["id"], engine=self.executor.name, engine_job=engine_job)
+            self.folder.journal.update(
+                job["id"],
+                engine=self.executor.name,
+                engine_job=engine_job,
+                engine_address=self.executor.address,
+            )
             r = self.running[job["id"]] = _Running(
                 None, {**job, "attempts": attempt}, time.monotonic(), engine_job=engine_job
             )
@@ -297,7 +390,7 @@ class Runner:
         }
 
     def _enforce_limits(self) -> None:
-        live = [r for r in self.running.values() if r.killed is None and r.engine_job is None]
+        live = [r for r in self.running.values() if r.killed is None and r.proc is not None]
         # A job's pid is its process group: it starts its own session.
         usage = group_memory(r.proc.pid for r in live) if self.opts.job_memory else {}
         for r in live:

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..files import lock_holder, shown
-from .drops import STATE_DIR
+from .drops import JOURNAL_NAME, STATE_DIR
 from .journal import Journal
 
 
@@ -36,7 +36,7 @@ def status_report(drop: Path, *, as_json: bool = False) -> str:
     drop = Path(drop).expanduser()
     if not drop.is_dir():
         raise UserError(f"drop folder {shown(drop)} does not exist")
-    path = drop / STATE_DIR / "journal.sqlite"
+    path = drop / STATE_DIR / JOURNAL_NAME
     rows: list[dict[str, Any]] = []
     try:
         journal = Journal(path, readonly=True)
@@ -62,7 +62,12 @@ def status_report(drop: Path, *, as_json: bool = False) -> str:
         detail = {
             "done": str(Path(r["out"]) / r["name"] / "model.onnx"),
             "running": f"attempt {r['attempts']}, "
-            + (f"{r['engine']} job {r['engine_job']}" if r.get("engine_job") else f"pid {r['pid']}"),
+            + (
+                f"{r['engine']} job {r['engine_job']}"
+                + (f" at {r['engine_address']}" if r.get("engine_address") else "")
+                if r.get("engine_job")
+                else f"pid {r['pid']}"
+            ),
             "queued": f"attempt {r['attempts'] + 1}" if r["attempts"] else "waiting",
         }.get(r["state"], r["cause"] or "")
         table.append((str(r["id"]), r["name"], r["state"], r["drop_path"], updated, duration, detail))
