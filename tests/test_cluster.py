@@ -180,6 +180,7 @@ def listening(pids):
 
 
 # --- Ray -----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_grid_on_ray_cancels_on_ctrl_c_resumes_and_has_the_rows_of_a_local_run(
     tmp_path, ray_address, local_grid
 ):
@@ -221,6 +222,7 @@ def test_a_grid_on_ray_cancels_on_ctrl_c_resumes_and_has_the_rows_of_a_local_run
     assert dsrpipe_actors() == []  # both compares' actors went with their last job
 
 
+@pytest.mark.slow
 def test_watch_on_ray_reattaches_retries_requeues_and_leaves_its_jobs_running_on_sigterm(
     tmp_path, ray_address
 ):
@@ -318,6 +320,7 @@ def test_watch_on_ray_reattaches_retries_requeues_and_leaves_its_jobs_running_on
     assert '"engine_job": "dsrpipe-watch-' in status.output
 
 
+@pytest.mark.slow
 def test_a_local_ray_joined_after_ray_was_imported_listens_on_loopback_only_and_keeps_its_files_private(
     tmp_path,
 ):
@@ -366,6 +369,7 @@ def test_sigterm_while_the_local_ray_starts_is_143_one_line_and_leaves_no_proces
     wait_until(lambda: not session.exists(), "the local Ray's folder gone", timeout=10)
 
 
+@pytest.mark.slow
 def test_sigterm_to_a_compare_on_ray_is_143_and_one_line(tmp_path, ray_address):
     """Once Ray is joined, its handlers are not: SIGTERM is dsrpipe's (it used to end in Ray's
     stack dump, twice, and exit 15). The job is cancelled, and the compare's actor goes."""
@@ -390,6 +394,7 @@ def test_sigterm_to_a_compare_on_ray_is_143_and_one_line(tmp_path, ray_address):
     assert dsrpipe_actors() == []
 
 
+@pytest.mark.slow
 def test_kill_9_of_a_compare_on_its_local_ray_leaves_no_process_and_no_folder(tmp_path):
     """After `kill -9` of a compare whose local Ray runs its job, every process of that Ray
     (Ray's agents included, which used to stay 1 to 2 minutes) and the job are gone within
@@ -408,6 +413,7 @@ def test_kill_9_of_a_compare_on_its_local_ray_leaves_no_process_and_no_folder(tm
     wait_until(lambda: not session.exists(), "the local Ray's folder gone", timeout=10)
 
 
+@pytest.mark.slow
 def test_every_ray_address_is_checked_before_use_and_a_bad_one_is_one_line(
     tmp_path, ray_address, monkeypatch
 ):
@@ -487,6 +493,7 @@ def test_every_ray_address_is_checked_before_use_and_a_bad_one_is_one_line(
     assert not (out / "g" / "logs").exists() and dsrpipe_actors() == []
 
 
+@pytest.mark.slow
 def test_a_job_stopped_by_a_signal_at_every_attempt_ends_interrupted_not_lost(tmp_path, ray_address):
     """Ray retries a job that a signal stopped (it resumes from its checkpoint); once its retries
     are spent, it ends with its own exit code, not as a job the engine lost."""
@@ -616,6 +623,7 @@ def test_a_daemon_on_another_ray_refuses_the_jobs_of_a_cluster_that_is_up_and_re
 
 
 # --- Slurm (submitit's local executor) -------------------------------------------------------------
+@pytest.mark.slow
 def test_a_grid_through_submitit_locally_where_a_preempted_job_is_requeued_and_resumes(tmp_path):
     grid = write_grid(tmp_path, base=fast(epochs=60), cluster={"local": True, "cpus": 1})
     with open(tmp_path / "compare.log", "w") as stderr:
@@ -643,6 +651,29 @@ def test_a_grid_through_submitit_locally_where_a_preempted_job_is_requeued_and_r
     assert text.count("$ python -m dsrpipe run") == 2 and "train: resuming after epoch" in text, text
     # the run was stopped gently (submitit's handler turned the signal into a SIGTERM), not killed
     assert "terminated: completed epochs are checkpointed" in text, text
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_compare_on_slurm_is_143_one_line_and_cancels_its_jobs(tmp_path):
+    """As on the local executor and on Ray: 143, one `terminated:` line, and no job left running."""
+    grid = write_grid(tmp_path, base=fast(epochs=60), cluster={"local": True, "cpus": 1})
+    with open(tmp_path / "compare.log", "w") as stderr:
+        compare = subprocess.Popen(
+            [sys.executable, "-m", "dsrpipe", "compare", str(grid), "--out", str(tmp_path / "out")]
+            + ["--jobs", "2", "--executor", "slurm"],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env=ENV,
+        )
+    log = tmp_path / "out/g/logs/g-dsr-s0.9-seed0.log"
+    wait_until(lambda: "train epoch 2/" in (log.read_text() if log.exists() else ""), "training", timeout=120)
+    jobs = [p for p in helpers._tree(compare.pid) if b"g-dsr-s0.9-seed" in cmdline(p)]
+    compare.send_signal(signal.SIGTERM)
+    assert compare.wait(timeout=120) == 143
+    text = (tmp_path / "compare.log").read_text()
+    assert text.count("terminated:") == 1 and "Traceback" not in text
+    assert "cancelled 2 slurm job(s)" in text
+    wait_until(lambda: not alive(jobs), "the jobs stopped", timeout=30)
 
 
 def test_dry_run_prints_the_sbatch_script_and_submits_nothing(tmp_path):

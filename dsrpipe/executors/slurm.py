@@ -10,10 +10,12 @@ on use: without the extra, --executor slurm is one line naming the pip command.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shlex
 import shutil
+import signal
 import stat
 import sys
 from pathlib import Path
@@ -64,6 +66,13 @@ def script_value(what: str, value: str) -> str:
             "go into an sbatch script"
         )
     return shlex.quote(value)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:  # gone, or not Linux
+        return []
 
 
 class SlurmTask:
@@ -182,8 +191,18 @@ class SlurmExecutor(Executor):
 
     def cancel(self, job_id: str) -> None:
         job = self._job(job_id)
-        if job is not None:
-            job.cancel(check=False)
+        if job is None:
+            return
+        controller = getattr(job, "_process", None)  # `cluster: local`: submitit's controller process
+        if self.local and controller is not None and (tasks := _children(controller.pid)):
+            # submitit cancels a local job with SIGINT to its controller, which then dies on a
+            # KeyboardInterrupt with a traceback on our stderr (it inherits it); interrupting its
+            # tasks instead lets it see them end and exit quietly, as scancel would.
+            for pid in tasks:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGINT)
+            return
+        job.cancel(check=False)
 
     def probe(self, folder: Path, token: str):
         job = self.executor.submit(write_marker, str(folder), token, os.environ.get(PROBE_ENV))
