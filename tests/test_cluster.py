@@ -623,8 +623,9 @@ def test_a_daemon_on_another_ray_refuses_the_jobs_of_a_cluster_that_is_up_and_re
 
 
 # --- Slurm (submitit's local executor) -------------------------------------------------------------
-@pytest.mark.slow
-def test_a_grid_through_submitit_locally_where_a_preempted_job_is_requeued_and_resumes(tmp_path):
+def compare_on_local_slurm(tmp_path):
+    """A `compare --executor slurm` of two long runs on submitit's local executor, started: the
+    process, and the first run's log."""
     grid = write_grid(tmp_path, base=fast(epochs=60), cluster={"local": True, "cpus": 1})
     with open(tmp_path / "compare.log", "w") as stderr:
         compare = subprocess.Popen(
@@ -635,6 +636,12 @@ def test_a_grid_through_submitit_locally_where_a_preempted_job_is_requeued_and_r
             env=ENV,
         )
     log = tmp_path / "out/g/logs/g-dsr-s0.9-seed0.log"
+    return compare, log
+
+
+@pytest.mark.slow
+def test_a_grid_through_submitit_locally_where_a_preempted_job_is_requeued_and_resumes(tmp_path):
+    compare, log = compare_on_local_slurm(tmp_path)
     deadline = time.monotonic() + 120
     while "train epoch 3/" not in (log.read_text() if log.exists() else ""):
         assert time.monotonic() < deadline and compare.poll() is None, (tmp_path / "compare.log").read_text()
@@ -656,16 +663,7 @@ def test_a_grid_through_submitit_locally_where_a_preempted_job_is_requeued_and_r
 @pytest.mark.slow
 def test_sigterm_to_a_compare_on_slurm_is_143_one_line_and_cancels_its_jobs(tmp_path):
     """As on the local executor and on Ray: 143, one `terminated:` line, and no job left running."""
-    grid = write_grid(tmp_path, base=fast(epochs=60), cluster={"local": True, "cpus": 1})
-    with open(tmp_path / "compare.log", "w") as stderr:
-        compare = subprocess.Popen(
-            [sys.executable, "-m", "dsrpipe", "compare", str(grid), "--out", str(tmp_path / "out")]
-            + ["--jobs", "2", "--executor", "slurm"],
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-            env=ENV,
-        )
-    log = tmp_path / "out/g/logs/g-dsr-s0.9-seed0.log"
+    compare, log = compare_on_local_slurm(tmp_path)
     wait_until(lambda: "train epoch 2/" in (log.read_text() if log.exists() else ""), "training", timeout=120)
     jobs = [p for p in helpers._tree(compare.pid) if b"g-dsr-s0.9-seed" in cmdline(p)]
     compare.send_signal(signal.SIGTERM)
