@@ -18,7 +18,7 @@ from torch import nn
 from dsrpipe.config import ValidateConfig
 from dsrpipe.deploy import export as export_module
 from dsrpipe.deploy.encoding import decoded_weights, encode_weights
-from dsrpipe.deploy.export import export_onnx
+from dsrpipe.deploy.export import IR_VERSION_FLOOR, export_onnx
 from dsrpipe.deploy.predict import open_session
 from dsrpipe.deploy.quantize import PORTABLE_MAX, check_portable_range, check_zeros_quantized, int8_weights
 from dsrpipe.deploy.validate import CPU_FLAGS, cpu_features, validate_onnx
@@ -449,6 +449,22 @@ def quickstart_like(tmp_path_factory, test_set):
             fp32_path=folder / "int8.fp32.onnx",
         ),
     )
+
+
+def test_every_file_declares_the_lowest_ir_version_its_opsets_need(quickstart_like):
+    """onnxruntime 1.17 refuses a file declared IR 10 even where opset 18 needs only IR 8: dense,
+    compact, int8 and its float32 file all declare the lowest version, within the documented floor."""
+    files = [
+        quickstart_like.dense,
+        quickstart_like.compact,
+        quickstart_like.int8,
+        quickstart_like.int8["fp32"],
+    ]
+    for result in files:
+        proto = onnx.load(result["path"])
+        needed = onnx.helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)
+        assert proto.ir_version == needed <= IR_VERSION_FLOOR == 8, result["path"]
+        assert {o.domain: o.version for o in proto.opset_import}.get("", 0) <= 18
 
 
 def test_size_bounds_at_90_percent_on_the_quickstart_model(quickstart_like):

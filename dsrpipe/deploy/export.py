@@ -35,6 +35,10 @@ from .quantize import INT8_RANGES, QUANTIZED_SUFFIX, quantize_int8
 
 INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
 QUANTIZE = ("none", "int8")
+# The newest ONNX IR version a shipped file may declare: onnxruntime 1.17 loads IR 9 at most, and
+# the exporter declares the newest its onnx knows (10), though opset 18 needs only IR 8. Each file
+# declares the lowest its opsets need, which must not pass this (docs/deploying.md, "Runtimes").
+IR_VERSION_FLOOR = 8
 WEIGHT_PREFIX = "model."  # the exporter names the wrapped model's weights model.<parameter>
 
 
@@ -125,6 +129,7 @@ def _encode_and_save(proto: onnx.ModelProto, path: Path, encoding: str, weight_n
     if encoding == "compact":
         shorten_names(proto, keep=weight_names)
         drop_default_attributes(proto)
+    proto.ir_version = _lowest_ir_version(proto)
     onnx.checker.check_model(proto, full_check=True)
     with atomic_path(path) as tmp:
         onnx.save_model(proto, tmp)  # one file: the proto holds all tensor data
@@ -163,6 +168,18 @@ def _trace_to_onnx(model, in_channels, image_size, mean, std, opset) -> onnx.Mod
     finally:
         for module, training in modes.items():
             module.training = training
+
+
+def _lowest_ir_version(proto: onnx.ModelProto) -> int:
+    """The lowest IR version that the model's opsets need: older runtimes refuse a file that
+    declares a newer one than they know, whatever it uses."""
+    needed = helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)
+    if needed > IR_VERSION_FLOOR:
+        raise UserError(
+            f"the model's opsets need ONNX IR version {needed}, newer than the {IR_VERSION_FLOOR} that "
+            "every supported runtime loads"
+        )
+    return needed
 
 
 def _root_cause(err: BaseException) -> str:
