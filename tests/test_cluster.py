@@ -26,7 +26,7 @@ from dsrpipe.cli import app
 from dsrpipe.errors import EXIT_TERMINATED, UserError
 from dsrpipe.executors import LOST, Executor, JobSpec, Resources
 from dsrpipe.executors.base import PROBE_ENV
-from dsrpipe.executors.ray import ANSWER_ENV, LOCAL_ENV, MAX_RETRIES
+from dsrpipe.executors.ray import ANSWER_ENV, LOCAL_ENV, MAX_RETRIES, resolve
 from dsrpipe.stopping import stop_line
 from dsrpipe.watch.folder import DropFolder
 from dsrpipe.watch.options import WatchOptions
@@ -411,6 +411,17 @@ def test_kill_9_of_a_compare_on_its_local_ray_leaves_no_process_and_no_folder(tm
         proc.wait()
     wait_until(lambda: not alive(tree), "the local Ray's processes gone", timeout=30)
     wait_until(lambda: not session.exists(), "the local Ray's folder gone", timeout=10)
+
+
+def test_auto_is_this_machines_cluster_or_refused(monkeypatch):
+    """`auto` resolves, as Ray reads it, to a cluster on loopback (joined at its IP, however
+    spelled), or is one line: a cluster elsewhere must be named, never guessed."""
+    monkeypatch.setenv("RAY_ADDRESS", "localhost:6390")
+    assert resolve("auto") == ("127.0.0.1:6390", True)
+    monkeypatch.setenv("RAY_ADDRESS", "192.0.2.7:6390")
+    with pytest.raises(UserError, match=r"auto: the Ray cluster it finds, at 192\.0\.2\.7:6390, is not on"):
+        resolve("auto")
+    assert resolve("192.0.2.7:6390") == ("192.0.2.7:6390", False)  # named, it is taken as it is
 
 
 @pytest.mark.slow

@@ -157,6 +157,11 @@ def resolve(address: str) -> tuple[str, bool]:
         )
     ip = _loopback_ip(host)
     if ip is None:
+        if given == "auto":  # `auto` means this machine's cluster; one elsewhere is named, not guessed
+            raise UserError(
+                f"--address auto: the Ray cluster it finds, at {address}, is not on this machine's "
+                "loopback; give that address itself if it is the one meant"
+            )
         return f"{host}:{port}", False
     return (f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"), True
 
