@@ -437,21 +437,12 @@ def test_every_ray_address_is_checked_before_use_and_a_bad_one_is_one_line(
     port = ray_address.rpartition(":")[2]
     nodes = "127.0.0.1 has 2 CPUs, 0 GPUs"
 
+    on_ray = (grid, "--out", out, "--executor", "ray", "--address")  # then the address
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         http_address = f"127.0.0.1:{server.server_address[1]}"
-        refused = compare(
-            grid,
-            "--out",
-            out,
-            "--executor",
-            "ray",
-            "--address",
-            http_address,
-            timeout=60,
-            env={ANSWER_ENV: "3"},
-        )
+        refused = compare(*on_ray, http_address, timeout=60, env={ANSWER_ENV: "3"})
         assert_one_line_error(refused, f"nothing at {http_address} answered as a Ray cluster within 3 s")
     finally:
         server.shutdown()
@@ -460,7 +451,10 @@ def test_every_ray_address_is_checked_before_use_and_a_bad_one_is_one_line(
     (tmp_path / "ray").mkdir()
     (tmp_path / "ray" / "ray_current_cluster").write_text(ray_address)  # as `ray start` records it
     auto = compare(
-        *(grid, "--out", out, "--executor", "ray", "--address", "auto", "--cpus-per-job", "8"),
+        *on_ray,
+        "auto",
+        "--cpus-per-job",
+        "8",
         timeout=120,
         env={"RAY_TMPDIR": str(tmp_path), "RAY_ADDRESS": None},
     )
@@ -468,17 +462,7 @@ def test_every_ray_address_is_checked_before_use_and_a_bad_one_is_one_line(
         auto, f"8 CPUs, 0 GPUs, which no node of the Ray cluster at {ray_address} has: {nodes}"
     )
 
-    no_token = compare(
-        grid,
-        "--out",
-        out,
-        "--executor",
-        "ray",
-        "--address",
-        ray_address,
-        timeout=120,
-        env={"RAY_AUTH_MODE": None},
-    )
+    no_token = compare(*on_ray, ray_address, timeout=120, env={"RAY_AUTH_MODE": None})
     assert_one_line_error(
         no_token, f"cannot join the Ray cluster at {ray_address}: it asks for its authentication token"
     )
