@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import platform
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -83,87 +84,22 @@ def validate_onnx(
     for session, path in ((shipped, onnx_path), (fp32, fp32_path or onnx_path)):
         input_shape(session, path)  # what the model declares is bounded before it is fed
 
-    modes = {m: m.training for m in torch_model.modules()}
-    device = next(torch_model.parameters(), torch.empty(0)).device
-    torch_model.eval()
-    num_test = torch_correct = fp32_correct = shipped_correct = agree = shipped_agree = 0
-    max_diff = 0.0
-    # Samples with a NaN or infinite logit, per model: such a model never passes, and the gates
-    # below cannot see it (every comparison with NaN is false).
-    nonfinite = {"torch": 0, "onnx": 0}
-    try:
-        # Same order twice (no shuffle): raw pixels for ONNX, the training normalisation for torch,
-        # so a mismatch between the in-graph and the dataset normalisation shows up as a diff.
-        raw_batches = test_set.batches(
-            batch_size, shuffle=False, augment=False, seed=0, epoch=0, normalize=False
-        )
-        normalized_batches = test_set.batches(
-            batch_size, shuffle=False, augment=False, seed=0, epoch=0, normalize=True
-        )
-        samples = []
-        for (raw, labels), (normalized, _) in zip(raw_batches, normalized_batches):
-            pixels = raw.cpu().numpy().astype(np.float32)
-            if sum(len(s) for s in samples) < THROUGHPUT_BATCH:
-                samples.append(pixels[:THROUGHPUT_BATCH])
-            fp32_logits = run_session(fp32, pixels, fp32_path or onnx_path)
-            with torch.no_grad():
-                torch_logits = torch_model(normalized.to(device)).float().cpu().numpy()
-            if fp32_logits.shape != torch_logits.shape:
-                raise UserError(
-                    f"{fp32_path or onnx_path}: logits of shape {fp32_logits.shape} where the torch "
-                    f"model gives {torch_logits.shape}"
-                )
-            labels = labels.cpu().numpy()
-            fp32_pred, torch_pred = fp32_logits.argmax(1), torch_logits.argmax(1)
-            shipped_logits = run_session(shipped, pixels, onnx_path) if quantized else fp32_logits
-            shipped_pred = shipped_logits.argmax(1)
-            nonfinite["torch"] += _nonfinite_rows(torch_logits)
-            nonfinite["onnx"] += _nonfinite_rows(fp32_logits) + (
-                _nonfinite_rows(shipped_logits) if quantized else 0
-            )
-            num_test += len(labels)
-            fp32_correct += int((fp32_pred == labels).sum())
-            shipped_correct += int((shipped_pred == labels).sum())
-            torch_correct += int((torch_pred == labels).sum())
-            agree += int((fp32_pred == torch_pred).sum())
-            shipped_agree += int((shipped_pred == fp32_pred).sum())
-            # NaN or inf on either side is an unbounded difference (NaN would be lost by max()).
-            diff = np.abs(fp32_logits - torch_logits)
-            max_diff = max(max_diff, float(np.nan_to_num(diff, nan=np.inf).max()))
-    finally:
-        for module, training in modes.items():
-            module.training = training
-    if num_test == 0:
-        raise UserError("validation needs a non-empty test split")
-
+    tally = _compare_on_test_split(torch_model, test_set, batch_size, shipped, fp32, onnx_path, fp32_path)
     meta = shipped.get_modelmeta().custom_metadata_map
     report = {
-        "torch_top1": torch_correct / num_test,
-        "onnx_top1": shipped_correct / num_test,  # the shipped model's
-        "fp32_onnx_top1": fp32_correct / num_test,
-        "top1_agreement": agree / num_test,  # float32 ONNX vs torch
-        "max_abs_logit_diff": max_diff,  # float32 ONNX vs torch; inf where a logit is not finite
-        "nonfinite_samples": nonfinite,  # samples with a NaN or infinite logit, torch's and ONNX's
+        **tally.figures(quantized),
         "encoding": meta.get("encoding"),
         "quantize": meta.get("quantize", "none"),
-        **(
-            {
-                "int8_range": meta.get("int8_range", "full"),  # files from before the option: full
-                "int8_agreement": shipped_agree / num_test,
-                "int8_top1_drop": (fp32_correct - shipped_correct) / num_test,
-            }
-            if quantized
-            else {}
-        ),
+        **({"int8_range": meta.get("int8_range", "full")} if quantized else {}),  # older files: full
         "onnx_bytes": onnx_path.stat().st_size,
-        "num_test": num_test,
+        "num_test": tally.num_test,
         "providers": shipped.get_providers(),
         # what the int8 kernels ran on: their arithmetic depends on it (docs/int8.md)
         "cpu": cpu_features(),
         "onnxruntime": {"version": ort.__version__, "providers": shipped.get_providers()},
         "threads": threads,  # None: onnxruntime's default (one per physical core)
     }
-    images = np.concatenate(samples)
+    images = np.concatenate(tally.samples)
     batch = np.resize(images, (THROUGHPUT_BATCH, *images.shape[1:]))  # repeats a small test split
     if dense_path is None:
         report["latency_ms"] = _latency_ms([shipped], images[:1], latency_runs)[0]
@@ -181,6 +117,111 @@ def validate_onnx(
         report["dense_onnx_bytes"] = Path(dense_path).stat().st_size
         report["size_ratio"] = report["onnx_bytes"] / report["dense_onnx_bytes"]
 
+    failures = _missed_gates(report, quantized, min_top1, max_abs_diff, min_agreement, max_top1_drop)
+    if failures:
+        error = ValidationFailed(f"{onnx_path}: " + "; ".join(failures))
+        error.report = report
+        raise error
+    return report
+
+
+@dataclass
+class _Tally:
+    """What the test split showed, summed over its batches."""
+
+    num_test: int = 0
+    torch_correct: int = 0
+    fp32_correct: int = 0
+    shipped_correct: int = 0
+    agree: int = 0  # float32 ONNX and torch, same class
+    shipped_agree: int = 0  # the shipped (int8) model and float32 ONNX, same class
+    max_diff: float = 0.0
+    # Samples with a NaN or infinite logit, per model: such a model never passes, and the gates
+    # cannot see it (every comparison with NaN is false).
+    nonfinite: dict[str, int] = field(default_factory=lambda: {"torch": 0, "onnx": 0})
+    samples: list[np.ndarray] = field(default_factory=list)  # raw images for the timing
+
+    def figures(self, quantized: bool) -> dict:
+        n = self.num_test
+        return {
+            "torch_top1": self.torch_correct / n,
+            "onnx_top1": self.shipped_correct / n,  # the shipped model's
+            "fp32_onnx_top1": self.fp32_correct / n,
+            "top1_agreement": self.agree / n,  # float32 ONNX vs torch
+            "max_abs_logit_diff": self.max_diff,  # float32 ONNX vs torch; inf where a logit is not finite
+            "nonfinite_samples": self.nonfinite,  # samples with a NaN or infinite logit, torch's and ONNX's
+            **(
+                {
+                    "int8_agreement": self.shipped_agree / n,
+                    "int8_top1_drop": (self.fp32_correct - self.shipped_correct) / n,
+                }
+                if quantized
+                else {}
+            ),
+        }
+
+
+def _compare_on_test_split(torch_model, test_set, batch_size, shipped, fp32, onnx_path, fp32_path) -> _Tally:
+    """torch and onnxruntime (the float32 model, and the shipped one if it is another) on every
+    test image, torch in eval mode (each module's mode restored after)."""
+    quantized = fp32 is not shipped
+    modes = {m: m.training for m in torch_model.modules()}
+    device = next(torch_model.parameters(), torch.empty(0)).device
+    torch_model.eval()
+    t = _Tally()
+    try:
+        # Same order twice (no shuffle): raw pixels for ONNX, the training normalisation for torch,
+        # so a mismatch between the in-graph and the dataset normalisation shows up as a diff.
+        raw_batches = test_set.batches(
+            batch_size, shuffle=False, augment=False, seed=0, epoch=0, normalize=False
+        )
+        normalized_batches = test_set.batches(
+            batch_size, shuffle=False, augment=False, seed=0, epoch=0, normalize=True
+        )
+        for (raw, labels), (normalized, _) in zip(raw_batches, normalized_batches):
+            pixels = raw.cpu().numpy().astype(np.float32)
+            if sum(len(s) for s in t.samples) < THROUGHPUT_BATCH:
+                t.samples.append(pixels[:THROUGHPUT_BATCH])
+            fp32_logits = run_session(fp32, pixels, fp32_path or onnx_path)
+            with torch.no_grad():
+                torch_logits = torch_model(normalized.to(device)).float().cpu().numpy()
+            if fp32_logits.shape != torch_logits.shape:
+                raise UserError(
+                    f"{fp32_path or onnx_path}: logits of shape {fp32_logits.shape} where the torch "
+                    f"model gives {torch_logits.shape}"
+                )
+            labels = labels.cpu().numpy()
+            fp32_pred, torch_pred = fp32_logits.argmax(1), torch_logits.argmax(1)
+            shipped_logits = run_session(shipped, pixels, onnx_path) if quantized else fp32_logits
+            shipped_pred = shipped_logits.argmax(1)
+            t.nonfinite["torch"] += _nonfinite_rows(torch_logits)
+            t.nonfinite["onnx"] += _nonfinite_rows(fp32_logits) + (
+                _nonfinite_rows(shipped_logits) if quantized else 0
+            )
+            t.num_test += len(labels)
+            t.fp32_correct += int((fp32_pred == labels).sum())
+            t.shipped_correct += int((shipped_pred == labels).sum())
+            t.torch_correct += int((torch_pred == labels).sum())
+            t.agree += int((fp32_pred == torch_pred).sum())
+            t.shipped_agree += int((shipped_pred == fp32_pred).sum())
+            # NaN or inf on either side is an unbounded difference (NaN would be lost by max()).
+            diff = np.abs(fp32_logits - torch_logits)
+            t.max_diff = max(t.max_diff, float(np.nan_to_num(diff, nan=np.inf).max()))
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    if t.num_test == 0:
+        raise UserError("validation needs a non-empty test split")
+    return t
+
+
+def _missed_gates(report, quantized, min_top1, max_abs_diff, min_agreement, max_top1_drop) -> list[str]:
+    """The validation gates the report misses, each as a phrase; a non-finite logit always."""
+    nonfinite, num_test, max_diff = (
+        report["nonfinite_samples"],
+        report["num_test"],
+        report["max_abs_logit_diff"],
+    )
     failures = [
         f"{count} of {num_test} test samples get a NaN or infinite logit from {who}"
         for who, count in (("torch", nonfinite["torch"]), ("onnxruntime", nonfinite["onnx"]))
@@ -202,11 +243,7 @@ def validate_onnx(
             f"int8 top-1 is {report['int8_top1_drop']:.4f} below float32's, more than "
             f"max_top1_drop {max_top1_drop}"
         )
-    if failures:
-        error = ValidationFailed(f"{onnx_path}: " + "; ".join(failures))
-        error.report = report
-        raise error
-    return report
+    return failures
 
 
 def _nonfinite_rows(logits: np.ndarray) -> int:
