@@ -70,6 +70,15 @@ def as_worker_child() -> None:
     die_with_parent()
 
 
+def children(pid: int) -> list[int]:
+    """The processes that `pid` started and that still run (from /proc; empty where it is gone)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(child) for child in f.read().split()]
+    except OSError:
+        return []
+
+
 def group_members(pgid: int) -> list[int]:
     """The live processes of process group `pgid`, zombies left out (from /proc; empty where
     there is none)."""

@@ -24,6 +24,7 @@ from ..errors import EXIT_INTERRUPTED, UserError
 from ..files import shown
 from . import launch
 from .base import LOST, PROBE_ENV, Executor, JobSpec, Resources, missing_extra, write_marker
+from .processes import children
 
 DEFAULT_TIME_MIN = 60 * 24  # a job's time limit when none is given, in minutes
 MAX_TIMEOUTS = 3  # requeues after a timeout (preemptions requeue without limit, as submitit does)
@@ -66,13 +67,6 @@ def script_value(what: str, value: str) -> str:
             "go into an sbatch script"
         )
     return shlex.quote(value)
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:  # gone, or not Linux
-        return []
 
 
 class SlurmTask:
@@ -194,7 +188,7 @@ class SlurmExecutor(Executor):
         if job is None:
             return
         controller = getattr(job, "_process", None)  # `cluster: local`: submitit's controller process
-        if self.local and controller is not None and (tasks := _children(controller.pid)):
+        if self.local and controller is not None and (tasks := children(controller.pid)):
             # submitit cancels a local job with SIGINT to its controller, which then dies on a
             # KeyboardInterrupt with a traceback on our stderr (it inherits it); interrupting its
             # tasks instead lets it see them end and exit quietly, as scancel would.
