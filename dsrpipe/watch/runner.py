@@ -214,11 +214,9 @@ class Runner:
             with open(lock_path, "a+") as f:
                 if try_lock(f):
                     return None
-                f.seek(0)
-                text = f.read().strip()
         except FileNotFoundError:
             return None
-        return int(text) if text.isdigit() else 0
+        return files.lock_holder(lock_path) or 0
 
     def _release_engine(self) -> None:
         """No job of this daemon's is left on the engine, and none waits for it: what the engine
@@ -462,28 +460,25 @@ class Runner:
     def _stop_orphan(self, job: dict[str, Any]) -> None:
         """A job process from an earlier daemon (or fork server) may still hold its job: stop it.
         Its job lock says whether it is alive, and holds its pid."""
-        lock_path = self.folder.job_dir(job) / "job.lock"
-        if not lock_path.exists():
+        if not (self.folder.job_dir(job) / "job.lock").exists():
             return
-        with open(lock_path, "a+") as f:
-            if try_lock(f):
-                return
-            f.seek(0)
-            text = f.read().strip()
-            pid = int(text) if text.isdigit() else job["pid"]
-            self.folder.event(
-                job["name"],
-                "stopping",
-                id=job["id"],
-                pid=pid,
-                reason="a job process from an earlier daemon is still running",
-            )
-            for sig, wait in ((signal.SIGTERM, STOP_TIMEOUT), (signal.SIGKILL, 10.0)):
-                if pid:
-                    signal_group(pid, sig)
-                deadline = time.monotonic() + wait
-                while time.monotonic() < deadline:
-                    if try_lock(f):
-                        return
-                    time.sleep(0.1)
+        holder = self._lock_holder(job)
+        if holder is None:
+            return
+        pid = holder or job["pid"]
+        self.folder.event(
+            job["name"],
+            "stopping",
+            id=job["id"],
+            pid=pid,
+            reason="a job process from an earlier daemon is still running",
+        )
+        for sig, wait in ((signal.SIGTERM, STOP_TIMEOUT), (signal.SIGKILL, 10.0)):
+            if pid:
+                signal_group(pid, sig)
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                if self._lock_holder(job) is None:
+                    return
+                time.sleep(0.1)
         log.warning(f"job {job['name']}: process {pid} would not stop; its next attempt waits for it")
