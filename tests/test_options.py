@@ -337,6 +337,7 @@ def test_every_option_reaches_the_library():
     from several settings: a misnamed option would be dropped silently, and fails here."""
     built = {"method", "dense_first", "dense_last", "exclude", "sparse_tensors"}  # method; layers
     built |= {"rewire_periods", "stop_rewire_epoch", "begin_epoch", "end_epoch", "remove_channels"}
+    built |= {"macs", "latency"}  # the cost budget (`budget`)
     for name, method in registry.METHODS.items():
         unused = set(method.options.model_fields) - built - set(method_options(method.sparsifier))
         # sparsity names the grid column of the methods whose weights it does not decide
