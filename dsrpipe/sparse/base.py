@@ -30,7 +30,8 @@ from torch import nn
 
 from ..errors import UserError
 from .channels import ChannelRemoval, Channels, mean_magnitude
-from .slicing import Cut, cut, dependency_graph, model_cost, out_channel_handler
+from .cost import model_cost
+from .slicing import Cut, cut, dependency_graph, out_channel_handler
 from .units import GRANULARITIES, Units, unit_size
 
 DISTRIBUTIONS = ("uniform", "erk")

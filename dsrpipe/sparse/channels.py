@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch_pruning as tp
 from torch import nn
 
@@ -307,6 +308,10 @@ def channel_cost(
     if table is not None:
         most = most_removable(groups, floors, multiple_of)
         table.prepare(layers, {name: layer.widths(most) for name, layer in layers.items()})
+        if dist.is_available() and dist.is_initialized():  # every rank plans with rank 0's times
+            grids = [table.grids]
+            dist.broadcast_object_list(grids, src=0)
+            table.grids = grids[0]
     return cost
 
 
@@ -390,15 +395,17 @@ class Channels:
         removal, last = self.removal, iteration >= self.removal.end
         if self.cost is None:
             return self.choose(removal.target(iteration, self.total) - self.removed, active_total, last)
-        plan = self._budget_plan(active_total)
-        planned = sum(len(c) for c in plan.values())
+        blocks = self._budget_plan(active_total)
+        planned = sum(len(c) for _, c in blocks)
         due = round(removal.progress(iteration) * (self.removed + planned)) - self.removed
-        if last or due >= planned:
-            return plan
-        part = max(due, 0) / planned
-        return {name: c[: round(part * len(c))] for name, c in plan.items() if round(part * len(c))}
+        chosen: dict[str, list[int]] = {}
+        for name, block in blocks:  # whole blocks, the best first, as many as are due
+            if not last and sum(len(c) for c in chosen.values()) + len(block) / 2 > due:
+                break
+            chosen.setdefault(name, []).extend(block)
+        return chosen
 
-    def _budget_plan(self, active_total: int) -> dict[str, list[int]]:
+    def _budget_plan(self, active_total: int) -> list[tuple[str, list[int]]]:
         """The channels whose removal meets the cost budget (cost.plan_to_budget), each group
         taking whole multiples of `multiple_of` so that rounding cannot overshoot it."""
         scores, live = self._scores_and_live()

@@ -75,6 +75,7 @@ class Layer:
     stride: tuple[int, ...] = ()
     padding: tuple[int, ...] = ()
     dilation: tuple[int, ...] = ()
+    runs: int = 1  # forward passes through the layer per sample (more where its weights are shared)
     reads: list[tuple[str, int]] = field(default_factory=list)
     writes: list[tuple[str, int]] = field(default_factory=list)
 
@@ -90,15 +91,17 @@ class Layer:
 
     def macs(self, in_width: int, out_width: int) -> int:
         per_filter = 1 if self.depthwise else in_width // self.groups
-        return out_width * per_filter * int(np.prod(self.kernel or (1,))) * self.positions
+        return out_width * per_filter * int(np.prod(self.kernel or (1,))) * self.positions * self.runs
 
 
 def layer_geometry(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, Layer]:
     """Every Conv2d and Linear that one eval-mode forward pass of one sample runs, by name."""
     seen: dict[str, Layer] = {}
+    calls: dict[str, int] = {}
 
     def record(name):
         def hook(module, inputs, output):
+            calls[name] = calls.get(name, 0) + 1
             per_sample = output[0]
             if isinstance(module, nn.Conv2d):
                 seen[name] = Layer(
@@ -131,6 +134,8 @@ def layer_geometry(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, 
         model.train(was_training)
         for hook in hooks:
             hook.remove()
+    for name, count in calls.items():  # a layer run more than once (shared weights) costs each run
+        seen[name].runs = count
     return seen
 
 
@@ -141,6 +146,11 @@ def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> int:
         layer.macs(layer.in_width, layer.out_width)
         for layer in layer_geometry(model, example_inputs).values()
     )
+
+
+def model_cost(model: nn.Module, example_inputs: torch.Tensor) -> tuple[int, int]:
+    """(parameters, MACs of one sample's forward pass, as `count_macs` counts them)."""
+    return sum(p.numel() for p in model.parameters()), count_macs(model, example_inputs)
 
 
 class ChannelCost:
@@ -169,6 +179,11 @@ class ChannelCost:
                     self.touching[group].append(layer)
         if measure == "latency" and time_layer is None:
             raise ValueError("a latency cost needs a table of layer times")
+        if measure == "latency" and (shared := [n for n, layer in layers.items() if layer.runs > 1]):
+            raise UserError(
+                f"a latency target cannot time {shared[0]}: its weights run {layers[shared[0]].runs} times "
+                "in one forward pass, where the layer times are for one (give a macs target)"
+            )
         self.time_layer = time_layer
 
     @functools.cached_property
@@ -216,38 +231,45 @@ def plan_to_budget(
     blocks: Callable[[str, int], int],
     allow: Callable[[str, list[int]], bool],
     target: float,
-) -> dict[str, list[int]]:
-    """The channels to remove, block by block, until the cost is at most `target`: each time the
-    block of any group whose score is lowest for what it saves. `removed`: the channels of each
+) -> list[tuple[str, list[int]]]:
+    """The blocks of channels to remove, in order, until the cost is at most `target`: each time
+    the block of any group whose score is lowest for what it saves (a prefix of the blocks is
+    the best part of the plan, and leaves every group at a multiple as well). `removed`: the channels of each
     group already gone; `lowest_first`: each group's live channels, lowest score first;
     `blocks(group, width)`: the size of its next block (`next_block`), `allow(group, channels)`:
     whether the budget of active weights still fits without them (it takes note when it says
     yes). Stops short of the target where floors and the budget leave nothing more to take."""
     removed = dict(removed)
     taken = {g: 0 for g in lowest_first}
+    plan: list[tuple[str, list[int]]] = []
     stuck: set[str] = set()
     current = cost.total(removed)
     while current > target:
-        best = None
+        candidates = []
         for group, live in lowest_first.items():
             size = 0 if group in stuck else blocks(group, len(live) - taken[group])
             if size == 0:
                 continue
             block = live[taken[group] : taken[group] + size]
             saving = cost.saving(removed, group, size)
-            worth = float(scores[group][block].sum()) / max(saving, 1e-12)
-            if best is None or worth < best[0]:
-                best = (worth, group, block, saving)
-        if best is None:
+            candidates.append((float(scores[group][block].sum()), saving, group, block))
+        if not candidates:
             break
-        _, group, block, saving = best
+        # The lowest score for what it saves; but where a block alone meets the budget, the
+        # lowest-scoring of those (a cheap block may finish where the best ratio overshoots far).
+        finishing = [c for c in candidates if current - c[1] <= target]
+        if finishing:
+            _, saving, group, block = min(finishing, key=lambda c: c[0])
+        else:
+            _, saving, group, block = min(candidates, key=lambda c: c[0] / max(c[1], 1e-12))
         if not allow(group, block):
             stuck.add(group)
             continue
         taken[group] += len(block)
         removed[group] = removed.get(group, 0) + len(block)
         current -= saving
-    return {g: lowest_first[g][:n] for g, n in taken.items() if n}
+        plan.append((group, block))
+    return plan
 
 
 def _round_up(width: int, step: int, full: int) -> int:
