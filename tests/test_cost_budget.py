@@ -40,13 +40,17 @@ def budget_runs(tmp_path_factory, layer_cache):
     mode, and a latency target in speed-first mode."""
     out = tmp_path_factory.mktemp("budget")
     runs = {
-        "macs": {"macs": 0.5, "multiple_of": 8, "end_epoch": 3},
+        "macs": {"macs": 0.5, "multiple_of": 8, "end_epoch": 2},
         "fast": {"latency": 0.6, "multiple_of": 8, "end_epoch": 2, "dense_inside": True},
     }
     reports = {}
     for name, removal in runs.items():
         raw = tiny(
-            name, model={"name": "small-cnn", "options": {"width": 32}}, sparsity={"remove_channels": removal}
+            name,
+            model={"name": "small-cnn", "options": {"width": 32}},
+            sparsity={"remove_channels": removal},
+            train={"epochs": 3},
+            finetune={"epochs": 1 if name == "fast" else 0},
         )
         reports[name] = run_pipeline(parse_pipeline(raw), out, progress=False)
     return out, reports
