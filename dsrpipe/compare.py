@@ -9,6 +9,11 @@ The grid file:
     seeds: [0, 1, 2]
     overrides:                     # optional, per method: dotted settings, as with `--set`
       static: {train.lr: 0.05}     # a section given as a mapping is merged into the base's
+    variants:                      # optional: rows of a method under a name of their own, listed
+      dsr-fast:                    #   in methods: like a method; settings as overrides; sparsities
+        method: dsr                #   (optional) replace the grid's for that row
+        sparsities: [0.8]
+        settings: {sparsity.remove_channels: {latency: 0.5, dense_inside: true}}
 
 Outputs, under `<out>/<grid>/`:
   runs/<grid>-<method>-s<sparsity>-seed<k>/   each run, as `dsrpipe run` lays it out (report.json, ...)
@@ -86,6 +91,35 @@ CSV_COLUMNS = [
 ]
 
 
+class Variant(BaseModel):
+    """A row of `method` under a name of its own, with its own settings (and sparsities)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str
+    sparsities: list[float] | None = Field(None, min_length=1, max_length=MAX_RUNS)
+    settings: dict[str, Any] = {}
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, method: str) -> str:
+        if method not in METHOD_OPTIONS:
+            raise ValueError(f"unknown method '{method}' (known: {', '.join(METHOD_OPTIONS)})")
+        return method
+
+    @field_validator("sparsities")
+    @classmethod
+    def _valid_sparsities(cls, sparsities: list[float] | None) -> list[float] | None:
+        return None if sparsities is None else _sparsities(sparsities)
+
+
+def _sparsities(sparsities: list[float]) -> list[float]:
+    for s in sparsities:
+        if not 0.0 <= s < 1.0:
+            raise ValueError(f"sparsity {s} is not in [0, 1)")
+    return _unique(sparsities)
+
+
 class Grid(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -95,23 +129,51 @@ class Grid(BaseModel):
     sparsities: list[float] = Field(min_length=1, max_length=MAX_RUNS)
     seeds: list[int] = Field([0], min_length=1, max_length=MAX_RUNS)
     overrides: dict[str, dict[str, Any]] = {}
+    variants: dict[str, Variant] = Field({}, max_length=MAX_RUNS)
     cluster: ClusterConfig | None = None  # what each job asks of a cluster (else the base's cluster:)
 
     @field_validator("methods")
     @classmethod
-    def _known_methods(cls, methods: list[str]) -> list[str]:
-        for method in methods:
-            if method not in METHOD_OPTIONS:
-                raise ValueError(f"unknown method '{method}' (known: {', '.join(METHOD_OPTIONS)})")
+    def _unique_methods(cls, methods: list[str]) -> list[str]:
         return _unique(methods)
 
     @field_validator("sparsities")
     @classmethod
     def _valid_sparsities(cls, sparsities: list[float]) -> list[float]:
-        for s in sparsities:
-            if not 0.0 <= s < 1.0:
-                raise ValueError(f"sparsity {s} is not in [0, 1)")
-        return _unique(sparsities)
+        return _sparsities(sparsities)
+
+    @model_validator(mode="after")
+    def _known_methods(self):
+        for name in self.variants:
+            if name in METHOD_OPTIONS or not re.match(NAME_PATTERN, name):
+                raise ValueError(f"variants: '{name}' must be a safe folder name and no method's name")
+        for row in self.methods:
+            if row not in METHOD_OPTIONS and row not in self.variants:
+                raise ValueError(
+                    f"unknown method '{row}' (known: {', '.join([*METHOD_OPTIONS, *self.variants])})"
+                )
+        for name, variant in self.variants.items():
+            _grid_axes_untouched(f"variants.{name}.settings", variant.settings)
+        return self
+
+    def method_of(self, row: str) -> str:
+        """The method a row of the grid runs (a variant's, or the row's own name)."""
+        return self.variants[row].method if row in self.variants else row
+
+    def settings_of(self, row: str) -> dict[str, Any]:
+        """A row's settings over the base: a variant's, then the row's overrides."""
+        variant = self.variants.get(row)
+        return {**(variant.settings if variant else {}), **self.overrides.get(row, {})}
+
+    def origin_of(self, row: str) -> str:
+        """Where a row's settings come from, as an error names it."""
+        return f"variants.{row}" if row in self.variants else f"overrides.{row}"
+
+    def sparsities_of(self, row: str) -> list[float]:
+        variant = self.variants.get(row)
+        if variant is not None and variant.sparsities is not None:
+            return variant.sparsities
+        return [0.0] if self.method_of(row) in ("dense", "prune-channels") else self.sparsities
 
     @field_validator("seeds")
     @classmethod
@@ -120,7 +182,7 @@ class Grid(BaseModel):
 
     @model_validator(mode="after")
     def _at_most_max_runs(self):
-        runs = len(self.methods) * len(self.sparsities) * len(self.seeds)
+        runs = sum(len(self.sparsities_of(row)) for row in self.methods) * len(self.seeds)
         if runs > MAX_RUNS:
             raise ValueError(
                 f"{len(self.methods)} methods × {len(self.sparsities)} sparsities × {len(self.seeds)} seeds "
@@ -133,11 +195,15 @@ class Grid(BaseModel):
         for method, settings in self.overrides.items():
             if method not in self.methods:
                 raise ValueError(f"overrides: '{method}' is not one of the grid's methods")
-            for key, value in settings.items():
-                for setting, _ in flat_settings(key.strip(), value):  # `sparsity: {sparsity: ...}` too
-                    if setting in GRID_AXES:
-                        raise ValueError(f"overrides.{method}: '{setting}' is set by the grid itself")
+            _grid_axes_untouched(f"overrides.{method}", settings)
         return self
+
+
+def _grid_axes_untouched(where: str, settings: dict[str, Any]) -> None:
+    for key, value in settings.items():
+        for setting, _ in flat_settings(key.strip(), value):  # `sparsity: {sparsity: ...}` too
+            if setting in GRID_AXES:
+                raise ValueError(f"{where}: '{setting}' is set by the grid itself")
 
 
 def _unique(values: list) -> list:
@@ -158,6 +224,7 @@ class Run:
     seed: int
     raw: dict[str, Any]
     cfg: Pipeline | None = None
+    row: str = ""  # the grid's row: its method's name, or a variant's (results group by it)
     # A run whose trained model this one starts from (frozen ← dsr, prune ← dense).
     depends_on: str | None = None
     status: str = "pending"  # pending, running, ok, validation-failed, crashed
@@ -198,6 +265,10 @@ def load_grid(path: str | Path) -> tuple[Grid, str, dict[str, Any]]:
         method: {key: _resolved(key, value, path.parent) for key, value in settings.items()}
         for method, settings in grid.overrides.items()
     }
+    for variant in grid.variants.values():
+        variant.settings = {
+            key: _resolved(key, value, path.parent) for key, value in variant.settings.items()
+        }
     return grid, name, base
 
 
@@ -238,18 +309,19 @@ def plan_runs(
     `dense` ignores sparsity, so it runs once per seed (as sparsity 0), not once per sparsity.
     Each run gets the base's sparsity options that its method takes (see config.switch_method)."""
     wire_frozen = "frozen" in grid.methods and "dsr" in grid.methods
-    from_dense = {"prune", "prune-channels"} & set(grid.methods)
-    methods = grid.methods + (["dense"] if from_dense and "dense" not in grid.methods else [])
+    from_dense = {"prune", "prune-channels"} & {grid.method_of(row) for row in grid.methods}
+    rows = grid.methods + (["dense"] if from_dense and "dense" not in grid.methods else [])
     sources = {"frozen": ("dsr", "masks_from")} if wire_frozen else {}
     sources["prune"] = sources["prune-channels"] = ("dense", "prune_from")
-    methods = sorted(methods, key=lambda m: m in sources)  # stable: dependants last
+    rows = sorted(rows, key=lambda row: grid.method_of(row) in sources)  # stable: dependants last
     runs = []
-    for method in methods:
-        for sparsity in [0.0] if method in ("dense", "prune-channels") else grid.sparsities:
+    for row in rows:
+        method = grid.method_of(row)
+        for sparsity in grid.sparsities_of(row):
             for seed in grid.seeds:
-                name = run_name(grid_name, method, sparsity, seed)
+                name = run_name(grid_name, row, sparsity, seed)
                 raw = copy.deepcopy(base)
-                settings = grid.overrides.get(method, {})
+                settings = grid.settings_of(row)
                 try:
                     apply_overrides(
                         raw,
@@ -257,20 +329,20 @@ def plan_runs(
                     )
                 except UserError as exc:
                     raise UserError(
-                        f"{source}: overrides.{method}: {str(exc).removeprefix('--set ')}"
+                        f"{source}: {grid.origin_of(row)}: {str(exc).removeprefix('--set ')}"
                     ) from None
                 raw["name"], raw["seed"] = name, seed
                 section = raw.get("sparsity", {})
                 if not isinstance(section, dict):
                     raise UserError(f"{source}: base: sparsity: expected a mapping of settings")
                 section = raw["sparsity"] = {**switch_method(section, method), "sparsity": sparsity}
-                run = Run(name, method, sparsity, seed, raw)
+                run = Run(name, method, sparsity, seed, raw, row=row)
                 if method in sources:
                     needed, option = sources[method]
                     run.depends_on = run_name(grid_name, needed, 0.0 if needed == "dense" else sparsity, seed)
                     section[option] = str(runs_dir / run.depends_on / "train" / "final.pt")
                 try:
-                    run.cfg = _validated(raw, f"{source}: {name}", grid, method, settings)
+                    run.cfg = _validated(raw, f"{source}: {name}", grid, row, settings)
                 except UserError:
                     # A run may only validate once the run it starts from is done: checked at launch.
                     if run.depends_on is None or Path(section[sources[method][1]]).exists():
@@ -279,9 +351,7 @@ def plan_runs(
     return runs
 
 
-def _validated(
-    raw: dict[str, Any], where: str, grid: Grid, method: str, settings: dict[str, Any]
-) -> Pipeline:
+def _validated(raw: dict[str, Any], where: str, grid: Grid, row: str, settings: dict[str, Any]) -> Pipeline:
     """The run's pipeline, or its one-line error. An error in a setting the grid itself holds (its
     inline base, or the method's overrides) quotes the cause; one in a base file's settings does
     not (see `_quotes_base`)."""
@@ -291,7 +361,7 @@ def _validated(
         setting = str(quoted).removeprefix(f"{where}: ").partition(": ")[0]
         overridden = [key for key in settings if _overlaps(key, setting)]
         if overridden:
-            raise UserError(f"{quoted} (from overrides.{method}: {', '.join(overridden)})") from None
+            raise UserError(f"{quoted} (from {grid.origin_of(row)}: {', '.join(overridden)})") from None
         if _quotes_base(grid):
             raise
     return parse_pipeline(raw, where, quote=False)  # raises the error, quoting nothing
@@ -606,7 +676,7 @@ def _row(run: Run, epochs: int | None = None) -> dict[str, Any]:
     latency = r.get("latency_ms") or {}
     training = r.get("training") or {}
     return {
-        "method": run.method,
+        "method": run.row or run.method,
         "sparsity": run.sparsity,
         "seed": run.seed,
         "nonzero_params": r.get("nonzero_params"),
@@ -634,7 +704,7 @@ def group_results(runs: list[Run]) -> list[dict[str, Any]]:
     by_name = {r.name: r for r in runs}
     groups: dict[tuple[str, float], list[Run]] = {}
     for run in runs:
-        groups.setdefault((run.method, run.sparsity), []).append(run)
+        groups.setdefault((run.row or run.method, run.sparsity), []).append(run)
     entries = []
     for (method, sparsity), members in groups.items():
         measured = [r for r in members if r.report is not None]
