@@ -124,4 +124,4 @@ def create_model(name: str, *, num_classes: int, in_channels: int, image_size: i
 
 
 # Imported last: these modules register their models with the decorator defined above.
-from dsrpipe.models import lenet, small_cnn, torchvision_models, wrn  # noqa: E402, F401
+from dsrpipe.models import lenet, plain_cnn, small_cnn, torchvision_models, wrn  # noqa: E402, F401

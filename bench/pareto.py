@@ -1,0 +1,287 @@
+"""Accuracy against measured onnxruntime latency on the full CIFAR-10 with augmentation: does
+dsrpipe's fast model beat the obvious alternative, a uniformly thinner dense net trained directly?
+
+Two models, each a `dsrpipe compare` grid in bench/grids/ (so a grid resumes where it stopped,
+over as many sittings as it takes): plain-cnn (six 3x3 convs, VGG-style) and wrn-10-2 (residual).
+Rows, two seeds each: dense; thin dense at three widths; prune-channels from the dense run at
+latency targets 0.5 and 0.3 of dense; dsrpipe (DSR with channel removal to the same latency
+targets) speed first (`dense_inside: true`) and smallest file. From the project root:
+
+    python bench/pareto.py run plain-cnn          # or wrn-10-2; runs/resumes its grid
+    python bench/pareto.py report                 # the table, the JSON rows and the two plots
+    python bench/pareto.py run plain-cnn --quick  # 2,000 images, 2 epochs, into /tmp: checks the machinery
+
+Latency and throughput are each run's own ratio to the dense model of its architecture, timed
+side by side in the same `validate` call (batch 1 and batch 64), so runs made at different times
+on a busy machine still compare. A dsrpipe row is compared with the thin dense rows at its own
+measured latency: their top-1 interpolated linearly between the two thin widths around it.
+
+Writes bench/results/pareto/: rows.json (one row per run), pareto.md, accuracy-vs-latency.png and
+accuracy-vs-bytes.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+GRIDS = {name: ROOT / "bench" / "grids" / f"pareto-{name}.yaml" for name in ("plain-cnn", "wrn-10-2")}
+RUNS = ROOT / "bench" / "results" / "pareto" / "runs"
+OUT = ROOT / "bench" / "results" / "pareto"
+FAMILIES = {  # row prefix -> what the table and the plots call it
+    "dense": "dense",
+    "thin": "thin dense (trained directly)",
+    "prune": "prune-channels from dense",
+    "fast": "dsrpipe, speed first",
+    "small": "dsrpipe, smallest file",
+}
+QUICK = {"epochs": 2, "end_epoch": 1, "stop_rewire_epoch": 1, "milestones": [1]}
+
+
+def family(row: str) -> str:
+    return row.split("-")[0]
+
+
+def quick_grid(grid: dict) -> dict:
+    """The grid on 2,000 training images for 2 epochs: every epoch setting scaled down to fit."""
+
+    def shrink(node):
+        if isinstance(node, dict):
+            return {k: QUICK[k] if k in QUICK else shrink(v) for k, v in node.items()}
+        return node
+
+    grid = shrink(grid)
+    grid["base"]["data"].update(max_train=2000, max_test=1000)
+    grid["base"]["sparsity"]["rewire_periods"] = {0: 5}
+    grid["name"] += "-quick"
+    return grid
+
+
+def run(model: str, quick: bool, jobs: int) -> None:
+    grid, out = GRIDS[model], RUNS
+    if quick:
+        folder = Path(tempfile.mkdtemp(prefix="pareto-quick-"))
+        raw = quick_grid(yaml.safe_load(grid.read_text()))
+        raw["base"]["data"]["root"] = str((grid.parent / raw["base"]["data"]["root"]).resolve())
+        grid, out = folder / grid.name, folder / "runs"
+        grid.write_text(yaml.safe_dump(raw))
+    command = [sys.executable, "-m", "dsrpipe", "compare", str(grid), "--out", str(out), "--jobs", str(jobs)]
+    print(" ".join(command), flush=True)
+    subprocess.run(command, check=False)
+    if quick:
+        report([out])
+
+
+def measured_rows(runs_root: Path) -> list[dict]:
+    """One row per finished run of every pareto grid under `runs_root`."""
+    rows = []
+    for results in sorted(runs_root.glob("*/results.csv")):
+        grid = results.parent
+        for line in csv.DictReader(results.open()):
+            report_path = grid / "runs" / line["run"] / "report.json"
+            if line["status"] not in ("ok", "validation-failed") or not report_path.is_file():
+                continue
+            report = json.loads(report_path.read_text())
+            history = [
+                json.loads(h) for h in (grid / "runs" / line["run"] / "train" / "metrics.jsonl").open()
+            ]
+            rows.append(
+                {
+                    "grid": grid.name,
+                    "model": report["model"],
+                    "row": line["method"],
+                    "family": family(line["method"]),
+                    "seed": int(line["seed"]),
+                    "onnx_top1": report["onnx_top1"],
+                    "latency_ratio": 1 / report["speedup"]["latency_p50"],  # of dense, batch 1
+                    "throughput_ratio": report["speedup"]["throughput"],  # over dense, batch 64
+                    "latency_p50_ms": report["latency_ms"]["p50"],
+                    "onnx_bytes": report["onnx_bytes"],
+                    "nonzero_params": report["nonzero_params"],
+                    "macs": (report.get("shrink") or {}).get("macs_after"),
+                    "train_seconds": float(line["train_seconds"]) if line["train_seconds"] else None,
+                    "epochs": int(line["epochs"]) if line["epochs"] else None,
+                    "widths": history[-1].get("channels_alive"),
+                    "cpu": report.get("cpu"),
+                }
+            )
+    return rows
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean and spread over the seeds of each model's rows."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["row"]), []).append(r)
+    out = []
+    for (model, row), runs in groups.items():
+
+        def mean(key, runs=runs):
+            values = [r[key] for r in runs if r[key] is not None]
+            return statistics.mean(values) if values else None
+
+        top1 = [r["onnx_top1"] for r in runs]
+        out.append(
+            {
+                "model": model,
+                "row": row,
+                "family": family(row),
+                "seeds": len(runs),
+                "top1": statistics.mean(top1),
+                "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
+                **{
+                    k: mean(k)
+                    for k in ("latency_ratio", "throughput_ratio", "onnx_bytes", "train_seconds", "macs")
+                },
+                "epochs": runs[0]["epochs"],
+                "widths": runs[0]["widths"],
+            }
+        )
+    return sorted(out, key=lambda g: (g["model"], list(FAMILIES).index(g["family"]), -g["latency_ratio"]))
+
+
+def thin_at(groups: list[dict], model: str, latency: float, key: str = "top1") -> float | None:
+    """The thin dense rows' `key` at this latency, linear between the two widths around it; None
+    outside their range."""
+    thin = sorted(
+        (g["latency_ratio"], g[key]) for g in groups if g["model"] == model and g["family"] == "thin"
+    )
+    if len(thin) < 2 or not thin[0][0] <= latency <= thin[-1][0]:
+        return None
+    xs, ys = zip(*thin)
+    return float(np.interp(latency, xs, ys))
+
+
+def comparison(groups: list[dict]) -> list[str]:
+    """Per dsrpipe row: its lead over thin dense and over prune-channels at the same target, and
+    its training time over thin dense's."""
+    lines = [
+        "| model | row | top-1 | latency (of dense) | thin dense there | lead | prune-channels, same target | lead | train time / thin's |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    by_row = {(g["model"], g["row"]): g for g in groups}
+    for g in groups:
+        if g["family"] not in ("fast", "small"):
+            continue
+        thin = thin_at(groups, g["model"], g["latency_ratio"])
+        thin_seconds = thin_at(groups, g["model"], g["latency_ratio"], "train_seconds")
+        prune = by_row.get((g["model"], "prune-" + g["row"].split("-", 1)[1]))
+        lead = f"{100 * (g['top1'] - thin):+.2f} pts" if thin is not None else "outside the thin widths"
+        lines.append(
+            f"| {g['model']} | {g['row']} | {100 * g['top1']:.2f} ± {100 * g['top1_std']:.2f} | "
+            f"{g['latency_ratio']:.3f} | {'' if thin is None else f'{100 * thin:.2f}'} | {lead} | "
+            f"{'' if prune is None else f'{100 * prune['top1']:.2f} ± {100 * prune['top1_std']:.2f}'} | "
+            f"{'' if prune is None else f'{100 * (g['top1'] - prune['top1']):+.2f} pts'} | "
+            f"{'' if not thin_seconds else f'{g['train_seconds'] / thin_seconds:.2f}×'} |"
+        )
+    return lines
+
+
+def table(groups: list[dict]) -> list[str]:
+    lines = [
+        "| model | row | top-1 % (mean ± std) | seeds | latency b1 (of dense) | throughput b64 (× dense) | "
+        "bytes | MACs | epochs | train s | widths (seed 0) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for g in groups:
+        widths = "/".join(str(n) for n in g["widths"].values()) if g["widths"] else ""
+        lines.append(
+            f"| {g['model']} | {g['row']} | {100 * g['top1']:.2f} ± {100 * g['top1_std']:.2f} | {g['seeds']} | "
+            f"{g['latency_ratio']:.3f} | {g['throughput_ratio']:.2f} | {g['onnx_bytes']:,.0f} | "
+            f"{g['macs'] or 0:,.0f} | {g['epochs']} | {g['train_seconds'] or 0:.0f} | {widths} |"
+        )
+    return lines
+
+
+def plots(groups: list[dict], folder: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({g["model"] for g in groups})
+    markers = dict(zip(FAMILIES, "o^vsD"))
+    for name, key, label in (
+        (
+            "accuracy-vs-latency.png",
+            "latency_ratio",
+            "batch-1 latency, share of dense (onnxruntime, side by side)",
+        ),
+        ("accuracy-vs-bytes.png", "onnx_bytes", "model file bytes"),
+    ):
+        figure, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+        for ax, model in zip(axes[0], models):
+            for fam, title in FAMILIES.items():
+                points = sorted(
+                    (g for g in groups if g["model"] == model and g["family"] == fam), key=lambda g: g[key]
+                )
+                if points:
+                    ax.errorbar(
+                        [g[key] for g in points], [100 * g["top1"] for g in points],
+                        yerr=[100 * g["top1_std"] for g in points], marker=markers[fam], capsize=3,
+                        linestyle="-" if fam in ("thin", "fast", "small", "prune") else "none", label=title,
+                    )  # fmt: skip
+            ax.set_title(f"{model}, CIFAR-10")
+            ax.set_xlabel(label)
+            ax.set_ylabel("top-1 %")
+            if key == "onnx_bytes":
+                ax.set_xscale("log")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        figure.tight_layout()
+        figure.savefig(folder / name, dpi=120)
+        plt.close(figure)
+
+
+def report(runs_roots: list[Path], folder: Path | None = None) -> None:
+    rows = [r for root in runs_roots for r in measured_rows(root)]
+    if not rows:
+        sys.exit(f"no finished runs under {', '.join(map(str, runs_roots))}")
+    folder = folder or runs_roots[0].parent
+    groups = summarise(rows)
+    (folder / "rows.json").write_text(json.dumps(rows, indent=1) + "\n")
+    cpus = sorted({r["cpu"] for r in rows if r["cpu"]})
+    text = [
+        "# Accuracy against latency on CIFAR-10 (bench/pareto.py)",
+        "",
+        f"CPU: {', '.join(cpus) or 'unknown'}. Latency and throughput are ratios to each run's dense model, timed side by side.",
+        "",
+        *table(groups),
+        "",
+        "## dsrpipe against the obvious alternatives at the same latency",
+        "",
+        *comparison(groups),
+        "",
+    ]
+    (folder / "pareto.md").write_text("\n".join(text))
+    plots(groups, folder)
+    print("\n".join(text))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    go = sub.add_parser("run")
+    go.add_argument("model", choices=sorted(GRIDS))
+    go.add_argument("--quick", action="store_true")
+    go.add_argument("--jobs", type=int, default=1)
+    sub.add_parser("report")
+    args = parser.parse_args()
+    if args.command == "run":
+        run(args.model, args.quick, args.jobs)
+    else:
+        report([RUNS], OUT)
+
+
+if __name__ == "__main__":
+    main()
