@@ -176,14 +176,16 @@ def comparison(groups: list[dict]) -> list[str]:
         thin = thin_at(groups, g["model"], g["latency_ratio"])
         thin_seconds = thin_at(groups, g["model"], g["latency_ratio"], "train_seconds")
         prune = by_row.get((g["model"], "prune-" + g["row"].split("-", 1)[1]))
-        lead = f"{100 * (g['top1'] - thin):+.2f} pts" if thin is not None else "outside the thin widths"
-        lines.append(
-            f"| {g['model']} | {g['row']} | {100 * g['top1']:.2f} ± {100 * g['top1_std']:.2f} | "
-            f"{g['latency_ratio']:.3f} | {'' if thin is None else f'{100 * thin:.2f}'} | {lead} | "
-            f"{'' if prune is None else f'{100 * prune['top1']:.2f} ± {100 * prune['top1_std']:.2f}'} | "
-            f"{'' if prune is None else f'{100 * (g['top1'] - prune['top1']):+.2f} pts'} | "
-            f"{'' if not thin_seconds else f'{g['train_seconds'] / thin_seconds:.2f}×'} |"
-        )
+        cells = [
+            f"{100 * g['top1']:.2f} ± {100 * g['top1_std']:.2f}",
+            f"{g['latency_ratio']:.3f}",
+            "" if thin is None else f"{100 * thin:.2f}",
+            "outside the thin widths" if thin is None else f"{100 * (g['top1'] - thin):+.2f} pts",
+            "" if prune is None else f"{100 * prune['top1']:.2f} ± {100 * prune['top1_std']:.2f}",
+            "" if prune is None else f"{100 * (g['top1'] - prune['top1']):+.2f} pts",
+            "" if not thin_seconds else f"{g['train_seconds'] / thin_seconds:.2f}×",
+        ]
+        lines.append(f"| {g['model']} | {g['row']} | " + " | ".join(cells) + " |")
     return lines
 
 
