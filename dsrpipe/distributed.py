@@ -24,6 +24,7 @@ reallocation. DSRPIPE_MASK_CHECKSUMS=<prefix> makes each rank append its mask ch
 from __future__ import annotations
 
 import datetime
+import gc
 import ipaddress
 import json
 import os
@@ -118,6 +119,10 @@ def process_group(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator
     try:
         yield where
     finally:
+        # DDP's reducer holds the group in reference cycles: collected now, while the group is
+        # torn down in order, not in interpreter finalization, where Gloo's threads destroyed
+        # unjoined abort the rank ("terminate called without an active exception").
+        gc.collect()
         dist.destroy_process_group()
 
 
