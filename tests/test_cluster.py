@@ -509,7 +509,7 @@ def test_a_second_compare_of_a_grid_is_refused_before_it_starts_or_joins_an_engi
     def no_engine(*args, **kwargs):
         raise AssertionError("an engine was started for a compare that is refused")
 
-    monkeypatch.setattr(compare_module, "make_executor", no_engine)
+    monkeypatch.setattr(compare_module.schedule, "make_executor", no_engine)
     grid, folder = write_grid(tmp_path), tmp_path / "out" / "g"
     folder.mkdir(parents=True)
     with files.holding_lock(folder / "compare.lock", str):

@@ -22,11 +22,11 @@ import yaml
 
 from dsrpipe.config import parse_pipeline
 from dsrpipe.errors import UserError
+from dsrpipe.executors.limits import group_memory
+from dsrpipe.jobs.job import confine_paths
 from dsrpipe.quantities import format_size, parse_duration, parse_size
 from dsrpipe.watch.drops import DEFAULT_TEMPLATE, IntakeError, content_hash, drop_stem, slug, stamp
-from dsrpipe.watch.job import confine_paths
 from dsrpipe.watch.journal import Journal
-from dsrpipe.watch.limits import group_memory
 
 from . import helpers
 from .helpers import write_tree
