@@ -313,7 +313,7 @@ def test_watch_on_ray_reattaches_retries_requeues_and_leaves_its_jobs_running_on
         ("b", "done", 1, "ray"),
     ]
     b = b_log.read_text()
-    assert b.count("$ python -m dsrpipe.watch") == 2 and "train: resuming after epoch" in b, b
+    assert b.count("$ python -m dsrpipe.jobs") == 2 and "train: resuming after epoch" in b, b
     for name in ("a", "b"):  # SIGKILL may leave a checkpoint's temporary, never a half-written model
         assert not list((out / name).rglob(".model*")) and onnx.load(out / name / "model.onnx").graph.node
     status = CliRunner().invoke(app, ["status", str(drop), "--json"])

@@ -185,11 +185,6 @@ def run_grid(
     )
     if cluster.dry_run:
         return {"sbatch": executor_made().dry_run(_job_spec(runs[0], folder)), "runs": runs}
-    command = shlex.join(
-        ["dsrpipe", "compare", str(grid_path), "--out", str(out), "--jobs", str(jobs)]
-        + (["--nproc-per-job", str(nproc_per_job)] if nproc_per_job > 1 else [])
-        + (["--executor", cluster.executor] if cluster.executor != "local" else [])
-    )
     schedule = Schedule(grid, runs, folder, grid_path, echo or _to_stderr)
     folder.mkdir(parents=True, exist_ok=True)
     # For the whole compare: a second compare of the same grid into the same --out would start the
@@ -207,7 +202,17 @@ def run_grid(
             schedule.run(executor, jobs, nproc_per_job)
         finally:
             executor.close()
+        command = _command_line(grid_path, out, jobs, nproc_per_job, cluster.executor)
         return {**schedule.results(command), "runs": runs}
+
+
+def _command_line(grid_path: Path, out: Path, jobs: int, nproc_per_job: int, executor: str) -> str:
+    """The compare command, as results.md says what produced it."""
+    return shlex.join(
+        ["dsrpipe", "compare", str(grid_path), "--out", str(out), "--jobs", str(jobs)]
+        + (["--nproc-per-job", str(nproc_per_job)] if nproc_per_job > 1 else [])
+        + (["--executor", executor] if executor != "local" else [])
+    )
 
 
 def _to_stderr(line: str) -> None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import machine
 from ..errors import UserError
 from ..files import shown
 from ..names import SLURM_PARTITION_RULE, is_slurm_partition
@@ -209,18 +210,10 @@ def connection_refused(address: str) -> OSError | None:
     return None
 
 
-def cores() -> int:
-    """The cores this process may run on (its affinity: a container's or taskset's share)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def threads_per_job(jobs: int, nproc: int) -> int:
     """A local job's thread count: the cores shared between the jobs and their processes, instead
     of every process spinning up one thread per core."""
-    return max(1, cores() // (jobs * nproc))
+    return max(1, machine.cores() // (jobs * nproc))
 
 
 def write_marker(folder: str, token: str, elsewhere: str | None = None) -> int:

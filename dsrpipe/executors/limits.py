@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from pathlib import Path
+
+from .. import machine
 
 AVAILABLE = os.path.exists("/proc/self/stat")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -26,13 +27,8 @@ JOB_MEMORY_SHARE = 0.8  # a job's default memory: this share of the machine's, s
 
 
 def default_job_memory(jobs: int) -> int:
-    """The machine's memory (or the cgroup limit it runs under, if lower) × JOB_MEMORY_SHARE / jobs."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    try:  # a container's or a systemd unit's own limit, if lower
-        total = min(total, int(Path("/sys/fs/cgroup/memory.max").read_text()))
-    except (OSError, ValueError):  # no cgroup v2, or "max"
-        pass
-    return int(total * JOB_MEMORY_SHARE / jobs)
+    """The machine's memory (machine.memory: its cgroup's, if lower) × JOB_MEMORY_SHARE / jobs."""
+    return int(machine.memory() * JOB_MEMORY_SHARE / jobs)
 
 
 def group_memory(groups: Iterable[int]) -> dict[int, int]:

@@ -64,14 +64,7 @@ def job_main(job_dir: Path, settings: dict[str, Any] | None = None) -> int:
         if threads.isdigit() and int(threads) > 0:  # its executor's share of the cores (a forked
             torch.set_num_threads(int(threads))  # job's torch was set up in the server, before it)
         if cfg.data.dataset == "imagefolder":
-            # Unpacked and decoded here, under this job's archive caps: every stage after (and
-            # every rank under torchrun) reads the unpacked folder and the decoded cache.
-            defaults = ArchiveCaps()
-            caps = ArchiveCaps(
-                settings.get("max_unpacked") or defaults.max_bytes,
-                settings.get("max_files") or defaults.max_files,
-            )
-            load_splits(cfg.data, caps)
+            _unpack(cfg, settings)
         run = RunDir(Path(spec["out"]), cfg.name)
         if settings.get("nproc", 1) > 1:
             return _run_through_torchrun(spec, settings["nproc"], job_dir / "job.log")
@@ -102,6 +95,16 @@ def job_main(job_dir: Path, settings: dict[str, Any] | None = None) -> int:
             return EXIT_DISK_FULL
         raise
     return code
+
+
+def _unpack(cfg: Pipeline, settings: dict[str, Any]) -> None:
+    """A dataset drop, unpacked and decoded here, under this job's archive caps: every stage after
+    (and every rank under torchrun) reads the unpacked folder and the decoded cache."""
+    defaults = ArchiveCaps()
+    caps = ArchiveCaps(
+        settings.get("max_unpacked") or defaults.max_bytes, settings.get("max_files") or defaults.max_files
+    )
+    load_splits(cfg.data, caps)
 
 
 def _say(write) -> None:
