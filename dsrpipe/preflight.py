@@ -14,7 +14,7 @@ from .config import Pipeline
 from .errors import UserError
 from .models import create_model
 from .registry import layer_selection
-from .sparse.channels import floor_count, removable_groups, unrounded_note
+from .sparse.channels import channel_cost, floor_count, most_removable, removable_groups, unrounded_note
 
 # (channels, side) of the images of each dataset whose files fix them: `check` must know them
 # without reading the files (dsrpipe/data reads the images and takes both from them). An image
@@ -75,6 +75,12 @@ def check_model(cfg: Pipeline, note: Callable[[str], None]) -> nn.Module | None:
     cannot be checked here, and settings that will not do what they say. Returns the model it
     built (CHECK_CLASSES classes), None where the input size is not known."""
     shape = input_shape(cfg)
+    removal = channel_shape(cfg)
+    if shape is None and removal is not None and removal.latency is not None:
+        raise UserError(
+            "sparsity.remove_channels.latency needs data.image_size: the layer times it aims at are "
+            "measured at the input size (or give a macs target)"
+        )
     if shape is None:
         note(
             "data.image_size is not set: the model's fit to the images (and its channel tracing) "
@@ -87,11 +93,29 @@ def check_model(cfg: Pipeline, note: Callable[[str], None]) -> nn.Module | None:
     )
     example = torch.zeros(1, channels, side, side)
     check_input_size(model, example, cfg.model.name)
-    removal = channel_shape(cfg)
     if removal is not None:
         eligible = set(layer_selection(cfg.sparsity).select(model))
         groups = removable_groups(model, example, eligible, removal.dense_layers, cfg.model.name)
         floors = {g.name: floor_count(removal.floor, g.channels) for g in groups}
         if line := unrounded_note({g.name: g.channels for g in groups}, floors, removal.multiple_of):
             note(line)
+        if removal.budget is not None:
+            setting = "sparsity" if removal is cfg.sparsity else "sparsity.remove_channels"
+            check_budget(model, example, groups, floors, removal, setting)
     return model
+
+
+def check_budget(
+    model: nn.Module, example: torch.Tensor, groups, floors: dict[str, int], removal, setting: str
+) -> None:
+    """A cost target that the floors and `multiple_of` leave out of reach is a UserError (for a
+    latency target, this measures the layer times, which later runs on this machine reuse)."""
+    budget = removal.budget
+    cost = channel_cost(model, example, groups, floors, budget, removal.multiple_of)
+    least = cost.share(most_removable(groups, floors, removal.multiple_of))
+    if least > budget.share:
+        raise UserError(
+            f"{setting}.{budget.measure} {budget.share:g} cannot be met: with every layer at its floor "
+            f"(floor {removal.floor:g}, multiple_of {removal.multiple_of}) the model keeps {least:.3f} "
+            f"of the dense model's {budget.measure}"
+        )

@@ -54,7 +54,10 @@ def sparsifier_options(options: MethodOptions, *, steps_per_epoch: int, epochs: 
     removal = given.pop("remove_channels", None)  # the library's ChannelRemoval, or nothing
     if removal is not None:
         begin, end = removal.begin_epoch * steps_per_epoch, removal.end(epochs) * steps_per_epoch
-        built["remove_channels"] = ChannelRemoval(removal.share, begin, end, **_shape(removal))
+        built["remove_channels"] = ChannelRemoval(
+            removal.share or 0.0, begin, end, dense_inside=removal.dense_inside, **_shape(removal)
+        )
+    built["budget"] = getattr(options, "budget", None)  # prune-channels' cost target
     if removal is not None or options.method == "prune-channels":
         built["example_inputs"] = None  # the methods that trace the model: filled in by `build_sparsifier`
     takes = method_options(METHODS[options.method].sparsifier)
@@ -62,7 +65,9 @@ def sparsifier_options(options: MethodOptions, *, steps_per_epoch: int, epochs: 
 
 
 def _shape(removal) -> dict[str, Any]:
-    return {name: getattr(removal, name) for name in ("floor", "dense_layers", "multiple_of", "shrink")}
+    return {
+        name: getattr(removal, name) for name in ("floor", "dense_layers", "multiple_of", "shrink", "budget")
+    }
 
 
 def build_sparsifier(

@@ -41,8 +41,9 @@ from .preflight import check_input_size
 from .registry import build_sparsifier, layer_selection
 from .rundir import COMPLETE, STALE, UNFINISHED, RunDir
 from .sparse import Sparsifier
+from .sparse.cost import model_cost
 from .sparse.frozen import initial_weights
-from .sparse.slicing import cut_to_live, model_cost
+from .sparse.slicing import cut_to_live
 from .sparse.thin import thin_model_options
 from .tensorboard_log import ScalarLog
 

@@ -3,6 +3,7 @@ as its own keywords; `dsrpipe compare` gives every run the options its method ta
 the runs that start from another (prune ← dense, frozen ← dsr)."""
 
 import csv
+import re
 from pathlib import Path
 
 import pytest
@@ -163,6 +164,40 @@ def test_compare_prunes_the_dense_run_of_each_seed_and_adds_it_when_missing(tmp_
     assert [r.method for r in grid(tmp_path, ["dense", "prune"])] == ["dense"] * 2 + ["prune"] * 2
 
 
+def test_variants_are_rows_of_a_method_with_their_own_settings_and_sparsities(tmp_path):
+    """Two rows of thin-dense at widths of their own and a prune-channels row at a MAC target: run
+    names and results go by the row, the settings and sparsities by the variant, and the
+    prune-channels row starts from the dense run it added."""
+    variants = {
+        "thin-narrow": {"method": "thin-dense", "sparsities": [0.75, 0.5]},
+        "prune-half": {"method": "prune-channels", "settings": {"sparsity.macs": 0.5}},
+    }
+    base = tiny(train={"epochs": 1}, finetune={"epochs": 0})
+    path = tmp_path / "grid.yaml"
+    raw = {"name": "g", "base": base, "methods": ["thin-narrow", "prune-half"], "sparsities": [0.9]}
+    path.write_text(yaml.safe_dump({**raw, "variants": variants, "seeds": [0]}))
+    runs = compare_module.plan_runs(*compare_module.load_grid(path), tmp_path / "runs")
+    assert [(r.name, r.method, r.row) for r in runs] == [
+        ("g-thin-narrow-s0.75-seed0", "thin-dense", "thin-narrow"),
+        ("g-thin-narrow-s0.5-seed0", "thin-dense", "thin-narrow"),
+        ("g-dense-s0-seed0", "dense", "dense"),
+        ("g-prune-half-s0-seed0", "prune-channels", "prune-half"),
+    ]
+    assert runs[-1].depends_on == "g-dense-s0-seed0" and runs[-1].raw["sparsity"]["macs"] == 0.5
+    assert [g["method"] for g in compare_module.group_results(runs)] == ["thin-narrow"] * 2 + [
+        "dense",
+        "prune-half",
+    ]
+    for bad, message in [
+        ({"dsr": {"method": "dsr"}}, "variants: 'dsr' must be a safe folder name and no method's name"),
+        ({"x": {"method": "magic"}}, "unknown method 'magic'"),
+        ({"x": {"method": "dsr", "settings": {"seed": 3}}}, "variants.x.settings: 'seed' is set by the grid"),
+    ]:
+        path.write_text(yaml.safe_dump({**raw, "methods": ["dense"], "variants": bad}))
+        with pytest.raises(UserError, match=re.escape(message)):
+            compare_module.load_grid(path)
+
+
 def test_compare_gives_deepr_its_own_overrides(tmp_path):
     with pytest.raises(UserError, match="weight_decay: 0"):
         grid(tmp_path, ["deepr"])
@@ -185,8 +220,9 @@ def test_shipped_grids_give_every_method_valid_options(tmp_path, path):
         (tmp_path / "grid.yaml").write_text(yaml.safe_dump(raw))
     loaded, name, base = compare_module.load_grid(tmp_path / "grid.yaml" if paper_grid else path)
     runs = compare_module.plan_runs(loaded, name, base, tmp_path / "runs")
-    assert {r.method for r in runs} == set(loaded.methods) | (
-        {"dense"} if "prune" in loaded.methods else set()
+    methods = {loaded.method_of(row) for row in loaded.methods}
+    assert {r.method for r in runs} == methods | (
+        {"dense"} if {"prune", "prune-channels"} & methods else set()
     )
     for run in runs:
         assert run.cfg.sparsity.method == run.method
@@ -337,6 +373,7 @@ def test_every_option_reaches_the_library():
     from several settings: a misnamed option would be dropped silently, and fails here."""
     built = {"method", "dense_first", "dense_last", "exclude", "sparse_tensors"}  # method; layers
     built |= {"rewire_periods", "stop_rewire_epoch", "begin_epoch", "end_epoch", "remove_channels"}
+    built |= {"macs", "latency"}  # the cost budget (`budget`)
     for name, method in registry.METHODS.items():
         unused = set(method.options.model_fields) - built - set(method_options(method.sparsifier))
         # sparsity names the grid column of the methods whose weights it does not decide

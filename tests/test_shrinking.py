@@ -19,7 +19,8 @@ from dsrpipe.models import create_model
 from dsrpipe.pipeline import run_pipeline
 from dsrpipe.sparse import ChannelRemoval, DeepR, RewireSchedule, RigL
 from dsrpipe.sparse.channels import Channels
-from dsrpipe.sparse.slicing import cut, cut_to_live, dependency_graph, model_cost, out_channel_handler
+from dsrpipe.sparse.cost import model_cost
+from dsrpipe.sparse.slicing import cut, cut_to_live, dependency_graph, out_channel_handler
 from dsrpipe.train import train_sparse
 
 from .helpers import assert_resume_is_exact, masked_weights_are_zero, small_net, train_steps

@@ -9,6 +9,11 @@ The grid file:
     seeds: [0, 1, 2]
     overrides:                     # optional, per method: dotted settings, as with `--set`
       static: {train.lr: 0.05}     # a section given as a mapping is merged into the base's
+    variants:                      # optional: rows of a method under a name of their own, listed
+      dsr-fast:                    #   in methods: like a method; settings as overrides; sparsities
+        method: dsr                #   (optional) replace the grid's for that row
+        sparsities: [0.8]
+        settings: {sparsity.remove_channels: {latency: 0.5, dense_inside: true}}
 
 Outputs, under `<out>/<grid>/`:
   runs/<grid>-<method>-s<sparsity>-seed<k>/   each run, as `dsrpipe run` lays it out (report.json, ...)

@@ -30,6 +30,35 @@ MAX_RUNS = 10_000  # runs in one grid (methods × sparsities × seeds), checked 
 GRID_AXES = {"name", "seed", "sparsity.method", "sparsity.sparsity"}  # set per run by the grid
 
 
+class Variant(BaseModel):
+    """A row of `method` under a name of its own, with its own settings (and sparsities)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str
+    sparsities: list[float] | None = Field(None, min_length=1, max_length=MAX_RUNS)
+    settings: dict[str, Any] = {}
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, method: str) -> str:
+        if method not in METHOD_OPTIONS:
+            raise ValueError(f"unknown method '{method}' (known: {', '.join(METHOD_OPTIONS)})")
+        return method
+
+    @field_validator("sparsities")
+    @classmethod
+    def _valid_sparsities(cls, sparsities: list[float] | None) -> list[float] | None:
+        return None if sparsities is None else _sparsities(sparsities)
+
+
+def _sparsities(sparsities: list[float]) -> list[float]:
+    for s in sparsities:
+        if not 0.0 <= s < 1.0:
+            raise ValueError(f"sparsity {s} is not in [0, 1)")
+    return _unique(sparsities)
+
+
 class Grid(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -39,23 +68,51 @@ class Grid(BaseModel):
     sparsities: list[float] = Field(min_length=1, max_length=MAX_RUNS)
     seeds: list[int] = Field([0], min_length=1, max_length=MAX_RUNS)
     overrides: dict[str, dict[str, Any]] = {}
+    variants: dict[str, Variant] = Field({}, max_length=MAX_RUNS)
     cluster: ClusterConfig | None = None  # what each job asks of a cluster (else the base's cluster:)
 
     @field_validator("methods")
     @classmethod
-    def _known_methods(cls, methods: list[str]) -> list[str]:
-        for method in methods:
-            if method not in METHOD_OPTIONS:
-                raise ValueError(f"unknown method '{method}' (known: {', '.join(METHOD_OPTIONS)})")
+    def _unique_methods(cls, methods: list[str]) -> list[str]:
         return _unique(methods)
 
     @field_validator("sparsities")
     @classmethod
     def _valid_sparsities(cls, sparsities: list[float]) -> list[float]:
-        for s in sparsities:
-            if not 0.0 <= s < 1.0:
-                raise ValueError(f"sparsity {s} is not in [0, 1)")
-        return _unique(sparsities)
+        return _sparsities(sparsities)
+
+    @model_validator(mode="after")
+    def _known_methods(self):
+        for name in self.variants:
+            if name in METHOD_OPTIONS or not re.fullmatch(SAFE_NAME, name):
+                raise ValueError(f"variants: '{name}' must be a safe folder name and no method's name")
+        for row in self.methods:
+            if row not in METHOD_OPTIONS and row not in self.variants:
+                raise ValueError(
+                    f"unknown method '{row}' (known: {', '.join([*METHOD_OPTIONS, *self.variants])})"
+                )
+        for name, variant in self.variants.items():
+            _grid_axes_untouched(f"variants.{name}.settings", variant.settings)
+        return self
+
+    def method_of(self, row: str) -> str:
+        """The method a row of the grid runs (a variant's, or the row's own name)."""
+        return self.variants[row].method if row in self.variants else row
+
+    def settings_of(self, row: str) -> dict[str, Any]:
+        """A row's settings over the base: a variant's, then the row's overrides."""
+        variant = self.variants.get(row)
+        return {**(variant.settings if variant else {}), **self.overrides.get(row, {})}
+
+    def origin_of(self, row: str) -> str:
+        """Where a row's settings come from, as an error names it."""
+        return f"variants.{row}" if row in self.variants else f"overrides.{row}"
+
+    def sparsities_of(self, row: str) -> list[float]:
+        variant = self.variants.get(row)
+        if variant is not None and variant.sparsities is not None:
+            return variant.sparsities
+        return [0.0] if self.method_of(row) in ("dense", "prune-channels") else self.sparsities
 
     @field_validator("seeds")
     @classmethod
@@ -64,7 +121,7 @@ class Grid(BaseModel):
 
     @model_validator(mode="after")
     def _at_most_max_runs(self):
-        runs = len(self.methods) * len(self.sparsities) * len(self.seeds)
+        runs = sum(len(self.sparsities_of(row)) for row in self.methods) * len(self.seeds)
         if runs > MAX_RUNS:
             raise ValueError(
                 f"{len(self.methods)} methods × {len(self.sparsities)} sparsities × {len(self.seeds)} seeds "
@@ -77,11 +134,15 @@ class Grid(BaseModel):
         for method, settings in self.overrides.items():
             if method not in self.methods:
                 raise ValueError(f"overrides: '{method}' is not one of the grid's methods")
-            for key, value in settings.items():
-                for setting, _ in flat_settings(key.strip(), value):  # `sparsity: {sparsity: ...}` too
-                    if setting in GRID_AXES:
-                        raise ValueError(f"overrides.{method}: '{setting}' is set by the grid itself")
+            _grid_axes_untouched(f"overrides.{method}", settings)
         return self
+
+
+def _grid_axes_untouched(where: str, settings: dict[str, Any]) -> None:
+    for key, value in settings.items():
+        for setting, _ in flat_settings(key.strip(), value):  # `sparsity: {sparsity: ...}` too
+            if setting in GRID_AXES:
+                raise ValueError(f"{where}: '{setting}' is set by the grid itself")
 
 
 def _unique(values: list) -> list:
@@ -102,6 +163,7 @@ class Run:
     seed: int
     raw: dict[str, Any]
     cfg: Pipeline | None = None
+    row: str = ""  # the grid's row: its method's name, or a variant's (results group by it)
     # A run whose trained model this one starts from (frozen ← dsr, prune ← dense).
     depends_on: str | None = None
     status: str = "pending"  # pending, running, ok, validation-failed, crashed
@@ -142,6 +204,10 @@ def load_grid(path: str | Path) -> tuple[Grid, str, dict[str, Any]]:
         method: {key: _resolved(key, value, path.parent) for key, value in settings.items()}
         for method, settings in grid.overrides.items()
     }
+    for variant in grid.variants.values():
+        variant.settings = {
+            key: _resolved(key, value, path.parent) for key, value in variant.settings.items()
+        }
     return grid, name, base
 
 

@@ -54,7 +54,7 @@ def _row(run: Run, epochs: int | None = None) -> dict[str, Any]:
     latency = r.get("latency_ms") or {}
     training = r.get("training") or {}
     return {
-        "method": run.method,
+        "method": run.row or run.method,
         "sparsity": run.sparsity,
         "seed": run.seed,
         "nonzero_params": r.get("nonzero_params"),
@@ -82,7 +82,7 @@ def group_results(runs: list[Run]) -> list[dict[str, Any]]:
     by_name = {r.name: r for r in runs}
     groups: dict[tuple[str, float], list[Run]] = {}
     for run in runs:
-        groups.setdefault((run.method, run.sparsity), []).append(run)
+        groups.setdefault((run.row or run.method, run.sparsity), []).append(run)
     entries = []
     for (method, sparsity), members in groups.items():
         measured = [r for r in members if r.report is not None]

@@ -36,18 +36,19 @@ def plan_runs(
     `dense` ignores sparsity, so it runs once per seed (as sparsity 0), not once per sparsity.
     Each run gets the base's sparsity options that its method takes (see config.switch_method)."""
     wire_frozen = "frozen" in grid.methods and "dsr" in grid.methods
-    from_dense = {"prune", "prune-channels"} & set(grid.methods)
-    methods = grid.methods + (["dense"] if from_dense and "dense" not in grid.methods else [])
+    from_dense = {"prune", "prune-channels"} & {grid.method_of(row) for row in grid.methods}
+    rows = grid.methods + (["dense"] if from_dense and "dense" not in grid.methods else [])
     sources = {"frozen": ("dsr", "masks_from")} if wire_frozen else {}
     sources["prune"] = sources["prune-channels"] = ("dense", "prune_from")
-    methods = sorted(methods, key=lambda m: m in sources)  # stable: dependants last
+    rows = sorted(rows, key=lambda row: grid.method_of(row) in sources)  # stable: dependants last
     runs = []
-    for method in methods:
-        for sparsity in [0.0] if method in ("dense", "prune-channels") else grid.sparsities:
+    for row in rows:
+        method = grid.method_of(row)
+        for sparsity in grid.sparsities_of(row):
             for seed in grid.seeds:
-                name = run_name(grid_name, method, sparsity, seed)
+                name = run_name(grid_name, row, sparsity, seed)
                 raw = copy.deepcopy(base)
-                settings = grid.overrides.get(method, {})
+                settings = grid.settings_of(row)
                 try:
                     apply_overrides(
                         raw,
@@ -55,20 +56,20 @@ def plan_runs(
                     )
                 except UserError as exc:
                     raise UserError(
-                        f"{source}: overrides.{method}: {str(exc).removeprefix('--set ')}"
+                        f"{source}: {grid.origin_of(row)}: {str(exc).removeprefix('--set ')}"
                     ) from None
                 raw["name"], raw["seed"] = name, seed
                 section = raw.get("sparsity", {})
                 if not isinstance(section, dict):
                     raise UserError(f"{source}: base: sparsity: expected a mapping of settings")
                 section = raw["sparsity"] = {**switch_method(section, method), "sparsity": sparsity}
-                run = Run(name, method, sparsity, seed, raw)
+                run = Run(name, method, sparsity, seed, raw, row=row)
                 if method in sources:
                     needed, option = sources[method]
                     run.depends_on = run_name(grid_name, needed, 0.0 if needed == "dense" else sparsity, seed)
                     section[option] = str(runs_dir / run.depends_on / "train" / "final.pt")
                 try:
-                    run.cfg = _validated(raw, f"{source}: {name}", grid, method, settings)
+                    run.cfg = _validated(raw, f"{source}: {name}", grid, row, settings)
                 except UserError:
                     # A run may only validate once the run it starts from is done: checked at launch.
                     if run.depends_on is None or Path(section[sources[method][1]]).exists():
@@ -77,9 +78,7 @@ def plan_runs(
     return runs
 
 
-def _validated(
-    raw: dict[str, Any], where: str, grid: Grid, method: str, settings: dict[str, Any]
-) -> Pipeline:
+def _validated(raw: dict[str, Any], where: str, grid: Grid, row: str, settings: dict[str, Any]) -> Pipeline:
     """The run's pipeline, or its one-line error. An error in a setting the grid itself holds (its
     inline base, or the method's overrides) quotes the cause; one in a base file's settings does
     not (see `quotes_base`)."""
@@ -89,7 +88,7 @@ def _validated(
         setting = str(quoted).removeprefix(f"{where}: ").partition(": ")[0]
         overridden = [key for key in settings if _overlaps(key, setting)]
         if overridden:
-            raise UserError(f"{quoted} (from overrides.{method}: {', '.join(overridden)})") from None
+            raise UserError(f"{quoted} (from {grid.origin_of(row)}: {', '.join(overridden)})") from None
         if quotes_base(grid):
             raise
     return parse_pipeline(raw, where, quote=False)  # raises the error, quoting nothing

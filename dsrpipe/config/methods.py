@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, field_validator, model_serializer, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from ..sparse.cost import CostBudget
 from .schema import MAX_EPOCHS, MAX_FACTOR, MAX_LIST, MAX_STEPS, EpochKey, FilePath, Section, SettingError
 
 
@@ -22,16 +23,6 @@ class MethodOptions(Section):
     exclude: list[str] | None = Field(None, max_length=MAX_LIST)
     # instead of the three above: exactly these weights are sparse
     sparse_tensors: list[str] | None = Field(None, max_length=MAX_LIST)
-
-    @model_serializer(mode="wrap")
-    def _quiet_defaults(self, handler):
-        # Options added later are left out of dumps at their defaults, so fingerprints of runs
-        # made before they existed stay current.
-        data = handler(self)
-        for key, default in (("granularity", "element"), ("remove_channels", None)):
-            if key in data and getattr(self, key) == default:
-                data.pop(key)
-        return data
 
     @model_validator(mode="after")
     def _one_way_to_choose_layers(self):
@@ -81,11 +72,15 @@ class GranularityOption(Section):
     """What static, DSR and SET prune and grow as one unit (dsrpipe/sparse/units.py); the other
     methods move single weights only, so they do not take the option."""
 
+    added_later = {"granularity": "element"}
+
     granularity: Literal["element", "kernel", "channel"] = "element"
 
 
 class ChannelShape(Section):
     """Which channels may go and what is left of each layer, for channel removal and prune-channels."""
+
+    added_later = {"macs": None, "latency": None}
 
     floor: float = Field(0.1, ge=0, le=1)  # each layer (channel group) keeps at least this share
     # the channels only dense layers write (the input layer's) go too; fewer inputs for the next layer
@@ -95,16 +90,48 @@ class ChannelShape(Section):
     # cut removed channels out of the model as they go, so that the steps after cost what the
     # smaller model costs; false: hold them at zero in the full-width model
     shrink: bool = True
+    # instead of a share of the channels, a cost to end at: this share of the dense model's MACs
+    # (convolutions and linear layers), or of its onnxruntime latency on this machine (batch 1)
+    macs: float | None = Field(None, gt=0, lt=1)
+    latency: float | None = Field(None, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _one_target(self):
+        targets = [name for name in ("macs", "latency") if getattr(self, name) is not None]
+        if "share" in self.model_fields_set:
+            targets.insert(0, "share")
+        if len(targets) > 1:
+            raise ValueError(f"give one target of share, macs and latency, not {' and '.join(targets)}")
+        return self
+
+    @property
+    def budget(self) -> CostBudget | None:
+        """The cost the channels are removed down to, if one is given rather than a share."""
+        for measure in ("macs", "latency"):
+            if (share := getattr(self, measure)) is not None:
+                return CostBudget(measure, share)
+        return None
 
 
 class ChannelRemovalOptions(ChannelShape):
     """Whole channels removed for good during training, their budget regrown (sparse/channels.py)."""
 
-    share: float = Field(ge=0, lt=1)  # of the removable channels, gone by end_epoch
+    added_later = {"dense_inside": False}
+
+    share: float | None = Field(None, ge=0, lt=1)  # of the removable channels, gone by end_epoch
+    # speed first: after the last removal every weight of the live channels trains (a dense net of
+    # the learned widths); false: the budget stays sparse inside them (the smallest file)
+    dense_inside: bool = False
     begin_epoch: int = Field(0, ge=0, le=MAX_EPOCHS)  # removal starts here ...
     end_epoch: int | None = Field(
         None, ge=1, le=MAX_EPOCHS
     )  # ... and is done here; default: half of training
+
+    @model_validator(mode="after")
+    def _a_target(self):
+        if self.share is None and self.budget is None:
+            raise ValueError("give a target: share (of the channels), macs or latency (of the dense model's)")
+        return self
 
     def end(self, epochs: int) -> int:
         return self.end_epoch if self.end_epoch is not None else max(self.begin_epoch + 1, epochs // 2)
@@ -112,6 +139,8 @@ class ChannelRemovalOptions(ChannelShape):
 
 class ChannelRemovalOption(Section):
     """Channel removal, for static, DSR and SET (the rows it is compared with)."""
+
+    added_later = {"remove_channels": None}
 
     remove_channels: ChannelRemovalOptions | None = None
 

@@ -5,9 +5,9 @@ allocate, loop or overflow absurdly later on."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Strict
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Strict, model_serializer
 
 MAX_EPOCHS = 10_000
 MAX_STEPS = 10**9  # iterations, and weights (prune_target)
@@ -38,6 +38,18 @@ class Section(BaseModel):
     # strict: a number is a number (`sparsity: false` is no 0.0, `epochs: true` no 1, "3" no 3);
     # an int is still taken where a float is expected (`lr: 1`).
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False, strict=True)
+    # Options a class added later, by their defaults: left out of dumps at those, so that the
+    # fingerprints of runs made before they existed stay current (each class lists its own).
+    added_later: ClassVar[dict[str, Any]] = {}
+
+    @model_serializer(mode="wrap")
+    def _quiet_defaults(self, handler):
+        data = handler(self)
+        for cls in type(self).__mro__:
+            for key, default in vars(cls).get("added_later", {}).items():
+                if key in data and getattr(self, key) == default:
+                    data.pop(key)
+        return data
 
 
 def _no_nul(path: Path) -> Path:

@@ -34,7 +34,8 @@ import torch_pruning as tp
 from torch import nn
 
 from ..errors import UserError
-from ..sparse.slicing import LAYERS, cut, dependency_graph, model_cost, opaque, tracing
+from ..sparse.cost import model_cost
+from ..sparse.slicing import LAYERS, cut, dependency_graph, opaque, tracing
 
 PROBE_BATCH = 4
 # Logits may move by float rounding only: the folds change the order of the sums.

@@ -30,7 +30,8 @@ from torch import nn
 
 from ..errors import UserError
 from .channels import ChannelRemoval, Channels, mean_magnitude
-from .slicing import Cut, cut, dependency_graph, model_cost, out_channel_handler
+from .cost import model_cost
+from .slicing import Cut, cut, dependency_graph, out_channel_handler
 from .units import GRANULARITIES, Units, unit_size
 
 DISTRIBUTIONS = ("uniform", "erk")
@@ -446,6 +447,9 @@ class Sparsifier:
         )
         self.apply_masks()
         self.channels: Channels | None = None
+        self.filled = (
+            False  # the live channels made dense (ChannelRemoval.dense_inside): no more reallocation
+        )
         if remove_channels is not None:
             self._start_channel_removal(remove_channels, example_inputs)
 
@@ -541,10 +545,10 @@ class Sparsifier:
         the zeros it has just grown."""
         self.iteration += 1
         due = self.schedule.due(self.iteration)
-        scheduled = bool(self.masks) and due
+        scheduled = bool(self.masks) and due and not self.filled
         removing = (
             self.channels is not None
-            and self.channels.removal.share > 0
+            and self.channels.removal.removes
             and self.channels.removal.due(self.iteration, due)
         )
         stats = self._reallocate_and_track() if scheduled else None
@@ -574,9 +578,8 @@ class Sparsifier:
         """Remove the channels due now (channels.py) and regrow the active weights they held in the
         surviving channels, in proportion to what each tensor kept, so the active total stays."""
         channels = self.channels
-        count = channels.removal.target(self.iteration, channels.total) - channels.removed
         last = self.iteration >= channels.removal.end
-        chosen = channels.choose(count, self.active_count(), last=last)
+        chosen = channels.choose_due(self.iteration, self.active_count())
         freed = channels.remove(chosen, self.optimizer)
         if freed:
             names = list(self.masks)
@@ -598,7 +601,23 @@ class Sparsifier:
             stats["short_of_share"] = short
         if channels.removal.shrink and chosen:
             stats["shrunk"] = self.shrink()
+        if channels.cost is not None:
+            stats[f"{channels.removal.budget.measure}_share"] = channels.cost_share()
+        if last and channels.removal.dense_inside:
+            stats["filled"] = self.fill_live_channels()
         return stats
+
+    @torch.no_grad()
+    def fill_live_channels(self) -> int:
+        """Speed first: every weight of the live channels becomes active, starting from zero (as
+        grown weights do), and reallocation stops; the model is a dense network of the widths
+        removal left. Returns how many weights were switched on."""
+        before = self.active_count()
+        for name, mask in self.masks.items():
+            mask.copy_(~self.channels.closed[name])
+        self.apply_masks()
+        self.filled = True
+        return self.active_count() - before
 
     def _per_tensor_state(self) -> list[dict[str, torch.Tensor]]:
         """The tensors shaped like a sparse weight, by its name, that shrinking slices with it;
@@ -681,6 +700,8 @@ class Sparsifier:
         if self.channels is not None:
             state["channels"] = self.channels.state_dict()
             state["shrunk"] = self.channels.shrunk
+        if self.filled:
+            state["filled"] = True
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -705,6 +726,7 @@ class Sparsifier:
             if state.get("shrunk", False):
                 self.shrink()
         self.load_masks(state["masks"])
+        self.filled = state.get("filled", False)
         for name, grown in state.get("last_grown", {}).items():
             self.last_grown[name] = grown.to(self.masks[name].device).clone()
 

@@ -37,10 +37,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch_pruning as tp
 from torch import nn
 
 from ..errors import UserError
+from .cost import (
+    ChannelCost,
+    CostBudget,
+    LatencyTable,
+    latency_cache,
+    layer_geometry,
+    next_block,
+    plan_to_budget,
+)
 from .slicing import LAYERS, NORMS, dependency_graph, opaque, tracing
 
 
@@ -54,7 +64,12 @@ class ChannelRemoval:
     live channels are a multiple of it (or all), the removed count as near the share's as the
     multiples allow; `shrink`: after each removal, cut the removed channels out of the model
     (`Sparsifier.shrink`), so that training costs what the smaller model costs, rather than
-    holding them at zero."""
+    holding them at zero. `budget`: instead of a share of the channels, remove until the model
+    keeps at most a share of the dense model's MACs or latency (cost.py), the channels ranked by
+    their score for what removing them saves; `dense_inside`: after the last removal every weight
+    of the live channels becomes active (speed first: the shipped model is a plain dense network
+    of the learned widths), where otherwise the budget stays sparse inside them (the smallest
+    file)."""
 
     share: float
     begin: int = 0
@@ -66,6 +81,8 @@ class ChannelRemoval:
     # the rest: 33 live channels cost what 48 do (docs/methods.md, "Channel removal").
     multiple_of: int = 16
     shrink: bool = True
+    budget: CostBudget | None = None
+    dense_inside: bool = False
 
     def __post_init__(self):
         if not 0.0 <= self.share < 1.0:
@@ -81,13 +98,21 @@ class ChannelRemoval:
         if self.multiple_of < 1:
             raise UserError(f"channel multiple_of must be at least 1, got {self.multiple_of}")
 
+    @property
+    def removes(self) -> bool:
+        """Whether anything is to go (fine-tuning holds a trained run's channels, removing none)."""
+        return self.share > 0 or self.budget is not None
+
+    def progress(self, iteration: int) -> float:
+        """The part of the removal done by `iteration`: in equal steps, or on a cubic curve."""
+        progress = min(max((iteration - self.begin) / (self.end - self.begin), 0.0), 1.0)
+        if self.steps is not None:
+            return math.floor(progress * self.steps + 1e-9) / self.steps
+        return 1 - (1 - progress) ** 3
+
     def target(self, iteration: int, removable: int) -> int:
         """Channels removed in all by `iteration`."""
-        progress = min(max((iteration - self.begin) / (self.end - self.begin), 0.0), 1.0)
-        if self.steps is not None:  # in equal steps
-            progress = math.floor(progress * self.steps + 1e-9) / self.steps
-            return round(self.share * removable * progress)
-        return round(self.share * removable * (1 - (1 - progress) ** 3))
+        return round(self.share * removable * self.progress(iteration))
 
     def due(self, iteration: int, scheduled: bool) -> bool:
         """Whether to remove after step `iteration`, `scheduled`: whether the method reallocates now."""
@@ -247,6 +272,49 @@ def unrounded_note(channels: dict[str, int], floors: dict[str, int], multiple_of
     return f"channel removal: multiple_of {multiple_of} {'; it '.join(parts)}" if parts else None
 
 
+def most_removable(groups: list[ChannelGroup], floors: dict[str, int], multiple_of: int) -> dict[str, int]:
+    """Per group, the most channels removal can take: down to its floor, and to a multiple of
+    `multiple_of` where the group rounds (`rounding`)."""
+    most = {}
+    for g in groups:
+        kind = rounding(g.channels, floors[g.name], multiple_of)
+        if kind == "whole":
+            keep = g.channels
+        elif kind == "unrounded" or multiple_of == 1:
+            keep = floors[g.name]
+        else:
+            keep = -(-max(floors[g.name], multiple_of) // multiple_of) * multiple_of
+        most[g.name] = g.channels - keep
+    return most
+
+
+def channel_cost(
+    model: nn.Module,
+    example_inputs: torch.Tensor,
+    groups: list[ChannelGroup],
+    floors: dict[str, int],
+    budget: CostBudget,
+    multiple_of: int,
+) -> ChannelCost:
+    """The model's cost as a function of the channels removed from each group; for a latency
+    budget, with the layer times measured (or read from this machine's cache) at the widths
+    removal can reach."""
+    layers = layer_geometry(model, example_inputs)
+    members = {
+        g.name: [(m.name, m.role, m.index.shape[1]) for m in g.members if m.role != "norm"] for g in groups
+    }
+    table = LatencyTable(latency_cache(), multiple_of) if budget.measure == "latency" else None
+    cost = ChannelCost(layers, members, budget.measure, table)
+    if table is not None:
+        most = most_removable(groups, floors, multiple_of)
+        table.prepare(layers, {name: layer.widths(most) for name, layer in layers.items()})
+        if dist.is_available() and dist.is_initialized():  # every rank plans with rank 0's times
+            grids = [table.grids]
+            dist.broadcast_object_list(grids, src=0)
+            table.grids = grids[0]
+    return cost
+
+
 def mean_magnitude(group: ChannelGroup) -> torch.Tensor:
     """Chase's ranking, made fair across layers: the mean |w| of each channel's filter, the masked
     zeros included, over its layer's mean |w| (layers start at different scales: a plain mean
@@ -289,6 +357,11 @@ class Channels:
         self.floor = {g.name: floor_count(removal.floor, g.channels) for g in self.groups}
         self.total = sum(g.channels for g in self.groups)  # the removable channels
         self.shrunk = False  # whether removed channels have been cut out of the model
+        self.cost = None  # with a cost budget: what the channels cost (cost.py)
+        if removal.budget is not None:
+            self.cost = channel_cost(
+                model, example_inputs, self.groups, self.floor, removal.budget, removal.multiple_of
+            )
         self._open()
 
     def _open(self) -> None:
@@ -309,6 +382,60 @@ class Channels:
     def alive_counts(self) -> dict[str, int]:
         return {name: int(a.sum()) for name, a in self.alive.items()}
 
+    def removed_per_group(self) -> dict[str, int]:
+        return {name: self.original[name] - int(a.sum()) for name, a in self.alive.items()}
+
+    def cost_share(self) -> float | None:
+        """The model's cost over the dense model's, in the budget's measure; None without one."""
+        return None if self.cost is None else self.cost.share(self.removed_per_group())
+
+    def choose_due(self, iteration: int, active_total: int) -> dict[str, list[int]]:
+        """The channels to remove after step `iteration`: the share's count due by now
+        (`choose`), or, with a cost budget, the part due by now of the plan that meets it."""
+        removal, last = self.removal, iteration >= self.removal.end
+        if self.cost is None:
+            return self.choose(removal.target(iteration, self.total) - self.removed, active_total, last)
+        blocks = self._budget_plan(active_total)
+        planned = sum(len(c) for _, c in blocks)
+        due = round(removal.progress(iteration) * (self.removed + planned)) - self.removed
+        chosen: dict[str, list[int]] = {}
+        for name, block in blocks:  # whole blocks, the best first, as many as are due
+            if not last and sum(len(c) for c in chosen.values()) + len(block) / 2 > due:
+                break
+            chosen.setdefault(name, []).extend(block)
+        return chosen
+
+    def _budget_plan(self, active_total: int) -> list[tuple[str, list[int]]]:
+        """The channels whose removal meets the cost budget (cost.plan_to_budget), each group
+        taking whole multiples of `multiple_of` so that rounding cannot overshoot it."""
+        scores, live = self._scores_and_live()
+        by_name = {g.name: g for g in self.groups}
+        room = self._room()
+        step = self.removal.multiple_of
+
+        def allow(name: str, channels: list[int]) -> bool:
+            nonlocal room
+            trial = self._room_without(room, by_name[name], channels)
+            if not self._fits(trial, active_total):
+                return False
+            room = trial
+            return True
+
+        def blocks(name: str, width: int) -> int:
+            kind = rounding(self.original[name], self.floor[name], step)
+            return next_block(width, self.floor[name], step, kind)
+
+        lowest_first = {n: sorted(c, key=lambda c, n=n: (float(scores[n][c]), c)) for n, c in live.items()}
+        target = self.removal.budget.share * self.cost.dense
+        return plan_to_budget(
+            self.cost, self.removed_per_group(), lowest_first, scores, blocks, allow, target
+        )
+
+    def _scores_and_live(self) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
+        scores = {g.name: self.score(g).to(torch.float64).cpu() for g in self.groups}
+        live = {g.name: torch.nonzero(self.alive[g.name].cpu()).flatten().tolist() for g in self.groups}
+        return scores, live
+
     def choose(self, count: int, active_total: int, last: bool = False) -> dict[str, list[int]]:
         """The `count` live channels to remove next: the lowest scores over all groups, each group
         above its floor, and the sparse tensors keeping room for `active_total` weights.
@@ -318,8 +445,7 @@ class Channels:
         takes its part of every group's share of the plan, and the `last` one all of it."""
         if count <= 0 and not last:
             return {}
-        scores = {g.name: self.score(g).to(torch.float64).cpu() for g in self.groups}
-        live = {g.name: torch.nonzero(self.alive[g.name].cpu()).flatten().tolist() for g in self.groups}
+        scores, live = self._scores_and_live()
         if self.removal.multiple_of == 1:
             return self._lowest(count, scores, live, active_total)
         remaining = self.removal.target(self.removal.end, self.total) - self.removed
@@ -341,14 +467,33 @@ class Channels:
         the budget). None when the share's count went, or when the floors and the budget allow it
         and only `multiple_of` kept it short: its rounding, and the groups it keeps whole, which
         `unrounded_note` names before training."""
+        if self.cost is not None:
+            return self._budget_shortfall(active_total)
         wanted = self.removal.target(self.removal.end, self.total)
         missing = wanted - self.removed
         if missing <= 0:
             return None
-        scores = {g.name: self.score(g).to(torch.float64).cpu() for g in self.groups}
-        live = {g.name: torch.nonzero(self.alive[g.name].cpu()).flatten().tolist() for g in self.groups}
+        scores, live = self._scores_and_live()
         if sum(len(c) for c in self._lowest(missing, scores, live, active_total).values()) == missing:
             return None
+        return (
+            f"channel removal reached share {self.removed / self.total:.2f} of the {self.total} removable "
+            f"channels, not the {self.removal.share:g} asked ({self.removed} removed, not {wanted}): "
+            + self._what_kept(live, active_total)
+        )
+
+    def _budget_shortfall(self, active_total: int) -> str | None:
+        budget, share = self.removal.budget, self.cost_share()
+        if share <= budget.share:
+            return None
+        return (
+            f"channel removal reached {share:.3f} of the dense model's {budget.measure}, not the "
+            f"{budget.share:g} asked: " + self._what_kept(self._scores_and_live()[1], active_total)
+        )
+
+    def _what_kept(self, live: dict[str, list[int]], active_total: int) -> str:
+        """Why no more channels go: the groups at their floor, those whose removal would leave the
+        sparse tensors too little room for the `active_total` weights, those `multiple_of` holds."""
         room = self._room()
         at_floor, no_room, rounded = [], [], []
         for g in self.groups:
@@ -368,11 +513,7 @@ class Channels:
             reasons.append(f"{_listed(at_floor)} are at their floor (remove_channels.floor; one at least)")
         if rounded:
             reasons.append(f"{_listed(rounded)} are kept at a multiple of {self.removal.multiple_of}")
-        return (
-            f"channel removal reached share {self.removed / self.total:.2f} of the {self.total} removable "
-            f"channels, not the {self.removal.share:g} asked ({self.removed} removed, not {wanted}): "
-            + "; ".join(reasons)
-        )
+        return "; ".join(reasons)
 
     def _lowest(self, count, scores, live, active_total) -> dict[str, list[int]]:
         """The `count` lowest-scoring live channels over all groups that floors and room allow,

@@ -33,6 +33,7 @@ from ..checkpoint import read_finished_run
 from ..errors import UserError
 from .base import Sparsifier
 from .channels import ChannelGroup, ChannelRemoval
+from .cost import CostBudget
 
 
 class GradualPrune(Sparsifier):
@@ -199,6 +200,7 @@ class ChannelPrune(Sparsifier):
         dense_layers: bool = True,
         multiple_of: int = 16,
         shrink: bool = True,
+        budget: CostBudget | None = None,
         begin_iteration: int = 0,
         end_iteration: int | None = None,
         total_steps: int | None = None,
@@ -221,5 +223,6 @@ class ChannelPrune(Sparsifier):
             dense_layers=dense_layers,
             multiple_of=multiple_of,
             shrink=shrink,
+            budget=budget,
         )
         self._start_channel_removal(removal, example_inputs, score=group_importance)

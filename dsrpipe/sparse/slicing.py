@@ -261,14 +261,3 @@ def cut_to_live(model: nn.Module, example_inputs: torch.Tensor, live: dict[str, 
     if not any(gone for _, _, gone in removals):
         return Cut()
     return cut(model, dependency_graph(model, example_inputs, "shrinking"), removals)
-
-
-def model_cost(model: nn.Module, example_inputs: torch.Tensor) -> tuple[int, int]:
-    """(parameters, multiply-accumulates of one forward pass of one sample), by Torch-Pruning."""
-    was_training = model.training
-    model.eval()
-    try:
-        macs, _ = tp.utils.count_ops_and_params(model, example_inputs=example_inputs[:1])
-    finally:
-        model.train(was_training)
-    return sum(p.numel() for p in model.parameters()), int(macs)
