@@ -60,9 +60,10 @@ def job_main(job_dir: Path, settings: dict[str, Any] | None = None) -> int:
     try:
         cfg = load_pipeline(spec["config"], spec["overrides"], quote=spec.get("quote", True))
         confine_paths(cfg, [Path(spec["cwd"]), Path(spec["out"])])  # before anything is read
+        # Its executor's share of the cores, set again: a forked job's torch was set up in the server.
         threads = os.environ.get("OMP_NUM_THREADS", "")
-        if threads.isdigit() and int(threads) > 0:  # its executor's share of the cores (a forked
-            torch.set_num_threads(int(threads))  # job's torch was set up in the server, before it)
+        if threads.isdigit() and int(threads) > 0:
+            torch.set_num_threads(int(threads))
         if cfg.data.dataset == "imagefolder":
             _unpack(cfg, settings)
         run = RunDir(Path(spec["out"]), cfg.name)

@@ -68,7 +68,7 @@ PRELOAD = [
 class _Running:
     job: dict[str, Any]
     started: float  # monotonic
-    job_id: str | None = None  # the executor's id of the job (None: see held_by)
+    handle: str | None = None  # the executor's id of the job (None: see held_by)
     killed: str | None = None  # why its executor killed it (a limit), if it did
     announced: bool = False  # its id is in the journal and its `running` line logged
     ended: float | None = None  # monotonic, when its end was first seen (recorded later if the disk is full)
@@ -164,10 +164,10 @@ class Runner:
                     del self.running[job_id]
                     self._lost(r.job, None)
                 continue
-            code = self.executor.poll(r.job_id)
+            code = self.executor.poll(r.handle)
             if code == LOST:
                 del self.running[job_id]
-                self._lost(r.job, r.job_id)
+                self._lost(r.job, r.handle)
             elif code is not None:
                 r.ended = r.ended or time.monotonic()
                 self._finished(r, code)
@@ -215,7 +215,7 @@ class Runner:
     def _release_engine(self) -> None:
         """No job of this daemon's is left on the engine, and none waits for it: what the engine
         holds for the daemon (Ray: its actor) goes, until the next job."""
-        if not self._engine_busy or any(r.job_id for r in self.running.values()):
+        if not self._engine_busy or any(r.handle for r in self.running.values()):
             return
         if self.folder.journal.jobs("queued"):
             return
@@ -228,18 +228,18 @@ class Runner:
         if time.monotonic() < self._next_look:
             return
         self._next_look = time.monotonic() + LIMITS_PERIOD
-        by_id = {r.job_id: r for r in self.running.values() if r.job_id is not None}
-        for job_id, cause in self.executor.enforce_limits().items():
-            r = by_id[job_id]
+        by_handle = {r.handle: r for r in self.running.values() if r.handle is not None}
+        for handle, cause in self.executor.enforce_limits().items():
+            r = by_handle[handle]
             r.killed = cause
-            self.folder.event(r.job["name"], "killing", id=r.job["id"], **self._shown(job_id), reason=cause)
+            self.folder.event(r.job["name"], "killing", id=r.job["id"], **self._shown(handle), reason=cause)
 
     def shutdown(self, kill_now: Callable[[], bool]) -> None:
         """At the daemon's end: jobs that outlive it (an engine's) go on, and the next start
         re-attaches them; the others are stopped (SIGTERM, then SIGKILL after STOP_TIMEOUT or a
         second signal) and resume from their last checkpoint on the next start. With no job
         left, what the executor held for the daemon goes."""
-        running = [r for r in self.running.values() if r.job_id]
+        running = [r for r in self.running.values() if r.handle]
         try:
             if not running:
                 self.executor.shutdown()
@@ -260,16 +260,16 @@ class Runner:
 
     def _stop_jobs(self, kill_now: Callable[[], bool]) -> None:
         for job_id, r in list(self.running.items()):
-            if r.job_id is None:  # its executor lost it to another process: the next start sees to it
+            if r.handle is None:  # its executor lost it to another process: the next start sees to it
                 del self.running[job_id]
             else:
-                self.executor.stop(r.job_id)
+                self.executor.stop(r.handle)
         deadline = time.monotonic() + STOP_TIMEOUT
         while self.running and time.monotonic() < deadline and not kill_now():
             time.sleep(0.1)
             self._poll_stopping()
         for r in self.running.values():
-            self.executor.kill(r.job_id)
+            self.executor.kill(r.handle)
         self._poll_stopping()  # anything still listed stays `running`: the next start deals with it
 
     def _poll_stopping(self) -> None:
@@ -282,7 +282,7 @@ class Runner:
             if not disk_full(exc):
                 raise
             for job_id, r in list(self.running.items()):
-                if self.executor.poll(r.job_id) is not None:
+                if self.executor.poll(r.handle) is not None:
                     del self.running[job_id]
 
     # -- one job ----------------------------------------------------------------------------------
@@ -328,22 +328,22 @@ class Runner:
             job["name"], JOB_MODULE, [str(job_dir), json.dumps(self._job_settings())], job_dir / "job.log"
         )
         self._engine_busy = True
-        job_id = self.executor.submit(spec)
-        r = self.running[job["id"]] = _Running({**job, "attempts": attempt}, time.monotonic(), job_id)
+        handle = self.executor.submit(spec)
+        r = self.running[job["id"]] = _Running({**job, "attempts": attempt}, time.monotonic(), handle)
         self._announce(r)
 
     def _announce(self, r: _Running) -> None:
         """The started job's executor id (a pid, or an engine's job) into the journal, and its
         `running` line."""
-        self.folder.journal.update(r.job["id"], **self.executor.record(r.job_id))
+        self.folder.journal.update(r.job["id"], **self.executor.record(r.handle))
         r.announced = True
         self.folder.event(
-            r.job["name"], "running", id=r.job["id"], attempt=r.job["attempts"], **self._shown(r.job_id)
+            r.job["name"], "running", id=r.job["id"], attempt=r.job["attempts"], **self._shown(r.handle)
         )
 
-    def _shown(self, job_id: str) -> dict[str, Any]:
+    def _shown(self, handle: str) -> dict[str, Any]:
         """How the log names a job's process or engine job (the journal's record, less the address)."""
-        return {k: v for k, v in self.executor.record(job_id).items() if k != "engine_address"}
+        return {k: v for k, v in self.executor.record(handle).items() if k != "engine_address"}
 
     def _job_settings(self) -> dict[str, Any]:
         return {
