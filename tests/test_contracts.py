@@ -49,6 +49,7 @@ def lint(tmp_path: Path, contract: str, plant: dict[str, str]) -> subprocess.Com
         ("watch-without-torch", {"watch/status.py": "import torch"}),
         # indirectly: through a module the daemon may import, which imports torch
         ("watch-without-torch", {"runfolder.py": "from . import checkpoint"}),
+        ("watch-without-torch", {"executors/ray_probe.py": "import torch"}),  # run by name, never imported
         # a module added tomorrow is covered without editing the contract
         ("predict-alone", {"tomorrow.py": "X = 1", "deploy/predict.py": "from .. import tomorrow"}),
         ("predict-alone", {"contract.py": "from . import files"}),  # through a module predict may use
