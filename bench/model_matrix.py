@@ -134,9 +134,11 @@ def onnx_parity(model, side: int, directory: Path) -> dict:
     path = directory / "model.onnx"
     export_onnx(shrunk, path, in_channels=3, image_size=side, mean=mean, std=std, metadata={})
     x = torch.rand(IMAGES, 3, side, side, generator=torch.Generator().manual_seed(2))
-    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"pixels": x.numpy()})[0]
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {"pixels": x.numpy()}
+    )[0]
     with torch.no_grad():
-        expected = shrunk(((x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)))
+        expected = shrunk((x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1))
     expected = expected.numpy()
     return {
         "params_after": summary["params_after"],
@@ -165,7 +167,10 @@ def try_model(name: str, directory: Path) -> dict:
         row.update(onnx_parity(model, side, directory))
     except Exception as exc:  # a bug that the matrix exists to find: recorded, in one line
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        return {**row, "outcome": "failed", "reason": f"{type(exc).__name__}: {reason}"[:300]}
+        # Over the memory bound, torch and numpy raise their own kinds (or a RuntimeError naming it)
+        memory = isinstance(exc, MemoryError | torch.OutOfMemoryError) or "DefaultCPUAllocator" in reason
+        outcome = "memory" if memory else "failed"
+        return {**row, "outcome": outcome, "reason": f"{type(exc).__name__}: {reason}"[:300]}
     missed = [
         f"agreement {row['agreement']:.3f}" if row["agreement"] < GATES["min_agreement"] else "",
         f"max |dlogit| {row['max_dlogit']:.3g}" if not row["max_dlogit"] <= GATES["max_abs_diff"] else "",
@@ -233,7 +238,9 @@ def markdown(rows: dict[str, dict]) -> str:
     order = sorted(rows.values(), key=lambda r: (r["model"].startswith("timm/"), r["model"]))
     for r in order:
         cost = [
-            f"{_millions(r.get(f'{k}_before'))} → {_millions(r.get(f'{k}_after'))}" if r.get(f"{k}_after") else ""
+            f"{_millions(r.get(f'{k}_before'))} → {_millions(r.get(f'{k}_after'))}"
+            if r.get(f"{k}_after")
+            else ""
             for k in ("params", "macs")
         ]
         agreement = f"{r['agreement']:.3f}" if "agreement" in r else ""
@@ -250,7 +257,9 @@ def summary(rows: dict[str, dict]) -> list[str]:
     said = []
     for family, timm in (("torchvision", False), ("timm", True)):
         mine = [r for r in rows.values() if r["model"].startswith("timm/") == timm]
-        counts = {o: sum(r["outcome"] == o for r in mine) for o in ("ok", "refused", "failed", "timeout", "memory")}
+        counts = {
+            o: sum(r["outcome"] == o for r in mine) for o in ("ok", "refused", "failed", "timeout", "memory")
+        }
         said.append(
             f"- {family}: {counts['ok']} of {len(mine)} end to end; "
             + ", ".join(f"{n} {o}" for o, n in counts.items() if o != "ok" and n)
@@ -280,7 +289,7 @@ def main() -> None:
     parser.add_argument("--batch", default="1/1", help="i/n: the i-th of n equal parts of the list")
     parser.add_argument("--jobs", type=int, default=2, help="models at once (one thread each)")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per model")
-    parser.add_argument("--memory-gib", type=float, default=8, help="address space per model")
+    parser.add_argument("--memory-gib", type=float, default=10, help="address space per model")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -292,7 +301,9 @@ def main() -> None:
     with ThreadPoolExecutor(args.jobs) as pool:
         for row in pool.map(lambda n: run_one(n, args.timeout, args.memory_gib), names):
             rows[row["model"]] = row
-            print(f"{row['model']}: {row['outcome']} {row.get('reason', '')} ({row['seconds']:g} s)", flush=True)
+            print(
+                f"{row['model']}: {row['outcome']} {row.get('reason', '')} ({row['seconds']:g} s)", flush=True
+            )
             write(rows)
 
 

@@ -132,4 +132,4 @@ def create_model(name: str, *, num_classes: int, in_channels: int, image_size: i
 
 
 # Imported last: these modules register their models with the decorator defined above.
-from dsrpipe.models import factory, lenet, small_cnn, timm_models, torchvision_models, wrn  # noqa: E402, F401
+from dsrpipe.models import lenet, small_cnn, timm_models, torchvision_models, user_models, wrn  # noqa: E402, F401

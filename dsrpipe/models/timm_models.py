@@ -50,7 +50,9 @@ def _declared(model: nn.Module, key: str, kind: type) -> str | None:
 
 
 @register_model(f"{PREFIX}<name>", parse_name=_parse)
-def build_timm_model(*, name: str, num_classes: int, in_channels: int, image_size: int, **options) -> nn.Module:
+def build_timm_model(
+    *, name: str, num_classes: int, in_channels: int, image_size: int, **options
+) -> nn.Module:
     timm = _timm()
     common = dict(pretrained=False, num_classes=num_classes, in_chans=in_channels, **options)
     try:
