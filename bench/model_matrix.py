@@ -167,8 +167,7 @@ def try_model(name: str, directory: Path) -> dict:
         row.update(onnx_parity(model, side, directory))
     except Exception as exc:  # a bug that the matrix exists to find: recorded, in one line
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        # Over the memory bound, torch and numpy raise their own kinds (or a RuntimeError naming it)
-        memory = isinstance(exc, MemoryError | torch.OutOfMemoryError) or "DefaultCPUAllocator" in reason
+        memory = isinstance(exc, MemoryError | torch.OutOfMemoryError) or over_memory(str(exc))
         outcome = "memory" if memory else "failed"
         return {**row, "outcome": outcome, "reason": f"{type(exc).__name__}: {reason}"[:300]}
     missed = [
@@ -178,6 +177,15 @@ def try_model(name: str, directory: Path) -> dict:
     ]
     missed = [m for m in missed if m]
     return {**row, "outcome": "failed" if missed else "ok", "reason": "; ".join(missed)}
+
+
+def over_memory(message: str) -> bool:
+    """Whether an error says the memory bound was hit: numpy, torch's allocator and onnxruntime's
+    arena each say it their own way."""
+    return any(
+        said in message
+        for said in ("MemoryError", "DefaultCPUAllocator", "Failed to allocate memory", "bad_alloc")
+    )
 
 
 def child(name: str) -> None:
@@ -215,7 +223,7 @@ def run_one(name: str, timeout: float, memory_gib: float) -> dict:
     if done.returncode == 0 and lines:
         return {**json.loads(lines[-1]), "seconds": seconds}
     tail = done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]
-    memory = "MemoryError" in done.stderr or "DefaultCPUAllocator" in done.stderr or done.returncode == -9
+    memory = over_memory(done.stderr) or done.returncode == -9
     outcome = "memory" if memory else "failed"
     return {"model": name, "outcome": outcome, "reason": tail[0][:300], "seconds": seconds}
 

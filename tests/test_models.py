@@ -110,7 +110,7 @@ def test_names_known_and_listed():
         "mobilenet_v3_small",
     ]:
         assert is_known_model(name), name
-    for name in ["xyz", "wrn-27-2", "wrn-28", "squeezenet1_0"]:
+    for name in ["xyz", "wrn-27-2", "wrn-28", "timm/xyz", "a.b:c:d"]:
         assert not is_known_model(name), name
     names = list_models()
     assert {"small-cnn", "lenet5", "lenet-300-100", "resnet50", "mobilenet_v3_small"} <= set(names)

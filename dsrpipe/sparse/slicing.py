@@ -134,6 +134,50 @@ def tracing(model: nn.Module, what: str, advice: str = "", name: str | None = No
         _bounded.active = False
 
 
+# Modules Torch-Pruning takes as a whole rather than tracing into them (by qualified class name:
+# (the layer that reads the module's input, the one that writes its output)). Their input and
+# output widths tie to the stream they sit on, and a group holding one is never cut (`opaque`).
+# Traced through, Swin's shifted windows (rolls, window partitions) make index mappings that grow
+# without end: torchvision's swin_t never finished in 60 s; taken whole, it traces in seconds.
+WHOLE_MODULES = {
+    "torchvision.models.swin_transformer.ShiftedWindowAttention": ("qkv", "proj"),
+    "torchvision.models.swin_transformer.ShiftedWindowAttentionV2": ("qkv", "proj"),
+}
+
+
+def _qualified(module: nn.Module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+class _Whole(tp.pruner.BasePruningFunc):
+    """Torch-Pruning's view of a WHOLE_MODULES module: its widths, and no cut (no group holding
+    it is ever cut: `opaque`)."""
+
+    def __init__(self, reads: str, writes: str):
+        super().__init__()
+        self.reads, self.writes = reads, writes
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        return getattr(layer, self.reads).in_features
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return getattr(layer, self.writes).out_features
+
+    def prune_out_channels(self, layer: nn.Module, idxs):
+        raise UserError(f"cannot cut the channels of a {type(layer).__name__}")
+
+    def prune_in_channels(self, layer: nn.Module, idxs):
+        raise UserError(f"cannot cut the channels of a {type(layer).__name__}")
+
+
+def _whole_modules(model: nn.Module) -> dict[type, _Whole]:
+    return {
+        type(m): _Whole(*WHOLE_MODULES[_qualified(m)])
+        for m in model.modules()
+        if _qualified(m) in WHOLE_MODULES
+    }
+
+
 def dependency_graph(
     model: nn.Module, example_inputs: torch.Tensor, what: str, advice: str = ""
 ) -> tp.DependencyGraph:
@@ -146,7 +190,10 @@ def dependency_graph(
             # A tuple: Torch-Pruning calls model(*example_inputs) first (a tensor would be split
             # into its samples) and, should that fail, model(example_inputs).
             return tp.DependencyGraph().build_dependency(
-                model, example_inputs=(example_inputs,), verbose=False
+                model,
+                example_inputs=(example_inputs,),
+                customized_pruners=_whole_modules(model),
+                verbose=False,
             )
     finally:
         model.train(was_training)
@@ -154,10 +201,13 @@ def dependency_graph(
 
 def opaque(target: object) -> bool:
     """Whether a node of a Torch-Pruning group holds something per channel that this code does
-    not slice or zero: a model output, a bare nn.Parameter (Torch-Pruning's unwrapped
-    parameters: a ViT's class token and position embedding, ConvNeXt's layer scale), or a
-    module with parameters of its own that is not a Conv2d, Linear or BatchNorm (LayerNorm)."""
+    not slice or zero: a model output, a module taken whole (WHOLE_MODULES), a bare nn.Parameter
+    (Torch-Pruning's unwrapped parameters: a ViT's class token and position embedding, ConvNeXt's
+    layer scale), or a module with parameters of its own that is not a Conv2d, Linear or
+    BatchNorm (LayerNorm)."""
     if isinstance(target, tp.ops._OutputOp) or not isinstance(target, nn.Module):
+        return True
+    if _qualified(target) in WHOLE_MODULES:
         return True
     return not isinstance(target, LAYERS + NORMS) and any(True for _ in target.parameters(recurse=False))
 
