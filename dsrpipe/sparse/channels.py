@@ -41,7 +41,7 @@ import torch_pruning as tp
 from torch import nn
 
 from ..errors import UserError
-from .slicing import LAYERS, NORMS, dependency_graph, opaque, tracing
+from .slicing import LAYERS, NORMS, dependency_graph, grouped, opaque, tracing
 
 
 @dataclass(frozen=True)
@@ -134,8 +134,9 @@ def trace_groups(
     Torch-Pruning, within slicing.TRACE_SECONDS; a model it cannot trace is a UserError that
     names it (`name`, else its class).
 
-    Groups holding layers whose channels this cannot reason about (grouped convs, other layers
-    with per-channel parameters, bare parameters, the model's outputs) are left out."""
+    Groups holding layers whose channels this cannot reason about (grouped convs, depthwise ones
+    excepted; other layers with per-channel parameters, bare parameters, the model's outputs) are
+    left out."""
     with tracing(model, "channel removal", TRACE_ADVICE, name):
         return _groups(
             model, dependency_graph(model, example_inputs, "channel removal"), eligible, any_writer
@@ -153,7 +154,7 @@ def _groups(
         for item in group:
             module = item.dep.target.module
             if isinstance(module, LAYERS):
-                if isinstance(module, nn.Conv2d) and module.groups != 1:
+                if grouped(module):
                     usable = False
                 role = "out" if graph.is_out_channel_pruning_fn(item.dep.handler) else "in"
             elif isinstance(module, NORMS):

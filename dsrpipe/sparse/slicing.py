@@ -212,6 +212,15 @@ def opaque(target: object) -> bool:
     return not isinstance(target, LAYERS + NORMS) and any(True for _ in target.parameters(recurse=False))
 
 
+def grouped(layer: nn.Module) -> bool:
+    """Whether a layer ties channels together in groups that a cut would have to keep whole: a
+    grouped conv. A depthwise conv (one input channel per output channel) does not: Torch-Pruning
+    couples its input and output channel one to one, so the channel's filter goes with it."""
+    if not isinstance(layer, nn.Conv2d) or layer.groups == 1:
+        return False
+    return not layer.groups == layer.in_channels == layer.out_channels
+
+
 def out_channel_handler(layer: nn.Module):
     """Torch-Pruning's function that removes output channels of a Conv2d or Linear."""
     return tp.prune_conv_out_channels if isinstance(layer, nn.Conv2d) else tp.prune_linear_out_channels
