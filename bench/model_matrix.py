@@ -50,6 +50,7 @@ TIMM_MODELS = (
 SIDES = (32, 64, 128, 224)  # each model runs at the first it takes
 GATES = {"min_agreement": 0.99, "max_abs_diff": 1e-2}  # validate's defaults (config/sections.py)
 IMAGES = 32  # compared in onnxruntime and torch
+MEAN, STD = 0.5, 0.25  # the export's normalisation of [0, 1] pixels, every channel
 STATIC_HALF = {"method": "static", "sparsity": 0.5, "remove_channels": {"share": 0.5, "end_epoch": 1}}
 
 
@@ -111,13 +112,37 @@ def train_step_and_cut(cfg, model, side: int) -> tuple:
     model.train()
     F.cross_entropy(model(x), torch.tensor([0, 1, 2, 3])).backward()
     optimizer.step()
-    # Four images give BatchNorm running statistics of next to nothing: start those afresh, as
-    # after a longer training, so that eval-mode logits stay at a sane scale.
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
+    calibrate_batchnorm(model, side)
     stats = sparsifier.step()
+    # Again for what the cut left: the layers after a removed channel see other inputs now.
+    calibrate_batchnorm(sparsifier.model, side)
     return sparsifier.model.eval(), stats
+
+
+def calibrate_batchnorm(model, side: int) -> None:
+    """BatchNorm's running statistics as the average over a batch of random images, as a longer
+    training would leave them: after one step of momentum they describe nothing, and an untrained
+    deep net's eval-mode logits then reach 1e8, where float rounding alone exceeds the gate. The
+    variances are held at 1 at least: on random weights, a channel all but constant on the batch
+    would have BN divide by up to sqrt(eps), multiplying float rounding 300-fold from layer to
+    layer (efficientnet_b4 after its cut: logits of 2673, torch float32 and float64 apart by 1.6;
+    held at 1: 0.6 and 4e-7). The matrix checks the export, not the conditioning of a net no
+    one trained."""
+    import torch
+
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average
+    model.eval()  # dropout and stochastic depth off: only BatchNorm measures
+    for norm in norms:
+        norm.train()
+    with torch.no_grad():
+        pixels = torch.rand(16, 3, side, side, generator=torch.Generator().manual_seed(3))
+        model((pixels - MEAN) / STD)  # as onnx_parity normalises them
+    for norm in norms:
+        norm.momentum = 0.1
+        norm.running_var.clamp_(min=1)
 
 
 def onnx_parity(model, side: int, directory: Path) -> dict:
@@ -130,21 +155,21 @@ def onnx_parity(model, side: int, directory: Path) -> dict:
     from dsrpipe.deploy.shrink import shrink_model
 
     shrunk, summary = shrink_model(model, (3, side, side))
-    mean, std = [0.5] * 3, [0.25] * 3
     path = directory / "model.onnx"
-    export_onnx(shrunk, path, in_channels=3, image_size=side, mean=mean, std=std, metadata={})
+    export_onnx(shrunk, path, in_channels=3, image_size=side, mean=[MEAN] * 3, std=[STD] * 3, metadata={})
     x = torch.rand(IMAGES, 3, side, side, generator=torch.Generator().manual_seed(2))
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
         None, {"pixels": x.numpy()}
     )[0]
     with torch.no_grad():
-        expected = shrunk((x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1))
+        expected = shrunk((x - MEAN) / STD)
     expected = expected.numpy()
     return {
         "params_after": summary["params_after"],
         "macs_after": summary["macs_after"],
         "agreement": float((got.argmax(1) == expected.argmax(1)).mean()),
         "max_dlogit": float(np.abs(got - expected).max()),
+        "logit_scale": float(np.abs(expected).max()),
     }
 
 

@@ -186,7 +186,7 @@ def test_without_timm_one_line_names_the_extra(tmp_path, monkeypatch):
         create_model("timm/resnet18", num_classes=3, in_channels=3, image_size=32)
 
 
-FACTORY = '''
+FACTORY = """
 from pathlib import Path
 from torch import nn
 
@@ -203,7 +203,7 @@ def build(*, num_classes, in_channels, image_size, width=8):
 
 def not_a_model(**kwargs):
     return 42
-'''
+"""
 
 
 @pytest.fixture

@@ -929,7 +929,9 @@ def test_a_dropped_pipeline_naming_code_is_refused_and_never_imported(tmp_path, 
     from dsrpipe.watch.folder import DropFolder
     from dsrpipe.watch.intake import Intake
 
-    (tmp_path / "planted.py").write_text("from pathlib import Path\nPath(__file__).with_suffix('.ran').touch()\n")
+    (tmp_path / "planted.py").write_text(
+        "from pathlib import Path\nPath(__file__).with_suffix('.ran').touch()\n"
+    )
     (drop / "mine.yaml").write_text(pipeline(model={"name": "planted:build"}))
     folder = DropFolder(drop, tmp_path / "out")
     (drop / ".dsrpipe").mkdir()

@@ -119,7 +119,7 @@ class ChannelGroup:
 
 
 # What a model that cannot be traced is told (slicing.tracing).
-TRACE_ADVICE = "this model cannot take channel removal (docs/methods.md lists the models that can)"
+TRACE_ADVICE = "this model cannot take channel removal (docs/models.md lists the models that can)"
 
 
 def trace_groups(
