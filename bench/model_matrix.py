@@ -58,10 +58,10 @@ def all_models(family: str) -> list[str]:
     import torchvision
 
     names = []
-    if family in ("torchvision", "all"):
-        names += torchvision.models.list_models(module=torchvision.models)
     if family in ("timm", "all"):
         names += [f"timm/{name}" for name in TIMM_MODELS]
+    if family in ("torchvision", "all"):
+        names += torchvision.models.list_models(module=torchvision.models)
     return names
 
 

@@ -31,6 +31,7 @@ removal stops short of leaving the sparse tensors too little room for the budget
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ import torch_pruning as tp
 from torch import nn
 
 from ..errors import UserError
-from .slicing import LAYERS, NORMS, dependency_graph, grouped, opaque, tracing
+from .slicing import LAYERS, NORMS, cut, dependency_graph, grouped, opaque, out_channel_handler, tracing
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,13 @@ class ChannelGroup:
     scored_by: list[_Member]  # the writing layers whose filters rank its channels (the sparse ones)
     tp_group: Any = None  # Torch-Pruning's group, for its importance measures
 
+    @property
+    def least(self) -> int:
+        """The fewest channels it may keep: two where a depthwise conv holds them (at one it is
+        a plain conv, which Torch-Pruning no longer ties to its input: the group would split)."""
+        depthwise = any(isinstance(m.module, nn.Conv2d) and m.module.groups > 1 for m in self.members)
+        return min(2, self.channels) if depthwise else 1
+
 
 # What a model that cannot be traced is told (slicing.tracing).
 TRACE_ADVICE = "this model cannot take channel removal (docs/models.md lists the models that can)"
@@ -159,7 +167,9 @@ def _groups(
                 role = "out" if graph.is_out_channel_pruning_fn(item.dep.handler) else "in"
             elif isinstance(module, NORMS):
                 role = "norm"
-            elif opaque(module):
+            elif opaque(module) or isinstance(module, tp.ops._SliceOp):
+                # A slice (GhostNet's `[:, :out_chs]` after a concatenation) keeps some of the
+                # channels: where each one lands moves once others are cut.
                 usable = False
                 continue
             else:
@@ -175,8 +185,9 @@ def _groups(
         channels = max(len(per) for per in members.values())
         built = []
         for (module, role), per_channel in members.items():
-            if len(per_channel) != channels or len({len(v) for v in per_channel.values()}) != 1:
-                usable = False  # a layer that sees only some of the group's channels
+            widths = {len(v) for v in per_channel.values()}
+            if len(per_channel) != channels or len(widths) != 1 or not _within(module, role, per_channel):
+                usable = False  # a layer that sees only some of the group's channels, or not all of them
                 break
             index = torch.tensor([sorted(per_channel[c]) for c in range(channels)], dtype=torch.long)
             built.append(_Member(module, names[module], role, index))
@@ -188,6 +199,49 @@ def _groups(
     return sorted(groups, key=lambda g: list(names.values()).index(g.name))
 
 
+def _within(module: nn.Module, role: str, per_channel: dict[int, list[int]]) -> bool:
+    """Whether every index lies inside the layer's dimension: Torch-Pruning's index mappings
+    through some attention's reshapes (MobileNetV4's multi-query attention) point past it."""
+    width = module.num_features if role == "norm" else module.weight.shape[0 if role == "out" else 1]
+    return max(max(indices) for indices in per_channel.values()) < width
+
+
+def _check_cut(
+    model: nn.Module,
+    example_inputs: torch.Tensor,
+    groups: list[ChannelGroup],
+    eligible: set[str],
+    any_writer: bool,
+    name: str | None,
+) -> None:
+    """Cut every group down to the fewest channels it may keep (`ChannelGroup.least`) in a copy
+    of `model`, as shrinking during training cuts them, run it and trace it again: a model that
+    the cut breaks, or whose channel groups it changes (a forward that reads a width it stored
+    when built), is refused here, before any training, rather than at its first cut."""
+    trial = copy.deepcopy(model)
+    modules = dict(trial.named_modules())
+    removals, expected = [], {}
+    for group in groups:
+        gone = list(range(group.channels - group.least))
+        writer = modules[group.scored_by[0].name]
+        removals.append(
+            (writer, out_channel_handler(writer), group.scored_by[0].index[gone].flatten().tolist())
+        )
+        expected[group.name] = group.channels - len(gone)
+    with tracing(trial, "channel removal", TRACE_ADVICE, name):
+        cut(trial, dependency_graph(trial, example_inputs, "channel removal"), removals)
+        with torch.no_grad():
+            trial.eval()(example_inputs)
+        found = _groups(
+            trial, dependency_graph(trial, example_inputs, "channel removal"), eligible, any_writer
+        )
+    if {g.name: g.channels for g in found} != expected:
+        raise UserError(
+            f"channel removal: cutting channels out of {name or type(model).__name__} changes its channel "
+            f"groups (its forward reads a width it stored); {TRACE_ADVICE}"
+        )
+
+
 def removable_groups(
     model: nn.Module,
     example_inputs: torch.Tensor,
@@ -195,13 +249,15 @@ def removable_groups(
     any_writer: bool = False,
     name: str | None = None,
 ) -> list[ChannelGroup]:
-    """`trace_groups`, and a UserError if there is none: what channel removal starts from."""
+    """`trace_groups`, and a UserError if there is none or if cutting them breaks the model
+    (`_check_cut`): what channel removal starts from."""
     groups = trace_groups(model, example_inputs, eligible, any_writer, name)
     if not groups:
         raise UserError(
             f"channel removal: {name or type(model).__name__} has no channel that a sparse layer writes "
             "and another layer reads"
         )
+    _check_cut(model, example_inputs, groups, eligible, any_writer, name)
     return groups
 
 
@@ -287,7 +343,7 @@ class Channels:
         self.origin = {g.name: torch.arange(g.channels) for g in self.groups}
         # the output channel of the group's first writing layer that each original channel is
         self.writer_channel = {g.name: g.scored_by[0].index[:, 0].clone() for g in self.groups}
-        self.floor = {g.name: floor_count(removal.floor, g.channels) for g in self.groups}
+        self.floor = {g.name: max(floor_count(removal.floor, g.channels), g.least) for g in self.groups}
         self.total = sum(g.channels for g in self.groups)  # the removable channels
         self.shrunk = False  # whether removed channels have been cut out of the model
         self._open()

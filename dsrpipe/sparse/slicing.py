@@ -17,7 +17,7 @@ import ctypes
 import threading
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -134,15 +134,23 @@ def tracing(model: nn.Module, what: str, advice: str = "", name: str | None = No
         _bounded.active = False
 
 
-# Modules Torch-Pruning takes as a whole rather than tracing into them (by qualified class name:
-# (the layer that reads the module's input, the one that writes its output)). Their input and
-# output widths tie to the stream they sit on, and a group holding one is never cut (`opaque`).
-# Traced through, Swin's shifted windows (rolls, window partitions) make index mappings that grow
-# without end: torchvision's swin_t never finished in 60 s; taken whole, it traces in seconds.
-WHOLE_MODULES = {
-    "torchvision.models.swin_transformer.ShiftedWindowAttention": ("qkv", "proj"),
-    "torchvision.models.swin_transformer.ShiftedWindowAttentionV2": ("qkv", "proj"),
+# Modules Torch-Pruning takes as a whole rather than tracing into them: by qualified class name,
+# those of each class that the test says. A group holding one is never cut (`opaque`): the
+# stream it reads and writes keeps its channels. Traced through, their window partitions and
+# per-head reshapes make index mappings that grow without end: torchvision's swin_t and timm's
+# levit_conv_128s never finished in 60 s; taken whole, each traces in about a second. (LeViT's
+# linear variant traces as it is, and slower taken whole.)
+WHOLE_MODULES: dict[str, Callable[[nn.Module], bool]] = {
+    "torchvision.models.swin_transformer.ShiftedWindowAttention": lambda module: True,
+    "torchvision.models.swin_transformer.ShiftedWindowAttentionV2": lambda module: True,
+    "timm.models.levit.Attention": lambda module: module.use_conv,
+    "timm.models.levit.AttentionDownsample": lambda module: module.use_conv,
 }
+
+
+def taken_whole(module: nn.Module) -> bool:
+    test = WHOLE_MODULES.get(_qualified(module))
+    return bool(test and test(module))
 
 
 def _qualified(module: nn.Module) -> str:
@@ -150,32 +158,35 @@ def _qualified(module: nn.Module) -> str:
 
 
 class _Whole(tp.pruner.BasePruningFunc):
-    """Torch-Pruning's view of a WHOLE_MODULES module: its widths, and no cut (no group holding
-    it is ever cut: `opaque`)."""
+    """Torch-Pruning's view of the WHOLE_MODULES modules of one model: their input and output
+    widths, as Torch-Pruning's own forward pass met them (`watch`), and no cut."""
 
-    def __init__(self, reads: str, writes: str):
+    def __init__(self):
         super().__init__()
-        self.reads, self.writes = reads, writes
+        self.widths: dict[nn.Module, tuple[int, int]] = {}
+
+    def watch(self, model: nn.Module) -> list:
+        """Hooks that record each whole module's widths: the channel dimension is 1 for one that
+        works on NCHW maps (its first layer a Conv2d), else the last (tokens, or Swin's NHWC)."""
+
+        def record(module, args, output):
+            first = next(m for m in module.modules() if isinstance(m, LAYERS))
+            dim = 1 if isinstance(first, nn.Conv2d) else -1
+            self.widths[module] = (args[0].shape[dim], output.shape[dim])
+
+        return [m.register_forward_hook(record) for m in model.modules() if taken_whole(m)]
 
     def get_in_channels(self, layer: nn.Module) -> int:
-        return getattr(layer, self.reads).in_features
+        return self.widths[layer][0]
 
     def get_out_channels(self, layer: nn.Module) -> int:
-        return getattr(layer, self.writes).out_features
+        return self.widths[layer][1]
 
     def prune_out_channels(self, layer: nn.Module, idxs):
         raise UserError(f"cannot cut the channels of a {type(layer).__name__}")
 
     def prune_in_channels(self, layer: nn.Module, idxs):
         raise UserError(f"cannot cut the channels of a {type(layer).__name__}")
-
-
-def _whole_modules(model: nn.Module) -> dict[type, _Whole]:
-    return {
-        type(m): _Whole(*WHOLE_MODULES[_qualified(m)])
-        for m in model.modules()
-        if _qualified(m) in WHOLE_MODULES
-    }
 
 
 def dependency_graph(
@@ -185,6 +196,8 @@ def dependency_graph(
     move BatchNorm's running statistics), under `tracing`'s bound and errors."""
     was_training = model.training
     model.eval()
+    whole = _Whole()
+    hooks = whole.watch(model)
     try:
         with tracing(model, what, advice), torch.enable_grad():  # Torch-Pruning traces through autograd
             # A tuple: Torch-Pruning calls model(*example_inputs) first (a tensor would be split
@@ -192,10 +205,14 @@ def dependency_graph(
             return tp.DependencyGraph().build_dependency(
                 model,
                 example_inputs=(example_inputs,),
-                customized_pruners=_whole_modules(model),
+                # by type (Torch-Pruning matches instances by isinstance): one model's instances
+                # of a class are all taken whole or none (LeViT's use_conv is the model's)
+                customized_pruners={type(m): whole for m in model.modules() if taken_whole(m)},
                 verbose=False,
             )
     finally:
+        for hook in hooks:
+            hook.remove()
         model.train(was_training)
 
 
@@ -207,7 +224,7 @@ def opaque(target: object) -> bool:
     BatchNorm (LayerNorm)."""
     if isinstance(target, tp.ops._OutputOp) or not isinstance(target, nn.Module):
         return True
-    if _qualified(target) in WHOLE_MODULES:
+    if taken_whole(target):
         return True
     return not isinstance(target, LAYERS + NORMS) and any(True for _ in target.parameters(recurse=False))
 
