@@ -227,10 +227,9 @@ def child(name: str) -> None:
 
 
 def run_one(name: str, timeout: float, memory_gib: float) -> dict:
-    """`child(name)` in a process of its own, niced, its address space and its time bounded."""
+    """`child(name)` in a process of its own, its address space and its time bounded."""
 
     def bound():
-        os.nice(10)
         limit = int(memory_gib * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
@@ -253,8 +252,8 @@ def run_one(name: str, timeout: float, memory_gib: float) -> dict:
     return {"model": name, "outcome": outcome, "reason": tail[0][:300], "seconds": seconds}
 
 
-def load_rows() -> dict[str, dict]:
-    path = RESULTS / "rows.json"
+def load_rows(folder: Path = RESULTS) -> dict[str, dict]:
+    path = folder / "rows.json"
     return {row["model"]: row for row in json.loads(path.read_text())} if path.exists() else {}
 
 
@@ -300,15 +299,16 @@ def summary(rows: dict[str, dict]) -> list[str]:
     return said
 
 
-def write(rows: dict[str, dict]) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write(rows: dict[str, dict], folder: Path = RESULTS) -> None:
+    """rows.json and README.md in `folder`; docs/models.md's table too where it is RESULTS."""
+    folder.mkdir(parents=True, exist_ok=True)
     ordered = sorted(rows.values(), key=lambda r: r["model"])
-    (RESULTS / "rows.json").write_text(json.dumps(ordered, indent=1) + "\n")
+    (folder / "rows.json").write_text(json.dumps(ordered, indent=1) + "\n")
     table = markdown(rows)
-    (RESULTS / "README.md").write_text(
+    (folder / "README.md").write_text(
         "# The model matrix\n\nWritten by `python bench/model_matrix.py` (see its docstring).\n\n" + table
     )
-    if DOCS.exists():
+    if folder == RESULTS and DOCS.exists():
         text = DOCS.read_text()
         head, _, rest = text.partition(TABLE_START)
         _, _, tail = rest.partition(TABLE_END)
@@ -323,21 +323,28 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="models at once (one thread each)")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per model")
     parser.add_argument("--memory-gib", type=float, default=10, help="address space per model")
+    parser.add_argument("--resume", action="store_true", help="skip the models rows.json has")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where rows.json goes (a batch of its own)")
+    parser.add_argument("--merge", type=Path, nargs="+", help="add these folders' rows to RESULTS, and stop")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args.child)
+    if args.merge:
+        return write({k: v for folder in [RESULTS, *args.merge] for k, v in load_rows(folder).items()})
     names = args.only or all_models(args.family)
     part, parts = map(int, args.batch.split("/"))
     names = names[(part - 1) * len(names) // parts : part * len(names) // parts]
-    rows = load_rows()
+    rows = load_rows(args.out)
+    if args.resume:
+        names = [name for name in names if name not in rows]
     with ThreadPoolExecutor(args.jobs) as pool:
         for row in pool.map(lambda n: run_one(n, args.timeout, args.memory_gib), names):
             rows[row["model"]] = row
             print(
                 f"{row['model']}: {row['outcome']} {row.get('reason', '')} ({row['seconds']:g} s)", flush=True
             )
-            write(rows)
+            write(rows, args.out)
 
 
 if __name__ == "__main__":
