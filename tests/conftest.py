@@ -12,8 +12,7 @@ from . import test_reports, test_tracing
 
 def pytest_collection_finish(session):
     if any(
-        getattr(item, "originalname", None)
-        == "test_models_take_removal_and_export_or_are_refused_at_check"
+        getattr(item, "originalname", None) == "test_models_take_removal_and_export_or_are_refused_at_check"
         for item in session.items
     ):
         test_tracing.start_matrix()

@@ -28,9 +28,10 @@ from dsrpipe.cli import app
 from dsrpipe.config import parse_pipeline
 from dsrpipe.deploy.export import export_onnx
 from dsrpipe.errors import UserError
+from dsrpipe.models import create_model
 from dsrpipe.preflight import check_model
 from dsrpipe.registry import build_sparsifier
-from dsrpipe.sparse import slicing
+from dsrpipe.sparse import channels, slicing
 from dsrpipe.sparse.channels import trace_groups
 
 from .helpers import masked_weights_are_zero, small_net
@@ -263,11 +264,11 @@ MATRIX = {
     # its window attention taken whole (slicing.WHOLE_MODULES): traced through, it never ends
     "swin_t": (32, None),
     "shufflenet_v2_x0_5": (8, TRACED.format("shufflenet_v2_x0_5", "integer division or modulo by zero")),
-    # timm (bench/model_matrix.py has the rest): attention whose index mappings point past its
-    # layers (left out), depthwise groups whose forward reads a stored width (cut to two at
-    # check), attention taken whole, a ViT built for the data's size; and one never traced in time
-    "timm/mobilenetv4_hybrid_medium": (32, None),
+    # timm (bench/model_matrix.py has the rest): depthwise groups whose forward reads a stored
+    # width (kept at two channels), a depthwise conv and layer scale on the stream, attention
+    # taken whole, a ViT built for the data's size; and one never traced in time
     "timm/ghostnet_050": (32, None),
+    "timm/convnext_atto": (32, None),
     "timm/levit_conv_128s": (32, None),
     "timm/vit_tiny_patch16_224": (32, None),
     "timm/rexnet_100": (32, TRACED.format("timm/rexnet_100", "it took longer than 1 s")),
@@ -393,6 +394,27 @@ def matrix_results() -> dict[str, dict]:
             _worker.communicate()
     assert _worker.returncode == 0, err[-3000:]
     return json.loads(out.strip().splitlines()[-1])
+
+
+def test_groups_whose_indices_point_past_a_layer_are_left_out(monkeypatch):
+    """MobileNetV4's multi-query attention: Torch-Pruning maps some of its channels to indices
+    past its layers' widths. Those groups are left out; the rest of the model takes removal."""
+    model = create_model("timm/mobilenetv4_hybrid_medium", num_classes=10, in_channels=1, image_size=32)
+    example = torch.zeros(1, 1, 32, 32)
+
+    def past(groups):
+        return [
+            g.name
+            for g in groups
+            for m in g.members
+            if int(m.index.max())
+            >= (m.module.num_features if m.role == "norm" else m.module.weight.shape[m.role == "in"])
+        ]
+
+    groups = trace_groups(model, example, set(), True)
+    assert groups and not past(groups)
+    monkeypatch.setattr(channels, "_within", lambda *args: True)
+    assert past(trace_groups(model, example, set(), True))
 
 
 # swin_t traced through its windows: the bound's exception may land in a weakref callback, where
