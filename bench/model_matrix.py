@@ -14,8 +14,10 @@ largest logit difference, gated as `validate` gates them by default.
 
 Outcomes: `ok` (every step done, the gates met), `refused` (check's one line), `failed` (an error
 after check, or a missed gate: a bug to fix), `timeout` / `memory` (over the bounds: not run to
-its end on this machine). Rows are kept per model across runs (rows.json); the markdown table
-(README.md here, and docs/models.md between its markers) is written from all of them.
+its end on this machine), `not run` (a batch that did not get to it). Rows are kept per model
+across runs (rows.json); the markdown table (README.md here, and docs/models.md between its
+markers) is written from all of them. On a busy 2-core machine a model takes 1 to 5 minutes
+(the ONNX export is most of it): run it in batches (--batch, --out, then --merge).
 """
 
 from __future__ import annotations
@@ -290,7 +292,8 @@ def summary(rows: dict[str, dict]) -> list[str]:
     for family, timm in (("torchvision", False), ("timm", True)):
         mine = [r for r in rows.values() if r["model"].startswith("timm/") == timm]
         counts = {
-            o: sum(r["outcome"] == o for r in mine) for o in ("ok", "refused", "failed", "timeout", "memory")
+            o: sum(r["outcome"] == o for r in mine)
+            for o in ("ok", "refused", "failed", "timeout", "memory", "not run")
         }
         said.append(
             f"- {family}: {counts['ok']} of {len(mine)} end to end; "
