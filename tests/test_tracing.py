@@ -433,7 +433,8 @@ def test_swin_traced_through_its_shifted_windows_is_cut_off_at_the_bound(monkeyp
 def test_models_take_removal_and_export_or_are_refused_at_check(name, monkeypatch):
     side, refused = MATRIX[name]
     if refused:
-        monkeypatch.setattr(slicing, "TRACE_SECONDS", 1.0)
+        if "it took longer than" in refused:  # shortened; any other refusal must come within the real bound
+            monkeypatch.setattr(slicing, "TRACE_SECONDS", 1.0)
         with pytest.raises(UserError) as caught:
             check_model(parse_pipeline(pipeline(name, side, sparsity=STATIC_HALF)), lambda note: None)
         assert str(caught.value).startswith(refused), str(caught.value)
