@@ -97,7 +97,7 @@ def check_model(cfg: Pipeline, note: Callable[[str], None]) -> nn.Module | None:
     if removal is not None:
         eligible = set(layer_selection(cfg.sparsity).select(model))
         groups = removable_groups(model, example, eligible, removal.dense_layers, cfg.model.name)
-        floors = {g.name: floor_count(removal.floor, g.channels) for g in groups}
+        floors = {g.name: max(floor_count(removal.floor, g.channels), g.least) for g in groups}
         if line := unrounded_note({g.name: g.channels for g in groups}, floors, removal.multiple_of):
             note(line)
         if removal.budget is not None:

@@ -1,4 +1,4 @@
-"""What the suite shares across modules: the torchvision matrix (tests/test_tracing.py), started
+"""What the suite shares across modules: the model matrix sample (tests/test_tracing.py), started
 in the background as soon as it is collected, so that its exports run while the rest of the
 suite does; and one local `dsrpipe compare` of a small grid (test_reports, test_cluster)."""
 
@@ -12,8 +12,7 @@ from . import test_reports, test_tracing
 
 def pytest_collection_finish(session):
     if any(
-        getattr(item, "originalname", None)
-        == "test_torchvision_models_take_removal_and_export_or_are_refused_at_check"
+        getattr(item, "originalname", None) == "test_models_take_removal_and_export_or_are_refused_at_check"
         for item in session.items
     ):
         test_tracing.start_matrix()

@@ -1,3 +1,6 @@
+import re
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -107,7 +110,7 @@ def test_names_known_and_listed():
         "mobilenet_v3_small",
     ]:
         assert is_known_model(name), name
-    for name in ["xyz", "wrn-27-2", "wrn-28", "squeezenet1_0"]:
+    for name in ["xyz", "wrn-27-2", "wrn-28", "timm/xyz", "a.b:c:d"]:
         assert not is_known_model(name), name
     names = list_models()
     assert {"small-cnn", "lenet5", "lenet-300-100", "resnet50", "mobilenet_v3_small"} <= set(names)
@@ -143,3 +146,98 @@ def test_register_model(monkeypatch):
     assert is_known_model("tiny-mlp") and "tiny-mlp" in list_models()
     model = create_model("tiny-mlp", num_classes=3, in_channels=1, image_size=4)
     assert_builds_and_follows_conventions(model, 1, 4, 3)
+
+
+# -- the routes of issue 38: timm, a user's factory -------------------------------------------------
+
+
+def test_a_timm_model_by_name_is_built_untrained_for_the_data(monkeypatch):
+    """timm/<name>: the data's classes and channels, the image size to a ViT, the dense layers
+    from timm's pretrained_cfg; and nothing downloaded (no network call is even attempted)."""
+    from timm.models import _builder
+
+    monkeypatch.setattr(_builder, "load_pretrained", lambda *a, **k: pytest.fail("loads weights"))
+    vit = create_model("timm/vit_tiny_patch16_224", num_classes=7, in_channels=1, image_size=32)
+    assert vit.patch_embed.img_size == (32, 32) and vit.patch_embed.proj.in_channels == 1
+    assert vit.dense_defaults == models.DenseDefaults(first_conv="patch_embed.proj", classifier="head")
+    assert vit.eval()(torch.randn(2, 1, 32, 32)).shape == (2, 7)
+    resnet = create_model("timm/resnet18", num_classes=3, in_channels=3, image_size=32)  # takes no img_size
+    assert list(select_sparse_weights(resnet))[0] == "layer1.0.conv1"  # conv1 and fc stay dense
+    assert "fc" not in select_sparse_weights(resnet)
+    assert is_known_model("timm/resnet18") and not is_known_model("timm/resnet-9000")
+    assert "timm/<name>" in list_models()
+
+
+def test_without_timm_one_line_names_the_extra(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from dsrpipe.cli import app
+
+    from .test_pipeline import tiny, write_pipeline
+
+    monkeypatch.setitem(sys.modules, "timm", None)  # `import timm` raises ImportError, as if not installed
+    path = write_pipeline(tmp_path, tiny(model={"name": "timm/resnet18"}))
+    result = CliRunner().invoke(app, ["check", str(path)])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        f"error: {path}: model.name: timm models need the optional extra [timm]: pip install 'dsrpipe[timm]'"
+    ]
+    with pytest.raises(models.MissingExtra, match=r"\[timm\]"):
+        create_model("timm/resnet18", num_classes=3, in_channels=3, image_size=32)
+
+
+FACTORY = """
+from pathlib import Path
+from torch import nn
+
+Path(__file__).with_suffix(".imported").touch()  # proof that the module was imported
+
+
+def build(*, num_classes, in_channels, image_size, width=8):
+    return nn.Sequential(
+        nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, num_classes),
+    )
+
+
+def not_a_model(**kwargs):
+    return 42
+"""
+
+
+@pytest.fixture
+def factory_module(tmp_path, monkeypatch):
+    """A user's module `my_models_<test>` on sys.path; returns its name and the file its import touches."""
+    name = f"my_models_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return name, tmp_path / f"{name}.imported"
+
+
+def test_a_users_factory_runs_through_check_and_the_api(tmp_path, factory_module):
+    from typer.testing import CliRunner
+
+    from dsrpipe.cli import app
+
+    from .test_pipeline import tiny, write_pipeline
+
+    module, imported = factory_module
+    name = f"{module}:build"
+    assert is_known_model(name) and not imported.exists()  # validating a name imports nothing
+    raw = tiny(model={"name": name, "options": {"width": 16}})
+    raw["sparsity"]["remove_channels"] = {"share": 0.5, "end_epoch": 1}
+    result = CliRunner().invoke(app, ["check", str(write_pipeline(tmp_path, raw))])
+    assert result.exit_code == 0, result.output
+    model = create_model(name, num_classes=4, in_channels=1, image_size=8, width=16)
+    assert_builds_and_follows_conventions(model, 1, 8, 4)
+    assert imported.exists()
+    for bad, said in [
+        (f"{module}:not_a_model", "returned a int, not an nn.Module"),
+        (f"{module}:absent", f"{module} has no function absent"),
+        ("no_such_module_38:build", "cannot import no_such_module_38 (ModuleNotFoundError"),
+    ]:
+        with pytest.raises(UserError, match=re.escape(said)) as raised:
+            create_model(bad, num_classes=4, in_channels=1, image_size=8)
+        assert "\n" not in str(raised.value)
+    assert not is_known_model("a.b:") and not is_known_model("1x:build")

@@ -545,3 +545,22 @@ def test_switching_to_prune_channels_makes_sparsity_0_and_says_so(tmp_path):
     assert result.output.endswith("prune-channels at sparsity 0.0)\n")
     result = check_quickstart(*switch, "sparsity.sparsity=0.5")
     assert result.exit_code == 2 and "sparsity must be 0" in result.output and "is now 0" not in result.output
+
+
+def test_a_grids_base_file_may_not_name_code_but_the_grid_may(tmp_path):
+    """A `base:` file may be anyone's: a model it names as module:function is refused in one line,
+    before any run is planned (nothing imported); the grid itself may name one."""
+    base = {**tiny("b"), "model": {"name": "somebody_elses:build"}}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    grid = {"name": "g", "base": "base.yaml", "methods": ["dsr"], "sparsities": [0.9], "seeds": [0]}
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
+    with pytest.raises(UserError) as refused:
+        compare_module.load_grid(tmp_path / "grid.yaml")
+    assert str(refused.value) == (
+        f"{tmp_path / 'base.yaml'}: model.name: a base: file may not name code (module:function); "
+        "name the model in the grid itself (an inline base, or overrides) (docs/security.md)"
+    )
+    inline = {**grid, "base": base}
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(inline))
+    [run] = compare_module.plan_runs(*compare_module.load_grid(tmp_path / "grid.yaml"), tmp_path / "runs")
+    assert run.cfg.model.name == "somebody_elses:build"

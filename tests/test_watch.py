@@ -928,3 +928,36 @@ def test_a_state_file_that_is_a_link_is_refused_and_left_alone(tmp_path, drop, n
         [line] = result.stderr.strip().splitlines()
         assert line.startswith("error: ") and "is a symbolic link, which is not followed" in line, line
     assert (tmp_path / "victim").read_text() == "precious\n"
+
+
+def test_a_dropped_pipeline_naming_code_is_refused_and_never_imported(tmp_path, drop):
+    """model.name: module:function in a drop would run whatever the dropper chose: the job fails
+    in one line, and the module (importable here) is never imported. Taken in and run as its
+    worker runs it."""
+    from dsrpipe.watch.folder import DropFolder
+    from dsrpipe.watch.intake import Intake
+
+    (tmp_path / "planted.py").write_text(
+        "from pathlib import Path\nPath(__file__).with_suffix('.ran').touch()\n"
+    )
+    (drop / "mine.yaml").write_text(pipeline(model={"name": "planted:build"}))
+    folder = DropFolder(drop, tmp_path / "out")
+    (drop / ".dsrpipe").mkdir()
+    folder.open_journal()
+    try:
+        assert Intake(folder, None, False, lambda: False).take("mine.yaml") == "queued"
+    finally:
+        folder.journal.close()
+    job = subprocess.run(
+        [sys.executable, "-m", "dsrpipe.watch", str(folder.jobs_dir / "mine")],
+        capture_output=True,
+        text=True,
+        env={**ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path), ENV.get("PYTHONPATH", "")])},
+        timeout=120,
+    )
+    errors = [line for line in (job.stdout + job.stderr).splitlines() if line.startswith("error:")]
+    assert job.returncode == 2 and errors == [
+        "error: model.name: a watch job may not name code (module:function); only a pipeline you "
+        "run yourself may (docs/security.md)"
+    ], job.stdout + job.stderr
+    assert not (tmp_path / "planted.ran").exists()

@@ -23,6 +23,7 @@ from ..config import (
 )
 from ..errors import UserError
 from ..executors import Resources
+from ..models.user_models import names_code
 from ..names import SAFE_NAME, SAFE_NAME_LENGTH
 from ..quantities import parse_size
 
@@ -198,6 +199,7 @@ def load_grid(path: str | Path) -> tuple[Grid, str, dict[str, Any]]:
         base = read_yaml(base_path, "base pipeline", follow=False, quote=False)
         if not isinstance(base, dict):
             raise UserError(f"{base_path}: expected a mapping of settings at the top level")
+        _refuse_code(base, base_path)
     else:
         base = _from_folder(grid.base, path.parent)
     grid.overrides = {
@@ -209,6 +211,17 @@ def load_grid(path: str | Path) -> tuple[Grid, str, dict[str, Any]]:
             key: _resolved(key, value, path.parent) for key, value in variant.settings.items()
         }
     return grid, name, base
+
+
+def _refuse_code(base: dict[str, Any], base_path: Path) -> None:
+    """The file that `base:` names may be anyone's (its errors are never quoted): a model it names
+    as `module:function` would import and run their code. The grid itself may name one."""
+    model = base.get("model")
+    if isinstance(model, dict) and isinstance(model.get("name"), str) and names_code(model["name"]):
+        raise UserError(
+            f"{base_path}: model.name: a base: file may not name code (module:function); name the "
+            "model in the grid itself (an inline base, or overrides) (docs/security.md)"
+        )
 
 
 def _resolved(key: str, value: Any, folder: Path) -> Any:

@@ -9,7 +9,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from ..catalog import KNOWN_DATASETS, dataset_needs_root
 from ..contract import MAX_IMAGE_SIZE
-from ..models import is_known_model
+from ..models import MissingExtra, is_known_model
 from ..names import SAFE_NAME, SLURM_PARTITION_RULE, is_slurm_partition
 from .methods import DSROptions, MethodOptions, SparsityOptions, parse_method_options
 from .schema import (
@@ -94,7 +94,11 @@ class ModelConfig(Section):
     @field_validator("name")
     @classmethod
     def _known_model(cls, name: str) -> str:
-        if not is_known_model(name):
+        try:
+            known = is_known_model(name)
+        except MissingExtra as missing:
+            raise ValueError(str(missing)) from None
+        if not known:
             raise ValueError(f"unknown model '{name}' (see `dsrpipe models`)")
         return name
 

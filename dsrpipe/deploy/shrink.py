@@ -35,7 +35,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..sparse.cost import model_cost
-from ..sparse.slicing import LAYERS, cut, dependency_graph, opaque, tracing
+from ..sparse.slicing import LAYERS, cut, dependency_graph, grouped, opaque, tracing
 
 PROBE_BATCH = 4
 # Logits may move by float rounding only: the folds change the order of the sums.
@@ -158,8 +158,8 @@ def _plan_group(graph: tp.DependencyGraph, group, inputs) -> _Plan | None:
     for position, item in enumerate(group):
         module = item.dep.target.module
         if isinstance(module, LAYERS):
-            if isinstance(module, nn.Conv2d) and module.groups != 1:
-                return None  # grouped/depthwise convs tie input channels to output channels
+            if grouped(module):
+                return None  # grouped convs tie input channels to output channels in groups
             is_out = graph.is_out_channel_pruning_fn(item.dep.handler)
             (producers if is_out else consumers).append(position)
         elif opaque(module):

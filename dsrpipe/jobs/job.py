@@ -21,6 +21,7 @@ from ..errors import EXIT_BUSY, EXIT_DISK_FULL, UserError
 from ..executors import launch
 from ..executors.base import JobSpec
 from ..files import exclusive_lock, shown
+from ..models.user_models import names_code
 from ..outcome import ending
 from ..pipeline import run_pipeline
 from ..rundir import RunDir
@@ -60,6 +61,7 @@ def job_main(job_dir: Path, settings: dict[str, Any] | None = None) -> int:
     try:
         cfg = load_pipeline(spec["config"], spec["overrides"], quote=spec.get("quote", True))
         confine_paths(cfg, [Path(spec["cwd"]), Path(spec["out"])])  # before anything is read
+        refuse_code(cfg)
         # Its executor's share of the cores, set again: a forked job's torch was set up in the server.
         threads = os.environ.get("OMP_NUM_THREADS", "")
         if threads.isdigit() and int(threads) > 0:
@@ -154,6 +156,16 @@ def _path_settings(section: BaseModel, prefix: str = "") -> list[tuple[str, Path
         elif isinstance(value, Path):
             found.append((f"{prefix}{name}", value))
     return found
+
+
+def refuse_code(cfg: Pipeline) -> None:
+    """Refuse a pipeline whose model is a `module:function` factory: building it would import and
+    run code that whoever dropped the pipeline (or the drop folder's template) chose."""
+    if names_code(cfg.model.name):
+        raise UserError(
+            "model.name: a watch job may not name code (module:function); only a pipeline you run "
+            "yourself may (docs/security.md)"
+        )
 
 
 def confine_paths(cfg: Pipeline, roots: list[Path]) -> None:

@@ -43,6 +43,10 @@ class DenseDefaults:
     dense: tuple[str, ...] = ()
 
 
+class MissingExtra(UserError):
+    """A model that needs an optional extra which is not installed (``[timm]``): the line names it."""
+
+
 _MODELS: dict[str, tuple[ModelFactory, DenseDefaults]] = {}
 # keyed by display name, e.g. "wrn-<depth>-<width>"
 _FAMILIES: dict[str, tuple[NameParser, ModelFactory, DenseDefaults]] = {}
@@ -93,9 +97,12 @@ def _resolve(name: str) -> tuple[ModelFactory, dict, DenseDefaults]:
 
 
 def is_known_model(name: str) -> bool:
-    """Whether ``create_model(name, ...)`` would find a model; builds nothing."""
+    """Whether ``create_model(name, ...)`` would find a model; builds nothing and imports no user
+    code. A model whose optional extra is missing raises MissingExtra, which names the extra."""
     try:
         _resolve(name)
+    except MissingExtra:
+        raise
     except UserError:
         return False
     return True
@@ -119,9 +126,10 @@ def create_model(name: str, *, num_classes: int, in_channels: int, image_size: i
     except TypeError as e:
         raise UserError(f"bad options for model '{name}': {e}") from None
     model = factory(**kwargs)
-    model.dense_defaults = defaults
+    if getattr(model, "dense_defaults", None) is None:  # a family may read them off the model it built (timm)
+        model.dense_defaults = defaults
     return model
 
 
 # Imported last: these modules register their models with the decorator defined above.
-from dsrpipe.models import lenet, plain_cnn, small_cnn, torchvision_models, wrn  # noqa: E402, F401
+from dsrpipe.models import lenet, plain_cnn, small_cnn, timm_models, torchvision_models, user_models, wrn  # noqa: E402, F401

@@ -10,16 +10,12 @@ from torch import nn
 from dsrpipe.errors import UserError
 from dsrpipe.models import register_model
 
-# SqueezeNet classifies with a final 1x1 conv and has no nn.Linear, breaking the "last Linear is the
-# classifier" convention the sparsifier relies on.
-_UNSUPPORTED = {"squeezenet1_0", "squeezenet1_1"}
-
 
 @functools.cache
 def classification_model_names() -> tuple[str, ...]:
     import torchvision  # here, not at the top: it takes as long to import as torch itself
 
-    return tuple(sorted(set(torchvision.models.list_models(module=torchvision.models)) - _UNSUPPORTED))
+    return tuple(sorted(torchvision.models.list_models(module=torchvision.models)))
 
 
 def _builder_options(name: str, image_size: int) -> dict:
@@ -72,3 +68,17 @@ def resnet50(*, num_classes: int, in_channels: int, image_size: int, **options) 
     return build_torchvision_model(
         name="resnet50", num_classes=num_classes, in_channels=in_channels, image_size=image_size, **options
     )
+
+
+# SqueezeNet classifies with a final 1x1 conv (classifier.1) and has no nn.Linear: named here, as
+# the "last Linear is the classifier" convention would find none.
+def _squeezenet(name: str):
+    @register_model(name, first_conv="features.0", classifier="classifier.1")
+    def build(*, num_classes: int, in_channels: int, image_size: int, **options) -> nn.Module:
+        return build_torchvision_model(
+            name=name, num_classes=num_classes, in_channels=in_channels, image_size=image_size, **options
+        )
+
+
+for _name in ("squeezenet1_0", "squeezenet1_1"):
+    _squeezenet(_name)

@@ -91,7 +91,7 @@ class Channels:
         self.origin = {g.name: torch.arange(g.channels) for g in self.groups}
         # the output channel of the group's first writing layer that each original channel is
         self.writer_channel = {g.name: g.scored_by[0].index[:, 0].clone() for g in self.groups}
-        self.floor = {g.name: floor_count(removal.floor, g.channels) for g in self.groups}
+        self.floor = {g.name: max(floor_count(removal.floor, g.channels), g.least) for g in self.groups}
         self.total = sum(g.channels for g in self.groups)  # the removable channels
         self.shrunk = False  # whether removed channels have been cut out of the model
         self.cost = None  # with a cost budget: what the channels cost (cost.py)

@@ -3,6 +3,7 @@ what a group may lose (its floor, and the multiples of `multiple_of` it can end 
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -12,7 +13,7 @@ import torch_pruning as tp
 from torch import nn
 
 from ..errors import UserError
-from .slicing import LAYERS, NORMS, dependency_graph, opaque, tracing
+from .slicing import LAYERS, NORMS, cut, dependency_graph, grouped, opaque, out_channel_handler, tracing
 
 
 @dataclass
@@ -33,9 +34,16 @@ class ChannelGroup:
     scored_by: list[GroupMember]  # the writing layers whose filters rank its channels (the sparse ones)
     tp_group: Any = None  # Torch-Pruning's group, for its importance measures
 
+    @property
+    def least(self) -> int:
+        """The fewest channels it may keep: two where a depthwise conv holds them (at one it is
+        a plain conv, which Torch-Pruning no longer ties to its input: the group would split)."""
+        depthwise = any(isinstance(m.module, nn.Conv2d) and m.module.groups > 1 for m in self.members)
+        return min(2, self.channels) if depthwise else 1
+
 
 # What a model that cannot be traced is told (slicing.tracing).
-TRACE_ADVICE = "this model cannot take channel removal (docs/methods.md lists the models that can)"
+TRACE_ADVICE = "this model cannot take channel removal (docs/models.md lists the models that can)"
 
 
 def trace_groups(
@@ -50,8 +58,9 @@ def trace_groups(
     Torch-Pruning, within slicing.TRACE_SECONDS; a model it cannot trace is a UserError that
     names it (`name`, else its class).
 
-    Groups holding layers whose channels this cannot reason about (grouped convs, other layers
-    with per-channel parameters, bare parameters, the model's outputs) are left out."""
+    Groups holding layers whose channels this cannot reason about (grouped convs, depthwise ones
+    excepted; other layers with per-channel parameters, bare parameters, the model's outputs) are
+    left out."""
     with tracing(model, "channel removal", TRACE_ADVICE, name):
         return _groups(
             model, dependency_graph(model, example_inputs, "channel removal"), eligible, any_writer
@@ -69,12 +78,14 @@ def _groups(
         for item in group:
             module = item.dep.target.module
             if isinstance(module, LAYERS):
-                if isinstance(module, nn.Conv2d) and module.groups != 1:
+                if grouped(module):
                     usable = False
                 role = "out" if graph.is_out_channel_pruning_fn(item.dep.handler) else "in"
             elif isinstance(module, NORMS):
                 role = "norm"
-            elif opaque(module):
+            elif opaque(module) or isinstance(module, tp.ops._SliceOp):
+                # A slice (GhostNet's `[:, :out_chs]` after a concatenation) keeps some of the
+                # channels: where each one lands moves once others are cut.
                 usable = False
                 continue
             else:
@@ -90,8 +101,9 @@ def _groups(
         channels = max(len(per) for per in members.values())
         built = []
         for (module, role), per_channel in members.items():
-            if len(per_channel) != channels or len({len(v) for v in per_channel.values()}) != 1:
-                usable = False  # a layer that sees only some of the group's channels
+            widths = {len(v) for v in per_channel.values()}
+            if len(per_channel) != channels or len(widths) != 1 or not _within(module, role, per_channel):
+                usable = False  # a layer that sees only some of the group's channels, or not all of them
                 break
             index = torch.tensor([sorted(per_channel[c]) for c in range(channels)], dtype=torch.long)
             built.append(GroupMember(module, names[module], role, index))
@@ -103,6 +115,49 @@ def _groups(
     return sorted(groups, key=lambda g: list(names.values()).index(g.name))
 
 
+def _within(module: nn.Module, role: str, per_channel: dict[int, list[int]]) -> bool:
+    """Whether every index lies inside the layer's dimension: Torch-Pruning's index mappings
+    through some attention's reshapes (MobileNetV4's multi-query attention) point past it."""
+    width = module.num_features if role == "norm" else module.weight.shape[0 if role == "out" else 1]
+    return max(max(indices) for indices in per_channel.values()) < width
+
+
+def _check_cut(
+    model: nn.Module,
+    example_inputs: torch.Tensor,
+    groups: list[ChannelGroup],
+    eligible: set[str],
+    any_writer: bool,
+    name: str | None,
+) -> None:
+    """Cut every group down to the fewest channels it may keep (`ChannelGroup.least`) in a copy
+    of `model`, as shrinking during training cuts them, run it and trace it again: a model that
+    the cut breaks, or whose channel groups it changes (a forward that reads a width it stored
+    when built), is refused here, before any training, rather than at its first cut."""
+    trial = copy.deepcopy(model)
+    modules = dict(trial.named_modules())
+    removals, expected = [], {}
+    for group in groups:
+        gone = list(range(group.channels - group.least))
+        writer = modules[group.scored_by[0].name]
+        removals.append(
+            (writer, out_channel_handler(writer), group.scored_by[0].index[gone].flatten().tolist())
+        )
+        expected[group.name] = group.channels - len(gone)
+    with tracing(trial, "channel removal", TRACE_ADVICE, name):
+        cut(trial, dependency_graph(trial, example_inputs, "channel removal"), removals)
+        with torch.no_grad():
+            trial.eval()(example_inputs)
+        found = _groups(
+            trial, dependency_graph(trial, example_inputs, "channel removal"), eligible, any_writer
+        )
+    if {g.name: g.channels for g in found} != expected:
+        raise UserError(
+            f"channel removal: cutting channels out of {name or type(model).__name__} changes its channel "
+            f"groups (its forward reads a width it stored); {TRACE_ADVICE}"
+        )
+
+
 def removable_groups(
     model: nn.Module,
     example_inputs: torch.Tensor,
@@ -110,13 +165,15 @@ def removable_groups(
     any_writer: bool = False,
     name: str | None = None,
 ) -> list[ChannelGroup]:
-    """`trace_groups`, and a UserError if there is none: what channel removal starts from."""
+    """`trace_groups`, and a UserError if there is none or if cutting them breaks the model
+    (`_check_cut`): what channel removal starts from."""
     groups = trace_groups(model, example_inputs, eligible, any_writer, name)
     if not groups:
         raise UserError(
             f"channel removal: {name or type(model).__name__} has no channel that a sparse layer writes "
             "and another layer reads"
         )
+    _check_cut(model, example_inputs, groups, eligible, any_writer, name)
     return groups
 
 

@@ -17,7 +17,7 @@ import ctypes
 import threading
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -134,6 +134,61 @@ def tracing(model: nn.Module, what: str, advice: str = "", name: str | None = No
         _bounded.active = False
 
 
+# Modules Torch-Pruning takes as a whole rather than tracing into them: by qualified class name,
+# those of each class that the test says. A group holding one is never cut (`opaque`): the
+# stream it reads and writes keeps its channels. Traced through, their window partitions and
+# per-head reshapes make index mappings that grow without end: torchvision's swin_t and timm's
+# levit_conv_128s never finished in 60 s; taken whole, each traces in about a second. (LeViT's
+# linear variant traces as it is, and slower taken whole.)
+WHOLE_MODULES: dict[str, Callable[[nn.Module], bool]] = {
+    "torchvision.models.swin_transformer.ShiftedWindowAttention": lambda module: True,
+    "torchvision.models.swin_transformer.ShiftedWindowAttentionV2": lambda module: True,
+    "timm.models.levit.Attention": lambda module: module.use_conv,
+    "timm.models.levit.AttentionDownsample": lambda module: module.use_conv,
+}
+
+
+def taken_whole(module: nn.Module) -> bool:
+    test = WHOLE_MODULES.get(_qualified(module))
+    return bool(test and test(module))
+
+
+def _qualified(module: nn.Module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+class _Whole(tp.pruner.BasePruningFunc):
+    """Torch-Pruning's view of the WHOLE_MODULES modules of one model: their input and output
+    widths, as Torch-Pruning's own forward pass met them (`watch`), and no cut."""
+
+    def __init__(self):
+        super().__init__()
+        self.widths: dict[nn.Module, tuple[int, int]] = {}
+
+    def watch(self, model: nn.Module) -> list:
+        """Hooks that record each whole module's widths: the channel dimension is 1 for one that
+        works on NCHW maps (its first layer a Conv2d), else the last (tokens, or Swin's NHWC)."""
+
+        def record(module, args, output):
+            first = next(m for m in module.modules() if isinstance(m, LAYERS))
+            dim = 1 if isinstance(first, nn.Conv2d) else -1
+            self.widths[module] = (args[0].shape[dim], output.shape[dim])
+
+        return [m.register_forward_hook(record) for m in model.modules() if taken_whole(m)]
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        return self.widths[layer][0]
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return self.widths[layer][1]
+
+    def prune_out_channels(self, layer: nn.Module, idxs):
+        raise UserError(f"cannot cut the channels of a {type(layer).__name__}")
+
+    def prune_in_channels(self, layer: nn.Module, idxs):
+        raise UserError(f"cannot cut the channels of a {type(layer).__name__}")
+
+
 def dependency_graph(
     model: nn.Module, example_inputs: torch.Tensor, what: str, advice: str = ""
 ) -> tp.DependencyGraph:
@@ -141,25 +196,46 @@ def dependency_graph(
     move BatchNorm's running statistics), under `tracing`'s bound and errors."""
     was_training = model.training
     model.eval()
+    whole = _Whole()
+    hooks = whole.watch(model)
     try:
         with tracing(model, what, advice), torch.enable_grad():  # Torch-Pruning traces through autograd
             # A tuple: Torch-Pruning calls model(*example_inputs) first (a tensor would be split
             # into its samples) and, should that fail, model(example_inputs).
             return tp.DependencyGraph().build_dependency(
-                model, example_inputs=(example_inputs,), verbose=False
+                model,
+                example_inputs=(example_inputs,),
+                # by type (Torch-Pruning matches instances by isinstance): one model's instances
+                # of a class are all taken whole or none (LeViT's use_conv is the model's)
+                customized_pruners={type(m): whole for m in model.modules() if taken_whole(m)},
+                verbose=False,
             )
     finally:
+        for hook in hooks:
+            hook.remove()
         model.train(was_training)
 
 
 def opaque(target: object) -> bool:
     """Whether a node of a Torch-Pruning group holds something per channel that this code does
-    not slice or zero: a model output, a bare nn.Parameter (Torch-Pruning's unwrapped
-    parameters: a ViT's class token and position embedding, ConvNeXt's layer scale), or a
-    module with parameters of its own that is not a Conv2d, Linear or BatchNorm (LayerNorm)."""
+    not slice or zero: a model output, a module taken whole (WHOLE_MODULES), a bare nn.Parameter
+    (Torch-Pruning's unwrapped parameters: a ViT's class token and position embedding, ConvNeXt's
+    layer scale), or a module with parameters of its own that is not a Conv2d, Linear or
+    BatchNorm (LayerNorm)."""
     if isinstance(target, tp.ops._OutputOp) or not isinstance(target, nn.Module):
         return True
+    if taken_whole(target):
+        return True
     return not isinstance(target, LAYERS + NORMS) and any(True for _ in target.parameters(recurse=False))
+
+
+def grouped(layer: nn.Module) -> bool:
+    """Whether a layer ties channels together in groups that a cut would have to keep whole: a
+    grouped conv. A depthwise conv (one input channel per output channel) does not: Torch-Pruning
+    couples its input and output channel one to one, so the channel's filter goes with it."""
+    if not isinstance(layer, nn.Conv2d) or layer.groups == 1:
+        return False
+    return not layer.groups == layer.in_channels == layer.out_channels
 
 
 def out_channel_handler(layer: nn.Module):
