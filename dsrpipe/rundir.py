@@ -81,6 +81,9 @@ class RunDir:
         # Not $TMPDIR: a process killed mid-stage (kill -9, watch's --job-timeout) left its files
         # there for good. Here the next owner of the run removes them, and so does the watch daemon.
         self.scratch = self.path / "tmp"
+        # The checkpoints read so far, by path, with the file's identity when read: the stage
+        # states, the fingerprints and the stages after training all read the same final.pt.
+        self._checkpoints: dict[Path, tuple[tuple[int, int, int], dict[str, Any]]] = {}
 
     def stage_dir(self, stage: str) -> Path:
         return self.path / stage
@@ -90,6 +93,23 @@ class RunDir:
 
     def final(self, stage: str) -> Path:
         return self.path / stage / "final.pt"
+
+    def read_checkpoint(self, path: Path) -> dict[str, Any]:
+        """A checkpoint of the run (dsrpipe.checkpoint.load_checkpoint), read from disk once for
+        as long as the file stays the same (checkpoints are replaced whole, never edited)."""
+        try:
+            status = path.stat()
+        except OSError:
+            return load_checkpoint(path)  # its one-line error
+        identity = (status.st_ino, status.st_mtime_ns, status.st_size)
+        known = self._checkpoints.get(path)
+        if known is None or known[0] != identity:
+            known = self._checkpoints[path] = (identity, load_checkpoint(path))
+        return known[1]
+
+    def forget_checkpoints(self) -> None:
+        """Let go of the checkpoints read so far (a resumed stage holds their contents now)."""
+        self._checkpoints.clear()
 
     def metrics(self, stage: str) -> Path:
         return self.path / stage / "metrics.jsonl"
@@ -170,7 +190,7 @@ class RunDir:
             upstream = read_finished_run(path, option)["run_id"]
         elif stage in ("finetune", "export"):
             trained = self.final("train" if stage == "finetune" else shipped_stage(cfg))
-            upstream = load_checkpoint(trained)["run_id"] if trained.exists() else None
+            upstream = self.read_checkpoint(trained)["run_id"] if trained.exists() else None
         else:
             upstream = onnx_fingerprint(self.onnx)
         return None if upstream is None else f"{settings}-{upstream}"
@@ -181,9 +201,9 @@ class RunDir:
         if stage in ("train", "finetune"):
             final, last = self.final(stage), self.last(stage)
             if final.exists():
-                made, done = load_checkpoint(final)["fingerprint"], COMPLETE
+                made, done = self.read_checkpoint(final)["fingerprint"], COMPLETE
             elif last.exists():
-                made, done = load_checkpoint(last)["fingerprint"], UNFINISHED
+                made, done = self.read_checkpoint(last)["fingerprint"], UNFINISHED
             else:
                 return MISSING
         elif stage == "export":

@@ -4,9 +4,9 @@ method takes; `dsrpipe.registry` turns them into the library's sparsifier."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SerializeAsAny, field_validator, model_validator
 
 from ..sparse.cost import CostBudget
 from .schema import MAX_EPOCHS, MAX_FACTOR, MAX_LIST, MAX_STEPS, EpochKey, FilePath, Section, SettingError
@@ -15,6 +15,10 @@ from .schema import MAX_EPOCHS, MAX_FACTOR, MAX_LIST, MAX_STEPS, EpochKey, FileP
 class MethodOptions(Section):
     """What every method takes: which Conv2d/Linear weights are sparse (flat keys, handed to the
     library as one LayerSelection)."""
+
+    # What the rest of dsrpipe asks of a method, answered by its options class rather than by
+    # branching on its name: whether it keeps every weight (its sparsity is only a grid label, 0).
+    keeps_every_weight: ClassVar[bool] = False
 
     method: str
     dense_first: bool = True  # keep the first conv dense
@@ -38,8 +42,19 @@ class MethodOptions(Section):
         masks_from, prune's prune_from)."""
         return None
 
+    @property
+    def channel_shape(self) -> ChannelShape | None:
+        """The settings of the channels this method removes (floor, dense_layers, multiple_of,
+        budget), None where it removes none: such a method traces the model's channel groups."""
+        return None
+
+    def check_training(self, train: Section) -> None:
+        """A SettingError where the training settings (`train`) contradict the method."""
+
 
 class DenseOptions(MethodOptions):
+    keeps_every_weight: ClassVar[bool] = True
+
     method: Literal["dense"] = "dense"
     sparsity: float = 0.0  # the grid axis; a dense run has none
 
@@ -153,6 +168,10 @@ class ChannelRemovalOption(Section):
             )
         return self
 
+    @property
+    def channel_shape(self) -> ChannelShape | None:
+        return self.remove_channels
+
 
 class StaticOptions(ChannelRemovalOption, GranularityOption, FromScratchOptions):
     method: Literal["static"] = "static"
@@ -223,6 +242,12 @@ class DeepROptions(FromScratchOptions):
         None, ge=0, le=MAX_EPOCHS
     )  # no noise and no rewiring from this epoch on
 
+    def check_training(self, train: Section) -> None:
+        if train.weight_decay:
+            raise SettingError(
+                "train.weight_decay", "method 'deepr' regularises with its L1 term: set train.weight_decay: 0"
+            )
+
     @field_validator("temperature")
     @classmethod
     def _temperature_schedule(cls, temperature):
@@ -268,6 +293,8 @@ class PruneOptions(SparseOptions, PruningSpan):
 
 
 class ChannelPruneOptions(MethodOptions, PruningSpan, ChannelShape):
+    keeps_every_weight: ClassVar[bool] = True
+
     method: Literal["prune-channels"] = "prune-channels"  # end_epoch default: half of training
     sparsity: float = 0.0  # the grid axis: the weights stay dense
     prune_from: FilePath  # a dense run's train/final.pt (relative to the working directory)
@@ -284,6 +311,10 @@ class ChannelPruneOptions(MethodOptions, PruningSpan, ChannelShape):
     @property
     def source(self) -> tuple[str, Path] | None:
         return "prune_from", self.prune_from
+
+    @property
+    def channel_shape(self) -> ChannelShape | None:
+        return self  # the method's own settings say which channels go
 
 
 class FrozenOptions(MethodOptions):
@@ -313,8 +344,19 @@ METHOD_OPTIONS: dict[str, type[MethodOptions]] = {
     "frozen": FrozenOptions,
     "dense": DenseOptions,
 }
-# The sparsity section's type: a union of the options classes, discriminated by `method`.
-SparsityOptions = Annotated[Union[tuple(METHOD_OPTIONS.values())], Field(discriminator="method")]  # noqa: UP007
+# The sparsity section's type: whichever registered options class its `method` names (chosen by
+# `parse_method_options`), written out with that class's own fields.
+SparsityOptions = SerializeAsAny[MethodOptions]
+
+
+def register_options(options: type[MethodOptions]) -> None:
+    """Make a method's options known to the pipeline schema, under the name its `method` field
+    defaults to (dsrpipe.registry calls this for a method registered from outside)."""
+    METHOD_OPTIONS[options.model_fields["method"].default] = options
+
+
+def unregister_options(name: str) -> None:
+    METHOD_OPTIONS.pop(name, None)
 
 
 def parse_method_options(section: Any) -> MethodOptions:

@@ -234,7 +234,7 @@ class Pipeline(Section):
 
     @model_validator(mode="after")
     def _removal_within_training(self):
-        removal = getattr(self.sparsity, "remove_channels", None)
+        removal = getattr(self.sparsity, "remove_channels", None)  # begin and end in epochs
         if removal is None:
             return self
         epochs, begin, end = self.train.epochs, removal.begin_epoch, removal.end(self.train.epochs)
@@ -250,9 +250,6 @@ class Pipeline(Section):
         return self
 
     @model_validator(mode="after")
-    def _deepr_without_weight_decay(self):
-        if self.sparsity.method == "deepr" and self.train.weight_decay:
-            raise SettingError(
-                "train.weight_decay", "method 'deepr' regularises with its L1 term: set train.weight_decay: 0"
-            )
+    def _training_the_method_takes(self):
+        self.sparsity.check_training(self.train)
         return self
