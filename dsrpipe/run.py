@@ -58,11 +58,12 @@ def load_splits(data: DataConfig, archive_caps: ArchiveCaps = ArchiveCaps()) -> 
 
 class Run:
     """One run: `cfg` and its folder `dir`; the data, the device and the trained checkpoints are
-    read on first use and kept."""
+    read on first use and kept (`archive_caps`: what a dataset archive may unpack to)."""
 
-    def __init__(self, cfg: Pipeline, out: str | Path):
+    def __init__(self, cfg: Pipeline, out: str | Path, archive_caps: ArchiveCaps = ArchiveCaps()):
         self.cfg = cfg
         self.dir = RunDir(out, cfg.name)
+        self.archive_caps = archive_caps
         self._checkpoints: dict[str, tuple[dict[str, Any], Checkpoint]] = {}
         self._shipped: ShippedModel | None = None
 
@@ -84,7 +85,7 @@ class Run:
         """The (train, test) splits, loaded once (under torchrun, by one rank per node first:
         it fills the caches the others then read)."""
         with distributed.node_leader_first():
-            splits = load_splits(self.cfg.data)
+            splits = load_splits(self.cfg.data, self.archive_caps)
         info = splits[0].info
         if self.cfg.data.dataset == "imagefolder" and self.cfg.data.image_size is None:
             self.log(
