@@ -172,6 +172,21 @@ class ChannelRemovalOption(Section):
     def channel_shape(self) -> ChannelShape | None:
         return self.remove_channels
 
+    def check_training(self, train: Section) -> None:
+        removal = self.remove_channels
+        if removal is None:
+            return
+        epochs, begin, end = train.epochs, removal.begin_epoch, removal.end(train.epochs)
+        # The key to change: begin_epoch when it is not before the end (its default end, half of
+        # training, is never before it), else end_epoch, which then lies past training.
+        key = "begin_epoch" if begin >= min(end, epochs) else "end_epoch"
+        if end > epochs or begin >= end:
+            raise SettingError(
+                f"sparsity.remove_channels.{key}",
+                f"channel removal must begin before it ends, within train.epochs ({epochs}): "
+                f"begin_epoch {begin}, end_epoch {end}",
+            )
+
 
 class StaticOptions(ChannelRemovalOption, GranularityOption, FromScratchOptions):
     method: Literal["static"] = "static"
