@@ -32,13 +32,13 @@ from .data import Dataset
 from .errors import UserError
 from .preflight import check_input_size
 from .registry import build_sparsifier, layer_selection
-from .run import Run, console, load_splits, log, resolve_device
+from .run import Run, console, load_splits
 from .rundir import COMPLETE
 from .sparse import Sparsifier
 from .sparse.cost import model_cost
 from .sparse.frozen import initial_weights
 from .tensorboard_log import ScalarLog
-from .trained import Checkpoint, ModelSpec, build_model
+from .trained import Checkpoint, ModelSpec
 from .trainloop import (
     compile_for_training,
     epoch_line,
@@ -55,7 +55,7 @@ from .trainloop import (
 )
 
 # Kept importable from here, where they always were (watch's jobs, benchmarks, tests).
-__all__ = ["build_model", "evaluate", "load_splits", "log", "resolve_device", "train_one_epoch"]
+__all__ = ["compile_for_training", "evaluate", "load_splits", "train_one_epoch"]
 
 # The sparsifier of a stage, for its model and optimizer: (model, optimizer, steps per epoch,
 # example inputs) -> Sparsifier.
