@@ -22,7 +22,7 @@ from .config import DataConfig, Pipeline
 from .data import ArchiveCaps, Dataset, load_data
 from .errors import UserError
 from .registry import layer_selection, model_spec
-from .rundir import COMPLETE, STALE, UNFINISHED, RunDir, shipped_stage, training_stages
+from .rundir import COMPLETE, STALE, UNFINISHED, RunDir, shipped_stage
 from .trained import Checkpoint, ModelSpec
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -69,11 +69,6 @@ class Run:
 
     def log(self, message: str) -> None:
         log(self.cfg, message)
-
-    @property
-    def training_stages(self) -> list[str]:
-        """train, and finetune if the pipeline fine-tunes."""
-        return training_stages(self.cfg)
 
     @cached_property
     def device(self) -> torch.device:
