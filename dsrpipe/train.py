@@ -268,7 +268,7 @@ class _Training:
             history=self.history,
             world_size=self.world,
             job=distributed.job_id(),
-            model_spec=self.model_spec(),
+            recorded_spec=self.model_spec().to_dict(),
             init=parts.init,
             data_info=asdict(self.run.splits[0].info),
             config=self.cfg.model_dump(mode="json"),
@@ -294,11 +294,10 @@ def _build(run: Run, stage: Stage) -> _Training:
         raise UserError(
             "distributed.sync_bn: torch's SyncBatchNorm runs on CUDA only; train on GPUs or set it to false"
         )
-    torch.manual_seed(cfg.seed)
-    spec = stage.spec()  # after the seed: the model's initial weights come from it
+    torch.manual_seed(cfg.seed)  # before the model: its initial weights come from it
     # Fine-tuning builds all this from the trained checkpoint: model, masks, weights.
     with restoring(run.dir.final("train")) if stage.start_from is not None else nullcontext():
-        parts = _parts(run, stage, spec, steps_per_epoch, sync_bn, world)
+        parts = _parts(run, stage, stage.spec(), steps_per_epoch, sync_bn, world)
     use_bf16 = cfg.bf16 and device.type == "cuda"
     if cfg.bf16 and not use_bf16:
         run.log("bf16 autocast applies on CUDA only; training in float32")

@@ -101,23 +101,28 @@ class Checkpoint:
     method: str
     rng: dict[str, Any]
     history: list[dict[str, Any]]
-    model_spec: ModelSpec
+    # The model spec as recorded (`model_spec` is it typed): read when the model is built, so that
+    # a planted file fails where its contents are restored, in the order they are.
+    recorded_spec: dict[str, Any]
     data_info: dict[str, Any]
     config: dict[str, Any]
     world_size: int = 1  # the processes that trained it; older checkpoints were all one process
     job: str | None = None  # the torchrun job that wrote it
     init: dict[str, Any] = field(default_factory=dict)  # what frozen's `init: same` starts from
 
+    @property
+    def model_spec(self) -> ModelSpec:
+        return ModelSpec.from_dict(self.recorded_spec)
+
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Checkpoint:
         """A checkpoint as `checkpoint.load_checkpoint` returns it (the field types checked there)."""
         known = {f.name for f in fields(cls)}
         values = {key: value for key, value in raw.items() if key in known}
-        values["model_spec"] = ModelSpec.from_dict(raw["model_spec"])
-        return cls(**values)
+        return cls(**values, recorded_spec=raw["model_spec"])
 
     def to_dict(self) -> dict[str, Any]:
         """What `checkpoint.save_checkpoint` writes: the keys and values it always held."""
-        raw = {f.name: getattr(self, f.name) for f in fields(self)}
-        raw["model_spec"] = self.model_spec.to_dict()
+        raw = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "recorded_spec"}
+        raw["model_spec"] = self.recorded_spec
         return raw
