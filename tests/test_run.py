@@ -37,9 +37,11 @@ def counting(monkeypatch, module, name: str, key) -> Counter:
 def test_dsrpipe_run_loads_the_data_and_each_checkpoint_once(tmp_path, monkeypatch):
     """train, finetune, an int8 export (calibrated on training images) and validate (on the test
     split) share one load of the data; the trained and the fine-tuned final.pt are each read once,
-    though the stages' states, fingerprints, fine-tuning, export and validation all use them."""
+    though the stages' states, fingerprints, fine-tuning, export and validation all use them; the
+    shipped model's sparsity is counted once."""
     data_loads = counting(monkeypatch, run_module, "load_data", lambda dataset, **_: dataset)
     reads = counting(monkeypatch, files, "torch_load", lambda path: Path(path).relative_to(tmp_path))
+    summaries = counting(monkeypatch, run_module, "_sparsity_summary", lambda model, cfg, shipped: cfg.name)
     raw = tiny(
         train={"epochs": 2},
         export={"quantize": "int8", "calibration_images": 200},
@@ -50,6 +52,7 @@ def test_dsrpipe_run_loads_the_data_and_each_checkpoint_once(tmp_path, monkeypat
     assert result.exit_code == 0, result.output
     assert data_loads == {"digits": 1}
     assert reads == {Path("out/tiny/train/final.pt"): 1, Path("out/tiny/finetune/final.pt"): 1}
+    assert summaries == {"tiny": 1}  # export's metadata and validate's report share it
     # Run again, everything complete: no data, and the shipped checkpoint read once for its run id.
     data_loads.clear(), reads.clear()
     result = CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path / "out"), "--no-progress"])
