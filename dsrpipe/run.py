@@ -115,9 +115,9 @@ class Run:
         return known[1]
 
     def starting_point(self, stage: str, world: int, *, resume: bool, force: bool) -> Checkpoint | str | None:
-        """COMPLETE, the checkpoint to resume from, or None to start afresh; a stale or unfinished run
-        that the options do not allow to replace or continue is an error (`world`: the job's
-            processes, which a resumed run must have been trained by)."""
+        """Where `stage` starts: COMPLETE, the checkpoint to resume from, or None to start afresh;
+        a stale or unfinished run that the options do not allow to replace or continue is an
+        error (`world`: the job's processes, which a resumed run must have been trained by)."""
         if force:
             return None
         state = self.dir.state(stage, self.cfg)
