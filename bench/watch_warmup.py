@@ -1,4 +1,4 @@
-"""Benchmark: a watch job's duration with the fork server's warm-up (dsrpipe/watch/warmup.py)
+"""Benchmark: a watch job's duration with the fork server's warm-up (dsrpipe/jobs/warmup.py)
 against the same daemon without it, side by side: the two daemons alternate, each on its own
 copy of the same digits drops, so machine noise hits both alike. Reports the jobs' median
 durations (from the journal) and the wall time of each daemon, server start included.
@@ -26,7 +26,7 @@ DAEMON = """
 import sys
 from dsrpipe.watch import runner
 if sys.argv.pop(1) == "cold":
-    runner.PRELOAD.remove("dsrpipe.watch.warmup")
+    runner.PRELOAD.remove("dsrpipe.jobs.warmup")
 from dsrpipe.__main__ import main
 sys.exit(main())
 """

@@ -7,10 +7,14 @@ refused as "not a dsrpipe checkpoint", and nothing in it is ever executed.
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from . import files
 from .errors import UserError
@@ -37,8 +41,23 @@ CHECKPOINT_FIELDS = {
 }
 
 
+def torch_save(path: str | os.PathLike, obj: Any) -> None:
+    """torch.save, atomically (files.atomic_path)."""
+    with files.atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def torch_load(path: str | os.PathLike) -> Any:
+    """A torch.save file read as data only (`weights_only`: tensors and plain containers, never
+    code) and memory-mapped (a big file costs address space, not memory, until read): for any
+    file a user or a drop names."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns about the pickle protocol of foreign files
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
 def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> None:
-    files.torch_save(path, {"format": CHECKPOINT_FORMAT, **checkpoint})
+    torch_save(path, {"format": CHECKPOINT_FORMAT, **checkpoint})
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -46,7 +65,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     holds, so loading runs no code; anything else is a one-line UserError."""
     path = Path(path)
     try:
-        checkpoint = files.torch_load(path)
+        checkpoint = torch_load(path)
     except OSError as exc:
         raise UserError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
     except Exception as exc:  # whatever a foreign, truncated or hostile file makes the loader raise
@@ -78,7 +97,7 @@ def read_finished_run(path: str | Path, option: str) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{option}: no checkpoint at {path} (expected a run's train/final.pt)")
     try:
-        checkpoint = files.torch_load(path)
+        checkpoint = torch_load(path)
     except Exception as exc:  # whatever a foreign, truncated or hostile file makes the loader raise
         raise UserError(f"{option}: {not_a_checkpoint(path, exc)}") from None
     if not (

@@ -34,6 +34,8 @@ NprocOption = typer.Option(
     help="Processes per run, launched through torchrun (one per GPU; 1: a plain process).",
 )
 SetOption = typer.Option([], "--set", help="Override a setting: --set train.epochs=5 (repeatable).")
+# The executor option group, the same for compare and watch (docs/cluster.md): where jobs run and
+# what each asks for. A resource not given comes from a grid's `cluster:` section, else its default.
 ExecutorOption = typer.Option(
     "local", "--executor", help="Where jobs run: local (processes here), ray or slurm (docs/cluster.md)."
 )
@@ -43,15 +45,54 @@ AddressOption = typer.Option(
     show_default=False,
     help="Ray: the cluster's head, host:port (default: a local Ray on 127.0.0.1).",
 )
-GpusOption = typer.Option(None, "--gpus-per-job", show_default=False, help="GPUs per job (ray, slurm).")
-CpusOption = typer.Option(None, "--cpus-per-job", show_default=False, help="CPUs per job (ray, slurm).")
-MemoryOption = typer.Option(
-    None, "--memory-per-job", show_default=False, help="Memory per job, e.g. 16G (ray, slurm)."
+GpusOption = typer.Option(
+    None, "--gpus-per-job", show_default=False, help="GPUs per job (ray, slurm; default 0)."
 )
-TimeOption = typer.Option(
-    None, "--time", show_default=False, help="Time limit per job, e.g. 90m, 12h (ray, slurm)."
+CpusOption = typer.Option(
+    None, "--cpus-per-job", show_default=False, help="CPUs per job (ray, slurm; default 1)."
+)
+JobMemoryOption = typer.Option(
+    None,
+    "--job-memory",
+    "--memory-per-job",
+    show_default=False,
+    help="Memory per job, e.g. 16G: what a job asks of ray or slurm; a watch job here is killed and "
+    "failed past it (default there: 80% of the machine's memory / --workers).",
+)
+JobTimeoutOption = typer.Option(
+    None,
+    "--job-timeout",
+    "--time",
+    show_default=False,
+    help="Time limit per job (an attempt of a watch job), e.g. 90m, 12h: a ray or slurm job's limit "
+    "(slurm's default 24h); a watch job here is killed and failed past it (default: none).",
 )
 PartitionOption = typer.Option(None, "--partition", show_default=False, help="Slurm partition.")
+
+
+def _executor_options(
+    executor: str,
+    address: str | None,
+    gpus: int | None,
+    cpus: int | None,
+    memory: str | None,
+    timeout: str | None,
+    partition: str | None,
+    dry_run: bool = False,
+):
+    """The executor option group, read: sizes and durations parsed, each left None if not given."""
+    from .executors import ExecutorOptions
+
+    return ExecutorOptions(
+        executor=executor,
+        address=address,
+        gpus=gpus,
+        cpus=cpus,
+        memory=parse_size(memory) if memory is not None else None,
+        time=parse_duration(timeout) if timeout is not None else None,
+        partition=partition,
+        dry_run=dry_run,
+    )
 
 
 def _print_version(value: bool) -> None:
@@ -278,42 +319,37 @@ def models():
     typer.echo("\n".join(list_models()))
 
 
+GridArg = typer.Argument(
+    ..., help="Grid YAML: a base pipeline × methods × sparsities × seeds.", show_default=False
+)
+GridOutOption = typer.Option(Path("export"), "--out", "-o", help="Where <grid>/runs/ and the results go.")
+JobsOption = typer.Option(1, "--jobs", "-j", help="Runs at a time; the CPU threads are split between them.")
+DryRunOption = typer.Option(
+    False, "--dry-run", help="Slurm: print the sbatch script a run would be submitted with; submit nothing."
+)
+
+
 @app.command()
 @_user_errors
 def compare(
-    grid: Path = typer.Argument(
-        ..., help="Grid YAML: a base pipeline × methods × sparsities × seeds.", show_default=False
-    ),
-    out: Path = typer.Option(Path("export"), "--out", "-o", help="Where <grid>/runs/ and the results go."),
-    jobs: int = typer.Option(
-        1, "--jobs", "-j", help="Runs at a time; the CPU threads are split between them."
-    ),
+    grid: Path = GridArg,
+    out: Path = GridOutOption,
+    jobs: int = JobsOption,
     nproc_per_job: int = NprocOption,
     executor: str = ExecutorOption,
     address: str = AddressOption,
     gpus_per_job: int = GpusOption,
     cpus_per_job: int = CpusOption,
-    memory_per_job: str = MemoryOption,
-    time_limit: str = TimeOption,
+    job_memory: str = JobMemoryOption,
+    job_timeout: str = JobTimeoutOption,
     partition: str = PartitionOption,
-    dry_run: bool = typer.Option(
-        False,
-        "--dry-run",
-        help="Slurm: print the sbatch script a run would be submitted with; submit nothing.",
-    ),
+    dry_run: bool = DryRunOption,
 ):
     """Run a grid of pipelines and tabulate top-1 against non-zero parameters."""
-    from .compare import ClusterOptions, run_grid
+    from .compare import run_grid
 
-    cluster = ClusterOptions(
-        executor=executor,
-        address=address,
-        gpus=gpus_per_job,
-        cpus=cpus_per_job,
-        memory=parse_size(memory_per_job) if memory_per_job is not None else None,
-        time=parse_duration(time_limit) if time_limit is not None else None,
-        partition=partition,
-        dry_run=dry_run,
+    cluster = _executor_options(
+        executor, address, gpus_per_job, cpus_per_job, job_memory, job_timeout, partition, dry_run
     )
     result = run_grid(grid, out, jobs=jobs, nproc_per_job=nproc_per_job, cluster=cluster)
     if dry_run:
@@ -328,55 +364,57 @@ def compare(
         )
 
 
+DropArg = typer.Argument(..., help="The drop folder to watch.", show_default=False)
+TemplateOption = typer.Option(
+    None,
+    "--template",
+    show_default=False,
+    help="Pipeline for dataset drops (default: DROP_DIR/template.yaml, else a built-in one).",
+)
+QuietOption = typer.Option(
+    5.0, "--quiet-period", help="Seconds a drop must stay unchanged before it is taken."
+)
+WorkersOption = typer.Option(1, "--workers", help="Jobs run at the same time.")
+RerunOption = typer.Option(False, "--rerun", help="Run content again when it is dropped again.")
+OnceOption = typer.Option(False, "--once", help="Process what is there, then exit (cron, tests).")
+LogFileOption = typer.Option(None, "--log-file", help="Also log to this file.", show_default=False)
+MaxUnpackedOption = typer.Option(
+    None, "--max-unpacked", show_default=False, help="Cap on a dataset archive's unpacked size, e.g. 50G."
+)
+MaxFilesOption = typer.Option(
+    None, "--max-files", show_default=False, help="Cap on a dataset archive's member count."
+)
+
+
 @app.command()
 @_user_errors
 def watch(
-    drop_dir: Path = typer.Argument(..., help="The drop folder to watch.", show_default=False),
+    drop_dir: Path = DropArg,
     out: Path = OutOption,
-    template: Path = typer.Option(
-        None,
-        "--template",
-        show_default=False,
-        help="Pipeline for dataset drops (default: DROP_DIR/template.yaml, else a built-in one).",
-    ),
-    quiet: float = typer.Option(
-        5.0, "--quiet-period", help="Seconds a drop must stay unchanged before it is taken."
-    ),
-    workers: int = typer.Option(1, "--workers", help="Jobs run at the same time."),
-    rerun: bool = typer.Option(False, "--rerun", help="Run content again when it is dropped again."),
-    once: bool = typer.Option(False, "--once", help="Process what is there, then exit (cron, tests)."),
-    log_file: Path = typer.Option(None, "--log-file", help="Also log to this file.", show_default=False),
-    max_unpacked: str = typer.Option(
-        None, "--max-unpacked", show_default=False, help="Cap on a dataset archive's unpacked size, e.g. 50G."
-    ),
-    max_files: int = typer.Option(
-        None, "--max-files", show_default=False, help="Cap on a dataset archive's member count."
-    ),
-    job_memory: str = typer.Option(
-        None,
-        "--job-memory",
-        show_default=False,
-        help="Memory a job may use before it is killed and failed, e.g. 8G "
-        "(default: 80% of the machine's memory / --workers); on ray or slurm, what a job asks for.",
-    ),
-    job_timeout: str = typer.Option(
-        None,
-        "--job-timeout",
-        show_default=False,
-        help="Time an attempt of a job may run before it is killed and "
-        "failed, e.g. 90m, 12h (default: no limit); on ray or slurm, the job's time limit.",
-    ),
+    template: Path = TemplateOption,
+    quiet: float = QuietOption,
+    workers: int = WorkersOption,
+    rerun: bool = RerunOption,
+    once: bool = OnceOption,
+    log_file: Path = LogFileOption,
+    max_unpacked: str = MaxUnpackedOption,
+    max_files: int = MaxFilesOption,
     nproc_per_job: int = NprocOption,
     executor: str = ExecutorOption,
     address: str = AddressOption,
-    gpus_per_job: int = typer.Option(0, "--gpus-per-job", help="GPUs per job (ray, slurm)."),
-    cpus_per_job: int = typer.Option(1, "--cpus-per-job", help="CPUs per job (ray, slurm)."),
+    gpus_per_job: int = GpusOption,
+    cpus_per_job: int = CpusOption,
+    job_memory: str = JobMemoryOption,
+    job_timeout: str = JobTimeoutOption,
     partition: str = PartitionOption,
 ):
     """Watch a drop folder: run each pipeline YAML or dataset dropped there, exactly once."""
     from .watch import WatchOptions
     from .watch import watch as run_watch
 
+    chosen = _executor_options(
+        executor, address, gpus_per_job, cpus_per_job, job_memory, job_timeout, partition
+    )
     run_watch(
         WatchOptions(
             drop_dir,
@@ -389,14 +427,8 @@ def watch(
             log_file=log_file,
             max_unpacked=parse_size(max_unpacked) if max_unpacked else None,
             max_files=max_files,
-            job_memory=parse_size(job_memory) if job_memory else None,
-            job_timeout=parse_duration(job_timeout) if job_timeout else None,
             nproc_per_job=nproc_per_job,
-            executor=executor,
-            address=address,
-            gpus_per_job=gpus_per_job,
-            cpus_per_job=cpus_per_job,
-            partition=partition,
+            executor=chosen,
         )
     )
 

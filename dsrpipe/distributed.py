@@ -11,8 +11,8 @@ What this module owns:
   - who does what: rank 0 owns the run folder (its lock, checkpoints, metrics, reports);
   - the cross-rank checks: after every reallocation each rank's masks are compared through a
     checksum all-reduce (MIN and MAX must agree), so a divergence stops the run naming the tensor;
-  - the torchrun command line that `compare` and `watch` launch jobs with, and the stores that
-    keep such a job's listening sockets on loopback (`Launch`).
+  - the stores that keep the listening sockets of a job that dsrpipe launches on loopback
+    (`loopback_store`, LOOPBACK_ENV; dsrpipe.torchrun launches such a job).
 
 For tests only (documented in docs/distributed.md): DSRPIPE_TEST_FAULT=exit:<rank>:<epoch> makes that
 rank die (os._exit) halfway through that epoch (1-based) of the first attempt, as a killed node
@@ -30,7 +30,6 @@ import json
 import os
 import socket
 import sys
-import uuid
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -285,42 +284,6 @@ def loopback_store(
         raise
     sock.detach()  # the store owns the descriptor now, and closes it
     return store
-
-
-class Launch:
-    """How `compare` and `watch` run `python -m dsrpipe <args>` as `nproc` processes: through
-    torchrun (or plainly when nproc is 1), on this machine only. The job's rendezvous store is
-    hosted by this object, on loopback, for as long as it lives (close() or garbage collection
-    ends it); torchrun only connects to it. Each job gets its own store and id: jobs running side
-    by side never meet. Every listener of the job stays on loopback (see LOOPBACK_ENV and
-    process_group); a multi-node run is started by the user's own torchrun, with the addresses
-    the user names."""
-
-    def __init__(self, nproc: int, args: list[str]):
-        self.store, self.env = None, {}
-        if nproc <= 1:
-            self.command = [sys.executable, "-m", "dsrpipe", *args]
-            return
-        self.store = loopback_store()
-        self.env = dict(LOOPBACK_ENV)
-        self.command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nnodes=1",
-            f"--nproc-per-node={nproc}",
-            "--rdzv-backend=c10d",
-            f"--rdzv-endpoint={LOOPBACK}:{self.store.port}",
-            f"--rdzv-id=dsrpipe-{uuid.uuid4().hex}",
-            "--rdzv-conf=is_host=false",  # the store above is the host
-            f"--local-addr={LOOPBACK}",  # what rank 0 publishes as MASTER_ADDR
-            "-m",
-            "dsrpipe",
-            *args,
-        ]
-
-    def close(self) -> None:
-        self.store = None
 
 
 # -- fault injection, for the tests of failure handling (see the module docstring) --------------

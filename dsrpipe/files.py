@@ -1,8 +1,8 @@
 """Atomic writes (a reader sees the old file or the complete new one, never half of either),
-the exclusive lock that makes one process the owner of a run or a folder, the data-only
-reading of a torch file someone else made, file names as text (a name is whatever bytes
+the exclusive lock that makes one process the owner of a run or a folder, file names as text (a name is whatever bytes
 the filesystem allows, not always UTF-8), and the opening of files someone else may have put in
-place (`open_regular`: no final symbolic link followed, no FIFO or device waited on)."""
+place (`open_regular`: no final symbolic link followed, no FIFO or device waited on). Torch-free:
+torch files are written and read by dsrpipe.checkpoint."""
 
 from __future__ import annotations
 
@@ -100,13 +100,6 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def torch_save(path: str | os.PathLike, obj: Any) -> None:
-    import torch
-
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
 
 
 def open_regular(
@@ -219,19 +212,6 @@ def holding_lock(path: str | os.PathLike, busy: Callable[[str], str]) -> Iterato
         yield lock
     finally:
         release_lock(lock)
-
-
-def torch_load(path: str | os.PathLike) -> Any:
-    """A torch.save file read as data only (`weights_only`: tensors and plain containers, never
-    code) and memory-mapped (a big file costs address space, not memory, until read): for any
-    file a user or a drop names."""
-    import warnings
-
-    import torch
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch warns about the pickle protocol of foreign files
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
 class _ArraysOnly(pickle.Unpickler):

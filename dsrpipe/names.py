@@ -7,7 +7,9 @@ import os
 import re
 import stat
 
-SAFE_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"  # a run name is a folder name: no paths, no surprises
+# A run name (and a grid's, a watch job's) is a folder name: no paths, no surprises.
+SAFE_NAME_LENGTH = 100
+SAFE_NAME = rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{SAFE_NAME_LENGTH - 1}}}"
 # A Slurm partition (or a comma-separated list of them), as the pipeline's `cluster.partition` and
 # `--partition` take it. It is written into the sbatch script: nothing else gets through.
 SLURM_PARTITION = r"[A-Za-z0-9_.,-]{1,64}"

@@ -14,7 +14,8 @@ from .config import Pipeline
 from .errors import UserError
 from .models import create_model
 from .registry import layer_selection
-from .sparse.channels import channel_cost, floor_count, most_removable, removable_groups, unrounded_note
+from .sparse.cost import channel_cost
+from .sparse.groups import floor_count, most_removable, removable_groups, unrounded_note
 
 # (channels, side) of the images of each dataset whose files fix them: `check` must know them
 # without reading the files (dsrpipe/data reads the images and takes both from them). An image

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsrpipe.sparse import RewireSchedule, create_sparsifier
-from dsrpipe.sparse.base import sample_free_positions
+from dsrpipe.sparse.budgets import sample_free_positions
 
 SPARSITY, SEED, PERIOD = 0.9, 3, 4
 RUNS = {"static": {}, "dsr": {"prune_target": 150, "init_threshold": 0.01}, "set": {"prune_fraction": 0.1}}

@@ -313,7 +313,7 @@ def test_watch_on_ray_reattaches_retries_requeues_and_leaves_its_jobs_running_on
         ("b", "done", 1, "ray"),
     ]
     b = b_log.read_text()
-    assert b.count("$ python -m dsrpipe.watch") == 2 and "train: resuming after epoch" in b, b
+    assert b.count("$ python -m dsrpipe.jobs") == 2 and "train: resuming after epoch" in b, b
     for name in ("a", "b"):  # SIGKILL may leave a checkpoint's temporary, never a half-written model
         assert not list((out / name).rglob(".model*")) and onnx.load(out / name / "model.onnx").graph.node
     status = CliRunner().invoke(app, ["status", str(drop), "--json"])
@@ -509,7 +509,7 @@ def test_a_second_compare_of_a_grid_is_refused_before_it_starts_or_joins_an_engi
     def no_engine(*args, **kwargs):
         raise AssertionError("an engine was started for a compare that is refused")
 
-    monkeypatch.setattr(compare_module, "make_executor", no_engine)
+    monkeypatch.setattr(compare_module.schedule, "make_executor", no_engine)
     grid, folder = write_grid(tmp_path), tmp_path / "out" / "g"
     folder.mkdir(parents=True)
     with files.holding_lock(folder / "compare.lock", str):
@@ -848,9 +848,15 @@ def test_bad_cluster_input_is_one_line_and_submits_nothing(tmp_path, monkeypatch
     assert (out / "keep.txt").read_text() == "mine" and not (out / "g" / "logs").exists()
 
 
-def test_watch_asks_the_engine_for_the_jobs_limits(tmp_path, monkeypatch):
-    """watch's job options become what each engine job asks for: the resources the daemon builds,
-    and the sbatch parameters they make."""
+@pytest.mark.parametrize("names", ["current", "aliases"])
+@pytest.mark.parametrize("command", ["watch", "compare"])
+def test_watch_and_compare_ask_the_engine_for_the_jobs_limits_by_the_same_options(
+    tmp_path, monkeypatch, command, names
+):
+    """compare and watch share one executor option group: the same options (or their aliases,
+    compare's old names) become the same resources the engine is asked for, and the sbatch
+    parameters they make."""
+    from dsrpipe.compare import schedule
     from dsrpipe.executors.slurm import SlurmExecutor
     from dsrpipe.watch import daemon
 
@@ -858,15 +864,28 @@ def test_watch_asks_the_engine_for_the_jobs_limits(tmp_path, monkeypatch):
 
     def executor_made(engine, resources, **where):
         asked.update(engine=engine, resources=resources)
-        raise UserError("enough: the daemon would start now")
+        raise UserError("enough: the jobs would start now")
 
-    monkeypatch.setattr(daemon, "make_executor", executor_made)
-    (tmp_path / "drop").mkdir()
-    limits = ["--job-memory", "8G", "--job-timeout", "90m", "--cpus-per-job", "4", "--gpus-per-job", "2"]
-    result = dsrpipe(
-        "watch", "drop", "--out", "models", "--executor", "slurm", "--partition", "gpu", *limits, cwd=tmp_path
+    monkeypatch.setattr(daemon if command == "watch" else schedule, "make_executor", executor_made)
+    memory, timeout = (
+        ("--job-memory", "--job-timeout") if names == "current" else ("--memory-per-job", "--time")
     )
-    assert_one_line_error(result, "enough: the daemon would start now")
+    limits = [
+        memory,
+        "8G",
+        timeout,
+        "90m",
+        "--cpus-per-job",
+        "4",
+        "--gpus-per-job",
+        "2",
+        "--partition",
+        "gpu",
+    ]
+    (tmp_path / "drop").mkdir()
+    where = ["drop"] if command == "watch" else [write_grid(tmp_path)]
+    result = dsrpipe(command, *where, "--out", "models", "--executor", "slurm", *limits, cwd=tmp_path)
+    assert_one_line_error(result, "enough: the jobs would start now")
     wanted = Resources(cpus=4, gpus=2, nproc=1, memory=8 * 2**30, time=5400.0, partition="gpu")
     assert asked == {"engine": "slurm", "resources": wanted}
     sbatch = SlurmExecutor(wanted, tmp_path / "slurm", dry_run=True).parameters()

@@ -91,8 +91,9 @@ RUN_2 = "g-dsr-s0.9-seed0"  # the grid's one run
 @pytest.fixture(scope="module")
 def two_and_one(tmp_path_factory):
     """The quickstart (without BatchNorm) on 2 ranks × 32, as `dsrpipe compare --nproc-per-job 2`
-    launches a run (`python -m torch.distributed.run --standalone --nproc_per_node=2 -m dsrpipe
-    run`), and as `train-sparse` in one process × 64 (the same global batch), side by side. The
+    launches a run (`python -m dsrpipe.torchrun 2 run ...`: torchrun's agent and the job's
+    loopback store in one process), and as `train-sparse` in one process × 64 (the same global
+    batch), side by side. The
     run misses a deliberately high min_top1: torchrun exits 1 whatever its ranks' codes, and
     compare must still read the run's report rather than take it for a crash."""
     tmp = tmp_path_factory.mktemp("ddp")

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
+from dsrpipe.checkpoint import torch_load
 from dsrpipe.cli import app
 from dsrpipe.data import load_data
 from dsrpipe.errors import UserError
-from dsrpipe.files import torch_load
 from dsrpipe.models import create_model
 from dsrpipe.registry import build_sparsifier
 from dsrpipe.rundir import settings_fingerprint

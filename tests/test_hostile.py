@@ -19,7 +19,7 @@ import yaml
 from typer.testing import CliRunner
 
 from dsrpipe import files
-from dsrpipe.checkpoint import save_checkpoint
+from dsrpipe.checkpoint import save_checkpoint, torch_save
 from dsrpipe.cli import app
 from dsrpipe.config import load_pipeline
 from dsrpipe.errors import UserError
@@ -643,7 +643,7 @@ def test_a_full_disk_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch)
 
     monkeypatch.setattr(torch, "save", full)
     with pytest.raises(UserError, match=f"^cannot write {target}: the disk is full"):
-        files.torch_save(target, {"x": 1})
+        torch_save(target, {"x": 1})
     for full in (errno.ENOSPC, errno.EDQUOT):
         with pytest.raises(UserError, match=f"^cannot write {target}: the disk is full"):
             with files.atomic_path(target):

@@ -26,7 +26,7 @@ from dsrpipe.sparse import (
     RigL,
     create_sparsifier,
 )
-from dsrpipe.sparse.base import smallest_active
+from dsrpipe.sparse.budgets import smallest_active
 from dsrpipe.sparse.frozen import initial_weights
 from dsrpipe.sparse.thin import thin_model_options
 from dsrpipe.train import finetune, train_sparse

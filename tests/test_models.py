@@ -5,7 +5,7 @@ from torch import nn
 from dsrpipe import models
 from dsrpipe.errors import UserError
 from dsrpipe.models import create_model, is_known_model, list_models, register_model
-from dsrpipe.sparse.base import select_sparse_weights
+from dsrpipe.sparse.layers import select_sparse_weights
 
 DATASETS = {  # (in_channels, image_size, num_classes)
     "digits": (1, 8, 10),

@@ -10,8 +10,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from dsrpipe import checkpoint as checkpoint_module
 from dsrpipe import compare as compare_module
-from dsrpipe import files
 from dsrpipe import run as run_module
 from dsrpipe.cli import app
 from dsrpipe.config import parse_pipeline
@@ -40,7 +40,9 @@ def test_dsrpipe_run_loads_the_data_and_each_checkpoint_once(tmp_path, monkeypat
     though the stages' states, fingerprints, fine-tuning, export and validation all use them; the
     shipped model's sparsity is counted once."""
     data_loads = counting(monkeypatch, run_module, "load_data", lambda dataset, **_: dataset)
-    reads = counting(monkeypatch, files, "torch_load", lambda path: Path(path).relative_to(tmp_path))
+    reads = counting(
+        monkeypatch, checkpoint_module, "torch_load", lambda path: Path(path).relative_to(tmp_path)
+    )
     summaries = counting(monkeypatch, run_module, "_sparsity_summary", lambda model, cfg, shipped: cfg.name)
     raw = tiny(
         train={"epochs": 2},

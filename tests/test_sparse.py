@@ -6,7 +6,8 @@ from torch import nn
 
 from dsrpipe.errors import UserError
 from dsrpipe.sparse import DSR, RewireSchedule, Sparsifier, create_sparsifier, proportional_split
-from dsrpipe.sparse.base import sample_free_positions, select_sparse_weights
+from dsrpipe.sparse.budgets import sample_free_positions
+from dsrpipe.sparse.layers import select_sparse_weights
 
 from .helpers import assert_resume_is_exact, masked_weights_are_zero, small_net, train_steps
 

@@ -31,7 +31,7 @@ from dsrpipe.errors import UserError
 from dsrpipe.preflight import check_model
 from dsrpipe.registry import build_sparsifier
 from dsrpipe.sparse import slicing
-from dsrpipe.sparse.channels import trace_groups
+from dsrpipe.sparse.groups import trace_groups
 
 from .helpers import masked_weights_are_zero, small_net
 from .test_pipeline import ROOT, tiny, write_pipeline
@@ -54,7 +54,7 @@ def raise_attribute_error(*args, **kwargs):
         (tp.DependencyGraph, "build_dependency"),
         (tp.DependencyGraph, "get_all_groups"),
         (slicing.tp.DependencyGraph, "get_pruning_group"),  # inside get_all_groups
-        ("dsrpipe.sparse.channels.opaque", None),  # our own loop over the groups
+        ("dsrpipe.sparse.groups.opaque", None),  # our own loop over the groups
     ],
     ids=["graph", "groups", "a group", "our loop"],
 )

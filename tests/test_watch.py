@@ -22,11 +22,11 @@ import yaml
 
 from dsrpipe.config import parse_pipeline
 from dsrpipe.errors import UserError
+from dsrpipe.executors.limits import group_memory
+from dsrpipe.jobs.job import confine_paths
 from dsrpipe.quantities import format_size, parse_duration, parse_size
 from dsrpipe.watch.drops import DEFAULT_TEMPLATE, IntakeError, content_hash, drop_stem, slug, stamp
-from dsrpipe.watch.job import confine_paths
 from dsrpipe.watch.journal import Journal
-from dsrpipe.watch.limits import group_memory
 
 from . import helpers
 from .helpers import write_tree
@@ -95,6 +95,11 @@ def jobs(drop):
         return journal.jobs()
     finally:
         journal.close()
+
+
+def torch_loaded(pid):
+    """Whether the process has imported torch, which maps torch's own libraries (torch/lib/libtorch*)."""
+    return "/torch/lib/libtorch" in Path(f"/proc/{pid}/maps").read_text()
 
 
 def job_log(drop, name):
@@ -319,7 +324,7 @@ def test_bad_command_lines_are_one_line_errors_and_a_second_daemon_is_refused(tm
 
 def test_a_dropped_pipeline_runs_once_and_changed_content_is_a_new_job(tmp_path, drop, watchers):
     out = tmp_path / "out"
-    # Two threads per job: a job forked from the warmed-up server (watch/warmup.py) still trains
+    # Two threads per job: a job forked from the warmed-up server (jobs/warmup.py) still trains
     # with a thread pool of its own.
     w = watchers(drop, out, env={"OMP_NUM_THREADS": "2"})
     w.wait_log("watching")
@@ -340,6 +345,9 @@ def test_a_dropped_pipeline_runs_once_and_changed_content_is_a_new_job(tmp_path,
     (drop / "exp.yaml").write_text(changed)
     second = f"exp-{hashlib.sha256(changed.encode()).hexdigest()[:8]}"
     w.wait_state(second, "done")
+    # Two jobs ran, and the daemon never loaded torch: they imported it in processes of their own
+    # (the daemon names their module; pyproject's watch-without-torch contract keeps its imports clean).
+    assert torch_loaded(os.getpid()) and not torch_loaded(w.proc.pid)
     (drop / "README.md").write_text("still not a pipeline\n")
     time.sleep(0.6)
     assert (out / "exp" / "model.onnx").stat().st_mtime_ns == first_model
@@ -895,7 +903,7 @@ def test_a_dataset_dropped_without_a_template_is_fitted_to_its_median_side(tmp_p
     finally:
         folder.journal.close()
     job = subprocess.run(
-        [sys.executable, "-m", "dsrpipe.watch", str(folder.jobs_dir / "photos")],
+        [sys.executable, "-m", "dsrpipe.jobs", str(folder.jobs_dir / "photos")],
         capture_output=True,
         text=True,
         env=ENV,

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from ..catalog import find_splits, visible_dirs
+from ..checkpoint import torch_save
 from ..contract import IMAGE_SUFFIXES, decode_fitted
 from ..errors import UserError
-from ..files import torch_save
 from .archive import ArchiveCaps, cache_key, extract_archive
 from .splits import DatasetInfo, StreamingDataset, channel_stats, in_memory_splits
 

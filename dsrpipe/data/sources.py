@@ -3,13 +3,13 @@ embedded default), torchvision's MNIST, Fashion-MNIST and CIFAR, and image folde
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import machine
 from ..catalog import check_dataset
 from ..errors import UserError
 from ..files import load_arrays_pickle, shown
@@ -53,7 +53,7 @@ def _load_splits(
     name = check_dataset(dataset)
     if image_size is not None and image_size < 1:
         raise UserError(f"dataset '{name}': image_size must be a positive integer, got {image_size}")
-    num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
+    num_workers = machine.cores() if num_workers is None else num_workers
     if name == "imagefolder":
         cache = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser()
         return load_imagefolder(root, image_size, cache, num_workers, archive_caps)

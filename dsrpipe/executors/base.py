@@ -10,6 +10,7 @@ is just the same command started again.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import socket
@@ -17,7 +18,9 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from .. import machine
 from ..errors import UserError
 from ..files import shown
 from ..names import SLURM_PARTITION_RULE, is_slurm_partition
@@ -58,6 +61,29 @@ class Resources:
             )
 
 
+@dataclass(frozen=True)
+class ExecutorOptions:
+    """Where jobs run and what each asks for, as `compare` and `watch` both take them (one option
+    group of the command line, docs/cluster.md). A resource left None is not given: the grid's
+    `cluster:` section, else Resources' default, decides it."""
+
+    executor: str = "local"  # local | ray | slurm (make_executor)
+    address: str | None = None  # ray: the cluster's head (default: a local Ray on loopback)
+    cpus: int | None = None
+    gpus: int | None = None
+    memory: int | None = None  # bytes
+    time: float | None = None  # seconds
+    partition: str | None = None  # slurm
+    dry_run: bool = False  # slurm: print the sbatch script, submit nothing
+
+    def resources(self, nproc: int = 1, base: Resources | None = None) -> Resources:
+        """`base` (the grid's `cluster:` section, else the defaults), with what was given instead."""
+        given = {k: getattr(self, k) for k in ("cpus", "gpus", "memory", "time", "partition")}
+        return dataclasses.replace(
+            base or Resources(), nproc=nproc, **{k: v for k, v in given.items() if v is not None}
+        )
+
+
 @dataclass
 class JobSpec:
     """One job: `python -m <module> <args>` (through torchrun when nproc > 1 and the module is
@@ -92,6 +118,27 @@ class Executor(ABC):
     @abstractmethod
     def cancel(self, job_id: str) -> None:
         """Stop the job (its run resumes from its last checkpoint when started again)."""
+
+    def warm_up(self) -> None:
+        """Get ready for a first job that is coming (the fork server starts); most have nothing to do."""
+        return None
+
+    def stop(self, job_id: str) -> None:
+        """Ask a job that would not outlive the submitter to stop (it checkpoints first)."""
+        self.cancel(job_id)
+
+    def kill(self, job_id: str) -> None:
+        """Stop a job that did not stop when asked."""
+        self.cancel(job_id)
+
+    def enforce_limits(self) -> dict[str, str]:
+        """Kill the jobs over their memory or time; {job id: why} for each killed. An engine holds
+        its jobs to what they asked for itself: nothing to do here."""
+        return {}
+
+    def record(self, job_id: str) -> dict[str, Any]:
+        """What a journal keeps of a job, for a restarted submitter to find it again."""
+        return {"engine": self.name, "engine_job": job_id, "engine_address": self.address}
 
     def attach(self, job_id: str) -> bool:
         """Take up a job a previous submitter started; whether the engine still knows it."""
@@ -163,11 +210,10 @@ def connection_refused(address: str) -> OSError | None:
     return None
 
 
-def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+def threads_per_job(jobs: int, nproc: int) -> int:
+    """A local job's thread count: the cores shared between the jobs and their processes, instead
+    of every process spinning up one thread per core."""
+    return max(1, machine.cores() // (jobs * nproc))
 
 
 def write_marker(folder: str, token: str, elsewhere: str | None = None) -> int:

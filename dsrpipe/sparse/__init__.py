@@ -5,21 +5,14 @@ from __future__ import annotations
 import inspect
 
 from ..errors import UserError
-from .base import (
-    Dense,
-    LayerSelection,
-    RewireSchedule,
-    Sparsifier,
-    layer_budgets,
-    proportional_split,
-    sample_free_positions,
-    split_in_units,
-)
-from .channels import ChannelRemoval
+from .base import Dense, RewireSchedule, Sparsifier
+from .budgets import layer_budgets, proportional_split, sample_free_positions, split_in_units
 from .deepr import DeepR
 from .dsr import DSR
 from .frozen import Frozen
+from .layers import LayerSelection
 from .prune import ChannelPrune, GradualPrune, Prune
+from .removal import ChannelRemoval
 from .rigl import RigL
 from .set import SET
 from .units import GRANULARITIES, Units

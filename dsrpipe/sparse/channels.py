@@ -26,293 +26,30 @@ it is ranked by those layers' filters alone. With `dense_layers`, a group only d
 (the input layer's channels) is removable too, ranked by their filters. Every group keeps `floor`
 of its channels (and at least one), and ends with a multiple of `multiple_of` of them (or all);
 removal stops short of leaving the sparse tensors too little room for the budget.
-`Channels` is the machinery (owned by a sparsifier); `ChannelRemoval` is what the user asks for.
+`Channels` is the machinery (owned by a sparsifier, channel_steps.py); `ChannelRemoval` is what
+the user asks for (removal.py); groups.py traces the groups.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 import torch
-import torch.distributed as dist
-import torch_pruning as tp
 from torch import nn
 
 from ..errors import UserError
-from .cost import (
-    ChannelCost,
-    CostBudget,
-    LatencyTable,
-    latency_cache,
-    layer_geometry,
-    next_block,
-    plan_to_budget,
+from .cost import channel_cost, next_block, plan_to_budget
+from .groups import (
+    ChannelGroup,
+    GroupMember,
+    floor_count,
+    listed,
+    removable_groups,
+    rounding,
+    trace_groups,
+    unrounded_note,
 )
-from .slicing import LAYERS, NORMS, dependency_graph, opaque, tracing
-
-
-@dataclass(frozen=True)
-class ChannelRemoval:
-    """Remove `share` of the removable channels between iterations `begin` and `end`, each group
-    keeping at least `floor` of its channels; `steps`: how many removal events (evenly spaced,
-    the last at `end`), or None to remove whenever the method's schedule is due (cubic curve);
-    `dense_layers`: the channels that only dense layers write (the input layer's) are removable
-    too, ranked by those layers' filters; `multiple_of`: after the last removal each group's
-    live channels are a multiple of it (or all), the removed count as near the share's as the
-    multiples allow; `shrink`: after each removal, cut the removed channels out of the model
-    (`Sparsifier.shrink`), so that training costs what the smaller model costs, rather than
-    holding them at zero. `budget`: instead of a share of the channels, remove until the model
-    keeps at most a share of the dense model's MACs or latency (cost.py), the channels ranked by
-    their score for what removing them saves; `dense_inside`: after the last removal every weight
-    of the live channels becomes active (speed first: the shipped model is a plain dense network
-    of the learned widths), where otherwise the budget stays sparse inside them (the smallest
-    file)."""
-
-    share: float
-    begin: int = 0
-    end: int = 1
-    floor: float = 0.1
-    steps: int | None = None
-    dense_layers: bool = True
-    # onnxruntime's CPU convolutions work in blocks of 16 channels on AVX-512 (8 on AVX2) and pad
-    # the rest: 33 live channels cost what 48 do (docs/methods.md, "Channel removal").
-    multiple_of: int = 16
-    shrink: bool = True
-    budget: CostBudget | None = None
-    dense_inside: bool = False
-
-    def __post_init__(self):
-        if not 0.0 <= self.share < 1.0:
-            raise UserError(f"channel share must be in [0, 1), got {self.share}")
-        if not 0.0 <= self.floor <= 1.0:
-            raise UserError(f"channel floor must be in [0, 1], got {self.floor}")
-        if not 0 <= self.begin < self.end:
-            raise UserError(
-                f"channel removal must begin before it ends (iterations {self.begin}, {self.end})"
-            )
-        if self.steps is not None and self.steps < 1:
-            raise UserError(f"channel removal steps must be at least 1, got {self.steps}")
-        if self.multiple_of < 1:
-            raise UserError(f"channel multiple_of must be at least 1, got {self.multiple_of}")
-
-    @property
-    def removes(self) -> bool:
-        """Whether anything is to go (fine-tuning holds a trained run's channels, removing none)."""
-        return self.share > 0 or self.budget is not None
-
-    def progress(self, iteration: int) -> float:
-        """The part of the removal done by `iteration`: in equal steps, or on a cubic curve."""
-        progress = min(max((iteration - self.begin) / (self.end - self.begin), 0.0), 1.0)
-        if self.steps is not None:
-            return math.floor(progress * self.steps + 1e-9) / self.steps
-        return 1 - (1 - progress) ** 3
-
-    def target(self, iteration: int, removable: int) -> int:
-        """Channels removed in all by `iteration`."""
-        return round(self.share * removable * self.progress(iteration))
-
-    def due(self, iteration: int, scheduled: bool) -> bool:
-        """Whether to remove after step `iteration`, `scheduled`: whether the method reallocates now."""
-        if not self.begin < iteration <= self.end:
-            return False
-        if self.steps is None:
-            return scheduled or iteration == self.end
-        span = self.end - self.begin
-        return any(iteration == self.begin + round(span * k / self.steps) for k in range(1, self.steps + 1))
-
-
-@dataclass
-class _Member:
-    """One layer of a channel group: which of its indices each channel of the group occupies."""
-
-    module: nn.Module
-    name: str
-    role: str  # "out" (a Conv2d/Linear writing the channel), "in" (one reading it), "norm" (BatchNorm)
-    index: torch.Tensor  # [channels, k]: the k indices of the layer's dimension per channel
-
-
-@dataclass
-class ChannelGroup:
-    name: str  # its first writing layer, as model.named_modules() names it
-    channels: int
-    members: list[_Member]
-    scored_by: list[_Member]  # the writing layers whose filters rank its channels (the sparse ones)
-    tp_group: Any = None  # Torch-Pruning's group, for its importance measures
-
-
-# What a model that cannot be traced is told (slicing.tracing).
-TRACE_ADVICE = "this model cannot take channel removal (docs/methods.md lists the models that can)"
-
-
-def trace_groups(
-    model: nn.Module,
-    example_inputs: torch.Tensor,
-    eligible: set[str],
-    any_writer: bool = False,
-    name: str | None = None,
-) -> list[ChannelGroup]:
-    """The model's channel groups that a layer named in `eligible` writes (with `any_writer`: that
-    any Conv2d or Linear writes, scored by the eligible writers if it has some), traced by
-    Torch-Pruning, within slicing.TRACE_SECONDS; a model it cannot trace is a UserError that
-    names it (`name`, else its class).
-
-    Groups holding layers whose channels this cannot reason about (grouped convs, other layers
-    with per-channel parameters, bare parameters, the model's outputs) are left out."""
-    with tracing(model, "channel removal", TRACE_ADVICE, name):
-        return _groups(
-            model, dependency_graph(model, example_inputs, "channel removal"), eligible, any_writer
-        )
-
-
-def _groups(
-    model: nn.Module, graph: tp.DependencyGraph, eligible: set[str], any_writer: bool
-) -> list[ChannelGroup]:
-    names = {m: n for n, m in model.named_modules()}
-    groups = []
-    for group in graph.get_all_groups(root_module_types=LAYERS):
-        members: dict[tuple[nn.Module, str], dict[int, list[int]]] = {}
-        usable = True
-        for item in group:
-            module = item.dep.target.module
-            if isinstance(module, LAYERS):
-                if isinstance(module, nn.Conv2d) and module.groups != 1:
-                    usable = False
-                role = "out" if graph.is_out_channel_pruning_fn(item.dep.handler) else "in"
-            elif isinstance(module, NORMS):
-                role = "norm"
-            elif opaque(module):
-                usable = False
-                continue
-            else:
-                continue  # adds, reshapes, pooling: nothing of their own to zero
-            per_channel = members.setdefault((module, role), {})
-            for idx, root in zip(item.idxs, item.root_idxs):
-                per_channel.setdefault(int(root), []).append(int(idx))
-        writers = [names[m] for (m, role) in members if role == "out"]
-        if not any_writer:
-            writers = [n for n in writers if n in eligible]
-        if not usable or not writers or not any(role == "in" for _, role in members):
-            continue
-        channels = max(len(per) for per in members.values())
-        built = []
-        for (module, role), per_channel in members.items():
-            if len(per_channel) != channels or len({len(v) for v in per_channel.values()}) != 1:
-                usable = False  # a layer that sees only some of the group's channels
-                break
-            index = torch.tensor([sorted(per_channel[c]) for c in range(channels)], dtype=torch.long)
-            built.append(_Member(module, names[module], role, index))
-        if not usable:
-            continue
-        writing = [m for m in built if m.role == "out"]
-        scored_by = [m for m in writing if m.name in eligible] or writing
-        groups.append(ChannelGroup(scored_by[0].name, channels, built, scored_by, group))
-    return sorted(groups, key=lambda g: list(names.values()).index(g.name))
-
-
-def removable_groups(
-    model: nn.Module,
-    example_inputs: torch.Tensor,
-    eligible: set[str],
-    any_writer: bool = False,
-    name: str | None = None,
-) -> list[ChannelGroup]:
-    """`trace_groups`, and a UserError if there is none: what channel removal starts from."""
-    groups = trace_groups(model, example_inputs, eligible, any_writer, name)
-    if not groups:
-        raise UserError(
-            f"channel removal: {name or type(model).__name__} has no channel that a sparse layer writes "
-            "and another layer reads"
-        )
-    return groups
-
-
-def floor_count(floor: float, channels: int) -> int:
-    """The channels a group of `channels` keeps at least: `floor` of them, rounded up, and one."""
-    return max(1, math.ceil(floor * channels))
-
-
-def rounding(channels: int, floor: int, multiple_of: int) -> str:
-    """What `multiple_of` does to a group of `channels` that keeps at least `floor`: "rounded"
-    (it can end at a smaller multiple), "whole" (its width is a multiple and no smaller one is
-    above the floor: it keeps every channel), or "unrounded" (no multiple fits, as in a group
-    narrower than the multiple: it loses channels as the ranking says)."""
-    largest = (channels - 1) // multiple_of * multiple_of  # the largest multiple below the width
-    if largest >= max(floor, multiple_of):
-        return "rounded"
-    return "whole" if channels % multiple_of == 0 else "unrounded"
-
-
-def _listed(names: list[str]) -> str:
-    """Names for a one-line message: the first four, and how many more."""
-    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
-
-
-def unrounded_note(channels: dict[str, int], floors: dict[str, int], multiple_of: int) -> str | None:
-    """One line naming the groups (name: channels, as built) that `multiple_of` cannot round
-    (`rounding`): those it keeps whole, those whose channels go unrounded; None if none."""
-    if multiple_of == 1:
-        return None
-    kinds: dict[str, list[str]] = {"whole": [], "unrounded": []}
-    for name, n in channels.items():
-        kind = rounding(n, floors[name], multiple_of)
-        if kind != "rounded":
-            kinds[kind].append(f"{name} ({n} channels)")
-
-    parts = []
-    if kinds["whole"]:
-        parts.append(f"keeps {_listed(kinds['whole'])} whole (no smaller multiple above the floor)")
-    if kinds["unrounded"]:
-        parts.append(
-            f"rounds nothing in {_listed(kinds['unrounded'])} (no multiple between the floor and the "
-            "width): their channels go as the ranking says"
-        )
-    return f"channel removal: multiple_of {multiple_of} {'; it '.join(parts)}" if parts else None
-
-
-def most_removable(groups: list[ChannelGroup], floors: dict[str, int], multiple_of: int) -> dict[str, int]:
-    """Per group, the most channels removal can take: down to its floor, and to a multiple of
-    `multiple_of` where the group rounds (`rounding`)."""
-    most = {}
-    for g in groups:
-        kind = rounding(g.channels, floors[g.name], multiple_of)
-        if kind == "whole":
-            keep = g.channels
-        elif kind == "unrounded" or multiple_of == 1:
-            keep = floors[g.name]
-        else:
-            keep = -(-max(floors[g.name], multiple_of) // multiple_of) * multiple_of
-        most[g.name] = g.channels - keep
-    return most
-
-
-def channel_cost(
-    model: nn.Module,
-    example_inputs: torch.Tensor,
-    groups: list[ChannelGroup],
-    floors: dict[str, int],
-    budget: CostBudget,
-    multiple_of: int,
-) -> ChannelCost:
-    """The model's cost as a function of the channels removed from each group; for a latency
-    budget, with the layer times measured (or read from this machine's cache) at the widths
-    removal can reach."""
-    layers = layer_geometry(model, example_inputs)
-    members = {
-        g.name: [(m.name, m.role, m.index.shape[1]) for m in g.members if m.role != "norm"] for g in groups
-    }
-    table = LatencyTable(latency_cache(), multiple_of) if budget.measure == "latency" else None
-    cost = ChannelCost(layers, members, budget.measure, table)
-    if table is not None:
-        most = most_removable(groups, floors, multiple_of)
-        table.prepare(layers, {name: layer.widths(most) for name, layer in layers.items()})
-        if dist.is_available() and dist.is_initialized():  # every rank plans with rank 0's times
-            grids = [table.grids]
-            dist.broadcast_object_list(grids, src=0)
-            table.grids = grids[0]
-    return cost
+from .removal import ChannelRemoval
 
 
 def mean_magnitude(group: ChannelGroup) -> torch.Tensor:
@@ -506,13 +243,13 @@ class Channels:
         reasons = []
         if no_room:
             reasons.append(
-                f"{_listed(no_room)} cannot lose another channel and leave the sparse layers room for "
+                f"{listed(no_room)} cannot lose another channel and leave the sparse layers room for "
                 f"the budget's {active_total:,} active weights"
             )
         if at_floor:
-            reasons.append(f"{_listed(at_floor)} are at their floor (remove_channels.floor; one at least)")
+            reasons.append(f"{listed(at_floor)} are at their floor (remove_channels.floor; one at least)")
         if rounded:
-            reasons.append(f"{_listed(rounded)} are kept at a multiple of {self.removal.multiple_of}")
+            reasons.append(f"{listed(rounded)} are kept at a multiple of {self.removal.multiple_of}")
         return "; ".join(reasons)
 
     def _lowest(self, count, scores, live, active_total) -> dict[str, list[int]]:
@@ -605,7 +342,7 @@ class Channels:
         self._clear_state(optimizer)
         return int(torch.stack(freed).sum()) if freed else 0
 
-    def _zero(self, member: _Member, idx: torch.Tensor) -> torch.Tensor:
+    def _zero(self, member: GroupMember, idx: torch.Tensor) -> torch.Tensor:
         module = member.module
         if member.role == "norm":
             for param in (module.weight, module.bias):

@@ -29,11 +29,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+import torch.distributed as dist
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from ..errors import UserError
 from ..files import read_regular, write_json
+from .groups import ChannelGroup, most_removable
 from .slicing import LAYERS
 
 MEASURES = ("macs", "latency")
@@ -408,6 +410,33 @@ def _layer_model(layer: Layer, in_width: int, out_width: int):
         inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+
+
+def channel_cost(
+    model: nn.Module,
+    example_inputs: torch.Tensor,
+    groups: list[ChannelGroup],
+    floors: dict[str, int],
+    budget: CostBudget,
+    multiple_of: int,
+) -> ChannelCost:
+    """The model's cost as a function of the channels removed from each group; for a latency
+    budget, with the layer times measured (or read from this machine's cache) at the widths
+    removal can reach."""
+    layers = layer_geometry(model, example_inputs)
+    members = {
+        g.name: [(m.name, m.role, m.index.shape[1]) for m in g.members if m.role != "norm"] for g in groups
+    }
+    table = LatencyTable(latency_cache(), multiple_of) if budget.measure == "latency" else None
+    cost = ChannelCost(layers, members, budget.measure, table)
+    if table is not None:
+        most = most_removable(groups, floors, multiple_of)
+        table.prepare(layers, {name: layer.widths(most) for name, layer in layers.items()})
+        if dist.is_available() and dist.is_initialized():  # every rank plans with rank 0's times
+            grids = [table.grids]
+            dist.broadcast_object_list(grids, src=0)
+            table.grids = grids[0]
+    return cost
 
 
 def latency_cache() -> Path:

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from .base import RewireSchedule, Sparsifier, sample_free_positions
+from .base import RewireSchedule, Sparsifier
+from .budgets import sample_free_positions
 
 # The DSR authors' DeepR temperature for WRN-28-2 on CIFAR-10 (epoch -> T).
 PAPER_TEMPERATURE = {0: 1e-5, 25: 1e-8, 80: 1e-12, 140: 1e-15}

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from .base import Sparsifier, sample_free_positions, split_in_units
+from .base import Sparsifier
+from .budgets import sample_free_positions, split_in_units
 
 DEFAULT_PRUNE_TARGET = 20_000  # the paper's N_p for WRN-28-2 on CIFAR-10
 

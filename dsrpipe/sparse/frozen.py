@@ -25,7 +25,8 @@ from torch import nn
 from ..checkpoint import read_finished_run
 from ..errors import UserError
 from ..models import create_model
-from .base import LayerSelection, Sparsifier
+from .base import Sparsifier
+from .layers import LayerSelection
 from .slicing import cut_to_live
 
 INITS = ("fresh", "same")

@@ -32,8 +32,9 @@ import torch_pruning as tp
 from ..checkpoint import read_finished_run
 from ..errors import UserError
 from .base import Sparsifier
-from .channels import ChannelGroup, ChannelRemoval
 from .cost import CostBudget
+from .groups import ChannelGroup
+from .removal import ChannelRemoval
 
 
 class GradualPrune(Sparsifier):

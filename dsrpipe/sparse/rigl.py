@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from .base import Sparsifier, smallest_active
+from .base import Sparsifier
+from .budgets import smallest_active
 
 
 class RigL(Sparsifier):

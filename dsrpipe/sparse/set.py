@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from .base import Sparsifier, sample_free_positions
+from .base import Sparsifier
+from .budgets import sample_free_positions
 from .dsr import prune_count
 
 

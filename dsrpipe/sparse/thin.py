@@ -16,7 +16,8 @@ import torch
 from ..errors import UserError
 from ..models import create_model
 from ..models.wrn import parse_wrn_name
-from .base import LayerSelection, active_budget
+from .budgets import active_budget
+from .layers import LayerSelection
 
 
 def _width_knob(model_name: str, options: dict[str, Any]) -> tuple[str, float]:

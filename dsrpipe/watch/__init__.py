@@ -12,10 +12,12 @@ once; `dsrpipe status`: what it did.
 One module per role, each a small class with its own part of the loop:
     readiness   watchdog events and the quiet period: which entries are ready to be taken
     intake      a ready entry → a queued job, a skipped repeat or a failed drop (drops: hashing, names)
-    runner      job processes: start, memory and time limits, how each ended, restarts
-    job         the job process itself
+    runner      jobs handed to the executor (dsrpipe.executors: forked here, or on Ray or Slurm),
+                how each ended, restarts
     daemon      the folder's lock and the loop; status: `dsrpipe status`
     folder      what they share: paths, the journal, the event log, error files, locks
+The job process itself is dsrpipe.jobs, which the daemon names and never imports: the daemon
+never loads torch (an import-linter contract, pyproject.toml).
 Drops are untrusted: nothing in one is executed, every path a pipeline names stays inside the
 drop and output folders, names are bytes, and no drop can stop the daemon.
 """

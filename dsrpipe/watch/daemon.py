@@ -3,6 +3,7 @@ intake → runner) until it is signalled (or, with --once, until nothing is left
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -16,24 +17,24 @@ from typing import TypeVar
 
 from ..errors import DiskFull, UserError
 from ..executors import Executor, Resources, make_executor
+from ..executors import limits as local_limits
 from ..executors.base import connection_refused
 from ..files import disk_full, release_lock, shown, take_lock
 from ..quantities import format_size
-from . import limits
 from .drops import JOURNAL_NAME, SLURM_DIR, STATE_DIR, TEMPLATE_NAME
 from .folder import DropFolder, log
 from .intake import Intake
 from .journal import Journal
-from .options import WatchOptions, default_job_memory
+from .options import WatchOptions
 from .readiness import Readiness
-from .runner import Runner
+from .runner import PRELOAD, Runner
 
 TICK = 0.2  # seconds between looks at pending drops and running jobs
 T = TypeVar("T")
 
 
 class Daemon:
-    def __init__(self, opts: WatchOptions, executor: Executor | None = None):
+    def __init__(self, opts: WatchOptions, executor: Executor):
         self.opts = opts
         self.folder = DropFolder(opts.drop, opts.out)
         self.stopping, self.kill_now, self.signal_name = False, False, None
@@ -97,9 +98,9 @@ class Daemon:
         return None
 
     def _serve(self) -> None:
-        o = self.opts
-        timeout = f", job timeout {o.job_timeout:g}s" if o.job_timeout else ""
-        memory = f", job memory {format_size(o.job_memory)}" if o.job_memory else ""
+        o, limits = self.opts, self.runner.executor.resources
+        timeout = f", job timeout {limits.time:g}s" if limits.time else ""
+        memory = f", job memory {format_size(limits.memory)}" if limits.memory else ""
         log.info(
             f"watching {shown(o.drop)} -> {shown(o.out)} ({o.workers} worker(s), quiet period {o.quiet:g}s"
             f"{memory}{timeout}{', once' if o.once else ''}"
@@ -244,6 +245,23 @@ class DiskSpace:
 
 def watch(opts: WatchOptions) -> int:
     """`dsrpipe watch`: check the options, then serve the drop folder until signalled."""
+    if opts.workers < 1 or opts.quiet < 0:
+        raise UserError("--workers must be at least 1 and --quiet-period at least 0")
+    resources = opts.executor.resources(opts.nproc_per_job)  # bad values: one line, before any file
+    drop, out = _folders(opts)
+    template = Path(opts.template).expanduser().resolve() if opts.template else None
+    if template is not None and not template.is_file():
+        raise UserError(f"template {shown(template)} does not exist")
+    state = _state_folder(drop)
+    log_file = Path(opts.log_file).expanduser().resolve() if opts.log_file else None
+    _setup_logging(log_file)
+    executor = _executor(opts, resources, drop, out, state)
+    paths = {"drop": drop, "out": out, "template": template, "log_file": log_file}
+    return Daemon(dataclasses.replace(opts, **paths), executor).run()
+
+
+def _folders(opts: WatchOptions) -> tuple[Path, Path]:
+    """The drop folder and --out, resolved and checked."""
     drop = Path(opts.drop).expanduser()
     if not drop.is_dir():
         raise UserError(
@@ -253,21 +271,17 @@ def watch(opts: WatchOptions) -> int:
     out = Path(opts.out).expanduser().resolve()
     if out == drop:
         raise UserError("--out must not be the drop folder itself")
-    if opts.executor == "slurm" and out.is_relative_to(drop):
+    if opts.executor.executor == "slurm" and out.is_relative_to(drop):
         # submitit's job files are pickles that the daemon loads: never where drops are written
         raise UserError(
             "--executor slurm: --out must be outside the drop folder (the Slurm jobs' files, which "
             "the daemon loads, are kept there)"
         )
-    template = Path(opts.template).expanduser().resolve() if opts.template else None
-    if template is not None and not template.is_file():
-        raise UserError(f"template {shown(template)} does not exist")
-    if opts.workers < 1 or opts.quiet < 0:
-        raise UserError("--workers must be at least 1 and --quiet-period at least 0")
-    if (opts.job_memory is not None and opts.job_memory <= 0) or (
-        opts.job_timeout is not None and opts.job_timeout <= 0
-    ):
-        raise UserError("--job-memory and --job-timeout must be more than 0")
+    return drop, out
+
+
+def _state_folder(drop: Path) -> Path:
+    """<drop>/.dsrpipe, made if new; one line if it cannot be used."""
     state = drop / STATE_DIR
     if state.is_symlink():  # whoever writes drops could point it at any folder the daemon may write
         raise UserError(
@@ -279,46 +293,34 @@ def watch(opts: WatchOptions) -> int:
         raise UserError(f"cannot create the state folder {shown(state)}: {exc.strerror}") from None
     if not os.access(state, os.R_OK | os.W_OK | os.X_OK):
         raise UserError(f"cannot use the state folder {shown(state)}: permission denied")
-    log_file = Path(opts.log_file).expanduser().resolve() if opts.log_file else None
-    _setup_logging(log_file)
-    job_memory, executor = opts.job_memory, None
-    if opts.executor == "local":  # jobs forked here, under the runner's limits
-        job_memory = job_memory or default_job_memory(opts.workers)
-        if not limits.AVAILABLE:
-            log.warning("no /proc here: --job-memory is not enforced")
-    else:  # jobs sent to the engine, which holds them to what they ask for
-        resources = Resources(
-            cpus=opts.cpus_per_job,
-            gpus=opts.gpus_per_job,
-            nproc=opts.nproc_per_job,
-            memory=opts.job_memory,
-            time=opts.job_timeout,
-            partition=opts.partition,
-        )
-        # the same after a restart: the daemon re-attaches to its jobs through it
-        owner = f"dsrpipe-watch-{hashlib.sha256(str(drop).encode()).hexdigest()[:12]}"
-        address = opts.address
-        if opts.executor == "ray" and address is None:
-            address = _recorded_address(state / JOURNAL_NAME)
-        executor = make_executor(
-            opts.executor, resources, owner=owner, folder=out / SLURM_DIR / owner, address=address
-        )
+    return state
+
+
+def _executor(opts: WatchOptions, resources: Resources, drop: Path, out: Path, state: Path) -> Executor:
+    """Where the jobs run: forked here, held to their limits by the local executor; or sent to an
+    engine, which holds them to what they ask for."""
+    chosen = opts.executor
+    # the same after a restart: the daemon re-attaches to its jobs through it
+    owner = f"dsrpipe-watch-{hashlib.sha256(str(drop).encode()).hexdigest()[:12]}"
+    address = chosen.address
+    if chosen.executor == "ray" and address is None:
+        address = _recorded_address(state / JOURNAL_NAME)
+    executor = make_executor(
+        chosen.executor,
+        resources,
+        owner=owner,
+        folder=out / SLURM_DIR / owner,
+        jobs=opts.workers,
+        address=address,
+        preload=PRELOAD,
+    )
+    if executor.remote:
         out.mkdir(parents=True, exist_ok=True)
         executor.check_storage(out)
         log.info(f"jobs run on {executor.describe()}")
-    return Daemon(
-        WatchOptions(
-            **{
-                **opts.__dict__,
-                "drop": drop,
-                "out": out,
-                "template": template,
-                "log_file": log_file,
-                "job_memory": job_memory,
-            }
-        ),
-        executor,
-    ).run()
+    elif not local_limits.AVAILABLE:
+        log.warning("no /proc here: --job-memory is not enforced")
+    return executor
 
 
 def _recorded_address(journal_path: Path) -> str | None:

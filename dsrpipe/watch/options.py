@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
-
-JOB_MEMORY_SHARE = 0.8  # default --job-memory: this share of the machine's memory, split between workers
+from ..executors import ExecutorOptions
 
 
 @dataclass
@@ -23,26 +21,12 @@ class WatchOptions:
     log_file: Path | None = None
     max_unpacked: int | None = None  # archive caps for dataset drops; None: dsrpipe.data's
     max_files: int | None = None
-    # Local jobs: the limits the runner enforces. Engine jobs: what each asks the engine for
-    # (None: the engine's default); the engine enforces them.
-    job_memory: int | None = None  # bytes a job may use; None (local): default_job_memory(workers)
-    job_timeout: float | None = None  # seconds an attempt of a job may run; None: no limit
     nproc_per_job: int = 1  # processes per job, through torchrun (the limits apply to them all)
-    executor: str = "local"  # local | ray | slurm (dsrpipe.executors)
-    address: str | None = None  # ray: the cluster's head (default: a local Ray on loopback)
-    gpus_per_job: int = 0  # ray, slurm
-    cpus_per_job: int = 1  # ray, slurm
-    partition: str | None = None  # slurm
+    # Where the jobs run and what each may use (the option group that compare shares). Local jobs
+    # are held to their memory (default: a share of the machine's, executors.limits) and time by
+    # their executor; an engine's jobs ask the engine for them (None: the engine's default).
+    executor: ExecutorOptions = field(default_factory=ExecutorOptions)
 
     def __post_init__(self):
         if self.nproc_per_job < 1:
             raise UserError(f"--nproc-per-job must be at least 1, got {self.nproc_per_job}")
-
-
-def default_job_memory(workers: int) -> int:
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    try:  # a container's or a systemd unit's own limit, if lower
-        total = min(total, int(Path("/sys/fs/cgroup/memory.max").read_text()))
-    except (OSError, ValueError):  # no cgroup v2, or "max"
-        pass
-    return int(total * JOB_MEMORY_SHARE / workers)

@@ -1,16 +1,18 @@
-"""The runner: starts queued jobs as processes, watches them, and records how each one ended.
+"""The runner: hands queued jobs to the executor, watches them, and records how each one ended.
 
-A job runs in its own process (forked from a server that has torch imported, in its own session)
-so a crash cannot take the daemon down; `run_pipeline` checkpoints every epoch, so a job
-interrupted in any way is simply started again and resumes. The runner holds every job to
---job-memory and --job-timeout (see dsrpipe.watch.limits): one over a limit is killed and failed
-with that cause.
+A job is `python -m dsrpipe.jobs <job folder>`, whatever runs it: the local executor forks it from
+a warm server that has the job's modules (PRELOAD) imported, in a session of its own; Ray and
+Slurm run it on a worker. Either way a crash cannot take the daemon down, and `run_pipeline`
+checkpoints every epoch, so a job interrupted in any way is simply started again and resumes.
+Each job is held to --job-memory and --job-timeout by its executor (the local one kills it; an
+engine holds it to what it asked for): one over a limit fails with that cause.
+
+The daemon names the job's module and never imports it: it imports torch.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import time
@@ -30,13 +32,11 @@ from ..errors import (
     UserError,
 )
 from ..executors.base import LOST, Executor, JobSpec, connection_refused
-from ..executors.processes import ForkServer, signal_group
+from ..executors.processes import signal_group
 from ..files import disk_full, shown
-from ..quantities import format_size
-from ..rundir import RunDir
+from ..runfolder import RunFolder
 from .drops import ERROR_SUFFIX
 from .folder import DropFolder, log, try_lock
-from .limits import group_memory
 from .options import WatchOptions
 
 MAX_ATTEMPTS = 10  # starts of one job (each interruption costs one) before it is failed
@@ -47,11 +47,12 @@ LIMITS_PERIOD = (
 BUSY_WAIT = 5.0  # seconds before a job found busy (an orphan not yet gone) is tried again
 # A job stopped by a signal (its own exit code, or killed by it), or 255: the fork server died.
 INTERRUPTED = {EXIT_INTERRUPTED, EXIT_TERMINATED, -signal.SIGTERM, -signal.SIGINT, 255}
-# Imported once by the fork server, so that a job process starts in milliseconds, not seconds
-# (the server skips any that fail to import: the job then imports them itself); last, the
-# warm-up, which runs once what the jobs would each set up on first use.
+JOB_MODULE = "dsrpipe.jobs"  # a job: python -m dsrpipe.jobs <job folder> [settings as JSON]
+# Imported once by the local executor's fork server, so that a job process starts in
+# milliseconds, not seconds (the server skips any that fail to import: the job then imports them
+# itself); last, the warm-up, which runs once what the jobs would each set up on first use.
 PRELOAD = [
-    "dsrpipe.watch.job",
+    "dsrpipe.jobs.job",
     "dsrpipe.pipeline",
     "sklearn.datasets",
     "sklearn.model_selection",
@@ -59,20 +60,19 @@ PRELOAD = [
     "matplotlib.backends.backend_agg",
     "onnxscript",
     "torch.onnx._internal.exporter._core",
-    "dsrpipe.watch.warmup",
+    "dsrpipe.jobs.warmup",
 ]
 
 
 @dataclass
 class _Running:
-    proc: Any  # a multiprocessing.Process (None for an engine's job)
     job: dict[str, Any]
     started: float  # monotonic
-    killed: str | None = None  # why the runner killed it (a limit), if it did
-    announced: bool = False  # its pid is in the journal and its `running` line logged
+    handle: str | None = None  # the executor's id of the job (None: see held_by)
+    killed: str | None = None  # why its executor killed it (a limit), if it did
+    announced: bool = False  # its id is in the journal and its `running` line logged
     ended: float | None = None  # monotonic, when its end was first seen (recorded later if the disk is full)
-    engine_job: str | None = None  # the engine's id of the job (--executor ray|slurm)
-    # Its engine lost it, but a live process (this pid) still holds its job lock: it stays
+    # Its executor lost it, but a live process (this pid) still holds its job lock: it stays
     # `running` until the lock is free, then is queued again.
     held_by: int | None = None
 
@@ -83,13 +83,12 @@ class Runner:
         folder: DropFolder,
         opts: WatchOptions,
         stopping: Callable[[], bool],
-        executor: Executor | None = None,
+        executor: Executor,
     ):
         self.folder, self.opts, self.stopping = folder, opts, stopping
-        self.executor = executor  # None: jobs are processes forked here; else the engine's jobs
+        self.executor = executor
         self.running: dict[int, _Running] = {}
         self.hold: dict[int, float] = {}  # job id -> not before (monotonic)
-        self.forks = ForkServer(PRELOAD)
         self._next_look = 0.0
         self._waiting: set[int] = set()  # jobs whose start waits for another process to free their lock
         self._engine_busy = False  # jobs of this daemon's may be on the engine (its actor is needed)
@@ -100,10 +99,9 @@ class Runner:
         for job in self.folder.journal.jobs("running"):
             engine_job = job.get("engine_job")
             address = job.get("engine_address")
-            elsewhere = address is not None and self.executor is not None and address != self.executor.address
+            elsewhere = address is not None and address != self.executor.address
             if engine_job and (
-                self.executor is None
-                or job["engine"] != self.executor.name
+                job["engine"] != self.executor.name
                 or (elsewhere and connection_refused(address) is None)  # a cluster that is gone lost it
             ):
                 # it may still run there, and its job lock's pid is a worker's, maybe on another machine
@@ -116,9 +114,7 @@ class Runner:
             if engine_job:
                 self._engine_busy = True
                 if self.executor.attach(engine_job):
-                    self.running[job["id"]] = _Running(
-                        None, job, time.monotonic(), announced=True, engine_job=engine_job
-                    )
+                    self.running[job["id"]] = _Running(job, time.monotonic(), engine_job, announced=True)
                     self.folder.event(
                         job["name"], "reattached", id=job["id"], engine=job["engine"], engine_job=engine_job
                     )
@@ -128,7 +124,7 @@ class Runner:
             if engine_job:  # the engine lost it (its node died, it was cancelled outside)
                 self._lost(job, engine_job)
                 continue
-            RunDir(job["out"], job["name"]).sweep()
+            RunFolder(job["out"], job["name"]).sweep()
             self.folder.journal.update(job["id"], state="queued", pid=None)
             self.folder.event(
                 job["name"],
@@ -138,9 +134,9 @@ class Runner:
             )
 
     def warm_up(self) -> None:
-        """Start the fork server (it imports torch & co.) now, while a queued drop waits its turn."""
-        if self.executor is None:
-            self.forks.warm_up()
+        """Get the executor ready (the local one's fork server imports torch & co.) now, while a
+        queued drop waits its turn."""
+        self.executor.warm_up()
 
     def start_jobs(self) -> None:
         now = time.monotonic()
@@ -168,16 +164,14 @@ class Runner:
                     del self.running[job_id]
                     self._lost(r.job, None)
                 continue
-            code = r.proc.exitcode if r.engine_job is None else self.executor.poll(r.engine_job)
+            code = self.executor.poll(r.handle)
             if code == LOST:
                 del self.running[job_id]
-                self._lost(r.job, r.engine_job)
+                self._lost(r.job, r.handle)
             elif code is not None:
                 r.ended = r.ended or time.monotonic()
                 self._finished(r, code)
                 del self.running[job_id]
-                if r.proc is not None:
-                    r.proc.close()
         self._release_engine()
         self.enforce_limits()
 
@@ -188,7 +182,7 @@ class Runner:
         then it stays `running` until the lock is free (see poll)."""
         holder = self._lock_holder(job)
         if holder is not None:
-            self.running[job["id"]] = _Running(None, job, time.monotonic(), announced=True, held_by=holder)
+            self.running[job["id"]] = _Running(job, time.monotonic(), announced=True, held_by=holder)
             return self.folder.event(
                 job["name"],
                 "running",
@@ -197,7 +191,7 @@ class Runner:
                 reason=f"{self.executor.name} lost job {engine_job}, but process {holder} still holds the "
                 "job; it is queued again once that process has ended",
             )
-        RunDir(job["out"], job["name"]).sweep()
+        RunFolder(job["out"], job["name"]).sweep()
         self.folder.journal.update(job["id"], state="queued", pid=None, engine_job=None)
         lost = (
             f"{self.executor.name} lost job {engine_job}" if engine_job else "the process that held it ended"
@@ -221,7 +215,7 @@ class Runner:
     def _release_engine(self) -> None:
         """No job of this daemon's is left on the engine, and none waits for it: what the engine
         holds for the daemon (Ray: its actor) goes, until the next job."""
-        if not self._engine_busy or any(r.engine_job for r in self.running.values()):
+        if not self._engine_busy or any(r.handle for r in self.running.values()):
             return
         if self.folder.journal.jobs("queued"):
             return
@@ -229,38 +223,23 @@ class Runner:
         self.executor.shutdown()
 
     def enforce_limits(self) -> None:
-        """Kill the jobs over --job-memory or --job-timeout (a look every LIMITS_PERIOD seconds)."""
-        if time.monotonic() >= self._next_look:
-            self._next_look = time.monotonic() + LIMITS_PERIOD
-            self._enforce_limits()
+        """The executor kills the jobs over --job-memory or --job-timeout (a look every
+        LIMITS_PERIOD seconds); each fails with that cause once it has ended."""
+        if time.monotonic() < self._next_look:
+            return
+        self._next_look = time.monotonic() + LIMITS_PERIOD
+        by_handle = {r.handle: r for r in self.running.values() if r.handle is not None}
+        for handle, cause in self.executor.enforce_limits().items():
+            r = by_handle[handle]
+            r.killed = cause
+            self.folder.event(r.job["name"], "killing", id=r.job["id"], **self._shown(handle), reason=cause)
 
     def shutdown(self, kill_now: Callable[[], bool]) -> None:
-        """Stop the running jobs (SIGTERM, then SIGKILL after STOP_TIMEOUT or a second signal)."""
-        if self.executor is not None:
-            self._leave_engine()
-            return
-        if not self.running:
-            return
-        log.info(
-            f"stopping {len(self.running)} running job(s); they resume from their last checkpoint "
-            "on the next start"
-        )
-        for r in self.running.values():
-            signal_group(r.proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT
-        while self.running and time.monotonic() < deadline and not kill_now():
-            time.sleep(0.1)
-            self._poll_stopping()
-        for r in self.running.values():
-            signal_group(r.proc.pid, signal.SIGKILL)
-            r.proc.join(10)
-        self._poll_stopping()  # anything still listed stays `running`: the next start deals with it
-
-    def _leave_engine(self) -> None:
-        """At the daemon's end: an engine's jobs go on, and the next start re-attaches them;
-        those of a local Ray of the daemon's own stop with it, and the next start queues them
-        again. With no job left, what the engine held for the daemon goes."""
-        running = [r for r in self.running.values() if r.engine_job]
+        """At the daemon's end: jobs that outlive it (an engine's) go on, and the next start
+        re-attaches them; the others are stopped (SIGTERM, then SIGKILL after STOP_TIMEOUT or a
+        second signal) and resume from their last checkpoint on the next start. With no job
+        left, what the executor held for the daemon goes."""
+        running = [r for r in self.running.values() if r.handle]
         try:
             if not running:
                 self.executor.shutdown()
@@ -271,12 +250,27 @@ class Runner:
                 )
             else:
                 log.info(
-                    f"stopping {len(running)} job(s) with the daemon's {self.executor.describe()}; they "
-                    "resume from their last checkpoint on the next start"
+                    f"stopping {len(running)} running job(s) on {self.executor.describe()}; they resume "
+                    "from their last checkpoint on the next start"
                 )
+                self._stop_jobs(kill_now)
         finally:
             self.running.clear()
             self.executor.close()
+
+    def _stop_jobs(self, kill_now: Callable[[], bool]) -> None:
+        for job_id, r in list(self.running.items()):
+            if r.handle is None:  # its executor lost it to another process: the next start sees to it
+                del self.running[job_id]
+            else:
+                self.executor.stop(r.handle)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while self.running and time.monotonic() < deadline and not kill_now():
+            time.sleep(0.1)
+            self._poll_stopping()
+        for r in self.running.values():
+            self.executor.kill(r.handle)
+        self._poll_stopping()  # anything still listed stays `running`: the next start deals with it
 
     def _poll_stopping(self) -> None:
         """poll() while the daemon stops. If the disk is full, a job that has ended stays
@@ -288,7 +282,7 @@ class Runner:
             if not disk_full(exc):
                 raise
             for job_id, r in list(self.running.items()):
-                if r.proc.exitcode is not None:
+                if self.executor.poll(r.handle) is not None:
                     del self.running[job_id]
 
     # -- one job ----------------------------------------------------------------------------------
@@ -310,7 +304,7 @@ class Runner:
         if not (job_dir / "job.json").exists():
             return self.folder.fail(job, f"the job's files are missing from {job_dir}", None, 0.0)
         if job["fresh"] and job["attempts"] == 0:  # a --rerun starts over
-            RunDir(Path(job["out"]), job["name"]).clear()
+            RunFolder(Path(job["out"]), job["name"]).clear()
             shutil.rmtree(job_dir / "cache", ignore_errors=True)
         attempt = job["attempts"] + 1
         # In this order, so that a full disk at any step leaves the job queued (nothing started)
@@ -329,86 +323,39 @@ class Runner:
             exit_code=None,
             finished=None,
         )
-        if self.executor is not None:
-            # Its output goes to the job's log, as a local job's does (and from there to the error file).
-            spec = JobSpec(
-                job["name"],
-                "dsrpipe.watch",
-                [str(job_dir), json.dumps(self._job_settings())],
-                job_dir / "job.log",
-            )
-            self._engine_busy = True
-            engine_job = self.executor.submit(spec)
-            self.folder.journal.update(
-                job["id"],
-                engine=self.executor.name,
-                engine_job=engine_job,
-                engine_address=self.executor.address,
-            )
-            r = self.running[job["id"]] = _Running(
-                None, {**job, "attempts": attempt}, time.monotonic(), engine_job=engine_job
-            )
-            return self._announce(r)
-        # Here, not at the top: the job module imports torch, which the daemon never does (the
-        # fork server has it preloaded; this process only names the function to run there).
-        from .job import job_process
-
-        proc = self.forks.start(
-            job_process, (str(job_dir), self._job_settings()), f"dsrpipe-job-{job['name']}"
+        # Its output goes to the job's log, wherever it runs (and from there to the error file).
+        spec = JobSpec(
+            job["name"], JOB_MODULE, [str(job_dir), json.dumps(self._job_settings())], job_dir / "job.log"
         )
-        r = self.running[job["id"]] = _Running(proc, {**job, "attempts": attempt}, time.monotonic())
+        self._engine_busy = True
+        handle = self.executor.submit(spec)
+        r = self.running[job["id"]] = _Running({**job, "attempts": attempt}, time.monotonic(), handle)
         self._announce(r)
 
     def _announce(self, r: _Running) -> None:
-        """The started job's pid (or engine job id) into the journal, and its `running` line."""
+        """The started job's executor id (a pid, or an engine's job) into the journal, and its
+        `running` line."""
+        self.folder.journal.update(r.job["id"], **self.executor.record(r.handle))
         r.announced = True
-        if r.engine_job is not None:
-            return self.folder.event(
-                r.job["name"],
-                "running",
-                id=r.job["id"],
-                attempt=r.job["attempts"],
-                engine=self.executor.name,
-                engine_job=r.engine_job,
-            )
-        self.folder.journal.update(r.job["id"], pid=r.proc.pid)
-        self.folder.event(r.job["name"], "running", id=r.job["id"], attempt=r.job["attempts"], pid=r.proc.pid)
+        self.folder.event(
+            r.job["name"], "running", id=r.job["id"], attempt=r.job["attempts"], **self._shown(r.handle)
+        )
+
+    def _shown(self, handle: str) -> dict[str, Any]:
+        """How the log names a job's process or engine job (the journal's record, less the address)."""
+        return {k: v for k, v in self.executor.record(handle).items() if k != "engine_address"}
 
     def _job_settings(self) -> dict[str, Any]:
-        workers = self.opts.workers
-        nproc = self.opts.nproc_per_job
-        threads = (
-            None if "OMP_NUM_THREADS" in os.environ else max(1, (os.cpu_count() or 1) // (workers * nproc))
-        )
         return {
-            "threads": threads,
             "max_unpacked": self.opts.max_unpacked,
             "max_files": self.opts.max_files,
-            "nproc": nproc,
+            "nproc": self.opts.nproc_per_job,
         }
-
-    def _enforce_limits(self) -> None:
-        live = [r for r in self.running.values() if r.killed is None and r.proc is not None]
-        # A job's pid is its process group: it starts its own session.
-        usage = group_memory(r.proc.pid for r in live) if self.opts.job_memory else {}
-        for r in live:
-            used = usage.get(r.proc.pid, 0)
-            if self.opts.job_timeout and time.monotonic() - r.started > self.opts.job_timeout:
-                self._kill(r, f"exceeded --job-timeout {self.opts.job_timeout:g}s")
-            elif self.opts.job_memory and used > self.opts.job_memory:
-                self._kill(
-                    r, f"exceeded --job-memory {format_size(self.opts.job_memory)} (used {format_size(used)})"
-                )
-
-    def _kill(self, r: _Running, cause: str) -> None:
-        r.killed = cause
-        signal_group(r.proc.pid, signal.SIGKILL)
-        self.folder.event(r.job["name"], "killing", id=r.job["id"], pid=r.proc.pid, reason=cause)
 
     def _finished(self, r: _Running, code: int) -> None:
         job, seconds = r.job, (r.ended or time.monotonic()) - r.started
         job_dir = self.folder.job_dir(job)
-        RunDir(job["out"], job["name"]).sweep()  # what validate had made, if the job was killed in it
+        RunFolder(job["out"], job["name"]).sweep()  # what validate had made, if the job was killed in it
         if code == 0:  # cleaned up first: a job `done` in the journal is done with
             shutil.rmtree(job_dir / "cache", ignore_errors=True)
             (self.folder.drop / f"{job['name']}{ERROR_SUFFIX}").unlink(missing_ok=True)  # from an earlier run

@@ -1,9 +1,9 @@
-"""Imported last by the fork server (runner.PRELOAD), never by the daemon: one training step of a
-tiny net, its ONNX export and a drawn figure, so that what torch, its exporter and matplotlib set
-up on first use (torch._dynamo, which SGD and torch.export import lazily; the decomposition
-tables; the font cache) is paid once per daemon rather than once per job. Each job forked from
-the server inherits it: bench/watch_warmup.py measures a digits job at 0.63x its time without
-the warm-up (2 cores), for a server start about 3 s longer.
+"""Imported last by the watch daemon's fork server (dsrpipe.watch.runner.PRELOAD), never by the
+daemon itself: one training step of a tiny net, its ONNX export and a drawn figure, so that what
+torch, its exporter and matplotlib set up on first use (torch._dynamo, which SGD and torch.export
+import lazily; the decomposition tables; the font cache) is paid once per daemon rather than once
+per job. Each job forked from the server inherits it: bench/watch_warmup.py measures a digits job
+at 0.63x its time without the warm-up (2 cores), for a server start about 3 s longer.
 
 It runs on one thread: an OpenMP pool started in the server would not survive the fork."""
 

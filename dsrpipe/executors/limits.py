@@ -1,11 +1,11 @@
-"""How much memory a job uses: the sum over its process group (the job process and the workers
-it forks), read from /proc.
+"""The limits of a job forked here (forkserver.py): how much memory it uses, the sum over its
+process group (the job process and the workers it forks) read from /proc, and its default.
 
-Why the supervisor watches and kills rather than the kernel enforcing: RLIMIT_AS caps virtual
+Why the executor watches and kills rather than the kernel enforcing: RLIMIT_AS caps virtual
 address space, which CUDA and PyTorch's allocators reserve far beyond what they use, so it fails
 healthy jobs; Linux ignores RLIMIT_RSS; a cgroup's memory.max would be exact, but making one needs
 a delegated cgroup subtree (root, or systemd's Delegate=yes), which a plain `dsrpipe watch` does
-not have. So the runner samples each job a few times a second and kills its group once it is
+not have. So the executor samples each job a few times a second and kills its group once it is
 over the limit: a job can overshoot by what it allocates between two samples, and beyond that
 the kernel's OOM killer stays the backstop. GPU memory is not counted.
 
@@ -19,8 +19,16 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
+from .. import machine
+
 AVAILABLE = os.path.exists("/proc/self/stat")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+JOB_MEMORY_SHARE = 0.8  # a job's default memory: this share of the machine's, split between the jobs
+
+
+def default_job_memory(jobs: int) -> int:
+    """The machine's memory (machine.memory: its cgroup's, if lower) × JOB_MEMORY_SHARE / jobs."""
+    return int(machine.memory() * JOB_MEMORY_SHARE / jobs)
 
 
 def group_memory(groups: Iterable[int]) -> dict[int, int]:

@@ -1,6 +1,6 @@
 """The job process: `run_pipeline` on the job's copy of its config, confined to the drop and
-output folders. Runs forked from the runner's fork server, or by hand:
-`python -m dsrpipe.watch <drop>/.dsrpipe/jobs/<job>`."""
+output folders. Its executor starts it as `python -m dsrpipe.jobs <drop>/.dsrpipe/jobs/<job>
+[settings]` (forked from the daemon's warm server, or on a worker); by hand too."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ from pydantic import BaseModel
 from .. import files, stopping
 from ..config import Pipeline, load_pipeline
 from ..data import ArchiveCaps
-from ..distributed import Launch
 from ..errors import EXIT_BUSY, EXIT_DISK_FULL, UserError
+from ..executors import launch
+from ..executors.base import JobSpec
 from ..files import exclusive_lock, shown
 from ..outcome import ending
 from ..pipeline import run_pipeline
@@ -27,15 +28,9 @@ from ..train import load_splits
 
 
 @stopping.quiet  # once job_main has returned how the job ended, a signal no longer changes it
-def job_process(job_dir: str, settings: dict[str, Any]) -> None:
-    """Entry point in the forked job process: own session (so its pid is its process group's,
-    which the runner measures and signals), output to the job log."""
-    os.setsid()
-    fd = os.open(Path(job_dir) / "job.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
-    code = job_main(Path(job_dir), settings)
+def main(argv: list[str]) -> None:
+    """`python -m dsrpipe.jobs JOB_DIR [SETTINGS]`: the job, and its exit code as the process's."""
+    code = job_main(Path(argv[0]), json.loads(argv[1]) if len(argv) > 1 else None)
     stopping.finish()
     for name in ("stdout", "stderr"):  # what a full disk kept from the job log: dropped, not an exit error
         try:
@@ -65,20 +60,15 @@ def job_main(job_dir: Path, settings: dict[str, Any] | None = None) -> int:
     try:
         cfg = load_pipeline(spec["config"], spec["overrides"], quote=spec.get("quote", True))
         confine_paths(cfg, [Path(spec["cwd"]), Path(spec["out"])])  # before anything is read
-        if settings.get("threads"):
-            torch.set_num_threads(settings["threads"])
+        # Its executor's share of the cores, set again: a forked job's torch was set up in the server.
+        threads = os.environ.get("OMP_NUM_THREADS", "")
+        if threads.isdigit() and int(threads) > 0:
+            torch.set_num_threads(int(threads))
         if cfg.data.dataset == "imagefolder":
-            # Unpacked and decoded here, under this job's archive caps: every stage after (and
-            # every rank under torchrun) reads the unpacked folder and the decoded cache.
-            defaults = ArchiveCaps()
-            caps = ArchiveCaps(
-                settings.get("max_unpacked") or defaults.max_bytes,
-                settings.get("max_files") or defaults.max_files,
-            )
-            load_splits(cfg.data, caps)
+            _unpack(cfg, settings)
         run = RunDir(Path(spec["out"]), cfg.name)
         if settings.get("nproc", 1) > 1:
-            return _run_through_torchrun(spec, settings["nproc"], settings.get("threads"))
+            return _run_through_torchrun(spec, settings["nproc"], job_dir / "job.log")
         with run.lock():  # one owner, as for `dsrpipe run`: a job never mixes with another process's run
             run_pipeline(cfg, Path(spec["out"]), progress=False)
         print(run.onnx, flush=True)
@@ -108,6 +98,16 @@ def job_main(job_dir: Path, settings: dict[str, Any] | None = None) -> int:
     return code
 
 
+def _unpack(cfg: Pipeline, settings: dict[str, Any]) -> None:
+    """A dataset drop, unpacked and decoded here, under this job's archive caps: every stage after
+    (and every rank under torchrun) reads the unpacked folder and the decoded cache."""
+    defaults = ArchiveCaps()
+    caps = ArchiveCaps(
+        settings.get("max_unpacked") or defaults.max_bytes, settings.get("max_files") or defaults.max_files
+    )
+    load_splits(cfg.data, caps)
+
+
 def _say(write) -> None:
     """Write to the job log, which a full disk may refuse: the cause still goes to cause.txt."""
     try:
@@ -117,44 +117,29 @@ def _say(write) -> None:
             raise
 
 
-def _run_through_torchrun(spec: dict[str, Any], nproc: int, threads: int | None) -> int:
-    """`dsrpipe run` on the same (already confined) config as `nproc` processes under torchrun,
-    in this job's process group, so that the runner's memory and time limits and its signals
-    cover them all; their rank 0 holds the run's lock. torchrun exits 1 whatever its ranks'
-    codes, so the cause is their last `error:` line, which also tells bad input from a bug."""
-    import subprocess
-
+def _run_through_torchrun(spec: dict[str, Any], nproc: int, log: Path) -> int:
+    """`dsrpipe run` on the same (already confined) config as `nproc` processes under torchrun
+    (dsrpipe's one launcher), in this job's process group, so that the limits and signals of its
+    executor cover them all; their rank 0 holds the run's lock. torchrun exits 1 whatever its
+    ranks' codes, so the cause is their last `error:` line in the log, which also tells bad input
+    from a bug."""
     args = ["run", spec["config"], "--out", spec["out"], "--no-progress"]
     for override in spec["overrides"]:
         args += ["--set", override]
-    launch = Launch(nproc, args)  # its rendezvous store lives as long as this process
-    env = {**os.environ, **launch.env, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    process = subprocess.Popen(
-        launch.command,
-        stdout=sys.stdout,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        errors="replace",
-        env=env,
+    sys.stdout.flush()
+    sys.stderr.flush()
+    before = log.stat().st_size if log.exists() else 0
+    code = launch.run_to_end(
+        JobSpec("torchrun", "dsrpipe", args, log), nproc, threads=torch.get_num_threads()
     )
-    error = None
-    try:
-        for line in process.stderr:
-            sys.stderr.write(line)
-            sys.stderr.flush()
-            if line.startswith("error: "):
-                error = line.removeprefix("error: ").strip()
-        code = process.wait()
-    except KeyboardInterrupt:  # torchrun passes the signal on to its ranks; give them time to stop
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        raise
     if code == 0:
         return 0
+    with open(log, "rb") as f:
+        f.seek(before)
+        lines = f.read().decode(errors="replace").splitlines()
+    error = next(
+        (line.removeprefix("error: ").strip() for line in reversed(lines) if line.startswith("error: ")), None
+    )
     if error is not None:
         raise UserError(error)
     raise RuntimeError(f"torchrun exited with code {code} (see the job log)")
