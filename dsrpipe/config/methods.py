@@ -19,6 +19,9 @@ class MethodOptions(Section):
     # What the rest of dsrpipe asks of a method, answered by its options class rather than by
     # branching on its name: whether it keeps every weight (its sparsity is only a grid label, 0).
     keeps_every_weight: ClassVar[bool] = False
+    # The setting naming the finished run the method starts from (frozen's masks_from, prune's
+    # prune_from), None for a method that starts from scratch.
+    source_setting: ClassVar[str | None] = None
 
     method: str
     dense_first: bool = True  # keep the first conv dense
@@ -40,7 +43,9 @@ class MethodOptions(Section):
     def source(self) -> tuple[str, Path] | None:
         """The setting naming the finished run this method starts from, and its path (frozen's
         masks_from, prune's prune_from)."""
-        return None
+        if self.source_setting is None:
+            return None
+        return self.source_setting, getattr(self, self.source_setting)
 
     @property
     def channel_shape(self) -> ChannelShape | None:
@@ -298,17 +303,16 @@ class GMPOptions(RewiringOptions, PruningSpan):
 
 
 class PruneOptions(SparseOptions, PruningSpan):
+    source_setting: ClassVar[str | None] = "prune_from"
+
     method: Literal["prune"] = "prune"  # end_epoch default: 80% of training
     prune_from: FilePath  # a dense run's train/final.pt (relative to the working directory)
     steps: int = Field(20, ge=1, le=MAX_STEPS)  # pruning steps, evenly spaced, the last at end_epoch
 
-    @property
-    def source(self) -> tuple[str, Path] | None:
-        return "prune_from", self.prune_from
-
 
 class ChannelPruneOptions(MethodOptions, PruningSpan, ChannelShape):
     keeps_every_weight: ClassVar[bool] = True
+    source_setting: ClassVar[str | None] = "prune_from"
 
     method: Literal["prune-channels"] = "prune-channels"  # end_epoch default: half of training
     sparsity: float = 0.0  # the grid axis: the weights stay dense
@@ -324,15 +328,13 @@ class ChannelPruneOptions(MethodOptions, PruningSpan, ChannelShape):
         return sparsity
 
     @property
-    def source(self) -> tuple[str, Path] | None:
-        return "prune_from", self.prune_from
-
-    @property
     def channel_shape(self) -> ChannelShape | None:
         return self  # the method's own settings say which channels go
 
 
 class FrozenOptions(MethodOptions):
+    source_setting: ClassVar[str | None] = "masks_from"
+
     method: Literal["frozen"] = "frozen"
     sparsity: float = Field(0.9, ge=0.0, lt=1.0)  # the source run's (a label: the masks decide)
     masks_from: (
@@ -340,10 +342,6 @@ class FrozenOptions(MethodOptions):
     )
     init: Literal["fresh", "same"] = "fresh"  # a fresh random init, or the source run's own initial weights
     scale_init: bool = False
-
-    @property
-    def source(self) -> tuple[str, Path] | None:
-        return "masks_from", self.masks_from
 
 
 METHOD_OPTIONS: dict[str, type[MethodOptions]] = {
