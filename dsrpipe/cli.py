@@ -151,11 +151,12 @@ def _load(pipeline: Path, overrides: list[str]):
     return load_pipeline(pipeline, overrides, note=lambda m: is_main() and typer.echo(f"note: {m}", err=True))
 
 
-def _run_dir(out: Path, cfg):
-    """The run's folder. Each command holds its lock throughout: one run, one owner."""
-    from .rundir import RunDir
+def _open_run(out: Path, cfg):
+    """The run: its folder, and its data and trained model, each read once by whichever stages
+    need them. Each command holds the folder's lock throughout: one run, one owner."""
+    from .run import Run
 
-    return RunDir(out, cfg.name)
+    return Run(cfg, out)
 
 
 @contextmanager
@@ -186,13 +187,13 @@ def run(
 ):
     """Run every stage: train-sparse, finetune, export, validate."""
     cfg = _load(pipeline, overrides)  # first: a bad file fails fast, before any work
-    run_dir = _run_dir(out, cfg)
-    with _owning(run_dir, cfg) as main:
-        from .pipeline import run_pipeline
+    pipeline_run = _open_run(out, cfg)
+    with _owning(pipeline_run.dir, cfg) as main:
+        from .pipeline import run_stages
 
-        run_pipeline(cfg, out, force=force, progress=progress)
+        run_stages(pipeline_run, force=force, progress=progress)
     if main:
-        typer.echo(str(run_dir.onnx))
+        typer.echo(str(pipeline_run.dir.onnx))
 
 
 def _training_command(name: str, summary: str, stage: Callable[[], Callable]) -> None:
@@ -210,8 +211,9 @@ def _training_command(name: str, summary: str, stage: Callable[[], Callable]) ->
         progress: bool = ProgressOption,
     ):
         cfg = _load(pipeline, overrides)
-        with _owning(_run_dir(out, cfg), cfg) as main:
-            final = stage()(cfg, out, resume=resume, force=force, progress=progress)
+        pipeline_run = _open_run(out, cfg)
+        with _owning(pipeline_run.dir, cfg) as main:
+            final = stage()(pipeline_run, resume=resume, force=force, progress=progress)
         if main:
             typer.echo(str(final))
 
@@ -231,34 +233,35 @@ def _deploy_command(name: str, summary: str, stage: Callable[[], Callable]) -> N
         cfg = _load(pipeline, overrides)
         if not _main_rank():
             return
-        with _run_dir(out, cfg).lock():
-            typer.echo(str(stage()(cfg, out, force=force)))
+        pipeline_run = _open_run(out, cfg)
+        with pipeline_run.dir.lock():
+            typer.echo(str(stage()(pipeline_run, force=force)))
 
 
 def _train_stage():
-    from .train import train_sparse
+    from .train import train_stage
 
-    return train_sparse
+    return train_stage
 
 
 def _finetune_stage():
-    from .train import finetune
+    from .train import finetune_stage
 
-    return finetune
+    return finetune_stage
 
 
 def _export_stage():
-    from .pipeline import export_stage
+    from .deploy.stages import export_stage
 
     return export_stage
 
 
 def _validate_stage():
-    from .pipeline import validate_stage
+    from .deploy.stages import validate_stage
 
-    def validate(cfg, out: Path, *, force: bool) -> Path:
-        validate_stage(cfg, out, force=force)
-        return _run_dir(out, cfg).report
+    def validate(pipeline_run, *, force: bool) -> Path:
+        validate_stage(pipeline_run, force=force)
+        return pipeline_run.dir.report
 
     return validate
 

@@ -62,21 +62,13 @@ def check_input_size(model: nn.Module, example_inputs: torch.Tensor, name: str) 
         model.train(was_training)
 
 
-def channel_shape(cfg: Pipeline):
-    """The channel removal settings (floor, dense_layers, multiple_of) of a method that removes
-    channels, else None."""
-    if cfg.sparsity.method == "prune-channels":
-        return cfg.sparsity
-    return getattr(cfg.sparsity, "remove_channels", None)
-
-
 def check_model(cfg: Pipeline, note: Callable[[str], None]) -> nn.Module | None:
     """Build the configured model at the configured input size and run it once; where channels
     are removed, trace its channel groups (slicing.TRACE_SECONDS at most). `note` hears what
     cannot be checked here, and settings that will not do what they say. Returns the model it
     built (CHECK_CLASSES classes), None where the input size is not known."""
     shape = input_shape(cfg)
-    removal = channel_shape(cfg)
+    removal = cfg.sparsity.channel_shape
     if shape is None and removal is not None and removal.latency is not None:
         raise UserError(
             "sparsity.remove_channels.latency needs data.image_size: the layer times it aims at are "

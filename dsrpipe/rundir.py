@@ -61,6 +61,29 @@ def stages(cfg: Pipeline) -> list[str]:
 class RunDir(RunFolder):
     """A run's folder, and the state of its stages: complete, unfinished, stale or missing."""
 
+    def __init__(self, out: str | Path, name: str):
+        super().__init__(out, name)
+        # The checkpoints read so far, by path, with the file's identity when read: the stage
+        # states, the fingerprints and the stages after training all read the same final.pt.
+        self._checkpoints: dict[Path, tuple[tuple[int, int, int], dict[str, Any]]] = {}
+
+    def read_checkpoint(self, path: Path) -> dict[str, Any]:
+        """A checkpoint of the run (dsrpipe.checkpoint.load_checkpoint), read from disk once for
+        as long as the file stays the same (checkpoints are replaced whole, never edited)."""
+        try:
+            status = path.stat()
+        except OSError:
+            return load_checkpoint(path)  # its one-line error
+        identity = (status.st_ino, status.st_mtime_ns, status.st_size)
+        known = self._checkpoints.get(path)
+        if known is None or known[0] != identity:
+            known = self._checkpoints[path] = (identity, load_checkpoint(path))
+        return known[1]
+
+    def forget_checkpoints(self) -> None:
+        """Let go of the checkpoints read so far (a resumed stage holds their contents now)."""
+        self._checkpoints.clear()
+
     # -- the state of the stages ------------------------------------------------------------------
 
     def fingerprint(self, stage: str, cfg: Pipeline) -> str | None:
@@ -76,7 +99,7 @@ class RunDir(RunFolder):
             upstream = read_finished_run(path, option)["run_id"]
         elif stage in ("finetune", "export"):
             trained = self.final("train" if stage == "finetune" else shipped_stage(cfg))
-            upstream = load_checkpoint(trained)["run_id"] if trained.exists() else None
+            upstream = self.read_checkpoint(trained)["run_id"] if trained.exists() else None
         else:
             upstream = onnx_fingerprint(self.onnx)
         return None if upstream is None else f"{settings}-{upstream}"
@@ -87,9 +110,9 @@ class RunDir(RunFolder):
         if stage in ("train", "finetune"):
             final, last = self.final(stage), self.last(stage)
             if final.exists():
-                made, done = load_checkpoint(final)["fingerprint"], COMPLETE
+                made, done = self.read_checkpoint(final)["fingerprint"], COMPLETE
             elif last.exists():
-                made, done = load_checkpoint(last)["fingerprint"], UNFINISHED
+                made, done = self.read_checkpoint(last)["fingerprint"], UNFINISHED
             else:
                 return MISSING
         elif stage == "export":

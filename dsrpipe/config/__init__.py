@@ -15,7 +15,14 @@ from .loading import (
     path_settings,
     section_settings,
 )
-from .methods import METHOD_OPTIONS, MethodOptions, parse_method_options, switch_method
+from .methods import (
+    METHOD_OPTIONS,
+    MethodOptions,
+    parse_method_options,
+    register_options,
+    switch_method,
+    unregister_options,
+)
 from .sections import (
     ClusterConfig,
     DataConfig,
@@ -52,6 +59,8 @@ __all__ = [
     "parse_yaml",
     "path_settings",
     "read_yaml",
+    "register_options",
     "section_settings",
     "switch_method",
+    "unregister_options",
 ]

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from ..errors import UserError
 from ..safeyaml import NOT_QUOTED, parse_yaml, read_yaml
-from .methods import METHOD_OPTIONS, switch_method
+from .methods import METHOD_OPTIONS, MethodOptions, switch_method
 from .schema import SettingError
 from .sections import Pipeline
 
@@ -42,7 +42,6 @@ def first_error(exc: ValidationError, quote: bool = True) -> tuple[str, str]:
     return ".".join(loc), f"{message}{more}"
 
 
-@functools.cache
 def _setting_names() -> frozenset[str]:
     """Every setting name of the pipeline schema (its sections' fields, by the names files use)."""
     return frozenset(part for name, _ in _settings() for part in name.split("."))
@@ -67,13 +66,22 @@ def _kinds(kind) -> list:
 
 
 def _sections_in(kind) -> list[type[BaseModel]]:
-    return [k for k in _kinds(kind) if isinstance(k, type) and issubclass(k, BaseModel)]
+    """The sections `kind` is made of; the sparsity section is that of every registered method."""
+    found = [k for k in _kinds(kind) if isinstance(k, type) and issubclass(k, BaseModel)]
+    if MethodOptions in found:
+        found = [k for k in found if k is not MethodOptions] + list(METHOD_OPTIONS.values())
+    return found
 
 
-@functools.cache
 def _settings() -> tuple[tuple[str, Any], ...]:
     """(dotted name, type) of every setting of the pipeline schema, sections and their settings
     included: sparsity's are those of every method."""
+    return _settings_of(tuple(METHOD_OPTIONS.values()))
+
+
+@functools.cache
+def _settings_of(methods: tuple[type[MethodOptions], ...]) -> tuple[tuple[str, Any], ...]:
+    """_settings for these registered methods (a method registered later is another key)."""
     found, todo = {}, [(Pipeline, "")]
     while todo:
         model, prefix = todo.pop()
@@ -84,13 +92,11 @@ def _settings() -> tuple[tuple[str, Any], ...]:
     return tuple(found.items())
 
 
-@functools.cache
 def path_settings() -> frozenset[str]:
     """The dotted names of the settings that are paths: data.root, sparsity.masks_from, ..."""
     return frozenset(name for name, kind in _settings() if Path in _kinds(kind))
 
 
-@functools.cache
 def section_settings() -> frozenset[str]:
     """The dotted names of the settings that are sections of settings: train, sparsity,
     sparsity.remove_channels, ... (not a setting whose value is a mapping, like rewire_periods)."""
@@ -148,7 +154,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> list[str]:
         notes.append(
             f"sparsity.method={method}: dropped the file's {', '.join(dropped)} ({method} takes no such option)"
         )
-    if method in ("dense", "prune-channels") and "sparsity" not in given and section.get("sparsity", 0) != 0:
+    keeps_every_weight = METHOD_OPTIONS[method].keeps_every_weight
+    if keeps_every_weight and "sparsity" not in given and section.get("sparsity", 0) != 0:
         notes.append(
             f"sparsity.method={method}: keeps every weight, so sparsity {section['sparsity']} is now 0"
         )

@@ -4,9 +4,9 @@ method takes; `dsrpipe.registry` turns them into the library's sparsifier."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SerializeAsAny, field_validator, model_validator
 
 from ..sparse.cost import CostBudget
 from .schema import MAX_EPOCHS, MAX_FACTOR, MAX_LIST, MAX_STEPS, EpochKey, FilePath, Section, SettingError
@@ -15,6 +15,13 @@ from .schema import MAX_EPOCHS, MAX_FACTOR, MAX_LIST, MAX_STEPS, EpochKey, FileP
 class MethodOptions(Section):
     """What every method takes: which Conv2d/Linear weights are sparse (flat keys, handed to the
     library as one LayerSelection)."""
+
+    # What the rest of dsrpipe asks of a method, answered by its options class rather than by
+    # branching on its name: whether it keeps every weight (its sparsity is only a grid label, 0).
+    keeps_every_weight: ClassVar[bool] = False
+    # The setting naming the finished run the method starts from (frozen's masks_from, prune's
+    # prune_from), None for a method that starts from scratch.
+    source_setting: ClassVar[str | None] = None
 
     method: str
     dense_first: bool = True  # keep the first conv dense
@@ -36,10 +43,23 @@ class MethodOptions(Section):
     def source(self) -> tuple[str, Path] | None:
         """The setting naming the finished run this method starts from, and its path (frozen's
         masks_from, prune's prune_from)."""
+        if self.source_setting is None:
+            return None
+        return self.source_setting, getattr(self, self.source_setting)
+
+    @property
+    def channel_shape(self) -> ChannelShape | None:
+        """The settings of the channels this method removes (floor, dense_layers, multiple_of,
+        budget), None where it removes none: such a method traces the model's channel groups."""
         return None
+
+    def check_training(self, train: Section) -> None:
+        """A SettingError where the training settings (`train`) contradict the method."""
 
 
 class DenseOptions(MethodOptions):
+    keeps_every_weight: ClassVar[bool] = True
+
     method: Literal["dense"] = "dense"
     sparsity: float = 0.0  # the grid axis; a dense run has none
 
@@ -153,6 +173,25 @@ class ChannelRemovalOption(Section):
             )
         return self
 
+    @property
+    def channel_shape(self) -> ChannelShape | None:
+        return self.remove_channels
+
+    def check_training(self, train: Section) -> None:
+        removal = self.remove_channels
+        if removal is None:
+            return
+        epochs, begin, end = train.epochs, removal.begin_epoch, removal.end(train.epochs)
+        # The key to change: begin_epoch when it is not before the end (its default end, half of
+        # training, is never before it), else end_epoch, which then lies past training.
+        key = "begin_epoch" if begin >= min(end, epochs) else "end_epoch"
+        if end > epochs or begin >= end:
+            raise SettingError(
+                f"sparsity.remove_channels.{key}",
+                f"channel removal must begin before it ends, within train.epochs ({epochs}): "
+                f"begin_epoch {begin}, end_epoch {end}",
+            )
+
 
 class StaticOptions(ChannelRemovalOption, GranularityOption, FromScratchOptions):
     method: Literal["static"] = "static"
@@ -223,6 +262,12 @@ class DeepROptions(FromScratchOptions):
         None, ge=0, le=MAX_EPOCHS
     )  # no noise and no rewiring from this epoch on
 
+    def check_training(self, train: Section) -> None:
+        if train.weight_decay:
+            raise SettingError(
+                "train.weight_decay", "method 'deepr' regularises with its L1 term: set train.weight_decay: 0"
+            )
+
     @field_validator("temperature")
     @classmethod
     def _temperature_schedule(cls, temperature):
@@ -258,16 +303,17 @@ class GMPOptions(RewiringOptions, PruningSpan):
 
 
 class PruneOptions(SparseOptions, PruningSpan):
+    source_setting: ClassVar[str | None] = "prune_from"
+
     method: Literal["prune"] = "prune"  # end_epoch default: 80% of training
     prune_from: FilePath  # a dense run's train/final.pt (relative to the working directory)
     steps: int = Field(20, ge=1, le=MAX_STEPS)  # pruning steps, evenly spaced, the last at end_epoch
 
-    @property
-    def source(self) -> tuple[str, Path] | None:
-        return "prune_from", self.prune_from
-
 
 class ChannelPruneOptions(MethodOptions, PruningSpan, ChannelShape):
+    keeps_every_weight: ClassVar[bool] = True
+    source_setting: ClassVar[str | None] = "prune_from"
+
     method: Literal["prune-channels"] = "prune-channels"  # end_epoch default: half of training
     sparsity: float = 0.0  # the grid axis: the weights stay dense
     prune_from: FilePath  # a dense run's train/final.pt (relative to the working directory)
@@ -282,11 +328,13 @@ class ChannelPruneOptions(MethodOptions, PruningSpan, ChannelShape):
         return sparsity
 
     @property
-    def source(self) -> tuple[str, Path] | None:
-        return "prune_from", self.prune_from
+    def channel_shape(self) -> ChannelShape | None:
+        return self  # the method's own settings say which channels go
 
 
 class FrozenOptions(MethodOptions):
+    source_setting: ClassVar[str | None] = "masks_from"
+
     method: Literal["frozen"] = "frozen"
     sparsity: float = Field(0.9, ge=0.0, lt=1.0)  # the source run's (a label: the masks decide)
     masks_from: (
@@ -294,10 +342,6 @@ class FrozenOptions(MethodOptions):
     )
     init: Literal["fresh", "same"] = "fresh"  # a fresh random init, or the source run's own initial weights
     scale_init: bool = False
-
-    @property
-    def source(self) -> tuple[str, Path] | None:
-        return "masks_from", self.masks_from
 
 
 METHOD_OPTIONS: dict[str, type[MethodOptions]] = {
@@ -313,8 +357,19 @@ METHOD_OPTIONS: dict[str, type[MethodOptions]] = {
     "frozen": FrozenOptions,
     "dense": DenseOptions,
 }
-# The sparsity section's type: a union of the options classes, discriminated by `method`.
-SparsityOptions = Annotated[Union[tuple(METHOD_OPTIONS.values())], Field(discriminator="method")]  # noqa: UP007
+# The sparsity section's type: whichever registered options class its `method` names (chosen by
+# `parse_method_options`), written out with that class's own fields.
+SparsityOptions = SerializeAsAny[MethodOptions]
+
+
+def register_options(options: type[MethodOptions]) -> None:
+    """Make a method's options known to the pipeline schema, under the name its `method` field
+    defaults to (dsrpipe.registry calls this for a method registered from outside)."""
+    METHOD_OPTIONS[options.model_fields["method"].default] = options
+
+
+def unregister_options(name: str) -> None:
+    METHOD_OPTIONS.pop(name, None)
 
 
 def parse_method_options(section: Any) -> MethodOptions:

@@ -27,7 +27,6 @@ from .schema import (
     MIN_OPSET,
     FilePath,
     Section,
-    SettingError,
 )
 
 
@@ -237,26 +236,6 @@ class Pipeline(Section):
         return parse_method_options(section)
 
     @model_validator(mode="after")
-    def _removal_within_training(self):
-        removal = getattr(self.sparsity, "remove_channels", None)
-        if removal is None:
-            return self
-        epochs, begin, end = self.train.epochs, removal.begin_epoch, removal.end(self.train.epochs)
-        # The key to change: begin_epoch when it is not before the end (its default end, half of
-        # training, is never before it), else end_epoch, which then lies past training.
-        key = "begin_epoch" if begin >= min(end, epochs) else "end_epoch"
-        if end > epochs or begin >= end:
-            raise SettingError(
-                f"sparsity.remove_channels.{key}",
-                f"channel removal must begin before it ends, within train.epochs ({epochs}): "
-                f"begin_epoch {begin}, end_epoch {end}",
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _deepr_without_weight_decay(self):
-        if self.sparsity.method == "deepr" and self.train.weight_decay:
-            raise SettingError(
-                "train.weight_decay", "method 'deepr' regularises with its L1 term: set train.weight_decay: 0"
-            )
+    def _training_the_method_takes(self):
+        self.sparsity.check_training(self.train)  # channel removal within training; deepr's weight decay
         return self
