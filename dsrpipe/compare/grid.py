@@ -113,7 +113,7 @@ class Grid(BaseModel):
         variant = self.variants.get(row)
         if variant is not None and variant.sparsities is not None:
             return variant.sparsities
-        return [0.0] if self.method_of(row) in ("dense", "prune-channels") else self.sparsities
+        return [0.0] if METHOD_OPTIONS[self.method_of(row)].keeps_every_weight else self.sparsities
 
     @field_validator("seeds")
     @classmethod

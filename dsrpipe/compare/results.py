@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__, files
+from ..config import METHOD_OPTIONS
 from ..plots import write_accuracy_vs_params
 from .grid import Run
 
@@ -42,9 +43,11 @@ def total_epochs(run: Run, by_name: dict[str, Run]) -> int | None:
     if run.report is None:
         return None
     own = run.report.get("train_epochs", 0) + run.report.get("finetune_epochs", 0)
-    if run.depends_on is None or run.method == "frozen":  # frozen's source is another row's cost
+    source = by_name.get(run.depends_on) if run.depends_on is not None else None
+    if source is not None and not METHOD_OPTIONS[source.method].keeps_every_weight:
+        return own  # a source that is a row of its own (frozen's dsr) counts there
+    if run.depends_on is None:
         return own
-    source = by_name.get(run.depends_on)
     before = total_epochs(source, by_name) if source is not None else None
     return None if before is None else own + before
 

@@ -16,15 +16,30 @@ from typing import Any
 import yaml
 
 from .. import files
-from ..config import Pipeline, apply_overrides, parse_pipeline, switch_method
+from ..config import METHOD_OPTIONS, Pipeline, apply_overrides, parse_pipeline, switch_method
 from ..errors import UserError
 from ..executors import LOST, Executor, ExecutorOptions, JobSpec, make_executor
+from ..registry import METHODS
 from ..rundir import STALE, RunDir, read_report, training_stages
 from .grid import Grid, Run, cluster_resources, cluster_settings, load_grid, quotes_base, run_name
 from .results import write_results
 
 
 # -- planning ---------------------------------------------------------------------------------
+def run_sources(grid: Grid) -> dict[str, tuple[str, str]]:
+    """Per method of the grid that starts from another run (the registry's `starts_from`): that
+    run's method and the setting naming it. A source that trains every weight (dense) runs once per
+    seed and is added where the grid lacks it; any other (frozen's dsr) is wired only where the grid
+    has it (else the method's own setting names a run)."""
+    methods = {grid.method_of(row) for row in grid.methods}
+    sources = {}
+    for method in methods:
+        needed = METHODS[method].starts_from
+        if needed is not None and (needed in grid.methods or METHOD_OPTIONS[needed].keeps_every_weight):
+            sources[method] = (needed, METHOD_OPTIONS[method].source_setting)
+    return sources
+
+
 def plan_runs(
     grid: Grid, grid_name: str, base: dict[str, Any], runs_dir: Path, source: str = "grid"
 ) -> list[Run]:
@@ -35,11 +50,8 @@ def plan_runs(
     of the dense run with the same seed (a grid with prune and no dense gets the dense runs).
     `dense` ignores sparsity, so it runs once per seed (as sparsity 0), not once per sparsity.
     Each run gets the base's sparsity options that its method takes (see config.switch_method)."""
-    wire_frozen = "frozen" in grid.methods and "dsr" in grid.methods
-    from_dense = {"prune", "prune-channels"} & {grid.method_of(row) for row in grid.methods}
-    rows = grid.methods + (["dense"] if from_dense and "dense" not in grid.methods else [])
-    sources = {"frozen": ("dsr", "masks_from")} if wire_frozen else {}
-    sources["prune"] = sources["prune-channels"] = ("dense", "prune_from")
+    sources = run_sources(grid)
+    rows = grid.methods + sorted({needed for needed, _ in sources.values()} - set(grid.methods))
     rows = sorted(rows, key=lambda row: grid.method_of(row) in sources)  # stable: dependants last
     runs = []
     for row in rows:
@@ -66,7 +78,8 @@ def plan_runs(
                 run = Run(name, method, sparsity, seed, raw, row=row)
                 if method in sources:
                     needed, option = sources[method]
-                    run.depends_on = run_name(grid_name, needed, 0.0 if needed == "dense" else sparsity, seed)
+                    at = 0.0 if METHOD_OPTIONS[needed].keeps_every_weight else sparsity
+                    run.depends_on = run_name(grid_name, needed, at, seed)
                     section[option] = str(runs_dir / run.depends_on / "train" / "final.pt")
                 try:
                     run.cfg = _validated(raw, f"{source}: {name}", grid, row, settings)
