@@ -949,7 +949,7 @@ def test_a_dropped_pipeline_naming_code_is_refused_and_never_imported(tmp_path, 
     finally:
         folder.journal.close()
     job = subprocess.run(
-        [sys.executable, "-m", "dsrpipe.watch", str(folder.jobs_dir / "mine")],
+        [sys.executable, "-m", "dsrpipe.jobs", str(folder.jobs_dir / "mine")],
         capture_output=True,
         text=True,
         env={**ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path), ENV.get("PYTHONPATH", "")])},
