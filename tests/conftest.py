@@ -11,11 +11,14 @@ from . import test_reports, test_tracing
 
 
 def pytest_collection_finish(session):
-    if any(
-        getattr(item, "originalname", None) == "test_models_take_removal_and_export_or_are_refused_at_check"
+    names = {
+        item.callspec.params["name"]
         for item in session.items
-    ):
-        test_tracing.start_matrix()
+        if getattr(item, "originalname", None)
+        == "test_models_take_removal_and_export_or_are_refused_at_check"
+    }
+    if names:  # only the models this session runs (the quick tier leaves the larger to the slow one)
+        test_tracing.start_matrix(names)
 
 
 @pytest.fixture(scope="session")

@@ -277,6 +277,10 @@ MATRIX = {
     "inception_v3": (32, "model 'inception_v3' cannot take 1x32x32 inputs (Calculated padded input"),
 }
 TRAINED = [name for name, (_, refused) in MATRIX.items() if refused is None]
+# The larger of them run in the slow tier, so that the quick one stays quick; the quick tier keeps
+# a model of each family most likely to break (residual, depthwise, squeeze, stored widths,
+# attention taken whole, a ViT).
+SLOW_MATRIX = {"efficientnet_b0", "regnet_x_400mf", "densenet121", "convnext_tiny", "vit_b_16", "swin_t"}
 STATIC_HALF = {"method": "static", "sparsity": 0.5, "remove_channels": {"share": 0.5, "end_epoch": 1}}
 
 
@@ -351,23 +355,32 @@ def train_cut_and_export(name: str, directory: Path) -> dict:
 
 
 def _matrix_worker() -> None:
-    """The worker process: every TRAINED model's results, as JSON on stdout."""
+    """The worker process: the results of the TRAINED models named in MATRIX_ENV (all of them
+    where it is unset), as JSON on stdout."""
     torch.set_num_threads(1)
+    wanted = json.loads(os.environ.get(MATRIX_ENV, "null"))
     with tempfile.TemporaryDirectory() as directory:
-        results = {name: train_cut_and_export(name, Path(directory)) for name in TRAINED}
+        results = {
+            name: train_cut_and_export(name, Path(directory))
+            for name in TRAINED
+            if wanted is None or name in wanted
+        }
     print("\n" + json.dumps(results))
 
 
 _worker: subprocess.Popen | None = None
+MATRIX_ENV = "DSRPIPE_TEST_MATRIX"  # the models the worker trains (JSON), those this session collected
 
 
-def start_matrix() -> None:
+def start_matrix(names: set[str] | None = None) -> None:
     """Start the matrix in a worker process at the lowest CPU priority (tests/conftest.py calls
     this once the matrix is collected). The ONNX exports make it two minutes of one core, which
     it takes from the core the rest of the suite leaves idle, while the suite runs."""
     global _worker
     if _worker is None:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # the same dsrpipe
+        if names is not None:
+            env[MATRIX_ENV] = json.dumps(sorted(names))
         _worker = subprocess.Popen(
             [
                 sys.executable,
@@ -430,7 +443,9 @@ def test_swin_traced_through_its_shifted_windows_is_cut_off_at_the_bound(monkeyp
     assert str(caught.value).startswith(TRACED.format("swin_t", "it took longer than 1 s"))
 
 
-@pytest.mark.parametrize("name", MATRIX)
+@pytest.mark.parametrize(
+    "name", [pytest.param(name, marks=pytest.mark.slow) if name in SLOW_MATRIX else name for name in MATRIX]
+)
 def test_models_take_removal_and_export_or_are_refused_at_check(name, monkeypatch):
     side, refused = MATRIX[name]
     if refused:
