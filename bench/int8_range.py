@@ -26,8 +26,9 @@ import onnxruntime as ort
 
 from dsrpipe import files
 from dsrpipe.config import load_pipeline
-from dsrpipe.deploy.validate import _timings, cpu_features
+from dsrpipe.deploy.validate import _timings
 from dsrpipe.errors import ValidationFailed
+from dsrpipe.machine import cpu_features
 from dsrpipe.pipeline import export_stage, run_pipeline, validate_stage
 from dsrpipe.train import load_splits
 

@@ -21,8 +21,9 @@ from dsrpipe.deploy.encoding import decoded_weights, encode_weights
 from dsrpipe.deploy.export import IR_VERSION_FLOOR, export_onnx
 from dsrpipe.deploy.predict import open_session
 from dsrpipe.deploy.quantize import PORTABLE_MAX, check_portable_range, check_zeros_quantized, int8_weights
-from dsrpipe.deploy.validate import CPU_FLAGS, cpu_features, validate_onnx
+from dsrpipe.deploy.validate import validate_onnx
 from dsrpipe.errors import EXIT_VALIDATION, UserError, ValidationFailed
+from dsrpipe.machine import CPU_FLAGS, cpu_features
 
 
 class DigitsTestSet:

@@ -4,7 +4,6 @@ side with the dense model of the same architecture."""
 
 from __future__ import annotations
 
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,40 +13,11 @@ import onnxruntime as ort
 import torch
 
 from ..errors import UserError, ValidationFailed
+from ..machine import cpu_features
 from .predict import input_shape, open_session, run_session
 
 WARMUP_RUNS = 10
 THROUGHPUT_BATCH = 64
-# The /proc/cpuinfo flags that decide how onnxruntime's int8 kernels add (docs/int8.md): without
-# avx512_vnni, avx_vnni or amx_int8, pairs of u8*s8 products add in saturating int16.
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
-INT32_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
-
-
-def cpu_features(cpuinfo: str | Path = "/proc/cpuinfo") -> dict:
-    """The CPU this process runs on: model name and the CPU_FLAGS present (True/False), read
-    from /proc/cpuinfo. Where that file is missing (not Linux) or has no flags line, the flags are
-    None (unknown) and the model name comes from `platform`. `int32_dot` says whether int8 dot
-    products add in int32 (VNNI or AMX): False means full-range int8 weights may saturate."""
-    model, flags = None, None
-    try:
-        text = Path(cpuinfo).read_text(errors="replace")
-    except OSError:
-        text = ""
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "model name" and model is None:
-            model = value.strip()
-        elif key == "flags" and flags is None:
-            flags = set(value.split())
-    present = None if flags is None else {flag: flag in flags for flag in CPU_FLAGS}
-    return {
-        "model_name": model or platform.processor() or None,
-        "machine": platform.machine(),
-        "flags": present,
-        "int32_dot": None if present is None else any(present[f] for f in INT32_DOT_FLAGS),
-    }
 
 
 def validate_onnx(
@@ -99,21 +69,10 @@ def validate_onnx(
         "onnxruntime": {"version": ort.__version__, "providers": shipped.get_providers()},
         "threads": threads,  # None: onnxruntime's default (one per physical core)
     }
-    images = np.concatenate(tally.samples)
-    batch = np.resize(images, (THROUGHPUT_BATCH, *images.shape[1:]))  # repeats a small test split
-    if dense_path is None:
-        report["latency_ms"] = _latency_ms([shipped], images[:1], latency_runs)[0]
-    else:
-        report.update(
-            _side_by_side(
-                shipped,
-                open_session(Path(dense_path), threads, spinning=False),
-                images[:1],
-                batch,
-                latency_runs,
-                throughput_runs,
-            )
-        )
+    report.update(
+        _speed(shipped, np.concatenate(tally.samples), dense_path, threads, latency_runs, throughput_runs)
+    )
+    if dense_path is not None:
         report["dense_onnx_bytes"] = Path(dense_path).stat().st_size
         report["size_ratio"] = report["onnx_bytes"] / report["dense_onnx_bytes"]
 
@@ -248,6 +207,16 @@ def _missed_gates(report, quantized, min_top1, max_abs_diff, min_agreement, max_
 
 def _nonfinite_rows(logits: np.ndarray) -> int:
     return int((~np.isfinite(logits)).any(axis=1).sum())
+
+
+def _speed(shipped, images: np.ndarray, dense_path, threads, latency_runs: int, throughput_runs: int) -> dict:
+    """The shipped model's batch-1 latency on the test images; given `dense_path`, side by side
+    with the dense model, and the batch-64 throughput of both."""
+    if dense_path is None:
+        return {"latency_ms": _latency_ms([shipped], images[:1], latency_runs)[0]}
+    batch = np.resize(images, (THROUGHPUT_BATCH, *images.shape[1:]))  # repeats a small test split
+    dense = open_session(Path(dense_path), threads, spinning=False)
+    return _side_by_side(shipped, dense, images[:1], batch, latency_runs, throughput_runs)
 
 
 def _side_by_side(

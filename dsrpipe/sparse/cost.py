@@ -20,7 +20,6 @@ import functools
 import hashlib
 import json
 import os
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..files import read_regular, write_json
+from ..machine import cores, cpu_features
 from .groups import ChannelGroup, most_removable
 from .slicing import LAYERS
 
@@ -292,13 +292,14 @@ class LatencyTable:
 
     def __init__(self, cache: Path, step: int):
         self.cache, self.step = cache, step
+        cpu = cpu_features()  # what the times hold for: this CPU, its cores, this onnxruntime
+        self.machine = [cpu["machine"], cpu["model_name"], cores(), ort.__version__]
         self.times = _read_cache(cache)
         self.grids: dict[str, tuple[list[int], list[int], np.ndarray]] = {}
 
-    @staticmethod
-    def key(layer: Layer) -> str:
+    def key(self, layer: Layer) -> str:
         fields = [
-            platform.machine(), platform.processor() or _cpu_model(), os.cpu_count(), ort.__version__,
+            *self.machine,
             layer.in_width, layer.out_width, layer.groups, layer.kernel, layer.input_shape,
             layer.stride, layer.padding, layer.dilation,
         ]  # fmt: skip
@@ -350,16 +351,6 @@ def _read_cache(path: Path) -> dict[str, dict[str, float]]:
         for entry in times.values()
     )
     return times if valid else {}
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def _time_layer(layer: Layer, in_width: int, out_width: int) -> float:
