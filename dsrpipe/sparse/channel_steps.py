@@ -79,7 +79,7 @@ class ChannelSteps:
         """Remove the channels due now (channels.py) and regrow the active weights they held in the
         surviving channels, in proportion to what each tensor kept, so the active total stays."""
         channels = self.channels
-        last = self.iteration >= channels.removal.end
+        last = channels.removal.last(self.iteration)
         chosen = channels.choose_due(self.iteration, self.active_count())
         freed = channels.remove(chosen, self.optimizer)
         if freed:

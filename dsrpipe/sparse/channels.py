@@ -129,17 +129,19 @@ class Channels:
     def choose_due(self, iteration: int, active_total: int) -> dict[str, list[int]]:
         """The channels to remove after step `iteration`: the share's count due by now
         (`choose`), or, with a cost budget, the part due by now of the plan that meets it."""
-        removal, last = self.removal, iteration >= self.removal.end
+        removal, last = self.removal, self.removal.last(iteration)
         if self.cost is None:
             return self.choose(removal.target(iteration, self.total) - self.removed, active_total, last)
         blocks = self._budget_plan(active_total)
         planned = sum(len(c) for _, c in blocks)
         due = round(removal.progress(iteration) * (self.removed + planned)) - self.removed
         chosen: dict[str, list[int]] = {}
+        taken = 0
         for name, block in blocks:  # whole blocks, the best first, as many as are due
-            if not last and sum(len(c) for c in chosen.values()) + len(block) / 2 > due:
+            if not last and taken + len(block) / 2 > due:
                 break
             chosen.setdefault(name, []).extend(block)
+            taken += len(block)
         return chosen
 
     def _budget_plan(self, active_total: int) -> list[tuple[str, list[int]]]:

@@ -60,6 +60,10 @@ class ChannelRemoval:
         """Whether anything is to go (fine-tuning holds a trained run's channels, removing none)."""
         return self.share > 0 or self.budget is not None
 
+    def last(self, iteration: int) -> bool:
+        """Whether the removal after step `iteration` is the last one (it completes the plan)."""
+        return iteration >= self.end
+
     def progress(self, iteration: int) -> float:
         """The part of the removal done by `iteration`: in equal steps, or on a cubic curve."""
         progress = min(max((iteration - self.begin) / (self.end - self.begin), 0.0), 1.0)
