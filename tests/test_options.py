@@ -260,7 +260,15 @@ def test_compare_trains_the_dense_run_first_and_prunes_it(tmp_path):
             }
         )
     )
-    result = compare_module.run_grid(path, tmp_path / "out", jobs=2, echo=lambda line: None)
+    table_as_it_went = []
+
+    def echo(line: str) -> None:  # a grid's table grows as its runs end, not only at its end
+        if line.startswith("[2/3]"):
+            rows = csv.DictReader((tmp_path / "out" / "g" / "results.csv").open())
+            table_as_it_went.extend((r["method"], r["status"]) for r in rows)
+
+    result = compare_module.run_grid(path, tmp_path / "out", jobs=2, echo=echo)
+    assert ("dense", "ok") in table_as_it_went and ("prune", "ok") not in table_as_it_went, table_as_it_went
     runs = {r.method: r for r in result["runs"]}
     assert {m: r.status for m, r in runs.items()} == {"dense": "ok", "prune": "ok", "prune-channels": "ok"}, [
         r.message for r in runs.values()

@@ -197,7 +197,8 @@ def run_grid(
     )
     if cluster.dry_run:
         return {"sbatch": executor_made().dry_run(_job_spec(runs[0], folder)), "runs": runs}
-    schedule = Schedule(grid, runs, folder, grid_path, echo or _to_stderr)
+    command = _command_line(grid_path, out, jobs, nproc_per_job, cluster.executor)
+    schedule = Schedule(grid, runs, folder, grid_path, command, echo or _to_stderr)
     folder.mkdir(parents=True, exist_ok=True)
     # For the whole compare: a second compare of the same grid into the same --out would start the
     # same runs and write the same results. Taken first: a second one is refused before it starts
@@ -214,8 +215,7 @@ def run_grid(
             schedule.run(executor, jobs, nproc_per_job)
         finally:
             executor.close()
-        command = _command_line(grid_path, out, jobs, nproc_per_job, cluster.executor)
-        return {**schedule.results(command), "runs": runs}
+        return {**schedule.results(), "runs": runs}
 
 
 def _command_line(grid_path: Path, out: Path, jobs: int, nproc_per_job: int, executor: str) -> str:
@@ -236,9 +236,16 @@ class Schedule:
     that another starts from (frozen ← dsr, prune ← dense) ends before that one starts."""
 
     def __init__(
-        self, grid: Grid, runs: list[Run], folder: Path, grid_path: Path, echo: Callable[[str], None]
+        self,
+        grid: Grid,
+        runs: list[Run],
+        folder: Path,
+        grid_path: Path,
+        command: str,
+        echo: Callable[[str], None],
     ):
         self.grid, self.runs, self.folder, self.grid_path, self.echo = grid, runs, folder, grid_path, echo
+        self.command = command  # the compare command, as results.md says what produced it
         self.runs_dir = folder / "runs"
         self.by_name = {r.name: r for r in runs}
         self.running: list[Run] = []
@@ -345,10 +352,12 @@ class Schedule:
             self.echo(
                 f"[{self.done}/{len(self.runs)}] {run.name}: {_summary(run)} ({run.ended - run.started:.0f} s)"
             )
+            # A grid can take several sittings: its table grows with each run, not only at the end.
+            write_results(self.folder, self.runs, command=self.command)
 
-    def results(self, command: str) -> dict[str, Path]:
+    def results(self) -> dict[str, Path]:
         """results.csv, results.md and the plot, written; the runs that crashed, said."""
-        written = write_results(self.folder, self.runs, command=command)
+        written = write_results(self.folder, self.runs, command=self.command)
         crashed = [r for r in self.runs if r.status == "crashed"]
         if crashed:
             self.echo(
