@@ -110,6 +110,8 @@ def measured_rows(runs_root: Path) -> list[dict]:
                     "nonzero_params": report["nonzero_params"],
                     "macs": (report.get("shrink") or {}).get("macs_after"),
                     "train_seconds": float(line["train_seconds"]) if line["train_seconds"] else None,
+                    # what training cost in arithmetic: the same on a busy machine as on a quiet one
+                    "train_mac_images": (report.get("training") or {}).get("mac_images"),
                     "epochs": int(line["epochs"]) if line["epochs"] else None,
                     "widths": history[-1].get("channels_alive"),
                     "cpu": report.get("cpu"),
@@ -141,7 +143,14 @@ def summarise(rows: list[dict]) -> list[dict]:
                 "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
                 **{
                     k: mean(k)
-                    for k in ("latency_ratio", "throughput_ratio", "onnx_bytes", "train_seconds", "macs")
+                    for k in (
+                        "latency_ratio",
+                        "throughput_ratio",
+                        "onnx_bytes",
+                        "train_seconds",
+                        "train_mac_images",
+                        "macs",
+                    )
                 },
                 "epochs": runs[0]["epochs"],
                 "widths": runs[0]["widths"],
@@ -164,10 +173,12 @@ def thin_at(groups: list[dict], model: str, latency: float, key: str = "top1") -
 
 def comparison(groups: list[dict]) -> list[str]:
     """Per dsrpipe row: its lead over thin dense and over prune-channels at the same target, and
-    its training time over thin dense's."""
+    its training cost over thin dense's: in wall time, and in MACs × images (what the arithmetic
+    cost, which another process on the machine does not change)."""
     lines = [
-        "| model | row | top-1 | latency (of dense) | thin dense there | lead | prune-channels, same target | lead | train time / thin's |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| model | row | top-1 | latency (of dense) | thin dense there | lead | prune-channels, same target | lead "
+        "| train time / thin's | train MACs / thin's |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     by_row = {(g["model"], g["row"]): g for g in groups}
     for g in groups:
@@ -175,6 +186,7 @@ def comparison(groups: list[dict]) -> list[str]:
             continue
         thin = thin_at(groups, g["model"], g["latency_ratio"])
         thin_seconds = thin_at(groups, g["model"], g["latency_ratio"], "train_seconds")
+        thin_macs = thin_at(groups, g["model"], g["latency_ratio"], "train_mac_images")
         prune = by_row.get((g["model"], "prune-" + g["row"].split("-", 1)[1]))
         cells = [
             f"{100 * g['top1']:.2f} ± {100 * g['top1_std']:.2f}",
@@ -184,6 +196,7 @@ def comparison(groups: list[dict]) -> list[str]:
             "" if prune is None else f"{100 * prune['top1']:.2f} ± {100 * prune['top1_std']:.2f}",
             "" if prune is None else f"{100 * (g['top1'] - prune['top1']):+.2f} pts",
             "" if not thin_seconds else f"{g['train_seconds'] / thin_seconds:.2f}×",
+            "" if not thin_macs or not g["train_mac_images"] else f"{g['train_mac_images'] / thin_macs:.2f}×",
         ]
         lines.append(f"| {g['model']} | {g['row']} | " + " | ".join(cells) + " |")
     return lines
