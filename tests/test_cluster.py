@@ -26,7 +26,9 @@ from dsrpipe.cli import app
 from dsrpipe.errors import EXIT_TERMINATED, UserError
 from dsrpipe.executors import LOST, Executor, JobSpec, Resources
 from dsrpipe.executors.base import PROBE_ENV
-from dsrpipe.executors.ray import ANSWER_ENV, LOCAL_ENV, MAX_RETRIES, resolve
+from dsrpipe.executors.ray import MAX_RETRIES
+from dsrpipe.executors.ray_cluster import ANSWER_ENV, resolve
+from dsrpipe.executors.ray_head import LOCAL_ENV
 from dsrpipe.stopping import stop_line
 from dsrpipe.watch.folder import DropFolder
 from dsrpipe.watch.options import WatchOptions
@@ -134,7 +136,7 @@ def ray_address():
     """A local Ray as dsrpipe starts one (2 CPUs, every listener on 127.0.0.1; its head is a child
     of this process), joined by this process, which imported ray first."""
     pytest.importorskip("ray")
-    from dsrpipe.executors.ray import start_local, stop_local
+    from dsrpipe.executors.ray_cluster import start_local, stop_local
 
     started = time.perf_counter()
     address = start_local(cpus=2)
@@ -331,14 +333,14 @@ def test_a_local_ray_joined_after_ray_was_imported_listens_on_loopback_only_and_
     script = """if True:
         import json, os, time
         import ray
-        from dsrpipe.executors import ray as executor
-        executor.start_local(cpus=1)
+        from dsrpipe.executors import ray_cluster
+        ray_cluster.start_local(cpus=1)
         assert ray.get(ray.remote(lambda: os.getpid()).remote()) != os.getpid()  # a worker ran it
-        folder = executor._head.folder
+        folder = ray_cluster._head.folder
         mode = oct(os.stat(folder).st_mode & 0o777)
         session = ray._private.worker._global_node.get_session_dir_path()
         time.sleep(1)  # the listeners sampled
-        executor.stop_local()
+        ray_cluster.stop_local()
         print(json.dumps([str(folder), mode, session]))
     """
     env = {k: v for k, v in with_ray_env().items() if k not in LOCAL_ENV and k != "RAY_ADDRESS"}

@@ -112,7 +112,7 @@ def test_the_density_heat_map_prints_numbers_only_where_they_fit():
     at 200 epochs none. Long layer names make the map narrower."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    from dsrpipe.plots import _density_over_time
+    from dsrpipe.plots.run_figures import density_over_time
 
     layers = ["features.stage1.block0.conv1.weight", "features.stage1.block0.conv2.weight"]
 
@@ -122,7 +122,7 @@ def test_the_density_heat_map_prints_numbers_only_where_they_fit():
             | {"layer_density": {n: 0.05 + 0.9 * ((e + i) % 2) for i, n in enumerate(layers)}}
             for e in range(1, epochs + 1)
         ]
-        figure = _density_over_time(history, epochs, {"name": "n", "method": "dsr"})
+        figure = density_over_time(history, epochs, {"name": "n", "method": "dsr"})
         return figure, figure.axes[0]
 
     assert len(heat_map(5)[1].texts) == 5 * len(layers)

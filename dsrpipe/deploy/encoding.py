@@ -168,29 +168,45 @@ def _compact(arrays: dict[str, np.ndarray], tag: str):
     # Skips and pad codes step past the last weight: scatter into a buffer that holds them all.
     pad = (-codes.size) % (8 // bits)
     span = max(stream.size, int(np.where(codes == 0, most, codes).sum()) + pad * most)
-    t = tag
-    zero = numpy_helper.from_array(np.zeros(1, dtype=dtype))
     inits = [
-        numpy_helper.from_array(pack_codes(codes, bits), f"{t}.codes"),
-        numpy_helper.from_array(np.concatenate([np.zeros(1, dtype), stream[stream != 0]]), f"{t}.values"),
-        numpy_helper.from_array(np.array([most], dtype=np.int64), f"{t}.most"),
-        numpy_helper.from_array(np.array([span], dtype=np.int64), f"{t}.span"),
+        numpy_helper.from_array(pack_codes(codes, bits), f"{tag}.codes"),
+        numpy_helper.from_array(np.concatenate([np.zeros(1, dtype), stream[stream != 0]]), f"{tag}.values"),
+        numpy_helper.from_array(np.array([most], dtype=np.int64), f"{tag}.most"),
+        numpy_helper.from_array(np.array([span], dtype=np.int64), f"{tag}.span"),
     ]
-    nodes = []
-    unpacked = f"{t}.codes"
-    if bits < 8:
-        inits += [
-            numpy_helper.from_array(np.arange(8 // bits, dtype=np.uint8) * bits, f"{t}.shifts"),
-            numpy_helper.from_array(np.array(most, dtype=np.uint8), f"{t}.mask"),
-        ]
-        nodes += [
-            helper.make_node("Unsqueeze", [f"{t}.codes", f"{SHARED}.one"], [f"{t}.column"]),
-            helper.make_node("BitShift", [f"{t}.column", f"{t}.shifts"], [f"{t}.shifted"], direction="RIGHT"),
-            helper.make_node("BitwiseAnd", [f"{t}.shifted", f"{t}.mask"], [f"{t}.table"]),
-            helper.make_node("Reshape", [f"{t}.table", f"{SHARED}.flat"], [f"{t}.unpacked"]),
-        ]
-        unpacked = f"{t}.unpacked"
-    nodes += [
+    unpack_nodes, unpack_inits, unpacked = _unpack(tag, bits)
+    slice_nodes, slice_inits = _slices(tag, arrays)
+    nodes = unpack_nodes + _decode(tag, unpacked, dtype) + slice_nodes
+    return nodes, inits + unpack_inits + slice_inits
+
+
+def _unpack(tag: str, bits: int) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], str]:
+    """The nodes (and their constants) that split each packed byte into its 8 // `bits` codes, and
+    the name of the codes, one per element; bytes are codes already at 8 bits."""
+    if bits == 8:
+        return [], [], f"{tag}.codes"
+    most = (1 << bits) - 1
+    inits = [
+        numpy_helper.from_array(np.arange(8 // bits, dtype=np.uint8) * bits, f"{tag}.shifts"),
+        numpy_helper.from_array(np.array(most, dtype=np.uint8), f"{tag}.mask"),
+    ]
+    nodes = [
+        helper.make_node("Unsqueeze", [f"{tag}.codes", f"{SHARED}.one"], [f"{tag}.column"]),
+        helper.make_node(
+            "BitShift", [f"{tag}.column", f"{tag}.shifts"], [f"{tag}.shifted"], direction="RIGHT"
+        ),
+        helper.make_node("BitwiseAnd", [f"{tag}.shifted", f"{tag}.mask"], [f"{tag}.table"]),
+        helper.make_node("Reshape", [f"{tag}.table", f"{SHARED}.flat"], [f"{tag}.unpacked"]),
+    ]
+    return nodes, inits, f"{tag}.unpacked"
+
+
+def _decode(tag: str, unpacked: str, dtype: np.dtype) -> list[onnx.NodeProto]:
+    """The nodes that turn the codes into the stream of every weight end to end (the module
+    docstring's position, landing, pick and stream)."""
+    t = tag  # short: every value's name starts with it
+    zero = numpy_helper.from_array(np.zeros(1, dtype=dtype))
+    return [
         helper.make_node("Cast", [unpacked], [f"{t}.code"], to=TensorProto.INT64),
         helper.make_node("Equal", [f"{t}.code", f"{SHARED}.zero"], [f"{t}.skip"]),
         helper.make_node("Where", [f"{t}.skip", f"{t}.most", f"{t}.code"], [f"{t}.step"]),
@@ -205,16 +221,23 @@ def _compact(arrays: dict[str, np.ndarray], tag: str):
             "ScatterElements", [f"{t}.zeros", f"{t}.position", f"{t}.placed"], [f"{t}.stream"], axis=0
         ),
     ]
+
+
+def _slices(tag: str, arrays: dict[str, np.ndarray]) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """The nodes (and their constants) that cut each array, under its own name, out of the stream."""
+    nodes, inits = [], []
     start = 0
     for i, (name, array) in enumerate(arrays.items()):
         inits += [
-            numpy_helper.from_array(np.array([start], dtype=np.int64), f"{t}.{i}.start"),
-            numpy_helper.from_array(np.array([start + array.size], dtype=np.int64), f"{t}.{i}.end"),
-            numpy_helper.from_array(np.array(array.shape, dtype=np.int64), f"{t}.{i}.shape"),
+            numpy_helper.from_array(np.array([start], dtype=np.int64), f"{tag}.{i}.start"),
+            numpy_helper.from_array(np.array([start + array.size], dtype=np.int64), f"{tag}.{i}.end"),
+            numpy_helper.from_array(np.array(array.shape, dtype=np.int64), f"{tag}.{i}.shape"),
         ]
         nodes += [
-            helper.make_node("Slice", [f"{t}.stream", f"{t}.{i}.start", f"{t}.{i}.end"], [f"{t}.{i}.flat"]),
-            helper.make_node("Reshape", [f"{t}.{i}.flat", f"{t}.{i}.shape"], [name]),
+            helper.make_node(
+                "Slice", [f"{tag}.stream", f"{tag}.{i}.start", f"{tag}.{i}.end"], [f"{tag}.{i}.flat"]
+            ),
+            helper.make_node("Reshape", [f"{tag}.{i}.flat", f"{tag}.{i}.shape"], [name]),
         ]
         start += array.size
     return nodes, inits

@@ -77,37 +77,12 @@ def export_onnx(
     `quantize="int8"` needs `calibration` (batches of raw training pixels) and `fp32_path`,
     where the float32 model goes. The writes are atomic: if anything fails, previous files are
     left untouched."""
-    if encoding not in ENCODINGS or quantize not in QUANTIZE:
-        raise ValueError(f"encoding {encoding!r} / quantize {quantize!r}: expected {ENCODINGS} / {QUANTIZE}")
-    if int8_range not in INT8_RANGES:
-        raise ValueError(f"int8_range {int8_range!r}: expected one of {INT8_RANGES}")
-    if quantize == "int8" and (calibration is None or fp32_path is None):
-        raise ValueError("int8 export needs calibration batches and an fp32_path")
+    _check_options(encoding, quantize, calibration, fp32_path, int8_range)
     path = Path(path)
-    proto = _trace_to_onnx(model, in_channels, image_size, mean, std, opset)
-    _check_zeros_kept(model, proto)
-    _strip_exporter_metadata(proto)
-    proto.producer_name, proto.producer_version = "dsrpipe", __version__
-    proto.doc_string = (
-        f"dsrpipe classifier: {INPUT_NAME} float32 [N,{in_channels},{image_size},{image_size}] "
-        f"in [0,1] -> {OUTPUT_NAME} [N,classes]"
-    )
-    existing = {p.key: p.value for p in proto.metadata_props}
-    helper.set_model_props(proto, {**existing, **metadata, "encoding": encoding, "quantize": "none"})
-
+    proto = _float32_model(model, in_channels, image_size, mean, std, opset, metadata, encoding)
     dense_bytes = proto.ByteSize()
     zero_weights = sum(int(np.count_nonzero(numpy_helper.to_array(t) == 0)) for t in _weights(proto))
-    shipped = proto
-    if quantize == "int8":
-        shipped = quantize_int8(proto, calibration, INPUT_NAME, int8_range)
-        helper.set_model_props(
-            shipped,
-            {
-                **{p.key: p.value for p in proto.metadata_props},
-                "quantize": quantize,
-                "int8_range": int8_range,
-            },
-        )
+    shipped = _quantized(proto, calibration, int8_range) if quantize == "int8" else proto
     # The weights keep their names, float32 and int8 alike: the name says which layer it is.
     weight_names = {t.name for t in _weights(proto)}
     weight_names |= {name + QUANTIZED_SUFFIX for name in weight_names}
@@ -122,6 +97,45 @@ def export_onnx(
     if quantize == "int8":
         result["fp32"] = _encode_and_save(proto, Path(fp32_path), encoding, weight_names)
     return {**result, **_encode_and_save(shipped, path, encoding, weight_names)}
+
+
+def _check_options(encoding: str, quantize: str, calibration, fp32_path, int8_range: str) -> None:
+    if encoding not in ENCODINGS or quantize not in QUANTIZE:
+        raise ValueError(f"encoding {encoding!r} / quantize {quantize!r}: expected {ENCODINGS} / {QUANTIZE}")
+    if int8_range not in INT8_RANGES:
+        raise ValueError(f"int8_range {int8_range!r}: expected one of {INT8_RANGES}")
+    if quantize == "int8" and (calibration is None or fp32_path is None):
+        raise ValueError("int8 export needs calibration batches and an fp32_path")
+
+
+def _float32_model(model, in_channels, image_size, mean, std, opset, metadata, encoding) -> onnx.ModelProto:
+    """The traced float32 graph, its zeros checked, labelled for a deployer: dsrpipe as its
+    producer, its input and output described, the caller's metadata and the encoding."""
+    proto = _trace_to_onnx(model, in_channels, image_size, mean, std, opset)
+    _check_zeros_kept(model, proto)
+    _strip_exporter_metadata(proto)
+    proto.producer_name, proto.producer_version = "dsrpipe", __version__
+    proto.doc_string = (
+        f"dsrpipe classifier: {INPUT_NAME} float32 [N,{in_channels},{image_size},{image_size}] "
+        f"in [0,1] -> {OUTPUT_NAME} [N,classes]"
+    )
+    existing = {p.key: p.value for p in proto.metadata_props}
+    helper.set_model_props(proto, {**existing, **metadata, "encoding": encoding, "quantize": "none"})
+    return proto
+
+
+def _quantized(proto: onnx.ModelProto, calibration, int8_range: str) -> onnx.ModelProto:
+    """The int8 model of the float32 `proto`, with its metadata, saying so."""
+    shipped = quantize_int8(proto, calibration, INPUT_NAME, int8_range)
+    helper.set_model_props(
+        shipped,
+        {
+            **{p.key: p.value for p in proto.metadata_props},
+            "quantize": "int8",
+            "int8_range": int8_range,
+        },
+    )
+    return shipped
 
 
 def _encode_and_save(proto: onnx.ModelProto, path: Path, encoding: str, weight_names: set[str]) -> dict:

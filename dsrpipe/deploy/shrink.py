@@ -153,6 +153,28 @@ def _needs_merge(layer: nn.Module) -> bool:
 def _plan_group(graph: tp.DependencyGraph, group, inputs) -> _Plan | None:
     """Which root channels of `group` can go and how their consumers are compensated; None when
     nothing can go (or the group holds layers whose channels this module cannot reason about)."""
+    roles = _roles(graph, group)
+    if roles is None:
+        return None
+    producers, consumers, by_root = roles
+    items = list(group)
+    removable = _removable(items, producers, consumers, by_root, inputs)
+    if not removable:
+        return None
+    keep, representative = _kept(items, removable, channels=len(by_root))
+    removed = sorted(set(removable) - keep)
+    if not removed:
+        return None
+    plan = _Plan(root=items[0].dep.target.module, prune_fn=items[0].dep.handler, removed=removed)
+    _compensate(plan, items, removable, representative)
+    return plan
+
+
+def _roles(graph: tp.DependencyGraph, group):
+    """The group's items that write its channels (producers) and that read them (consumers), by
+    position, and which of each item's indices every root channel maps to (root -> position ->
+    indices; a position absent for a root maps to none); None where the group holds layers whose
+    channels this module cannot reason about, or no consumer."""
     producers, consumers = [], []
     by_root: dict[int, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))  # root -> item -> idxs
     for position, item in enumerate(group):
@@ -168,11 +190,14 @@ def _plan_group(graph: tp.DependencyGraph, group, inputs) -> _Plan | None:
             by_root[root][position].append(idx)
     if not consumers:
         return None  # the classifier: its channels are the logits
+    return producers, consumers, by_root
 
-    items = list(group)
+
+def _removable(items, producers, consumers, by_root, inputs) -> dict[int, dict[int, list[tuple[int, float]]]]:
+    """The root channels that every producer writes as zero and every consumer sees as a constant:
+    root channel -> consumer position -> [(index, the constant seen there)]."""
     dead_rows = {p: set(_dead_rows(items[p].dep.target.module)) for p in producers}
     seen_by = {p: [t.tolist() for t in inputs[items[p].dep.target.module]] for p in consumers}
-    # root channel -> consumer position -> [(index, constant seen there)]
     removable: dict[int, dict[int, list[tuple[int, float]]]] = {}
     for root, mapped in by_root.items():
         if not all(set(mapped[p]) <= dead_rows[p] for p in producers):
@@ -185,8 +210,12 @@ def _plan_group(graph: tp.DependencyGraph, group, inputs) -> _Plan | None:
             seen[p] = [(i, value[i]) for i in mapped[p]]
         else:
             removable[root] = seen
-    if not removable:
-        return None
+    return removable
+
+
+def _kept(items, removable, channels: int) -> tuple[set[int], int | None]:
+    """Of the removable channels, those that stay, and the representative that the others are
+    merged into where a zero-padded conv sees them (None if there is none)."""
 
     def merged_into(root):  # consumers where this channel would need a representative
         return {
@@ -214,16 +243,15 @@ def _plan_group(graph: tp.DependencyGraph, group, inputs) -> _Plan | None:
             representative = None
         else:
             keep.add(representative)
-    channels = len(by_root)
     if not keep and len(removable) == channels:
         keep.add(min(removable))  # a layer keeps at least one channel
-    removed = sorted(set(removable) - keep)
-    if not removed:
-        return None
+    return keep, representative
 
-    root = items[0].dep.target.module
-    plan = _Plan(root=root, prune_fn=items[0].dep.handler, removed=removed)
-    for channel in removed:
+
+def _compensate(plan: _Plan, items, removable, representative: int | None) -> None:
+    """The folds that put each removed channel's non-zero constant back: merged into the
+    representative for a zero-padded conv, into the bias for any other consumer."""
+    for channel in plan.removed:
         for p, values in removable[channel].items():
             layer = items[p].dep.target.module
             for idx, value in values:
@@ -234,7 +262,6 @@ def _plan_group(graph: tp.DependencyGraph, group, inputs) -> _Plan | None:
                     plan.merges.append((layer, idx, rep_idx, value / rep_value))
                 else:
                     plan.bias_folds.append((layer, idx, value))
-    return plan
 
 
 def _fold(plan: _Plan) -> None:

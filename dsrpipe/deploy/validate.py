@@ -44,31 +44,10 @@ def validate_onnx(
     how far the shipped top-1 falls below it. min_top1 applies to the shipped model. Raises
     ValidationFailed (with the metrics as `.report`) when a set threshold is missed."""
     onnx_path = Path(onnx_path)
-    # Timed beside another session, a session's threads must not spin: spinning workers of the
-    # session that just ran take a core from the one being timed (on 2 cores a dense model timed
-    # against itself came out 0.6x or 1.7x at batch 1, by which session was made first).
-    spinning = dense_path is None
-    shipped = open_session(onnx_path, threads, spinning=spinning)
-    fp32 = open_session(Path(fp32_path), threads, spinning=spinning) if fp32_path is not None else shipped
+    shipped, fp32 = _sessions(onnx_path, fp32_path, dense_path, threads)
     quantized = fp32 is not shipped
-    for session, path in ((shipped, onnx_path), (fp32, fp32_path or onnx_path)):
-        input_shape(session, path)  # what the model declares is bounded before it is fed
-
     tally = _compare_on_test_split(torch_model, test_set, batch_size, shipped, fp32, onnx_path, fp32_path)
-    meta = shipped.get_modelmeta().custom_metadata_map
-    report = {
-        **tally.figures(quantized),
-        "encoding": meta.get("encoding"),
-        "quantize": meta.get("quantize", "none"),
-        **({"int8_range": meta.get("int8_range", "full")} if quantized else {}),  # older files: full
-        "onnx_bytes": onnx_path.stat().st_size,
-        "num_test": tally.num_test,
-        "providers": shipped.get_providers(),
-        # what the int8 kernels ran on: their arithmetic depends on it (docs/int8.md)
-        "cpu": cpu_features(),
-        "onnxruntime": {"version": ort.__version__, "providers": shipped.get_providers()},
-        "threads": threads,  # None: onnxruntime's default (one per physical core)
-    }
+    report = {**tally.figures(quantized), **_describe(shipped, onnx_path, quantized, tally.num_test, threads)}
     report.update(
         _speed(shipped, np.concatenate(tally.samples), dense_path, threads, latency_runs, throughput_runs)
     )
@@ -82,6 +61,38 @@ def validate_onnx(
         error.report = report
         raise error
     return report
+
+
+def _sessions(onnx_path: Path, fp32_path, dense_path, threads: int | None):
+    """onnxruntime sessions of the shipped model and of its float32 model (the same session where
+    it is not quantized), each declaring an input within bounds."""
+    # Timed beside another session, a session's threads must not spin: spinning workers of the
+    # session that just ran take a core from the one being timed (on 2 cores a dense model timed
+    # against itself came out 0.6x or 1.7x at batch 1, by which session was made first).
+    spinning = dense_path is None
+    shipped = open_session(onnx_path, threads, spinning=spinning)
+    fp32 = open_session(Path(fp32_path), threads, spinning=spinning) if fp32_path is not None else shipped
+    for session, path in ((shipped, onnx_path), (fp32, fp32_path or onnx_path)):
+        input_shape(session, path)  # what the model declares is bounded before it is fed
+    return shipped, fp32
+
+
+def _describe(shipped, onnx_path: Path, quantized: bool, num_test: int, threads: int | None) -> dict:
+    """What was validated, and on what: the file's encoding and quantization (from its metadata),
+    its size, the test split's, the runtime and the CPU."""
+    meta = shipped.get_modelmeta().custom_metadata_map
+    return {
+        "encoding": meta.get("encoding"),
+        "quantize": meta.get("quantize", "none"),
+        **({"int8_range": meta.get("int8_range", "full")} if quantized else {}),  # older files: full
+        "onnx_bytes": onnx_path.stat().st_size,
+        "num_test": num_test,
+        "providers": shipped.get_providers(),
+        # what the int8 kernels ran on: their arithmetic depends on it (docs/int8.md)
+        "cpu": cpu_features(),
+        "onnxruntime": {"version": ort.__version__, "providers": shipped.get_providers()},
+        "threads": threads,  # None: onnxruntime's default (one per physical core)
+    }
 
 
 @dataclass

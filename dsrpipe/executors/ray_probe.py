@@ -1,5 +1,5 @@
 """Whether an address answers as a Ray cluster that this machine can join, asked in a process of
-its own that dsrpipe kills once its time is up (dsrpipe.executors.ray.probe).
+its own that dsrpipe kills once its time is up (dsrpipe.executors.ray_cluster.probe).
 
 Why a process: Ray's client waits for an address that does not answer as Ray, or answers
 wrongly, in C++ and at length (ray.init retries a 40 s wait 20 times); it crashes the process

@@ -95,17 +95,7 @@ class Sparsifier(ChannelSteps):
         remove_channels: ChannelRemoval | None = None,
         example_inputs: torch.Tensor | None = None,
     ):
-        if not 0.0 <= sparsity < 1.0:
-            raise UserError(f"sparsity must be in [0, 1), got {sparsity}")
-        if distribution not in DISTRIBUTIONS:
-            raise UserError(f"unknown distribution '{distribution}' (known: {', '.join(DISTRIBUTIONS)})")
-        if granularity not in GRANULARITIES:
-            raise UserError(f"unknown granularity '{granularity}' (known: {', '.join(GRANULARITIES)})")
-        if granularity not in self.granularities:
-            raise UserError(
-                f"method '{self.method}' prunes and grows single weights only: granularity "
-                f"'{granularity}' is for static, dsr and set"
-            )
+        self._check_options(sparsity, distribution, granularity)
         self.granularity = granularity
         self.model, self.optimizer, self.sparsity = model, optimizer, sparsity
         self.layers = layers or LayerSelection()
@@ -121,44 +111,70 @@ class Sparsifier(ChannelSteps):
         self.generator.manual_seed(seed)
         self.masks: dict[str, torch.Tensor] = {}
         # The active count each sparse tensor starts with (or, pruning, ends with).
-        self.budgets = (
-            layer_budgets({n: tuple(w.shape) for n, w in self.weights.items()}, sparsity, distribution)
-            if sparsity > 0
-            else {}
-        )
-        if granularity != "element":
-            self.budgets = {
-                n: max(1, round(b / self.units[n].size)) * self.units[n].size for n, b in self.budgets.items()
-            }
-        if sparsity > 0:
-            for name, w in self.weights.items():
-                # Contiguous whatever the weight's memory format: the methods index masks flat.
-                self.masks[name] = self.initial_mask(name, w).contiguous()
+        self.budgets = self._initial_budgets()
+        self._draw_initial_masks()
         if scale_init:
             self.scale_initial_weights()
-        if (
-            optimizer is not None
-            and type(self)._masked_gradient is Sparsifier._masked_gradient
-            and self.masks
-        ):
-            # One fused multiply of all the sparse gradients just before each optimizer step,
-            # rather than a hook call per tensor: on a GPU the launches cost more than the math.
-            self._hooks = [optimizer.register_step_pre_hook(lambda *_: self._mask_gradients())]
-            self._per_weight_hooks = False
-        else:
-            self._hooks = self._accumulate_hooks()
-            self._per_weight_hooks = True  # on the weights themselves, which shrinking replaces
+        self._install_gradient_hooks()
         # Positions grown at the latest reallocation, for the regrowth diagnostic.
         self.last_grown = (
             {n: torch.zeros_like(m) for n, m in self.masks.items()} if self.tracks_regrowth else {}
         )
         self.apply_masks()
         self.channels: Channels | None = None
-        self.filled = (
-            False  # the live channels made dense (ChannelRemoval.dense_inside): no more reallocation
-        )
+        # The live channels made dense (ChannelRemoval.dense_inside): no more reallocation.
+        self.filled = False
         if remove_channels is not None:
             self._start_channel_removal(remove_channels, example_inputs)
+
+    def _check_options(self, sparsity: float, distribution: str, granularity: str) -> None:
+        """The shared options this method can take, or a one-line UserError."""
+        if not 0.0 <= sparsity < 1.0:
+            raise UserError(f"sparsity must be in [0, 1), got {sparsity}")
+        if distribution not in DISTRIBUTIONS:
+            raise UserError(f"unknown distribution '{distribution}' (known: {', '.join(DISTRIBUTIONS)})")
+        if granularity not in GRANULARITIES:
+            raise UserError(f"unknown granularity '{granularity}' (known: {', '.join(GRANULARITIES)})")
+        if granularity not in self.granularities:
+            raise UserError(
+                f"method '{self.method}' prunes and grows single weights only: granularity "
+                f"'{granularity}' is for static, dsr and set"
+            )
+
+    def _initial_budgets(self) -> dict[str, int]:
+        """Each sparse tensor's active count at the sparsity and distribution (none at sparsity 0);
+        at kernel or channel granularity rounded to whole units, at least one."""
+        if not self.sparsity > 0:
+            return {}
+        shapes = {n: tuple(w.shape) for n, w in self.weights.items()}
+        budgets = layer_budgets(shapes, self.sparsity, self.distribution)
+        if self.granularity == "element":
+            return budgets
+        return {n: max(1, round(b / self.units[n].size)) * self.units[n].size for n, b in budgets.items()}
+
+    def _draw_initial_masks(self) -> None:
+        """Every sparse tensor's starting mask (`initial_mask`); none at sparsity 0: nothing is masked."""
+        if self.sparsity > 0:
+            for name, w in self.weights.items():
+                # Contiguous whatever the weight's memory format: the methods index masks flat.
+                self.masks[name] = self.initial_mask(name, w).contiguous()
+
+    def _install_gradient_hooks(self) -> None:
+        """What zeroes the masked weights' gradients: one optimizer step pre-hook where that is all
+        there is to do, else a hook per weight as its gradient accumulates (no optimizer, or a
+        method that reads the dense gradient first)."""
+        if (
+            self.optimizer is not None
+            and type(self)._masked_gradient is Sparsifier._masked_gradient
+            and self.masks
+        ):
+            # One fused multiply of all the sparse gradients just before each optimizer step,
+            # rather than a hook call per tensor: on a GPU the launches cost more than the math.
+            self._hooks = [self.optimizer.register_step_pre_hook(lambda *_: self._mask_gradients())]
+            self._per_weight_hooks = False
+        else:
+            self._hooks = self._accumulate_hooks()
+            self._per_weight_hooks = True  # on the weights themselves, which shrinking replaces
 
     def initial_mask(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         """The mask a tensor starts with: its budget of units, uniformly at random. Methods that

@@ -98,20 +98,9 @@ def split_in_units(
     if total % step:
         return None
     order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
-    # reachable[k][r]: whether r·step elements fit exactly into whole units of the tensors order[k:]
     goal = total // step
-    reachable = [np.zeros(goal + 1, dtype=bool) for _ in range(len(order) + 1)]
-    reachable[-1][0] = True
-    for k in range(len(order) - 1, -1, -1):
-        size, left, now = sizes[order[k]] // step, capacity[order[k]], reachable[k + 1].copy()
-        piece = 1
-        while left > 0 and size <= goal:  # bounded counts as pieces of 1, 2, 4, ... units
-            take = min(piece, left)
-            if take * size <= goal:
-                now[take * size :] |= now[: goal + 1 - take * size].copy()
-            left -= take
-            piece *= 2
-        reachable[k] = now
+    # reachable[k][r]: whether r·step elements fit exactly into whole units of the tensors order[k:]
+    reachable = _reachable(goal, [sizes[i] // step for i in order], [capacity[i] for i in order])
     if not reachable[0][goal]:
         return None
     units, remaining = [0] * len(sizes), goal
@@ -123,20 +112,39 @@ def split_in_units(
         size = sizes[i] // step
         most = min(capacity[i], remaining // size)
         nearest = min(max(round(share / sizes[i]), 0), most)
-        for offset in range(most + 1):  # nearest first; one is feasible, as reachable[k][remaining] is
-            found = next(
-                (
-                    n
-                    for n in (nearest - offset, nearest + offset)
-                    if 0 <= n <= most and reachable[k + 1][remaining - n * size]
-                ),
-                None,
-            )
-            if found is not None:
-                break
-        units[i] = found
-        remaining -= found * size
+        units[i] = _nearest_feasible(nearest, most, size, remaining, reachable[k + 1])
+        remaining -= units[i] * size
     return units
+
+
+def _reachable(goal: int, sizes: list[int], capacity: list[int]) -> list[np.ndarray]:
+    """The subset-sum table: reachable[k][r], whether r (0 <= r <= goal, counted in whatever
+    `sizes` count in) fits exactly into whole units of the tensors k, k+1, ... (tensor k: at most
+    `capacity[k]` units of `sizes[k]`)."""
+    reachable = [np.zeros(goal + 1, dtype=bool) for _ in range(len(sizes) + 1)]
+    reachable[-1][0] = True
+    for k in range(len(sizes) - 1, -1, -1):
+        size, left, now = sizes[k], capacity[k], reachable[k + 1].copy()
+        piece = 1
+        while left > 0 and size <= goal:  # bounded counts as pieces of 1, 2, 4, ... units
+            take = min(piece, left)
+            if take * size <= goal:
+                now[take * size :] |= now[: goal + 1 - take * size].copy()
+            left -= take
+            piece *= 2
+        reachable[k] = now
+    return reachable
+
+
+def _nearest_feasible(nearest: int, most: int, size: int, remaining: int, reachable_after: np.ndarray) -> int:
+    """The count of units (0..`most`, of `size` each) closest to `nearest` that leaves a remainder
+    the tensors after can hold exactly (`reachable_after`); one exists where the caller's own
+    remainder is reachable."""
+    for offset in range(most + 1):
+        for n in (nearest - offset, nearest + offset):
+            if 0 <= n <= most and reachable_after[remaining - n * size]:
+                return n
+    raise AssertionError("no feasible count of units, though the remainder is reachable")
 
 
 def active_budget(numel: int, sparsity: float) -> int:
