@@ -653,6 +653,7 @@ def test_frozen_rejects_missing_unfinished_and_mismatched_checkpoints(tmp_path):
         ("wrn-10-2", {}, 0.9, 3, 32),
         ("wrn-10-2", {}, 0.5, 3, 32),
         ("lenet5", {}, 0.5, 1, 28),
+        ("plain-cnn", {}, 0.7, 3, 32),
         ("small-cnn", {"width": 32}, 0.9, 3, 32),
         ("small-cnn", {"width": 32}, 0.9, 1, 8),
     ],

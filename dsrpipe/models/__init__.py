@@ -50,6 +50,8 @@ class MissingExtra(UserError):
 _MODELS: dict[str, tuple[ModelFactory, DenseDefaults]] = {}
 # keyed by display name, e.g. "wrn-<depth>-<width>"
 _FAMILIES: dict[str, tuple[NameParser, ModelFactory, DenseDefaults]] = {}
+# factory -> its real-valued option that scales every layer's channels (what thin-dense narrows)
+_WIDTH_OPTIONS: dict[ModelFactory, str] = {}
 
 
 def register_model(
@@ -59,15 +61,20 @@ def register_model(
     first_conv: str | None = None,
     classifier: str | None = None,
     dense: tuple[str, ...] = (),
+    width: str | None = None,
 ):
     """Decorator registering a model factory under ``name``, with its ``DenseDefaults``.
 
     With ``parse_name`` the factory serves a family of names (``wrn-28-2``, ``wrn-16-8``, ...): ``name``
-    is then only the family's display name, and the options parsed from a name are passed to the factory.
+    is then only the family's display name, and the options parsed from a name are passed to the factory
+    (a pipeline's own options override them). ``width`` names the factory's real-valued option that
+    scales every layer's channels: the models thin-dense can narrow have one.
     """
     defaults = DenseDefaults(first_conv, classifier, tuple(dense))
 
     def decorator(factory: ModelFactory) -> ModelFactory:
+        if width is not None:
+            _WIDTH_OPTIONS[factory] = width
         if parse_name is None:
             _MODELS[name] = (factory, defaults)
         else:
@@ -108,6 +115,23 @@ def is_known_model(name: str) -> bool:
     return True
 
 
+def width_option(name: str, options: dict) -> tuple[str, float] | None:
+    """(option, its value for these options) of the model's width, or None if it has none."""
+    factory, name_options, _ = _resolve(name)
+    option = _WIDTH_OPTIONS.get(factory)
+    if option is None:
+        return None
+    value = {**name_options, **options}.get(option, inspect.signature(factory).parameters[option].default)
+    return option, float(value)
+
+
+def models_with_width() -> list[str]:
+    """The registered models (families by their display name) that have a width option."""
+    entries = [(name, factory) for name, (factory, _) in _MODELS.items()]
+    entries += [(name, factory) for name, (_, factory, _) in _FAMILIES.items()]
+    return [name for name, factory in entries if factory in _WIDTH_OPTIONS]
+
+
 def list_models() -> list[str]:
     """Registered names (families by their display name), then torchvision classification model names."""
     registered = [*_MODELS, *_FAMILIES]
@@ -119,7 +143,10 @@ def create_model(name: str, *, num_classes: int, in_channels: int, image_size: i
     factory, name_options, defaults = _resolve(name)
     try:
         kwargs = dict(
-            num_classes=num_classes, in_channels=in_channels, image_size=image_size, **name_options, **options
+            num_classes=num_classes,
+            in_channels=in_channels,
+            image_size=image_size,
+            **{**name_options, **options},
         )
         # Check options against the signature first: a TypeError from inside the build would be a bug, not bad input.
         inspect.signature(factory).bind(**kwargs)

@@ -8,7 +8,7 @@ from dsrpipe.errors import UserError
 from dsrpipe.models import register_model
 
 
-@register_model("lenet5", first_conv="conv1", classifier="fc2")
+@register_model("lenet5", first_conv="conv1", classifier="fc2", width="scale")
 def lenet5(*, num_classes: int, in_channels: int, image_size: int, scale: float = 1.0) -> nn.Module:
     # Caffe's LeNet-5: no ReLU after the convolutions; 431,080 parameters on 28x28 MNIST.
     # `scale` multiplies the 20/50/500 channels (thin-dense baselines).

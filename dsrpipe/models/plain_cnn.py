@@ -13,9 +13,10 @@ from dsrpipe.models import register_model
 
 
 class PlainCNN(nn.Module):
-    def __init__(self, num_classes: int, in_channels: int, width: int):
+    def __init__(self, num_classes: int, in_channels: int, width: float):
         super().__init__()
-        widths = [width, width, 2 * width, 2 * width, 4 * width, 4 * width]
+        # A real-valued width rounds per layer, so thin-dense can match a parameter budget closely.
+        widths = [max(1, round(k * width)) for k in (1, 1, 2, 2, 4, 4)]
         self.convs = nn.ModuleList()
         self.norms = nn.ModuleList()
         previous = in_channels
@@ -33,8 +34,8 @@ class PlainCNN(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-@register_model("plain-cnn", first_conv="convs.0", classifier="fc")
-def plain_cnn(*, num_classes: int, in_channels: int, image_size: int, width: int = 32) -> nn.Module:
-    if width < 1:
-        raise UserError(f"model option width must be at least 1, got {width}")
+@register_model("plain-cnn", first_conv="convs.0", classifier="fc", width="width")
+def plain_cnn(*, num_classes: int, in_channels: int, image_size: int, width: float = 32) -> nn.Module:
+    if width <= 0:
+        raise UserError(f"model option width must be > 0, got {width}")
     return PlainCNN(num_classes, in_channels, width)

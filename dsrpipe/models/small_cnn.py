@@ -30,7 +30,7 @@ class SmallCNN(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-@register_model("small-cnn", first_conv="conv1", classifier="fc")
+@register_model("small-cnn", first_conv="conv1", classifier="fc", width="width")
 def small_cnn(*, num_classes: int, in_channels: int, image_size: int, width: float = 32) -> nn.Module:
     if width <= 0:
         raise UserError(f"model option width must be > 0, got {width}")

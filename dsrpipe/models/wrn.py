@@ -79,7 +79,7 @@ def parse_wrn_name(name: str) -> dict | None:
         )
     if width < 1:
         raise UserError(f"bad model '{name}': a WRN's width must be >= 1")
-    return {"depth": depth, "width": width}
+    return {"depth": depth, "widen_factor": width}
 
 
 # As in the DSR paper's WRN-28-2 runs, only the 3x3 convs of the residual blocks are sparse by default:
@@ -91,6 +91,7 @@ def parse_wrn_name(name: str) -> dict | None:
     first_conv="conv1",
     classifier="fc",
     dense=("*.shortcut",),
+    width="widen_factor",
 )
 def wide_resnet(
     *,
@@ -98,13 +99,11 @@ def wide_resnet(
     in_channels: int,
     image_size: int,
     depth: int,
-    width: int,
+    widen_factor: float,
     dropout: float = 0.0,
-    widen_factor: float | None = None,
 ) -> nn.Module:
-    # widen_factor: a real-valued width overriding the name's (group channels round(16k), round(32k), round(64k))
-    if widen_factor is not None and widen_factor <= 0:
+    # widen_factor: the name's width, or a real-valued one overriding it (group channels round(16k),
+    # round(32k), round(64k)): thin-dense narrows it
+    if widen_factor <= 0:
         raise UserError(f"model option widen_factor must be > 0, got {widen_factor}")
-    return WideResNet(
-        depth, width if widen_factor is None else widen_factor, num_classes, in_channels, dropout
-    )
+    return WideResNet(depth, widen_factor, num_classes, in_channels, dropout)

@@ -14,24 +14,20 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from ..models import create_model
-from ..models.wrn import parse_wrn_name
+from ..models import create_model, models_with_width, width_option
 from .budgets import active_budget
 from .layers import LayerSelection
 
 
 def _width_knob(model_name: str, options: dict[str, Any]) -> tuple[str, float]:
     """(option, current value) of a model's real-valued width."""
-    if model_name == "small-cnn":
-        return "width", float(options.get("width", 32))
-    if model_name == "lenet5":
-        return "scale", float(options.get("scale", 1.0))
-    if model_name.startswith("wrn-") and (parsed := parse_wrn_name(model_name)) is not None:
-        return "widen_factor", float(options.get("widen_factor", parsed["width"]))
-    raise UserError(
-        f"thin-dense: model '{model_name}' has no width option to scale "
-        "(supported: small-cnn, lenet5, wrn-<depth>-<width>)"
-    )
+    knob = width_option(model_name, options)
+    if knob is None:
+        raise UserError(
+            f"thin-dense: model '{model_name}' has no width option to scale "
+            f"(supported: {', '.join(models_with_width())})"
+        )
+    return knob
 
 
 def thin_model_options(
