@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import files
+from .report import Report
 
 RUN_PLOTS = ("curves.png", "density_over_time.png", "layer_density.png")
 RUN_FILES = RUN_PLOTS + ("report.md",)  # report.md is written last: it existing means all exist
@@ -33,7 +34,7 @@ _MAX_CELL_NUMBERS = 300  # more would be a wall of digits: the colours say it
 
 
 def write_run_plots(
-    run_dir: Path, history_train: list[dict], history_finetune: list[dict], report: dict
+    run_dir: Path, history_train: list[dict], history_finetune: list[dict], report: Report
 ) -> list[Path]:
     """Write the three PNGs and report.md into `run_dir` (beside report.json); returns their paths."""
     run_dir = Path(run_dir)
@@ -88,11 +89,11 @@ def _epoch_axis(ax, total: int) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
 
 
-def _curves(history: list[dict], num_train: int, report: dict):
+def _curves(history: list[dict], num_train: int, report: Report):
     fig = _figure(11, 4)
     loss_ax, top1_ax = fig.subplots(1, 2)
     total = len(history)
-    fig.suptitle(f"{report.get('name', '')}: {report.get('method', '')} on {report.get('dataset', '')}")
+    fig.suptitle(f"{report.name}: {report.method} on {report.dataset}")
     if not history:
         for ax in (loss_ax, top1_ax):
             _no_data(ax, "no epochs trained")
@@ -106,19 +107,19 @@ def _curves(history: list[dict], num_train: int, report: dict):
         ax.set_xlabel("epoch")
         _epoch_axis(ax, total)
         ax.grid(alpha=0.3)
-    if report.get("onnx_top1") is not None:
+    if report.onnx_top1 is not None:
         top1_ax.axhline(
-            report["onnx_top1"],
+            report.onnx_top1,
             color="tab:green",
             ls="--",
             lw=1,
-            label=f"exported ONNX: {report['onnx_top1']:.2%}",
+            label=f"exported ONNX: {report.onnx_top1:.2%}",
         )
     top1_ax.legend(loc="lower right", fontsize=8)
     return fig
 
 
-def _density_over_time(history: list[dict], num_train: int, report: dict):
+def _density_over_time(history: list[dict], num_train: int, report: Report):
     layers = _layer_names(history, report)
     heat_height = min(9.0, max(2.2, 0.28 * len(layers) + 1.2))
     removing = any(h.get("channels_alive") for h in history)
@@ -126,9 +127,7 @@ def _density_over_time(history: list[dict], num_train: int, report: dict):
     heights = [heat_height, 2.2, 1.6] + [2.2] * removing
     heat_ax, h_ax, share_ax, *channels_ax = fig.subplots(len(heights), 1, sharex=True, height_ratios=heights)
     total = len(history)
-    fig.suptitle(
-        f"{report.get('name', '')}: density of each sparse layer per epoch ({report.get('method', '')})"
-    )
+    fig.suptitle(f"{report.name}: density of each sparse layer per epoch ({report.method})")
     if not history or not layers:
         _no_data(heat_ax, "no epochs trained" if not history else "no sparse layers")
         _no_data(h_ax, "")
@@ -204,7 +203,7 @@ def _density_over_time(history: list[dict], num_train: int, report: dict):
         handles = h_ax.get_legend_handles_labels()[0] + (bars.get_legend_handles_labels()[0] if bars else [])
         h_ax.legend(handles=handles, loc="upper left", fontsize=8)
     else:
-        _no_data(h_ax, f"no threshold and nothing pruned (method '{report.get('method', '')}')", epochs=True)
+        _no_data(h_ax, f"no threshold and nothing pruned (method '{report.method}')", epochs=True)
     _epoch_axis(h_ax, total)
     h_ax.grid(alpha=0.3)
     _regrowth_share(share_ax, history, num_train, report)
@@ -253,7 +252,7 @@ def _channels_alive(ax, history: list[dict], num_train: int) -> None:
     _epoch_axis(ax, len(history))
 
 
-def _regrowth_share(ax, history: list[dict], num_train: int, report: dict) -> None:
+def _regrowth_share(ax, history: list[dict], num_train: int, report: Report) -> None:
     """Per epoch, of the weights reallocation switched off, the share it had grown at the
     reallocation just before: near 1 means it mostly prunes the zeros it has just grown (churn),
     low means the grown weights survive and the structure explores."""
@@ -276,25 +275,25 @@ def _regrowth_share(ax, history: list[dict], num_train: int, report: dict) -> No
         ax.set_ylabel("% of pruned", color="tab:purple")
         ax.legend(loc="upper left", fontsize=8)
     else:
-        _no_data(ax, f"no regrowth to measure (method '{report.get('method', '')}')", epochs=True)
+        _no_data(ax, f"no regrowth to measure (method '{report.method}')", epochs=True)
     ax.set_xlabel("epoch")
     _epoch_axis(ax, total)
     ax.grid(alpha=0.3)
 
 
-def _layer_names(history: list[dict], report: dict) -> list[str]:
+def _layer_names(history: list[dict], report: Report) -> list[str]:
     """Layers in model order, as the first epoch (or the report) lists them."""
     names: dict[str, None] = {}
-    for source in [h.get("layer_density", {}) for h in history] + [report.get("layer_density") or {}]:
+    for source in [h.get("layer_density", {}) for h in history] + [report.layer_density]:
         names.update(dict.fromkeys(source))
     return list(names)
 
 
-def _layer_density(report: dict):
-    density = report.get("layer_density") or {}
+def _layer_density(report: Report):
+    density = report.layer_density
     fig = _figure(max(6.0, min(16.0, 2.5 + 0.35 * len(density))), 4.2)
     ax = fig.subplots()
-    ax.set_title(f"{report.get('name', '')}: final density per sparse layer")
+    ax.set_title(f"{report.name}: final density per sparse layer")
     if not density:
         _no_data(ax, "no sparse layers")
         return fig
@@ -304,7 +303,7 @@ def _layer_density(report: dict):
     if len(names) <= 24:
         for x, v in zip(positions, values):
             ax.text(x, v, f"{v:.1%}", ha="center", va="bottom", fontsize=7)
-    sparsity = report.get("sparsity")
+    sparsity = report.sparsity
     if sparsity is not None:
         ax.axhline(
             1 - sparsity,
@@ -332,9 +331,9 @@ def _pct(value: float | None, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}%}"
 
 
-def _cpu_line(report: dict) -> str:
+def _cpu_line(report: Report) -> str:
     """One line, e.g. AMD EPYC, x86_64; avx2 avx512_vnni, no amx_int8; onnxruntime 1.32.0 (CPU...)."""
-    cpu, runtime = report["cpu"], report.get("onnxruntime") or {}
+    cpu, runtime = report.cpu, report.onnxruntime or {}
     flags = cpu.get("flags")
     if flags is None:
         features = "flags unknown"
@@ -370,21 +369,21 @@ def _shrinks_line(shrinks: list[dict]) -> str:
     )
 
 
-def run_markdown(report: dict, train_epochs: int, finetune_epochs: int) -> str:
-    latency = report.get("latency_ms") or {}
-    size = report.get("onnx_bytes")
-    target = report.get("target_sparsity")
-    max_diff = report.get("max_abs_logit_diff")
+def run_markdown(report: Report, train_epochs: int, finetune_epochs: int) -> str:
+    latency = report.latency_ms or {}
+    size = report.onnx_bytes
+    target = report.target_sparsity
+    max_diff = report.max_abs_logit_diff
     rows = [
-        ("method", f"`{report.get('method', 'n/a')}`"),
-        ("sparsity (measured / target)", f"{_pct(report.get('sparsity'))} / {_pct(target, 1)}"),
+        ("method", f"`{report.method}`"),
+        ("sparsity (measured / target)", f"{_pct(report.sparsity)} / {_pct(target, 1)}"),
         (
             "parameters (non-zero / total)",
-            f"{report.get('nonzero_params', 0):,} / {report.get('total_params', 0):,}",
+            f"{report.nonzero_params:,} / {report.total_params:,}",
         ),
-        ("top-1, torch", _pct(report.get("torch_top1"))),
-        ("top-1, ONNX", _pct(report.get("onnx_top1"))),
-        ("top-1 agreement, ONNX vs torch", _pct(report.get("top1_agreement"))),
+        ("top-1, torch", _pct(report.torch_top1)),
+        ("top-1, ONNX", _pct(report.onnx_top1)),
+        ("top-1 agreement, ONNX vs torch", _pct(report.top1_agreement)),
         ("max \\|Δlogit\\|", "n/a" if max_diff is None else f"{max_diff:.2e}"),
         (
             "latency p50 / p95 (batch 1, onnxruntime CPU)",
@@ -395,41 +394,36 @@ def run_markdown(report: dict, train_epochs: int, finetune_epochs: int) -> str:
             [
                 (
                     "vs the dense model (bytes; p50 speed; batch-64 throughput)",
-                    f"{report['size_ratio']:.3f}×; {report['speedup']['latency_p50']:.2f}×; "
-                    f"{report['speedup']['throughput']:.2f}×",
+                    f"{report.size_ratio:.3f}×; {report.speedup['latency_p50']:.2f}×; "
+                    f"{report.speedup['throughput']:.2f}×",
                 )
             ]
-            if "speedup" in report
+            if report.speedup is not None
             else []
         ),
         *(
             [
                 (
-                    f"int8 ({report.get('int8_range', 'full')} range): top-1 float32 ONNX / agreement with it",
-                    f"{_pct(report['fp32_onnx_top1'])} / {_pct(report['int8_agreement'])}",
+                    f"int8 ({report.int8_range or 'full'} range): top-1 float32 ONNX / agreement with it",
+                    f"{_pct(report.fp32_onnx_top1)} / {_pct(report.int8_agreement)}",
                 )
             ]
-            if "int8_agreement" in report
+            if report.int8_agreement is not None
             else []
         ),
-        *([("CPU (onnxruntime)", _cpu_line(report))] if "cpu" in report else []),
+        *([("CPU (onnxruntime)", _cpu_line(report))] if report.cpu is not None else []),
         ("epochs (train + fine-tune)", f"{train_epochs} + {finetune_epochs}"),
-        *([("training cost", _training_line(report["training"]))] if report.get("training") else []),
+        *([("training cost", _training_line(report.training))] if report.training else []),
         *(
-            [("shrunk while training (MACs per sample)", _shrinks_line(report["training"]["shrinks"]))]
-            if (report.get("training") or {}).get("shrinks")
+            [("shrunk while training (MACs per sample)", _shrinks_line(report.training["shrinks"]))]
+            if (report.training or {}).get("shrinks")
             else []
         ),
     ]
-    status = (
-        "**Validation passed.**"
-        if report.get("passed", True)
-        else f"**Validation FAILED:** {report.get('failure')}"
-    )
-    warnings = (report.get("training") or {}).get("warnings") or []
+    status = "**Validation passed.**" if report.passed else f"**Validation FAILED:** {report.failure}"
+    warnings = (report.training or {}).get("warnings") or []
     lines = [
-        f"# {report.get('name', 'run')}: {report.get('method', '')} on {report.get('dataset', '')} "
-        f"({report.get('model', '')})",
+        f"# {report.name}: {report.method} on {report.dataset} ({report.model})",
         "",
         status,
         "",
@@ -451,8 +445,8 @@ def run_markdown(report: dict, train_epochs: int, finetune_epochs: int) -> str:
         "",
         "![Final density per sparse layer](layer_density.png)",
         "",
-        f"Numbers from `report.json`, written by dsrpipe {report.get('dsrpipe_version', '')} "
-        f"at {report.get('created', '')}.",
+        f"Numbers from `report.json`, written by dsrpipe {report.dsrpipe_version or ''} "
+        f"at {report.created or ''}.",
         "",
     ]
     return "\n".join(lines)
