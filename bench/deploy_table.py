@@ -140,7 +140,7 @@ def measure(dataset: str, label: str, seed: int) -> list[dict]:
                 "epochs": epochs,  # the dense run's included for the rows pruned from it
                 "train_seconds": seconds,
                 **{
-                    k: report.get(k)
+                    k: getattr(report, k)
                     for k in (
                         "onnx_top1",
                         "nonzero_params",

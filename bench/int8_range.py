@@ -65,9 +65,9 @@ def measure(dataset: str, seed: int, latency_runs: int, throughput_runs: int) ->
         except ValidationFailed as failed:  # a missed gate is a result too
             report = failed.report
         shutil.copyfile(run_dir / "model.onnx", run_dir / f"{int8_range}.onnx")
-        row[int8_range] = {k: report.get(k) for k in KEYS}
-        row[int8_range]["int8_range"] = report.get("int8_range")
-    row["cpu"], row["onnxruntime"] = report.get("cpu"), report.get("onnxruntime")
+        row[int8_range] = {k: getattr(report, k) for k in KEYS}
+        row[int8_range]["int8_range"] = report.int8_range
+    row["cpu"], row["onnxruntime"] = report.cpu, report.onnxruntime
     pixels = test_pixels(cfg)
     row["logit_error"] = logit_error(run_dir, pixels)
     row["timing"] = side_by_side(run_dir, pixels, latency_runs, throughput_runs)

@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from dsrpipe.report import Report
+
 ROOT = Path(__file__).resolve().parent.parent
 GRIDS = {name: ROOT / "bench" / "grids" / f"pareto-{name}.yaml" for name in ("plain-cnn", "wrn-10-2")}
 RUNS = ROOT / "bench" / "results" / "pareto" / "runs"
@@ -91,30 +93,30 @@ def measured_rows(runs_root: Path) -> list[dict]:
             report_path = grid / "runs" / line["run"] / "report.json"
             if line["status"] not in ("ok", "validation-failed") or not report_path.is_file():
                 continue
-            report = json.loads(report_path.read_text())
+            report = Report.from_dict(json.loads(report_path.read_text()))
             history = [
                 json.loads(h) for h in (grid / "runs" / line["run"] / "train" / "metrics.jsonl").open()
             ]
             rows.append(
                 {
                     "grid": grid.name,
-                    "model": report["model"],
+                    "model": report.model,
                     "row": line["method"],
                     "family": family(line["method"]),
                     "seed": int(line["seed"]),
-                    "onnx_top1": report["onnx_top1"],
-                    "latency_ratio": 1 / report["speedup"]["latency_p50"],  # of dense, batch 1
-                    "throughput_ratio": report["speedup"]["throughput"],  # over dense, batch 64
-                    "latency_p50_ms": report["latency_ms"]["p50"],
-                    "onnx_bytes": report["onnx_bytes"],
-                    "nonzero_params": report["nonzero_params"],
-                    "macs": (report.get("shrink") or {}).get("macs_after"),
+                    "onnx_top1": report.onnx_top1,
+                    "latency_ratio": 1 / report.speedup["latency_p50"],  # of dense, batch 1
+                    "throughput_ratio": report.speedup["throughput"],  # over dense, batch 64
+                    "latency_p50_ms": report.latency_ms["p50"],
+                    "onnx_bytes": report.onnx_bytes,
+                    "nonzero_params": report.nonzero_params,
+                    "macs": (report.shrink or {}).get("macs_after"),
                     "train_seconds": float(line["train_seconds"]) if line["train_seconds"] else None,
                     # what training cost in arithmetic: the same on a busy machine as on a quiet one
                     "train_mac_images": (report.get("training") or {}).get("mac_images"),
                     "epochs": int(line["epochs"]) if line["epochs"] else None,
                     "widths": history[-1].get("channels_alive"),
-                    "cpu": report.get("cpu"),
+                    "cpu": report.cpu,
                 }
             )
     return rows

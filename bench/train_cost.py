@@ -27,6 +27,7 @@ from pathlib import Path
 from deploy_table import DATASETS, DSR, REWIRE, ROOT, SHAPE_BUDGET, slug
 
 from dsrpipe import files
+from dsrpipe.report import Report
 
 OUT = ROOT / "bench" / "results" / "train_cost"
 REMOVAL = "sparsity.remove_channels={share: 0.5%s}"
@@ -67,16 +68,16 @@ def measure(dataset: str, label: str, seed: int) -> dict:
     print(f"{label}, seed {seed}", flush=True)
     subprocess.run(command, check=True)
     run = OUT / "runs" / name
-    report = json.loads((run / "report.json").read_text())
+    report = Report.from_dict(json.loads((run / "report.json").read_text()))
     epochs = [json.loads(line) for line in (run / "train" / "metrics.jsonl").read_text().splitlines()]
     last_shrink = max((e["epoch"] for e in epochs if e.get("shrinks")), default=0)
     after = [e["seconds"] for e in epochs if e["epoch"] > last_shrink]
-    training = report["training"]
+    training = report.training
     return {
         "row": label,
         "seed": seed,
-        "onnx_top1": report["onnx_top1"],
-        "nonzero_params": report["nonzero_params"],
+        "onnx_top1": report.onnx_top1,
+        "nonzero_params": report.nonzero_params,
         "train_seconds": training["train_seconds"],
         "mac_images": training["mac_images"],
         "peak_rss_bytes": training["peak_rss_bytes"],
@@ -86,7 +87,7 @@ def measure(dataset: str, label: str, seed: int) -> dict:
         "epoch_seconds_first": epochs[0]["seconds"],
         # the epochs after the one with the last shrink (all of them where nothing shrank)
         "epoch_seconds_after": statistics.mean(after) if after else None,
-        "speedup": report["speedup"],
+        "speedup": report.speedup,
     }
 
 

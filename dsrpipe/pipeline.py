@@ -18,6 +18,7 @@ from typing import Any
 from . import distributed
 from .config import Pipeline
 from .deploy import stages as deploy
+from .report import Report
 from .run import Run
 from .rundir import stages
 from .train import finetune_stage, train_stage
@@ -35,7 +36,7 @@ def _export(run: Run, *, force: bool, progress: bool) -> Path:
     return deploy.export_stage(run, force=force)
 
 
-def _validate(run: Run, *, force: bool, progress: bool) -> dict[str, Any]:
+def _validate(run: Run, *, force: bool, progress: bool) -> Report:
     return deploy.validate_stage(run, force=force)
 
 
@@ -50,7 +51,7 @@ STEPS: dict[str, Callable[..., Any]] = {
 MAIN_RANK_STAGES = ("export", "validate")
 
 
-def run_stages(run: Run, *, force: bool = False, progress: bool = True) -> dict[str, Any] | None:
+def run_stages(run: Run, *, force: bool = False, progress: bool = True) -> Report | None:
     """Every stage of `run` in order; returns the report (None on a rank other than 0)."""
     result = None
     for stage in stages(run.cfg):
@@ -62,7 +63,7 @@ def run_stages(run: Run, *, force: bool = False, progress: bool = True) -> dict[
 
 def run_pipeline(
     cfg: Pipeline, out: Path = Path("export"), *, force: bool = False, progress: bool = True
-) -> dict[str, Any] | None:
+) -> Report | None:
     """All stages in order; an interrupted stage resumes from its last checkpoint. Under torchrun
     every rank trains; rank 0 alone exports and validates (the others return None)."""
     return run_stages(Run(cfg, out), force=force, progress=progress)
@@ -73,6 +74,6 @@ def export_stage(cfg: Pipeline, out: Path, *, force: bool = False) -> Path:
     return deploy.export_stage(Run(cfg, out), force=force)
 
 
-def validate_stage(cfg: Pipeline, out: Path, *, force: bool = False) -> dict[str, Any]:
+def validate_stage(cfg: Pipeline, out: Path, *, force: bool = False) -> Report:
     """The validate stage alone (dsrpipe.deploy.stages.validate_stage on a run of its own)."""
     return deploy.validate_stage(Run(cfg, out), force=force)

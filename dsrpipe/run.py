@@ -2,8 +2,9 @@
 each read once however many stages use them.
 
 The stages (train-sparse and finetune in dsrpipe.train, export and validate in
-dsrpipe.deploy.stages) all take the Run; `dsrpipe run` hands the same one to each in turn
-(dsrpipe.pipeline), so the splits are loaded once and the shipped checkpoint is read once.
+dsrpipe.deploy.stages) all take the Run; `dsrpipe run` and a watch job hand the same one to each
+in turn (dsrpipe.pipeline.run_stages), so the splits are loaded once and the shipped checkpoint is
+read once.
 """
 
 from __future__ import annotations

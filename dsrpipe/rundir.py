@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from .checkpoint import load_checkpoint, read_finished_run
 from .errors import UserError
+from .report import Report
 from .runfolder import RunFolder
 
 if TYPE_CHECKING:  # annotations only: the settings are handed in, never read from the YAML here
@@ -122,7 +123,8 @@ class RunDir(RunFolder):
         else:
             if not self.report.exists():
                 return MISSING
-            made, done = read_report(self.report).get("fingerprint"), COMPLETE
+            report = read_report(self.report)
+            made, done = report.fingerprint if report is not None else None, COMPLETE
         return done if made is not None and made == self.fingerprint(stage, cfg) else STALE
 
     def require(self, stage: str, cfg: Pipeline) -> None:
@@ -171,10 +173,9 @@ def onnx_fingerprint(path: Path) -> str | None:
     return onnx_metadata(path).get("fingerprint")
 
 
-def read_report(path: Path) -> dict[str, Any]:
-    """report.json's contents; {} if it is not there or not a JSON object."""
+def read_report(path: Path) -> Report | None:
+    """report.json's report; None if it is not there or not a report."""
     try:
-        report = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
-    return report if isinstance(report, dict) else {}
+        return Report.from_dict(json.loads(Path(path).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None

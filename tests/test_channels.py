@@ -277,9 +277,9 @@ def test_the_export_cuts_removed_channels_and_keeps_the_logits(tmp_path):
     dead = {n: int((~a).sum()) for n, a in final["sparsifier"]["channels"].items()}
     # small-cnn at width 16: conv1 (16 channels, which a multiple of 16 leaves whole), conv2, conv3
     assert dead["conv1"] == 0 and abs(dead["conv2"] + dead["conv3"] - round(0.5 * (16 + 32 + 64))) <= 8 * 3
-    assert report["shrink"]["removed_channels"] == {n: k for n, k in dead.items() if k}
-    assert report["shrink"]["folds"] == 0
-    assert report["max_abs_logit_diff"] < 1e-4 and report["passed"]
+    assert report.shrink["removed_channels"] == {n: k for n, k in dead.items() if k}
+    assert report.shrink["folds"] == 0
+    assert report.max_abs_logit_diff < 1e-4 and report.passed
     trained = torch.load(tmp_path / "removal" / "train" / "final.pt", weights_only=True)
     history = [h["channels_alive"] for h in trained["history"] + final["history"]]
     assert history[-1] == {"conv1": 16, "conv2": 32 - dead["conv2"], "conv3": 64 - dead["conv3"]}
@@ -458,7 +458,7 @@ def test_a_run_short_of_its_share_warns_in_its_log_and_its_report(tmp_path, caps
         r"for the budget's 2,304 active weights.*",
         line,
     ), line
-    assert report["training"]["warnings"] == [line]
+    assert report.training["warnings"] == [line]
     assert f"**Warning:** {line}" in (tmp_path / "short" / "report.md").read_text()
 
 

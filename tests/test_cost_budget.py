@@ -66,14 +66,14 @@ def test_a_mac_target_is_met_by_the_shipped_model_and_removal_stops_there(budget
     last leaves the model at or under it, the shipped model costs what training left, and every
     width is a multiple of 8 or whole."""
     out, reports = budget_runs
-    shrinks = reports["macs"]["training"]["shrinks"]
+    shrinks = reports["macs"].training["shrinks"]
     dense = shrinks[0]["macs_before"]
     assert dense == count_macs(
         create_model("small-cnn", num_classes=10, in_channels=1, image_size=8), torch.zeros(1, 1, 8, 8)
     )
     assert all(event["macs_before"] > 0.5 * dense for event in shrinks), shrinks
     assert shrinks[-1]["macs_after"] <= 0.5 * dense
-    assert reports["macs"]["shrink"]["macs_after"] == shrinks[-1]["macs_after"]
+    assert reports["macs"].shrink["macs_after"] == shrinks[-1]["macs_after"]
     widths = [h["channels_alive"] for h in history(out, "macs")]
     assert widths[-1] == widths[-2]  # nothing goes once the target is met
     full = {"conv1": 32, "conv2": 64, "conv3": 128}
@@ -96,8 +96,8 @@ def test_speed_first_ships_dense_live_channels_that_agree_with_torch(budget_runs
         d == 1.0 for d in history(out, "fast")[-1]["layer_density"].values()
     )
     report = reports["fast"]
-    assert report["passed"] and report["top1_agreement"] >= 0.99 and report["max_abs_logit_diff"] <= 1e-3
-    assert reports["fast"]["shrink"]["macs_after"] < reports["fast"]["training"]["shrinks"][0]["macs_before"]
+    assert report.passed and report.top1_agreement >= 0.99 and report.max_abs_logit_diff <= 1e-3
+    assert reports["fast"].shrink["macs_after"] < reports["fast"].training["shrinks"][0]["macs_before"]
 
 
 def test_a_latency_target_is_met_by_the_layer_table_which_is_cached(tmp_path, monkeypatch):

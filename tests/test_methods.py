@@ -741,7 +741,7 @@ def test_methods_run_end_to_end_on_digits(tmp_path):
     # rigl through the whole pipeline, then a frozen retrain of its final mask (training only) and
     # thin dense: each one epoch, width 8.
     rigl = run_pipeline(tiny("rigl", "rigl"), tmp_path, progress=False)
-    assert rigl["method"] == "rigl" and 0.79 <= rigl["sparsity"] <= 0.81
+    assert rigl.method == "rigl" and 0.79 <= rigl.sparsity <= 0.81
     rigl_path = tmp_path / "rigl" / "train" / "final.pt"
     rigl_ckpt = torch.load(rigl_path, weights_only=True)
     assert sum(h["reallocations"] for h in rigl_ckpt["history"]) == (1437 // 64) // 5
@@ -770,15 +770,15 @@ def test_methods_run_end_to_end_on_digits(tmp_path):
     thin = run_pipeline(thin_cfg, tmp_path, progress=False)
     thin_ckpt = torch.load(tmp_path / "thin" / "train" / "final.pt", weights_only=True)
     record = thin_ckpt["model_spec"]["thin_dense"]
-    assert thin["thin_dense"] == record and thin["model_options"] == thin_ckpt["model_spec"]["options"]
-    assert thin["sparsity"] < 0.01 and thin["total_params"] == thin["nonzero_params"] == record["params"]
-    assert thin["model_options"]["width"] < 8
+    assert thin.thin_dense == record and thin.model_options == thin_ckpt["model_spec"]["options"]
+    assert thin.sparsity < 0.01 and thin.total_params == thin.nonzero_params == record["params"]
+    assert thin.model_options["width"] < 8
     # timed and sized against the configured width it stands in for, as the sparse runs are
-    assert thin["dense_onnx_bytes"] == pytest.approx(rigl["dense_onnx_bytes"], rel=0.02)
-    assert thin["size_ratio"] < 0.5
+    assert thin.dense_onnx_bytes == pytest.approx(rigl.dense_onnx_bytes, rel=0.02)
+    assert thin.size_ratio < 0.5
     # the budget: the sparse model's active parameters, dense layers included
     masks = rigl_ckpt["sparsifier"]["masks"].values()
-    assert record["budget"] == rigl["total_params"] - sum(m.numel() for m in masks) + sum(
+    assert record["budget"] == rigl.total_params - sum(m.numel() for m in masks) + sum(
         int(m.sum()) for m in masks
     )
     assert abs(record["params"] - record["budget"]) <= 0.03 * record["budget"]  # ~2k parameters: coarse
@@ -798,7 +798,7 @@ def test_prune_pipeline_starts_from_a_dense_run_and_ships_the_exact_target(tmp_p
     assert sum(h["pruned"] for h in trained["history"]) == sum(
         m.numel() - round(0.2 * m.numel()) for m in masks.values()
     )
-    assert 0.79 <= report["sparsity"] <= 0.81
+    assert 0.79 <= report.sparsity <= 0.81
 
 
 def test_finetune_starts_from_the_trained_weights(tmp_path):

@@ -280,7 +280,7 @@ def test_compare_trains_the_dense_run_first_and_prunes_it(tmp_path):
         tmp_path / "out" / "g" / "runs" / "g-prune-s0.8-seed0" / "train" / "final.pt", weights_only=True
     )
     assert pruned["fingerprint"].endswith(dense["run_id"])
-    assert 0.79 <= runs["prune"].report["sparsity"] <= 0.81
+    assert 0.79 <= runs["prune"].report.sparsity <= 0.81
 
     channels = torch.load(
         tmp_path / "out" / "g" / "runs" / "g-prune-channels-s0-seed0" / "train" / "final.pt",
@@ -293,7 +293,7 @@ def test_compare_trains_the_dense_run_first_and_prunes_it(tmp_path):
     live = channels["model_spec"]["live_channels"]
     assert {n: 2 ** (k + 3) - len(live[n]) for k, n in enumerate(("conv1", "conv2", "conv3"))} == removed
     assert channels["model"]["conv2.weight"].shape[:2] == (len(live["conv2"]), len(live["conv1"]))
-    shrink = runs["prune-channels"].report["shrink"]
+    shrink = runs["prune-channels"].report.shrink
     assert shrink["removed_channels"] == {} and shrink["folds"] == 0
     rows = {r["method"]: r for r in csv.DictReader((tmp_path / "out" / "g" / "results.csv").open())}
     assert (rows["dense"]["epochs"], rows["prune"]["epochs"], rows["prune-channels"]["epochs"]) == (

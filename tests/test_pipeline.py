@@ -239,12 +239,12 @@ def test_other_methods_run_end_to_end(tmp_path, method):
         **({"sparsity": 0.9} if method == "static" else {}),
     }  # no DSR options
     report = run_pipeline(parse_pipeline(raw), tmp_path, progress=False)
-    assert report["method"] == method
+    assert report.method == method
     if method == "dense":
-        assert report["sparsity"] < 0.01
+        assert report.sparsity < 0.01
     else:
-        assert 0.89 <= report["sparsity"] <= 0.91
-        assert all(abs(d - 0.1) < 0.01 for d in report["layer_density"].values())  # static: uniform
+        assert 0.89 <= report.sparsity <= 0.91
+        assert all(abs(d - 0.1) < 0.01 for d in report.layer_density.values())  # static: uniform
 
 
 def test_validation_threshold_fails_with_exit_code_and_report(tmp_path):
@@ -452,6 +452,6 @@ def test_lenet5_on_real_mnist10k(tmp_path):
         ],
     )
     report = run_pipeline(cfg, tmp_path, progress=False)
-    assert report["onnx_top1"] >= 0.9 and report["top1_agreement"] >= 0.99
-    assert 0.94 <= report["sparsity"] <= 0.96
-    assert report["total_params"] == 431_080
+    assert report.onnx_top1 >= 0.9 and report.top1_agreement >= 0.99
+    assert 0.94 <= report.sparsity <= 0.96
+    assert report.total_params == 431_080

@@ -17,13 +17,16 @@ from typer.testing import CliRunner
 
 from dsrpipe import compare as compare_module
 from dsrpipe.cli import app
-from dsrpipe.config import parse_pipeline
+from dsrpipe.config import METHOD_OPTIONS, parse_pipeline
 from dsrpipe.executors import launch
 from dsrpipe.pipeline import run_pipeline
-from dsrpipe.plots import RUN_PLOTS, write_accuracy_vs_params, write_run_plots
+from dsrpipe.plots import RUN_PLOTS, run_markdown, write_accuracy_vs_params, write_run_plots
+from dsrpipe.report import Report
+from dsrpipe.rundir import read_report
 
 from .test_pipeline import tiny
 
+ROOT = Path(__file__).resolve().parent.parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -31,6 +34,13 @@ def assert_png(path: Path, min_bytes: int = 5_000) -> None:
     data = path.read_bytes()
     assert data[:8] == PNG_SIGNATURE, path
     assert len(data) >= min_bytes, (path, len(data))
+
+
+def made_up(**fields) -> Report:
+    """A report with the figures every report has (made up), and `fields`."""
+    every = {"name": "r", "dataset": "digits", "model": "small-cnn", "method": "dsr", "sparsity": 0.9}
+    every |= {"nonzero_params": 10, "total_params": 100, "torch_top1": 0.5, "onnx_top1": 0.5}
+    return Report(**every | fields)
 
 
 def small(name, **sections):
@@ -50,10 +60,13 @@ def test_run_writes_pictures_and_report_md(tmp_path):
     for name in RUN_PLOTS:
         assert f"]({name})" in md
     assert "`dsr`" in md and "Validation passed" in md
-    assert f"{report['nonzero_params']:,} / {report['total_params']:,}" in md
-    assert f"{report['onnx_top1']:.2%}" in md and f"{report['onnx_bytes']:,} bytes" in md
+    assert f"{report.nonzero_params:,} / {report.total_params:,}" in md
+    assert f"{report.onnx_top1:.2%}" in md and f"{report.onnx_bytes:,} bytes" in md
     assert "2 + 1" in md  # epochs: train + fine-tune
     assert not list(folder.glob(".*.tmp"))  # atomic writes leave no temporaries
+    # report.json is the report, key for key and in the order it has always had.
+    raw = json.loads((folder / "report.json").read_text())
+    assert list(report.to_dict().items()) == list(raw.items()) and Report.from_dict(raw) == report
 
     # Pictures missing beside a complete report (cut short, or validated before plots existed)
     # are drawn again from metrics.jsonl, without measuring the model again.
@@ -67,7 +80,7 @@ def test_run_writes_pictures_and_report_md(tmp_path):
 
 
 def test_pictures_cope_with_empty_and_large_runs(tmp_path):
-    bare = {"name": "bare", "method": "dense", "layer_density": {}, "sparsity": 0.0, "latency_ms": None}
+    bare = made_up(name="bare", method="dense", sparsity=0.0)
     for path in write_run_plots(tmp_path / "bare", [], [], bare):
         assert path.exists()
     assert "n/a" in (tmp_path / "bare" / "report.md").read_text()
@@ -86,15 +99,7 @@ def test_pictures_cope_with_empty_and_large_runs(tmp_path):
         "seconds": 1.0,
         "layer_density": {n: (i % 7 + e % 3) / 20 for i, n in enumerate(layers)},
     }
-    report = {
-        "name": "deep",
-        "method": "dsr",
-        "sparsity": 0.9,
-        "layer_density": epoch(1, "train")["layer_density"],
-        "onnx_top1": 0.5,
-        "nonzero_params": 10,
-        "total_params": 100,
-    }
+    report = made_up(name="deep", layer_density=epoch(1, "train")["layer_density"])
     paths = write_run_plots(
         tmp_path / "deep",
         [epoch(e, "train") for e in range(1, 41)],
@@ -122,7 +127,7 @@ def test_the_density_heat_map_prints_numbers_only_where_they_fit():
             | {"layer_density": {n: 0.05 + 0.9 * ((e + i) % 2) for i, n in enumerate(layers)}}
             for e in range(1, epochs + 1)
         ]
-        figure = density_over_time(history, epochs, {"name": "n", "method": "dsr"})
+        figure = density_over_time(history, epochs, made_up(name="n"))
         return figure, figure.axes[0]
 
     assert len(heat_map(5)[1].texts) == 5 * len(layers)
@@ -156,6 +161,32 @@ def write_grid(tmp_path, **changes):
     return path
 
 
+def test_reports_of_every_version_read_and_write_back_as_they_were(tmp_path):
+    """The reports committed under bench/results, written before the int8, speed, CPU and
+    training-cost figures existed, read with those at their defaults, make their report.md, and
+    write back key for key; what is not a report reads as none."""
+    listed = subprocess.run(
+        ["git", "ls-files", "bench/results/**/report.json"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.split()  # committed, not the runs a benchmark is making beside them (git ignores those)
+    committed = [ROOT / name for name in listed]
+    assert committed
+    for path in committed:
+        raw = json.loads(path.read_text())
+        report = read_report(path)
+        assert report.to_dict() == raw
+        assert (report.name, report.onnx_top1, report.nonzero_params) == (
+            raw["name"],
+            raw["onnx_top1"],
+            raw["nonzero_params"],
+        )
+        assert report.training is report.speedup is report.cpu is report.int8_agreement is None
+        assert "**Validation passed.**" in run_markdown(report, report.train_epochs, report.finetune_epochs)
+    for text in ("[]", '{"name": "x"}', "{", ""):
+        (tmp_path / "report.json").write_text(text)
+        assert read_report(tmp_path / "report.json") is None
+    assert read_report(tmp_path / "missing.json") is None
+
+
 def test_the_table_shows_the_mean_and_sample_std_over_seeds(tmp_path):
     """Runs whose figures differ by construction, so that a mean can be told from one run's value
     and a sample std from a population one; a crashed run counts in the runs column only."""
@@ -165,7 +196,7 @@ def test_the_table_shows_the_mean_and_sample_std_over_seeds(tmp_path):
         if top1 is None:
             r.status, r.message = "crashed", "exit 1"
         else:
-            r.status, r.report = "ok", {"onnx_top1": top1, "nonzero_params": params, "total_params": 5000}
+            r.status, r.report = "ok", made_up(onnx_top1=top1, nonzero_params=params, total_params=5000)
         return r
 
     runs = [run(0, 0.90, 1000), run(1, 0.80, 1100), run(2, 0.70, 1300), run(3)]
@@ -176,6 +207,49 @@ def test_the_table_shows_the_mean_and_sample_std_over_seeds(tmp_path):
     compare_module.write_results(tmp_path, runs, command="dsrpipe compare g.yaml")
     line = next(x for x in (tmp_path / "results.md").read_text().splitlines() if x.startswith("| dsr |"))
     assert line.startswith("| dsr | 0.9 | 1,133 | 80.00 ± 10.00 | 3.0 | ")
+
+
+def test_training_time_is_given_against_the_method_the_registry_names(tmp_path, monkeypatch):
+    """results.md's time ratio is against the row of the method whose options say `reference`
+    (dense), not a variant of it; with another method marked, against that one."""
+
+    def run(method, seconds, sparsity=0.9, row=""):
+        name = f"g-{row or method}-s{sparsity:g}-seed0"
+        r = compare_module.Run(name, method, sparsity, 0, raw={}, row=row, train_seconds=seconds)
+        r.status, r.report = "ok", made_up(method=method)
+        return r
+
+    runs = [
+        run("dsr", 5.0),
+        run("static", 2.0),
+        run("dense", 20.0, 0.0, "dense-long"),
+        run("dense", 10.0, 0.0),
+    ]
+
+    def ratios():
+        compare_module.write_results(tmp_path, runs, command="dsrpipe compare g.yaml")
+        table = [line.strip("|").split("|") for line in (tmp_path / "results.md").read_text().splitlines()]
+        table = [[cell.strip() for cell in cells] for cells in table if len(cells) == 10]
+        return {cells[0]: cells[5] for cells in table}
+
+    assert ratios() == {
+        "method": "vs dense",
+        "---": "---:",
+        "dsr": "0.50×",
+        "static": "0.20×",
+        "dense-long": "2.00×",
+        "dense": "1.00×",
+    }
+    monkeypatch.setattr(METHOD_OPTIONS["dense"], "reference", False)
+    monkeypatch.setattr(METHOD_OPTIONS["static"], "reference", True)
+    assert ratios() == {
+        "method": "vs static",
+        "---": "---:",
+        "dsr": "2.50×",
+        "static": "1.00×",
+        "dense-long": "10.00×",
+        "dense": "5.00×",
+    }
 
 
 def test_compare_runs_the_grid_in_parallel_and_resumes(tmp_path, local_grid):
@@ -384,15 +458,27 @@ def test_a_second_compare_of_the_grid_is_refused_naming_the_first(tmp_path):
 
 
 def test_a_grid_is_capped_before_it_is_planned(tmp_path):
-    """100,000 seeds: refused at once (no planning, no quadratic duplicate check)."""
-    for seeds, expected in (
-        (100_000, "seeds: List should have at most 10000 items"),
+    """100,000 seeds: refused at once (no planning, no quadratic duplicate check). The runs are
+    counted row by row: dsr at the grid's sparsity, dense at 0 alone, a variant at its own three."""
+    few = {"dsr-few": {"method": "dsr", "sparsities": [0.5, 0.6, 0.7]}}
+    for changes, expected in (
+        ({"seeds": list(range(100_000))}, "seeds: List should have at most 10000 items"),
         (
-            6_000,
-            "2 methods × 1 sparsities × 6000 seeds make 12,000 runs, more than the 10,000 a grid may have",
+            {"seeds": list(range(6_000))},
+            "2 rows × their sparsities (2 row-sparsity pairs) × 6000 seeds make 12,000 runs, more than the "
+            "10,000 a grid may have",
+        ),
+        (
+            {
+                "methods": ["dsr", "dense", "dsr-few"],
+                "variants": few,
+                "overrides": {},
+                "seeds": list(range(2_500)),
+            },
+            "3 rows × their sparsities (5 row-sparsity pairs) × 2500 seeds make 12,500 runs",
         ),
     ):
-        grid = write_grid(tmp_path, seeds=list(range(seeds)))
+        grid = write_grid(tmp_path, **changes)
         started = time.perf_counter()
         result = CliRunner().invoke(app, ["compare", str(grid), "--out", str(tmp_path / "out")])
         assert result.exit_code == 2 and expected in result.output, result.output

@@ -1,5 +1,6 @@
-"""A Run (dsrpipe.run) owns one run: `dsrpipe run` reads its data and its trained checkpoints
-once, whatever the stages that use them; and a method registered in one file runs through it."""
+"""A Run (dsrpipe.run) owns one run: `dsrpipe run` and a watch job read its data and its trained
+checkpoints once, whatever the stages that use them; and a method registered in one file runs
+through it."""
 
 from __future__ import annotations
 
@@ -13,12 +14,17 @@ from typer.testing import CliRunner
 from dsrpipe import checkpoint as checkpoint_module
 from dsrpipe import compare as compare_module
 from dsrpipe import run as run_module
+from dsrpipe import stopping
 from dsrpipe.cli import app
 from dsrpipe.config import parse_pipeline
+from dsrpipe.data import ArchiveCaps
+from dsrpipe.jobs.job import job_main
 from dsrpipe.pipeline import run_pipeline
 from dsrpipe.registry import register, unregister
 
+from . import helpers
 from .test_pipeline import tiny, write_pipeline
+from .test_watch import TEMPLATE, take_in
 from .toy_method import TOY
 
 
@@ -62,6 +68,36 @@ def test_dsrpipe_run_loads_the_data_and_each_checkpoint_once(tmp_path, monkeypat
     assert not data_loads and all(count == 1 for count in reads.values()), reads
 
 
+def test_a_watch_job_loads_the_dropped_dataset_once(tmp_path, monkeypatch):
+    """A dataset dropped into a watch folder: its job (job_main, as the job process runs it) loads
+    it once, with the job's archive caps, for every stage; the shipped checkpoint is read once
+    too. Again, everything complete: no data at all."""
+    drop, out = tmp_path / "drop", tmp_path / "out"
+    helpers.write_tree(
+        drop / "photos", helpers.image_tree(("ant", "bee"), {"train": 6, "test": 3}, "L", "", (8, 8))
+    )
+    (drop / "template.yaml").write_text(TEMPLATE)
+    folder = take_in(drop, out, "photos")
+    data_loads = counting(
+        monkeypatch, run_module, "load_data", lambda dataset, archive_caps, **_: (dataset, archive_caps)
+    )
+    reads = counting(monkeypatch, checkpoint_module, "torch_load", lambda path: Path(path).relative_to(out))
+    monkeypatch.chdir(tmp_path)  # the job works in the drop folder
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # else it sets this process's torch threads
+    restore = stopping.install()  # the job's signal handling, undone after (its process would keep it)
+    try:
+        code = job_main(folder.jobs_dir / "photos", {"max_unpacked": 10**8, "max_files": 1_000})
+        assert code == 0, (folder.jobs_dir / "photos" / "cause.txt").read_text()
+        assert data_loads == {("imagefolder", ArchiveCaps(10**8, 1_000)): 1}
+        assert reads == {Path("photos/train/final.pt"): 1}
+        data_loads.clear(), reads.clear()
+        assert job_main(folder.jobs_dir / "photos") == 0
+        assert not data_loads and reads == {Path("photos/train/final.pt"): 1}
+    finally:
+        if restore is not None:
+            restore()
+
+
 @pytest.fixture
 def toy():
     register(TOY)
@@ -75,9 +111,9 @@ def test_a_method_registered_in_one_file_runs_through_run_and_a_grid_plan(tmp_pa
     raw = tiny("toy", train={"epochs": 2}, finetune={"epochs": 0})
     raw["sparsity"] = {"method": "toy", "sparsity": 0.8}
     report = run_pipeline(parse_pipeline(raw), tmp_path, progress=False)
-    assert report["method"] == "toy" and report["passed"]
-    assert report["model_options"] == {"width": 8}  # the hook's model
-    assert 0.79 <= report["sparsity"] <= 0.81
+    assert report.method == "toy" and report.passed
+    assert report.model_options == {"width": 8}  # the hook's model
+    assert 0.79 <= report.sparsity <= 0.81
 
     grid = {"name": "g", "base": tiny(), "methods": ["toy", "dsr"], "sparsities": [0.5, 0.8]}
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))

@@ -350,10 +350,10 @@ def test_pipeline_exports_the_shrunk_model_and_validates_it_against_the_trained_
     report = validate_stage(cfg, tmp_path)
     shapes = onnx_weight_shapes(RunDir(tmp_path, "shrunk").onnx)
     assert shapes["model.conv2.weight"][0] < 16 and shapes["model.conv3.weight"][0] == 29
-    assert report["passed"] and report["max_abs_logit_diff"] <= 1e-4  # ONNX (shrunk) vs torch (as trained)
-    shrunk = report["shrink"]
+    assert report.passed and report.max_abs_logit_diff <= 1e-4  # ONNX (shrunk) vs torch (as trained)
+    shrunk = report.shrink
     assert shrunk["removed_channels"]["conv3"] == 3 and shrunk["params_after"] < shrunk["params_before"]
-    assert shrunk["params_before"] == report["total_params"]  # the report's sparsity is the trained model's
+    assert shrunk["params_before"] == report.total_params  # the report's sparsity is the trained model's
     meta = {p.key: p.value for p in onnx.load(str(RunDir(tmp_path, "shrunk").onnx)).metadata_props}
     assert json.loads(meta["shrink"]) == shrunk
 

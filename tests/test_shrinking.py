@@ -270,17 +270,17 @@ def test_a_shrunk_run_fine_tunes_exports_and_validates_like_a_masked_one(shrunk_
     assert trained["sparsifier"]["shrunk"] and spec["live_channels"] == trained["model_spec"]["live_channels"]
     live = {name: len(channels) for name, channels in spec["live_channels"].items()}
     assert final["model"]["conv2.weight"].shape[:2] == (live["conv2"], live["conv1"])
-    assert shrunk["shrink"]["removed_channels"] == {} and shrunk["shrink"]["folds"] == 0
-    assert sum(masked["shrink"]["removed_channels"].values()) == 16 + 32 + 64 - sum(live.values())
+    assert shrunk.shrink["removed_channels"] == {} and shrunk.shrink["folds"] == 0
+    assert sum(masked.shrink["removed_channels"].values()) == 16 + 32 + 64 - sum(live.values())
     # both ship a small-cnn of exactly their live widths (the masked run's cut at export)
     widths = {"conv1": 16, "conv2": 32, "conv3": 64}
-    masked_live = {n: w - masked["shrink"]["removed_channels"].get(n, 0) for n, w in widths.items()}
+    masked_live = {n: w - masked.shrink["removed_channels"].get(n, 0) for n, w in widths.items()}
     for report, channels in ((shrunk, live), (masked, masked_live)):
-        assert report["shrink"]["params_after"] == small_cnn_parameters(**channels)
-    assert shrunk["top1_agreement"] == 1.0 and shrunk["max_abs_logit_diff"] < 1e-3
+        assert report.shrink["params_after"] == small_cnn_parameters(**channels)
+    assert shrunk.top1_agreement == 1.0 and shrunk.max_abs_logit_diff < 1e-3
     # the configured width's, both (the metadata they carry differs by some bytes)
-    assert shrunk["dense_onnx_bytes"] == pytest.approx(masked["dense_onnx_bytes"], rel=0.02)
-    assert shrunk["sparsity"] == pytest.approx(masked["sparsity"], abs=0.002)  # over the configured width
+    assert shrunk.dense_onnx_bytes == pytest.approx(masked.dense_onnx_bytes, rel=0.02)
+    assert shrunk.sparsity == pytest.approx(masked.sparsity, abs=0.002)  # over the configured width
 
 
 @pytest.mark.parametrize("beyond", [0, 100], ids=["the width itself", "far beyond"])
@@ -333,7 +333,7 @@ def test_reports_carry_the_training_cost_and_the_shrinks(shrunk_run):
     """report.json, report.md and metrics.jsonl: wall time, forward MACs × images (smaller for the
     run that shrank, and equal to MACs × images where nothing shrank), peak RSS, and each shrink."""
     out, reports = shrunk_run
-    shrunk, masked = reports[True]["training"], reports[False]["training"]
+    shrunk, masked = reports[True].training, reports[False].training
     assert masked["shrinks"] == [] and len(shrunk["shrinks"]) >= 2
     assert 0 < shrunk["mac_images"] < 0.8 * masked["mac_images"]
     assert masked["peak_rss_bytes"] > 2**20 and masked["train_seconds"] > 0
@@ -378,7 +378,7 @@ def test_mac_images_are_each_steps_macs_as_the_cuts_left_them(shrunk_run):
             expected += (earlier[-1]["macs_after"] if earlier else h["macs_at_start"]) * batch
         assert h["mac_images"] == expected, h["epoch"]
     total = sum(h["mac_images"] for history in histories for h in history)
-    assert reports[True]["training"]["mac_images"] == total
+    assert reports[True].training["mac_images"] == total
 
 
 def test_resume_after_a_shrink_is_bit_identical_through_the_pipeline(tmp_path, monkeypatch):

@@ -26,6 +26,8 @@ from dsrpipe.executors.limits import group_memory
 from dsrpipe.jobs.job import confine_paths
 from dsrpipe.quantities import format_size, parse_duration, parse_size
 from dsrpipe.watch.drops import DEFAULT_TEMPLATE, IntakeError, content_hash, drop_stem, slug, stamp
+from dsrpipe.watch.folder import DropFolder
+from dsrpipe.watch.intake import Intake
 from dsrpipe.watch.journal import Journal
 
 from . import helpers
@@ -95,6 +97,19 @@ def jobs(drop):
         return journal.jobs()
     finally:
         journal.close()
+
+
+def take_in(drop, out, name):
+    """The drop `name` taken in as the daemon takes it (queued, its job folder made, ready to run
+    as its worker runs it); returns its DropFolder."""
+    folder = DropFolder(drop, out)
+    (drop / ".dsrpipe").mkdir()
+    folder.open_journal()
+    try:
+        assert Intake(folder, None, False, lambda: False).take(name) == "queued"
+    finally:
+        folder.journal.close()
+    return folder
 
 
 def torch_loaded(pid):
@@ -889,19 +904,10 @@ def test_a_dataset_dropped_without_a_template_is_fitted_to_its_median_side(tmp_p
     their median side (12 here) and its log says so. Taken in here, run as its worker runs it
     (the daemon adds nothing to this). The built-in template trains batches of 64: with 18
     training images the job stops right after sizing the data, which is all this needs."""
-    from dsrpipe.watch.folder import DropFolder
-    from dsrpipe.watch.intake import Intake
-
     write_tree(
         drop / "photos", helpers.image_tree(("ant", "bee", "cat"), {"train": 6, "test": 3}, "L", "", (12, 12))
     )
-    folder = DropFolder(drop, tmp_path / "out")
-    (drop / ".dsrpipe").mkdir()
-    folder.open_journal()
-    try:
-        assert Intake(folder, None, False, lambda: False).take("photos") == "queued"
-    finally:
-        folder.journal.close()
+    folder = take_in(drop, tmp_path / "out", "photos")
     job = subprocess.run(
         [sys.executable, "-m", "dsrpipe.jobs", str(folder.jobs_dir / "photos")],
         capture_output=True,
@@ -934,20 +940,11 @@ def test_a_dropped_pipeline_naming_code_is_refused_and_never_imported(tmp_path, 
     """model.name: module:function in a drop would run whatever the dropper chose: the job fails
     in one line, and the module (importable here) is never imported. Taken in and run as its
     worker runs it."""
-    from dsrpipe.watch.folder import DropFolder
-    from dsrpipe.watch.intake import Intake
-
     (tmp_path / "planted.py").write_text(
         "from pathlib import Path\nPath(__file__).with_suffix('.ran').touch()\n"
     )
     (drop / "mine.yaml").write_text(pipeline(model={"name": "planted:build"}))
-    folder = DropFolder(drop, tmp_path / "out")
-    (drop / ".dsrpipe").mkdir()
-    folder.open_journal()
-    try:
-        assert Intake(folder, None, False, lambda: False).take("mine.yaml") == "queued"
-    finally:
-        folder.journal.close()
+    folder = take_in(drop, tmp_path / "out", "mine.yaml")
     job = subprocess.run(
         [sys.executable, "-m", "dsrpipe.jobs", str(folder.jobs_dir / "mine")],
         capture_output=True,

@@ -26,8 +26,9 @@ from ..executors import Resources
 from ..models.user_models import names_code
 from ..names import SAFE_NAME, SAFE_NAME_LENGTH
 from ..quantities import parse_size
+from ..report import Report
 
-MAX_RUNS = 10_000  # runs in one grid (methods × sparsities × seeds), checked before any is planned
+MAX_RUNS = 10_000  # runs in one grid (rows × their sparsities × seeds), checked before any is planned
 GRID_AXES = {"name", "seed", "sparsity.method", "sparsity.sparsity"}  # set per run by the grid
 
 
@@ -122,11 +123,15 @@ class Grid(BaseModel):
 
     @model_validator(mode="after")
     def _at_most_max_runs(self):
-        runs = sum(len(self.sparsities_of(row)) for row in self.methods) * len(self.seeds)
+        # Row by row, as the plan has them: each row (a method, or a variant with sparsities of its
+        # own) at its own sparsities (one for a method that keeps every weight), for every seed.
+        cells = sum(len(self.sparsities_of(row)) for row in self.methods)
+        runs = cells * len(self.seeds)
         if runs > MAX_RUNS:
             raise ValueError(
-                f"{len(self.methods)} methods × {len(self.sparsities)} sparsities × {len(self.seeds)} seeds "
-                f"make {runs:,} runs, more than the {MAX_RUNS:,} a grid may have: split it"
+                f"{len(self.methods)} rows × their sparsities ({cells:,} row-sparsity pairs) × "
+                f"{len(self.seeds)} seeds make {runs:,} runs, more than the {MAX_RUNS:,} a grid may have: "
+                "split it"
             )
         return self
 
@@ -169,7 +174,7 @@ class Run:
     depends_on: str | None = None
     status: str = "pending"  # pending, running, ok, validation-failed, crashed
     reused: bool = False
-    report: dict[str, Any] | None = None
+    report: Report | None = None
     train_seconds: float | None = None
     message: str = ""
     started: float = 0.0

@@ -42,7 +42,7 @@ def total_epochs(run: Run, by_name: dict[str, Run]) -> int | None:
     run it starts from (prune and prune-channels start from a trained dense model)."""
     if run.report is None:
         return None
-    own = run.report.get("train_epochs", 0) + run.report.get("finetune_epochs", 0)
+    own = run.report.train_epochs + run.report.finetune_epochs
     source = by_name.get(run.depends_on) if run.depends_on is not None else None
     if source is not None and not METHOD_OPTIONS[source.method].keeps_every_weight:
         return own  # a source that is a row of its own (frozen's dsr) counts there
@@ -53,35 +53,46 @@ def total_epochs(run: Run, by_name: dict[str, Run]) -> int | None:
 
 
 def _row(run: Run, epochs: int | None = None) -> dict[str, Any]:
-    r = run.report or {}
-    latency = r.get("latency_ms") or {}
-    training = r.get("training") or {}
-    return {
+    """A run's line of results.csv; the columns from its report are left out where it has none."""
+    row = {
         "method": run.row or run.method,
         "sparsity": run.sparsity,
         "seed": run.seed,
-        "nonzero_params": r.get("nonzero_params"),
-        "total_params": r.get("total_params"),
-        "torch_top1": r.get("torch_top1"),
-        "onnx_top1": r.get("onnx_top1"),
         "train_seconds": None if run.train_seconds is None else round(run.train_seconds, 3),
-        "mac_images": training.get("mac_images"),
-        "peak_rss_mib": round(training["peak_rss_bytes"] / 2**20, 1)
-        if training.get("peak_rss_bytes")
-        else None,
         "epochs": epochs,
         "status": run.status,
-        "measured_sparsity": r.get("sparsity"),
-        "top1_agreement": r.get("top1_agreement"),
-        "latency_p50_ms": latency.get("p50"),
-        "onnx_bytes": r.get("onnx_bytes"),
         "run": run.name,
         "message": run.message,
     }
+    r = run.report
+    if r is not None:
+        training = r.training or {}
+        row |= {
+            "nonzero_params": r.nonzero_params,
+            "total_params": r.total_params,
+            "torch_top1": r.torch_top1,
+            "onnx_top1": r.onnx_top1,
+            "mac_images": training.get("mac_images"),
+            "peak_rss_mib": round(training["peak_rss_bytes"] / 2**20, 1)
+            if training.get("peak_rss_bytes")
+            else None,
+            "measured_sparsity": r.sparsity,
+            "top1_agreement": r.top1_agreement,
+            "latency_p50_ms": (r.latency_ms or {}).get("p50"),
+            "onnx_bytes": r.onnx_bytes,
+        }
+    return row
+
+
+def _reference_method() -> str:
+    """The method the others' training time is given against: the registry's `reference` (dense)."""
+    return next((name for name, options in METHOD_OPTIONS.items() if options.reference), "the reference")
 
 
 def group_results(runs: list[Run]) -> list[dict[str, Any]]:
-    """One entry per method × sparsity, over the runs that produced a report."""
+    """One entry per method × sparsity, over the runs that produced a report. `reference`: the
+    row of the reference method itself (not a variant of it), whose training time the others'
+    are given against."""
     by_name = {r.name: r for r in runs}
     groups: dict[tuple[str, float], list[Run]] = {}
     for run in runs:
@@ -89,9 +100,9 @@ def group_results(runs: list[Run]) -> list[dict[str, Any]]:
     entries = []
     for (method, sparsity), members in groups.items():
         measured = [r for r in members if r.report is not None]
-        top1 = [r.report["onnx_top1"] for r in measured]
+        top1 = [r.report.onnx_top1 for r in measured]
         seconds = [r.train_seconds for r in measured if r.train_seconds is not None]
-        costs = [(r.report.get("training") or {}) for r in measured]
+        costs = [r.report.training or {} for r in measured]
         mac_images = [c["mac_images"] for c in costs if c.get("mac_images")]
         rss = [c["peak_rss_bytes"] for c in costs if c.get("peak_rss_bytes")]
         epochs = [e for r in measured if (e := total_epochs(r, by_name)) is not None]
@@ -103,8 +114,8 @@ def group_results(runs: list[Run]) -> list[dict[str, Any]]:
                 "n": len(measured),
                 "crashed": sum(r.status == "crashed" for r in members),
                 "below_threshold": sum(r.status == "validation-failed" for r in members),
-                "params": statistics.mean(r.report["nonzero_params"] for r in measured) if measured else None,
-                "total_params": statistics.mean(r.report["total_params"] for r in measured)
+                "params": statistics.mean(r.report.nonzero_params for r in measured) if measured else None,
+                "total_params": statistics.mean(r.report.total_params for r in measured)
                 if measured
                 else None,
                 "top1_mean": statistics.mean(top1) if top1 else None,
@@ -113,6 +124,7 @@ def group_results(runs: list[Run]) -> list[dict[str, Any]]:
                 "mac_images_mean": statistics.mean(mac_images) if mac_images else None,
                 "peak_rss_mean": statistics.mean(rss) if rss else None,
                 "epochs": max(epochs) if epochs else None,
+                "reference": method == members[0].method and METHOD_OPTIONS[method].reference,
             }
         )
     return entries
@@ -141,6 +153,7 @@ def write_results(folder: Path, runs: list[Run], *, command: str) -> dict[str, P
 
 def _markdown(grid_name: str, runs: list[Run], groups: list[dict[str, Any]], command: str) -> str:
     cfg = next((r.cfg for r in runs if r.cfg is not None), None)
+    reference = _reference_method()
     lines = [f"# {grid_name}: {len(runs)} runs", ""]
     if cfg is not None:
         tune = f" + {cfg.finetune.epochs} fine-tuning" if cfg.finetune.epochs else ""
@@ -152,17 +165,17 @@ def _markdown(grid_name: str, runs: list[Run], groups: list[dict[str, Any]], com
     lines += [
         "Top-1: the exported ONNX model on the test split, mean ± sample standard deviation over seeds. "
         "Params: non-zero parameters of the whole model (dense layers included). Train time: seconds "
-        "of training and fine-tuning epochs per run, mean, and against dense where the grid has it. "
+        f"of training and fine-tuning epochs per run, mean, and against {reference} where the grid has it. "
         "MACs × images: forward multiply-accumulates of the model as it was at each step, summed over the "
         "images trained on (a model that shrinks while it trains costs less). Peak RSS: the run's process. "
         "Epochs: all the training behind a run, the dense run it starts from included (prune, prune-channels).",
         "",
-        "| method | sparsity | params (non-zero) | top-1 (%) | train time (s) | vs dense | MACs × images "
+        f"| method | sparsity | params (non-zero) | top-1 (%) | train time (s) | vs {reference} | MACs × images "
         "| peak RSS (MiB) | epochs | runs |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    dense = next((g["seconds_mean"] for g in groups if g["method"] == "dense" and g["seconds_mean"]), None)
-    lines += [_table_line(g, dense) for g in groups]
+    seconds = next((g["seconds_mean"] for g in groups if g["reference"] and g["seconds_mean"]), None)
+    lines += [_table_line(g, seconds) for g in groups]
     lines += ["", "![Top-1 against non-zero parameters](accuracy_vs_params.png)", ""]
     failed = [r for r in runs if r.status in ("crashed", "validation-failed")]
     if failed:
@@ -178,8 +191,9 @@ def _markdown(grid_name: str, runs: list[Run], groups: list[dict[str, Any]], com
     return "\n".join(lines)
 
 
-def _table_line(g: dict[str, Any], dense: float | None) -> str:
-    """One method × sparsity of results.md's table (`dense`: the dense runs' mean training time)."""
+def _table_line(g: dict[str, Any], reference: float | None) -> str:
+    """One method × sparsity of results.md's table (`reference`: the reference row's mean
+    training time)."""
     params = "n/a" if g["params"] is None else f"{round(g['params']):,}"
     if g["top1_mean"] is None:
         top1 = "n/a"
@@ -195,7 +209,7 @@ def _table_line(g: dict[str, Any], dense: float | None) -> str:
     if notes:
         count += f" ({', '.join(notes)})"
     epochs = "n/a" if g["epochs"] is None else str(g["epochs"])
-    ratio = f"{g['seconds_mean'] / dense:.2f}×" if dense and g["seconds_mean"] else "n/a"
+    ratio = f"{g['seconds_mean'] / reference:.2f}×" if reference and g["seconds_mean"] else "n/a"
     macs = "n/a" if g["mac_images_mean"] is None else f"{g['mac_images_mean']:.3g}"
     rss = "n/a" if g["peak_rss_mean"] is None else f"{g['peak_rss_mean'] / 2**20:,.0f}"
     return (

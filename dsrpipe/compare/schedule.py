@@ -20,6 +20,7 @@ from ..config import METHOD_OPTIONS, Pipeline, apply_overrides, parse_pipeline, 
 from ..errors import UserError
 from ..executors import LOST, Executor, ExecutorOptions, JobSpec, make_executor
 from ..registry import METHODS
+from ..report import Report
 from ..rundir import STALE, RunDir, read_report, training_stages
 from .grid import Grid, Run, cluster_resources, cluster_settings, load_grid, quotes_base, run_name
 from .results import write_results
@@ -112,7 +113,7 @@ def _overlaps(key: str, setting: str) -> bool:
     return key == setting or key.startswith(setting + ".") or setting.startswith(key + ".")
 
 
-def _complete(run: Run, runs_dir: Path) -> dict[str, Any] | None:
+def _complete(run: Run, runs_dir: Path) -> Report | None:
     """The run's report, if every stage of the run is complete with its current settings."""
     folder = RunDir(runs_dir, run.name)
     return read_report(folder.report) if run.cfg is not None and folder.is_complete(run.cfg) else None
@@ -367,14 +368,16 @@ class Schedule:
         return written
 
 
-def _finish(run: Run, runs_dir: Path, report: dict[str, Any], reused: bool = False) -> None:
+def _finish(run: Run, runs_dir: Path, report: Report, reused: bool = False) -> None:
     run.report, run.reused = report, reused
-    run.status = "ok" if report.get("passed", True) else "validation-failed"
-    run.message = report.get("failure") or ""
+    run.status = "ok" if report.passed else "validation-failed"
+    run.message = report.failure or ""
     run.train_seconds = _train_seconds(run, runs_dir)
 
 
 def _summary(run: Run) -> str:
     if run.report is None:
         return run.message
-    return f"{run.status}, ONNX top-1 {run.report['onnx_top1']:.4f}, {run.report['nonzero_params']:,} non-zero params"
+    return (
+        f"{run.status}, ONNX top-1 {run.report.onnx_top1:.4f}, {run.report.nonzero_params:,} non-zero params"
+    )

@@ -19,6 +19,9 @@ class MethodOptions(Section):
     # What the rest of dsrpipe asks of a method, answered by its options class rather than by
     # branching on its name: whether it keeps every weight (its sparsity is only a grid label, 0).
     keeps_every_weight: ClassVar[bool] = False
+    # Whether it is the reference the others' training time is given against (compare's results:
+    # the dense model).
+    reference: ClassVar[bool] = False
     # The setting naming the finished run the method starts from (frozen's masks_from, prune's
     # prune_from), None for a method that starts from scratch.
     source_setting: ClassVar[str | None] = None
@@ -59,6 +62,7 @@ class MethodOptions(Section):
 
 class DenseOptions(MethodOptions):
     keeps_every_weight: ClassVar[bool] = True
+    reference: ClassVar[bool] = True
 
     method: Literal["dense"] = "dense"
     sparsity: float = 0.0  # the grid axis; a dense run has none

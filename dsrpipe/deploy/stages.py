@@ -19,6 +19,7 @@ from .. import __version__, files
 from ..contract import check_class_names
 from ..errors import ValidationFailed
 from ..plots import RUN_FILES, write_run_plots
+from ..report import Report
 from ..run import Run, ShippedModel
 from ..rundir import COMPLETE, onnx_metadata, read_report, shipped_stage
 from .export import export_onnx
@@ -113,7 +114,7 @@ def calibration_batches(run: Run) -> Iterator[np.ndarray]:
         remaining -= len(pixels)
 
 
-def validate_stage(run: Run, *, force: bool = False) -> dict[str, Any]:
+def validate_stage(run: Run, *, force: bool = False) -> Report:
     """Measure the exported model with onnxruntime and write report.json; a missed threshold
     raises ValidationFailed after the report is written."""
     cfg, folder = run.cfg, run.dir
@@ -129,7 +130,7 @@ def validate_stage(run: Run, *, force: bool = False) -> dict[str, Any]:
     shipped = run.shipped()
     metrics, failure = _measure(run, shipped)
     report = _report(run, shipped, metrics, failure, fingerprint)
-    files.write_json(folder.report, report)
+    files.write_json(folder.report, report.to_dict())
     write_plots(run, report, shipped_history=shipped.checkpoint.history)
     run.log(_report_line(report, cfg.export.quantize == "int8", folder.report))
     raise_if_failed(report)
@@ -163,48 +164,48 @@ def _measure(run: Run, shipped: ShippedModel) -> tuple[dict[str, Any], str | Non
 
 def _report(
     run: Run, shipped: ShippedModel, metrics: dict[str, Any], failure: str | None, fingerprint: str
-) -> dict[str, Any]:
+) -> Report:
     """report.json: what was trained, how the exported model measured, and whether it passed."""
     cfg, v, spec = run.cfg, run.cfg.validation, shipped.spec
     history = shipped.checkpoint.history
     shrunk = onnx_metadata(run.dir.onnx).get("shrink")
-    return {
-        "name": cfg.name,
-        "dataset": cfg.data.dataset,
-        "model": cfg.model.name,
-        "method": cfg.sparsity.method,
-        "target_sparsity": cfg.sparsity.sparsity,
+    return Report(
+        name=cfg.name,
+        dataset=cfg.data.dataset,
+        model=cfg.model.name,
+        method=cfg.sparsity.method,
+        target_sparsity=cfg.sparsity.sparsity,
         **shipped.sparsity_summary(),
         **metrics,
-        "model_options": spec.options,  # as trained (thin-dense narrows them)
-        **({"thin_dense": spec.thin_dense} if spec.thin_dense else {}),
-        **({"shrink": json.loads(shrunk)} if shrunk else {}),
-        "train_epochs": cfg.train.epochs,
-        "finetune_epochs": cfg.finetune.epochs,
-        "final_test_top1_torch_training": history[-1]["test_top1"] if history else None,
-        "training": training_cost(*([run.dir.history("train")] if cfg.finetune.epochs else []), history),
-        "thresholds": {
+        model_options=spec.options,  # as trained (thin-dense narrows them)
+        thin_dense=spec.thin_dense or None,
+        shrink=json.loads(shrunk) if shrunk else None,
+        train_epochs=cfg.train.epochs,
+        finetune_epochs=cfg.finetune.epochs,
+        final_test_top1_torch_training=history[-1]["test_top1"] if history else None,
+        training=training_cost(*([run.dir.history("train")] if cfg.finetune.epochs else []), history),
+        thresholds={
             "min_top1": v.min_top1,
             "max_abs_diff": v.max_abs_diff,
             "min_agreement": v.min_agreement,
             **({"max_top1_drop": v.max_top1_drop} if cfg.export.quantize == "int8" else {}),
         },
-        "passed": failure is None,
-        "failure": failure,
-        "dsrpipe_version": __version__,
-        "fingerprint": fingerprint,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+        passed=failure is None,
+        failure=failure,
+        dsrpipe_version=__version__,
+        fingerprint=fingerprint,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
 
 
-def _report_line(report: dict[str, Any], int8: bool, path: Path) -> str:
+def _report_line(report: Report, int8: bool, path: Path) -> str:
     """The report's key figures, for the log."""
-    quantized = f" (int8; float32 {report['fp32_onnx_top1']:.4f})" if int8 else ""
+    quantized = f" (int8; float32 {report.fp32_onnx_top1:.4f})" if int8 else ""
     return (
-        f"validate: onnx top-1 {report['onnx_top1']:.4f}{quantized}, torch top-1 "
-        f"{report['torch_top1']:.4f}, agreement {report['top1_agreement']:.4f}, max |Δlogit| "
-        f"{report['max_abs_logit_diff']:.2e}, p50 {report['latency_ms']['p50']:.3f} ms, "
-        f"{report['size_ratio']:.3f}x the dense bytes, {report['speedup']['latency_p50']:.2f}x "
+        f"validate: onnx top-1 {report.onnx_top1:.4f}{quantized}, torch top-1 "
+        f"{report.torch_top1:.4f}, agreement {report.top1_agreement:.4f}, max |Δlogit| "
+        f"{report.max_abs_logit_diff:.2e}, p50 {report.latency_ms['p50']:.3f} ms, "
+        f"{report.size_ratio:.3f}x the dense bytes, {report.speedup['latency_p50']:.2f}x "
         f"its speed → {path}"
     )
 
@@ -249,7 +250,7 @@ def dense_reference(run: Run, shipped: ShippedModel, path: Path, metadata: dict[
     return path
 
 
-def write_plots(run: Run, report: dict[str, Any], shipped_history: list[dict] | None = None) -> list[Path]:
+def write_plots(run: Run, report: Report, shipped_history: list[dict] | None = None) -> list[Path]:
     """curves.png, density_over_time.png, layer_density.png and report.md beside report.json.
     `shipped_history`: the history in the shipped checkpoint, else read from metrics.jsonl."""
     tuned = bool(run.cfg.finetune.epochs)
@@ -259,8 +260,8 @@ def write_plots(run: Run, report: dict[str, Any], shipped_history: list[dict] | 
     )
 
 
-def raise_if_failed(report: dict[str, Any]) -> None:
-    if not report.get("passed", True):
-        error = ValidationFailed(report["failure"])
+def raise_if_failed(report: Report) -> None:
+    if not report.passed:
+        error = ValidationFailed(report.failure)
         error.report = report
         raise error

@@ -1,6 +1,7 @@
-"""The job process: `run_pipeline` on the job's copy of its config, confined to the drop and
-output folders. Its executor starts it as `python -m dsrpipe.jobs <drop>/.dsrpipe/jobs/<job>
-[settings]` (forked from the daemon's warm server, or on a worker); by hand too."""
+"""The job process: every stage of a run (dsrpipe.pipeline) on the job's copy of its config,
+confined to the drop and output folders. Its executor starts it as
+`python -m dsrpipe.jobs <drop>/.dsrpipe/jobs/<job> [settings]` (forked from the daemon's warm
+server, or on a worker); by hand too."""
 
 from __future__ import annotations
 
@@ -23,9 +24,8 @@ from ..executors.base import JobSpec
 from ..files import exclusive_lock, shown
 from ..models.user_models import names_code
 from ..outcome import ending
-from ..pipeline import run_pipeline
-from ..rundir import RunDir
-from ..train import load_splits
+from ..pipeline import run_stages
+from ..run import Run, load_splits
 
 
 @stopping.quiet  # once job_main has returned how the job ended, a signal no longer changes it
@@ -66,14 +66,18 @@ def job_main(job_dir: Path, settings: dict[str, Any] | None = None) -> int:
         threads = os.environ.get("OMP_NUM_THREADS", "")
         if threads.isdigit() and int(threads) > 0:
             torch.set_num_threads(int(threads))
-        if cfg.data.dataset == "imagefolder":
-            _unpack(cfg, settings)
-        run = RunDir(Path(spec["out"]), cfg.name)
+        caps = _archive_caps(settings)
         if settings.get("nproc", 1) > 1:
+            # A dataset unpacked and decoded here, once: the ranks read the folder and the cache.
+            if cfg.data.dataset == "imagefolder":
+                load_splits(cfg.data, caps)
             return _run_through_torchrun(spec, settings["nproc"], job_dir / "job.log")
-        with run.lock():  # one owner, as for `dsrpipe run`: a job never mixes with another process's run
-            run_pipeline(cfg, Path(spec["out"]), progress=False)
-        print(run.onnx, flush=True)
+        # Its data (a dropped dataset unpacked and decoded under the job's caps) is loaded once,
+        # by the first stage that needs it, for all of them.
+        run = Run(cfg, Path(spec["out"]), caps)
+        with run.dir.lock():  # one owner, as for `dsrpipe run`: a job never mixes with another process's run
+            run_stages(run, progress=False)
+        print(run.dir.onnx, flush=True)
         end = ending()  # done, unless a signal came and something swallowed its exception
         if end.code == 0:
             return 0
@@ -100,14 +104,13 @@ def job_main(job_dir: Path, settings: dict[str, Any] | None = None) -> int:
     return code
 
 
-def _unpack(cfg: Pipeline, settings: dict[str, Any]) -> None:
-    """A dataset drop, unpacked and decoded here, under this job's archive caps: every stage after
-    (and every rank under torchrun) reads the unpacked folder and the decoded cache."""
+def _archive_caps(settings: dict[str, Any]) -> ArchiveCaps:
+    """What a dataset archive may unpack to in this job (the daemon's --max-unpacked and
+    --max-files)."""
     defaults = ArchiveCaps()
-    caps = ArchiveCaps(
+    return ArchiveCaps(
         settings.get("max_unpacked") or defaults.max_bytes, settings.get("max_files") or defaults.max_files
     )
-    load_splits(cfg.data, caps)
 
 
 def _say(write) -> None:

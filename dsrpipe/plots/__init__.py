@@ -7,7 +7,7 @@
   layer_density.png      final density per layer, read off the exported weights
   report.md              the report's key numbers and the three pictures
 
-run_figures.py draws the run's pictures, report.py writes report.md and grid_figure.py draws the
+run_figures.py draws the run's pictures, markdown.py writes report.md and grid_figure.py draws the
 grid's picture, all on canvas.py's figures: Agg, never pyplot, so no global matplotlib state
 changes under a caller. Every file is written atomically: a reader sees the old file or the new
 one.
@@ -18,9 +18,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import files
+from ..report import Report
 from .canvas import save
 from .grid_figure import write_accuracy_vs_params
-from .report import run_markdown
+from .markdown import run_markdown
 from .run_figures import curves, density_over_time, layer_density
 
 RUN_PLOTS = ("curves.png", "density_over_time.png", "layer_density.png")
@@ -30,7 +31,7 @@ __all__ = ["RUN_FILES", "RUN_PLOTS", "run_markdown", "write_accuracy_vs_params",
 
 
 def write_run_plots(
-    run_dir: Path, history_train: list[dict], history_finetune: list[dict], report: dict
+    run_dir: Path, history_train: list[dict], history_finetune: list[dict], report: Report
 ) -> list[Path]:
     """Write the three PNGs and report.md into `run_dir` (beside report.json); returns their paths."""
     run_dir = Path(run_dir)

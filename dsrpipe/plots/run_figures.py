@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 
+from ..report import Report
 from .canvas import TEST, TRAIN, colors, epoch_axis, mark_finetune, new_figure, no_data
 
 # The density heat map prints each cell's number ("12.3%" at 7 pt, up to 0.37 in for "100.0%")
@@ -17,12 +18,12 @@ _MAX_CELL_NUMBERS = 300  # more would be a wall of digits: the colours say it
 
 
 # -- curves.png ------------------------------------------------------------------------------
-def curves(history: list[dict], num_train: int, report: dict):
+def curves(history: list[dict], num_train: int, report: Report):
     """Train and test loss and top-1 per epoch, fine-tuning shaded, the exported model's top-1."""
     fig = new_figure(11, 4)
     loss_ax, top1_ax = fig.subplots(1, 2)
     total = len(history)
-    fig.suptitle(f"{report.get('name', '')}: {report.get('method', '')} on {report.get('dataset', '')}")
+    fig.suptitle(f"{report.name}: {report.method} on {report.dataset}")
     if not history:
         for ax in (loss_ax, top1_ax):
             no_data(ax, "no epochs trained")
@@ -36,20 +37,20 @@ def curves(history: list[dict], num_train: int, report: dict):
         ax.set_xlabel("epoch")
         epoch_axis(ax, total)
         ax.grid(alpha=0.3)
-    if report.get("onnx_top1") is not None:
+    if report.onnx_top1 is not None:
         top1_ax.axhline(
-            report["onnx_top1"],
+            report.onnx_top1,
             color="tab:green",
             ls="--",
             lw=1,
-            label=f"exported ONNX: {report['onnx_top1']:.2%}",
+            label=f"exported ONNX: {report.onnx_top1:.2%}",
         )
     top1_ax.legend(loc="lower right", fontsize=8)
     return fig
 
 
 # -- density_over_time.png -------------------------------------------------------------------
-def density_over_time(history: list[dict], num_train: int, report: dict):
+def density_over_time(history: list[dict], num_train: int, report: Report):
     """One panel under another, epoch by epoch: the density of each sparse layer (a heat map), the
     threshold H and the weights pruned, the share of pruned weights that had just been grown, and,
     with channel removal, the live channels."""
@@ -59,9 +60,7 @@ def density_over_time(history: list[dict], num_train: int, report: dict):
     fig = new_figure(11, heat_height + 4.2 + 2.2 * removing)
     heights = [heat_height, 2.2, 1.6] + [2.2] * removing
     heat_ax, h_ax, share_ax, *channels_ax = fig.subplots(len(heights), 1, sharex=True, height_ratios=heights)
-    fig.suptitle(
-        f"{report.get('name', '')}: density of each sparse layer per epoch ({report.get('method', '')})"
-    )
+    fig.suptitle(f"{report.name}: density of each sparse layer per epoch ({report.method})")
     if not history or not layers:
         no_data(heat_ax, "no epochs trained" if not history else "no sparse layers")
         no_data(h_ax, "")
@@ -75,10 +74,10 @@ def density_over_time(history: list[dict], num_train: int, report: dict):
     return fig
 
 
-def layer_names(history: list[dict], report: dict) -> list[str]:
+def layer_names(history: list[dict], report: Report) -> list[str]:
     """Layers in model order, as the first epoch (or the report) lists them."""
     names: dict[str, None] = {}
-    for source in [h.get("layer_density", {}) for h in history] + [report.get("layer_density") or {}]:
+    for source in [h.get("layer_density", {}) for h in history] + [report.layer_density]:
         names.update(dict.fromkeys(source))
     return list(names)
 
@@ -155,7 +154,7 @@ def _cell_numbers(ax, grid: np.ndarray, columns: list[int], top: float) -> None:
                 )
 
 
-def _threshold_and_pruned(ax, history: list[dict], num_train: int, report: dict) -> None:
+def _threshold_and_pruned(ax, history: list[dict], num_train: int, report: Report) -> None:
     """The threshold H at the end of each epoch (log scale where it stays positive), in front of
     bars of the weights pruned per epoch; a note instead where a method has neither."""
     total = len(history)
@@ -176,7 +175,7 @@ def _threshold_and_pruned(ax, history: list[dict], num_train: int, report: dict)
         handles = ax.get_legend_handles_labels()[0] + (bars.get_legend_handles_labels()[0] if bars else [])
         ax.legend(handles=handles, loc="upper left", fontsize=8)
     else:
-        no_data(ax, f"no threshold and nothing pruned (method '{report.get('method', '')}')", epochs=True)
+        no_data(ax, f"no threshold and nothing pruned (method '{report.method}')", epochs=True)
     epoch_axis(ax, total)
     ax.grid(alpha=0.3)
 
@@ -192,7 +191,7 @@ def _pruned_bars(ax, epochs: np.ndarray, pruned: list[int]):
     return bars
 
 
-def _regrowth_share(ax, history: list[dict], num_train: int, report: dict) -> None:
+def _regrowth_share(ax, history: list[dict], num_train: int, report: Report) -> None:
     """Per epoch, of the weights reallocation switched off, the share it had grown at the
     reallocation just before: near 1 means it mostly prunes the zeros it has just grown (churn),
     low means the grown weights survive and the structure explores."""
@@ -213,7 +212,7 @@ def _regrowth_share(ax, history: list[dict], num_train: int, report: dict) -> No
         ax.set_ylabel("% of pruned", color="tab:purple")
         ax.legend(loc="upper left", fontsize=8)
     else:
-        no_data(ax, f"no regrowth to measure (method '{report.get('method', '')}')", epochs=True)
+        no_data(ax, f"no regrowth to measure (method '{report.method}')", epochs=True)
     ax.set_xlabel("epoch")
     epoch_axis(ax, total)
     ax.grid(alpha=0.3)
@@ -249,13 +248,13 @@ def _macs_per_sample(ax, history: list[dict], epochs: np.ndarray) -> None:
 
 
 # -- layer_density.png -----------------------------------------------------------------------
-def layer_density(report: dict):
+def layer_density(report: Report):
     """The final density of each sparse layer as read off the exported weights, against the
     model's overall density."""
-    density = report.get("layer_density") or {}
+    density = report.layer_density
     fig = new_figure(max(6.0, min(16.0, 2.5 + 0.35 * len(density))), 4.2)
     ax = fig.subplots()
-    ax.set_title(f"{report.get('name', '')}: final density per sparse layer")
+    ax.set_title(f"{report.name}: final density per sparse layer")
     if not density:
         no_data(ax, "no sparse layers")
         return fig
@@ -265,7 +264,7 @@ def layer_density(report: dict):
     if len(names) <= 24:
         for x, v in zip(positions, values):
             ax.text(x, v, f"{v:.1%}", ha="center", va="bottom", fontsize=7)
-    sparsity = report.get("sparsity")
+    sparsity = report.sparsity
     if sparsity is not None:
         ax.axhline(
             1 - sparsity,

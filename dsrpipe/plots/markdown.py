@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..report import Report
+
 # The run's three pictures (run_figures.py), each under its heading.
 PICTURES = [
     "## Training curves",
@@ -20,12 +22,11 @@ PICTURES = [
 ]
 
 
-def run_markdown(report: dict, train_epochs: int, finetune_epochs: int) -> str:
+def run_markdown(report: Report, train_epochs: int, finetune_epochs: int) -> str:
     """The page: title, whether validation passed, training's warnings, the table, the pictures."""
-    warnings = (report.get("training") or {}).get("warnings") or []
+    warnings = (report.training or {}).get("warnings") or []
     lines = [
-        f"# {report.get('name', 'run')}: {report.get('method', '')} on {report.get('dataset', '')} "
-        f"({report.get('model', '')})",
+        f"# {report.name}: {report.method} on {report.dataset} ({report.model})",
         "",
         _status(report),
         "",
@@ -35,48 +36,48 @@ def run_markdown(report: dict, train_epochs: int, finetune_epochs: int) -> str:
         *[f"| {key} | {value} |" for key, value in _rows(report, train_epochs, finetune_epochs)],
         "",
         *PICTURES,
-        f"Numbers from `report.json`, written by dsrpipe {report.get('dsrpipe_version', '')} "
-        f"at {report.get('created', '')}.",
+        f"Numbers from `report.json`, written by dsrpipe {report.dsrpipe_version or ''} "
+        f"at {report.created or ''}.",
         "",
     ]
     return "\n".join(lines)
 
 
-def _status(report: dict) -> str:
-    if report.get("passed", True):
+def _status(report: Report) -> str:
+    if report.passed:
         return "**Validation passed.**"
-    return f"**Validation FAILED:** {report.get('failure')}"
+    return f"**Validation FAILED:** {report.failure}"
 
 
-def _rows(report: dict, train_epochs: int, finetune_epochs: int) -> list[tuple[str, str]]:
+def _rows(report: Report, train_epochs: int, finetune_epochs: int) -> list[tuple[str, str]]:
     """The table: the model as shipped, how it compares, how it was trained; a row whose numbers
     the report lacks (a dense baseline, int8, older reports) is left out, not shown empty."""
     return [
         *_model_rows(report),
         *_comparison_rows(report),
         ("epochs (train + fine-tune)", f"{train_epochs} + {finetune_epochs}"),
-        *_training_rows(report.get("training") or {}),
+        *_training_rows(report.training or {}),
     ]
 
 
-def _model_rows(report: dict) -> list[tuple[str, str]]:
+def _model_rows(report: Report) -> list[tuple[str, str]]:
     """Sparsity, parameters, accuracy, latency and size of the shipped model."""
-    latency = report.get("latency_ms") or {}
-    size = report.get("onnx_bytes")
-    max_diff = report.get("max_abs_logit_diff")
+    latency = report.latency_ms or {}
+    size = report.onnx_bytes
+    max_diff = report.max_abs_logit_diff
     return [
-        ("method", f"`{report.get('method', 'n/a')}`"),
+        ("method", f"`{report.method}`"),
         (
             "sparsity (measured / target)",
-            f"{_pct(report.get('sparsity'))} / {_pct(report.get('target_sparsity'), 1)}",
+            f"{_pct(report.sparsity)} / {_pct(report.target_sparsity, 1)}",
         ),
         (
             "parameters (non-zero / total)",
-            f"{report.get('nonzero_params', 0):,} / {report.get('total_params', 0):,}",
+            f"{report.nonzero_params:,} / {report.total_params:,}",
         ),
-        ("top-1, torch", _pct(report.get("torch_top1"))),
-        ("top-1, ONNX", _pct(report.get("onnx_top1"))),
-        ("top-1 agreement, ONNX vs torch", _pct(report.get("top1_agreement"))),
+        ("top-1, torch", _pct(report.torch_top1)),
+        ("top-1, ONNX", _pct(report.onnx_top1)),
+        ("top-1 agreement, ONNX vs torch", _pct(report.top1_agreement)),
         ("max \\|Δlogit\\|", "n/a" if max_diff is None else f"{max_diff:.2e}"),
         (
             "latency p50 / p95 (batch 1, onnxruntime CPU)",
@@ -86,25 +87,25 @@ def _model_rows(report: dict) -> list[tuple[str, str]]:
     ]
 
 
-def _comparison_rows(report: dict) -> list[tuple[str, str]]:
+def _comparison_rows(report: Report) -> list[tuple[str, str]]:
     """Against the dense model, against the float32 model (int8), and the CPU it was timed on."""
     rows = []
-    if "speedup" in report:
-        speedup = report["speedup"]
+    if report.speedup is not None:
+        speedup = report.speedup
         rows.append(
             (
                 "vs the dense model (bytes; p50 speed; batch-64 throughput)",
-                f"{report['size_ratio']:.3f}×; {speedup['latency_p50']:.2f}×; {speedup['throughput']:.2f}×",
+                f"{report.size_ratio:.3f}×; {speedup['latency_p50']:.2f}×; {speedup['throughput']:.2f}×",
             )
         )
-    if "int8_agreement" in report:
+    if report.int8_agreement is not None:
         rows.append(
             (
-                f"int8 ({report.get('int8_range', 'full')} range): top-1 float32 ONNX / agreement with it",
-                f"{_pct(report['fp32_onnx_top1'])} / {_pct(report['int8_agreement'])}",
+                f"int8 ({report.int8_range or 'full'} range): top-1 float32 ONNX / agreement with it",
+                f"{_pct(report.fp32_onnx_top1)} / {_pct(report.int8_agreement)}",
             )
         )
-    if "cpu" in report:
+    if report.cpu is not None:
         rows.append(("CPU (onnxruntime)", _cpu_line(report)))
     return rows
 
@@ -123,9 +124,9 @@ def _pct(value: float | None, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}%}"
 
 
-def _cpu_line(report: dict) -> str:
+def _cpu_line(report: Report) -> str:
     """One line, e.g. AMD EPYC, x86_64; avx2 avx512_vnni, no amx_int8; onnxruntime 1.32.0 (CPU...)."""
-    cpu, runtime = report["cpu"], report.get("onnxruntime") or {}
+    cpu, runtime = report.cpu, report.onnxruntime or {}
     flags = cpu.get("flags")
     if flags is None:
         features = "flags unknown"
