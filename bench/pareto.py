@@ -11,9 +11,10 @@ targets) speed first (`dense_inside: true`) and smallest file. From the project 
     python bench/pareto.py report                 # the table, the JSON rows and the two plots
     python bench/pareto.py run plain-cnn --quick  # 2,000 images, 2 epochs, into /tmp: checks the machinery
 
-Latency and throughput are each run's own ratio to the dense model of its architecture, timed
-side by side in the same `validate` call (batch 1 and batch 64), so runs made at different times
-on a busy machine still compare. A dsrpipe row is compared with the thin dense rows at its own
+Latency and throughput are ratios to the seed-0 dense model of the architecture: `report` times
+every exported model of a grid again, all in one process and taking turns, so that runs made at
+different times on a busy machine still compare (each run's own side-by-side figure from
+`validate` stays in rows.json). A dsrpipe row is compared with the thin dense rows at its own
 measured latency: their top-1 interpolated linearly between the two thin widths around it.
 
 Writes bench/results/pareto/: rows.json (one row per run), pareto.md, accuracy-vs-latency.png and
@@ -34,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from dsrpipe.deploy.validate import time_side_by_side
 from dsrpipe.report import Report
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,6 +49,9 @@ FAMILIES = {  # row prefix -> what the table and the plots call it
     "fast": "dsrpipe, speed first",
     "small": "dsrpipe, smallest file",
 }
+# Re-timing every model of a grid together: runs of each, and onnxruntime threads (one: the
+# figure a 2-core machine with other work on it can measure steadily).
+RETIME_LATENCY_RUNS, RETIME_THROUGHPUT_RUNS, RETIME_THREADS = 300, 30, 1
 QUICK = {"epochs": 2, "end_epoch": 1, "stop_rewire_epoch": 1, "milestones": [1]}
 
 
@@ -108,18 +113,48 @@ def measured_rows(runs_root: Path) -> list[dict]:
                     "latency_ratio": 1 / report.speedup["latency_p50"],  # of dense, batch 1
                     "throughput_ratio": report.speedup["throughput"],  # over dense, batch 64
                     "latency_p50_ms": report.latency_ms["p50"],
+                    "onnx": str(grid / "runs" / line["run"] / "model.onnx"),
                     "onnx_bytes": report.onnx_bytes,
                     "nonzero_params": report.nonzero_params,
                     "macs": (report.shrink or {}).get("macs_after"),
                     "train_seconds": float(line["train_seconds"]) if line["train_seconds"] else None,
                     # what training cost in arithmetic: the same on a busy machine as on a quiet one
-                    "train_mac_images": (report.get("training") or {}).get("mac_images"),
+                    "train_mac_images": (report.training or {}).get("mac_images"),
                     "epochs": int(line["epochs"]) if line["epochs"] else None,
                     "widths": history[-1].get("channels_alive"),
                     "cpu": report.cpu,
                 }
             )
     return rows
+
+
+def retime(rows: list[dict]) -> None:
+    """Each model's exported files timed again, all in one process, taking turns: batch-1 latency
+    and batch-64 throughput as ratios to the seed-0 dense model of that architecture. Each run's
+    validate already timed it beside dense, but at its own time: on a busy machine the ratio of a
+    model to itself came out 0.9. The validate figures stay in rows.json as `validate_*`."""
+    for model in sorted({r["model"] for r in rows}):
+        runs = [r for r in rows if r["model"] == model and Path(r["onnx"]).is_file()]
+        dense = min((r for r in runs if r["family"] == "dense"), key=lambda r: r["seed"], default=None)
+        if dense is None:
+            continue
+        image = np.random.default_rng(0).standard_normal((1, 3, 32, 32), dtype=np.float32)
+        timed = time_side_by_side(
+            [Path(r["onnx"]) for r in runs],
+            image,
+            latency_runs=RETIME_LATENCY_RUNS,
+            throughput_runs=RETIME_THROUGHPUT_RUNS,
+            threads=RETIME_THREADS,
+        )
+        reference = timed[runs.index(dense)]
+        for r, t in zip(runs, timed):
+            r["validate_latency_ratio"], r["validate_throughput_ratio"] = (
+                r["latency_ratio"],
+                r["throughput_ratio"],
+            )
+            r["latency_ratio"] = t["latency_ms"]["p50"] / reference["latency_ms"]["p50"]
+            r["throughput_ratio"] = t["images_per_s"] / reference["images_per_s"]
+            r["latency_p50_ms"] = t["latency_ms"]["p50"]
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -265,13 +300,17 @@ def report(runs_roots: list[Path], folder: Path | None = None) -> None:
     if not rows:
         sys.exit(f"no finished runs under {', '.join(map(str, runs_roots))}")
     folder = folder or runs_roots[0].parent
+    retime(rows)
     groups = summarise(rows)
     (folder / "rows.json").write_text(json.dumps(rows, indent=1) + "\n")
     cpus = sorted({r["cpu"] for r in rows if r["cpu"]})
     text = [
         "# Accuracy against latency on CIFAR-10 (bench/pareto.py)",
         "",
-        f"CPU: {', '.join(cpus) or 'unknown'}. Latency and throughput are ratios to each run's dense model, timed side by side.",
+        f"CPU: {', '.join(cpus) or 'unknown'}. Latency (batch 1) and throughput (batch 64) are ratios to the "
+        f"seed-0 dense model, all of a model's exports timed together in one process, taking turns "
+        f"({RETIME_THREADS} onnxruntime thread). Train MACs: forward multiply-accumulates over training, "
+        f"as the model shrank.",
         "",
         *table(groups),
         "",

@@ -574,6 +574,33 @@ def test_side_by_side_timing_alternates_who_goes_first(monkeypatch):
     assert calls == [(name, n) for n in (1, 64) for name in "abbaabba"]
 
 
+def test_several_models_are_timed_taking_turns(monkeypatch):
+    """time_side_by_side (bench/pareto.py re-times a grid's exports with it): each file its own
+    session, the sessions taking turns at batch 1 and then at batch 64, a figure per file."""
+    from dsrpipe.deploy import validate
+
+    calls = []
+
+    class Session:
+        def __init__(self, name):
+            self.name = name
+
+        def get_inputs(self):
+            return [SimpleNamespace(name="pixels")]
+
+        def run(self, outputs, feed):
+            calls.append((self.name, len(feed["pixels"])))
+
+    monkeypatch.setattr(validate, "WARMUP_RUNS", 0)
+    monkeypatch.setattr(validate, "open_session", lambda path, threads, spinning: Session(str(path)))
+    one = np.zeros((1, 3, 8, 8), np.float32)
+    timed = validate.time_side_by_side(
+        [Path("a"), Path("b"), Path("c")], one, latency_runs=2, throughput_runs=2, threads=1
+    )
+    assert calls == [(name, n) for n in (1, 64) for name in "abccba"]
+    assert len(timed) == 3 and all(t["latency_ms"]["p50"] > 0 and t["images_per_s"] > 0 for t in timed)
+
+
 def test_cpu_features_read_from_cpuinfo(tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(

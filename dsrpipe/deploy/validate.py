@@ -230,6 +230,22 @@ def _speed(shipped, images: np.ndarray, dense_path, threads, latency_runs: int, 
     return _side_by_side(shipped, dense, images[:1], batch, latency_runs, throughput_runs)
 
 
+def time_side_by_side(
+    paths: list[Path], one_image: np.ndarray, *, latency_runs: int, throughput_runs: int, threads: int | None
+) -> list[dict]:
+    """Batch-1 latency and batch-64 throughput of several exported models, timed in alternation in
+    one process, so that the ratios between them hold on a machine that is busy now and then
+    (bench/pareto.py times a whole grid's models so)."""
+    sessions = [open_session(path, threads, spinning=False) for path in paths]
+    batch = np.resize(one_image, (THROUGHPUT_BATCH, *one_image.shape[1:]))
+    latencies = _latency_ms(sessions, one_image, latency_runs)
+    seconds = _timings(sessions, batch, throughput_runs)
+    return [
+        {"latency_ms": latency, "images_per_s": float(len(batch) / np.median(s))}
+        for latency, s in zip(latencies, seconds)
+    ]
+
+
 def _side_by_side(
     shipped, dense, one_image: np.ndarray, batch: np.ndarray, latency_runs: int, throughput_runs: int
 ) -> dict:
