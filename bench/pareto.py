@@ -122,7 +122,7 @@ def measured_rows(runs_root: Path) -> list[dict]:
                     "train_mac_images": (report.training or {}).get("mac_images"),
                     "epochs": int(line["epochs"]) if line["epochs"] else None,
                     "widths": history[-1].get("channels_alive"),
-                    "cpu": report.cpu,
+                    "cpu": (report.cpu or {}).get("model_name"),
                 }
             )
     return rows
