@@ -39,12 +39,15 @@ def _load(pipeline: Path, overrides: list[str]) -> Pipeline:
 
 
 @contextmanager
-def _owning(run: Run) -> Iterator[bool]:
-    """The run's lock for the block; under torchrun also the job's process group, and the lock
-    is rank 0's alone (its peers work on the same run). Yields whether this is rank 0."""
-    device, timeout = run.cfg.device, run.cfg.distributed.timeout
-    with distributed.process_group(device, timeout) as where, distributed.owner(run.dir):
-        yield where.main
+def _owned(pipeline: Path, out: Path, overrides: list[str]) -> Iterator[tuple[Run, bool]]:
+    """The run of a command that trains, its lock held for the block; under torchrun also the
+    job's process group, and the lock is rank 0's alone (its peers work on the same run). Yields
+    the run and whether this is rank 0."""
+    cfg = _load(pipeline, overrides)
+    pipeline_run = Run(cfg, out)
+    with distributed.process_group(cfg.device, cfg.distributed.timeout) as where:
+        with distributed.owner(pipeline_run.dir):
+            yield pipeline_run, where.main
 
 
 @app.command()
@@ -57,9 +60,7 @@ def run(
     progress: bool = ProgressOption,
 ):
     """Run every stage: train-sparse, finetune, export, validate."""
-    cfg = _load(pipeline, overrides)
-    pipeline_run = Run(cfg, out)
-    with _owning(pipeline_run) as main:
+    with _owned(pipeline, out, overrides) as (pipeline_run, main):
         run_stages(pipeline_run, force=force, progress=progress)
     if main:
         typer.echo(str(pipeline_run.dir.onnx))
@@ -79,9 +80,7 @@ def _training_command(name: str, summary: str, stage: Callable[..., Path]) -> No
         force: bool = ForceOption,
         progress: bool = ProgressOption,
     ):
-        cfg = _load(pipeline, overrides)
-        pipeline_run = Run(cfg, out)
-        with _owning(pipeline_run) as main:
+        with _owned(pipeline, out, overrides) as (pipeline_run, main):
             final = stage(pipeline_run, resume=resume, force=force, progress=progress)
         if main:
             typer.echo(str(final))

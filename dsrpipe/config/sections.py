@@ -11,7 +11,7 @@ from ..catalog import KNOWN_DATASETS, dataset_needs_root
 from ..contract import MAX_IMAGE_SIZE
 from ..models import MissingExtra, is_known_model
 from ..names import SAFE_NAME, SLURM_PARTITION_RULE, is_slurm_partition
-from .methods import DSROptions, MethodOptions, SparsityOptions, parse_method_options
+from .methods import DEFAULT, MethodOptions, SparsityOptions, parse_method_options
 from .schema import (
     MAX_BATCH,
     MAX_EPOCHS,
@@ -218,7 +218,7 @@ class Pipeline(Section):
     bf16: bool = False  # bf16 autocast, on CUDA only
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
-    sparsity: SparsityOptions = Field(default_factory=DSROptions)  # the method and its own options
+    sparsity: SparsityOptions = Field(default_factory=DEFAULT)  # the method and its own options
     train: OptimConfig = Field(default_factory=OptimConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
