@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
+from onnx.defs import onnx_opset_version
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from ..catalog import KNOWN_DATASETS, dataset_needs_root
@@ -156,8 +157,6 @@ class ExportConfig(Section):
     @field_validator("opset")
     @classmethod
     def _known_to_onnx(cls, opset: int) -> int:
-        from onnx.defs import onnx_opset_version  # only when set: importing onnx takes a while
-
         if opset > onnx_opset_version():
             raise ValueError(f"the installed onnx knows opsets up to {onnx_opset_version()}, not {opset}")
         return opset
