@@ -17,9 +17,8 @@ import functools
 import importlib
 from collections.abc import Iterator, Mapping
 
-import click
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from .. import __version__
 
@@ -41,7 +40,7 @@ COMMANDS = {
 
 
 @functools.cache
-def _commands_of(module: str) -> Mapping[str, click.Command]:
+def _commands_of(module: str) -> Mapping[str, TyperCommand]:
     """The commands of one module of this package, imported now."""
     return typer.main.get_group(importlib.import_module(f"{__name__}.{module}").app).commands
 
@@ -49,7 +48,7 @@ def _commands_of(module: str) -> Mapping[str, click.Command]:
 class _Commands(Mapping):
     """The root's commands by name: a command's module is imported when the command is looked up."""
 
-    def __getitem__(self, name: str) -> click.Command:
+    def __getitem__(self, name: str) -> TyperCommand:
         return _commands_of(COMMANDS[name])[name]
 
     def __iter__(self) -> Iterator[str]:
