@@ -24,6 +24,9 @@ def main() -> int | str | None:
 
 
 def _command() -> int | str | None:
+    # Imported here, not at the top: the handlers are installed first (main's first line), so
+    # that a signal during the imports is held until they finish (dsrpipe.stopping). The command
+    # named imports its own module then (dsrpipe.cli).
     from .cli import app
 
     try:

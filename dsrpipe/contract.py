@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageOps
 
 from .errors import UserError
 
@@ -42,8 +43,6 @@ def decode_fitted(path: str | Path, width: int, height: int, *, grey: bool | Non
     fit, its long side centre-cropped, as training decoded its images and as `predict` feeds the
     model. `grey`: one channel (True), RGB (False), or as the file is (None: grey files stay grey).
     A file PIL cannot decode is a UserError `<failed> <path>: <why>`."""
-    from PIL import Image, ImageOps  # only when images are read
-
     try:
         with Image.open(path) as img:
             keep_grey = img.mode in _GREY_MODES if grey is None else grey

@@ -6,7 +6,6 @@ torch files are written and read by dsrpipe.checkpoint."""
 
 from __future__ import annotations
 
-import codecs
 import errno
 import fcntl
 import json
@@ -212,38 +211,6 @@ def holding_lock(path: str | os.PathLike, busy: Callable[[str], str]) -> Iterato
         yield lock
     finally:
         release_lock(lock)
-
-
-class _ArraysOnly(pickle.Unpickler):
-    """An unpickler that builds plain containers and numpy arrays, and nothing else: the globals
-    a pickled ndarray needs are the only ones it resolves (as torch's weights_only loader does)."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        import numpy as np
-
-        rebuild = np.empty(0).__reduce__()[0]  # numpy's array rebuilder, wherever this numpy keeps it
-        allowed = {
-            ("numpy.core.multiarray", "_reconstruct"): rebuild,  # as numpy 1 named it (CIFAR's files)
-            ("numpy._core.multiarray", "_reconstruct"): rebuild,
-            ("numpy", "ndarray"): np.ndarray,
-            ("numpy", "dtype"): np.dtype,
-            ("_codecs", "encode"): codecs.encode,  # how Python 3 pickles bytes at protocol 2
-        }
-        if (module, name) not in allowed:
-            raise pickle.UnpicklingError(f"GLOBAL {module}.{name} is not allowed")
-        return allowed[module, name]
-
-
-def load_arrays_pickle(path: str | os.PathLike, what: str, limit: int) -> Any:
-    """A pickle of plain data and numpy arrays (the format of CIFAR's python batches), at most
-    `limit` bytes, read without running anything it names: any other global is a UserError."""
-    import io
-
-    data = read_regular(path, what, limit, follow=True)
-    try:
-        return _ArraysOnly(io.BytesIO(data), encoding="latin1").load()
-    except Exception as exc:  # whatever a foreign or hostile file makes the unpickler raise
-        raise UserError(f"{what} {shown(path)} cannot be read ({unreadable_because(exc)})") from None
 
 
 def unreadable_because(why: str | BaseException) -> str:

@@ -13,7 +13,6 @@ from torch import nn
 from .config import Pipeline
 from .errors import UserError
 from .models import create_model
-from .registry import layer_selection
 from .sparse.cost import channel_cost
 from .sparse.groups import floor_count, most_removable, removable_groups, unrounded_note
 
@@ -87,7 +86,7 @@ def check_model(cfg: Pipeline, note: Callable[[str], None]) -> nn.Module | None:
     example = torch.zeros(1, channels, side, side)
     check_input_size(model, example, cfg.model.name)
     if removal is not None:
-        eligible = set(layer_selection(cfg.sparsity).select(model))
+        eligible = set(cfg.sparsity.layers.select(model))
         groups = removable_groups(model, example, eligible, removal.dense_layers, cfg.model.name)
         floors = {g.name: max(floor_count(removal.floor, g.channels), g.least) for g in groups}
         if line := unrounded_note({g.name: g.channels for g in groups}, floors, removal.multiple_of):

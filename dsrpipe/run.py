@@ -22,7 +22,6 @@ from .checkpoint import restoring
 from .config import DataConfig, Pipeline
 from .data import ArchiveCaps, Dataset, load_data
 from .errors import UserError
-from .registry import layer_selection, model_spec
 from .rundir import COMPLETE, STALE, UNFINISHED, RunDir, shipped_stage
 from .trained import Checkpoint, ModelSpec
 
@@ -103,7 +102,7 @@ class Run:
 
     def method_spec(self) -> ModelSpec:
         """The model train-sparse trains: the configured one as the method changes it."""
-        return model_spec(self.cfg.sparsity, self.configured_spec(), self.log)
+        return self.cfg.sparsity.trained_spec(self.configured_spec(), self.log)
 
     def checkpoint(self, stage: str) -> Checkpoint:
         """The final checkpoint of a training stage (read once while the file stays the same)."""
@@ -200,7 +199,7 @@ class ShippedModel:
 
 
 def _sparsity_summary(model: torch.nn.Module, cfg: Pipeline, shipped: ShippedModel) -> dict[str, Any]:
-    layers = layer_selection(cfg.sparsity)
+    layers = cfg.sparsity.layers
     sparse = layers.select(model)
     started = layers.select(shipped.configured_width()) if shipped.spec.live_channels else sparse
     sparse_total = sum(w.numel() for w in started.values())

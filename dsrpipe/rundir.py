@@ -13,15 +13,15 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import onnx
 
 from .checkpoint import load_checkpoint, read_finished_run
+from .config import Pipeline  # the settings are handed in, never read from the YAML here
 from .errors import UserError
 from .report import Report
 from .runfolder import RunFolder
-
-if TYPE_CHECKING:  # annotations only: the settings are handed in, never read from the YAML here
-    from .config import Pipeline
 
 MISSING, UNFINISHED, COMPLETE, STALE = "missing", "unfinished", "complete", "stale"
 
@@ -159,8 +159,6 @@ class RunDir(RunFolder):
 
 def onnx_metadata(path: Path) -> dict[str, str]:
     """An exported model's metadata; {} if the file is not there or not readable."""
-    import onnx
-
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception:

@@ -7,6 +7,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from torch.utils.tensorboard import SummaryWriter
+
 # tag -> the metrics.jsonl key it plots
 SCALARS = {
     "loss/train": "train_loss",
@@ -33,8 +35,6 @@ class ScalarLog:
     each epoch is added as it completes."""
 
     def __init__(self, folder: Path, history: list[dict[str, Any]]):
-        from torch.utils.tensorboard import SummaryWriter
-
         shutil.rmtree(folder, ignore_errors=True)
         self.writer = SummaryWriter(str(folder))
         for record in history:

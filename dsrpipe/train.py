@@ -31,7 +31,7 @@ from .config import OptimConfig, Pipeline
 from .data import Dataset
 from .errors import UserError
 from .preflight import check_input_size
-from .registry import build_sparsifier, layer_selection
+from .registry import build_sparsifier
 from .run import Run, console, load_splits
 from .rundir import COMPLETE
 from .sparse import Sparsifier
@@ -116,9 +116,7 @@ def finetune_stage(run: Run, *, resume: bool = False, force: bool = False, progr
     def make_sparsifier(model, optimizer, steps_per_epoch, example_inputs):
         masks = trained.sparsifier["masks"]
         s = cfg.sparsity
-        frozen = Sparsifier(
-            model, optimizer, sparsity=s.sparsity if masks else 0.0, layers=layer_selection(s)
-        )
+        frozen = Sparsifier(model, optimizer, sparsity=s.sparsity if masks else 0.0, layers=s.layers)
         frozen.load_masks(masks)
         # Removed channels stay removed: held at zero, or already cut out of a shrunk run's model.
         if "channels" in trained.sparsifier and not trained.sparsifier.get("shrunk", False):

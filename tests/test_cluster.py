@@ -25,6 +25,7 @@ from dsrpipe import files
 from dsrpipe.cli import app
 from dsrpipe.errors import EXIT_TERMINATED, UserError
 from dsrpipe.executors import LOST, Executor, JobSpec, Resources
+from dsrpipe.executors import slurm as slurm_module
 from dsrpipe.executors.base import PROBE_ENV
 from dsrpipe.executors.ray import MAX_RETRIES
 from dsrpipe.executors.ray_cluster import ANSWER_ENV, resolve
@@ -838,10 +839,14 @@ def test_bad_cluster_input_is_one_line_and_submits_nothing(tmp_path, monkeypatch
         dsrpipe("watch", "drop", "--out", "drop/models", "--executor", "slurm", cwd=tmp_path),
         "--out must be outside the drop folder",
     )
-    # without the extra installed
-    for module, engine in (("ray", "ray"), ("submitit", "slurm")):
+    # without the extra installed: ray is imported when a Ray executor is made, submitit with
+    # dsrpipe.executors.slurm (None there where it is not installed)
+    for engine in ("ray", "slurm"):
         with monkeypatch.context() as missing:
-            missing.setitem(sys.modules, module, None)
+            if engine == "ray":
+                missing.setitem(sys.modules, "ray", None)
+            else:
+                missing.setattr(slurm_module, "submitit", None)
             refused(
                 "--executor",
                 engine,

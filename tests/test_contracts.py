@@ -50,6 +50,9 @@ def lint(tmp_path: Path, contract: str, plant: dict[str, str]) -> subprocess.Com
         # indirectly: through a module the daemon may import, which imports torch
         ("watch-without-torch", {"runfolder.py": "from . import checkpoint"}),
         ("watch-without-torch", {"executors/ray_probe.py": "import torch"}),  # run by name, never imported
+        # the CLI's root importing a command's module at its top: every command would load torch
+        ("commands-without-torch", {"cli/__init__.py": "from . import stages"}),
+        ("commands-without-torch", {"cli/watch.py": "from .. import checkpoint"}),
         # a module added tomorrow is covered without editing the contract
         ("predict-alone", {"tomorrow.py": "X = 1", "deploy/predict.py": "from .. import tomorrow"}),
         ("predict-alone", {"contract.py": "from . import files"}),  # through a module predict may use

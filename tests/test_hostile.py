@@ -568,7 +568,7 @@ def test_a_signal_whose_exception_is_lost_still_ends_the_command_143(capsys):
     handlers are the caller's again afterwards."""
     import typer
 
-    from dsrpipe.cli import _user_errors
+    from dsrpipe.cli.common import user_errors
 
     def signalled():
         try:
@@ -577,11 +577,11 @@ def test_a_signal_whose_exception_is_lost_still_ends_the_command_143(capsys):
         except KeyboardInterrupt:
             pass
 
-    @_user_errors
+    @user_errors
     def swallowing():
         signalled()
 
-    @_user_errors
+    @user_errors
     def raising_another():
         signalled()
         raise ImportError("cannot load module more than once per process")
@@ -601,7 +601,7 @@ def test_a_signal_python_cannot_raise_is_raised_once_that_code_has_returned(caps
     train on): raised again right after it, silently, and the command stops, 143."""
     import typer
 
-    from dsrpipe.cli import _user_errors
+    from dsrpipe.cli.common import user_errors
 
     went_on = []
 
@@ -610,7 +610,7 @@ def test_a_signal_python_cannot_raise_is_raised_once_that_code_has_returned(caps
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.05)  # the handler runs here, inside __del__
 
-    @_user_errors
+    @user_errors
     def command():
         SignalledWhenCollected()  # collected at once
         time.sleep(5)  # the stop arrives during this, from the watcher

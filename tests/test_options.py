@@ -3,8 +3,10 @@ as its own keywords; `dsrpipe compare` gives every run the options its method ta
 the runs that start from another (prune ← dense, frozen ← dsr)."""
 
 import csv
+import pkgutil
 import re
 from pathlib import Path
+from typing import ClassVar, Literal
 
 import pytest
 import torch
@@ -12,13 +14,14 @@ import yaml
 from typer.testing import CliRunner
 
 from dsrpipe import compare as compare_module
-from dsrpipe import registry
 from dsrpipe.cli import app
-from dsrpipe.config import METHOD_OPTIONS, load_pipeline, parse_pipeline, switch_method
+from dsrpipe.config import METHOD_OPTIONS, load_pipeline, parse_pipeline, register_method, switch_method
+from dsrpipe.config import methods as config_methods
+from dsrpipe.config.methods import FromScratchOptions
 from dsrpipe.errors import UserError
 from dsrpipe.models import create_model
 from dsrpipe.registry import build_sparsifier, sparsifier_options
-from dsrpipe.sparse import DSR, METHODS, RewireSchedule, method_options
+from dsrpipe.sparse import DSR, RewireSchedule, Sparsifier, method_options
 
 from .helpers import image_tree, write_tree
 from .test_pipeline import tiny, write_pipeline
@@ -53,7 +56,6 @@ def test_yaml_keys_and_library_keywords_agree_for_every_method():
     """Every method's options class builds that method through the library's strict factory."""
     model = lambda: create_model("small-cnn", num_classes=10, in_channels=1, image_size=8, width=8)
     for method, options in METHOD_OPTIONS.items():
-        assert set(METHODS) == set(METHOD_OPTIONS)
         if method in ("frozen", "prune", "prune-channels"):  # need a finished run: covered elsewhere
             continue
         raw = {"name": "x", "sparsity": {"method": method, "sparsity": 0.0 if method == "dense" else 0.8}}
@@ -74,7 +76,7 @@ def test_yaml_keys_and_library_keywords_agree_for_every_method():
         )
         assert sparsifier.method == ("dense" if method == "thin-dense" else method)
         assert set(sparsifier_options(cfg.sparsity, steps_per_epoch=10, epochs=3)) <= set(
-            method_options(METHODS[method])
+            method_options(options.sparsifier)
         )
 
 
@@ -365,16 +367,29 @@ def test_version():
     assert result.exit_code == 0 and result.output == f"dsrpipe {__version__}\n"
 
 
-def test_every_method_has_options_and_every_option_set_a_method(monkeypatch):
-    """One registry: each method a pipeline names joins its options with its sparsifier, and a
-    method with one half only is refused when the registry is built."""
-    assert set(registry.METHODS) == set(METHOD_OPTIONS) == set(METHODS)
-    for name, method in registry.METHODS.items():
-        assert method.options is METHOD_OPTIONS[name] and method.sparsifier is METHODS[name]
-        assert method.options.model_fields["method"].default == name
-    monkeypatch.setitem(METHOD_OPTIONS, "magic", METHOD_OPTIONS["dsr"])
-    with pytest.raises(ImportError, match="without both options and a sparsifier: magic"):
-        registry._joined()
+def test_every_method_is_one_module_whose_options_class_names_it_and_its_sparsifier():
+    """One module per built-in method (dsrpipe/config/methods/<name>.py), found by the package:
+    its options class answers to the method's name and names the library class that trains with
+    it. A class that names no method or no sparsifier, or a name taken, is refused."""
+    modules = {module.name for module in pkgutil.iter_modules(config_methods.__path__)} - {"base"}
+    assert {name.replace("-", "_") for name in METHOD_OPTIONS} == modules
+    for name, options in METHOD_OPTIONS.items():
+        assert options.__module__ == f"dsrpipe.config.methods.{name.replace('-', '_')}"
+        assert options.model_fields["method"].default == name and issubclass(options.sparsifier, Sparsifier)
+
+    class Nameless(FromScratchOptions):
+        sparsifier: ClassVar[type[Sparsifier]] = Sparsifier
+
+    class Halved(FromScratchOptions):
+        method: Literal["magic"] = "magic"
+
+    with pytest.raises(TypeError, match="Nameless names no method"):
+        register_method(Nameless)
+    with pytest.raises(TypeError, match="method 'magic' names no sparsifier"):
+        register_method(Halved)
+    with pytest.raises(ValueError, match="'dsr' is registered already"):
+        register_method(METHOD_OPTIONS["dsr"])
+    assert "magic" not in METHOD_OPTIONS
 
 
 def test_every_option_reaches_the_library():
@@ -383,8 +398,8 @@ def test_every_option_reaches_the_library():
     built = {"method", "dense_first", "dense_last", "exclude", "sparse_tensors"}  # method; layers
     built |= {"rewire_periods", "stop_rewire_epoch", "begin_epoch", "end_epoch", "remove_channels"}
     built |= {"macs", "latency"}  # the cost budget (`budget`)
-    for name, method in registry.METHODS.items():
-        unused = set(method.options.model_fields) - built - set(method_options(method.sparsifier))
+    for name, options in METHOD_OPTIONS.items():
+        unused = set(options.model_fields) - built - set(method_options(options.sparsifier))
         # sparsity names the grid column of the methods whose weights it does not decide
         assert unused <= {"sparsity"}, (name, unused)
         assert "sparsity" not in unused or name in ("dense", "thin-dense", "frozen", "prune-channels"), name

@@ -16,16 +16,15 @@ from dsrpipe import compare as compare_module
 from dsrpipe import run as run_module
 from dsrpipe import stopping
 from dsrpipe.cli import app
-from dsrpipe.config import parse_pipeline
+from dsrpipe.config import parse_pipeline, register_method, unregister_method
 from dsrpipe.data import ArchiveCaps
 from dsrpipe.jobs.job import job_main
 from dsrpipe.pipeline import run_pipeline
-from dsrpipe.registry import register, unregister
 
 from . import helpers
 from .test_pipeline import tiny, write_pipeline
 from .test_watch import TEMPLATE, take_in
-from .toy_method import TOY
+from .toy_method import ToyOptions
 
 
 def counting(monkeypatch, module, name: str, key) -> Counter:
@@ -100,9 +99,9 @@ def test_a_watch_job_loads_the_dropped_dataset_once(tmp_path, monkeypatch):
 
 @pytest.fixture
 def toy():
-    register(TOY)
-    yield TOY
-    unregister(TOY.name)
+    register_method(ToyOptions)
+    yield ToyOptions
+    unregister_method("toy")
 
 
 def test_a_method_registered_in_one_file_runs_through_run_and_a_grid_plan(tmp_path, toy):
@@ -126,8 +125,8 @@ def test_a_method_registered_in_one_file_runs_through_run_and_a_grid_plan(tmp_pa
 
 def test_a_method_is_refused_once_its_name_is_taken_and_forgotten_when_unregistered(toy):
     with pytest.raises(ValueError, match="'toy' is registered already"):
-        register(TOY)
-    unregister("toy")
+        register_method(ToyOptions)
+    unregister_method("toy")
     with pytest.raises(Exception, match="unknown method 'toy'"):
         parse_pipeline({**tiny(), "sparsity": {"method": "toy"}})
-    register(TOY)  # for the fixture to remove
+    register_method(ToyOptions)  # for the fixture to remove

@@ -19,7 +19,6 @@ from .. import files
 from ..config import METHOD_OPTIONS, Pipeline, apply_overrides, parse_pipeline, switch_method
 from ..errors import UserError
 from ..executors import LOST, Executor, ExecutorOptions, JobSpec, make_executor
-from ..registry import METHODS
 from ..report import Report
 from ..rundir import STALE, RunDir, read_report, training_stages
 from .grid import Grid, Run, cluster_resources, cluster_settings, load_grid, quotes_base, run_name
@@ -28,14 +27,14 @@ from .results import write_results
 
 # -- planning ---------------------------------------------------------------------------------
 def run_sources(grid: Grid) -> dict[str, tuple[str, str]]:
-    """Per method of the grid that starts from another run (the registry's `starts_from`): that
+    """Per method of the grid that starts from another run (its options' `starts_from`): that
     run's method and the setting naming it. A source that trains every weight (dense) runs once per
     seed and is added where the grid lacks it; any other (frozen's dsr) is wired only where the grid
     has it (else the method's own setting names a run)."""
     methods = {grid.method_of(row) for row in grid.methods}
     sources = {}
     for method in methods:
-        needed = METHODS[method].starts_from
+        needed = METHOD_OPTIONS[method].starts_from
         if needed is not None and (needed in grid.methods or METHOD_OPTIONS[needed].keeps_every_weight):
             sources[method] = (needed, METHOD_OPTIONS[method].source_setting)
     return sources

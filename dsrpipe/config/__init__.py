@@ -1,7 +1,8 @@
 """The pipeline YAML, validated once at the edge: everything past `load_pipeline` is typed.
 
-schema.py holds the bounds and base types, sections.py the sections and `Pipeline`, methods.py
-one options class per sparse-training method, loading.py safe YAML and `--set`.
+schema.py holds the bounds and base types, sections.py the sections and `Pipeline`, methods/ the
+sparse-training methods (one module each: its options, its sparsifier and its hooks), loading.py
+safe YAML and `--set`.
 """
 
 from ..names import SAFE_NAME
@@ -19,9 +20,9 @@ from .methods import (
     METHOD_OPTIONS,
     MethodOptions,
     parse_method_options,
-    register_options,
+    register_method,
     switch_method,
-    unregister_options,
+    unregister_method,
 )
 from .sections import (
     ClusterConfig,
@@ -59,8 +60,8 @@ __all__ = [
     "parse_yaml",
     "path_settings",
     "read_yaml",
-    "register_options",
+    "register_method",
     "section_settings",
     "switch_method",
-    "unregister_options",
+    "unregister_method",
 ]

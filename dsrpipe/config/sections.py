@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
+from onnx.defs import onnx_opset_version
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from ..catalog import KNOWN_DATASETS, dataset_needs_root
 from ..contract import MAX_IMAGE_SIZE
 from ..models import MissingExtra, is_known_model
 from ..names import SAFE_NAME, SLURM_PARTITION_RULE, is_slurm_partition
-from .methods import DSROptions, MethodOptions, SparsityOptions, parse_method_options
+from .methods import DEFAULT, MethodOptions, SparsityOptions, parse_method_options
 from .schema import (
     MAX_BATCH,
     MAX_EPOCHS,
@@ -156,8 +157,6 @@ class ExportConfig(Section):
     @field_validator("opset")
     @classmethod
     def _known_to_onnx(cls, opset: int) -> int:
-        from onnx.defs import onnx_opset_version  # only when set: importing onnx takes a while
-
         if opset > onnx_opset_version():
             raise ValueError(f"the installed onnx knows opsets up to {onnx_opset_version()}, not {opset}")
         return opset
@@ -218,7 +217,7 @@ class Pipeline(Section):
     bf16: bool = False  # bf16 autocast, on CUDA only
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
-    sparsity: SparsityOptions = Field(default_factory=DSROptions)  # the method and its own options
+    sparsity: SparsityOptions = Field(default_factory=DEFAULT)  # the method and its own options
     train: OptimConfig = Field(default_factory=OptimConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ..catalog import find_splits, visible_dirs
 from ..checkpoint import torch_save
@@ -127,8 +128,6 @@ def median_side(files: list[tuple[Path, int]]) -> int:
 
 
 def _short_side(path: Path) -> int:
-    from PIL import Image
-
     try:
         with Image.open(path) as img:
             return min(img.size)
@@ -169,8 +168,6 @@ def _decode_chunk(paths: list[Path], size: int) -> list[np.ndarray]:
 
 
 def _open_rgb(path: str):
-    from PIL import Image
-
     try:
         with Image.open(path) as img:
             return img.convert("RGB")

@@ -3,16 +3,23 @@ embedded default), torchvision's MNIST, Fashion-MNIST and CIFAR, and image folde
 
 from __future__ import annotations
 
+import codecs
+import io
+import os
+import pickle
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision
+from torchvision.datasets.utils import check_integrity, download_and_extract_archive
 
 from .. import machine
 from ..catalog import check_dataset
 from ..errors import UserError
-from ..files import load_arrays_pickle, shown
+from ..files import read_regular, shown, unreadable_because
 from .archive import ArchiveCaps
 from .folders import load_imagefolder
 from .splits import Dataset, at_most, in_memory_splits
@@ -80,6 +87,8 @@ def _resize(images: torch.Tensor, size: int, max_value: int) -> torch.Tensor:
 
 
 def _read_digits():
+    # scikit-learn here, not at the top: it takes about a second to import, and no other dataset
+    # needs it (a process that trains on MNIST, CIFAR or image folders never loads it).
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -91,8 +100,6 @@ def _read_digits():
 
 
 def _read_torchvision(name: str, root: str | None, download: bool):
-    import torchvision
-
     class_name, title = _TORCHVISION_SETS[name]
     if root is None:
         raise UserError(f"dataset '{name}': set data.root to a folder for the {title} files")
@@ -120,12 +127,38 @@ def _read_torchvision(name: str, root: str | None, download: bool):
 CIFAR_BATCH_BYTES = 200 * 2**20  # a CIFAR python batch is ~31 MB (CIFAR-100's train file ~158 MB)
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """An unpickler that builds plain containers and numpy arrays, and nothing else: the globals
+    a pickled ndarray needs are the only ones it resolves (as torch's weights_only loader does)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        rebuild = np.empty(0).__reduce__()[0]  # numpy's array rebuilder, wherever this numpy keeps it
+        allowed = {
+            ("numpy.core.multiarray", "_reconstruct"): rebuild,  # as numpy 1 named it (CIFAR's files)
+            ("numpy._core.multiarray", "_reconstruct"): rebuild,
+            ("numpy", "ndarray"): np.ndarray,
+            ("numpy", "dtype"): np.dtype,
+            ("_codecs", "encode"): codecs.encode,  # how Python 3 pickles bytes at protocol 2
+        }
+        if (module, name) not in allowed:
+            raise pickle.UnpicklingError(f"GLOBAL {module}.{name} is not allowed")
+        return allowed[module, name]
+
+
+def load_arrays_pickle(path: str | os.PathLike, what: str, limit: int) -> Any:
+    """A pickle of plain data and numpy arrays (the format of CIFAR's python batches), at most
+    `limit` bytes, read without running anything it names: any other global is a UserError."""
+    data = read_regular(path, what, limit, follow=True)
+    try:
+        return _ArraysOnly(io.BytesIO(data), encoding="latin1").load()
+    except Exception as exc:  # whatever a foreign or hostile file makes the unpickler raise
+        raise UserError(f"{what} {shown(path)} cannot be read ({unreadable_because(exc)})") from None
+
+
 def _read_cifar(cls, title: str, root: str, download: bool):
     """CIFAR-10/100 from torchvision's python batches, as torchvision lays them out and checks
     them (md5), but without its pickle.load: a file under data.root is the user's, so it is read
-    with an unpickler that builds plain data and numpy arrays only (files.load_arrays_pickle)."""
-    from torchvision.datasets.utils import check_integrity, download_and_extract_archive
-
+    with an unpickler that builds plain data and numpy arrays only (load_arrays_pickle)."""
     folder = Path(root) / cls.base_folder
     listed = [*cls.train_list, *cls.test_list, (cls.meta["filename"], cls.meta["md5"])]
     if download and not all(check_integrity(str(folder / f), md5) for f, md5 in listed):
@@ -139,7 +172,6 @@ def _read_cifar(cls, title: str, root: str, download: bool):
 def _read_cifar_batches(folder: Path, train_list, test_list, meta: dict, title: str):
     """The train and test splits and the class names of CIFAR python batches in `folder`, each
     file checked against its listed md5 first."""
-    from torchvision.datasets.utils import check_integrity
 
     def read(file_name: str, md5: str) -> dict:
         path = folder / file_name

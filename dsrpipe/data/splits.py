@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
+from torchvision import transforms as T
 
 from ..contract import check_class_names
 
@@ -134,9 +136,6 @@ class StreamingDataset(Dataset):
         drop_last: bool = False,
         shard: tuple[int, int] = (0, 1),
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        from torch.utils.data import DataLoader
-        from torchvision import transforms as T
-
         device = torch.device(device)
         size = self.info.image_size
         resize = (

@@ -2,7 +2,7 @@
 of executors (make_executor): `local`, processes on this machine (local.py: started fresh, for
 compare; forkserver.py: forked from a warm server, for the watch daemon), `ray` (ray.py; joining
 its cluster: ray_cluster.py) and `slurm` (submitit, slurm.py). See docs/cluster.md. Nothing here
-imports torch (nor ray or submitit, before an executor of theirs is made): the watch daemon
+imports torch (nor ray, before a Ray executor is made: it takes seconds): the watch daemon
 imports it."""
 
 from __future__ import annotations

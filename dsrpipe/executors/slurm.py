@@ -4,8 +4,8 @@ variables from submitit). Preemption and timeouts requeue the job (submitit's ch
 `checkpoint()` returns the same job), which resumes from its run folder's checkpoint.
 
 `cluster: local` runs the jobs on this machine through submitit's local executor (tests, a
-workstation). `--dry-run` prints the sbatch script and submits nothing. `submitit` is imported
-on use: without the extra, --executor slurm is one line naming the pip command.
+workstation). `--dry-run` prints the sbatch script and submits nothing. Without the extra
+(`submitit` not installed), --executor slurm is one line naming the pip command.
 """
 
 from __future__ import annotations
@@ -20,6 +20,11 @@ import stat
 import sys
 from pathlib import Path
 
+try:
+    import submitit
+except ImportError:  # the optional extra [slurm]: an executor made without it names the pip command
+    submitit = None
+
 from ..errors import EXIT_INTERRUPTED, UserError
 from ..files import shown
 from . import launch
@@ -31,10 +36,9 @@ MAX_TIMEOUTS = 3  # requeues after a timeout (preemptions requeue without limit,
 
 
 def _submitit():
-    try:
-        import submitit  # the optional extra: imported on use
-    except ImportError:
-        raise missing_extra("slurm") from None
+    """submitit, or the one line naming the extra where it is not installed."""
+    if submitit is None:
+        raise missing_extra("slurm")
     return submitit
 
 

@@ -5,6 +5,7 @@ Module names stay torchvision's (``conv1``, ``layer1.0.downsample.0``, ``fc``): 
 
 import functools
 
+import torchvision
 from torch import nn
 
 from dsrpipe.errors import UserError
@@ -13,8 +14,6 @@ from dsrpipe.models import register_model
 
 @functools.cache
 def classification_model_names() -> tuple[str, ...]:
-    import torchvision  # here, not at the top: it takes as long to import as torch itself
-
     return tuple(sorted(torchvision.models.list_models(module=torchvision.models)))
 
 
@@ -41,8 +40,6 @@ def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
 def build_torchvision_model(
     *, name: str, num_classes: int, in_channels: int, image_size: int, **options
 ) -> nn.Module:
-    import torchvision
-
     try:
         model = torchvision.models.get_model(
             name, weights=None, num_classes=num_classes, **_builder_options(name, image_size), **options

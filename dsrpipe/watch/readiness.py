@@ -19,6 +19,20 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirModifiedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+
 from ..errors import UserError
 from ..files import disk_full, shown
 from .drops import ERROR_SUFFIX, READY_MARKER, entry_kind, stamp
@@ -35,6 +49,33 @@ def _look(st: os.stat_result) -> tuple:
     return st.st_mode, st.st_size, st.st_mtime_ns
 
 
+# The events that count as activity: writes only (our own reads must not look like activity).
+_WRITES = [
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileDeletedEvent,
+    FileClosedEvent,
+    DirCreatedEvent,
+    DirModifiedEvent,
+    DirMovedEvent,
+    DirDeletedEvent,
+]
+
+
+class _Forward(FileSystemEventHandler):
+    """Puts each event's paths on a queue, as (event type, path): the loop reads them there."""
+
+    def __init__(self, events: queue.SimpleQueue[tuple[str, str]]):
+        super().__init__()
+        self.events = events
+
+    def on_any_event(self, event):
+        self.events.put((event.event_type, os.fsdecode(event.src_path)))
+        if event.dest_path:
+            self.events.put((event.event_type, os.fsdecode(event.dest_path)))
+
+
 class Readiness:
     def __init__(
         self, folder: DropFolder, quiet: float, own: set[str], guard: Callable[[str], AbstractContextManager]
@@ -48,44 +89,11 @@ class Readiness:
         self.observer = None
 
     def start(self) -> None:
-        from watchdog.events import (
-            DirCreatedEvent,
-            DirDeletedEvent,
-            DirModifiedEvent,
-            DirMovedEvent,
-            FileClosedEvent,
-            FileCreatedEvent,
-            FileDeletedEvent,
-            FileModifiedEvent,
-            FileMovedEvent,
-            FileSystemEventHandler,
-        )
-        from watchdog.observers import Observer
-
-        events = self.events
-
-        class Forward(FileSystemEventHandler):
-            def on_any_event(self, event):
-                events.put((event.event_type, os.fsdecode(event.src_path)))
-                if event.dest_path:
-                    events.put((event.event_type, os.fsdecode(event.dest_path)))
-
-        self._event_filter = [
-            FileCreatedEvent,
-            FileModifiedEvent,
-            FileMovedEvent,
-            FileDeletedEvent,
-            FileClosedEvent,
-            DirCreatedEvent,
-            DirModifiedEvent,
-            DirMovedEvent,
-            DirDeletedEvent,
-        ]
-        self._handler = Forward()
+        self._handler = _Forward(self.events)
         self.observer = Observer()
         try:
             self.observer.schedule(
-                self._handler, str(self.folder.drop), recursive=False, event_filter=self._event_filter
+                self._handler, str(self.folder.drop), recursive=False, event_filter=_WRITES
             )
         except OSError as exc:  # e.g. out of inotify instances
             raise UserError(f"cannot watch {shown(self.folder.drop)}: {exc}") from None
@@ -208,7 +216,7 @@ class Readiness:
                     self._handler,
                     str(self.folder.drop / name),
                     recursive=True,
-                    event_filter=self._event_filter,
+                    event_filter=_WRITES,
                 )
             except OSError as exc:  # e.g. out of inotify watches: readiness falls back to the quiet period
                 log.warning(f"cannot watch {shown(name)}/ for changes: {exc}")

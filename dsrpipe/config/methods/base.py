@@ -1,30 +1,41 @@
-"""The sparsity section: one options class per method, chosen by `method`. They describe what a
-method takes; `dsrpipe.registry` turns them into the library's sparsifier."""
+"""What every method's options are made of: `MethodOptions`, what each method is asked, and the
+option groups that several methods share (a sparse budget, training from scratch, rewiring, N_p,
+granularity, channel removal, a pruning span)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
-from pydantic import Field, SerializeAsAny, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from ..sparse.cost import CostBudget
-from .schema import MAX_EPOCHS, MAX_FACTOR, MAX_LIST, MAX_STEPS, EpochKey, FilePath, Section, SettingError
+from ...sparse import LayerSelection, Sparsifier
+from ...sparse.cost import CostBudget
+from ...trained import ModelSpec
+from ..schema import MAX_EPOCHS, MAX_LIST, MAX_STEPS, EpochKey, Section, SettingError
 
 
 class MethodOptions(Section):
-    """What every method takes: which Conv2d/Linear weights are sparse (flat keys, handed to the
-    library as one LayerSelection)."""
+    """A method: what it takes (its fields), the library class that runs it (`sparsifier`), and
+    what the rest of dsrpipe asks of it, answered here rather than by branching on its name. Every
+    method takes which Conv2d/Linear weights are sparse (flat keys, handed to the library as one
+    LayerSelection: `layers`)."""
 
-    # What the rest of dsrpipe asks of a method, answered by its options class rather than by
-    # branching on its name: whether it keeps every weight (its sparsity is only a grid label, 0).
+    # The library's class that trains with the method (dsrpipe.sparse); its constructor takes the
+    # options by name (dsrpipe.registry.sparsifier_options). Each method sets it.
+    sparsifier: ClassVar[type[Sparsifier]]
+    # Whether it keeps every weight (its sparsity is only a grid label, 0).
     keeps_every_weight: ClassVar[bool] = False
     # Whether it is the reference the others' training time is given against (compare's results:
     # the dense model).
     reference: ClassVar[bool] = False
     # The setting naming the finished run the method starts from (frozen's masks_from, prune's
-    # prune_from), None for a method that starts from scratch.
+    # prune_from), None for a method that starts from scratch ...
     source_setting: ClassVar[str | None] = None
+    # ... and in a grid, the method whose run (same seed; its sparsity, or 0 for one that keeps
+    # every weight) that setting is wired to.
+    starts_from: ClassVar[str | None] = None
 
     method: str
     dense_first: bool = True  # keep the first conv dense
@@ -56,31 +67,18 @@ class MethodOptions(Section):
         budget), None where it removes none: such a method traces the model's channel groups."""
         return None
 
+    @property
+    def layers(self) -> LayerSelection:
+        """The sparse layers as the library takes them."""
+        return LayerSelection(self.dense_first, self.dense_last, self.exclude, self.sparse_tensors)
+
     def check_training(self, train: Section) -> None:
         """A SettingError where the training settings (`train`) contradict the method."""
 
-
-class DenseOptions(MethodOptions):
-    keeps_every_weight: ClassVar[bool] = True
-    reference: ClassVar[bool] = True
-
-    method: Literal["dense"] = "dense"
-    sparsity: float = 0.0  # the grid axis; a dense run has none
-
-    @field_validator("sparsity")
-    @classmethod
-    def _no_sparsity(cls, sparsity: float) -> float:
-        if sparsity != 0:
-            raise ValueError(
-                "method 'dense' trains every weight: sparsity must be 0 "
-                "(thin-dense is the narrower dense model with a sparse budget)"
-            )
-        return sparsity
-
-
-class ThinDenseOptions(MethodOptions):
-    method: Literal["thin-dense"] = "thin-dense"
-    sparsity: float = Field(0.9, ge=0.0, lt=1.0)  # whose parameter budget the narrower model matches
+    def trained_spec(self, configured: ModelSpec, note: Callable[[str], None]) -> ModelSpec:
+        """The model the method trains, from the configured one (`note`: where to say what it
+        changed)."""
+        return configured
 
 
 class SparseOptions(MethodOptions):
@@ -197,10 +195,6 @@ class ChannelRemovalOption(Section):
             )
 
 
-class StaticOptions(ChannelRemovalOption, GranularityOption, FromScratchOptions):
-    method: Literal["static"] = "static"
-
-
 class RewiringOptions(FromScratchOptions):
     rewire_periods: dict[EpochKey, int] = Field(
         {0: 100}, max_length=MAX_LIST
@@ -232,59 +226,6 @@ class NpOptions(RewiringOptions):
         return self
 
 
-class DSROptions(ChannelRemovalOption, GranularityOption, NpOptions):
-    method: Literal["dsr"] = "dsr"
-    init_threshold: float = Field(0.001, gt=0, le=MAX_FACTOR)  # initial H
-    tolerance: float = Field(0.1, ge=0, lt=1)  # δ
-
-
-class SETOptions(ChannelRemovalOption, GranularityOption, NpOptions):
-    method: Literal["set"] = "set"
-    zeta: float | None = Field(None, ge=0, le=1)  # fraction replaced per reallocation; default N_p / active
-
-    @model_validator(mode="after")
-    def _zeta_or_n_p(self):
-        if self.zeta is not None and (self.prune_target is not None or self.prune_fraction is not None):
-            raise ValueError("give zeta or N_p (prune_target / prune_fraction), not both")
-        return self
-
-
-class RigLOptions(RewiringOptions):
-    method: Literal["rigl"] = "rigl"
-    alpha: float = Field(
-        0.3, ge=0, le=1
-    )  # initial drop fraction, cosine-decayed to 0 by the stop epoch (else the end)
-
-
-class DeepROptions(FromScratchOptions):
-    method: Literal["deepr"] = "deepr"
-    # Noise temperature T, annealed by epoch (epoch -> T), or one value; default: the DSR paper's.
-    temperature: float | dict[EpochKey, float] = {0: 1e-5, 25: 1e-8, 80: 1e-12, 140: 1e-15}
-    eta: float = Field(0.01, ge=0, le=MAX_FACTOR)  # noise std sqrt(2·eta·T)
-    l1: float = Field(1e-5, ge=0, le=MAX_FACTOR)  # L1 strength (its gradient joins the loss gradient)
-    stop_rewire_epoch: int | None = Field(
-        None, ge=0, le=MAX_EPOCHS
-    )  # no noise and no rewiring from this epoch on
-
-    def check_training(self, train: Section) -> None:
-        if train.weight_decay:
-            raise SettingError(
-                "train.weight_decay", "method 'deepr' regularises with its L1 term: set train.weight_decay: 0"
-            )
-
-    @field_validator("temperature")
-    @classmethod
-    def _temperature_schedule(cls, temperature):
-        values = temperature.values() if isinstance(temperature, dict) else [temperature]
-        if isinstance(temperature, dict) and 0 not in temperature:
-            raise ValueError("needs an entry for epoch 0")
-        if any(not 0 <= v <= MAX_FACTOR for v in values) or (
-            isinstance(temperature, dict) and any(not 0 <= e <= MAX_EPOCHS for e in temperature)
-        ):
-            raise ValueError(f"epochs must be in 0..{MAX_EPOCHS} and temperatures in 0..{MAX_FACTOR:g}")
-        return dict(sorted(temperature.items())) if isinstance(temperature, dict) else temperature
-
-
 class PruningSpan(Section):
     begin_epoch: int = Field(0, ge=0, le=MAX_EPOCHS)  # pruning starts (from dense) here ...
     end_epoch: int | None = Field(
@@ -298,110 +239,3 @@ class PruningSpan(Section):
                 "begin_epoch", f"begin_epoch {self.begin_epoch} must be before end_epoch {self.end_epoch}"
             )
         return self
-
-
-class GMPOptions(RewiringOptions, PruningSpan):
-    method: Literal["gmp"] = (
-        "gmp"  # from scratch; prunes on rewire_periods; end_epoch default: 75% of training
-    )
-
-
-class PruneOptions(SparseOptions, PruningSpan):
-    source_setting: ClassVar[str | None] = "prune_from"
-
-    method: Literal["prune"] = "prune"  # end_epoch default: 80% of training
-    prune_from: FilePath  # a dense run's train/final.pt (relative to the working directory)
-    steps: int = Field(20, ge=1, le=MAX_STEPS)  # pruning steps, evenly spaced, the last at end_epoch
-
-
-class ChannelPruneOptions(MethodOptions, PruningSpan, ChannelShape):
-    keeps_every_weight: ClassVar[bool] = True
-    source_setting: ClassVar[str | None] = "prune_from"
-
-    method: Literal["prune-channels"] = "prune-channels"  # end_epoch default: half of training
-    sparsity: float = 0.0  # the grid axis: the weights stay dense
-    prune_from: FilePath  # a dense run's train/final.pt (relative to the working directory)
-    share: float = Field(0.5, ge=0, lt=1)  # of the removable channels, removed by end_epoch
-    steps: int = Field(5, ge=1, le=MAX_STEPS)  # removal steps, evenly spaced, the last at end_epoch
-
-    @field_validator("sparsity")
-    @classmethod
-    def _dense_weights(cls, sparsity: float) -> float:
-        if sparsity != 0:
-            raise ValueError("method 'prune-channels' keeps its weights dense: sparsity must be 0")
-        return sparsity
-
-    @property
-    def channel_shape(self) -> ChannelShape | None:
-        return self  # the method's own settings say which channels go
-
-
-class FrozenOptions(MethodOptions):
-    source_setting: ClassVar[str | None] = "masks_from"
-
-    method: Literal["frozen"] = "frozen"
-    sparsity: float = Field(0.9, ge=0.0, lt=1.0)  # the source run's (a label: the masks decide)
-    masks_from: (
-        FilePath  # a run's train/final.pt (relative to the working directory) whose final masks to retrain
-    )
-    init: Literal["fresh", "same"] = "fresh"  # a fresh random init, or the source run's own initial weights
-    scale_init: bool = False
-
-
-METHOD_OPTIONS: dict[str, type[MethodOptions]] = {
-    "dsr": DSROptions,
-    "static": StaticOptions,
-    "thin-dense": ThinDenseOptions,
-    "set": SETOptions,
-    "deepr": DeepROptions,
-    "rigl": RigLOptions,
-    "prune": PruneOptions,
-    "prune-channels": ChannelPruneOptions,
-    "gmp": GMPOptions,
-    "frozen": FrozenOptions,
-    "dense": DenseOptions,
-}
-# The sparsity section's type: whichever registered options class its `method` names (chosen by
-# `parse_method_options`), written out with that class's own fields.
-SparsityOptions = SerializeAsAny[MethodOptions]
-
-
-def register_options(options: type[MethodOptions]) -> None:
-    """Make a method's options known to the pipeline schema, under the name its `method` field
-    defaults to (dsrpipe.registry calls this for a method registered from outside)."""
-    METHOD_OPTIONS[options.model_fields["method"].default] = options
-
-
-def unregister_options(name: str) -> None:
-    METHOD_OPTIONS.pop(name, None)
-
-
-def parse_method_options(section: Any) -> MethodOptions:
-    """The sparsity section as its method's options; an option the method does not take is an
-    error naming it (and the methods that do take it)."""
-    if isinstance(section, MethodOptions):
-        return section
-    if not isinstance(section, dict):
-        raise ValueError("expected a mapping of settings")
-    method = section.get("method", "dsr")
-    if not isinstance(method, str) or method not in METHOD_OPTIONS:
-        raise ValueError(f"unknown method '{method}' (known: {', '.join(METHOD_OPTIONS)})")
-    options = METHOD_OPTIONS[method]
-    for key in section:
-        if key not in options.model_fields:
-            owners = [m for m, o in METHOD_OPTIONS.items() if key in o.model_fields]
-            whose = f"an option of {', '.join(owners)}" if owners else "no method's option"
-            raise ValueError(
-                f"method '{method}' takes no option '{key}' ({whose}; {method} takes: "
-                f"{', '.join(k for k in options.model_fields if k != 'method')})"
-            )
-    return options.model_validate({**section, "method": method})
-
-
-def switch_method(section: dict[str, Any], method: str) -> dict[str, Any]:
-    """A sparsity section switched to another method, as `dsrpipe compare` runs one base pipeline
-    with every method of a grid: options only other methods take are dropped; the method's own,
-    and keys no method knows (validation names them), are kept."""
-    own = METHOD_OPTIONS[method].model_fields
-    known = {k for options in METHOD_OPTIONS.values() for k in options.model_fields}
-    return {**{k: v for k, v in section.items() if k in own or k not in known}, "method": method}
