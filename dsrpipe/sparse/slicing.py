@@ -251,10 +251,10 @@ def dependency_graph(
 # Torch-Pruning brings every index mapping of the graph up to date (each concatenation's offsets,
 # each reshape's stride) before it builds each group: on a DenseNet, whose layers read
 # concatenations of all the layers before them, that is nine tenths of listing its groups
-# (densenet161: 3.5 s of which 0.7 s without). While the groups are listed, nothing changes the
-# graph: `all_groups` brings them up to date once, and the graphs it lists are skipped by
-# Torch-Pruning's own call, which otherwise runs as it did (a cut needs it: each group's pruning
-# moves the offsets of the concatenations that hold it).
+# (densenet161: 3.5 s, or 0.7 s brought up to date once). While the groups are listed, nothing
+# changes the graph: `all_groups` brings them up to date once, and the graphs it lists are skipped
+# by Torch-Pruning's own call, which otherwise runs as it did (a cut needs it: each group's
+# pruning moves the offsets of the concatenations that hold it).
 _update_index_mapping = tp_index_mapping.update_index_mapping
 _mapped: set[int] = set()  # id() of the graphs `all_groups` is listing
 
