@@ -1,36 +1,63 @@
 """The model matrix: every torchvision classification model and a list of timm models, each taken
 through channel removal end to end, or refused at `check` in one line (docs/models.md).
 
-For each model, in a child process of its own under a time and a memory bound: `check` (the
-preflight of `dsrpipe check`) at the smallest side of SIDES that the model takes; one training
-step (SGD, four random images) under static sparsity 0.5 with half the removable channels
-removed and cut out at that step; the export's shrink; the ONNX export (compact encoding, as the
-pipeline ships it); and onnxruntime against torch on 32 random images: top-1 agreement and the
-largest logit difference, gated as `validate` gates them by default.
+For each model, in a process of its own under bounds of CPU time, memory and (for a process that
+hangs) time on the wall: `check` (the preflight of `dsrpipe check`) at the smallest side of SIDES
+that the model takes; one training step (SGD, two random images) under static sparsity 0.5 with
+half the removable channels removed and cut out at that step; the export's shrink; the ONNX
+export (compact encoding, as the pipeline ships it); and onnxruntime against torch on 32 random
+images: top-1 agreement and the largest logit difference, gated as `validate` gates them by
+default (without its timing runs).
 
     python bench/model_matrix.py                       # all, into bench/results/models/
     python bench/model_matrix.py --only timm/resnet18 resnet18 --jobs 1
     python bench/model_matrix.py --family timm --batch 2/3   # the second third of the timm list
+    python bench/model_matrix.py --family torchvision --resume --again timeout   # what is left
+    python bench/model_matrix.py --child resnet18      # one row in this process, with its phases
 
 Outcomes: `ok` (every step done, the gates met), `refused` (check's one line), `failed` (an error
 after check, or a missed gate: a bug to fix), `timeout` / `memory` (over the bounds: not run to
-its end on this machine), `not run` (a batch that did not get to it). Rows are kept per model
-across runs (rows.json); the markdown table (README.md here, and docs/models.md between its
-markers) is written from all of them. On a busy 2-core machine a model takes 1 to 5 minutes
-(the ONNX export is most of it): run it in batches (--batch, --out, then --merge).
+its end; the bound is CPU time, so that the machine's load does not decide it), `not run` (a
+batch that did not get to it). Rows are kept per model across runs (rows.json): `seconds` is the
+row's time on the wall, `cpu_seconds` the CPU time its process took (which a shared machine's
+load does not inflate), `phases` the seconds of each step. The markdown table (README.md here,
+and docs/models.md between its markers) is written from all of them.
+
+Each model runs in a process forked from a server that imported torch, torchvision,
+Torch-Pruning, onnxruntime, the exporter and dsrpipe once (multiprocessing's forkserver): a row
+pays for none of that (about 10 s of a 2-core machine's CPU), and still starts from a clean
+process, which the bounds can kill.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import multiprocessing
 import os
 import resource
-import subprocess
-import sys
+import shutil
+import signal
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+import torch.nn.functional as F
+import torchvision
+from torchvision.models import get_model_weights
+
+from dsrpipe.config import parse_pipeline
+from dsrpipe.deploy.export import export_onnx
+from dsrpipe.deploy.shrink import shrink_model
+from dsrpipe.errors import UserError
+from dsrpipe.preflight import check_model
+from dsrpipe.registry import build_sparsifier
+from dsrpipe.sparse.cost import model_cost
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "models"
@@ -52,19 +79,35 @@ TIMM_MODELS = (
 SIDES = (32, 64, 128, 224)  # each model runs at the first it takes
 GATES = {"min_agreement": 0.99, "max_abs_diff": 1e-2}  # validate's defaults (config/sections.py)
 IMAGES = 32  # compared in onnxruntime and torch
+BATCH = 2  # the training step's images: the fewest that BatchNorm trains on
+CALIBRATION = 16  # the images BatchNorm's statistics are measured on (calibrate_batchnorm)
+# Imported by the fork server besides this script's imports: the ONNX exporter's, which it
+# imports at its first export (dynamo, torch.export, onnxscript).
+PRELOAD = ("torch.onnx._internal.exporter._core", "onnxscript", "torch._dynamo", "torch.export")
 MEAN, STD = 0.5, 0.25  # the export's normalisation of [0, 1] pixels, every channel
 STATIC_HALF = {"method": "static", "sparsity": 0.5, "remove_channels": {"share": 0.5, "end_epoch": 1}}
 
 
 def all_models(family: str) -> list[str]:
-    import torchvision
-
     names = []
     if family in ("timm", "all"):
         names += [f"timm/{name}" for name in TIMM_MODELS]
     if family in ("torchvision", "all"):
         names += torchvision.models.list_models(module=torchvision.models)
     return names
+
+
+def smallest_first(names: list[str]) -> list[str]:
+    """`names`, torchvision's by their parameters (their weights' metadata: nothing is built or
+    downloaded) and after them the others as they are: a run cut short has done the most models."""
+    torchvision_models = set(torchvision.models.list_models(module=torchvision.models))
+
+    def size(name: str) -> float:
+        if name not in torchvision_models:
+            return math.inf
+        return get_model_weights(name).DEFAULT.meta["num_params"]
+
+    return sorted(names, key=size)  # stable: the timm list keeps its order
 
 
 def pipeline(name: str, side: int) -> dict:
@@ -74,45 +117,35 @@ def pipeline(name: str, side: int) -> dict:
         "data": {"dataset": "cifar10", "root": str(ROOT), "image_size": side},  # never read
         "model": {"name": name},
         "sparsity": STATIC_HALF,
-        "train": {"epochs": 2, "batch_size": 4, "lr": 1e-3, "milestones": []},
+        "train": {"epochs": 2, "batch_size": BATCH, "lr": 1e-3, "milestones": []},
     }
 
 
 def checked(name: str):
     """(side, config, model) at the smallest side of SIDES the model takes, or check's refusal
     (a UserError) at the largest."""
-    import torch
-
-    from dsrpipe.config import parse_pipeline
-    from dsrpipe.errors import UserError
-    from dsrpipe.preflight import check_model
-
     for side in SIDES:
         cfg = parse_pipeline(pipeline(name, side))
         torch.manual_seed(0)
         try:
             return side, cfg, check_model(cfg, lambda note: None)
         except UserError as exc:
-            if "cannot take" not in str(exc) or side == SIDES[-1]:
+            # only a side the model cannot take tries the next (a refused tracing is refused at all)
+            if not str(exc).endswith("set data.image_size to a size it takes") or side == SIDES[-1]:
                 raise
     raise AssertionError("unreachable")
 
 
 def train_step_and_cut(cfg, model, side: int) -> tuple:
     """One training step with the removal and its cut, as training runs them; the model after."""
-    import torch
-    import torch.nn.functional as F
-
-    from dsrpipe.registry import build_sparsifier
-
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     sparsifier = build_sparsifier(
         cfg.sparsity, model, optimizer, seed=0, steps_per_epoch=1, epochs=2,
         example_inputs=torch.zeros(1, 3, side, side),
     )  # fmt: skip
-    x = torch.rand(4, 3, side, side, generator=torch.Generator().manual_seed(1))
+    x = torch.rand(BATCH, 3, side, side, generator=torch.Generator().manual_seed(1))
     model.train()
-    F.cross_entropy(model(x), torch.tensor([0, 1, 2, 3])).backward()
+    F.cross_entropy(model(x), torch.arange(BATCH)).backward()
     optimizer.step()
     calibrate_batchnorm(model, side)
     stats = sparsifier.step()
@@ -130,8 +163,6 @@ def calibrate_batchnorm(model, side: int) -> None:
     layer (efficientnet_b4 after its cut: logits of 2673, torch float32 and float64 apart by 1.6;
     held at 1: 0.6 and 4e-7). The matrix checks the export, not the conditioning of a net no
     one trained."""
-    import torch
-
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     for norm in norms:
         norm.reset_running_stats()
@@ -140,25 +171,23 @@ def calibrate_batchnorm(model, side: int) -> None:
     for norm in norms:
         norm.train()
     with torch.no_grad():
-        pixels = torch.rand(16, 3, side, side, generator=torch.Generator().manual_seed(3))
+        pixels = torch.rand(CALIBRATION, 3, side, side, generator=torch.Generator().manual_seed(3))
         model((pixels - MEAN) / STD)  # as onnx_parity normalises them
     for norm in norms:
         norm.momentum = 0.1
         norm.running_var.clamp_(min=1)
 
 
-def onnx_parity(model, side: int, directory: Path) -> dict:
-    """Export `model` (shrunk as the pipeline ships it) and compare onnxruntime with torch."""
-    import numpy as np
-    import onnxruntime as ort
-    import torch
-
-    from dsrpipe.deploy.export import export_onnx
-    from dsrpipe.deploy.shrink import shrink_model
-
+def export(model, side: int, directory: Path) -> tuple:
+    """`model` shrunk as the pipeline ships it, exported to ONNX: (shrunk, the shrink's summary, path)."""
     shrunk, summary = shrink_model(model, (3, side, side))
     path = directory / "model.onnx"
     export_onnx(shrunk, path, in_channels=3, image_size=side, mean=[MEAN] * 3, std=[STD] * 3, metadata={})
+    return shrunk, summary, path
+
+
+def onnx_parity(shrunk, summary: dict, path: Path, side: int) -> dict:
+    """onnxruntime against torch on IMAGES random images."""
     x = torch.rand(IMAGES, 3, side, side, generator=torch.Generator().manual_seed(2))
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
         None, {"pixels": x.numpy()}
@@ -175,23 +204,38 @@ def onnx_parity(model, side: int, directory: Path) -> dict:
     }
 
 
+class Phases(dict):
+    """The seconds of each step of a row, as they end."""
+
+    def __init__(self):
+        super().__init__()
+        self._last = time.monotonic()
+
+    def done(self, phase: str) -> None:
+        now = time.monotonic()
+        self[phase] = round(now - self._last, 1)
+        self._last = now
+
+
 def try_model(name: str, directory: Path) -> dict:
     """The model's row (without `seconds`): check, a step with the cut, the export, the parity."""
-    from dsrpipe.errors import UserError
-    from dsrpipe.sparse.slicing import model_cost
-
+    phases = Phases()
     try:
         side, cfg, model = checked(name)
     except UserError as exc:
-        return {"outcome": "refused", "reason": str(exc)}
-    import torch
-
+        phases.done("check")
+        return {"outcome": "refused", "reason": str(exc), "phases": phases}
+    phases.done("check")
     params_before, macs_before = model_cost(model, torch.zeros(1, 3, side, side))
-    row = {"side": side, "params_before": params_before, "macs_before": macs_before}
+    row = {"side": side, "params_before": params_before, "macs_before": macs_before, "phases": phases}
     try:
         model, stats = train_step_and_cut(cfg, model, side)
         row["channels_removed"] = (stats or {}).get("channels_removed", 0)
-        row.update(onnx_parity(model, side, directory))
+        phases.done("step")
+        shrunk, summary, path = export(model, side, directory)
+        phases.done("export")
+        row.update(onnx_parity(shrunk, summary, path, side))
+        phases.done("parity")
     except Exception as exc:  # a bug that the matrix exists to find: recorded, in one line
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         memory = isinstance(exc, MemoryError | torch.OutOfMemoryError) or over_memory(str(exc))
@@ -216,42 +260,69 @@ def over_memory(message: str) -> bool:
 
 
 def child(name: str) -> None:
-    """The child process: one model's row, as JSON on the last line of stdout."""
-    import tempfile
-
-    import torch
-
+    """--child: one model's row in this process, printed as JSON."""
     torch.set_num_threads(1)
     start = time.monotonic()
     with tempfile.TemporaryDirectory() as directory:
         row = try_model(name, Path(directory))
-    print("\n" + json.dumps({"model": name, **row, "seconds": round(time.monotonic() - start, 1)}))
+    print(json.dumps({"model": name, **row, "seconds": round(time.monotonic() - start, 1)}))
 
 
-def run_one(name: str, timeout: float, memory_gib: float) -> dict:
-    """`child(name)` in a process of its own, its address space and its time bounded."""
+def forked_row(name: str, directory: str, memory_gib: float, cpu_seconds: float) -> None:
+    """In a process forked from the server: bound its address space and its CPU time (SIGXCPU
+    ends it), send its output to files in `directory` (their tail says why, should it die), and
+    write the row there as row.json."""
+    limit = int(memory_gib * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    resource.setrlimit(resource.RLIMIT_CPU, (int(cpu_seconds), int(cpu_seconds) + 10))
+    for fd, file in ((1, "stdout"), (2, "stderr")):
+        os.dup2(os.open(Path(directory) / file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+    torch.set_num_threads(1)
+    row = try_model(name, Path(directory))
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    row["cpu_seconds"] = round(used.ru_utime + used.ru_stime, 1)
+    (Path(directory) / "row.json").write_text(json.dumps(row))
 
-    def bound():
-        limit = int(memory_gib * 2**30)
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
+def fork_server() -> multiprocessing.context.BaseContext:
+    """The forkserver context whose server imports this script (and so torch, dsrpipe, ...) and
+    the exporter once; the models' processes fork from it."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["__main__", *PRELOAD])
+    return context
+
+
+def run_one(name: str, bounds: argparse.Namespace, context) -> dict:
+    """`forked_row(name)` in a process of its own, its address space, its CPU time and its time on
+    the wall bounded (`bounds`: memory_gib, cpu_seconds, timeout). The CPU time is the bound that
+    says `timeout`, whatever else runs on the machine; the wall's only ends a process that hangs."""
+    directory = Path(tempfile.mkdtemp(prefix="model-matrix-"))
     start = time.monotonic()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", name]
     try:
-        done = subprocess.run(
-            command, capture_output=True, text=True, timeout=timeout, preexec_fn=bound, env=env, cwd=ROOT
+        process = context.Process(
+            target=forked_row, args=(name, str(directory), bounds.memory_gib, bounds.cpu_seconds)
         )
-    except subprocess.TimeoutExpired:
-        return {"model": name, "outcome": "timeout", "reason": f"over {timeout:g} s", "seconds": timeout}
-    seconds = round(time.monotonic() - start, 1)
-    lines = done.stdout.strip().splitlines()
-    if done.returncode == 0 and lines:
-        return {**json.loads(lines[-1]), "seconds": seconds}
-    tail = done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]
-    memory = over_memory(done.stderr) or done.returncode == -9
-    outcome = "memory" if memory else "failed"
-    return {"model": name, "outcome": outcome, "reason": tail[0][:300], "seconds": seconds}
+        process.start()
+        process.join(bounds.timeout)
+        if process.is_alive():
+            process.kill()
+            process.join()
+            reason = f"over {bounds.timeout:g} s on the wall"
+            return {"model": name, "outcome": "timeout", "reason": reason, "seconds": bounds.timeout}
+        seconds = round(time.monotonic() - start, 1)
+        if process.exitcode == -signal.SIGXCPU:
+            reason = f"over {bounds.cpu_seconds:g} s of CPU time"
+            return {"model": name, "outcome": "timeout", "reason": reason, "seconds": seconds}
+        row = directory / "row.json"
+        if process.exitcode == 0 and row.exists():
+            return {"model": name, **json.loads(row.read_text()), "seconds": seconds}
+        said = (directory / "stderr").read_text(errors="replace") if (directory / "stderr").exists() else ""
+        tail = said.strip().splitlines()[-1:] or [f"exit {process.exitcode}"]
+        memory = over_memory(said) or process.exitcode == -9
+        outcome = "memory" if memory else "failed"
+        return {"model": name, "outcome": outcome, "reason": tail[0][:300], "seconds": seconds}
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def load_rows(folder: Path = RESULTS) -> dict[str, dict]:
@@ -266,8 +337,8 @@ def _millions(value) -> str:
 def markdown(rows: dict[str, dict]) -> str:
     """The table: one line per model, torchvision's first, then timm's; and the counts."""
     lines = [
-        "| model | outcome | side | params M before → after | MMACs before → after | agreement | max abs dlogit | s | reason |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | outcome | side | params M before → after | MMACs before → after | agreement | max abs dlogit | s | cpu s | reason |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = sorted(rows.values(), key=lambda r: (r["model"].startswith("timm/"), r["model"]))
     for r in order:
@@ -282,7 +353,7 @@ def markdown(rows: dict[str, dict]) -> str:
         reason = r.get("reason", "").replace("|", "\\|")
         lines.append(
             f"| {r['model']} | {r['outcome']} | {r.get('side', '')} | {cost[0]} | {cost[1]} | {agreement} "
-            f"| {dlogit} | {r['seconds']:g} | {reason} |"
+            f"| {dlogit} | {r['seconds']:g} | {r.get('cpu_seconds', '')} | {reason} |"
         )
     return "\n".join([*summary(rows), "", *lines]) + "\n"
 
@@ -324,9 +395,16 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", help="these models only")
     parser.add_argument("--batch", default="1/1", help="i/n: the i-th of n equal parts of the list")
     parser.add_argument("--jobs", type=int, default=2, help="models at once (one thread each)")
-    parser.add_argument("--timeout", type=float, default=300, help="seconds per model")
+    parser.add_argument("--cpu-seconds", type=float, default=600, help="CPU time per model")
+    parser.add_argument("--timeout", type=float, default=7200, help="seconds on the wall per model")
     parser.add_argument("--memory-gib", type=float, default=10, help="address space per model")
-    parser.add_argument("--resume", action="store_true", help="skip the models rows.json has")
+    parser.add_argument("--resume", action="store_true", help="skip the models rows.json has (but --again)")
+    parser.add_argument(
+        "--again",
+        nargs="+",
+        default=["not run"],
+        help="with --resume, run the models of these outcomes again",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="where rows.json goes (a batch of its own)")
     parser.add_argument("--merge", type=Path, nargs="+", help="add these folders' rows to RESULTS, and stop")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -340,9 +418,11 @@ def main() -> None:
     names = names[(part - 1) * len(names) // parts : part * len(names) // parts]
     rows = load_rows(args.out)
     if args.resume:
-        names = [name for name in names if name not in rows]
+        names = [name for name in names if name not in rows or rows[name]["outcome"] in args.again]
+    names = smallest_first(names)
+    context = fork_server()
     with ThreadPoolExecutor(args.jobs) as pool:
-        for row in pool.map(lambda n: run_one(n, args.timeout, args.memory_gib), names):
+        for row in pool.map(lambda n: run_one(n, args, context), names):
             rows[row["model"]] = row
             print(
                 f"{row['model']}: {row['outcome']} {row.get('reason', '')} ({row['seconds']:g} s)", flush=True

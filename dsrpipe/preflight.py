@@ -63,9 +63,10 @@ def check_input_size(model: nn.Module, example_inputs: torch.Tensor, name: str) 
 
 def check_model(cfg: Pipeline, note: Callable[[str], None]) -> nn.Module | None:
     """Build the configured model at the configured input size and run it once; where channels
-    are removed, trace its channel groups (slicing.TRACE_SECONDS at most). `note` hears what
-    cannot be checked here, and settings that will not do what they say. Returns the model it
-    built (CHECK_CLASSES classes), None where the input size is not known."""
+    are removed, trace its channel groups as training will, within slicing.TRACE_SECONDS (training
+    allows TRACE_SLACK times that: a model check accepts is not refused at training's tracing).
+    `note` hears what cannot be checked here, and settings that will not do what they say.
+    Returns the model it built (CHECK_CLASSES classes), None where the input size is not known."""
     shape = input_shape(cfg)
     removal = cfg.sparsity.channel_shape
     if shape is None and removal is not None and removal.latency is not None:
@@ -87,7 +88,9 @@ def check_model(cfg: Pipeline, note: Callable[[str], None]) -> nn.Module | None:
     check_input_size(model, example, cfg.model.name)
     if removal is not None:
         eligible = set(cfg.sparsity.layers.select(model))
-        groups = removable_groups(model, example, eligible, removal.dense_layers, cfg.model.name)
+        groups = removable_groups(
+            model, example, eligible, removal.dense_layers, cfg.model.name, at_check=True
+        )
         floors = {g.name: max(floor_count(removal.floor, g.channels), g.least) for g in groups}
         if line := unrounded_note({g.name: g.channels for g in groups}, floors, removal.multiple_of):
             note(line)

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..sparse.cost import model_cost
-from ..sparse.slicing import LAYERS, cut, dependency_graph, grouped, opaque, tracing
+from ..sparse.slicing import LAYERS, all_groups, cut, dependency_graph, grouped, opaque, tracing
 
 PROBE_BATCH = 4
 # Logits may move by float rounding only: the folds change the order of the sums.
@@ -97,11 +97,7 @@ def _remove_dead_channels(model: nn.Module, probe: torch.Tensor) -> tuple[dict[s
     # layer's output as it was, so what was read for one group stays true after another's.
     with tracing(model, "cannot shrink", "export without shrinking (export.shrink: false)"):
         graph = dependency_graph(model, probe, "cannot shrink")
-        plans = [
-            plan
-            for group in list(graph.get_all_groups(root_module_types=LAYERS))
-            if (plan := _plan_group(graph, group, inputs))
-        ]
+        plans = [plan for group in list(all_groups(graph)) if (plan := _plan_group(graph, group, inputs))]
     with torch.no_grad():
         for plan in plans:
             _fold(plan)

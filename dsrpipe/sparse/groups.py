@@ -13,7 +13,17 @@ import torch_pruning as tp
 from torch import nn
 
 from ..errors import UserError
-from .slicing import LAYERS, NORMS, cut, dependency_graph, grouped, opaque, out_channel_handler, tracing
+from .slicing import (
+    LAYERS,
+    NORMS,
+    all_groups,
+    cut,
+    dependency_graph,
+    grouped,
+    opaque,
+    out_channel_handler,
+    tracing,
+)
 
 
 @dataclass
@@ -52,16 +62,17 @@ def trace_groups(
     eligible: set[str],
     any_writer: bool = False,
     name: str | None = None,
+    at_check: bool = False,
 ) -> list[ChannelGroup]:
     """The model's channel groups that a layer named in `eligible` writes (with `any_writer`: that
     any Conv2d or Linear writes, scored by the eligible writers if it has some), traced by
-    Torch-Pruning, within slicing.TRACE_SECONDS; a model it cannot trace is a UserError that
-    names it (`name`, else its class).
+    Torch-Pruning, within slicing.trace_bound(at_check); a model it cannot trace is a UserError
+    that names it (`name`, else its class).
 
     Groups holding layers whose channels this cannot reason about (grouped convs, depthwise ones
     excepted; other layers with per-channel parameters, bare parameters, the model's outputs) are
     left out."""
-    with tracing(model, "channel removal", TRACE_ADVICE, name):
+    with tracing(model, "channel removal", TRACE_ADVICE, name, at_check):
         return _groups(
             model, dependency_graph(model, example_inputs, "channel removal"), eligible, any_writer
         )
@@ -72,7 +83,7 @@ def _groups(
 ) -> list[ChannelGroup]:
     names = {m: n for n, m in model.named_modules()}
     groups = []
-    for group in graph.get_all_groups(root_module_types=LAYERS):
+    for group in all_groups(graph):
         members: dict[tuple[nn.Module, str], dict[int, list[int]]] = {}
         usable = True
         for item in group:
@@ -129,6 +140,7 @@ def _check_cut(
     eligible: set[str],
     any_writer: bool,
     name: str | None,
+    at_check: bool,
 ) -> None:
     """Cut every group down to the fewest channels it may keep (`ChannelGroup.least`) in a copy
     of `model`, as shrinking during training cuts them, run it and trace it again: a model that
@@ -144,7 +156,7 @@ def _check_cut(
             (writer, out_channel_handler(writer), group.scored_by[0].index[gone].flatten().tolist())
         )
         expected[group.name] = group.channels - len(gone)
-    with tracing(trial, "channel removal", TRACE_ADVICE, name):
+    with tracing(trial, "channel removal", TRACE_ADVICE, name, at_check):
         cut(trial, dependency_graph(trial, example_inputs, "channel removal"), removals)
         with torch.no_grad():
             trial.eval()(example_inputs)
@@ -164,16 +176,18 @@ def removable_groups(
     eligible: set[str],
     any_writer: bool = False,
     name: str | None = None,
+    at_check: bool = False,
 ) -> list[ChannelGroup]:
     """`trace_groups`, and a UserError if there is none or if cutting them breaks the model
-    (`_check_cut`): what channel removal starts from."""
-    groups = trace_groups(model, example_inputs, eligible, any_writer, name)
+    (`_check_cut`): what channel removal starts from. `check` traces under the bound
+    (`at_check`), training under its slack, so that what check accepts, training accepts."""
+    groups = trace_groups(model, example_inputs, eligible, any_writer, name, at_check)
     if not groups:
         raise UserError(
             f"channel removal: {name or type(model).__name__} has no channel that a sparse layer writes "
             "and another layer reads"
         )
-    _check_cut(model, example_inputs, groups, eligible, any_writer, name)
+    _check_cut(model, example_inputs, groups, eligible, any_writer, name, at_check)
     return groups
 
 

@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import ctypes
 import threading
+import time
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch_pruning.dependency import index_mapping as tp_index_mapping
 
 from ..errors import UserError
 
@@ -31,10 +34,20 @@ LAYERS = (nn.Conv2d, nn.Linear)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
-# How long tracing a model may take. Torch-Pruning traces in pure Python, and on some models
-# never finishes (torchvision's swin_t: its index mappings through the shifted windows grow
-# without end); the slowest model that does trace, densenet121, takes about a second.
+# How long tracing a model may take at `check` (preflight.check_model), in seconds of the tracing
+# thread's CPU time: Torch-Pruning traces in pure Python, and on some models never finishes
+# (torchvision's swin_t: its index mappings through the shifted windows grow without end). A model
+# over it is refused there, in one line. CPU time, not the clock on the wall, so that the load of
+# a shared machine does not change the verdict (under a load of 10 on 2 cores, a niced tracing
+# gets a tenth of a core: densenet161 passed check once and went over 60 s in training).
 TRACE_SECONDS = 60.0
+# Training, shrinking and the export trace again what check let through, as check traced it, but
+# maybe on a slower CPU: under TRACE_SLACK times the bound, which there only ends a tracing that
+# never would. A model check accepts is not refused at its first step.
+TRACE_SLACK = 4.0
+# Where a thread's CPU clock cannot be read (pthread_getcpuclockid is not on every Unix, nor on
+# Windows), the bound is the clock on the wall.
+CPU_CLOCK = hasattr(time, "pthread_getcpuclockid")
 
 
 class _TooLong(Exception):
@@ -47,8 +60,9 @@ def _raise_in(thread_id: int, exception: type[BaseException]) -> None:
 
 
 class _TimeBound:
-    """Raise _TooLong in the thread that runs the block once it has run longer than `seconds`, and
-    again every RAISE_AGAIN seconds until the block ends (RAISES times at most).
+    """Raise _TooLong in the thread that runs the block once it has run longer than `seconds` (of
+    its CPU time, where CPU_CLOCK), and again every RAISE_AGAIN seconds until the block ends
+    (RAISES times at most).
 
     A watchdog thread raises it into the traced thread, rather than SIGALRM: that works in any
     thread (a signal handler runs in the main thread only) and leaves the caller's signal
@@ -59,23 +73,33 @@ class _TimeBound:
     `expired` says whether it was raised (the tracing may catch it and fail otherwise)."""
 
     RAISE_AGAIN, RAISES = 0.5, 20
+    LEAST_WAIT = 0.05  # the watchdog's shortest sleep while the time left runs out
 
     def __init__(self, seconds: float):
         self.seconds, self.expired = seconds, False
         self._target, self._done, self._lock = threading.get_ident(), threading.Event(), threading.Lock()
+        self._now: Callable[[], float] = (
+            partial(time.clock_gettime, time.pthread_getcpuclockid(self._target))
+            if CPU_CLOCK
+            else time.monotonic
+        )
+        self._start = self._now()
         self._watchdog = threading.Thread(target=self._watch, name="dsrpipe tracing bound", daemon=True)
 
     def _watch(self) -> None:
-        wait = self.seconds
-        for _ in range(self.RAISES):
-            if self._done.wait(wait):
+        # The traced thread's CPU time grows no faster than the wall clock: a sleep as long as
+        # the time left never sleeps past the bound.
+        while (left := self.seconds - (self._now() - self._start)) > 0:
+            if self._done.wait(max(left, self.LEAST_WAIT)):
                 return
+        for _ in range(self.RAISES):
             with self._lock:  # never once the block is left: `_done` is set under the same lock
                 if self._done.is_set():
                     return
                 self.expired = True
                 _raise_in(self._target, _TooLong)
-            wait = self.RAISE_AGAIN
+            if self._done.wait(self.RAISE_AGAIN):
+                return
 
     def __enter__(self) -> _TimeBound:
         self._watchdog.start()
@@ -103,9 +127,16 @@ def _raised_before_the_lock_lands_here() -> None:
 _bounded = threading.local()
 
 
+def trace_bound(at_check: bool) -> float:
+    """The seconds a tracing may take: TRACE_SECONDS at check, TRACE_SLACK times that elsewhere."""
+    return TRACE_SECONDS if at_check else TRACE_SECONDS * TRACE_SLACK
+
+
 @contextmanager
-def tracing(model: nn.Module, what: str, advice: str = "", name: str | None = None) -> Iterator[None]:
-    """Trace `model` in the block: within TRACE_SECONDS, and any failure (Torch-Pruning's
+def tracing(
+    model: nn.Module, what: str, advice: str = "", name: str | None = None, at_check: bool = False
+) -> Iterator[None]:
+    """Trace `model` in the block: within `trace_bound(at_check)`, and any failure (Torch-Pruning's
     errors, an exception of ours on a graph we did not foresee, the time running out) a
     UserError that says `what` needed it, of which model (`name`, else its class), and
     `advice`, what to do instead. Nested blocks run under the outermost one's bound and message."""
@@ -113,7 +144,8 @@ def tracing(model: nn.Module, what: str, advice: str = "", name: str | None = No
         yield
         return
     _bounded.active = True
-    bound = _TimeBound(TRACE_SECONDS)
+    seconds = trace_bound(at_check)
+    bound = _TimeBound(seconds)
     try:
         # Torch-Pruning's warnings (its shape inference giving up, say) are not the user's to act on.
         with bound, warnings.catch_warnings():
@@ -123,7 +155,7 @@ def tracing(model: nn.Module, what: str, advice: str = "", name: str | None = No
         raise
     except Exception as exc:  # a model we cannot trace: say so, not a page of its internals
         if isinstance(exc, _TooLong) or bound.expired:
-            reason = f"it took longer than {TRACE_SECONDS:g} s"
+            reason = f"it took longer than {seconds:g} s{' of CPU time' if CPU_CLOCK else ''}"
         else:
             reason = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
@@ -214,6 +246,36 @@ def dependency_graph(
         for hook in hooks:
             hook.remove()
         model.train(was_training)
+
+
+# Torch-Pruning brings every index mapping of the graph up to date (each concatenation's offsets,
+# each reshape's stride) before it builds each group: on a DenseNet, whose layers read
+# concatenations of all the layers before them, that is nine tenths of listing its groups
+# (densenet161: 3.5 s, or 0.7 s brought up to date once). While the groups are listed, nothing
+# changes the graph: `all_groups` brings them up to date once, and the graphs it lists are skipped
+# by Torch-Pruning's own call, which otherwise runs as it did (a cut needs it: each group's
+# pruning moves the offsets of the concatenations that hold it).
+_update_index_mapping = tp_index_mapping.update_index_mapping
+_mapped: set[int] = set()  # id() of the graphs `all_groups` is listing
+
+
+def _update_unless_mapped(graph: tp.DependencyGraph) -> None:
+    if id(graph) not in _mapped:
+        _update_index_mapping(graph)
+
+
+tp_index_mapping.update_index_mapping = _update_unless_mapped
+
+
+def all_groups(graph: tp.DependencyGraph) -> Iterator[tp.Group]:
+    """Torch-Pruning's groups of `graph` rooted at a Conv2d or Linear (its get_all_groups), with
+    the index mappings brought up to date once rather than before each group."""
+    _update_index_mapping(graph)
+    _mapped.add(id(graph))
+    try:
+        yield from graph.get_all_groups(root_module_types=LAYERS)
+    finally:
+        _mapped.discard(id(graph))
 
 
 def opaque(target: object) -> bool:
