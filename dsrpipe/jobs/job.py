@@ -41,6 +41,13 @@ def main(argv: list[str]) -> None:
     sys.exit(code)
 
 
+def _threads_from_environment() -> None:
+    """The executor's share of the cores, set again: a forked job's torch was set up in the server."""
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:
+        torch.set_num_threads(int(threads))
+
+
 def job_main(job_dir: Path, settings: dict[str, Any] | None = None) -> int:
     """Run one job and return its exit code (dsrpipe.errors: 0 done, 2 bad input, 3 validation
     failed, 130 or 143 stopped by SIGINT or SIGTERM, 75 job busy, 74 the disk too full to write
@@ -62,10 +69,7 @@ def job_main(job_dir: Path, settings: dict[str, Any] | None = None) -> int:
         cfg = load_pipeline(spec["config"], spec["overrides"], quote=spec.get("quote", True))
         confine_paths(cfg, [Path(spec["cwd"]), Path(spec["out"])])  # before anything is read
         refuse_code(cfg)
-        # Its executor's share of the cores, set again: a forked job's torch was set up in the server.
-        threads = os.environ.get("OMP_NUM_THREADS", "")
-        if threads.isdigit() and int(threads) > 0:
-            torch.set_num_threads(int(threads))
+        _threads_from_environment()
         caps = _archive_caps(settings)
         if settings.get("nproc", 1) > 1:
             # A dataset unpacked and decoded here, once: the ranks read the folder and the cache.
