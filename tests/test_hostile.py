@@ -655,7 +655,7 @@ def test_a_full_disk_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch)
         def check(*args, full=full, **kwargs):  # a write elsewhere (a log, metrics): the CLI's own line
             raise OSError(full, os.strerror(full), str(tmp_path / "metrics.jsonl"))
 
-        monkeypatch.setattr("dsrpipe.config.load_pipeline", check)
+        monkeypatch.setattr("dsrpipe.cli.stages.load_pipeline", check)
         result = CliRunner().invoke(app, ["check", str(tmp_path / "p.yaml")])
         assert result.exit_code == 2, result.output
         assert (
