@@ -12,7 +12,7 @@ from torch import nn
 
 from .config import Pipeline
 from .errors import UserError
-from .models import create_model
+from .models import create_model, input_size_refusal
 from .sparse.cost import channel_cost
 from .sparse.groups import floor_count, most_removable, removable_groups, unrounded_note
 
@@ -54,9 +54,7 @@ def check_input_size(model: nn.Module, example_inputs: torch.Tensor, name: str) 
     except (RuntimeError, ValueError, AssertionError, IndexError) as exc:
         shape = "x".join(map(str, example_inputs.shape[1:]))
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(
-            f"model '{name}' cannot take {shape} inputs ({reason}); set data.image_size to a size it takes"
-        ) from None
+        raise input_size_refusal(name, shape, reason) from None
     finally:
         model.train(was_training)
 

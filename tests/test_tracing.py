@@ -557,3 +557,12 @@ def test_models_take_removal_and_export_or_are_refused_at_check(name, monkeypatc
         assert each["masked_weights_zero"]
     # Untrained, some of these nets give large logits: within float rounding of their scale.
     assert got["onnx_error"] <= 1e-4 * max(1.0, got["torch_scale"])
+
+
+def test_check_refuses_a_vit_whose_patch_does_not_divide_the_side(tmp_path):
+    """torchvision's ViT asserts at build that its patch divides the side: the same line as a model
+    the images are too small for (the model matrix tries the next side on it), not a traceback."""
+    result = check(tmp_path, "vit_h_14", 64)
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: model 'vit_h_14' cannot take 1x64x64 inputs (Input shape indivisible")
+    assert result.output.strip().endswith("set data.image_size to a size it takes")

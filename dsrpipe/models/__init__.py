@@ -138,6 +138,12 @@ def list_models() -> list[str]:
     return registered + [n for n in torchvision_models.classification_model_names() if n not in registered]
 
 
+def input_size_refusal(name: str, shape: str, reason: str) -> UserError:
+    """The one line for a model that cannot take inputs of `shape` ("3x64x64"), at build or at its
+    first forward pass; `dsrpipe check` and the model matrix read its ending."""
+    return UserError(f"model '{name}' cannot take {shape} inputs ({reason}); set data.image_size to a size it takes")
+
+
 def create_model(name: str, *, num_classes: int, in_channels: int, image_size: int, **options) -> nn.Module:
     """Build model ``name`` for inputs (N, in_channels, image_size, image_size) and ``num_classes`` outputs."""
     factory, name_options, defaults = _resolve(name)
