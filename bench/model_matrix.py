@@ -56,8 +56,8 @@ from dsrpipe.deploy.export import export_onnx
 from dsrpipe.deploy.shrink import shrink_model
 from dsrpipe.errors import UserError
 from dsrpipe.preflight import check_model
-from dsrpipe.registry import build_sparsifier
 from dsrpipe.sparse.cost import model_cost
+from dsrpipe.sparsifiers import build_sparsifier
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "models"

@@ -31,12 +31,12 @@ from .config import OptimConfig, Pipeline
 from .data import Dataset
 from .errors import UserError
 from .preflight import check_input_size
-from .registry import build_sparsifier
 from .run import Run, console, load_splits
 from .rundir import COMPLETE
 from .sparse import Sparsifier
 from .sparse.cost import model_cost
 from .sparse.frozen import initial_weights
+from .sparsifiers import build_sparsifier
 from .tensorboard_log import ScalarLog
 from .trained import Checkpoint, ModelSpec
 from .trainloop import (

@@ -14,8 +14,8 @@ from dsrpipe.config import DataConfig, parse_pipeline
 from dsrpipe.deploy.shrink import shrink_model
 from dsrpipe.models import create_model
 from dsrpipe.pipeline import run_pipeline
-from dsrpipe.registry import sparsifier_options
 from dsrpipe.sparse import DSR, SET, ChannelRemoval, RewireSchedule, Sparsifier
+from dsrpipe.sparsifiers import sparsifier_options
 from dsrpipe.train import load_splits
 
 from .helpers import assert_resume_is_exact, masked_weights_are_zero, small_net, train_steps

@@ -18,7 +18,6 @@ from dsrpipe.cli import app
 from dsrpipe.data import load_data
 from dsrpipe.errors import UserError
 from dsrpipe.models import create_model
-from dsrpipe.registry import build_sparsifier
 from dsrpipe.rundir import settings_fingerprint
 from dsrpipe.sparse import (
     DeepR,
@@ -31,6 +30,7 @@ from dsrpipe.sparse import (
     split_in_units,
 )
 from dsrpipe.sparse.units import unit_size
+from dsrpipe.sparsifiers import build_sparsifier
 
 from .element_reference import lockstep
 from .helpers import assert_resume_is_exact, masked_weights_are_zero, small_net

@@ -20,8 +20,8 @@ from dsrpipe.config import methods as config_methods
 from dsrpipe.config.methods import FromScratchOptions
 from dsrpipe.errors import UserError
 from dsrpipe.models import create_model
-from dsrpipe.registry import build_sparsifier, sparsifier_options
 from dsrpipe.sparse import DSR, RewireSchedule, Sparsifier, method_options
+from dsrpipe.sparsifiers import build_sparsifier, sparsifier_options
 
 from .helpers import image_tree, write_tree
 from .test_pipeline import tiny, write_pipeline

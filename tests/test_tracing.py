@@ -30,10 +30,10 @@ from dsrpipe.deploy.export import export_onnx
 from dsrpipe.errors import UserError
 from dsrpipe.models import create_model
 from dsrpipe.preflight import check_model
-from dsrpipe.registry import build_sparsifier
 from dsrpipe.sparse import groups as channel_groups
 from dsrpipe.sparse import slicing
 from dsrpipe.sparse.groups import trace_groups
+from dsrpipe.sparsifiers import build_sparsifier
 
 from .helpers import masked_weights_are_zero, small_net
 from .test_pipeline import ROOT, tiny, write_pipeline
@@ -564,5 +564,7 @@ def test_check_refuses_a_vit_whose_patch_does_not_divide_the_side(tmp_path):
     the images are too small for (the model matrix tries the next side on it), not a traceback."""
     result = check(tmp_path, "vit_h_14", 64)
     assert result.exit_code == 2, result.output
-    assert result.output.startswith("error: model 'vit_h_14' cannot take 1x64x64 inputs (Input shape indivisible")
+    assert result.output.startswith(
+        "error: model 'vit_h_14' cannot take 1x64x64 inputs (Input shape indivisible"
+    )
     assert result.output.strip().endswith("set data.image_size to a size it takes")

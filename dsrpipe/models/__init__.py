@@ -141,7 +141,9 @@ def list_models() -> list[str]:
 def input_size_refusal(name: str, shape: str, reason: str) -> UserError:
     """The one line for a model that cannot take inputs of `shape` ("3x64x64"), at build or at its
     first forward pass; `dsrpipe check` and the model matrix read its ending."""
-    return UserError(f"model '{name}' cannot take {shape} inputs ({reason}); set data.image_size to a size it takes")
+    return UserError(
+        f"model '{name}' cannot take {shape} inputs ({reason}); set data.image_size to a size it takes"
+    )
 
 
 def create_model(name: str, *, num_classes: int, in_channels: int, image_size: int, **options) -> nn.Module:

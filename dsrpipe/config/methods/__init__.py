@@ -5,7 +5,7 @@ method is adding its file (and its test). A method from outside registers its op
 (`register_method`); a grid's runs, processes of their own, know the built-in ones only.
 
 Nothing else in dsrpipe branches on a method's name: what the pipeline needs to know of a method,
-its options class answers. dsrpipe.registry turns the options into the library's sparsifier.
+its options class answers. dsrpipe.sparsifiers turns the options into the library's sparsifier.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ class MethodOptions(Section):
     LayerSelection: `layers`)."""
 
     # The library's class that trains with the method (dsrpipe.sparse); its constructor takes the
-    # options by name (dsrpipe.registry.sparsifier_options). Each method sets it.
+    # options by name (dsrpipe.sparsifiers.sparsifier_options). Each method sets it.
     sparsifier: ClassVar[type[Sparsifier]]
     # Whether it keeps every weight (its sparsity is only a grid label, 0).
     keeps_every_weight: ClassVar[bool] = False
