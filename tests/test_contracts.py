@@ -13,6 +13,9 @@ from pathlib import Path
 import grimp
 import pytest
 import tomllib
+import typer
+
+from dsrpipe.cli import COMMANDS, app
 
 ROOT = Path(__file__).resolve().parent.parent
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
@@ -80,3 +83,20 @@ def test_predict_is_forbidden_every_dependency_but_the_three_it_runs_with():
     allowed = {m for m in third_party if {d.lower() for d in distributions[m]} & PREDICT_MAY_USE}
     assert {"onnxruntime", "numpy", "PIL", "torch"} <= third_party
     assert third_party - allowed <= set(contract["forbidden_modules"])
+
+
+def test_the_command_listing_imports_no_command_and_says_what_each_says():
+    """`dsrpipe --help` lists the commands from the root's table without importing their modules
+    (torch, seconds): each line is the first line of its command's own help, so neither drifts."""
+    code = (
+        "import sys\nfrom dsrpipe.cli import app\ntry:\n    app(['--help'], prog_name='dsrpipe')\n"
+        "except SystemExit:\n    pass\n"
+        "print(sorted(m for m in sys.modules if m.startswith('dsrpipe.cli.') or m == 'torch'))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout + result.stderr
+    commands = typer.main.get_group(app).commands
+    for name, (_, line) in COMMANDS.items():
+        assert commands[name].help.splitlines()[0] == line, name

@@ -1,8 +1,8 @@
 """The `dsrpipe` command: a thin shell over the Python API, its commands in modules by what they
 load. A command's module is imported when the command is named (click's lazily loaded
 subcommands), so that each command loads what it runs and nothing more: `watch` and `status` (the
-daemon) and `predict` (the deployer's side) never import torch; `dsrpipe --help` imports them
-all, to list them.
+daemon) and `predict` (the deployer's side) never import torch, and `dsrpipe --help` imports none
+of them.
 
     stages.py    run and its stages (train-sparse, finetune, export, validate), check, models
     predict.py   predict: onnxruntime, numpy and Pillow
@@ -22,20 +22,21 @@ from typer.core import TyperCommand, TyperGroup
 
 from .. import __version__
 
-# Every command, in the order `dsrpipe --help` lists them, and the module of this package that
-# defines it (its `app`).
+# Every command, in the order `dsrpipe --help` lists them: the module of this package that defines
+# it (its `app`), and the line the listing shows, so that listing them imports none (as pip's own
+# command table does). A test holds each line to the first line of its command's own help.
 COMMANDS = {
-    "run": "stages",
-    "train-sparse": "stages",
-    "finetune": "stages",
-    "export": "stages",
-    "validate": "stages",
-    "predict": "predict",
-    "check": "stages",
-    "models": "stages",
-    "compare": "compare",
-    "watch": "watch",
-    "status": "watch",
+    "run": ("stages", "Run every stage: train-sparse, finetune, export, validate."),
+    "train-sparse": ("stages", "Train from scratch with the configured sparse method (DSR by default)."),
+    "finetune": ("stages", "Fine-tune the trained model with its masks frozen."),
+    "export": ("stages", "Export the trained model to a sparse ONNX file."),
+    "validate": ("stages", "Measure the exported model with onnxruntime and write report.json."),
+    "predict": ("predict", "Classify images with an exported model (onnxruntime, numpy and Pillow only)."),
+    "check": ("stages", "Validate a pipeline YAML without running it."),
+    "models": ("stages", "List the model names dsrpipe knows."),
+    "compare": ("compare", "Run a grid of pipelines and tabulate top-1 against non-zero parameters."),
+    "watch": ("watch", "Watch a drop folder: run each pipeline YAML or dataset dropped there, exactly once."),
+    "status": ("watch", "List the jobs of a watched drop folder and their states."),
 }
 
 
@@ -49,7 +50,7 @@ class _Commands(Mapping):
     """The root's commands by name: a command's module is imported when the command is looked up."""
 
     def __getitem__(self, name: str) -> TyperCommand:
-        return _commands_of(COMMANDS[name])[name]
+        return _commands_of(COMMANDS[name][0])[name]
 
     def __iter__(self) -> Iterator[str]:
         return iter(COMMANDS)
@@ -62,6 +63,22 @@ class _Root(TyperGroup):
     def __init__(self, **attrs):
         super().__init__(**attrs)
         self.commands = _Commands()
+        self._listing = False
+
+    def format_help(self, ctx, formatter) -> None:
+        self._listing = True  # the listing shows each command's line from COMMANDS
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            self._listing = False
+
+    def list_commands(self, ctx) -> list[str]:
+        return list(COMMANDS)  # typer's lists the commands' items, which imports their modules
+
+    def get_command(self, ctx, cmd_name: str):
+        if self._listing and cmd_name in COMMANDS:
+            return TyperCommand(cmd_name, help=COMMANDS[cmd_name][1])
+        return super().get_command(ctx, cmd_name)
 
 
 app = typer.Typer(
