@@ -54,6 +54,7 @@ from torchvision.models import get_model_weights
 from dsrpipe.config import parse_pipeline
 from dsrpipe.deploy.export import export_onnx
 from dsrpipe.deploy.shrink import shrink_model
+from dsrpipe.deploy.validate import agreeing
 from dsrpipe.errors import UserError
 from dsrpipe.preflight import check_model
 from dsrpipe.sparse.cost import model_cost
@@ -198,7 +199,7 @@ def onnx_parity(shrunk, summary: dict, path: Path, side: int) -> dict:
     return {
         "params_after": summary["params_after"],
         "macs_after": summary["macs_after"],
-        "agreement": float((got.argmax(1) == expected.argmax(1)).mean()),
+        "agreement": float(agreeing(got, expected).mean()),  # as validate counts it: ties agree
         "max_dlogit": float(np.abs(got - expected).max()),
         "logit_scale": float(np.abs(expected).max()),
     }

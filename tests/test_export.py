@@ -21,7 +21,7 @@ from dsrpipe.deploy.encoding import decoded_weights, encode_weights
 from dsrpipe.deploy.export import IR_VERSION_FLOOR, export_onnx
 from dsrpipe.deploy.predict import open_session
 from dsrpipe.deploy.quantize import PORTABLE_MAX, check_portable_range, check_zeros_quantized, int8_weights
-from dsrpipe.deploy.validate import validate_onnx
+from dsrpipe.deploy.validate import agreeing, validate_onnx
 from dsrpipe.errors import EXIT_VALIDATION, UserError, ValidationFailed
 from dsrpipe.machine import CPU_FLAGS, cpu_features
 
@@ -308,6 +308,16 @@ def test_failed_export_leaves_previous_file_intact(tmp_path):
     assert path.read_bytes() == b"previous model"
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # no temp file left behind
     assert model.training  # the caller's mode is restored
+
+
+def test_a_numerical_tie_agrees_and_a_swap_or_a_nan_does_not():
+    """Agreement of ONNX with torch, per image: the same class, or a swap within float32's noise
+    (torch's top two 1e-8 apart); never a real swap, nor a NaN."""
+    torch_logits = np.array([[1.0, 1.0 + 1e-8, 0.0], [1.0, 2.0, 0.0], [1.0, 2.0, 0.0], [1.0, 2.0, 0.0]])
+    onnx_logits = np.array([[1.0 + 2e-8, 1.0, 0.0], [2.0, 1.0, 0.0], [1.0, 2.0, 0.1], [np.nan, 2.0, 0.0]])
+    assert agreeing(onnx_logits, torch_logits).tolist() == [True, False, True, False]
+    # Past float32's noise, a swap however small: torch's top two 1e-4 apart.
+    assert not agreeing(np.array([[1.0 + 1e-4, 1.0 + 1e-4 - 1e-6]]), np.array([[1.0, 1.0 + 1e-4]]))[0]
 
 
 def test_validate_reports_agreement_and_enforces_thresholds(exported, test_set):
