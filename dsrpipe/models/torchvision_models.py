@@ -46,9 +46,8 @@ def build_torchvision_model(
         )
     except TypeError as e:
         raise UserError(f"bad options for model '{name}': {e}") from None
-    except (
-        AssertionError
-    ) as e:  # a ViT whose patch size does not divide the side: at build, before check's forward
+    # A ViT whose patch size does not divide the side asserts so at build, before check's forward.
+    except AssertionError as e:
         raise input_size_refusal(name, f"{in_channels}x{image_size}x{image_size}", str(e)) from None
     if isinstance(model, torchvision.models.ResNet) and image_size <= 64:
         # The usual CIFAR stem: ImageNet's 7x7/2 conv and 3x3/2 max pool would leave a 32x32 input 1x1 by
