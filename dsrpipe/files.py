@@ -196,9 +196,12 @@ def take_lock(path: str | os.PathLike, busy: Callable[[str], str]) -> IO:
 
 
 def release_lock(lock: IO) -> None:
-    """Let go of a lock taken by `take_lock`, its pid cleared first: no stale pid for anyone."""
+    """Let go of a lock taken by `take_lock` or `exclusive_lock`, its pid cleared first: no stale
+    pid for anyone. Unlocked before it is closed: a process forked while it was held shares the
+    lock, and closing our copy alone would leave it held."""
     try:
         lock.truncate(0)
+        fcntl.flock(lock, fcntl.LOCK_UN)
     finally:
         lock.close()
 

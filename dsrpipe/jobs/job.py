@@ -21,7 +21,7 @@ from ..data import ArchiveCaps
 from ..errors import EXIT_BUSY, EXIT_DISK_FULL, UserError
 from ..executors import launch
 from ..executors.base import JobSpec
-from ..files import exclusive_lock, shown
+from ..files import exclusive_lock, release_lock, shown
 from ..models.user_models import names_code
 from ..outcome import ending
 from ..pipeline import run_stages
@@ -55,7 +55,7 @@ def job_main(job_dir: Path, settings: dict[str, Any] | None = None) -> int:
     settings = settings or {}
     spec = json.loads((job_dir / "job.json").read_text())
     try:
-        lock = exclusive_lock(job_dir / "job.lock")  # held until this process ends, however it ends
+        lock = exclusive_lock(job_dir / "job.lock")
     except OSError as exc:
         if files.disk_full(exc):  # no room for its pid
             return EXIT_DISK_FULL
@@ -63,6 +63,16 @@ def job_main(job_dir: Path, settings: dict[str, Any] | None = None) -> int:
     if lock is None:
         print("error: another process is running this job", file=sys.stderr, flush=True)
         return EXIT_BUSY
+    try:
+        return _run_job(job_dir, spec, settings)
+    finally:
+        # Now, not when the file object is collected: a reference cycle kept it (and the lock) until
+        # the cyclic collector ran. Had the process died, the kernel would have let go of it.
+        release_lock(lock)
+
+
+def _run_job(job_dir: Path, spec: dict, settings: dict[str, Any]) -> int:
+    """The job itself, its lock held: its exit code, its cause written to cause.txt."""
     stopping.install()  # stop between two steps, or after an import; epochs are checkpointed
     os.chdir(spec["cwd"])  # a pipeline's relative paths are relative to the drop folder
     try:
