@@ -16,6 +16,7 @@ import tomllib
 import typer
 
 from dsrpipe.cli import COMMANDS, app
+from dsrpipe.cli.common import SUMMARIES
 
 ROOT = Path(__file__).resolve().parent.parent
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
@@ -86,17 +87,18 @@ def test_predict_is_forbidden_every_dependency_but_the_three_it_runs_with():
 
 
 def test_the_command_listing_imports_no_command_and_says_what_each_says():
-    """`dsrpipe --help` lists the commands from the root's table without importing their modules
-    (torch, seconds): each line is the first line of its command's own help, so neither drifts."""
+    """`dsrpipe --help` lists the commands without importing their modules (torch, seconds), from
+    common.SUMMARIES, where every command takes its own help from: neither drifts."""
     code = (
-        "import sys\nfrom dsrpipe.cli import app\ntry:\n    app(['--help'], prog_name='dsrpipe')\n"
+        "import sys\nfrom dsrpipe.cli import COMMANDS, app\ntry:\n    app(['--help'], prog_name='dsrpipe')\n"
         "except SystemExit:\n    pass\n"
-        "print(sorted(m for m in sys.modules if m.startswith('dsrpipe.cli.') or m == 'torch'))"
+        "print(sorted(({f'dsrpipe.cli.{m}' for m in COMMANDS.values()} | {'torch'}) & set(sys.modules)))"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT
     )
     assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout + result.stderr
     commands = typer.main.get_group(app).commands
-    for name, (_, line) in COMMANDS.items():
+    assert set(SUMMARIES) == set(COMMANDS)
+    for name, line in SUMMARIES.items():
         assert commands[name].help.splitlines()[0] == line, name

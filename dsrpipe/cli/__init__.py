@@ -21,22 +21,22 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from .. import __version__
+from .common import SUMMARIES
 
-# Every command, in the order `dsrpipe --help` lists them: the module of this package that defines
-# it (its `app`), and the line the listing shows, so that listing them imports none (as pip's own
-# command table does). A test holds each line to the first line of its command's own help.
+# Every command, in the order `dsrpipe --help` lists them, and the module of this package that
+# defines it (its `app`). The listing shows each one's line from common.SUMMARIES.
 COMMANDS = {
-    "run": ("stages", "Run every stage: train-sparse, finetune, export, validate."),
-    "train-sparse": ("stages", "Train from scratch with the configured sparse method (DSR by default)."),
-    "finetune": ("stages", "Fine-tune the trained model with its masks frozen."),
-    "export": ("stages", "Export the trained model to a sparse ONNX file."),
-    "validate": ("stages", "Measure the exported model with onnxruntime and write report.json."),
-    "predict": ("predict", "Classify images with an exported model (onnxruntime, numpy and Pillow only)."),
-    "check": ("stages", "Validate a pipeline YAML without running it."),
-    "models": ("stages", "List the model names dsrpipe knows."),
-    "compare": ("compare", "Run a grid of pipelines and tabulate top-1 against non-zero parameters."),
-    "watch": ("watch", "Watch a drop folder: run each pipeline YAML or dataset dropped there, exactly once."),
-    "status": ("watch", "List the jobs of a watched drop folder and their states."),
+    "run": "stages",
+    "train-sparse": "stages",
+    "finetune": "stages",
+    "export": "stages",
+    "validate": "stages",
+    "predict": "predict",
+    "check": "stages",
+    "models": "stages",
+    "compare": "compare",
+    "watch": "watch",
+    "status": "watch",
 }
 
 
@@ -50,7 +50,7 @@ class _Commands(Mapping):
     """The root's commands by name: a command's module is imported when the command is looked up."""
 
     def __getitem__(self, name: str) -> TyperCommand:
-        return _commands_of(COMMANDS[name][0])[name]
+        return _commands_of(COMMANDS[name])[name]
 
     def __iter__(self) -> Iterator[str]:
         return iter(COMMANDS)
@@ -66,7 +66,7 @@ class _Root(TyperGroup):
         self._listing = False
 
     def format_help(self, ctx, formatter) -> None:
-        self._listing = True  # the listing shows each command's line from COMMANDS
+        self._listing = True  # the listing shows each command's line from SUMMARIES
         try:
             super().format_help(ctx, formatter)
         finally:
@@ -77,7 +77,7 @@ class _Root(TyperGroup):
 
     def get_command(self, ctx, cmd_name: str):
         if self._listing and cmd_name in COMMANDS:
-            return TyperCommand(cmd_name, help=COMMANDS[cmd_name][1])
+            return TyperCommand(cmd_name, help=SUMMARIES[cmd_name])
         return super().get_command(ctx, cmd_name)
 
 

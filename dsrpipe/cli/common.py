@@ -1,5 +1,5 @@
-"""What the commands share: the one-line ending of a command (`user_errors`), and the options
-that more than one command takes: the output folder, the processes per run, and the executor
+"""What the commands share: their one-line summaries, the one-line ending of a command
+(`user_errors`), and the options that more than one command takes: the output folder, the processes per run, and the executor
 option group of compare and watch. Torch-free: watch and status import it."""
 
 from __future__ import annotations
@@ -15,6 +15,22 @@ from .. import stopping
 from ..executors import ExecutorOptions
 from ..outcome import ending
 from ..quantities import parse_duration, parse_size
+
+# Each command's one line: the first line of its own --help, and its line in `dsrpipe --help`, which
+# lists the commands from here without importing their modules (as pip's command table does).
+SUMMARIES = {
+    "run": "Run every stage: train-sparse, finetune, export, validate.",
+    "train-sparse": "Train from scratch with the configured sparse method (DSR by default).",
+    "finetune": "Fine-tune the trained model with its masks frozen.",
+    "export": "Export the trained model to a sparse ONNX file.",
+    "validate": "Measure the exported model with onnxruntime and write report.json.",
+    "predict": "Classify images with an exported model (onnxruntime, numpy and Pillow only).",
+    "check": "Validate a pipeline YAML without running it.",
+    "models": "List the model names dsrpipe knows.",
+    "compare": "Run a grid of pipelines and tabulate top-1 against non-zero parameters.",
+    "watch": "Watch a drop folder: run each pipeline YAML or dataset dropped there, exactly once.",
+    "status": "List the jobs of a watched drop folder and their states.",
+}
 
 OutOption = typer.Option(Path("export"), "--out", "-o", help="Where <name>/model.onnx and report.json go.")
 NprocOption = typer.Option(

@@ -9,6 +9,7 @@ import typer
 from ..compare import run_grid
 from ..errors import UserError
 from .common import (
+    SUMMARIES,
     AddressOption,
     CpusOption,
     ExecutorOption,
@@ -33,7 +34,7 @@ DryRunOption = typer.Option(
 )
 
 
-@app.command()
+@app.command(help=SUMMARIES["compare"])
 @user_errors
 def compare(
     grid: Path = GridArg,
@@ -49,7 +50,6 @@ def compare(
     partition: str = PartitionOption,
     dry_run: bool = DryRunOption,
 ):
-    """Run a grid of pipelines and tabulate top-1 against non-zero parameters."""
     cluster = executor_options(
         executor, address, gpus_per_job, cpus_per_job, job_memory, job_timeout, partition, dry_run
     )

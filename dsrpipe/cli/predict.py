@@ -9,12 +9,12 @@ import typer
 from ..contract import MAX_IMAGE_SIZE
 from ..deploy.predict import format_predictions
 from ..deploy.predict import predict as classify
-from .common import user_errors
+from .common import SUMMARIES, user_errors
 
 app = typer.Typer()
 
 
-@app.command()
+@app.command(help=SUMMARIES["predict"])
 @user_errors
 def predict(
     model: Path = typer.Argument(..., help="An exported model.onnx.", show_default=False),
@@ -28,5 +28,4 @@ def predict(
         "(the default, data.image_size's bound).",
     ),
 ):
-    """Classify images with an exported model (onnxruntime, numpy and Pillow only)."""
     typer.echo(format_predictions(classify(model, images, top_k, max_side)))

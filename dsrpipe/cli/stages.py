@@ -21,7 +21,7 @@ from ..pipeline import run_stages
 from ..preflight import check_model
 from ..run import Run
 from ..train import finetune_stage, train_stage
-from .common import OutOption, user_errors
+from .common import SUMMARIES, OutOption, user_errors
 
 app = typer.Typer()
 
@@ -50,7 +50,7 @@ def _owned(pipeline: Path, out: Path, overrides: list[str]) -> Iterator[tuple[Ru
             yield pipeline_run, where.main
 
 
-@app.command()
+@app.command(help=SUMMARIES["run"])
 @user_errors
 def run(
     pipeline: Path = PipelineArg,
@@ -59,18 +59,17 @@ def run(
     force: bool = ForceOption,
     progress: bool = ProgressOption,
 ):
-    """Run every stage: train-sparse, finetune, export, validate."""
     with _owned(pipeline, out, overrides) as (pipeline_run, main):
         run_stages(pipeline_run, force=force, progress=progress)
     if main:
         typer.echo(str(pipeline_run.dir.onnx))
 
 
-def _training_command(name: str, summary: str, stage: Callable[..., Path]) -> None:
+def _training_command(name: str, stage: Callable[..., Path]) -> None:
     """A command that trains (train-sparse, finetune): every rank under torchrun, rank 0 owning
     the run."""
 
-    @app.command(name, help=summary)
+    @app.command(name, help=SUMMARIES[name])
     @user_errors
     def command(
         pipeline: Path = PipelineArg,
@@ -86,11 +85,11 @@ def _training_command(name: str, summary: str, stage: Callable[..., Path]) -> No
             typer.echo(str(final))
 
 
-def _deploy_command(name: str, summary: str, stage: Callable[..., Path]) -> None:
+def _deploy_command(name: str, stage: Callable[..., Path]) -> None:
     """A command that works on the trained model (export, validate): rank 0's alone, under the
     run's lock; prints what `stage` returns."""
 
-    @app.command(name, help=summary)
+    @app.command(name, help=SUMMARIES[name])
     @user_errors
     def command(
         pipeline: Path = PipelineArg,
@@ -111,18 +110,15 @@ def _validate(pipeline_run: Run, *, force: bool) -> Path:
     return pipeline_run.dir.report
 
 
-_training_command(
-    "train-sparse", "Train from scratch with the configured sparse method (DSR by default).", train_stage
-)
-_training_command("finetune", "Fine-tune the trained model with its masks frozen.", finetune_stage)
-_deploy_command("export", "Export the trained model to a sparse ONNX file.", export_stage)
-_deploy_command("validate", "Measure the exported model with onnxruntime and write report.json.", _validate)
+_training_command("train-sparse", train_stage)
+_training_command("finetune", finetune_stage)
+_deploy_command("export", export_stage)
+_deploy_command("validate", _validate)
 
 
-@app.command()
+@app.command(help=SUMMARIES["check"])
 @user_errors
 def check(pipeline: Path = PipelineArg, overrides: list[str] = SetOption):
-    """Validate a pipeline YAML without running it."""
     cfg = _load(pipeline, overrides)
     check_model(cfg, note=lambda m: typer.echo(f"note: {m}", err=True))
     typer.echo(
@@ -131,7 +127,6 @@ def check(pipeline: Path = PipelineArg, overrides: list[str] = SetOption):
     )
 
 
-@app.command()
+@app.command(help=SUMMARIES["models"])
 def models():
-    """List the model names dsrpipe knows."""
     typer.echo("\n".join(list_models()))

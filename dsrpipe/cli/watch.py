@@ -11,6 +11,7 @@ from ..quantities import parse_size
 from ..watch import WatchOptions, status_report
 from ..watch import watch as run_watch
 from .common import (
+    SUMMARIES,
     AddressOption,
     CpusOption,
     ExecutorOption,
@@ -48,7 +49,7 @@ MaxFilesOption = typer.Option(
 )
 
 
-@app.command()
+@app.command(help=SUMMARIES["watch"])
 @user_errors
 def watch(
     drop_dir: Path = DropArg,
@@ -70,7 +71,6 @@ def watch(
     job_timeout: str = JobTimeoutOption,
     partition: str = PartitionOption,
 ):
-    """Watch a drop folder: run each pipeline YAML or dataset dropped there, exactly once."""
     chosen = executor_options(
         executor, address, gpus_per_job, cpus_per_job, job_memory, job_timeout, partition
     )
@@ -92,11 +92,10 @@ def watch(
     )
 
 
-@app.command()
+@app.command(help=SUMMARIES["status"])
 @user_errors
 def status(
     drop_dir: Path = typer.Argument(..., help="A drop folder served by `dsrpipe watch`.", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Print the journal as JSON."),
 ):
-    """List the jobs of a watched drop folder and their states."""
     typer.echo(status_report(drop_dir, as_json=as_json))
