@@ -225,12 +225,12 @@ def agreeing(onnx_logits: np.ndarray, torch_logits: np.ndarray) -> np.ndarray:
     scores ONNX's class within float32's noise of its own top class (TIE_TOLERANCE of the logits'
     scale; an untrained model often scores two classes 1e-8 apart). Never where a logit is NaN or
     infinite."""
-    diff = np.abs(onnx_logits - torch_logits).max(1)
+    finite = np.isfinite(onnx_logits).all(1) & np.isfinite(torch_logits).all(1)
     rows = np.arange(len(torch_logits))
     top = torch_logits[rows, torch_logits.argmax(1)]
     gap = top - torch_logits[rows, onnx_logits.argmax(1)]
     tie = gap <= TIE_TOLERANCE * np.maximum(1.0, np.abs(top))
-    return np.isfinite(diff) & ((onnx_logits.argmax(1) == torch_logits.argmax(1)) | tie)
+    return finite & ((onnx_logits.argmax(1) == torch_logits.argmax(1)) | tie)
 
 
 def _nonfinite_rows(logits: np.ndarray) -> int:
