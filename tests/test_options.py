@@ -20,6 +20,7 @@ from dsrpipe.config import methods as config_methods
 from dsrpipe.config.methods import FromScratchOptions
 from dsrpipe.errors import UserError
 from dsrpipe.models import create_model
+from dsrpipe.rundir import settings_fingerprint
 from dsrpipe.sparse import DSR, RewireSchedule, Sparsifier, method_options
 from dsrpipe.sparsifiers import build_sparsifier, sparsifier_options
 
@@ -433,6 +434,24 @@ def test_a_grids_relative_paths_and_override_errors(tmp_path, monkeypatch):
         UserError, match=r"train.epochs: Input should be greater .* \(from overrides.dsr: train.epochs\)$"
     ):
         plan({"dsr": {"train.epochs": -3}})
+
+
+def test_a_grid_named_relatively_or_absolutely_plans_the_same_runs(tmp_path, monkeypatch):
+    """Its runs' settings, and so their fingerprints, do not depend on how the grid file is named:
+    another spelling would make every finished run stale, and `compare` would start them over."""
+    folder = tmp_path / "grids"
+    write_tree(folder / "images", image_tree())
+    grid = {"name": "g", "base": {"data": {"dataset": "imagefolder", "root": "images"}}, "methods": ["dsr"],
+            "sparsities": [0.9], "variants": {"other": {"method": "dsr", "settings": {"data.root": "images"}}}}  # fmt: skip
+    grid["methods"].append("other")
+    (folder / "grid.yaml").write_text(yaml.safe_dump(grid))
+    monkeypatch.chdir(tmp_path)
+
+    def fingerprints(path):
+        runs = compare_module.plan_runs(*compare_module.load_grid(path), tmp_path / "runs")
+        return [settings_fingerprint(run.cfg, "train") for run in runs]
+
+    assert fingerprints(Path("grids/grid.yaml")) == fingerprints(folder / "grid.yaml")
 
 
 def test_a_grid_override_of_a_whole_section_merges_into_the_base(tmp_path):

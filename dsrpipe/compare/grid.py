@@ -198,6 +198,10 @@ def load_grid(path: str | Path) -> tuple[Grid, str, dict[str, Any]]:
     name = grid.name or path.stem
     if grid.name is None and not re.fullmatch(SAFE_NAME, name):
         raise UserError(f"{path}: the file name '{name}' is no safe folder name: set name: in the grid")
+    # The grid's relative paths are written out from the same folder however the grid is named
+    # (`grids/g.yaml` or `/home/me/grids/g.yaml`): they are settings, so another spelling would make
+    # every finished run's fingerprint stale, and `compare` would start the runs over.
+    folder = path.absolute().parent
     if isinstance(grid.base, str):
         base_path = (path.parent / grid.base) if not Path(grid.base).is_absolute() else Path(grid.base)
         # base: may name any file this process can read: its errors never quote it.
@@ -206,15 +210,13 @@ def load_grid(path: str | Path) -> tuple[Grid, str, dict[str, Any]]:
             raise UserError(f"{base_path}: expected a mapping of settings at the top level")
         _refuse_code(base, base_path)
     else:
-        base = _from_folder(grid.base, path.parent)
+        base = _from_folder(grid.base, folder)
     grid.overrides = {
-        method: {key: _resolved(key, value, path.parent) for key, value in settings.items()}
+        method: {key: _resolved(key, value, folder) for key, value in settings.items()}
         for method, settings in grid.overrides.items()
     }
     for variant in grid.variants.values():
-        variant.settings = {
-            key: _resolved(key, value, path.parent) for key, value in variant.settings.items()
-        }
+        variant.settings = {key: _resolved(key, value, folder) for key, value in variant.settings.items()}
     return grid, name, base
 
 
