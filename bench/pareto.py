@@ -5,7 +5,9 @@ Two models, each a `dsrpipe compare` grid in bench/grids/ (so a grid resumes whe
 over as many sittings as it takes): plain-cnn (six 3x3 convs, VGG-style) and wrn-10-2 (residual).
 Rows, two seeds each: dense; thin dense at three widths; prune-channels from the dense run at
 latency targets 0.5 and 0.3 of dense; dsrpipe (DSR with channel removal to the same latency
-targets) speed first (`dense_inside: true`) and smallest file. From the project root:
+targets) speed first (`dense_inside: true`) and smallest file; and on plain-cnn, speed first at
+latency 0.5 in 6 epochs (`fast-50-short`), about the training cost of thin dense at that latency.
+From the project root:
 
     python bench/pareto.py run plain-cnn          # or wrn-10-2; runs/resumes its grid
     python bench/pareto.py report                 # the table, the JSON rows and the two plots
@@ -224,7 +226,7 @@ def comparison(groups: list[dict]) -> list[str]:
         thin = thin_at(groups, g["model"], g["latency_ratio"])
         thin_seconds = thin_at(groups, g["model"], g["latency_ratio"], "train_seconds")
         thin_macs = thin_at(groups, g["model"], g["latency_ratio"], "train_mac_images")
-        prune = by_row.get((g["model"], "prune-" + g["row"].split("-", 1)[1]))
+        prune = by_row.get((g["model"], "prune-" + g["row"].split("-")[1]))  # the same latency target
         cells = [
             f"{100 * g['top1']:.2f} ± {100 * g['top1_std']:.2f}",
             f"{g['latency_ratio']:.3f}",
