@@ -3,7 +3,7 @@ dsrpipe's fast model beat the obvious alternative, a uniformly thinner dense net
 
 Two models, each a `dsrpipe compare` grid in bench/grids/ (so a grid resumes where it stopped,
 over as many sittings as it takes): plain-cnn (six 3x3 convs, VGG-style) and wrn-10-2 (residual).
-Rows, two seeds each: dense; thin dense at three widths; prune-channels from the dense run at
+Rows, two seeds each: dense; thin dense at four widths; prune-channels from the dense run at
 latency targets 0.5 and 0.3 of dense; dsrpipe (DSR with channel removal to the same latency
 targets) speed first (`dense_inside: true`) and smallest file; and on plain-cnn, speed first at
 latency 0.5 in 6 epochs (`fast-50-short`), about the training cost of thin dense at that latency.
