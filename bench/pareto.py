@@ -210,14 +210,19 @@ def thin_at(groups: list[dict], model: str, latency: float, key: str = "top1") -
     return float(np.interp(latency, xs, ys))
 
 
+def ratio(over: float | None, under: float | None) -> str:
+    return f"{over / under:.2f}×" if over and under else ""
+
+
 def comparison(groups: list[dict]) -> list[str]:
     """Per dsrpipe row: its lead over thin dense and over prune-channels at the same target, and
     its training cost over thin dense's: in wall time, and in MACs × images (what the arithmetic
-    cost, which another process on the machine does not change)."""
+    cost, which another process on the machine does not change); and what prune-channels cost to
+    train in MACs × images, the dense run it starts from included, over this row's."""
     lines = [
         "| model | row | top-1 | latency (of dense) | thin dense there | lead | prune-channels, same target | lead "
-        "| train time / thin's | train MACs / thin's |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| train time / thin's | train MACs / thin's | prune's train MACs (with its dense run) / this row's |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     by_row = {(g["model"], g["row"]): g for g in groups}
     for g in groups:
@@ -227,6 +232,12 @@ def comparison(groups: list[dict]) -> list[str]:
         thin_seconds = thin_at(groups, g["model"], g["latency_ratio"], "train_seconds")
         thin_macs = thin_at(groups, g["model"], g["latency_ratio"], "train_mac_images")
         prune = by_row.get((g["model"], "prune-" + g["row"].split("-")[1]))  # the same latency target
+        dense = by_row.get((g["model"], "dense"))
+        prune_macs = (
+            prune["train_mac_images"] + dense["train_mac_images"]
+            if prune and dense and prune["train_mac_images"] and dense["train_mac_images"]
+            else None
+        )
         cells = [
             f"{100 * g['top1']:.2f} ± {100 * g['top1_std']:.2f}",
             f"{g['latency_ratio']:.3f}",
@@ -234,8 +245,9 @@ def comparison(groups: list[dict]) -> list[str]:
             "outside the thin widths" if thin is None else f"{100 * (g['top1'] - thin):+.2f} pts",
             "" if prune is None else f"{100 * prune['top1']:.2f} ± {100 * prune['top1_std']:.2f}",
             "" if prune is None else f"{100 * (g['top1'] - prune['top1']):+.2f} pts",
-            "" if not thin_seconds else f"{g['train_seconds'] / thin_seconds:.2f}×",
-            "" if not thin_macs or not g["train_mac_images"] else f"{g['train_mac_images'] / thin_macs:.2f}×",
+            ratio(g["train_seconds"], thin_seconds),
+            ratio(g["train_mac_images"], thin_macs),
+            ratio(prune_macs, g["train_mac_images"]),
         ]
         lines.append(f"| {g['model']} | {g['row']} | " + " | ".join(cells) + " |")
     return lines
