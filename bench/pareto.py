@@ -44,11 +44,12 @@ ROOT = Path(__file__).resolve().parent.parent
 GRIDS = {name: ROOT / "bench" / "grids" / f"pareto-{name}.yaml" for name in ("plain-cnn", "wrn-10-2")}
 RUNS = ROOT / "bench" / "results" / "pareto" / "runs"
 OUT = ROOT / "bench" / "results" / "pareto"
-FAMILIES = {  # row prefix -> what the table and the plots call it
+FAMILIES = {  # a row's family (its name without the target) -> what the table and the plots call it
     "dense": "dense",
     "thin": "thin dense (trained directly)",
     "prune": "prune-channels from dense",
     "fast": "dsrpipe, speed first",
+    "fast-short": "dsrpipe, speed first, 6 epochs (about thin's train MACs)",
     "small": "dsrpipe, smallest file",
 }
 # Re-timing every model of a grid together: runs of each, and onnxruntime threads (one: the
@@ -58,7 +59,8 @@ QUICK = {"epochs": 2, "end_epoch": 1, "stop_rewire_epoch": 1, "milestones": [1]}
 
 
 def family(row: str) -> str:
-    return row.split("-")[0]
+    """The row's name without its target: fast-50 -> fast, fast-50-short -> fast-short."""
+    return "-".join(part for part in row.split("-") if not part.isdigit())
 
 
 def quick_grid(grid: dict) -> dict:
@@ -226,7 +228,7 @@ def comparison(groups: list[dict]) -> list[str]:
     ]
     by_row = {(g["model"], g["row"]): g for g in groups}
     for g in groups:
-        if g["family"] not in ("fast", "small"):
+        if g["family"] not in ("fast", "fast-short", "small"):
             continue
         thin = thin_at(groups, g["model"], g["latency_ratio"])
         thin_seconds = thin_at(groups, g["model"], g["latency_ratio"], "train_seconds")
@@ -276,7 +278,7 @@ def plots(groups: list[dict], folder: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = sorted({g["model"] for g in groups})
-    markers = dict(zip(FAMILIES, "o^vsD"))
+    markers = dict(zip(FAMILIES, "o^vsPD"))
     for name, key, label in (
         (
             "accuracy-vs-latency.png",
