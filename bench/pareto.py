@@ -6,7 +6,8 @@ over as many sittings as it takes): plain-cnn (six 3x3 convs, VGG-style) and wrn
 Rows, two seeds each: dense; thin dense at four widths; prune-channels from the dense run at
 latency targets 0.5 and 0.3 of dense; dsrpipe (DSR with channel removal to the same latency
 targets) speed first (`dense_inside: true`) and smallest file; and on plain-cnn, speed first at
-latency 0.5 in 6 epochs (`fast-50-short`), about the training cost of thin dense at that latency.
+latency 0.5 in 6 epochs (`fast-50-short`, about the training cost of thin dense at that latency)
+and in 15 (`fast-50-long`, the epochs of prune-channels with its dense run).
 From the project root:
 
     python bench/pareto.py run plain-cnn          # or wrn-10-2; runs/resumes its grid
@@ -50,6 +51,7 @@ FAMILIES = {  # a row's family (its name without the target) -> what the table a
     "prune": "prune-channels from dense",
     "fast": "dsrpipe, speed first",
     "fast-short": "dsrpipe, speed first, 6 epochs (about thin's train MACs)",
+    "fast-long": "dsrpipe, speed first, 15 epochs (prune-channels' with its dense run)",
     "small": "dsrpipe, smallest file",
 }
 # Re-timing every model of a grid together: runs of each, and onnxruntime threads (one: the
@@ -228,7 +230,7 @@ def comparison(groups: list[dict]) -> list[str]:
     ]
     by_row = {(g["model"], g["row"]): g for g in groups}
     for g in groups:
-        if g["family"] not in ("fast", "fast-short", "small"):
+        if g["family"] not in ("fast", "fast-short", "fast-long", "small"):
             continue
         thin = thin_at(groups, g["model"], g["latency_ratio"])
         thin_seconds = thin_at(groups, g["model"], g["latency_ratio"], "train_seconds")
@@ -278,7 +280,7 @@ def plots(groups: list[dict], folder: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = sorted({g["model"] for g in groups})
-    markers = dict(zip(FAMILIES, "o^vsPD"))
+    markers = dict(zip(FAMILIES, "o^vsPXD"))
     for name, key, label in (
         (
             "accuracy-vs-latency.png",
