@@ -441,9 +441,13 @@ def test_a_grid_named_relatively_or_absolutely_plans_the_same_runs(tmp_path, mon
     another spelling would make every finished run stale, and `compare` would start them over."""
     folder = tmp_path / "grids"
     write_tree(folder / "images", image_tree())
-    grid = {"name": "g", "base": {"data": {"dataset": "imagefolder", "root": "images"}}, "methods": ["dsr"],
-            "sparsities": [0.9], "variants": {"other": {"method": "dsr", "settings": {"data.root": "images"}}}}  # fmt: skip
-    grid["methods"].append("other")
+    grid = {
+        "name": "g",
+        "base": {"data": {"dataset": "imagefolder", "root": "images"}},  # an inline base's path
+        "methods": ["dsr", "other"],
+        "sparsities": [0.9],
+        "variants": {"other": {"method": "dsr", "settings": {"data.root": "images"}}},  # a variant's
+    }
     (folder / "grid.yaml").write_text(yaml.safe_dump(grid))
     monkeypatch.chdir(tmp_path)
 
