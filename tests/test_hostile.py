@@ -1,6 +1,7 @@
 """Hostile input through the real CLI: files that would run code, absurd values, broken YAML,
 two processes on one run. Each must end in one line and exit 2, with no side effect."""
 
+import ast
 import contextlib
 import copy
 import os
@@ -90,6 +91,41 @@ def small_run(tmp_path, sparsity=None, **sections):
 
 
 # -- checkpoints: never unpickled ------------------------------------------------------------------
+
+
+def unpickling_calls(source: str) -> list[str]:
+    """The calls in `source` that would unpickle what they read: torch.load without a literal
+    weights_only=True, and pickle.load or pickle.loads."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+            continue
+        owner, name = ast.unparse(node.func.value), node.func.attr
+        data_only = any(
+            k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+            for k in node.keywords
+        )
+        torch_unpickling = (owner, name) == ("torch", "load") and not data_only
+        if torch_unpickling or (owner == "pickle" and name in ("load", "loads")):
+            found.append(ast.unparse(node))
+    return found
+
+
+def test_no_code_in_the_tree_unpickles_what_it_loads():
+    """Every torch.load of the package, the benchmarks and the tests reads data only; nothing calls
+    pickle.load (CIFAR's batches go through data.sources' arrays-only unpickler)."""
+    planted = (
+        "torch.load(p, weights_only=False)\ntorch.load(p)\npickle.loads(b)\ntorch.load(p, weights_only=True)"
+    )
+    assert unpickling_calls(planted) == [
+        "torch.load(p, weights_only=False)",
+        "torch.load(p)",
+        "pickle.loads(b)",
+    ]
+    files = [f for folder in ("dsrpipe", "bench", "tests") for f in sorted((ROOT / folder).rglob("*.py"))]
+    assert len(files) > 100
+    found = {str(f.relative_to(ROOT)): calls for f in files if (calls := unpickling_calls(f.read_text()))}
+    assert found == {}
 
 
 @pytest.mark.parametrize("where", ["relative", "absolute"])
