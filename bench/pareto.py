@@ -54,6 +54,7 @@ FAMILIES = {  # a row's family (its name without the target) -> what the table a
     "fast-long": "dsrpipe, speed first, 15 epochs (prune-channels' with its dense run)",
     "small": "dsrpipe, smallest file",
 }
+BASELINES = ("dense", "thin", "prune")  # what every other family, dsrpipe's, is compared with
 # Re-timing every model of a grid together: runs of each, and onnxruntime threads (one: the
 # figure a 2-core machine with other work on it can measure steadily).
 RETIME_LATENCY_RUNS, RETIME_THROUGHPUT_RUNS, RETIME_THREADS = 300, 30, 1
@@ -230,7 +231,7 @@ def comparison(groups: list[dict]) -> list[str]:
     ]
     by_row = {(g["model"], g["row"]): g for g in groups}
     for g in groups:
-        if g["family"] not in ("fast", "fast-short", "fast-long", "small"):
+        if g["family"] in BASELINES:
             continue
         thin = thin_at(groups, g["model"], g["latency_ratio"])
         thin_seconds = thin_at(groups, g["model"], g["latency_ratio"], "train_seconds")

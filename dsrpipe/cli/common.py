@@ -1,6 +1,7 @@
 """What the commands share: their one-line summaries, the one-line ending of a command
-(`user_errors`), and the options that more than one command takes: the output folder, the processes per run, and the executor
-option group of compare and watch. Torch-free: watch and status import it."""
+(`user_errors`), and the options that more than one command takes: the output folder, the
+processes per run, and the executor option group of compare and watch. Torch-free: watch and
+status import it."""
 
 from __future__ import annotations
 
