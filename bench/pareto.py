@@ -52,6 +52,7 @@ FAMILIES = {  # a row's family (its name without the target) -> what the table a
     "fast": "dsrpipe, speed first",
     "fast-short": "dsrpipe, speed first, 6 epochs (about thin's train MACs)",
     "fast-long": "dsrpipe, speed first, 15 epochs (prune-channels' with its dense run)",
+    "lean": "dsrpipe, speed first, to thin's MACs at that latency",
     "small": "dsrpipe, smallest file",
 }
 BASELINES = ("dense", "thin", "prune")  # what every other family, dsrpipe's, is compared with
@@ -281,7 +282,7 @@ def plots(groups: list[dict], folder: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = sorted({g["model"] for g in groups})
-    markers = dict(zip(FAMILIES, "o^vsPXD"))
+    markers = dict(zip(FAMILIES, "o^vsPX*D"))
     for name, key, label in (
         (
             "accuracy-vs-latency.png",
