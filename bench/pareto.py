@@ -346,7 +346,7 @@ def plots(groups: list[dict], folder: Path) -> None:
         ),
         ("accuracy-vs-bytes.png", "onnx_bytes", "model file bytes"),
     ):
-        figure, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+        figure, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 6), squeeze=False)
         for ax, model in zip(axes[0], models):
             for fam, title in FAMILIES.items():
                 points = sorted(
@@ -364,7 +364,7 @@ def plots(groups: list[dict], folder: Path) -> None:
             if key == "onnx_bytes":
                 ax.set_xscale("log")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)  # below: clear of the points
         figure.tight_layout()
         figure.savefig(folder / name, dpi=120)
         plt.close(figure)
