@@ -364,7 +364,8 @@ def plots(groups: list[dict], folder: Path) -> None:
             if key == "onnx_bytes":
                 ax.set_xscale("log")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)  # below: clear of the points
+            # below the axes, clear of the points
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
         figure.tight_layout()
         figure.savefig(folder / name, dpi=120)
         plt.close(figure)
