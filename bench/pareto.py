@@ -206,7 +206,9 @@ def retime_training(rows: list[dict]) -> None:
     step timed beside every other's (`step_seconds`); the run's time is then that step's time per
     image × its forward MACs × images over training / the final model's MACs, so the epochs before
     the last shrink count at their MACs. Compute only: decoding and augmenting the images cost
-    every row the same per image, which would bring every ratio nearer 1."""
+    every row the same per image, which would bring every ratio nearer 1. A plain step: DSR's
+    masking and reallocation are left out (small beside the step for speed first, whose masks go
+    at the fill; the smallest-file rows mask every step)."""
     runs = [r for r in rows if r["macs"] and r["train_mac_images"]]
     models = []
     for r in runs:
