@@ -138,6 +138,18 @@ def test_a_hostile_masks_from_is_refused_unrun(tmp_path, hostile, where, payload
     assert not hostile.exists()
 
 
+@pytest.mark.parametrize("option", ["checkpoint_path", "pretrained_cfg_overlay", "pretrained"])
+def test_a_timm_model_loads_no_weights_a_pipeline_names(tmp_path, hostile, option):
+    """timm would torch.load a checkpoint_path itself: every option that loads weights is refused
+    at check, before timm sees it (`pretrained` included, which was a traceback)."""
+    pytest.importorskip("timm")
+    value = {"checkpoint_path": "evil.pkl", "pretrained_cfg_overlay": "evil.pt", "pretrained": True}
+    path = write_pipeline(tmp_path, tiny(model={"name": "timm/resnet18", "options": {option: value[option]}}))
+    result = dsrpipe("check", path, cwd=tmp_path)
+    assert_one_line_error(result, f"model option {option}: timm models are built untrained here")
+    assert not hostile.exists()
+
+
 @pytest.mark.parametrize(
     "planted, command",
     [

@@ -16,6 +16,10 @@ from dsrpipe.models import DenseDefaults, MissingExtra, register_model
 
 PREFIX = "timm/"
 EXTRA = "pip install 'dsrpipe[timm]'"
+# timm.create_model's options that load weights: checkpoint_path goes to timm's own torch.load,
+# which older timm and torch unpickle with, so a pipeline or a drop naming a pickle there would run
+# it. Weights come in only through prune_from and masks_from, read as data (dsrpipe.checkpoint).
+WEIGHT_LOADING_OPTIONS = ("checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay")
 
 
 def _timm():
@@ -54,6 +58,11 @@ def build_timm_model(
     *, name: str, num_classes: int, in_channels: int, image_size: int, **options
 ) -> nn.Module:
     timm = _timm()
+    if loading := [key for key in WEIGHT_LOADING_OPTIONS if key in options]:
+        raise UserError(
+            f"model option {', '.join(loading)}: timm models are built untrained here; weights come "
+            "only from prune_from or masks_from (read as data, never unpickled)"
+        )
     common = dict(pretrained=False, num_classes=num_classes, in_chans=in_channels, **options)
     try:
         # Models whose forward takes any size reject img_size (ResNet.__init__ ... 'img_size'):
