@@ -61,6 +61,7 @@ FAMILIES = {  # a row's family (its name without the target) -> what the table a
     "fast-mid": "dsrpipe, speed first, 12 epochs at 0.5, 8 at 0.3",
     "fast-long": "dsrpipe, speed first, 15 epochs (prune-channels' with its dense run)",
     "lean": "dsrpipe, speed first, to a MAC target (thin's MACs)",
+    "fast-floor": "dsrpipe, speed first, each layer keeping half its channels (floor 0.5)",
     "small": "dsrpipe, smallest file",
 }
 BASELINES = ("dense", "thin", "prune")  # what every other family, dsrpipe's, is compared with
@@ -343,7 +344,7 @@ def plots(groups: list[dict], folder: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = sorted({g["model"] for g in groups})
-    markers = dict(zip(FAMILIES, "o^vsPhX*D"))
+    markers = dict(zip(FAMILIES, "o^vsPhX*pD"))
     for name, key, label in (
         (
             "accuracy-vs-latency.png",
