@@ -359,6 +359,7 @@ def plots(groups: list[dict], folder: Path) -> None:
 
     models = sorted({g["model"] for g in groups})
     markers = dict(zip(FAMILIES, "o^vsPhX*pD"))
+    colours = {fam: f"C{i}" for i, fam in enumerate(FAMILIES)}  # a family's colour is the same in each panel
     for name, key, label in (
         (
             "accuracy-vs-latency.png",
@@ -376,7 +377,7 @@ def plots(groups: list[dict], folder: Path) -> None:
                 if points:
                     ax.errorbar(
                         [g[key] for g in points], [100 * g["top1"] for g in points],
-                        yerr=[100 * g["top1_std"] for g in points], marker=markers[fam], capsize=3,
+                        yerr=[100 * g["top1_std"] for g in points], marker=markers[fam], capsize=3, color=colours[fam],
                         linestyle="-" if fam in ("thin", "fast", "small", "prune") else "none", label=title,
                     )  # fmt: skip
             ax.set_title(f"{model}, CIFAR-10")
@@ -385,9 +386,10 @@ def plots(groups: list[dict], folder: Path) -> None:
             if key == "onnx_bytes":
                 ax.set_xscale("log")
             ax.grid(alpha=0.3)
-            # below the axes, clear of the points
-            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
-        figure.tight_layout()
+        # one legend for every panel, below them, clear of the points
+        shown = {label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels())}
+        figure.legend(shown.values(), shown.keys(), fontsize=8, loc="lower center", ncol=3)
+        figure.tight_layout(rect=(0, 0.16, 1, 1))
         figure.savefig(folder / name, dpi=120)
         plt.close(figure)
 
