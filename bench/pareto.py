@@ -264,30 +264,34 @@ def summarise(rows: list[dict]) -> list[dict]:
     return sorted(out, key=lambda g: (g["model"], list(FAMILIES).index(g["family"]), -g["latency_ratio"]))
 
 
+def thin_rows(groups: list[dict], model: str) -> list[dict]:
+    """The model's thin dense rows, fastest first."""
+    return sorted(
+        (g for g in groups if g["model"] == model and g["family"] == "thin"), key=lambda g: g["latency_ratio"]
+    )
+
+
 def thin_at(groups: list[dict], model: str, latency: float, key: str = "top1") -> float | None:
     """The thin dense rows' `key` at this latency, linear between the two widths around it; None
     outside their range."""
-    thin = sorted(
-        (g["latency_ratio"], g[key]) for g in groups if g["model"] == model and g["family"] == "thin"
-    )
-    if len(thin) < 2 or not thin[0][0] <= latency <= thin[-1][0]:
+    thin = thin_rows(groups, model)
+    if len(thin) < 2 or not thin[0]["latency_ratio"] <= latency <= thin[-1]["latency_ratio"]:
         return None
-    xs, ys = zip(*thin)
-    return float(np.interp(latency, xs, ys))
+    return float(np.interp(latency, [t["latency_ratio"] for t in thin], [t[key] for t in thin]))
 
 
 def beyond_thin(groups: list[dict], g: dict) -> str:
     """A row outside the thin widths' latencies, against the thin net nearest it: where the row is
     faster than the fastest and still more accurate, it beats the thin line wherever that goes."""
-    thin = [t for t in groups if t["model"] == g["model"] and t["family"] == "thin"]
+    thin = thin_rows(groups, g["model"])
     if not thin:
         return "no thin rows"
-    fastest = min(thin, key=lambda t: t["latency_ratio"])
-    lead = f"{100 * (g['top1'] - fastest['top1']):+.2f} pts"
-    if g["latency_ratio"] < fastest["latency_ratio"]:
-        beats = "and more accurate" if g["top1"] > fastest["top1"] else "but less accurate"
-        return f"{lead} over {fastest['row']} ({fastest['latency_ratio']:.3f}): faster {beats}"
-    return "slower than every thin width"
+    fastest = thin[0]
+    if g["latency_ratio"] >= fastest["latency_ratio"]:
+        return "slower than every thin width"
+    beats = "and more accurate" if g["top1"] > fastest["top1"] else "but less accurate"
+    lead = 100 * (g["top1"] - fastest["top1"])
+    return f"{lead:+.2f} pts over {fastest['row']} ({fastest['latency_ratio']:.3f}): faster {beats}"
 
 
 def ratio(over: float | None, under: float | None) -> str:
